@@ -1,0 +1,389 @@
+"""The interface every stat tracker implements, and what they share.
+
+A stat tracker turns a batch of (prompt id, reward) pairs into advantages,
+``(reward - mean) / (std + eps)``. Subclasses differ in where ``mean`` and
+``std`` come from: the whole batch, a per-prompt ring buffer, or a per-prompt
+exponential moving average.
+
+Dimensions, named once here and used in every docstring and shape comment of
+this package:
+    N: samples in one batch passed to ``update``.
+    P: prompts the tracker knows (``num_prompts``); prompt ids lie in [0, P).
+    K: reward slots per prompt of the buffer tracker (``buffer_size``).
+
+All state lives in fixed-shape tensors on the tracker's device, allocated once
+in the constructor and only ever modified in place, so that ``update`` can be
+captured in a CUDA graph and ``load_state_dict`` keeps those captures valid.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Mapping, NamedTuple, Optional, Tuple, Union
+
+import torch
+
+Device = Union[str, torch.device, None]
+
+
+class TrackerStats(NamedTuple):
+    """Per-prompt statistics held by a tracker, as returned by ``stats()``.
+
+    Attributes:
+        mean: float [P], the mean reward the tracker holds for each prompt;
+            NaN for a prompt it holds nothing for.
+        std: float [P], the matching population standard deviation (eps not
+            added); NaN for a prompt it holds nothing for.
+        count: int64 [P], how many rewards stand behind ``mean`` and ``std``.
+        fallback: bool [P], True for prompts whose next advantages would be
+            computed with whole-batch statistics instead of their own.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    count: torch.Tensor
+    fallback: torch.Tensor
+
+
+def resolve_device(device: Device) -> torch.device:
+    """Returns a concrete device: ``None`` means CPU, ``"cuda"`` gets its index.
+
+    Args:
+        device: anything ``torch.device`` accepts, or None.
+
+    Returns:
+        The device that tensors allocated on ``device`` end up on, so that it
+        compares equal to ``tensor.device`` (``cuda`` becomes ``cuda:0``).
+    """
+    return torch.empty(0, device=device).device
+
+
+class StatTracker(abc.ABC):
+    """Base class: validates inputs, then computes advantages in a subclass.
+
+    Subclasses implement ``_update`` (on inputs already validated and
+    converted), ``stats``, ``fallback_mask`` and ``_state_tensors``; this class
+    provides the public ``update``, ``state_dict`` and ``load_state_dict`` with
+    the input and state checks that every tracker needs.
+
+    Args:
+        num_prompts: P, the number of distinct prompt ids, ids in [0, P).
+        eps: added to the standard deviation before dividing.
+        device: where the state lives; inputs must be on the same device.
+        dtype: floating dtype of the state and of the advantages returned.
+        check_values: if True, ``update`` checks that ids lie in [0, P) and
+            rewards are finite. On a GPU each check is a host sync; switch it
+            off for a sync-free hot path once the inputs are trusted. Shapes,
+            dtypes and devices are always checked (that costs no sync).
+
+    Raises:
+        ValueError: if ``num_prompts`` is not positive, ``eps`` is negative
+            or ``dtype`` is not a floating dtype.
+    """
+
+    def __init__(
+        self,
+        num_prompts: int,
+        *,
+        eps: float,
+        device: Device = None,
+        dtype: torch.dtype = torch.float32,
+        check_values: bool = True,
+    ) -> None:
+        if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
+            raise ValueError(f"num_prompts must be a positive int, got {num_prompts!r}")
+        if not eps >= 0:
+            raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        self._num_prompts = num_prompts
+        self._eps = float(eps)
+        self._device = resolve_device(device)
+        self._dtype = dtype
+        self.check_values = check_values
+
+    @property
+    def num_prompts(self) -> int:
+        """P, the number of prompt ids the tracker accepts."""
+        return self._num_prompts
+
+    @property
+    def eps(self) -> float:
+        """Added to the standard deviation before dividing."""
+        return self._eps
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the state; inputs must be on it."""
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the state and of the advantages."""
+        return self._dtype
+
+    def update(self, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+        """Adds a batch of rewards to the statistics and returns its advantages.
+
+        Args:
+            prompt_ids: integer [N], the prompt id of each sample, in [0, P).
+            rewards: float or integer [N], the reward of each sample (integer
+                rewards are converted to ``dtype``, never truncated).
+
+        Returns:
+            ``dtype`` [N], the advantage of each sample, on ``device``.
+
+        Raises:
+            TypeError: if an input is not a tensor, ids are not integers or
+                rewards are neither floating nor integer.
+            ValueError: if the inputs are not 1-D of one length, are on
+                another device, or (with ``check_values``) an id lies outside
+                [0, P) or a reward is not finite. The state is then unchanged.
+        """
+        prompt_ids, rewards = self._validate_inputs(prompt_ids, rewards)
+        return self._update(prompt_ids, rewards)
+
+    @abc.abstractmethod
+    def _update(self, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+        """Does the work of ``update`` on validated inputs.
+
+        Args:
+            prompt_ids: int64 [N] on ``device``, in [0, P).
+            rewards: ``dtype`` [N] on ``device``.
+
+        Returns:
+            ``dtype`` [N], the advantages.
+        """
+
+    @abc.abstractmethod
+    def stats(self) -> TrackerStats:
+        """Returns a copy of the per-prompt statistics (see ``TrackerStats``)."""
+
+    @abc.abstractmethod
+    def fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Tells which prompts are normalised with whole-batch statistics.
+
+        Args:
+            prompt_ids: int64 [N] on ``device``.
+
+        Returns:
+            bool [N], True where the prompt's next advantages would use the
+            whole batch's mean and std rather than its own.
+        """
+
+    @abc.abstractmethod
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """Returns the live state tensors by name (not copies)."""
+
+    def _check_state_values(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Raises ValueError if a candidate state breaks the tracker's invariants.
+
+        Called by ``load_state_dict`` after keys, shapes and dtypes have been
+        checked and before anything is copied. The default accepts anything.
+
+        Args:
+            state: tensors by name, of the right shapes and dtypes, on any
+                device.
+        """
+        del state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Returns a copy of the state, safe to keep while updating goes on.
+
+        Returns:
+            Tensors by name, on ``device``. Pass them to ``load_state_dict`` of
+            a tracker built with the same arguments to continue identically.
+        """
+        return {name: tensor.clone() for name, tensor in self._state_tensors().items()}
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Replaces the state with a copy of ``state_dict``, in place.
+
+        Everything is checked before anything is copied, so a refused state
+        leaves the tracker exactly as it was. The state tensors keep their
+        identity (they are copied into), so a captured CUDA graph stays valid.
+
+        Args:
+            state_dict: as returned by ``state_dict`` of a tracker of the same
+                class, num_prompts, buffer size and dtype; on any device.
+
+        Raises:
+            TypeError: if ``state_dict`` is not a mapping of tensors.
+            ValueError: if its keys, shapes or dtypes differ from this
+                tracker's, or its values break the tracker's invariants.
+        """
+        live = self._state_tensors()
+        kind = type(self).__name__
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{kind}.load_state_dict expects a mapping, got {type(state_dict).__name__}")
+        if set(state_dict) != set(live):
+            raise ValueError(
+                f"{kind}.load_state_dict expects keys {sorted(live)}, got {sorted(state_dict)}: "
+                "is this the state of another kind of tracker?"
+            )
+        for name, tensor in live.items():
+            given = state_dict[name]
+            if not isinstance(given, torch.Tensor):
+                raise TypeError(f"{kind} state {name!r} must be a tensor, got {type(given).__name__}")
+            if given.shape != tensor.shape or given.dtype != tensor.dtype:
+                raise ValueError(
+                    f"{kind} state {name!r} must have shape {tuple(tensor.shape)} and dtype "
+                    f"{tensor.dtype}, got shape {tuple(given.shape)} and dtype {given.dtype}"
+                )
+        self._check_state_values(state_dict)
+        for name, tensor in live.items():
+            tensor.copy_(state_dict[name])
+
+    def _validate_inputs(
+        self, prompt_ids: torch.Tensor, rewards: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Checks the inputs of ``update`` and converts them.
+
+        Args:
+            prompt_ids: as passed to ``update``.
+            rewards: as passed to ``update``.
+
+        Returns:
+            prompt_ids as int64 [N] and rewards as ``dtype`` [N].
+
+        Raises:
+            TypeError, ValueError: as documented in ``update``.
+        """
+        if not isinstance(prompt_ids, torch.Tensor) or not isinstance(rewards, torch.Tensor):
+            raise TypeError(
+                "prompt_ids and rewards must be torch tensors, got "
+                f"{type(prompt_ids).__name__} and {type(rewards).__name__}"
+            )
+        if prompt_ids.ndim != 1 or rewards.shape != prompt_ids.shape:
+            raise ValueError(
+                "prompt_ids and rewards must be 1-D tensors of one length [N], got shapes "
+                f"{tuple(prompt_ids.shape)} and {tuple(rewards.shape)}"
+            )
+        if prompt_ids.dtype.is_floating_point or prompt_ids.dtype.is_complex or prompt_ids.dtype == torch.bool:
+            raise TypeError(f"prompt_ids must be an integer tensor, got dtype {prompt_ids.dtype}")
+        if rewards.dtype.is_complex or rewards.dtype == torch.bool:
+            raise TypeError(f"rewards must be a floating or integer tensor, got dtype {rewards.dtype}")
+        if prompt_ids.device != self._device or rewards.device != self._device:
+            raise ValueError(
+                f"prompt_ids and rewards must be on the tracker's device {self._device}, got "
+                f"{prompt_ids.device} and {rewards.device}"
+            )
+        if self.check_values and prompt_ids.numel() > 0:
+            low, high = torch.aminmax(prompt_ids)
+            if low < 0 or high >= self._num_prompts:
+                raise ValueError(
+                    f"prompt_ids must lie in [0, {self._num_prompts}), got values from "
+                    f"{int(low)} to {int(high)}"
+                )
+            if rewards.dtype.is_floating_point and not torch.isfinite(rewards).all():
+                bad = int((~torch.isfinite(rewards)).sum())
+                raise ValueError(f"rewards must be finite, got {bad} NaN or infinite value(s)")
+        return prompt_ids.long(), rewards.to(self._dtype)
+
+
+def batch_mean_std(rewards: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population standard deviation of a whole batch.
+
+    Args:
+        rewards: float [N], N >= 1.
+
+    Returns:
+        Two scalar tensors of the same dtype: mean and std (ddof 0).
+    """
+    std, mean = torch.std_mean(rewards, correction=0)
+    return mean, std
+
+
+class PerPromptStatTracker(StatTracker):
+    """Shared part of the trackers that keep statistics per prompt.
+
+    Holds ``min_count`` and the per-prompt ``count`` [P], and turns per-sample
+    prompt statistics into advantages with the whole-batch fallback. A
+    subclass must allocate ``self._count`` (int64 [P]) in its constructor.
+
+    Args:
+        num_prompts: P, the number of distinct prompt ids.
+        min_count: a prompt is normalised with its own statistics once it has
+            at least this many rewards; until then with the whole batch's.
+        eps: added to the standard deviation before dividing.
+        device: where the state lives.
+        dtype: floating dtype of the state and of the advantages.
+        check_values: see ``StatTracker``.
+
+    Raises:
+        ValueError: if ``min_count`` is not a positive int (and as
+            ``StatTracker``).
+    """
+
+    _count: torch.Tensor
+
+    def __init__(
+        self,
+        num_prompts: int,
+        *,
+        min_count: int,
+        eps: float,
+        device: Device = None,
+        dtype: torch.dtype = torch.float32,
+        check_values: bool = True,
+    ) -> None:
+        super().__init__(num_prompts, eps=eps, device=device, dtype=dtype, check_values=check_values)
+        if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
+            raise ValueError(f"min_count must be a positive int, got {min_count!r}")
+        self._min_count = min_count
+
+    @property
+    def min_count(self) -> int:
+        """Rewards a prompt needs before its own statistics are used."""
+        return self._min_count
+
+    def fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Tells which prompts are normalised with whole-batch statistics.
+
+        Args:
+            prompt_ids: int64 [N] on ``device``.
+
+        Returns:
+            bool [N], True where the prompt has fewer than ``min_count``
+            rewards.
+        """
+        return self._count[prompt_ids] < self._min_count
+
+    def _advantages(
+        self,
+        rewards: torch.Tensor,
+        sample_count: torch.Tensor,
+        sample_mean: torch.Tensor,
+        sample_std: torch.Tensor,
+    ) -> torch.Tensor:
+        """Normalises rewards with their prompt's statistics or the batch's.
+
+        Args:
+            rewards: float [N], N >= 1.
+            sample_count: int64 [N], the count of each sample's prompt, the
+                current batch included.
+            sample_mean: float [N], each sample's prompt mean.
+            sample_std: float [N], each sample's prompt std (no eps).
+
+        Returns:
+            float [N], ``(reward - mean) / (std + eps)``, where mean and std
+            are the prompt's if it has ``min_count`` rewards, else the batch's.
+        """
+        batch_mean, batch_std = batch_mean_std(rewards)
+        own = sample_count >= self._min_count  # [N]
+        mean = torch.where(own, sample_mean, batch_mean)
+        std = torch.where(own, sample_std, batch_std)
+        return (rewards - mean) / (std + self._eps)
+
+
+def check_count_range(name: str, count: torch.Tensor, high: Optional[int] = None) -> None:
+    """Raises ValueError unless every count lies in [0, high] (or is >= 0).
+
+    Args:
+        name: the tracker class name, for the message.
+        count: int64 [P], a candidate ``count`` state.
+        high: the largest count allowed, or None for no upper bound.
+    """
+    if count.numel() and (count.min() < 0 or (high is not None and count.max() > high)):
+        bound = f"[0, {high}]" if high is not None else ">= 0"
+        raise ValueError(f"{name} state 'count' must lie in {bound}, got values from {int(count.min())} to {int(count.max())}")

@@ -1,0 +1,76 @@
+"""Whole-batch normalisation: the baseline that per-prompt tracking beats."""
+
+from __future__ import annotations
+
+import torch
+
+from rail_interview.stat_tracking.base import Device, StatTracker, TrackerStats, batch_mean_std
+
+
+class BatchStatTracker(StatTracker):
+    """Normalises every reward with the mean and std of its whole batch.
+
+    This is what the toy problem did before per-prompt tracking: it keeps no
+    state, so every prompt always "falls back" to batch statistics. It exists
+    so that a trainer treats every method alike.
+
+    Args:
+        num_prompts: P, the number of distinct prompt ids (ids are checked
+            against it, otherwise unused).
+        eps: added to the standard deviation before dividing. The default,
+            1e-7, is the original toy problem's.
+        device: where inputs are expected.
+        dtype: floating dtype of the advantages.
+        check_values: see ``StatTracker``.
+
+    Example:
+        >>> tracker = BatchStatTracker(num_prompts=2)
+        >>> tracker.update(torch.tensor([0, 0, 1, 1]), torch.tensor([1.0, 3.0, 5.0, 7.0]))
+        tensor([-1.3416, -0.4472,  0.4472,  1.3416])
+    """
+
+    def __init__(
+        self,
+        num_prompts: int,
+        *,
+        eps: float = 1e-7,
+        device: Device = None,
+        dtype: torch.dtype = torch.float32,
+        check_values: bool = True,
+    ) -> None:
+        super().__init__(num_prompts, eps=eps, device=device, dtype=dtype, check_values=check_values)
+
+    def _update(self, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+        if rewards.numel() == 0:
+            return rewards.clone()
+        mean, std = batch_mean_std(rewards)
+        return (rewards - mean) / (std + self._eps)
+
+    def stats(self) -> TrackerStats:
+        """Returns NaN means and stds and zero counts: nothing is tracked.
+
+        Returns:
+            TrackerStats with mean and std NaN [P], count zeros [P] and
+            fallback all True [P].
+        """
+        nan = torch.full((self._num_prompts,), float("nan"), dtype=self._dtype, device=self._device)
+        return TrackerStats(
+            mean=nan,
+            std=nan.clone(),
+            count=torch.zeros(self._num_prompts, dtype=torch.int64, device=self._device),
+            fallback=torch.ones(self._num_prompts, dtype=torch.bool, device=self._device),
+        )
+
+    def fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Returns all True: every prompt uses whole-batch statistics.
+
+        Args:
+            prompt_ids: int64 [N].
+
+        Returns:
+            bool [N], all True.
+        """
+        return torch.ones_like(prompt_ids, dtype=torch.bool)
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}

@@ -1,0 +1,28 @@
+"""Installs rail_interview: a per-prompt reward stat tracker and its toy testbed."""
+
+import pathlib
+
+import setuptools
+
+_HERE = pathlib.Path(__file__).parent
+
+setuptools.setup(
+    name="rail_interview",
+    version="0.1.0",
+    description=(
+        "Tensor-native per-prompt reward stat tracking for policy-gradient RL, "
+        "with a toy policy-gradient problem that shows why it matters."
+    ),
+    long_description=(_HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=setuptools.find_packages(include=["rail_interview", "rail_interview.*"]),
+    install_requires=[
+        # Unpinned so that users keep the torch build (CPU or CUDA) they already have.
+        "torch>=2.1",
+        "absl-py",
+        "ml_collections",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest"]},
+)
