@@ -80,7 +80,11 @@ def build_tracker(
     common = dict(device=device, check_values=config.check_values)
     if config.method == "batch":
         return stat_tracking.BatchStatTracker(num_prompts, **common)
-    raise ValueError(f"unknown config.stat_tracking.method {config.method!r}; choose from 'batch'")
+    if config.method == "buffer":
+        return stat_tracking.BufferStatTracker(
+            num_prompts, buffer_size=config.buffer_size, min_count=config.min_count, **common
+        )
+    raise ValueError(f"unknown config.stat_tracking.method {config.method!r}; choose from 'batch', 'buffer'")
 
 
 def create_run_dir(logdir: str, name: str) -> str:

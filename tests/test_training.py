@@ -32,7 +32,9 @@ def test_train_writes_a_complete_run(tiny_config, tmp_path):
     assert summary["final_reward"] == pytest.approx(sum(last) / 10)
     with open(os.path.join(run_dir, "summary.json")) as f:
         assert json.load(f) == summary
-    assert summary["method"] == "batch" and summary["seed"] == 0 and summary["train_seconds"] > 0
+    assert summary["method"] == "buffer" and summary["seed"] == 0 and summary["train_seconds"] > 0
+    fallback = [float(row["fallback_frac"]) for row in rows]
+    assert fallback[0] == 1.0 and fallback[-1] == 0.0  # every prompt starts on batch stats
     with open(os.path.join(run_dir, "config.json")) as f:
         assert json.load(f)["problem"]["num_prompts"] == 8
 
@@ -62,6 +64,14 @@ def test_create_run_dir_never_reuses_a_name(tmp_path):
     assert [os.path.basename(p) for p in paths] == ["run", "run_1", "run_2"]
 
 
+@pytest.mark.parametrize("method", ["batch", "buffer"])
+def test_every_method_trains(tiny_config, tmp_path, method):
+    tiny_config.stat_tracking.method = method
+    tiny_config.stat_tracking.min_count = 2
+    summary = training.train(tiny_config, str(tmp_path))
+    assert summary["method"] == method and summary["final_reward"] < 0
+
+
 def test_unknown_method_and_device_are_refused(tiny_config, tmp_path):
     tiny_config.stat_tracking.method = "nope"
     with pytest.raises(ValueError, match="unknown config.stat_tracking.method"):
@@ -74,7 +84,8 @@ def test_default_config_matches_the_command_line_contract():
     config = default.get_config()
     assert config.num_epochs == 1000 and config.sample_batch_size == 256 and config.seed == 0
     assert config.problem.num_prompts == 64 and config.problem.num_params == 1024
-    assert config.device == "auto"
+    assert config.device == "auto" and config.stat_tracking.method == "buffer"
+    assert config.stat_tracking.buffer_size == 32 and config.stat_tracking.min_count == 16
 
 
 def _run_script(*args: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:

@@ -12,9 +12,16 @@ Dimensions used in docstrings: N samples in a batch, P prompts, K buffer slots.
 
 from rail_interview.stat_tracking.base import StatTracker, TrackerStats, resolve_device
 from rail_interview.stat_tracking.batch import BatchStatTracker
+from rail_interview.stat_tracking.buffer import BufferStatTracker
+from rail_interview.stat_tracking.prompt_index import PromptIndex, PromptIndexFullError
+from rail_interview.stat_tracking.reference import ReferenceBufferStatTracker
 
 __all__ = [
     "BatchStatTracker",
+    "BufferStatTracker",
+    "PromptIndex",
+    "PromptIndexFullError",
+    "ReferenceBufferStatTracker",
     "StatTracker",
     "TrackerStats",
     "resolve_device",

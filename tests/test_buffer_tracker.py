@@ -1,0 +1,139 @@
+"""BufferStatTracker against the dict-of-deques reference, and hand-checked cases."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from rail_interview.stat_tracking import BufferStatTracker, ReferenceBufferStatTracker
+
+
+def _assert_matches_reference(tracker, reference, ids, rewards, *, atol=1e-9, rtol=1e-9):
+    advantages = tracker.update(ids, rewards)
+    expected = torch.tensor(reference.update(ids, rewards), dtype=torch.float64)
+    torch.testing.assert_close(advantages.double(), expected, atol=atol, rtol=rtol)
+    stats = tracker.stats()
+    ref_stats = reference.stats()
+    for prompt in range(tracker.num_prompts):
+        if prompt in ref_stats:
+            mean, std, count = ref_stats[prompt]
+            assert stats.count[prompt].item() == count
+            assert stats.mean[prompt].item() == pytest.approx(mean, rel=rtol, abs=atol)
+            assert stats.std[prompt].item() == pytest.approx(std, rel=rtol, abs=atol)
+            assert stats.fallback[prompt].item() == (count < tracker.min_count)
+        else:
+            assert stats.count[prompt].item() == 0 and stats.fallback[prompt].item()
+            assert math.isnan(stats.mean[prompt].item()) and math.isnan(stats.std[prompt].item())
+
+
+@pytest.mark.parametrize(
+    "num_prompts, buffer_size, min_count, max_batch",
+    [
+        (1, 4, 2, 20),  # one prompt, repeated far beyond the buffer in each batch
+        (5, 3, 2, 40),
+        (64, 32, 16, 256),  # the toy problem's setting
+        (300, 8, 3, 100),  # more prompts than samples: the per-sample path
+        (7, 1, 1, 30),  # a buffer of one
+        (10, 4, 6, 50),  # buffer_size < min_count: always the batch fallback
+    ],
+)
+@pytest.mark.filterwarnings("ignore:buffer_size")
+def test_random_sequences_match_the_reference(num_prompts, buffer_size, min_count, max_batch):
+    rng = random.Random(num_prompts * 1000 + buffer_size)
+    generator = torch.Generator().manual_seed(rng.randrange(2**31))
+    tracker = BufferStatTracker(num_prompts, buffer_size, min_count, dtype=torch.float64)
+    reference = ReferenceBufferStatTracker(buffer_size, min_count)
+    for _ in range(25):
+        batch = rng.randint(1, max_batch)
+        # Skewed prompt choice so that some prompts repeat a lot and some are rare.
+        weights = torch.rand(num_prompts, generator=generator) ** 4
+        ids = torch.multinomial(weights, batch, replacement=True, generator=generator)
+        rewards = torch.randn(batch, generator=generator, dtype=torch.float64) * 30 - 100
+        _assert_matches_reference(tracker, reference, ids, rewards)
+
+
+def test_float32_matches_the_reference_for_rewards_far_from_zero():
+    generator = torch.Generator().manual_seed(0)
+    tracker = BufferStatTracker(16, 8, 4)
+    reference = ReferenceBufferStatTracker(8, 4)
+    for _ in range(30):
+        ids = torch.randint(16, (64,), generator=generator)
+        rewards = (torch.randn(64, generator=generator) * 2 - 200).float()
+        _assert_matches_reference(tracker, reference, ids, rewards, atol=2e-4, rtol=1e-4)
+
+
+def test_prompt_repeated_more_than_buffer_size_keeps_its_last_rewards():
+    tracker = BufferStatTracker(num_prompts=2, buffer_size=3, min_count=1, dtype=torch.float64)
+    tracker.update(torch.tensor([0] * 7 + [1]), torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 100]))
+    state = tracker.state_dict()
+    # Rewards 1..7 go to slots 0,1,2,0,1,2,0: the buffer ends as [7, 5, 6], head at 1.
+    assert state["rewards"][0].tolist() == [7.0, 5.0, 6.0]
+    assert state["count"].tolist() == [3, 1] and state["head"].tolist() == [1, 1]
+    assert tracker.stats().mean[0].item() == pytest.approx(6.0)
+
+
+def test_hand_computed_case():
+    tracker = BufferStatTracker(num_prompts=3, buffer_size=2, min_count=2)
+    # Batch 1: prompt 0 gets 1 and 3 (count 2: its own stats, mean 2, std 1);
+    # prompt 2 gets 8 (count 1: batch stats over [1, 3, 8], mean 4, std sqrt(26/3)).
+    first = tracker.update(torch.tensor([0, 2, 0]), torch.tensor([1.0, 8.0, 3.0]))
+    batch_std = math.sqrt(26 / 3)
+    torch.testing.assert_close(first, torch.tensor([-1.0 / (1 + 1e-6), 4 / (batch_std + 1e-6), 1.0 / (1 + 1e-6)]))
+    # Batch 2: prompt 0 gets 7, evicting 1: buffer [7, 3], mean 5, std 2.
+    # Prompt 2 gets 10: buffer [8, 10], mean 9, std 1.
+    second = tracker.update(torch.tensor([2, 0]), torch.tensor([10.0, 7.0]))
+    torch.testing.assert_close(second, torch.tensor([1.0 / (1 + 1e-6), 2.0 / (2 + 1e-6)]))
+    stats = tracker.stats()
+    torch.testing.assert_close(stats.mean[[0, 2]], torch.tensor([5.0, 9.0]))
+    torch.testing.assert_close(stats.std[[0, 2]], torch.tensor([2.0, 1.0]))
+    assert stats.count.tolist() == [2, 0, 2] and stats.fallback.tolist() == [False, True, False]
+
+
+def test_min_count_boundary_switches_from_batch_to_own_statistics():
+    tracker = BufferStatTracker(num_prompts=2, buffer_size=8, min_count=3)
+    ids = torch.tensor([0, 1])
+    tracker.update(ids, torch.tensor([10.0, 0.0]))
+    second = tracker.update(ids, torch.tensor([12.0, 0.0]))  # count 2 < 3: batch stats
+    torch.testing.assert_close(second, torch.tensor([1.0, -1.0]), rtol=0, atol=1e-5)
+    assert tracker.fallback_mask(ids).tolist() == [True, True]
+    third = tracker.update(ids, torch.tensor([14.0, 0.0]))  # count 3: own stats
+    # Prompt 0: buffer [10, 12, 14], mean 12, std sqrt(8/3); prompt 1: all zero, std 0.
+    torch.testing.assert_close(third, torch.tensor([2 / (math.sqrt(8 / 3) + 1e-6), 0.0]))
+    assert tracker.fallback_mask(ids).tolist() == [False, False]
+
+
+def test_every_prompt_at_once_and_one_sample_each():
+    tracker = BufferStatTracker(num_prompts=100, buffer_size=4, min_count=1, dtype=torch.float64)
+    reference = ReferenceBufferStatTracker(4, 1)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        ids = torch.randperm(100, generator=generator)
+        _assert_matches_reference(tracker, reference, ids, torch.randn(100, generator=generator, dtype=torch.float64))
+
+
+def test_integer_rewards_are_converted_not_truncated():
+    tracker = BufferStatTracker(num_prompts=1, buffer_size=4, min_count=1)
+    advantages = tracker.update(torch.tensor([0, 0]), torch.tensor([1, 2]))
+    assert advantages.dtype == torch.float32
+    torch.testing.assert_close(advantages, torch.tensor([-1.0, 1.0]), rtol=0, atol=1e-5)
+    assert tracker.stats().mean.item() == 1.5
+
+
+def test_buffer_smaller_than_min_count_warns():
+    with pytest.warns(UserWarning, match="buffer_size 4 < min_count 8"):
+        BufferStatTracker(num_prompts=2, buffer_size=4, min_count=8)
+
+
+@pytest.mark.parametrize("kwargs", [dict(buffer_size=0), dict(min_count=0), dict(buffer_size=2.5)])
+def test_bad_constructor_arguments(kwargs):
+    with pytest.raises(ValueError):
+        BufferStatTracker(num_prompts=4, **kwargs)
+
+
+def test_reference_accepts_any_hashable_prompt():
+    reference = ReferenceBufferStatTracker(buffer_size=2, min_count=1)
+    assert reference.update(["x", "y"], [1.0, 2.0]) == [0.0, 0.0]
+    assert set(reference.stats()) == {"x", "y"}
+    with pytest.raises(ValueError, match="2 prompts and 1 rewards"):
+        reference.update(["x", "y"], [1.0])

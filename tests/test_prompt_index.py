@@ -1,0 +1,56 @@
+"""Tests of PromptIndex, the string-to-id map for trainers with text prompts."""
+
+import pytest
+import torch
+
+from rail_interview.stat_tracking import BufferStatTracker, PromptIndex, PromptIndexFullError, ReferenceBufferStatTracker
+
+
+def test_ids_are_stable_and_first_come_first_served():
+    index = PromptIndex(capacity=4)
+    assert index.ids(["b", "a", "b"]).tolist() == [0, 1, 0]
+    assert index.ids(["c", "a"]).tolist() == [2, 1]
+    assert len(index) == 3 and "c" in index and "d" not in index
+    assert [index.prompt(i) for i in range(3)] == ["b", "a", "c"]
+
+
+def test_full_index_refuses_the_whole_batch_and_adds_nothing():
+    index = PromptIndex(capacity=3)
+    index.ids(["a", "b"])
+    with pytest.raises(PromptIndexFullError, match="full: 2 of 3 ids taken.*2 new prompt"):
+        index.ids(["a", "c", "d"])
+    assert len(index) == 2 and "c" not in index
+    assert index.ids(["c"]).tolist() == [2]
+
+
+def test_bad_prompts_and_ids():
+    index = PromptIndex(capacity=2)
+    with pytest.raises(TypeError, match="strings"):
+        index.ids(["a", 3])
+    assert len(index) == 0
+    with pytest.raises(KeyError, match="no prompt has id 0"):
+        index.prompt(0)
+    with pytest.raises(ValueError):
+        PromptIndex(capacity=0)
+
+
+def test_state_round_trip_and_refusal():
+    index = PromptIndex(capacity=3)
+    index.ids(["x", "y"])
+    restored = PromptIndex(capacity=3)
+    restored.load_state_dict(index.state_dict())
+    assert restored.ids(["y", "z"]).tolist() == [1, 2]
+    for bad in [{"prompts": ["a", "a"]}, {"prompts": ["a", "b", "c", "d"]}, {"prompts": [1]}, {}]:
+        with pytest.raises(ValueError):
+            restored.load_state_dict(bad)
+    assert len(restored) == 3
+
+
+def test_string_prompts_through_a_tracker_match_the_reference():
+    index = PromptIndex(capacity=10)
+    tracker = BufferStatTracker(num_prompts=10, buffer_size=4, min_count=2, dtype=torch.float64)
+    reference = ReferenceBufferStatTracker(buffer_size=4, min_count=2)
+    batches = [(["a cat", "a dog", "a cat"], [1.0, 2.0, 4.0]), (["a dog", "a cow", "a cat"], [3.0, 9.0, 0.5])]
+    for prompts, rewards in batches:
+        advantages = tracker.update(index.ids(prompts), torch.tensor(rewards, dtype=torch.float64))
+        torch.testing.assert_close(advantages, torch.tensor(reference.update(prompts, rewards), dtype=torch.float64))

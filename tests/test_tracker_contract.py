@@ -1,0 +1,218 @@
+"""The contract every per-prompt tracker keeps: bad input, state, sync-free update.
+
+Each test runs over every tracker in ``TRACKERS``, so a new tracker gets the
+whole contract checked by adding one line.
+"""
+
+from typing import Callable, Dict
+
+import pytest
+import torch
+
+from rail_interview.stat_tracking import BufferStatTracker, StatTracker
+
+TrackerFactory = Callable[..., StatTracker]
+
+TRACKERS: Dict[str, TrackerFactory] = {
+    "buffer": lambda **kw: BufferStatTracker(num_prompts=6, buffer_size=4, min_count=2, **kw),
+}
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(params=sorted(TRACKERS))
+def make_tracker(request) -> TrackerFactory:
+    return TRACKERS[request.param]
+
+
+def _random_batches(num_batches: int, num_prompts: int = 6, device: str = "cpu", seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(num_batches):
+        size = int(torch.randint(1, 20, (1,), generator=generator))
+        ids = torch.randint(num_prompts, (size,), generator=generator)
+        rewards = torch.randn(size, generator=generator) * 10 - 50
+        yield ids.to(device), rewards.to(device)
+
+
+def _assert_state_equal(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> None:
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def _warmed_up(make_tracker: TrackerFactory) -> StatTracker:
+    tracker = make_tracker()
+    for ids, rewards in _random_batches(5):
+        tracker.update(ids, rewards)
+    return tracker
+
+
+BAD_INPUTS = [
+    ("not tensors", lambda: ([0, 1], [1.0, 2.0]), TypeError, "must be torch tensors"),
+    ("lengths differ", lambda: (torch.tensor([0, 1]), torch.tensor([1.0])), ValueError, "one length"),
+    ("not 1-D", lambda: (torch.tensor([[0, 1]]), torch.tensor([[1.0, 2.0]])), ValueError, "1-D"),
+    ("float ids", lambda: (torch.tensor([0.0, 1.0]), torch.tensor([1.0, 2.0])), TypeError, "integer"),
+    ("bool rewards", lambda: (torch.tensor([0, 1]), torch.tensor([True, False])), TypeError, "floating or integer"),
+    ("id too large", lambda: (torch.tensor([0, 6]), torch.tensor([1.0, 2.0])), ValueError, r"\[0, 6\)"),
+    ("negative id", lambda: (torch.tensor([-1, 0]), torch.tensor([1.0, 2.0])), ValueError, r"\[0, 6\)"),
+    ("nan reward", lambda: (torch.tensor([0, 1]), torch.tensor([1.0, float("nan")])), ValueError, "finite"),
+    ("inf reward", lambda: (torch.tensor([0, 1]), torch.tensor([float("-inf"), 1.0])), ValueError, "finite"),
+    ("other device", lambda: (torch.tensor([0, 1], device="meta"), torch.tensor([1.0, 2.0], device="meta")),
+     ValueError, "device"),
+]
+
+
+@pytest.mark.parametrize("name, inputs, error, match", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_raises_and_leaves_state_untouched(make_tracker, name, inputs, error, match):
+    tracker = _warmed_up(make_tracker)
+    before = tracker.state_dict()
+    with pytest.raises(error, match=match):
+        tracker.update(*inputs())
+    _assert_state_equal(tracker.state_dict(), before)
+
+
+def test_empty_batch_returns_empty_and_changes_nothing(make_tracker):
+    tracker = _warmed_up(make_tracker)
+    before = tracker.state_dict()
+    advantages = tracker.update(torch.tensor([], dtype=torch.int64), torch.tensor([]))
+    assert advantages.shape == (0,)
+    _assert_state_equal(tracker.state_dict(), before)
+
+
+def test_int32_ids_are_accepted(make_tracker):
+    a, b = make_tracker(), make_tracker()
+    for ids, rewards in _random_batches(5):
+        torch.testing.assert_close(a.update(ids.int(), rewards), b.update(ids, rewards))
+
+
+def test_state_dict_mid_stream_continues_identically(make_tracker):
+    tracker = _warmed_up(make_tracker)
+    state = tracker.state_dict()
+    resumed = make_tracker()
+    resumed.load_state_dict(state)
+    for ids, rewards in _random_batches(10, seed=1):
+        assert torch.equal(tracker.update(ids, rewards), resumed.update(ids, rewards))
+    _assert_state_equal(tracker.state_dict(), resumed.state_dict())
+
+
+def test_state_dict_is_a_copy(make_tracker):
+    tracker = _warmed_up(make_tracker)
+    state = tracker.state_dict()
+    snapshot = {name: tensor.clone() for name, tensor in state.items()}
+    for ids, rewards in _random_batches(3, seed=2):
+        tracker.update(ids, rewards)
+    _assert_state_equal(state, snapshot)
+
+
+def test_stats_are_copies_of_the_right_shapes(make_tracker):
+    tracker = _warmed_up(make_tracker)
+    stats = tracker.stats()
+    assert stats.mean.shape == stats.std.shape == stats.count.shape == stats.fallback.shape == (6,)
+    assert stats.count.dtype == torch.int64 and stats.fallback.dtype == torch.bool
+    stats.count.fill_(-5)
+    assert (tracker.stats().count >= 0).all()
+
+
+def _wrong_states(state: Dict[str, torch.Tensor]):
+    name = sorted(state)[0]
+    yield "missing key", {k: v for k, v in state.items() if k != name}, ValueError, "expects keys"
+    yield "extra key", {**state, "other": torch.zeros(1)}, ValueError, "expects keys"
+    yield "wrong shape", {**state, name: torch.cat([state[name], state[name]])}, ValueError, "shape"
+    yield "wrong dtype", {**state, name: state[name].to(torch.float16)}, ValueError, "dtype"
+    yield "not a tensor", {**state, name: state[name].tolist()}, TypeError, "tensor"
+    yield "not a mapping", list(state.values()), TypeError, "mapping"
+    yield "negative count", {**state, "count": state["count"] - 100}, ValueError, "count"
+
+
+def test_wrong_state_is_refused_and_changes_nothing(make_tracker):
+    tracker = _warmed_up(make_tracker)
+    before = tracker.state_dict()
+    for label, state, error, match in _wrong_states(tracker.state_dict()):
+        with pytest.raises(error, match=match):
+            tracker.load_state_dict(state)
+        _assert_state_equal(tracker.state_dict(), before)
+
+
+def test_state_of_another_size_is_refused():
+    tracker = BufferStatTracker(num_prompts=6, buffer_size=4, min_count=2)
+    with pytest.raises(ValueError, match="shape"):
+        tracker.load_state_dict(BufferStatTracker(num_prompts=6, buffer_size=5, min_count=2).state_dict())
+
+
+def test_inconsistent_buffer_pointers_are_refused():
+    tracker = BufferStatTracker(num_prompts=2, buffer_size=4, min_count=2)
+    state = tracker.state_dict()
+    state["count"] = torch.tensor([2, 0])
+    state["head"] = torch.tensor([3, 0])  # a buffer that is not full must have head == count
+    with pytest.raises(ValueError, match="head == count"):
+        tracker.load_state_dict(state)
+    state["count"] = torch.tensor([5, 0])
+    with pytest.raises(ValueError, match="count"):
+        tracker.load_state_dict(state)
+
+
+def test_compiles_fullgraph_without_data_dependent_python(make_tracker):
+    eager = make_tracker(check_values=False)
+    compiled_tracker = make_tracker(check_values=False)
+    compiled_update = torch.compile(compiled_tracker.update, fullgraph=True, backend="eager", dynamic=True)
+    for ids, rewards in _random_batches(6, seed=3):
+        torch.testing.assert_close(compiled_update(ids, rewards), eager.update(ids, rewards))
+    _assert_state_equal(compiled_tracker.state_dict(), eager.state_dict())
+
+
+def test_compile_check_catches_a_host_sync(make_tracker):
+    # The value checks read tensor values on the host; fullgraph compilation must
+    # refuse them, which shows that the test above would catch a sync in update.
+    compiled = torch.compile(make_tracker(check_values=True).update, fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="data-dependent|item|Data-dependent"):
+        compiled(torch.tensor([0, 1]), torch.tensor([1.0, 2.0]))
+
+
+@cuda_only
+def test_cuda_matches_cpu(make_tracker):
+    cpu, cuda = make_tracker(), make_tracker(device="cuda")
+    for ids, rewards in _random_batches(10, seed=4):
+        torch.testing.assert_close(cuda.update(ids.cuda(), rewards.cuda()).cpu(), cpu.update(ids, rewards))
+
+
+@cuda_only
+def test_cuda_update_never_syncs_with_the_host(make_tracker):
+    tracker = make_tracker(device="cuda", check_values=False)
+    batches = list(_random_batches(6, device="cuda", seed=5))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for ids, rewards in batches:
+            tracker.update(ids, rewards)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda_only
+def test_cuda_graph_replay_matches_eager(make_tracker):
+    batch_size = 16
+    generator = torch.Generator().manual_seed(6)
+    batches = [(torch.randint(6, (batch_size,), generator=generator),
+                torch.randn(batch_size, generator=generator) * 10) for _ in range(8)]
+    eager = make_tracker(device="cuda", check_values=False)
+    graphed = make_tracker(device="cuda", check_values=False)
+    static_ids = torch.zeros(batch_size, dtype=torch.int64, device="cuda")
+    static_rewards = torch.zeros(batch_size, device="cuda")
+    # Warm up on a side stream (as CUDA graph capture requires), then restore the state.
+    initial = graphed.state_dict()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graphed.update(static_ids, static_rewards)
+    torch.cuda.current_stream().wait_stream(side)
+    graphed.load_state_dict(initial)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = graphed.update(static_ids, static_rewards)
+    graphed.load_state_dict(initial)  # capture does not run the kernels, but be explicit
+    for ids, rewards in batches:
+        static_ids.copy_(ids)
+        static_rewards.copy_(rewards)
+        graph.replay()
+        torch.testing.assert_close(static_out, eager.update(ids.cuda(), rewards.cuda()))
+    _assert_state_equal(graphed.state_dict(), eager.state_dict())
