@@ -1,0 +1,276 @@
+"""Compare stat-tracking settings over several seeds: tables and learning curves.
+
+A *setting* is a name plus config overrides, for example
+``Setting("ema 0.9", {"stat_tracking.method": "ema", "stat_tracking.ema_decay": 0.9})``.
+``run_comparison`` trains every setting with every seed (in parallel
+processes), then ``summarize`` reduces the runs to one row per setting, and
+``write_markdown``, ``write_csv`` and ``plot_curves`` write the results.
+``scripts/compare.py`` is the command-line front end.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import logging
+import multiprocessing
+import os
+import statistics
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import ml_collections
+
+from rail_interview import training
+
+logger = logging.getLogger(__name__)
+
+#: Reward values labelled on the symlog axis of the learning-curve plots.
+REWARD_TICKS = (0, -1, -2, -3, -5, -10, -20, -30, -50, -100, -200)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One configuration to compare.
+
+    Attributes:
+        name: label used in tables and plots.
+        overrides: dotted config paths to values, applied to the base config.
+    """
+
+    name: str
+    overrides: Mapping[str, Any]
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What one training run of a comparison produced.
+
+    Attributes:
+        setting: the setting's name.
+        seed: the run's seed.
+        final_reward: from the run's summary.
+        train_seconds: wall-clock of the run's training loop.
+        rewards: the batch-mean reward of every epoch.
+        run_dir: where the run wrote its logs.
+    """
+
+    setting: str
+    seed: int
+    final_reward: float
+    train_seconds: float
+    rewards: List[float]
+    run_dir: str
+
+
+@dataclasses.dataclass
+class SettingSummary:
+    """The runs of one setting, reduced over seeds.
+
+    Attributes:
+        setting: the setting's name.
+        num_runs: how many seeds.
+        median: median final_reward.
+        best: highest final_reward.
+        worst: lowest final_reward.
+        num_bad: runs with final_reward below ``bad_threshold`` (stalled or
+            diverged).
+        median_seconds: median training-loop wall-clock.
+    """
+
+    setting: str
+    num_runs: int
+    median: float
+    best: float
+    worst: float
+    num_bad: int
+    median_seconds: float
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """Returns a copy of ``config`` with dotted-path overrides applied.
+
+    Args:
+        config: the base config; not modified.
+        overrides: for example ``{"stat_tracking.method": "batch"}``.
+
+    Returns:
+        The new config.
+
+    Raises:
+        KeyError: if a path does not exist in the config.
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+    for path, value in overrides.items():
+        *parents, leaf = path.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"config has no field {path!r}")
+        node[leaf] = value
+    return config
+
+
+def _run_one(config_dict: Dict[str, Any], logdir: str, setting: str) -> RunResult:
+    """Trains once; runs in a worker process (one thread: the workers share the cores)."""
+    import torch  # pylint: disable=import-outside-toplevel
+
+    torch.set_num_threads(1)
+    config = ml_collections.ConfigDict(config_dict)
+    summary = training.train(config, logdir)
+    with open(os.path.join(summary["run_dir"], "metrics.csv"), newline="", encoding="utf-8") as f:
+        rewards = [float(row["reward_mean"]) for row in csv.DictReader(f)]
+    return RunResult(setting, config.seed, summary["final_reward"], summary["train_seconds"], rewards,
+                     summary["run_dir"])
+
+
+def run_comparison(
+    base_config: ml_collections.ConfigDict,
+    settings: Sequence[Setting],
+    seeds: Sequence[int],
+    logdir: str,
+    *,
+    num_workers: Optional[int] = None,
+) -> List[RunResult]:
+    """Trains every setting with every seed, in parallel worker processes.
+
+    Args:
+        base_config: the config every setting starts from.
+        settings: what to compare; names must be distinct.
+        seeds: seeds to run each setting with.
+        logdir: parent directory of every run's directory.
+        num_workers: worker processes; defaults to the number of CPU cores.
+
+    Returns:
+        One result per (setting, seed), in the order of ``settings`` then
+        ``seeds``.
+
+    Raises:
+        ValueError: if setting names repeat.
+        KeyError: if an override names a field the config lacks.
+    """
+    names = [s.name for s in settings]
+    if len(set(names)) != len(names):
+        raise ValueError(f"setting names must be distinct, got {names}")
+    jobs = []
+    for setting in settings:
+        config = apply_overrides(base_config, setting.overrides)
+        for seed in seeds:
+            config.seed = seed
+            jobs.append((config.to_dict(), setting.name))
+    num_workers = num_workers or os.cpu_count() or 1
+    results: Dict[int, RunResult] = {}
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+    with concurrent.futures.ProcessPoolExecutor(max_workers=num_workers, mp_context=context) as pool:
+        futures = {pool.submit(_run_one, config, logdir, name): i for i, (config, name) in enumerate(jobs)}
+        for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
+            result = future.result()
+            results[futures[future]] = result
+            logger.info("[%d/%d] %-14s seed %d: final_reward %8.2f (loop %.2f s)", done, len(jobs),
+                        result.setting, result.seed, result.final_reward, result.train_seconds)
+    return [results[i] for i in range(len(jobs))]
+
+
+def summarize(results: Sequence[RunResult], *, bad_threshold: float = -20.0) -> List[SettingSummary]:
+    """Reduces runs to one row per setting, in first-seen order.
+
+    Args:
+        results: runs, as returned by ``run_comparison``.
+        bad_threshold: a run whose final_reward is below this counts as bad.
+
+    Returns:
+        One summary per setting.
+    """
+    by_setting: Dict[str, List[RunResult]] = {}
+    for result in results:
+        by_setting.setdefault(result.setting, []).append(result)
+    summaries = []
+    for name, runs in by_setting.items():
+        finals = [r.final_reward for r in runs]
+        summaries.append(SettingSummary(
+            setting=name,
+            num_runs=len(runs),
+            median=statistics.median(finals),
+            best=max(finals),
+            worst=min(finals),
+            num_bad=sum(f < bad_threshold for f in finals),
+            median_seconds=statistics.median(r.train_seconds for r in runs),
+        ))
+    return summaries
+
+
+def format_markdown(summaries: Sequence[SettingSummary], *, bad_threshold: float = -20.0) -> str:
+    """Formats summaries as a Markdown table.
+
+    Args:
+        summaries: as returned by ``summarize``.
+        bad_threshold: the threshold ``summarize`` used, for the header.
+
+    Returns:
+        The table, ending with a newline.
+    """
+    lines = [
+        f"| setting | median final_reward | best | worst | runs below {bad_threshold:g} | median loop s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in summaries:
+        lines.append(f"| {s.setting} | {s.median:.2f} | {s.best:.2f} | {s.worst:.2f} | "
+                     f"{s.num_bad}/{s.num_runs} | {s.median_seconds:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(results: Sequence[RunResult], path: str) -> None:
+    """Writes one row per run: setting, seed, final_reward, train_seconds, run_dir.
+
+    Args:
+        results: runs, as returned by ``run_comparison``.
+        path: the CSV file to write.
+    """
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["setting", "seed", "final_reward", "train_seconds", "run_dir"])
+        for r in results:
+            writer.writerow([r.setting, r.seed, f"{r.final_reward:.4f}", f"{r.train_seconds:.4f}", r.run_dir])
+
+
+def plot_curves(results: Sequence[RunResult], path: str, *, smoothing: int = 10) -> None:
+    """Plots reward against epoch: per setting, the median over seeds and a min-max band.
+
+    Args:
+        results: runs, as returned by ``run_comparison``.
+        path: the PNG file to write.
+        smoothing: each seed's curve is first averaged over this many epochs
+            (a trailing window), so that the bands show seed-to-seed spread
+            rather than epoch-to-epoch noise.
+    """
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    import matplotlib.ticker  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    by_setting: Dict[str, List[List[float]]] = {}
+    for r in results:
+        by_setting.setdefault(r.setting, []).append(r.rewards)
+    fig, ax = plt.subplots(figsize=(9, 5.5), constrained_layout=True)
+    window = np.ones(smoothing) / smoothing
+    for name, curves in by_setting.items():
+        length = min(len(c) for c in curves)
+        smoothed = np.stack([np.convolve(c[:length], window, mode="valid") for c in curves])  # [seeds, E']
+        epochs = np.arange(smoothing, length + 1)
+        line, = ax.plot(epochs, np.median(smoothed, axis=0), label=f"{name} ({len(curves)} seeds)", lw=1.6)
+        ax.fill_between(epochs, smoothed.min(axis=0), smoothed.max(axis=0), color=line.get_color(), alpha=0.15)
+    ax.set_yscale("symlog", linthresh=1)
+    ticks = [t for t in REWARD_TICKS if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]]
+    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+    ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"batch-mean reward ({smoothing}-epoch average; symlog scale)")
+    ax.set_title("Learning curves: median over seeds, band from worst to best seed")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

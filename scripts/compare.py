@@ -1,0 +1,92 @@
+"""Compares stat-tracking methods over several seeds; see rail_interview/comparison.py.
+
+Usage (the README's results come from these):
+    python scripts/compare.py --methods=batch,buffer --out=docs/compare_batch_buffer
+
+Writes into --out: results.md (median and spread of final_reward per
+setting), results.csv (one row per run) and curves.png (learning curves,
+median over seeds with a band). Runs go to --logdir and use all CPU cores.
+Any training config field can be overridden as in train.py, for example
+--config.num_epochs=300.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from rail_interview import comparison, configs
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", configs.DEFAULT_CONFIG_PATH, "Base training config.", lock_config=True
+)
+_METHODS = flags.DEFINE_list("methods", ["batch", "buffer"], "Methods to compare: batch, buffer.")
+_BUFFER_SIZES = flags.DEFINE_list(
+    "buffer_sizes", [], "Buffer sizes to sweep for 'buffer' (default: the config's). min_count is "
+    "min(config min_count, buffer_size // 2), so that small buffers still switch on."
+)
+_SEEDS = flags.DEFINE_integer("seeds", 5, "Run seeds 0 .. seeds-1 for every setting.")
+_OUT = flags.DEFINE_string("out", "logs/compare", "Directory for results.md, results.csv and curves.png.")
+_LOGDIR = flags.DEFINE_string("logdir", "logs/compare/runs", "Parent directory of the individual runs.")
+_WORKERS = flags.DEFINE_integer("workers", None, "Worker processes (default: one per CPU core).")
+_BAD_THRESHOLD = flags.DEFINE_float("bad_threshold", -20.0, "final_reward below this counts as a bad run.")
+
+
+def build_settings(config, methods, buffer_sizes):
+    """Turns the flags into the list of settings to compare.
+
+    Args:
+        config: the base config (for default buffer size and min_count).
+        methods: method names.
+        buffer_sizes: buffer sizes to sweep for "buffer"; empty for the config's.
+
+    Returns:
+        A list of comparison.Setting.
+
+    Raises:
+        app.UsageError: for an unknown method.
+    """
+    settings = []
+    tracking = config.stat_tracking
+    for method in methods:
+        if method == "batch":
+            settings.append(comparison.Setting("batch", {"stat_tracking.method": "batch"}))
+        elif method == "buffer":
+            for size in [int(s) for s in buffer_sizes] or [tracking.buffer_size]:
+                min_count = min(tracking.min_count, max(1, size // 2))
+                settings.append(comparison.Setting(
+                    f"buffer K={size} m={min_count}",
+                    {"stat_tracking.method": "buffer", "stat_tracking.buffer_size": size,
+                     "stat_tracking.min_count": min_count},
+                ))
+        else:
+            raise app.UsageError(f"unknown method {method!r}")
+    return settings
+
+
+def main(argv):
+    """Runs the comparison and writes its tables and plot.
+
+    Args:
+        argv: leftover command-line arguments; there must be none.
+    """
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    settings = build_settings(_CONFIG.value, _METHODS.value, _BUFFER_SIZES.value)
+    logging.info("Comparing %d settings x %d seeds", len(settings), _SEEDS.value)
+    results = comparison.run_comparison(
+        _CONFIG.value, settings, range(_SEEDS.value), _LOGDIR.value, num_workers=_WORKERS.value
+    )
+    os.makedirs(_OUT.value, exist_ok=True)
+    summaries = comparison.summarize(results, bad_threshold=_BAD_THRESHOLD.value)
+    table = comparison.format_markdown(summaries, bad_threshold=_BAD_THRESHOLD.value)
+    with open(os.path.join(_OUT.value, "results.md"), "w", encoding="utf-8") as f:
+        f.write(table)
+    comparison.write_csv(results, os.path.join(_OUT.value, "results.csv"))
+    comparison.plot_curves(results, os.path.join(_OUT.value, "curves.png"))
+    print(table)
+    print(f"Wrote results.md, results.csv and curves.png to {_OUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

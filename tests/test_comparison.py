@@ -1,0 +1,66 @@
+"""Tests of the comparison library and scripts/compare.py."""
+
+import csv
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from rail_interview import comparison
+from rail_interview.configs import default
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_apply_overrides_copies_and_refuses_unknown_fields():
+    base = default.get_config()
+    config = comparison.apply_overrides(base, {"stat_tracking.method": "batch", "seed": 7})
+    assert config.stat_tracking.method == "batch" and config.seed == 7
+    assert base.stat_tracking.method == "buffer" and base.seed == 0
+    with pytest.raises(KeyError, match="stat_tracking.bufer_size"):
+        comparison.apply_overrides(base, {"stat_tracking.bufer_size": 3})
+
+
+def _result(setting, seed, final):
+    return comparison.RunResult(setting, seed, final, 0.5, [final] * 20, f"/runs/{setting}{seed}")
+
+
+def test_summarize_and_markdown():
+    results = [_result("a", 0, -1.0), _result("a", 1, -3.0), _result("a", 2, -30.0), _result("b", 0, -50.0)]
+    summaries = comparison.summarize(results, bad_threshold=-20.0)
+    assert [s.setting for s in summaries] == ["a", "b"]
+    a = summaries[0]
+    assert (a.num_runs, a.median, a.best, a.worst, a.num_bad) == (3, -3.0, -1.0, -30.0, 1)
+    table = comparison.format_markdown(summaries)
+    assert "| a | -3.00 | -1.00 | -30.00 | 1/3 | 0.50 |" in table
+
+
+def test_write_csv_and_plot(tmp_path):
+    results = [_result("a", 0, -1.0), _result("a", 1, -3.0), _result("b", 0, -50.0)]
+    comparison.write_csv(results, str(tmp_path / "r.csv"))
+    with open(tmp_path / "r.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["setting"], int(r["seed"]), float(r["final_reward"])) for r in rows] == [
+        ("a", 0, -1.0), ("a", 1, -3.0), ("b", 0, -50.0)]
+    comparison.plot_curves(results, str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_script_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "compare.py"), "--methods=batch,buffer",
+         "--buffer_sizes=4,8", "--seeds=2", "--workers=2", f"--out={out}", f"--logdir={tmp_path / 'runs'}",
+         "--config.num_epochs=15", "--config.problem.num_prompts=8", "--config.sample_batch_size=32",
+         "--config.device=cpu"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "results.csv", "results.md"]
+    table = (out / "results.md").read_text()
+    for name in ("batch", "buffer K=4 m=2", "buffer K=8 m=4"):
+        assert f"| {name} |" in table
+    with open(out / "results.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 6
+    assert "[6/6]" in result.stderr
