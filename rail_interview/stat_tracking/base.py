@@ -58,6 +58,17 @@ def resolve_device(device: Device) -> torch.device:
     return torch.empty(0, device=device).device
 
 
+def check_positive_int(name: str, value: object) -> None:
+    """Raises ValueError unless ``value`` is an int >= 1 (bool does not count).
+
+    Args:
+        name: the argument's name, for the message.
+        value: the value to check.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 class StatTracker(abc.ABC):
     """Base class: validates inputs, then computes advantages in a subclass.
 
@@ -90,8 +101,7 @@ class StatTracker(abc.ABC):
         dtype: torch.dtype = torch.float32,
         check_values: bool = True,
     ) -> None:
-        if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
-            raise ValueError(f"num_prompts must be a positive int, got {num_prompts!r}")
+        check_positive_int("num_prompts", num_prompts)
         if not eps >= 0:
             raise ValueError(f"eps must be a non-negative number, got {eps!r}")
         if not dtype.is_floating_point:
@@ -328,8 +338,7 @@ class PerPromptStatTracker(StatTracker):
         check_values: bool = True,
     ) -> None:
         super().__init__(num_prompts, eps=eps, device=device, dtype=dtype, check_values=check_values)
-        if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
-            raise ValueError(f"min_count must be a positive int, got {min_count!r}")
+        check_positive_int("min_count", min_count)
         self._min_count = min_count
 
     @property

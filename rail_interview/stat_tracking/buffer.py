@@ -7,7 +7,13 @@ from typing import Mapping, Tuple
 
 import torch
 
-from rail_interview.stat_tracking.base import Device, PerPromptStatTracker, TrackerStats, check_count_range
+from rail_interview.stat_tracking.base import (
+    Device,
+    PerPromptStatTracker,
+    TrackerStats,
+    check_count_range,
+    check_positive_int,
+)
 
 
 def masked_row_mean_std(rows: torch.Tensor, count: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -94,8 +100,7 @@ class BufferStatTracker(PerPromptStatTracker):
         super().__init__(
             num_prompts, min_count=min_count, eps=eps, device=device, dtype=dtype, check_values=check_values
         )
-        if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1:
-            raise ValueError(f"buffer_size must be a positive int, got {buffer_size!r}")
+        check_positive_int("buffer_size", buffer_size)
         if buffer_size < min_count:
             warnings.warn(
                 f"buffer_size {buffer_size} < min_count {min_count}: no prompt can ever reach min_count, "

@@ -6,7 +6,7 @@ from typing import Dict, List, Mapping, Sequence
 
 import torch
 
-from rail_interview.stat_tracking.base import Device, resolve_device
+from rail_interview.stat_tracking.base import Device, check_positive_int, resolve_device
 
 
 class PromptIndexFullError(ValueError):
@@ -33,8 +33,7 @@ class PromptIndex:
     """
 
     def __init__(self, capacity: int, *, device: Device = None) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+        check_positive_int("capacity", capacity)
         self._capacity = capacity
         self._device = resolve_device(device)
         self._ids: Dict[str, int] = {}
