@@ -84,7 +84,13 @@ def build_tracker(
         return stat_tracking.BufferStatTracker(
             num_prompts, buffer_size=config.buffer_size, min_count=config.min_count, **common
         )
-    raise ValueError(f"unknown config.stat_tracking.method {config.method!r}; choose from 'batch', 'buffer'")
+    if config.method == "ema":
+        return stat_tracking.EmaStatTracker(
+            num_prompts, decay=config.ema_decay, min_count=config.min_count, **common
+        )
+    raise ValueError(
+        f"unknown config.stat_tracking.method {config.method!r}; choose from 'batch', 'buffer', 'ema'"
+    )
 
 
 def create_run_dir(logdir: str, name: str) -> str:

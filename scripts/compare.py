@@ -1,7 +1,9 @@
 """Compares stat-tracking methods over several seeds; see rail_interview/comparison.py.
 
 Usage (the README's results come from these):
-    python scripts/compare.py --methods=batch,buffer --out=docs/compare_batch_buffer
+    python scripts/compare.py --methods=batch,buffer --out=docs/results/batch_vs_buffer
+    python scripts/compare.py --methods=batch,buffer,ema --buffer_sizes=8,16,32,64 \
+        --ema_decays=0.5,0.8,0.9,0.95,0.98,0.99 --seeds=10 --out=docs/results/sweep
 
 Writes into --out: results.md (median and spread of final_reward per
 setting), results.csv (one row per run) and curves.png (learning curves,
@@ -20,11 +22,12 @@ from rail_interview import comparison, configs
 _CONFIG = config_flags.DEFINE_config_file(
     "config", configs.DEFAULT_CONFIG_PATH, "Base training config.", lock_config=True
 )
-_METHODS = flags.DEFINE_list("methods", ["batch", "buffer"], "Methods to compare: batch, buffer.")
+_METHODS = flags.DEFINE_list("methods", ["batch", "buffer", "ema"], "Methods to compare: batch, buffer, ema.")
 _BUFFER_SIZES = flags.DEFINE_list(
     "buffer_sizes", [], "Buffer sizes to sweep for 'buffer' (default: the config's). min_count is "
     "min(config min_count, buffer_size // 2), so that small buffers still switch on."
 )
+_EMA_DECAYS = flags.DEFINE_list("ema_decays", [], "EMA decays to sweep for 'ema' (default: the config's).")
 _SEEDS = flags.DEFINE_integer("seeds", 5, "Run seeds 0 .. seeds-1 for every setting.")
 _OUT = flags.DEFINE_string("out", "logs/compare", "Directory for results.md, results.csv and curves.png.")
 _LOGDIR = flags.DEFINE_string("logdir", "logs/compare/runs", "Parent directory of the individual runs.")
@@ -32,13 +35,14 @@ _WORKERS = flags.DEFINE_integer("workers", None, "Worker processes (default: one
 _BAD_THRESHOLD = flags.DEFINE_float("bad_threshold", -20.0, "final_reward below this counts as a bad run.")
 
 
-def build_settings(config, methods, buffer_sizes):
+def build_settings(config, methods, buffer_sizes, ema_decays):
     """Turns the flags into the list of settings to compare.
 
     Args:
         config: the base config (for default buffer size and min_count).
         methods: method names.
         buffer_sizes: buffer sizes to sweep for "buffer"; empty for the config's.
+        ema_decays: decays to sweep for "ema"; empty for the config's.
 
     Returns:
         A list of comparison.Setting.
@@ -59,6 +63,11 @@ def build_settings(config, methods, buffer_sizes):
                     {"stat_tracking.method": "buffer", "stat_tracking.buffer_size": size,
                      "stat_tracking.min_count": min_count},
                 ))
+        elif method == "ema":
+            for decay in [float(d) for d in ema_decays] or [tracking.ema_decay]:
+                settings.append(comparison.Setting(
+                    f"ema {decay:g}", {"stat_tracking.method": "ema", "stat_tracking.ema_decay": decay}
+                ))
         else:
             raise app.UsageError(f"unknown method {method!r}")
     return settings
@@ -72,7 +81,7 @@ def main(argv):
     """
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    settings = build_settings(_CONFIG.value, _METHODS.value, _BUFFER_SIZES.value)
+    settings = build_settings(_CONFIG.value, _METHODS.value, _BUFFER_SIZES.value, _EMA_DECAYS.value)
     logging.info("Comparing %d settings x %d seeds", len(settings), _SEEDS.value)
     results = comparison.run_comparison(
         _CONFIG.value, settings, range(_SEEDS.value), _LOGDIR.value, num_workers=_WORKERS.value

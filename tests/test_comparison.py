@@ -50,8 +50,8 @@ def test_write_csv_and_plot(tmp_path):
 def test_compare_script_end_to_end(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "compare.py"), "--methods=batch,buffer",
-         "--buffer_sizes=4,8", "--seeds=2", "--workers=2", f"--out={out}", f"--logdir={tmp_path / 'runs'}",
+        [sys.executable, str(REPO_ROOT / "scripts" / "compare.py"), "--methods=batch,buffer,ema",
+         "--buffer_sizes=4,8", "--ema_decays=0.5", "--seeds=2", "--workers=2", f"--out={out}", f"--logdir={tmp_path / 'runs'}",
          "--config.num_epochs=15", "--config.problem.num_prompts=8", "--config.sample_batch_size=32",
          "--config.device=cpu"],
         capture_output=True, text=True, timeout=600,
@@ -59,8 +59,8 @@ def test_compare_script_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["curves.png", "results.csv", "results.md"]
     table = (out / "results.md").read_text()
-    for name in ("batch", "buffer K=4 m=2", "buffer K=8 m=4"):
+    for name in ("batch", "buffer K=4 m=2", "buffer K=8 m=4", "ema 0.5"):
         assert f"| {name} |" in table
     with open(out / "results.csv", newline="") as f:
-        assert len(list(csv.DictReader(f))) == 6
-    assert "[6/6]" in result.stderr
+        assert len(list(csv.DictReader(f))) == 8
+    assert "[8/8]" in result.stderr

@@ -9,12 +9,13 @@ from typing import Callable, Dict
 import pytest
 import torch
 
-from rail_interview.stat_tracking import BufferStatTracker, StatTracker
+from rail_interview.stat_tracking import BufferStatTracker, EmaStatTracker, StatTracker
 
 TrackerFactory = Callable[..., StatTracker]
 
 TRACKERS: Dict[str, TrackerFactory] = {
     "buffer": lambda **kw: BufferStatTracker(num_prompts=6, buffer_size=4, min_count=2, **kw),
+    "ema": lambda **kw: EmaStatTracker(num_prompts=6, decay=0.7, min_count=2, **kw),
 }
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

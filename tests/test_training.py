@@ -64,7 +64,7 @@ def test_create_run_dir_never_reuses_a_name(tmp_path):
     assert [os.path.basename(p) for p in paths] == ["run", "run_1", "run_2"]
 
 
-@pytest.mark.parametrize("method", ["batch", "buffer"])
+@pytest.mark.parametrize("method", ["batch", "buffer", "ema"])
 def test_every_method_trains(tiny_config, tmp_path, method):
     tiny_config.stat_tracking.method = method
     tiny_config.stat_tracking.min_count = 2

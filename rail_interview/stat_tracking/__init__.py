@@ -13,15 +13,18 @@ Dimensions used in docstrings: N samples in a batch, P prompts, K buffer slots.
 from rail_interview.stat_tracking.base import StatTracker, TrackerStats, resolve_device
 from rail_interview.stat_tracking.batch import BatchStatTracker
 from rail_interview.stat_tracking.buffer import BufferStatTracker
+from rail_interview.stat_tracking.ema import EmaStatTracker
 from rail_interview.stat_tracking.prompt_index import PromptIndex, PromptIndexFullError
-from rail_interview.stat_tracking.reference import ReferenceBufferStatTracker
+from rail_interview.stat_tracking.reference import ReferenceBufferStatTracker, ReferenceEmaStatTracker
 
 __all__ = [
     "BatchStatTracker",
     "BufferStatTracker",
+    "EmaStatTracker",
     "PromptIndex",
     "PromptIndexFullError",
     "ReferenceBufferStatTracker",
+    "ReferenceEmaStatTracker",
     "StatTracker",
     "TrackerStats",
     "resolve_device",

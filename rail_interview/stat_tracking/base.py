@@ -291,6 +291,51 @@ class StatTracker(abc.ABC):
         return prompt_ids.long(), rewards.to(self._dtype)
 
 
+class PromptGroups(NamedTuple):
+    """A batch sorted by prompt, batch order kept within each prompt's group.
+
+    Attributes:
+        sorted_ids: int64 [N], the prompt ids in ascending order.
+        order: int64 [N], ``sorted_ids == prompt_ids[order]``.
+        start: int64 [N], for each sorted sample, the sorted position of its
+            prompt's first sample in the batch.
+        end: int64 [N], one past the sorted position of its prompt's last.
+        position: int64 [N], ``arange(N)``, the sorted position itself.
+    """
+
+    sorted_ids: torch.Tensor
+    order: torch.Tensor
+    start: torch.Tensor
+    end: torch.Tensor
+    position: torch.Tensor
+
+    @property
+    def rank(self) -> torch.Tensor:
+        """int64 [N], 0 for a prompt's first sample of the batch, 1 for its second, ..."""
+        return self.position - self.start
+
+    @property
+    def size(self) -> torch.Tensor:
+        """int64 [N], how many samples of the batch have this sample's prompt."""
+        return self.end - self.start
+
+
+def group_by_prompt(prompt_ids: torch.Tensor) -> PromptGroups:
+    """Sorts a batch by prompt, without a host sync or a loop.
+
+    Args:
+        prompt_ids: int64 [N], N >= 1.
+
+    Returns:
+        The sorted batch and each sample's group boundaries.
+    """
+    sorted_ids, order = torch.sort(prompt_ids, stable=True)  # [N]
+    start = torch.searchsorted(sorted_ids, sorted_ids)  # [N]
+    end = torch.searchsorted(sorted_ids, sorted_ids, right=True)  # [N]
+    position = torch.arange(prompt_ids.shape[0], device=prompt_ids.device)  # [N]
+    return PromptGroups(sorted_ids, order, start, end, position)
+
+
 def batch_mean_std(rewards: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean and population standard deviation of a whole batch.
 

@@ -13,6 +13,7 @@ from rail_interview.stat_tracking.base import (
     TrackerStats,
     check_count_range,
     check_positive_int,
+    group_by_prompt,
 )
 
 
@@ -123,23 +124,20 @@ class BufferStatTracker(PerPromptStatTracker):
             return rewards.clone()
         buffer_size = self._buffer_size
 
-        # Group the batch by prompt; a stable sort keeps batch order within a group.
-        sorted_ids, order = torch.sort(prompt_ids, stable=True)  # [N]
-        group_start = torch.searchsorted(sorted_ids, sorted_ids)  # [N]
-        group_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)  # [N], exclusive
-        position = torch.arange(num_samples, device=self._device)  # [N], index into the sorted batch
-        rank = position - group_start  # [N], 0 for a prompt's first sample in the batch
+        groups = group_by_prompt(prompt_ids)
+        sorted_ids = groups.sorted_ids  # [N]
+        rank = groups.rank  # [N]
 
         # Rank r writes slot (head + r) % K. If a prompt repeats more than K times,
         # ranks r + K, r + 2K, ... land on the same slot and the last one must win,
         # so every writer of a slot writes the value of that last one: the result
         # does not depend on the order in which duplicate writes are applied.
-        last = group_end - 1  # [N], sorted position of the prompt's last sample
-        winner = last - (last - position) % buffer_size  # [N]
-        values = rewards[order[winner]]  # [N]
+        last = groups.end - 1  # [N], sorted position of the prompt's last sample
+        winner = last - (last - groups.position) % buffer_size  # [N]
+        values = rewards[groups.order[winner]]  # [N]
         head = self._head[sorted_ids]  # [N]
         self._rewards.view(-1)[sorted_ids * buffer_size + (head + rank) % buffer_size] = values
-        group_size = group_end - group_start  # [N]
+        group_size = groups.size  # [N]
         self._head[sorted_ids] = (head + group_size) % buffer_size
         self._count[sorted_ids] = (self._count[sorted_ids] + group_size).clamp_max(buffer_size)
 

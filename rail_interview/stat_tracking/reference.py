@@ -95,3 +95,67 @@ class ReferenceBufferStatTracker:
             A dict from prompt to its buffer's mean, population std and length.
         """
         return {prompt: (*mean_std(buffer), len(buffer)) for prompt, buffer in self.buffers.items()}
+
+
+class ReferenceEmaStatTracker:
+    """Dict-based EMA tracker that folds in one reward at a time.
+
+    Args:
+        decay: weight kept by the old statistics at each reward.
+        min_count: rewards a prompt needs before its own statistics are used.
+        eps: added to the standard deviation before dividing.
+
+    Example:
+        >>> tracker = ReferenceEmaStatTracker(decay=0.5, min_count=2)
+        >>> [round(a, 4) for a in tracker.update(["a", "a", "b"], [1.0, 3.0, 10.0])]
+        [-1.0, 1.0, 1.3822]
+    """
+
+    def __init__(self, decay: float = 0.9, min_count: int = 16, *, eps: float = 1e-6) -> None:
+        self.decay = decay
+        self.min_count = min_count
+        self.eps = eps
+        self.moments: Dict[Hashable, List[float]] = {}  # prompt -> [mean, var, count]
+
+    def update(self, prompts: Union[Sequence[Hashable], torch.Tensor], rewards: Numbers) -> List[float]:
+        """Folds the batch into the averages, in order, then returns its advantages.
+
+        Args:
+            prompts: [N] prompt keys (a tensor's elements become Python values).
+            rewards: [N] rewards.
+
+        Returns:
+            [N] advantages, as Python floats.
+        """
+        prompts, rewards = _checked_batch(prompts, rewards)
+        if not prompts:
+            return []
+        for prompt, reward in zip(prompts, rewards):
+            if prompt not in self.moments:
+                self.moments[prompt] = [reward, 0.0, 1]
+                continue
+            mean, var, count = self.moments[prompt]
+            delta = reward - mean
+            self.moments[prompt] = [
+                mean + (1 - self.decay) * delta,
+                self.decay * (var + (1 - self.decay) * delta * delta),
+                count + 1,
+            ]
+        batch_mean, batch_std = mean_std(rewards)
+        advantages = []
+        for prompt, reward in zip(prompts, rewards):
+            mean, var, count = self.moments[prompt]
+            if count < self.min_count:
+                mean, std = batch_mean, batch_std
+            else:
+                std = math.sqrt(var)
+            advantages.append((reward - mean) / (std + self.eps))
+        return advantages
+
+    def stats(self) -> Dict[Hashable, Tuple[float, float, int]]:
+        """Returns (mean, std, count) of every prompt seen.
+
+        Returns:
+            A dict from prompt to its moving mean, std and count.
+        """
+        return {prompt: (mean, math.sqrt(var), count) for prompt, (mean, var, count) in self.moments.items()}

@@ -1,0 +1,159 @@
+"""Per-prompt statistics as exponential moving averages: O(P) state."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from rail_interview.stat_tracking.base import (
+    Device,
+    PerPromptStatTracker,
+    TrackerStats,
+    check_count_range,
+    group_by_prompt,
+)
+
+
+def _segment_sum(values: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Sums ``values`` over each prompt group and hands every member the sum.
+
+    Args:
+        values: float [N], in sorted-batch order.
+        start: int64 [N], each sample's group start (``PromptGroups.start``).
+
+    Returns:
+        float [N], the sum over the sample's group.
+    """
+    return torch.zeros_like(values).index_add_(0, start, values)[start]
+
+
+class EmaStatTracker(PerPromptStatTracker):
+    """Normalises rewards with per-prompt exponential moving averages.
+
+    Rewards are folded in one at a time, in batch order, per prompt:
+
+    * the first reward ever seen for a prompt: mean = r, var = 0, count = 1;
+    * after that: d = r - mean; mean += (1 - decay) * d;
+      var = decay * (var + (1 - decay) * d * d); count += 1.
+
+    Then advantage = (reward - mean) / (sqrt(var) + eps) with the updated
+    statistics, or with the whole batch's mean and std while the prompt's
+    count is below ``min_count``. A reward's weight halves about every
+    ``0.69 / (1 - decay)`` rewards of its prompt.
+
+    The update is vectorised exactly, repeats of a prompt in one batch
+    included: each step mixes the old distribution (weight ``decay``) with a
+    point mass at r (weight ``1 - decay``), so n steps give the old mean and
+    variance weight ``decay**n`` and the i-th of n rewards weight
+    ``(1 - decay) * decay**(n - 1 - i)``. Sums are taken of rewards shifted by
+    the old mean, so float32 stays accurate for rewards far from zero. No
+    Python loop over prompts or samples, no host sync (with ``check_values``
+    off); cost grows with N, not with P.
+
+    State, allocated once on ``device``: ``mean`` [P], ``var`` [P] and
+    ``count`` [P] (rewards seen, int64).
+
+    Args:
+        num_prompts: P, the number of distinct prompt ids.
+        decay: weight kept by the old statistics at each reward, in (0, 1).
+        min_count: rewards a prompt needs before its own statistics are used.
+        eps: added to the standard deviation before dividing.
+        device: where the state lives; inputs must be on it.
+        dtype: floating dtype of the state and of the advantages.
+        check_values: check ids and rewards (a host sync on a GPU); see
+            ``StatTracker``.
+
+    Raises:
+        ValueError: if ``decay`` is not in (0, 1) or another argument is out
+            of range.
+
+    Example:
+        >>> tracker = EmaStatTracker(num_prompts=2, decay=0.5, min_count=2)
+        >>> tracker.update(torch.tensor([0, 0, 1]), torch.tensor([1.0, 3.0, 10.0]))
+        tensor([-1.0000,  1.0000,  1.3822])
+        >>> stats = tracker.stats()
+        >>> stats.mean, stats.std, stats.count
+        (tensor([ 2., 10.]), tensor([1., 0.]), tensor([2, 1]))
+    """
+
+    def __init__(
+        self,
+        num_prompts: int,
+        decay: float = 0.9,
+        min_count: int = 16,
+        *,
+        eps: float = 1e-6,
+        device: Device = None,
+        dtype: torch.dtype = torch.float32,
+        check_values: bool = True,
+    ) -> None:
+        super().__init__(
+            num_prompts, min_count=min_count, eps=eps, device=device, dtype=dtype, check_values=check_values
+        )
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must lie in (0, 1), got {decay!r}")
+        self._decay = float(decay)
+        self._mean = torch.zeros(num_prompts, dtype=dtype, device=self._device)  # [P]
+        self._var = torch.zeros(num_prompts, dtype=dtype, device=self._device)  # [P]
+        self._count = torch.zeros(num_prompts, dtype=torch.int64, device=self._device)  # [P]
+
+    @property
+    def decay(self) -> float:
+        """Weight kept by the old statistics at each reward."""
+        return self._decay
+
+    def _update(self, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+        if prompt_ids.shape[0] == 0:
+            return rewards.clone()
+        decay = self._decay
+        groups = group_by_prompt(prompt_ids)
+        sorted_ids, start = groups.sorted_ids, groups.start  # [N], [N]
+        sorted_rewards = rewards[groups.order]  # [N]
+
+        # A prompt seen for the first time starts from its first reward with
+        # variance 0; folding that same reward in again then changes nothing.
+        old_count = self._count[sorted_ids]  # [N]
+        unseen = old_count == 0  # [N]
+        old_mean = torch.where(unseen, sorted_rewards[start], self._mean[sorted_ids])  # [N]
+        old_var = torch.where(unseen, 0.0, self._var[sorted_ids])  # [N]
+
+        # Closed form of the sequential fold, in coordinates shifted by the old mean.
+        shifted = sorted_rewards - old_mean  # [N]
+        weight = (1.0 - decay) * torch.pow(decay, (groups.end - 1 - groups.position).to(rewards.dtype))  # [N]
+        shift = _segment_sum(weight * shifted, start)  # [N], new mean - old mean
+        spread = _segment_sum(weight * (shifted - shift).square(), start)  # [N]
+        old_weight = torch.pow(decay, groups.size.to(rewards.dtype))  # [N], decay ** n
+        self._mean[sorted_ids] = old_mean + shift
+        self._var[sorted_ids] = old_weight * (old_var + shift.square()) + spread
+        self._count[sorted_ids] = old_count + groups.size
+
+        return self._advantages(
+            rewards, self._count[prompt_ids], self._mean[prompt_ids], self._var[prompt_ids].sqrt()
+        )
+
+    def stats(self) -> TrackerStats:
+        """Returns each prompt's moving mean, std and count.
+
+        Returns:
+            TrackerStats of [P] tensors (copies); mean and std are NaN for
+            prompts never seen.
+        """
+        seen = self._count > 0
+        return TrackerStats(
+            mean=torch.where(seen, self._mean, float("nan")),
+            std=torch.where(seen, self._var.sqrt(), float("nan")),
+            count=self._count.clone(),
+            fallback=self._count < self._min_count,
+        )
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"mean": self._mean, "var": self._var, "count": self._count}
+
+    def _check_state_values(self, state: Mapping[str, torch.Tensor]) -> None:
+        name = type(self).__name__
+        check_count_range(name, state["count"])
+        if not (torch.isfinite(state["mean"]).all() and torch.isfinite(state["var"]).all()):
+            raise ValueError(f"{name} state 'mean' and 'var' must be finite")
+        if (state["var"] < 0).any():
+            raise ValueError(f"{name} state 'var' must be non-negative")

@@ -1,0 +1,112 @@
+"""EmaStatTracker against the one-reward-at-a-time reference, and hand-checked cases."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from rail_interview.stat_tracking import EmaStatTracker, ReferenceEmaStatTracker
+
+
+def _check_step(tracker, reference, ids, rewards, *, rtol, atol):
+    advantages = tracker.update(ids, rewards)
+    expected = torch.tensor(reference.update(ids, rewards), dtype=torch.float64)
+    torch.testing.assert_close(advantages.double(), expected, rtol=rtol, atol=atol)
+    stats, ref_stats = tracker.stats(), reference.stats()
+    for prompt in range(tracker.num_prompts):
+        if prompt not in ref_stats:
+            assert stats.count[prompt] == 0 and math.isnan(stats.mean[prompt].item())
+            continue
+        mean, std, count = ref_stats[prompt]
+        assert stats.count[prompt].item() == count
+        assert stats.mean[prompt].item() == pytest.approx(mean, rel=rtol, abs=atol)
+        assert stats.std[prompt].item() == pytest.approx(std, rel=rtol, abs=atol)
+        assert stats.fallback[prompt].item() == (count < tracker.min_count)
+
+
+@pytest.mark.parametrize(
+    "num_prompts, decay, min_count, max_batch",
+    [
+        (1, 0.9, 3, 30),  # one prompt, many repeats in each batch, first appearance inside a batch
+        (6, 0.5, 2, 40),
+        (64, 0.9, 16, 256),  # the toy problem's setting
+        (64, 0.99, 16, 256),
+        (300, 0.8, 2, 100),  # more prompts than samples
+        (5, 0.01, 1, 20),  # almost no memory
+    ],
+)
+def test_random_sequences_match_the_sequential_reference(num_prompts, decay, min_count, max_batch):
+    rng = random.Random(num_prompts + int(decay * 100))
+    generator = torch.Generator().manual_seed(rng.randrange(2**31))
+    tracker = EmaStatTracker(num_prompts, decay, min_count, dtype=torch.float64)
+    reference = ReferenceEmaStatTracker(decay, min_count)
+    for _ in range(25):
+        batch = rng.randint(1, max_batch)
+        weights = torch.rand(num_prompts, generator=generator) ** 4
+        ids = torch.multinomial(weights, batch, replacement=True, generator=generator)
+        rewards = torch.randn(batch, generator=generator, dtype=torch.float64) * 20 - 100
+        _check_step(tracker, reference, ids, rewards, rtol=1e-9, atol=1e-9)
+
+
+def test_float32_is_stable_for_rewards_far_from_zero():
+    # Rewards around -100 with a spread of 0.05: E[r^2] - E[r]^2 in float32 would
+    # lose the variance entirely; shifted sums keep it.
+    generator = torch.Generator().manual_seed(0)
+    tracker = EmaStatTracker(8, decay=0.9, min_count=4)
+    reference = ReferenceEmaStatTracker(0.9, 4)
+    for _ in range(200):
+        ids = torch.randint(8, (48,), generator=generator)
+        rewards = -100.0 + 0.05 * torch.randn(48, generator=generator)
+        advantages = tracker.update(ids, rewards)
+        expected = torch.tensor(reference.update(ids, rewards.double()), dtype=torch.float64)
+        torch.testing.assert_close(advantages.double(), expected, rtol=2e-3, atol=2e-3)
+    ref_std = torch.tensor([reference.stats()[p][1] for p in range(8)], dtype=torch.float64)
+    torch.testing.assert_close(tracker.stats().std.double(), ref_std, rtol=1e-3, atol=1e-6)
+
+
+def test_hand_computed_case():
+    tracker = EmaStatTracker(num_prompts=2, decay=0.5, min_count=3)
+    # Prompt 0 sees 4, 8, 0: mean 4 -> 6 -> 3; var 0 -> 0.5 * (0 + 0.5 * 16) = 4
+    # -> 0.5 * (4 + 0.5 * 36) = 11. Count 3 reaches min_count: own statistics.
+    # Prompt 1 sees 2 once: count 1, batch statistics over [4, 2, 8, 0].
+    advantages = tracker.update(torch.tensor([0, 1, 0, 0]), torch.tensor([4.0, 2.0, 8.0, 0.0]))
+    own_std = math.sqrt(11.0) + 1e-6
+    batch_std = math.sqrt(35 / 4) + 1e-6  # mean 3.5: deviations 0.5, -1.5, 4.5, -3.5
+    torch.testing.assert_close(advantages, torch.tensor([1 / own_std, -1.5 / batch_std, 5 / own_std, -3 / own_std]))
+    stats = tracker.stats()
+    torch.testing.assert_close(stats.mean, torch.tensor([3.0, 2.0]))
+    torch.testing.assert_close(stats.std, torch.tensor([math.sqrt(11.0), 0.0]))
+    assert stats.count.tolist() == [3, 1] and stats.fallback.tolist() == [False, True]
+
+
+def test_same_rewards_in_one_batch_or_in_many_give_the_same_state():
+    one_batch = EmaStatTracker(num_prompts=3, decay=0.8, min_count=1, dtype=torch.float64)
+    many = EmaStatTracker(num_prompts=3, decay=0.8, min_count=1, dtype=torch.float64)
+    ids = torch.tensor([2, 0, 2, 2, 1, 0, 2])
+    rewards = torch.tensor([5.0, -1.0, 7.0, 6.0, 3.0, 2.0, 10.0], dtype=torch.float64)
+    one_batch.update(ids, rewards)
+    for i in range(len(ids)):
+        many.update(ids[i:i + 1], rewards[i:i + 1])
+    for name, tensor in one_batch.state_dict().items():
+        torch.testing.assert_close(tensor, many.state_dict()[name], rtol=1e-12, atol=1e-12)
+
+
+def test_integer_rewards_are_converted_not_truncated():
+    tracker = EmaStatTracker(num_prompts=1, decay=0.5, min_count=1)
+    tracker.update(torch.tensor([0, 0]), torch.tensor([1, 2]))
+    assert tracker.stats().mean.item() == 1.5
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.0, -0.5, 1.5, float("nan")])
+def test_decay_outside_the_open_unit_interval_is_refused(decay):
+    with pytest.raises(ValueError, match="decay"):
+        EmaStatTracker(num_prompts=2, decay=decay)
+
+
+def test_negative_variance_in_a_state_is_refused():
+    tracker = EmaStatTracker(num_prompts=2)
+    state = tracker.state_dict()
+    state["var"] = torch.tensor([0.0, -1.0])
+    with pytest.raises(ValueError, match="non-negative"):
+        tracker.load_state_dict(state)
