@@ -166,8 +166,8 @@ def train(config: ml_collections.ConfigDict, logdir: str) -> Dict[str, Any]:
         prompt_ids = problem.sample_prompt_ids(config.sample_batch_size, generator)  # [N]
         samples = policy.sample(prompt_ids, generator)  # [N]
         rewards = problem.rewards(prompt_ids, samples)  # [N]
-        fallback = tracker.fallback_mask(prompt_ids)  # [N], before the batch is added
         advantages = tracker.update(prompt_ids, rewards)  # [N]
+        fallback = tracker.fallback_mask(prompt_ids)  # [N], which samples used batch statistics
         policy.update(prompt_ids, samples, advantages, learning_rate=config.learning_rate)
 
         reward_std, reward_mean = torch.std_mean(rewards, correction=0)

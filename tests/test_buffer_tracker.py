@@ -137,3 +137,15 @@ def test_reference_accepts_any_hashable_prompt():
     assert set(reference.stats()) == {"x", "y"}
     with pytest.raises(ValueError, match="2 prompts and 1 rewards"):
         reference.update(["x", "y"], [1.0])
+
+
+def test_float64_keeps_tiny_spreads_far_from_zero():
+    # float32 cannot resolve a mean finer than ~1e-5 at -200 (see the docstring);
+    # float64 state can, and that is the documented remedy.
+    generator = torch.Generator().manual_seed(0)
+    tracker = BufferStatTracker(4, 8, 4, dtype=torch.float64)
+    reference = ReferenceBufferStatTracker(8, 4)
+    for _ in range(20):
+        ids = torch.randint(4, (32,), generator=generator)
+        rewards = -200.0 + 1e-4 * torch.randn(32, generator=generator, dtype=torch.float64)
+        _assert_matches_reference(tracker, reference, ids, rewards, atol=1e-6, rtol=1e-6)

@@ -27,6 +27,8 @@ def test_bad_prompts_and_ids():
     index = PromptIndex(capacity=2)
     with pytest.raises(TypeError, match="strings"):
         index.ids(["a", 3])
+    with pytest.raises(TypeError, match="single string"):
+        index.ids("a cat")
     assert len(index) == 0
     with pytest.raises(KeyError, match="no prompt has id 0"):
         index.prompt(0)

@@ -60,7 +60,13 @@ BAD_INPUTS = [
     ("inf reward", lambda: (torch.tensor([0, 1]), torch.tensor([float("-inf"), 1.0])), ValueError, "finite"),
     ("other device", lambda: (torch.tensor([0, 1], device="meta"), torch.tensor([1.0, 2.0], device="meta")),
      ValueError, "device"),
+    ("overflows float32", lambda: (torch.tensor([0, 1]), torch.tensor([1e39, 1.0], dtype=torch.float64)),
+     ValueError, "finite in torch.float32"),
 ]
+
+# Checks that cost no host sync, and so stay on with check_values=False.
+ALWAYS_CHECKED = [case for case in BAD_INPUTS if case[0] in
+                  ("not tensors", "lengths differ", "not 1-D", "float ids", "bool rewards", "other device")]
 
 
 @pytest.mark.parametrize("name, inputs, error, match", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
@@ -72,18 +78,36 @@ def test_bad_input_raises_and_leaves_state_untouched(make_tracker, name, inputs,
     _assert_state_equal(tracker.state_dict(), before)
 
 
-def test_empty_batch_returns_empty_and_changes_nothing(make_tracker):
-    tracker = _warmed_up(make_tracker)
+@pytest.mark.parametrize("name, inputs, error, match", ALWAYS_CHECKED, ids=[case[0] for case in ALWAYS_CHECKED])
+def test_shape_dtype_and_device_checks_stay_on_without_value_checks(make_tracker, name, inputs, error, match):
+    tracker = make_tracker(check_values=False)
     before = tracker.state_dict()
-    advantages = tracker.update(torch.tensor([], dtype=torch.int64), torch.tensor([]))
-    assert advantages.shape == (0,)
+    with pytest.raises(error, match=match):
+        tracker.update(*inputs())
     _assert_state_equal(tracker.state_dict(), before)
 
 
-def test_int32_ids_are_accepted(make_tracker):
+def test_empty_batch_returns_empty_and_changes_nothing(make_tracker):
+    tracker = _warmed_up(make_tracker)
+    before = tracker.state_dict()
+    advantages = tracker.update(torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.float64))
+    assert advantages.shape == (0,) and advantages.dtype == tracker.dtype
+    _assert_state_equal(tracker.state_dict(), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8, torch.uint16, torch.uint32])
+def test_any_integer_id_dtype_is_accepted(make_tracker, dtype):
     a, b = make_tracker(), make_tracker()
     for ids, rewards in _random_batches(5):
-        torch.testing.assert_close(a.update(ids.int(), rewards), b.update(ids, rewards))
+        torch.testing.assert_close(a.update(ids.to(dtype), rewards), b.update(ids, rewards))
+
+
+def test_rewards_that_require_grad_do_not_pull_the_state_into_autograd(make_tracker):
+    tracker = make_tracker()
+    for ids, rewards in _random_batches(3):
+        advantages = tracker.update(ids, rewards.requires_grad_())
+        assert not advantages.requires_grad
+    assert not any(t.requires_grad for t in tracker.state_dict().values())
 
 
 def test_state_dict_mid_stream_continues_identically(make_tracker):
@@ -163,7 +187,9 @@ def test_compiles_fullgraph_without_data_dependent_python(make_tracker):
 
 def test_compile_check_catches_a_host_sync(make_tracker):
     # The value checks read tensor values on the host; fullgraph compilation must
-    # refuse them, which shows that the test above would catch a sync in update.
+    # refuse them, which shows that the test above catches data-dependent Python
+    # (.item(), bool(tensor), if on a value) in update. An explicit device copy
+    # such as .cpu() is not caught on a CPU; the CUDA sync-debug test catches it.
     compiled = torch.compile(make_tracker(check_values=True).update, fullgraph=True, backend="eager")
     with pytest.raises(Exception, match="data-dependent|item|Data-dependent"):
         compiled(torch.tensor([0, 1]), torch.tensor([1.0, 2.0]))

@@ -35,8 +35,10 @@ class TrackerStats(NamedTuple):
         std: float [P], the matching population standard deviation (eps not
             added); NaN for a prompt it holds nothing for.
         count: int64 [P], how many rewards stand behind ``mean`` and ``std``.
-        fallback: bool [P], True for prompts whose next advantages would be
-            computed with whole-batch statistics instead of their own.
+        fallback: bool [P], True for prompts that hold fewer than
+            ``min_count`` rewards. Right after ``update``, it tells which
+            prompts of that batch were normalised with whole-batch statistics
+            (the batch is counted before the choice is made).
     """
 
     mean: torch.Tensor
@@ -102,7 +104,7 @@ class StatTracker(abc.ABC):
         check_values: bool = True,
     ) -> None:
         check_positive_int("num_prompts", num_prompts)
-        if not eps >= 0:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
             raise ValueError(f"eps must be a non-negative number, got {eps!r}")
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating dtype, got {dtype}")
@@ -148,7 +150,9 @@ class StatTracker(abc.ABC):
                 rewards are neither floating nor integer.
             ValueError: if the inputs are not 1-D of one length, are on
                 another device, or (with ``check_values``) an id lies outside
-                [0, P) or a reward is not finite. The state is then unchanged.
+                [0, P) or a reward is not finite once converted to ``dtype``.
+                The state is then unchanged. Without ``check_values`` such
+                values are not caught: an id of -1 updates prompt P - 1.
         """
         prompt_ids, rewards = self._validate_inputs(prompt_ids, rewards)
         return self._update(prompt_ids, rewards)
@@ -171,14 +175,18 @@ class StatTracker(abc.ABC):
 
     @abc.abstractmethod
     def fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        """Tells which prompts are normalised with whole-batch statistics.
+        """Tells which prompts hold too few rewards for their own statistics.
+
+        Called right after ``update(prompt_ids, rewards)``, it tells which of
+        that batch's samples were normalised with the whole batch's mean and
+        std: the batch is counted before that choice is made.
 
         Args:
             prompt_ids: int64 [N] on ``device``.
 
         Returns:
-            bool [N], True where the prompt's next advantages would use the
-            whole batch's mean and std rather than its own.
+            bool [N], True where the prompt holds fewer than ``min_count``
+            rewards (always True for a tracker without per-prompt state).
         """
 
     @abc.abstractmethod
@@ -278,6 +286,10 @@ class StatTracker(abc.ABC):
                 f"prompt_ids and rewards must be on the tracker's device {self._device}, got "
                 f"{prompt_ids.device} and {rewards.device}"
             )
+        # Convert before checking values: a finite float64 or integer reward can
+        # overflow the tracker's dtype. Detach: the state must not join autograd.
+        prompt_ids = prompt_ids.long()
+        rewards = rewards.detach().to(self._dtype)
         if self.check_values and prompt_ids.numel() > 0:
             low, high = torch.aminmax(prompt_ids)
             if low < 0 or high >= self._num_prompts:
@@ -285,10 +297,13 @@ class StatTracker(abc.ABC):
                     f"prompt_ids must lie in [0, {self._num_prompts}), got values from "
                     f"{int(low)} to {int(high)}"
                 )
-            if rewards.dtype.is_floating_point and not torch.isfinite(rewards).all():
-                bad = int((~torch.isfinite(rewards)).sum())
-                raise ValueError(f"rewards must be finite, got {bad} NaN or infinite value(s)")
-        return prompt_ids.long(), rewards.to(self._dtype)
+            finite = torch.isfinite(rewards)
+            if not finite.all():
+                raise ValueError(
+                    f"rewards must be finite in {self._dtype}, got {int((~finite).sum())} NaN or "
+                    "infinite value(s)"
+                )
+        return prompt_ids, rewards
 
 
 class PromptGroups(NamedTuple):
@@ -392,7 +407,10 @@ class PerPromptStatTracker(StatTracker):
         return self._min_count
 
     def fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        """Tells which prompts are normalised with whole-batch statistics.
+        """Tells which prompts hold fewer than ``min_count`` rewards.
+
+        Called right after ``update``, it tells which samples of that batch
+        were normalised with whole-batch statistics.
 
         Args:
             prompt_ids: int64 [N] on ``device``.

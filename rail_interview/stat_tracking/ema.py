@@ -47,7 +47,9 @@ class EmaStatTracker(PerPromptStatTracker):
     point mass at r (weight ``1 - decay``), so n steps give the old mean and
     variance weight ``decay**n`` and the i-th of n rewards weight
     ``(1 - decay) * decay**(n - 1 - i)``. Sums are taken of rewards shifted by
-    the old mean, so float32 stays accurate for rewards far from zero. No
+    the old mean (never E[r^2] - E[r]^2), so float32 keeps the variance of
+    rewards far from zero; for spreads below about 1e-5 of the rewards'
+    magnitude, use ``dtype=torch.float64``. No
     Python loop over prompts or samples, no host sync (with ``check_values``
     off); cost grows with N, not with P.
 

@@ -63,9 +63,11 @@ class PromptIndex:
             int64 [N] ids on the index's device.
 
         Raises:
-            TypeError: if a prompt is not a string.
+            TypeError: if ``prompts`` is a single string or holds a non-string.
             PromptIndexFullError: if the new prompts do not fit in ``capacity``.
         """
+        if isinstance(prompts, str):
+            raise TypeError(f"prompts must be a sequence of strings, got the single string {prompts!r}")
         prompts = list(prompts)
         for prompt in prompts:
             if not isinstance(prompt, str):
