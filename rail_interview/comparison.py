@@ -26,7 +26,7 @@ from rail_interview import training
 logger = logging.getLogger(__name__)
 
 #: Reward values labelled on the symlog axis of the learning-curve plots.
-REWARD_TICKS = (0, -1, -2, -3, -5, -10, -20, -30, -50, -100, -200)
+REWARD_TICKS = (0, -1, -2, -3, -5, -10, -20, -30, -50, -100, -200, -1000, -10_000, -100_000, -1_000_000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +237,12 @@ def write_csv(results: Sequence[RunResult], path: str) -> None:
 def plot_curves(results: Sequence[RunResult], path: str, *, smoothing: int = 10) -> None:
     """Plots reward against epoch: per setting, the median over seeds and a min-max band.
 
+    Settings are grouped by method, the first word of their name ("buffer
+    K=8 m=4" belongs to "buffer"). If every method has one setting, all share
+    one panel. Otherwise each method with several settings (a sweep) gets a
+    panel, coloured in sweep order, and the single-setting methods (such as
+    "batch") are drawn in every panel as grey references.
+
     Args:
         results: runs, as returned by ``run_comparison``.
         path: the PNG file to write.
@@ -245,32 +251,54 @@ def plot_curves(results: Sequence[RunResult], path: str, *, smoothing: int = 10)
             rather than epoch-to-epoch noise.
     """
     import matplotlib  # pylint: disable=import-outside-toplevel
-
     import matplotlib.ticker  # pylint: disable=import-outside-toplevel
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
 
-    by_setting: Dict[str, List[List[float]]] = {}
+    curves: Dict[str, List[List[float]]] = {}
     for r in results:
-        by_setting.setdefault(r.setting, []).append(r.rewards)
-    fig, ax = plt.subplots(figsize=(9, 5.5), constrained_layout=True)
+        curves.setdefault(r.setting, []).append(r.rewards)
+    families: Dict[str, List[str]] = {}
+    for name in curves:
+        families.setdefault(name.split()[0], []).append(name)
+    sweeps = [names for names in families.values() if len(names) > 1]
+    references = [names[0] for names in families.values() if len(names) == 1]
+    panels = sweeps or [references]
+    if not sweeps:
+        references = []
+
     window = np.ones(smoothing) / smoothing
-    for name, curves in by_setting.items():
-        length = min(len(c) for c in curves)
-        smoothed = np.stack([np.convolve(c[:length], window, mode="valid") for c in curves])  # [seeds, E']
+
+    def draw(ax, name: str, color, style: str = "-") -> None:
+        length = min(len(c) for c in curves[name])
+        smoothed = np.stack([np.convolve(c[:length], window, mode="valid") for c in curves[name]])  # [seeds, E']
         epochs = np.arange(smoothing, length + 1)
-        line, = ax.plot(epochs, np.median(smoothed, axis=0), label=f"{name} ({len(curves)} seeds)", lw=1.6)
-        ax.fill_between(epochs, smoothed.min(axis=0), smoothed.max(axis=0), color=line.get_color(), alpha=0.15)
-    ax.set_yscale("symlog", linthresh=1)
-    ticks = [t for t in REWARD_TICKS if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]]
-    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
-    ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(f"batch-mean reward ({smoothing}-epoch average; symlog scale)")
-    ax.set_title("Learning curves: median over seeds, band from worst to best seed")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small")
-    fig.savefig(path, dpi=110)
+        ax.plot(epochs, np.median(smoothed, axis=0), style, color=color, lw=1.6,
+                label=f"{name} ({len(curves[name])} seeds)")
+        ax.fill_between(epochs, smoothed.min(axis=0), smoothed.max(axis=0), color=color, alpha=0.13)
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5.5), squeeze=False,
+                             sharey=True, constrained_layout=True)
+    for ax, names in zip(axes[0], panels):
+        colors = (plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(names))) if sweeps
+                  else [f"C{i}" for i in range(len(names))])
+        for name, color in zip(names, colors):
+            draw(ax, name, color)
+        for name in references:
+            draw(ax, name, "0.45", "--")
+        ax.set_yscale("symlog", linthresh=1)
+        ax.set_xlabel("epoch")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(loc="lower right", fontsize="small")
+        if sweeps:
+            ax.set_title(f"{names[0].split()[0]} sweep")
+    low, high = axes[0][0].get_ylim()
+    ticks = [t for t in REWARD_TICKS if low <= t <= high]
+    axes[0][0].set_yticks(ticks, [f"{t:g}" for t in ticks])
+    axes[0][0].yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    axes[0][0].set_ylabel(f"batch-mean reward ({smoothing}-epoch average; symlog scale)")
+    fig.suptitle("Learning curves: median over seeds, band from worst to best seed")
+    fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,9 +1,9 @@
 """Compares stat-tracking methods over several seeds; see rail_interview/comparison.py.
 
 Usage (the README's results come from these):
-    python scripts/compare.py --methods=batch,buffer --out=docs/results/batch_vs_buffer
-    python scripts/compare.py --methods=batch,buffer,ema --buffer_sizes=8,16,32,64 \
-        --ema_decays=0.5,0.8,0.9,0.95,0.98,0.99 --seeds=10 --out=docs/results/sweep
+    python scripts/compare.py --methods=batch,buffer,ema --out=docs/results/methods
+    python scripts/compare.py --methods=batch,buffer,ema --buffer_sizes=2,4,8,16,32,64 \
+        --ema_decays=0.1,0.3,0.5,0.7,0.8,0.9,0.95,0.98,0.99 --seeds=10 --out=docs/results/sweep
 
 Writes into --out: results.md (median and spread of final_reward per
 setting), results.csv (one row per run) and curves.png (learning curves,
