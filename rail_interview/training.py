@@ -9,6 +9,9 @@ with tiny configs. Each call writes a new run directory under ``logdir``:
                       fallback_frac (fraction of samples normalised with
                       whole-batch statistics)
         summary.json  final_reward, method, seed, train_seconds, ...
+        stats/        per-prompt tracker statistics, every
+                      ``config.stats_log.every`` epochs (see
+                      ``rail_interview.stat_tracking.recording``)
 
 Per-epoch metrics stay on the device and are read back every
 ``config.log_every`` epochs, so the loop syncs with the host once per chunk,
@@ -35,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 #: Columns of metrics.csv after "epoch", in the order of the metrics tensor.
 METRIC_NAMES = ("reward_mean", "reward_std", "fallback_frac")
+
+#: Subdirectory of a run that holds the per-prompt stats log.
+STATS_DIR = "stats"
 
 #: final_reward averages the batch-mean reward over this many last epochs.
 FINAL_REWARD_EPOCHS = 10
@@ -159,6 +165,18 @@ def train(config: ml_collections.ConfigDict, logdir: str) -> Dict[str, Any]:
         csv.writer(f).writerow(("epoch",) + METRIC_NAMES)
     logger.info("Run directory: %s (device %s)", run_dir, device)
 
+    recorder = None
+    if config.stats_log.every > 0:
+        num_recorded = min(problem.num_prompts, config.stats_log.max_prompts)
+        recorder = stat_tracking.PromptStatsRecorder(
+            os.path.join(run_dir, STATS_DIR),
+            tracker,
+            torch.arange(num_recorded),
+            prompt_names=problem.prompt_names[:num_recorded],
+            every=config.stats_log.every,
+            chunk_size=-(-config.log_every // config.stats_log.every),  # flush about as often as metrics
+        )
+
     chunk = torch.empty((config.log_every, len(METRIC_NAMES)), device=device)  # [log_every, M]
     recent_rewards: List[float] = []
     start = chunk_start = time.perf_counter()
@@ -168,6 +186,8 @@ def train(config: ml_collections.ConfigDict, logdir: str) -> Dict[str, Any]:
         rewards = problem.rewards(prompt_ids, samples)  # [N]
         advantages = tracker.update(prompt_ids, rewards)  # [N]
         fallback = tracker.fallback_mask(prompt_ids)  # [N], which samples used batch statistics
+        if recorder is not None:
+            recorder.record(epoch, prompt_ids, rewards)
         policy.update(prompt_ids, samples, advantages, learning_rate=config.learning_rate)
 
         reward_std, reward_mean = torch.std_mean(rewards, correction=0)
@@ -187,6 +207,8 @@ def train(config: ml_collections.ConfigDict, logdir: str) -> Dict[str, Any]:
                 (row + 1) / (now - chunk_start),
             )
             chunk_start = now
+    if recorder is not None:
+        recorder.flush()
     train_seconds = time.perf_counter() - start
 
     summary = {

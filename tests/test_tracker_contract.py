@@ -138,6 +138,15 @@ def test_stats_are_copies_of_the_right_shapes(make_tracker):
     assert (tracker.stats().count >= 0).all()
 
 
+def test_stats_of_some_prompts_match_stats_of_all(make_tracker):
+    tracker = _warmed_up(make_tracker)
+    everything = tracker.stats()
+    some = torch.tensor([4, 0, 4])
+    subset = tracker.stats(some)
+    for field, full in zip(subset, everything):
+        torch.testing.assert_close(field, full[some], equal_nan=True)
+
+
 def _wrong_states(state: Dict[str, torch.Tensor]):
     name = sorted(state)[0]
     yield "missing key", {k: v for k, v in state.items() if k != name}, ValueError, "expects keys"

@@ -48,14 +48,18 @@ def test_same_seed_same_result_other_seed_other_result(tiny_config, tmp_path):
     assert training.train(tiny_config, str(tmp_path))["final_reward"] != first["final_reward"]
 
 
+def _tree(directory: str):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in pathlib.Path(directory).rglob("*") if p.is_file()}
+
+
 def test_rerun_into_same_logdir_neither_mixes_nor_destroys(tiny_config, tmp_path):
     first = training.train(tiny_config, str(tmp_path))
-    before = {name: (pathlib.Path(first["run_dir"]) / name).read_bytes() for name in os.listdir(first["run_dir"])}
+    before = _tree(first["run_dir"])
+    assert "stats/prompts.json" in before
     tiny_config.num_epochs = 5
     second = training.train(tiny_config, str(tmp_path))
     assert second["run_dir"] != first["run_dir"]
-    after = {name: (pathlib.Path(first["run_dir"]) / name).read_bytes() for name in os.listdir(first["run_dir"])}
-    assert after == before
+    assert _tree(first["run_dir"]) == before
     assert len(_read_metrics(second["run_dir"])) == 5
 
 

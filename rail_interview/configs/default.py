@@ -39,6 +39,18 @@ def get_config() -> ml_collections.ConfigDict:
     # syncs; the last partial chunk is always written at the end.
     config.log_every = 100
 
+    ###### Per-prompt stats log ######
+    # Each recorded epoch writes, for each recorded prompt, the tracker's mean,
+    # std, count and fallback flag and the prompt's batch reward mean to
+    # <run_dir>/stats/ (see the README); scripts/plot_stats.py plots them.
+    config.stats_log = ml_collections.ConfigDict()
+    # Record one epoch in this many; 0 turns the log off.
+    config.stats_log.every = 1
+    # Record prompts 0 .. max_prompts - 1 only (prompt ids are a random order
+    # of the prompts, so this is a random sample). Bounds the log at
+    # max_prompts * 29 bytes per recorded epoch: 7.4 kB at the default.
+    config.stats_log.max_prompts = 256
+
     ###### Problem ######
     config.problem = ml_collections.ConfigDict()
     # P: number of distinct prompts.

@@ -19,7 +19,7 @@ captured in a CUDA graph and ``load_state_dict`` keeps those captures valid.
 from __future__ import annotations
 
 import abc
-from typing import Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Dict, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -169,9 +169,45 @@ class StatTracker(abc.ABC):
             ``dtype`` [N], the advantages.
         """
 
+    def stats(self, prompt_ids: Optional[torch.Tensor] = None) -> TrackerStats:
+        """Returns a copy of the per-prompt statistics (see ``TrackerStats``).
+
+        Args:
+            prompt_ids: int64 [M] on ``device``, the prompts to report, or
+                None for all P. Asking for a few prompts costs O(M), not O(P).
+
+        Returns:
+            TrackerStats of [M] (or [P]) tensors.
+        """
+        return self.stats_from_snapshot(self.stats_snapshot(prompt_ids))
+
     @abc.abstractmethod
-    def stats(self) -> TrackerStats:
-        """Returns a copy of the per-prompt statistics (see ``TrackerStats``)."""
+    def stats_snapshot(self, prompt_ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Returns the raw state behind ``stats`` for some prompts, computing nothing.
+
+        This is the cheap half of ``stats``, for recording statistics every
+        step and computing them later for many steps at once (see
+        ``PromptStatsRecorder``). The tensors may alias the live state: copy
+        them before the next ``update``.
+
+        Args:
+            prompt_ids: int64 [M] on ``device``, or None for all P prompts.
+
+        Returns:
+            Tensors by name, each with the prompt dimension [M] (or [P]) first.
+        """
+
+    @abc.abstractmethod
+    def stats_from_snapshot(self, snapshot: Mapping[str, torch.Tensor]) -> TrackerStats:
+        """Computes ``stats`` from snapshots, stacked along any leading dimensions.
+
+        Args:
+            snapshot: as returned by ``stats_snapshot``, each tensor with extra
+                leading dimensions [*B] if several snapshots were stacked.
+
+        Returns:
+            TrackerStats of new [*B, M] tensors.
+        """
 
     @abc.abstractmethod
     def fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Dict, Mapping, Optional
+
 import torch
 
 from rail_interview.stat_tracking.base import Device, StatTracker, TrackerStats, batch_mean_std
@@ -46,20 +48,31 @@ class BatchStatTracker(StatTracker):
         mean, std = batch_mean_std(rewards)
         return (rewards - mean) / (std + self._eps)
 
-    def stats(self) -> TrackerStats:
-        """Returns NaN means and stds and zero counts: nothing is tracked.
+    def stats_snapshot(self, prompt_ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Returns the per-prompt count, always zero: nothing is tracked.
+
+        Args:
+            prompt_ids: int64 [M], or None for all P prompts.
 
         Returns:
-            TrackerStats with mean and std NaN [P], count zeros [P] and
-            fallback all True [P].
+            ``{"count": zeros [M]}``.
         """
-        nan = torch.full((self._num_prompts,), float("nan"), dtype=self._dtype, device=self._device)
-        return TrackerStats(
-            mean=nan,
-            std=nan.clone(),
-            count=torch.zeros(self._num_prompts, dtype=torch.int64, device=self._device),
-            fallback=torch.ones(self._num_prompts, dtype=torch.bool, device=self._device),
-        )
+        size = self._num_prompts if prompt_ids is None else prompt_ids.shape[0]
+        return {"count": torch.zeros(size, dtype=torch.int64, device=self._device)}
+
+    def stats_from_snapshot(self, snapshot: Mapping[str, torch.Tensor]) -> TrackerStats:
+        """Returns NaN means and stds, zero counts and fallback everywhere.
+
+        Args:
+            snapshot: ``{"count": [*B, M]}``.
+
+        Returns:
+            TrackerStats of [*B, M] tensors.
+        """
+        count = snapshot["count"]
+        nan = torch.full(count.shape, float("nan"), dtype=self._dtype, device=count.device)
+        return TrackerStats(mean=nan, std=nan.clone(), count=torch.zeros_like(count),
+                            fallback=torch.ones_like(count, dtype=torch.bool))
 
     def fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Returns all True: every prompt uses whole-batch statistics.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Mapping, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -27,19 +27,19 @@ def masked_row_mean_std(rows: torch.Tensor, count: torch.Tensor) -> Tuple[torch.
     1e-5 of its rewards' magnitude, use ``dtype=torch.float64``.
 
     Args:
-        rows: float [R, K].
-        count: int64 [R], entries in [0, K]; entries at positions >= count
+        rows: float [*R, K].
+        count: int64 [*R], entries in [0, K]; entries at positions >= count
             are ignored (they must be finite).
 
     Returns:
-        float [R] mean and float [R] std; NaN where count is 0.
+        float [*R] mean and float [*R] std; NaN where count is 0.
     """
-    slot = torch.arange(rows.shape[1], device=rows.device)  # [K]
-    weight = (slot < count.unsqueeze(1)).to(rows.dtype)  # [R, K], 1 for the entries that count
-    num = count.to(rows.dtype)  # [R]
-    mean = torch.linalg.vecdot(rows, weight) / num  # [R]
-    deviation = rows - mean.unsqueeze(1)  # [R, K]
-    std = (torch.linalg.vecdot(deviation.square(), weight) / num).sqrt()  # [R]
+    slot = torch.arange(rows.shape[-1], device=rows.device)  # [K]
+    weight = (slot < count.unsqueeze(-1)).to(rows.dtype)  # [*R, K], 1 for the entries that count
+    num = count.to(rows.dtype)  # [*R]
+    mean = torch.linalg.vecdot(rows, weight) / num  # [*R]
+    deviation = rows - mean.unsqueeze(-1)  # [*R, K]
+    std = (torch.linalg.vecdot(deviation.square(), weight) / num).sqrt()  # [*R]
     return mean, std
 
 
@@ -153,15 +153,31 @@ class BufferStatTracker(PerPromptStatTracker):
             mean, std = masked_row_mean_std(self._rewards[prompt_ids], self._count[prompt_ids])  # [N]
         return self._advantages(rewards, self._count[prompt_ids], mean, std)
 
-    def stats(self) -> TrackerStats:
-        """Returns each prompt's buffer mean, std and count.
+    def stats_snapshot(self, prompt_ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Returns the buffer rows and counts of some prompts (may alias the state).
+
+        Args:
+            prompt_ids: int64 [M], or None for all P prompts.
 
         Returns:
-            TrackerStats of [P] tensors (copies); mean and std are NaN for
-            prompts never seen.
+            ``{"rewards": [M, K], "count": [M]}``.
         """
-        mean, std = masked_row_mean_std(self._rewards, self._count)
-        return TrackerStats(mean=mean, std=std, count=self._count.clone(), fallback=self._count < self._min_count)
+        if prompt_ids is None:
+            return {"rewards": self._rewards, "count": self._count}
+        return {"rewards": self._rewards[prompt_ids], "count": self._count[prompt_ids]}
+
+    def stats_from_snapshot(self, snapshot: Mapping[str, torch.Tensor]) -> TrackerStats:
+        """Computes buffer means and stds; NaN for prompts never seen.
+
+        Args:
+            snapshot: ``{"rewards": [*B, M, K], "count": [*B, M]}``.
+
+        Returns:
+            TrackerStats of [*B, M] tensors.
+        """
+        count = snapshot["count"]
+        mean, std = masked_row_mean_std(snapshot["rewards"], count)
+        return TrackerStats(mean=mean, std=std, count=count.clone(), fallback=count < self._min_count)
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         return {"rewards": self._rewards, "count": self._count, "head": self._head}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Dict, Mapping, Optional
 
 import torch
 
@@ -134,19 +134,36 @@ class EmaStatTracker(PerPromptStatTracker):
             rewards, self._count[prompt_ids], self._mean[prompt_ids], self._var[prompt_ids].sqrt()
         )
 
-    def stats(self) -> TrackerStats:
-        """Returns each prompt's moving mean, std and count.
+    def stats_snapshot(self, prompt_ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Returns the moving mean, variance and count of some prompts (may alias the state).
+
+        Args:
+            prompt_ids: int64 [M], or None for all P prompts.
 
         Returns:
-            TrackerStats of [P] tensors (copies); mean and std are NaN for
-            prompts never seen.
+            ``{"mean": [M], "var": [M], "count": [M]}``.
         """
-        seen = self._count > 0
+        state = self._state_tensors()
+        if prompt_ids is None:
+            return state
+        return {name: tensor[prompt_ids] for name, tensor in state.items()}
+
+    def stats_from_snapshot(self, snapshot: Mapping[str, torch.Tensor]) -> TrackerStats:
+        """Computes stds from variances; NaN for prompts never seen.
+
+        Args:
+            snapshot: ``{"mean": [*B, M], "var": [*B, M], "count": [*B, M]}``.
+
+        Returns:
+            TrackerStats of [*B, M] tensors.
+        """
+        count = snapshot["count"]
+        seen = count > 0
         return TrackerStats(
-            mean=torch.where(seen, self._mean, float("nan")),
-            std=torch.where(seen, self._var.sqrt(), float("nan")),
-            count=self._count.clone(),
-            fallback=self._count < self._min_count,
+            mean=torch.where(seen, snapshot["mean"], float("nan")),
+            std=torch.where(seen, snapshot["var"].sqrt(), float("nan")),
+            count=count.clone(),
+            fallback=count < self._min_count,
         )
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
