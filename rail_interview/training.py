@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import ml_collections
 import torch
@@ -129,12 +129,20 @@ def _write_json(path: str, payload: Dict[str, Any]) -> None:
         f.write("\n")
 
 
-def train(config: ml_collections.ConfigDict, logdir: str) -> Dict[str, Any]:
+def train(
+    config: ml_collections.ConfigDict,
+    logdir: str,
+    *,
+    tracker: Optional[stat_tracking.StatTracker] = None,
+) -> Dict[str, Any]:
     """Trains the toy policy with the configured stat tracker.
 
     Args:
         config: a config as returned by ``configs/default.py:get_config()``.
         logdir: parent directory of the run directory this call creates.
+        tracker: a tracker to use instead of the one ``config.stat_tracking``
+            describes (a custom implementation, say); it must accept
+            ``config.problem.num_prompts`` prompts on the run's device.
 
     Returns:
         The summary also written to ``summary.json``: ``final_reward`` (mean of
@@ -154,7 +162,8 @@ def train(config: ml_collections.ConfigDict, logdir: str) -> Dict[str, Any]:
         num_params=config.problem.num_params,
         generator=generator,
     )
-    tracker = build_tracker(config.stat_tracking, num_prompts=problem.num_prompts, device=device)
+    if tracker is None:
+        tracker = build_tracker(config.stat_tracking, num_prompts=problem.num_prompts, device=device)
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = create_run_dir(logdir, f"{stamp}_{config.stat_tracking.method}_seed{config.seed}")

@@ -149,3 +149,27 @@ def test_float64_keeps_tiny_spreads_far_from_zero():
         ids = torch.randint(4, (32,), generator=generator)
         rewards = -200.0 + 1e-4 * torch.randn(32, generator=generator, dtype=torch.float64)
         _assert_matches_reference(tracker, reference, ids, rewards, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_samples", [1, 2, 5, 2047, 2048, 5000])
+def test_both_grouping_algorithms_find_the_same_groups(num_samples):
+    from rail_interview.stat_tracking.base import group_by_prompt
+
+    generator = torch.Generator().manual_seed(num_samples)
+    for num_prompts in (1, 3, 50, 10_000):
+        ids = torch.randint(num_prompts, (num_samples,), generator=generator)
+        groups = group_by_prompt(ids)
+        assert torch.equal(groups.sorted_ids, ids[groups.order])
+        expected_start = torch.searchsorted(groups.sorted_ids, groups.sorted_ids)
+        expected_end = torch.searchsorted(groups.sorted_ids, groups.sorted_ids, right=True)
+        assert torch.equal(groups.start, expected_start) and torch.equal(groups.end, expected_end)
+
+
+def test_large_batches_match_the_reference():
+    # Batches from LINEAR_GROUPING_MIN_SAMPLES on take the linear-scan grouping.
+    generator = torch.Generator().manual_seed(7)
+    tracker = BufferStatTracker(500, 8, 3, dtype=torch.float64)
+    reference = ReferenceBufferStatTracker(8, 3)
+    for _ in range(4):
+        ids = torch.randint(500, (3000,), generator=generator)
+        _assert_matches_reference(tracker, reference, ids, torch.randn(3000, generator=generator, dtype=torch.float64))

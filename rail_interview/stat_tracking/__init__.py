@@ -15,7 +15,12 @@ from rail_interview.stat_tracking.batch import BatchStatTracker
 from rail_interview.stat_tracking.buffer import BufferStatTracker
 from rail_interview.stat_tracking.ema import EmaStatTracker
 from rail_interview.stat_tracking.prompt_index import PromptIndex, PromptIndexFullError
-from rail_interview.stat_tracking.recording import PromptStatsLog, PromptStatsRecorder, load_prompt_stats
+from rail_interview.stat_tracking.recording import (
+    PromptStatsLog,
+    PromptStatsRecorder,
+    load_prompt_stats,
+    truncate_prompt_stats,
+)
 from rail_interview.stat_tracking.reference import ReferenceBufferStatTracker, ReferenceEmaStatTracker
 
 __all__ = [
@@ -31,5 +36,6 @@ __all__ = [
     "StatTracker",
     "TrackerStats",
     "load_prompt_stats",
+    "truncate_prompt_stats",
     "resolve_device",
 ]

@@ -88,6 +88,12 @@ class StatTracker(abc.ABC):
             rewards are finite. On a GPU each check is a host sync; switch it
             off for a sync-free hot path once the inputs are trusted. Shapes,
             dtypes and devices are always checked (that costs no sync).
+        process_group: a ``torch.distributed`` process group, or None for a
+            single process. With a group, every rank passes its local batch
+            to ``update``; the tracker all-gathers the batches in rank order,
+            updates identical state on every rank, and returns the local
+            samples' advantages. Local batches must have the same size on
+            every rank. Use gloo with a CPU tracker, NCCL with a CUDA one.
 
     Raises:
         ValueError: if ``num_prompts`` is not positive, ``eps`` is negative
@@ -102,6 +108,7 @@ class StatTracker(abc.ABC):
         device: Device = None,
         dtype: torch.dtype = torch.float32,
         check_values: bool = True,
+        process_group: Optional["torch.distributed.ProcessGroup"] = None,
     ) -> None:
         check_positive_int("num_prompts", num_prompts)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
@@ -113,6 +120,7 @@ class StatTracker(abc.ABC):
         self._device = resolve_device(device)
         self._dtype = dtype
         self.check_values = check_values
+        self._process_group = process_group
 
     @property
     def num_prompts(self) -> int:
@@ -128,6 +136,11 @@ class StatTracker(abc.ABC):
     def device(self) -> torch.device:
         """The device of the state; inputs must be on it."""
         return self._device
+
+    @property
+    def process_group(self) -> Optional["torch.distributed.ProcessGroup"]:
+        """The process group whose ranks share this tracker's statistics, or None."""
+        return self._process_group
 
     @property
     def dtype(self) -> torch.dtype:
@@ -153,9 +166,50 @@ class StatTracker(abc.ABC):
                 [0, P) or a reward is not finite once converted to ``dtype``.
                 The state is then unchanged. Without ``check_values`` such
                 values are not caught: an id of -1 updates prompt P - 1.
+                With a process group and ``check_values``, the ranks first
+                agree on validity and batch sizes, so that bad input on one
+                rank raises on every rank instead of leaving the others
+                waiting in a collective.
         """
-        prompt_ids, rewards = self._validate_inputs(prompt_ids, rewards)
-        return self._update(prompt_ids, rewards)
+        if self._process_group is None:
+            prompt_ids, rewards = self._validate_inputs(prompt_ids, rewards)
+            return self._update(prompt_ids, rewards)
+        return self._distributed_update(prompt_ids, rewards)
+
+    def _distributed_update(self, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+        """``update`` with a process group: gather, update the global batch, slice."""
+        import torch.distributed as dist  # pylint: disable=import-outside-toplevel
+
+        group = self._process_group
+        world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+        error: Optional[Exception] = None
+        try:
+            prompt_ids, rewards = self._validate_inputs(prompt_ids, rewards)
+        except (TypeError, ValueError) as caught:
+            if not self.check_values:
+                raise
+            error = caught
+        if self.check_values:
+            # One small collective (and host sync) for the verdict: every rank's
+            # batch size, or -1 for a rank whose input was refused.
+            size = torch.tensor([-1 if error is not None else prompt_ids.shape[0]], device=self._device)
+            sizes = torch.empty(world_size, dtype=size.dtype, device=self._device)
+            dist.all_gather_into_tensor(sizes, size, group=group)
+            sizes_list = sizes.tolist()
+            if error is not None:
+                raise error
+            refused = [r for r, n in enumerate(sizes_list) if n < 0]
+            if refused:
+                raise ValueError(f"rank(s) {refused} refused their input to update; see the error there")
+            if len(set(sizes_list)) > 1:
+                raise ValueError(f"local batches must have the same size on every rank, got sizes {sizes_list}")
+        num_local = prompt_ids.shape[0]
+        all_ids = torch.empty(world_size * num_local, dtype=prompt_ids.dtype, device=self._device)
+        all_rewards = torch.empty(world_size * num_local, dtype=rewards.dtype, device=self._device)
+        dist.all_gather_into_tensor(all_ids, prompt_ids.contiguous(), group=group)
+        dist.all_gather_into_tensor(all_rewards, rewards.contiguous(), group=group)
+        advantages = self._update(all_ids, all_rewards)  # [world_size * N]
+        return advantages[rank * num_local:(rank + 1) * num_local]
 
     @abc.abstractmethod
     def _update(self, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
@@ -371,6 +425,13 @@ class PromptGroups(NamedTuple):
         return self.end - self.start
 
 
+#: From this batch size on, ``group_by_prompt`` finds group boundaries with
+#: linear scans; below it, with binary search (fewer ops, and at small sizes
+#: the op count is what costs). Measured on a CPU: 6 us against 39 us at
+#: N = 256, 1.3 ms against 0.24 ms at N = 32768.
+LINEAR_GROUPING_MIN_SAMPLES = 2048
+
+
 def group_by_prompt(prompt_ids: torch.Tensor) -> PromptGroups:
     """Sorts a batch by prompt, without a host sync or a loop.
 
@@ -380,10 +441,19 @@ def group_by_prompt(prompt_ids: torch.Tensor) -> PromptGroups:
     Returns:
         The sorted batch and each sample's group boundaries.
     """
+    num_samples = prompt_ids.shape[0]
     sorted_ids, order = torch.sort(prompt_ids, stable=True)  # [N]
-    start = torch.searchsorted(sorted_ids, sorted_ids)  # [N]
-    end = torch.searchsorted(sorted_ids, sorted_ids, right=True)  # [N]
-    position = torch.arange(prompt_ids.shape[0], device=prompt_ids.device)  # [N]
+    position = torch.arange(num_samples, device=prompt_ids.device)  # [N]
+    if num_samples < LINEAR_GROUPING_MIN_SAMPLES:
+        start = torch.searchsorted(sorted_ids, sorted_ids)  # [N]
+        end = torch.searchsorted(sorted_ids, sorted_ids, right=True)  # [N]
+        return PromptGroups(sorted_ids, order, start, end, position)
+    first = torch.ones(num_samples, dtype=torch.bool, device=prompt_ids.device)  # [N], first of its group
+    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    last = torch.ones_like(first)  # [N], last of its group
+    last[:-1] = first[1:]
+    start = torch.where(first, position, 0).cummax(0).values  # [N], latest group start at or before
+    end = torch.where(last, position + 1, num_samples).flip(0).cummin(0).values.flip(0)  # [N], earliest end after
     return PromptGroups(sorted_ids, order, start, end, position)
 
 
@@ -415,6 +485,7 @@ class PerPromptStatTracker(StatTracker):
         device: where the state lives.
         dtype: floating dtype of the state and of the advantages.
         check_values: see ``StatTracker``.
+        process_group: see ``StatTracker``.
 
     Raises:
         ValueError: if ``min_count`` is not a positive int (and as
@@ -432,8 +503,10 @@ class PerPromptStatTracker(StatTracker):
         device: Device = None,
         dtype: torch.dtype = torch.float32,
         check_values: bool = True,
+        process_group: Optional["torch.distributed.ProcessGroup"] = None,
     ) -> None:
-        super().__init__(num_prompts, eps=eps, device=device, dtype=dtype, check_values=check_values)
+        super().__init__(num_prompts, eps=eps, device=device, dtype=dtype, check_values=check_values,
+                         process_group=process_group)
         check_positive_int("min_count", min_count)
         self._min_count = min_count
 

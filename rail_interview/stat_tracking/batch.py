@@ -24,6 +24,8 @@ class BatchStatTracker(StatTracker):
         device: where inputs are expected.
         dtype: floating dtype of the advantages.
         check_values: see ``StatTracker``.
+        process_group: share statistics across ``torch.distributed`` ranks;
+            see ``StatTracker``.
 
     Example:
         >>> tracker = BatchStatTracker(num_prompts=2)
@@ -39,8 +41,10 @@ class BatchStatTracker(StatTracker):
         device: Device = None,
         dtype: torch.dtype = torch.float32,
         check_values: bool = True,
+        process_group: Optional["torch.distributed.ProcessGroup"] = None,
     ) -> None:
-        super().__init__(num_prompts, eps=eps, device=device, dtype=dtype, check_values=check_values)
+        super().__init__(num_prompts, eps=eps, device=device, dtype=dtype, check_values=check_values,
+                         process_group=process_group)
 
     def _update(self, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
         if rewards.numel() == 0:

@@ -77,6 +77,8 @@ class BufferStatTracker(PerPromptStatTracker):
         dtype: floating dtype of the buffer and of the advantages.
         check_values: check ids and rewards (a host sync on a GPU); see
             ``StatTracker``.
+        process_group: share statistics across ``torch.distributed`` ranks;
+            see ``StatTracker``.
 
     Raises:
         ValueError: if ``buffer_size`` or another argument is out of range.
@@ -100,9 +102,11 @@ class BufferStatTracker(PerPromptStatTracker):
         device: Device = None,
         dtype: torch.dtype = torch.float32,
         check_values: bool = True,
+        process_group: Optional["torch.distributed.ProcessGroup"] = None,
     ) -> None:
         super().__init__(
-            num_prompts, min_count=min_count, eps=eps, device=device, dtype=dtype, check_values=check_values
+            num_prompts, min_count=min_count, eps=eps, device=device, dtype=dtype, check_values=check_values,
+            process_group=process_group,
         )
         check_positive_int("buffer_size", buffer_size)
         if buffer_size < min_count:

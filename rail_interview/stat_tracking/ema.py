@@ -65,6 +65,8 @@ class EmaStatTracker(PerPromptStatTracker):
         dtype: floating dtype of the state and of the advantages.
         check_values: check ids and rewards (a host sync on a GPU); see
             ``StatTracker``.
+        process_group: share statistics across ``torch.distributed`` ranks;
+            see ``StatTracker``.
 
     Raises:
         ValueError: if ``decay`` is not in (0, 1) or another argument is out
@@ -89,9 +91,11 @@ class EmaStatTracker(PerPromptStatTracker):
         device: Device = None,
         dtype: torch.dtype = torch.float32,
         check_values: bool = True,
+        process_group: Optional["torch.distributed.ProcessGroup"] = None,
     ) -> None:
         super().__init__(
-            num_prompts, min_count=min_count, eps=eps, device=device, dtype=dtype, check_values=check_values
+            num_prompts, min_count=min_count, eps=eps, device=device, dtype=dtype, check_values=check_values,
+            process_group=process_group,
         )
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay must lie in (0, 1), got {decay!r}")

@@ -64,9 +64,12 @@ class PromptStatsRecorder:
         prompt_names: M names for prompts.json, or None to use the ids.
         every: record one step in this many.
         chunk_size: recorded steps per chunk file (and per host sync).
+        append: continue the log already in ``directory`` (when resuming a
+            run; see ``truncate_prompt_stats``) instead of refusing it.
 
     Raises:
-        FileExistsError: if ``directory`` already holds chunks.
+        FileExistsError: if ``directory`` already holds chunks and ``append``
+            is False.
         ValueError: if ``prompt_ids`` is not 1-D, is out of range, or does
             not match ``prompt_names``.
 
@@ -95,6 +98,7 @@ class PromptStatsRecorder:
         prompt_names: Optional[Sequence[str]] = None,
         every: int = 1,
         chunk_size: int = 100,
+        append: bool = False,
     ) -> None:
         check_positive_int("every", every)
         check_positive_int("chunk_size", chunk_size)
@@ -107,7 +111,7 @@ class PromptStatsRecorder:
         if len(names) != len(ids):
             raise ValueError(f"got {len(names)} prompt_names for {len(ids)} prompt_ids")
         os.makedirs(directory, exist_ok=True)
-        if glob.glob(os.path.join(directory, CHUNK_PATTERN)):
+        if not append and glob.glob(os.path.join(directory, CHUNK_PATTERN)):
             raise FileExistsError(f"{directory} already holds a stats log; record into a new directory")
         with open(os.path.join(directory, PROMPTS_FILE), "w", encoding="utf-8") as f:
             json.dump({"prompt_ids": ids, "prompt_names": names}, f)
@@ -193,6 +197,34 @@ class PromptStatsRecorder:
             np.savez(f, **arrays)
         os.replace(temporary, path)
         self._steps = []
+
+
+def truncate_prompt_stats(directory: str, step: int) -> None:
+    """Deletes the chunks of a stats log that start at or after ``step``.
+
+    Used when a run resumes from a checkpoint taken before ``step``: what was
+    logged after the checkpoint is logged again.
+
+    Args:
+        directory: the recorder's directory.
+        step: the first step to forget.
+
+    Raises:
+        ValueError: if a chunk holds steps on both sides of ``step`` (the
+            recorder is flushed at every checkpoint, so that never happens
+            in training).
+    """
+    for path in glob.glob(os.path.join(directory, CHUNK_PATTERN + "*")):
+        if path.endswith(".tmp"):
+            os.remove(path)
+            continue
+        first = int(os.path.basename(path)[len("chunk_"):-len(".npz")])
+        if first >= step:
+            os.remove(path)
+            continue
+        with np.load(path) as data:
+            if data["step"][-1] >= step:
+                raise ValueError(f"stats chunk {path} spans step {step}; cannot truncate the log there")
 
 
 @dataclasses.dataclass

@@ -1,0 +1,124 @@
+"""Per-prompt trackers as trainers write them today, to measure ours against.
+
+``DdpoStyleStatTracker`` follows the structure of ddpo-pytorch's tracker:
+NumPy arrays on the host, a dict from prompt to ``deque(maxlen=K)``, and a
+Python loop over the unique prompts of the batch, each selecting its samples
+with a boolean mask over the whole batch. Its cost grows with N times the
+number of unique prompts. Semantics are those of ``BufferStatTracker``.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Deque, Dict, Hashable, Mapping, Optional
+
+import numpy as np
+import torch
+
+from rail_interview.stat_tracking import StatTracker, TrackerStats
+
+
+class DdpoStyleStatTracker:
+    """Dict of deques over NumPy, one boolean mask per unique prompt.
+
+    Args:
+        buffer_size: K, rewards kept per prompt.
+        min_count: rewards a prompt needs before its own statistics are used.
+        eps: added to the standard deviation before dividing.
+    """
+
+    def __init__(self, buffer_size: int = 32, min_count: int = 16, *, eps: float = 1e-6) -> None:
+        self.buffer_size = buffer_size
+        self.min_count = min_count
+        self.eps = eps
+        self.buffers: Dict[Hashable, Deque[float]] = {}
+
+    def update(self, prompts: np.ndarray, rewards: np.ndarray) -> np.ndarray:
+        """Appends the batch to the buffers and returns its advantages.
+
+        Args:
+            prompts: [N] prompt keys.
+            rewards: float [N].
+
+        Returns:
+            float64 [N] advantages.
+        """
+        rewards = np.asarray(rewards, dtype=np.float64)
+        advantages = np.empty_like(rewards)
+        for prompt in np.unique(prompts):
+            mask = prompts == prompt
+            prompt_rewards = rewards[mask]
+            buffer = self.buffers.setdefault(prompt, collections.deque(maxlen=self.buffer_size))
+            buffer.extend(prompt_rewards)
+            if len(buffer) < self.min_count:
+                mean, std = rewards.mean(), rewards.std()
+            else:
+                mean, std = np.mean(buffer), np.std(buffer)
+            advantages[mask] = (prompt_rewards - mean) / (std + self.eps)
+        return advantages
+
+
+class HostDictStatTracker(StatTracker):
+    """A ``StatTracker`` that runs ``DdpoStyleStatTracker`` on the host, as trainers do today.
+
+    Every update copies the batch to the host (a sync on a GPU) and the
+    advantages back, so it drops into ``training.train(..., tracker=...)``.
+
+    Args:
+        num_prompts: P.
+        buffer_size: K.
+        min_count: rewards a prompt needs before its own statistics are used.
+        device: where advantages are returned.
+    """
+
+    def __init__(self, num_prompts: int, buffer_size: int = 32, min_count: int = 16, *, device=None) -> None:
+        super().__init__(num_prompts, eps=1e-6, device=device, check_values=False)
+        self.min_count = min_count
+        self.inner = DdpoStyleStatTracker(buffer_size, min_count, eps=1e-6)
+
+    def _update(self, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+        advantages = self.inner.update(prompt_ids.cpu().numpy(), rewards.cpu().numpy())
+        return torch.from_numpy(advantages).to(device=self.device, dtype=self.dtype)
+
+    def _counts(self, prompt_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        ids = range(self.num_prompts) if prompt_ids is None else prompt_ids.tolist()
+        counts = [len(self.inner.buffers.get(i, ())) for i in ids]
+        return torch.tensor(counts, dtype=torch.int64, device=self.device)
+
+    def fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Returns True where the prompt holds fewer than min_count rewards.
+
+        Args:
+            prompt_ids: int64 [N].
+
+        Returns:
+            bool [N].
+        """
+        return self._counts(prompt_ids) < self.min_count
+
+    def stats_snapshot(self, prompt_ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Returns the buffer lengths (means and stds are not reported).
+
+        Args:
+            prompt_ids: int64 [M], or None for all prompts.
+
+        Returns:
+            ``{"count": [M]}``.
+        """
+        return {"count": self._counts(prompt_ids)}
+
+    def stats_from_snapshot(self, snapshot: Mapping[str, torch.Tensor]) -> TrackerStats:
+        """Returns NaN means and stds with the recorded counts.
+
+        Args:
+            snapshot: ``{"count": [*B, M]}``.
+
+        Returns:
+            TrackerStats of [*B, M] tensors.
+        """
+        count = snapshot["count"]
+        nan = torch.full(count.shape, float("nan"), device=count.device)
+        return TrackerStats(mean=nan, std=nan.clone(), count=count.clone(), fallback=count < self.min_count)
+
+    def _state_tensors(self) -> Dict[str, torch.Tensor]:
+        return {}

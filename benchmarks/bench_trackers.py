@@ -1,0 +1,298 @@
+"""Times one tracker update against the dict trackers people use today.
+
+Usage:
+    python benchmarks/bench_trackers.py                    # CPU, one thread, the full grid
+    python benchmarks/bench_trackers.py --grid=headline --compile
+    python benchmarks/bench_trackers.py --device=cuda      # CUDA events and CUDA-graph replay too
+
+For every case (N samples, P prompts, K buffer slots) it first feeds the same
+batches to every tracker and checks that their advantages agree, then times
+``update`` on a fixed batch drawn uniformly over the P prompts:
+
+* ``ddpo``: the DDPO-style NumPy tracker in benchmarks/baselines.py;
+* ``reference``: rail_interview's plain-Python ReferenceBufferStatTracker;
+* ``buffer`` and ``ema``: the tensor trackers, default input checks on;
+* ``buffer compiled`` (with --compile): ``torch.compile(tracker.update)`` of a
+  tracker with value checks off;
+* on CUDA, ``buffer graph``: the update replayed from a captured CUDA graph.
+
+The baselines get NumPy arrays and Python lists prepared outside the timed
+region (in a real trainer, moving the batch to the host costs extra).
+Medians over many runs; CPU times with torch.utils.benchmark, CUDA times with
+CUDA events. Prints a Markdown table and writes JSON with the machine, torch
+version and thread count to benchmarks/results/.
+"""
+
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.utils.benchmark
+from absl import app, flags
+
+from rail_interview.stat_tracking import (
+    BufferStatTracker,
+    EmaStatTracker,
+    ReferenceBufferStatTracker,
+    ReferenceEmaStatTracker,
+)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from baselines import DdpoStyleStatTracker  # noqa: E402  pylint: disable=wrong-import-position
+
+GRIDS: Dict[str, List[Tuple[int, int, int]]] = {
+    # The table the issue asked for, plus sweeps of P at N = 4096 and of N at P = 4096.
+    "full": [(256, 64, 32), (2048, 256, 32), (8192, 1024, 32), (32768, 4096, 32)]
+    + [(4096, p, 32) for p in (1_000, 10_000, 100_000, 1_000_000)]
+    + [(n, 4096, 32) for n in (256, 1024, 4096, 16384, 65536)],
+    "headline": [(256, 64, 32), (32768, 4096, 32), (4096, 1_000, 32), (4096, 1_000_000, 32)],
+    "quick": [(64, 8, 4), (300, 50, 8)],
+}
+
+_GRID = flags.DEFINE_enum("grid", "full", list(GRIDS), "Which cases to run.")
+_DEVICE = flags.DEFINE_string("device", "cpu", "Device of the tensor trackers: cpu or cuda.")
+_THREADS = flags.DEFINE_integer("threads", 1, "CPU threads for torch (the baselines are single-threaded).")
+_MIN_RUN_TIME = flags.DEFINE_float("min_run_time", 1.0, "Seconds of timed runs per tracker and case, at least.")
+_COMPILE = flags.DEFINE_bool("compile", False, "Also time torch.compile(update) of the buffer tracker.")
+_BASELINES = flags.DEFINE_bool("baselines", True, "Time the ddpo and reference dict trackers too.")
+_OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                           "Directory for the JSON results; empty to write none.")
+
+def min_count_for(buffer_size: int) -> int:
+    """min_count used with a buffer of K slots: 16, or K / 2 for small buffers."""
+    return max(1, min(16, buffer_size // 2))
+
+
+def _batch(num_samples: int, num_prompts: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(num_prompts, (num_samples,), generator=generator)
+    rewards = torch.randn(num_samples, generator=generator) * 10 - 50
+    return ids, rewards
+
+
+def check_agreement(num_samples: int, num_prompts: int, buffer_size: int, device: torch.device) -> None:
+    """Feeds three batches to every tracker and raises if their advantages disagree.
+
+    Args:
+        num_samples: N.
+        num_prompts: P.
+        buffer_size: K.
+        device: the tensor trackers' device.
+
+    Raises:
+        AssertionError: if a tracker disagrees with its reference.
+    """
+    ddpo = DdpoStyleStatTracker(buffer_size, min_count_for(buffer_size))
+    reference = ReferenceBufferStatTracker(buffer_size, min_count_for(buffer_size))
+    ema_reference = ReferenceEmaStatTracker(0.9, min_count_for(buffer_size))
+    buffer = BufferStatTracker(num_prompts, buffer_size, min_count_for(buffer_size), device=device)
+    ema = EmaStatTracker(num_prompts, 0.9, min_count_for(buffer_size), device=device)
+    for seed in range(3):
+        ids, rewards = _batch(num_samples, num_prompts, seed)
+        expected = np.asarray(reference.update(ids.tolist(), rewards.tolist()))
+        np.testing.assert_allclose(ddpo.update(ids.numpy(), rewards.numpy()), expected, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(buffer.update(ids.to(device), rewards.to(device)).cpu().numpy(), expected,
+                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(ema.update(ids.to(device), rewards.to(device)).cpu().numpy(),
+                                   np.asarray(ema_reference.update(ids.tolist(), rewards.tolist())),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def time_cpu(fn: Callable[[], object], threads: int, min_run_time: float) -> float:
+    """Median seconds per call, with torch.utils.benchmark.
+
+    Args:
+        fn: the call to time.
+        threads: torch threads while timing.
+        min_run_time: seconds of timed runs, at least.
+
+    Returns:
+        The median.
+    """
+    timer = torch.utils.benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def time_cuda(fn: Callable[[], object], min_run_time: float) -> float:
+    """Median seconds per call, with CUDA events around blocks of calls.
+
+    Args:
+        fn: the call to time; it runs on the current stream.
+        min_run_time: seconds of timed runs, at least.
+
+    Returns:
+        The median over blocks of the mean time per call in a block.
+    """
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    per_block = max(1, int(0.01 / max(start.elapsed_time(end) / 1e3, 1e-7)))  # blocks of about 10 ms
+    samples, spent = [], 0.0
+    while spent < min_run_time or len(samples) < 5:
+        start.record()
+        for _ in range(per_block):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+        samples.append(seconds / per_block)
+        spent += seconds
+    return statistics.median(samples)
+
+
+def _graphed_update(tracker: BufferStatTracker, ids: torch.Tensor, rewards: torch.Tensor) -> Callable[[], None]:
+    """Captures ``tracker.update`` in a CUDA graph and returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            tracker.update(ids, rewards)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tracker.update(ids, rewards)
+    return graph.replay
+
+
+def run_case(num_samples: int, num_prompts: int, buffer_size: int, device: torch.device) -> Dict[str, object]:
+    """Checks agreement, then times every tracker on one case.
+
+    Args:
+        num_samples: N.
+        num_prompts: P.
+        buffer_size: K.
+        device: the tensor trackers' device.
+
+    Returns:
+        The case's sizes and the median milliseconds per update of each tracker.
+    """
+    check_agreement(num_samples, num_prompts, buffer_size, device)
+    ids, rewards = _batch(num_samples, num_prompts, seed=10)
+    on_device = ids.to(device), rewards.to(device)
+    min_run_time = _MIN_RUN_TIME.value
+    timer = ((lambda fn: time_cuda(fn, min_run_time)) if device.type == "cuda"
+             else (lambda fn: time_cpu(fn, _THREADS.value, min_run_time)))
+    result: Dict[str, object] = {"N": num_samples, "P": num_prompts, "K": buffer_size}
+
+    def warmed(tracker):
+        for seed in range(3):  # fill the buffers partly, as in training
+            tracker.update(*(t.to(device) for t in _batch(num_samples, num_prompts, seed)))
+        return tracker
+
+    buffer = warmed(BufferStatTracker(num_prompts, buffer_size, min_count_for(buffer_size), device=device))
+    result["buffer_ms"] = 1e3 * timer(lambda: buffer.update(*on_device))
+    ema = warmed(EmaStatTracker(num_prompts, 0.9, min_count_for(buffer_size), device=device))
+    result["ema_ms"] = 1e3 * timer(lambda: ema.update(*on_device))
+    if _COMPILE.value:
+        compiled_tracker = warmed(BufferStatTracker(num_prompts, buffer_size, min_count_for(buffer_size), device=device,
+                                                    check_values=False))
+        compiled = torch.compile(compiled_tracker.update, fullgraph=True, dynamic=False)
+        compiled(*on_device)  # compile outside the timed region
+        result["buffer_compiled_ms"] = 1e3 * timer(lambda: compiled(*on_device))
+    if device.type == "cuda":
+        graphed = BufferStatTracker(num_prompts, buffer_size, min_count_for(buffer_size), device=device, check_values=False)
+        result["buffer_graph_ms"] = 1e3 * time_cuda(_graphed_update(graphed, *on_device), min_run_time)
+        state_bytes = sum(t.numel() * t.element_size() for t in graphed.state_dict().values())
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        buffer.update(*on_device)
+        torch.cuda.synchronize()
+        result["state_mb"] = state_bytes / 2**20
+        result["update_peak_extra_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    if _BASELINES.value:
+        ddpo = DdpoStyleStatTracker(buffer_size, min_count_for(buffer_size))
+        reference = ReferenceBufferStatTracker(buffer_size, min_count_for(buffer_size))
+        np_ids, np_rewards, list_ids, list_rewards = ids.numpy(), rewards.numpy(), ids.tolist(), rewards.tolist()
+        for _ in range(3):
+            ddpo.update(np_ids, np_rewards)
+            reference.update(list_ids, list_rewards)
+        slow_time = max(min_run_time, 0.5)
+        result["ddpo_ms"] = 1e3 * time_cpu(lambda: ddpo.update(np_ids, np_rewards), 1, slow_time)
+        result["reference_ms"] = 1e3 * time_cpu(lambda: reference.update(list_ids, list_rewards), 1, slow_time)
+    return result
+
+
+def format_table(rows: List[Dict[str, object]]) -> str:
+    """Formats results as a Markdown table with speedups over the dict trackers.
+
+    Args:
+        rows: as returned by ``run_case``.
+
+    Returns:
+        The table.
+    """
+    columns = [c for c in ("ddpo_ms", "reference_ms", "buffer_ms", "ema_ms", "buffer_compiled_ms",
+                           "buffer_graph_ms", "state_mb", "update_peak_extra_mb") if c in rows[0]]
+    header = ["N", "P", "K"] + [c.replace("_ms", " ms").replace("_mb", " MB").replace("_", " ") for c in columns]
+    ratios = [("ddpo_ms", "buffer_ms"), ("reference_ms", "buffer_ms"), ("ddpo_ms", "ema_ms")]
+    ratios = [r for r in ratios if r[0] in rows[0]]
+    header += [f"{a.split('_')[0]} / {b.split('_')[0]}" for a, b in ratios]
+    lines = ["| " + " | ".join(header) + " |", "|" + " ---: |" * len(header)]
+    for row in rows:
+        cells = [f"{row['N']:,}", f"{row['P']:,}", str(row["K"])]
+        cells += [f"{row[c]:.3f}" if row[c] < 10 else f"{row[c]:.1f}" for c in columns]
+        cells += [f"{row[a] / row[b]:.1f}x" for a, b in ratios]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _machine(device: torch.device) -> Dict[str, object]:
+    info: Dict[str, object] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "torch_threads": _THREADS.value,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def main(argv):
+    """Runs the grid, prints the table and writes the JSON.
+
+    Args:
+        argv: leftover command-line arguments; there must be none.
+    """
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    torch.set_num_threads(_THREADS.value)
+    device = torch.empty(0, device=_DEVICE.value).device
+    machine = _machine(device)
+    print(f"{machine['gpu'] if 'gpu' in machine else machine['processor']}, torch {torch.__version__}, "
+          f"{_THREADS.value} thread(s), device {device}")
+    rows = []
+    for num_samples, num_prompts, buffer_size in GRIDS[_GRID.value]:
+        rows.append(run_case(num_samples, num_prompts, buffer_size, device))
+        print(f"  N={num_samples} P={num_prompts} K={buffer_size}: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if k.endswith("_ms")), flush=True)
+    print(format_table(rows))
+    if _OUT.value:
+        os.makedirs(_OUT.value, exist_ok=True)
+        tag = re.sub(r"[^a-z0-9]+", "-", str(machine.get("gpu", device.type)).lower()).strip("-")
+        path = os.path.join(_OUT.value, f"trackers_{tag}_{_GRID.value}.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"date": datetime.date.today().isoformat(), "grid": _GRID.value, "machine": machine,
+                       "command": " ".join(sys.argv), "results": rows}, f, indent=2)
+        print(f"Wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
