@@ -16,6 +16,10 @@ from typing import Any, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+#: all_gather_single replaced all_gather_into_tensor (deprecated) in recent torch;
+#: same arguments. Older torch, which setup.py allows, has only the latter.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 @dataclasses.dataclass(frozen=True)
 class DistributedContext:
@@ -53,7 +57,7 @@ class DistributedContext:
         for tensor in tensors:
             out = torch.empty((self.world_size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype,
                               device=tensor.device)
-            dist.all_gather_into_tensor(out, tensor.contiguous(), group=self.group)
+            all_gather_single(out, tensor.contiguous(), group=self.group)
             gathered.append(out)
         return tuple(gathered)
 
@@ -102,6 +106,12 @@ def current_context() -> DistributedContext:
         local_rank=int(os.environ.get("LOCAL_RANK", dist.get_rank())),
         group=dist.group.WORLD,
     )
+
+
+def shutdown() -> None:
+    """Destroys the default process group, if any, before the process exits."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def init_from_environment(device_name: str) -> DistributedContext:

@@ -31,8 +31,8 @@ from typing import Any, Dict, List, Optional
 import ml_collections
 import torch
 
-from rail_interview import stat_tracking
-from rail_interview.toy_problem import make_toy_problem
+from rail_interview import checkpointing, distributed, stat_tracking
+from rail_interview.toy_problem import GaussianPolicy, make_toy_problem
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_tracker(
-    config: ml_collections.ConfigDict, *, num_prompts: int, device: torch.device
+    config: ml_collections.ConfigDict,
+    *,
+    num_prompts: int,
+    device: torch.device,
+    process_group: Optional["torch.distributed.ProcessGroup"] = None,
 ) -> stat_tracking.StatTracker:
     """Builds the stat tracker that ``config.method`` names.
 
@@ -76,6 +80,7 @@ def build_tracker(
         config: the ``stat_tracking`` section of the training config.
         num_prompts: P.
         device: where the tracker's state lives.
+        process_group: ranks that share the tracker's statistics, or None.
 
     Returns:
         The tracker.
@@ -83,7 +88,7 @@ def build_tracker(
     Raises:
         ValueError: for an unknown method.
     """
-    common = dict(device=device, check_values=config.check_values)
+    common = dict(device=device, check_values=config.check_values, process_group=process_group)
     if config.method == "batch":
         return stat_tracking.BatchStatTracker(num_prompts, **common)
     if config.method == "buffer":
@@ -129,108 +134,282 @@ def _write_json(path: str, payload: Dict[str, Any]) -> None:
         f.write("\n")
 
 
+def load_run_config(run_dir: str, overrides: Optional[Dict[str, Any]] = None) -> ml_collections.ConfigDict:
+    """Returns the config a run was started with, with ``overrides`` applied.
+
+    ``scripts/train.py --resume`` uses it: the run's own config.json, plus the
+    fields given on the command line (typically a larger ``num_epochs``).
+
+    Args:
+        run_dir: a run directory written by ``train``.
+        overrides: dotted field paths to values, e.g. ``{"num_epochs": 2000}``.
+
+    Returns:
+        The config.
+
+    Raises:
+        FileNotFoundError: if ``run_dir`` holds no config.json.
+        KeyError: if an override names a field the config lacks.
+    """
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run_dir!r} holds no config.json: pass the run directory that train.py printed")
+    with open(path, encoding="utf-8") as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    for dotted, value in (overrides or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"config has no field {dotted!r}")
+        node[leaf] = value
+    return config
+
+
+def _sampling_generator(config: ml_collections.ConfigDict, generator: torch.Generator,
+                        context: distributed.DistributedContext) -> torch.Generator:
+    """The generator a rank samples prompts and answers with.
+
+    Rank 0 keeps drawing from the instance's generator, so a single process
+    runs exactly as it always has; rank r > 0 gets its own seed, derived from
+    the run's seed, so that ranks draw different samples.
+    """
+    if context.rank == 0:
+        return generator
+    seeds = torch.randint(2**62, (context.world_size,), generator=torch.Generator().manual_seed(config.seed))
+    return torch.Generator(device=generator.device).manual_seed(int(seeds[context.rank]))
+
+
+class _MetricsFile:
+    """metrics.csv of a run: appended to in chunks, truncated when a run resumes."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def create(self) -> None:
+        with open(self.path, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerow(("epoch",) + METRIC_NAMES)
+
+    def append(self, first_epoch: int, rows: List[List[float]]) -> None:
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([first_epoch + i, *values] for i, values in enumerate(rows))
+
+    def truncate(self, epoch: int) -> None:
+        """Drops the rows of ``epoch`` and later (written after the checkpoint a run resumes from)."""
+        with open(self.path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        kept = [rows[0]] + [row for row in rows[1:] if int(row[0]) < epoch]
+        temporary = self.path + ".tmp"
+        with open(temporary, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows(kept)
+        os.replace(temporary, self.path)
+
+    def final_reward(self) -> float:
+        """Mean batch-mean reward over the last ``FINAL_REWARD_EPOCHS`` rows."""
+        with open(self.path, newline="", encoding="utf-8") as f:
+            rewards = [float(row["reward_mean"]) for row in csv.DictReader(f)][-FINAL_REWARD_EPOCHS:]
+        return sum(rewards) / len(rewards)
+
+
+def _validate(config: ml_collections.ConfigDict) -> None:
+    for name in ("num_epochs", "log_every", "sample_batch_size"):
+        if config[name] < 1:
+            raise ValueError(f"config.{name} must be positive, got {config[name]}")
+    if config.checkpoint_every < 0 or config.checkpoint_every % config.log_every:
+        raise ValueError(
+            f"config.checkpoint_every ({config.checkpoint_every}) must be 0 or a multiple of config.log_every "
+            f"({config.log_every}), so that checkpoints fall where metrics are written"
+        )
+
+
 def train(
     config: ml_collections.ConfigDict,
     logdir: str,
     *,
     tracker: Optional[stat_tracking.StatTracker] = None,
+    resume: bool = False,
 ) -> Dict[str, Any]:
     """Trains the toy policy with the configured stat tracker.
 
+    Under ``torchrun`` (a default process group initialized, see
+    ``rail_interview.distributed``), every rank samples its own prompts, the
+    tracker and the policy update see the global batch, so parameters and
+    tracker state stay identical on every rank, and rank 0 alone writes.
+
     Args:
         config: a config as returned by ``configs/default.py:get_config()``.
-        logdir: parent directory of the run directory this call creates.
+        logdir: parent directory of the run directory this call creates, or
+            with ``resume``, the run directory to continue.
         tracker: a tracker to use instead of the one ``config.stat_tracking``
             describes (a custom implementation, say); it must accept
             ``config.problem.num_prompts`` prompts on the run's device.
+        resume: continue the run in ``logdir`` from its checkpoint, up to
+            ``config.num_epochs``. Metrics and stats written after the
+            checkpoint are dropped and recomputed, so the result equals one
+            uninterrupted run, bit for bit.
 
     Returns:
         The summary also written to ``summary.json``: ``final_reward`` (mean of
         the batch-mean reward over the last 10 epochs), ``method``, ``seed``,
-        ``num_epochs``, ``train_seconds`` (wall-clock of the training loop),
-        ``epochs_per_second``, ``device`` and ``run_dir``.
+        ``num_epochs``, ``world_size``, ``train_seconds`` (wall-clock of this
+        call's training loop), ``epochs_per_second``, ``device`` and
+        ``run_dir``.
 
     Raises:
         ValueError: for an invalid config.
+        checkpointing.CheckpointError: if ``resume`` finds no usable checkpoint.
     """
-    if config.num_epochs < 1 or config.log_every < 1 or config.sample_batch_size < 1:
-        raise ValueError("num_epochs, log_every and sample_batch_size must be positive")
+    _validate(config)
+    context = distributed.current_context()
     device = resolve_device(config.device)
+    if device.type == "cuda" and context.world_size > 1:
+        device = torch.device("cuda", context.local_rank)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     problem, policy = make_toy_problem(
         num_prompts=config.problem.num_prompts,
         num_params=config.problem.num_params,
         generator=generator,
     )
+    sampler = _sampling_generator(config, generator, context)
     if tracker is None:
-        tracker = build_tracker(config.stat_tracking, num_prompts=problem.num_prompts, device=device)
+        tracker = build_tracker(config.stat_tracking, num_prompts=problem.num_prompts, device=device,
+                                process_group=context.group)
 
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = create_run_dir(logdir, f"{stamp}_{config.stat_tracking.method}_seed{config.seed}")
-    with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json(indent=2) + "\n")
-    metrics_path = os.path.join(run_dir, "metrics.csv")
-    with open(metrics_path, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerow(("epoch",) + METRIC_NAMES)
-    logger.info("Run directory: %s (device %s)", run_dir, device)
-
-    recorder = None
-    if config.stats_log.every > 0:
-        num_recorded = min(problem.num_prompts, config.stats_log.max_prompts)
-        recorder = stat_tracking.PromptStatsRecorder(
-            os.path.join(run_dir, STATS_DIR),
-            tracker,
-            torch.arange(num_recorded),
-            prompt_names=problem.prompt_names[:num_recorded],
-            every=config.stats_log.every,
-            chunk_size=-(-config.log_every // config.stats_log.every),  # flush about as often as metrics
+    start_epoch = 0
+    if resume:
+        run_dir = logdir
+        checkpoint = checkpointing.load_checkpoint(
+            os.path.join(run_dir, checkpointing.CHECKPOINT_FILE), ["epoch", "params", "tracker", "generators"]
         )
+        _restore(checkpoint, policy, tracker, sampler, context)
+        start_epoch = checkpoint["epoch"]
+    elif context.is_main:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = create_run_dir(logdir, f"{stamp}_{config.stat_tracking.method}_seed{config.seed}")
+    else:
+        run_dir = ""
+    run_dir = context.broadcast_object(run_dir)
+
+    metrics = _MetricsFile(os.path.join(run_dir, "metrics.csv"))
+    recorder = None
+    if context.is_main:
+        with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json(indent=2) + "\n")
+        if resume:
+            metrics.truncate(start_epoch)
+        else:
+            metrics.create()
+        if config.stats_log.every > 0:
+            stats_dir = os.path.join(run_dir, STATS_DIR)
+            if resume and os.path.isdir(stats_dir):
+                stat_tracking.truncate_prompt_stats(stats_dir, start_epoch)
+            num_recorded = min(problem.num_prompts, config.stats_log.max_prompts)
+            recorder = stat_tracking.PromptStatsRecorder(
+                stats_dir,
+                tracker,
+                torch.arange(num_recorded),
+                prompt_names=problem.prompt_names[:num_recorded],
+                every=config.stats_log.every,
+                chunk_size=-(-config.log_every // config.stats_log.every),  # flush about as often as metrics
+                append=resume,
+            )
+        logger.info("Run directory: %s (device %s, %d process(es)%s)", run_dir, device, context.world_size,
+                    f", resuming at epoch {start_epoch}" if resume else "")
 
     chunk = torch.empty((config.log_every, len(METRIC_NAMES)), device=device)  # [log_every, M]
-    recent_rewards: List[float] = []
     start = chunk_start = time.perf_counter()
-    for epoch in range(config.num_epochs):
-        prompt_ids = problem.sample_prompt_ids(config.sample_batch_size, generator)  # [N]
-        samples = policy.sample(prompt_ids, generator)  # [N]
-        rewards = problem.rewards(prompt_ids, samples)  # [N]
-        advantages = tracker.update(prompt_ids, rewards)  # [N]
-        fallback = tracker.fallback_mask(prompt_ids)  # [N], which samples used batch statistics
-        if recorder is not None:
-            recorder.record(epoch, prompt_ids, rewards)
+    for epoch in range(start_epoch, config.num_epochs):
+        local_ids = problem.sample_prompt_ids(config.sample_batch_size, sampler)  # [N]
+        local_samples = policy.sample(local_ids, sampler)  # [N]
+        local_rewards = problem.rewards(local_ids, local_samples)  # [N]
+        local_advantages = tracker.update(local_ids, local_rewards)  # [N]
+        # Every rank applies the global batch ([world_size * N]), in rank order.
+        prompt_ids, samples, rewards, advantages = context.all_gather(
+            local_ids, local_samples, local_rewards, local_advantages
+        )
         policy.update(prompt_ids, samples, advantages, learning_rate=config.learning_rate)
 
-        reward_std, reward_mean = torch.std_mean(rewards, correction=0)
-        row = epoch % config.log_every
-        chunk[row] = torch.stack((reward_mean, reward_std, fallback.float().mean()))
-
-        if row == config.log_every - 1 or epoch == config.num_epochs - 1:
-            rows = chunk[: row + 1].tolist()  # the one host sync per chunk
-            first_epoch = epoch - row
-            with open(metrics_path, "a", newline="", encoding="utf-8") as f:
-                csv.writer(f).writerows([first_epoch + i, *values] for i, values in enumerate(rows))
-            recent_rewards = (recent_rewards + [values[0] for values in rows])[-FINAL_REWARD_EPOCHS:]
-            now = time.perf_counter()
-            logger.info(
-                "epoch %5d/%d  reward %8.2f +- %6.2f  fallback %.2f  %7.0f epochs/s",
-                epoch + 1, config.num_epochs, rows[-1][0], rows[-1][1], rows[-1][2],
-                (row + 1) / (now - chunk_start),
-            )
-            chunk_start = now
-    if recorder is not None:
-        recorder.flush()
+        last = epoch == config.num_epochs - 1
+        if context.is_main:
+            fallback = tracker.fallback_mask(prompt_ids)  # which samples used batch statistics
+            if recorder is not None:
+                recorder.record(epoch, prompt_ids, rewards)
+            reward_std, reward_mean = torch.std_mean(rewards, correction=0)
+            row = epoch % config.log_every
+            chunk[row] = torch.stack((reward_mean, reward_std, fallback.float().mean()))
+            if row == config.log_every - 1 or last:
+                rows = chunk[: row + 1].tolist()  # the one host sync per chunk
+                metrics.append(epoch - row, rows)
+                now = time.perf_counter()
+                logger.info(
+                    "epoch %5d/%d  reward %8.2f +- %6.2f  fallback %.2f  %7.0f epochs/s",
+                    epoch + 1, config.num_epochs, rows[-1][0], rows[-1][1], rows[-1][2],
+                    (row + 1) / (now - chunk_start),
+                )
+                chunk_start = now
+        if last or (config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0):
+            if recorder is not None:
+                recorder.flush()
+            _save(run_dir, epoch + 1, policy, tracker, sampler, context)
     train_seconds = time.perf_counter() - start
 
-    summary = {
-        "final_reward": sum(recent_rewards) / len(recent_rewards),
-        "method": config.stat_tracking.method,
-        "seed": config.seed,
-        "num_epochs": config.num_epochs,
-        "train_seconds": train_seconds,
-        "epochs_per_second": config.num_epochs / train_seconds,
-        "device": str(device),
-        "run_dir": run_dir,
-    }
-    _write_json(os.path.join(run_dir, "summary.json"), summary)
-    logger.info("final_reward %.2f (mean of the last %d epochs), loop %.3f s", summary["final_reward"],
-                len(recent_rewards), train_seconds)
-    return summary
+    summary = None
+    if context.is_main:
+        summary = {
+            "final_reward": metrics.final_reward(),
+            "method": config.stat_tracking.method,
+            "seed": config.seed,
+            "num_epochs": config.num_epochs,
+            "world_size": context.world_size,
+            "train_seconds": train_seconds,
+            "epochs_per_second": (config.num_epochs - start_epoch) / max(train_seconds, 1e-9),
+            "device": str(device),
+            "run_dir": run_dir,
+        }
+        _write_json(os.path.join(run_dir, "summary.json"), summary)
+        logger.info("final_reward %.2f (mean of the last %d epochs), loop %.3f s", summary["final_reward"],
+                    FINAL_REWARD_EPOCHS, train_seconds)
+    return context.broadcast_object(summary)
+
+
+def _save(run_dir: str, next_epoch: int, policy: GaussianPolicy, tracker: stat_tracking.StatTracker,
+          sampler: torch.Generator, context: distributed.DistributedContext) -> None:
+    """Writes the checkpoint to resume at ``next_epoch`` (rank 0 writes, every rank joins)."""
+    # Every rank's sampling generator: rank 0's is also the instance generator.
+    generator_states = context.gather_objects(sampler.get_state())
+    if not context.is_main:
+        return
+    checkpointing.save_checkpoint(
+        os.path.join(run_dir, checkpointing.CHECKPOINT_FILE),
+        {
+            "epoch": next_epoch,
+            "world_size": context.world_size,
+            "params": policy.params.cpu(),
+            "tracker": {name: tensor.cpu() for name, tensor in tracker.state_dict().items()},
+            "generators": generator_states,
+        },
+    )
+
+
+def _restore(checkpoint: Dict[str, Any], policy: GaussianPolicy, tracker: stat_tracking.StatTracker,
+             sampler: torch.Generator, context: distributed.DistributedContext) -> None:
+    """Loads a checkpoint's parameters, tracker state and this rank's generator state."""
+    where = "checkpoint"
+    if checkpoint.get("world_size", 1) != context.world_size:
+        raise checkpointing.CheckpointError(
+            f"{where} was written by {checkpoint.get('world_size')} process(es); resume with the same number "
+            f"(this job has {context.world_size})"
+        )
+    params = checkpoint["params"]
+    if not isinstance(params, torch.Tensor) or params.shape != policy.params.shape:
+        raise checkpointing.CheckpointError(
+            f"{where} holds parameters of shape {getattr(params, 'shape', None)}, the config needs "
+            f"{tuple(policy.params.shape)}: is this the right run and config?"
+        )
+    try:
+        tracker.load_state_dict(checkpoint["tracker"])
+    except (TypeError, ValueError) as error:
+        raise checkpointing.CheckpointError(f"{where} does not fit this run's tracker: {error}") from error
+    policy.params.copy_(params)
+    sampler.set_state(checkpoint["generators"][context.rank])

@@ -4,20 +4,26 @@ Usage:
     python scripts/train.py                                   # default config
     python scripts/train.py --config.stat_tracking.method=batch --config.seed=3
     python scripts/train.py --logdir=/tmp/runs --config.num_epochs=200
+    python scripts/train.py --logdir=logs/<run> --resume --config.num_epochs=2000
+    torchrun --nproc_per_node=2 scripts/train.py --config.num_epochs=50
 
 The config is locked: a mistyped override such as ``--config.num_epoch=5`` is
-an error. Each run writes a new directory under ``--logdir``.
+an error. Each run writes a new directory under ``--logdir``. With
+``--resume``, ``--logdir`` is a run directory: the run continues from its
+latest checkpoint, with its own config plus the overrides given here.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rail_interview import configs, training
+from rail_interview import configs, distributed, training
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", configs.DEFAULT_CONFIG_PATH, "Training config file.", lock_config=True
 )
-_LOGDIR = flags.DEFINE_string("logdir", "logs", "Parent directory of the run directory this run creates.")
+_LOGDIR = flags.DEFINE_string("logdir", "logs", "Parent directory of the run directory this run creates; "
+                               "with --resume, the run directory to continue.")
+_RESUME = flags.DEFINE_bool("resume", False, "Continue the run in --logdir from its latest checkpoint.")
 
 
 def main(argv: list) -> None:
@@ -28,7 +34,19 @@ def main(argv: list) -> None:
     """
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    summary = training.train(_CONFIG.value, _LOGDIR.value)
+    config = _CONFIG.value
+    if _RESUME.value:
+        overrides = config_flags.get_override_values(flags.FLAGS["config"])
+        config = training.load_run_config(_LOGDIR.value, overrides)
+    context = distributed.init_from_environment(config.device)
+    if not context.is_main:
+        logging.set_verbosity(logging.WARNING)
+    try:
+        summary = training.train(config, _LOGDIR.value, resume=_RESUME.value)
+    finally:
+        distributed.shutdown()
+    if not context.is_main:
+        return
     print(f"final_reward {summary['final_reward']:.2f}  ({summary['method']}, seed {summary['seed']}, "
           f"loop {summary['train_seconds']:.2f} s)  ->  {summary['run_dir']}")
 

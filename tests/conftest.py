@@ -13,6 +13,7 @@ def tiny_config() -> ml_collections.ConfigDict:
     config.device = "cpu"
     config.num_epochs = 30
     config.log_every = 7
+    config.checkpoint_every = 14
     config.problem.num_prompts = 8
     config.problem.num_params = 32
     config.sample_batch_size = 32

@@ -49,11 +49,35 @@ def _scenarios(rank: int) -> None:
         assert torch.equal(value, before[key])
 
 
-def _worker(rank: int, init_file: str, failures) -> None:
+def _training(rank: int, logdir: str) -> None:
+    from rail_interview import training  # pylint: disable=import-outside-toplevel
+    from rail_interview.configs import default  # pylint: disable=import-outside-toplevel
+
+    config = default.get_config()
+    config.device, config.num_epochs, config.log_every, config.checkpoint_every = "cpu", 20, 10, 10
+    config.problem.num_prompts, config.problem.num_params, config.sample_batch_size = 8, 32, 16
+    final_params = []
+    save = training._save  # pylint: disable=protected-access
+
+    def spy(run_dir, next_epoch, policy, *args):
+        final_params.append(policy.params.clone())
+        save(run_dir, next_epoch, policy, *args)
+
+    training._save = spy  # pylint: disable=protected-access
+    summary = training.train(config, logdir)
+    assert summary["world_size"] == WORLD_SIZE and os.path.isdir(summary["run_dir"])
+    gathered = [torch.empty_like(final_params[-1]) for _ in range(WORLD_SIZE)]
+    dist.all_gather(gathered, final_params[-1])
+    assert torch.equal(gathered[0], gathered[1]), "parameters differ across ranks"
+    assert len(os.listdir(logdir)) == 1  # one run directory, written by rank 0 alone
+
+
+def _worker(rank: int, init_file: str, failures, logdir: str) -> None:
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE,
                                 timeout=datetime.timedelta(seconds=60))
         _scenarios(rank)
+        _training(rank, logdir)
     except BaseException:  # pylint: disable=broad-except
         failures.put(f"rank {rank}:\n{traceback.format_exc()}")
     finally:
@@ -61,10 +85,10 @@ def _worker(rank: int, init_file: str, failures) -> None:
             dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_match_one_process(tmp_path):
+def test_two_gloo_ranks_match_one_process_and_train_in_step(tmp_path):
     context = mp.get_context("spawn")
     failures = context.SimpleQueue()
-    processes = [context.Process(target=_worker, args=(rank, str(tmp_path / "init"), failures))
+    processes = [context.Process(target=_worker, args=(rank, str(tmp_path / "init"), failures, str(tmp_path / "runs")))
                  for rank in range(WORLD_SIZE)]
     for process in processes:
         process.start()
@@ -79,3 +103,25 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         messages.append(failures.get())
     assert not messages, "\n".join(messages)
     assert all(process.exitcode == 0 for process in processes)
+
+
+def test_torchrun_trains_on_two_cpu_processes(tmp_path):
+    import json  # pylint: disable=import-outside-toplevel
+    import subprocess  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+
+    from rail_interview import checkpointing, training  # pylint: disable=import-outside-toplevel
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "train.py")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", script, f"--logdir={tmp_path}",
+         "--config.num_epochs=50", "--config.device=cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["num_epochs"] == 50
+    assert result.stdout.count("final_reward") == 1  # rank 0 alone reports
+    with pytest.raises(checkpointing.CheckpointError, match="written by 2 process"):
+        training.train(training.load_run_config(str(run_dir), {"num_epochs": 60}), str(run_dir), resume=True)

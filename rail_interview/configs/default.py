@@ -38,6 +38,11 @@ def get_config() -> ml_collections.ConfigDict:
     # to metrics.csv and a progress line is printed. Larger means fewer host
     # syncs; the last partial chunk is always written at the end.
     config.log_every = 100
+    # Every this many epochs, and at the end, the model, the tracker state and
+    # the random generators are saved to <run_dir>/checkpoint.pt, so that
+    # `train.py --logdir=<run_dir> --resume` can continue the run exactly.
+    # 0: only at the end. Must be a multiple of log_every.
+    config.checkpoint_every = 500
 
     ###### Per-prompt stats log ######
     # Each recorded epoch writes, for each recorded prompt, the tracker's mean,

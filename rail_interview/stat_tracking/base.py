@@ -180,6 +180,8 @@ class StatTracker(abc.ABC):
         """``update`` with a process group: gather, update the global batch, slice."""
         import torch.distributed as dist  # pylint: disable=import-outside-toplevel
 
+        # all_gather_single replaced the deprecated all_gather_into_tensor in recent torch.
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         group = self._process_group
         world_size, rank = dist.get_world_size(group), dist.get_rank(group)
         error: Optional[Exception] = None
@@ -194,7 +196,7 @@ class StatTracker(abc.ABC):
             # batch size, or -1 for a rank whose input was refused.
             size = torch.tensor([-1 if error is not None else prompt_ids.shape[0]], device=self._device)
             sizes = torch.empty(world_size, dtype=size.dtype, device=self._device)
-            dist.all_gather_into_tensor(sizes, size, group=group)
+            gather(sizes, size, group=group)
             sizes_list = sizes.tolist()
             if error is not None:
                 raise error
@@ -206,8 +208,8 @@ class StatTracker(abc.ABC):
         num_local = prompt_ids.shape[0]
         all_ids = torch.empty(world_size * num_local, dtype=prompt_ids.dtype, device=self._device)
         all_rewards = torch.empty(world_size * num_local, dtype=rewards.dtype, device=self._device)
-        dist.all_gather_into_tensor(all_ids, prompt_ids.contiguous(), group=group)
-        dist.all_gather_into_tensor(all_rewards, rewards.contiguous(), group=group)
+        gather(all_ids, prompt_ids.contiguous(), group=group)
+        gather(all_rewards, rewards.contiguous(), group=group)
         advantages = self._update(all_ids, all_rewards)  # [world_size * N]
         return advantages[rank * num_local:(rank + 1) * num_local]
 
