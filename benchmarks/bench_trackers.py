@@ -187,6 +187,7 @@ def run_case(num_samples: int, num_prompts: int, buffer_size: int, device: torch
     result: Dict[str, object] = {"N": num_samples, "P": num_prompts, "K": buffer_size}
 
     def warmed(tracker):
+        """Returns ``tracker`` after three updates, so that timing sees partly full buffers."""
         for seed in range(3):  # fill the buffers partly, as in training
             tracker.update(*(t.to(device) for t in _batch(num_samples, num_prompts, seed)))
         return tracker

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import ml_collections
 
 from rail_interview import training
+from rail_interview.configs import apply_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -85,31 +86,6 @@ class SettingSummary:
     worst: float
     num_bad: int
     median_seconds: float
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """Returns a copy of ``config`` with dotted-path overrides applied.
-
-    Args:
-        config: the base config; not modified.
-        overrides: for example ``{"stat_tracking.method": "batch"}``.
-
-    Returns:
-        The new config.
-
-    Raises:
-        KeyError: if a path does not exist in the config.
-    """
-    config = ml_collections.ConfigDict(config.to_dict())
-    for path, value in overrides.items():
-        *parents, leaf = path.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        if leaf not in node:
-            raise KeyError(f"config has no field {path!r}")
-        node[leaf] = value
-    return config
 
 
 def _run_one(config_dict: Dict[str, Any], logdir: str, setting: str) -> RunResult:
@@ -272,6 +248,7 @@ def plot_curves(results: Sequence[RunResult], path: str, *, smoothing: int = 10)
     window = np.ones(smoothing) / smoothing
 
     def draw(ax, name: str, color, style: str = "-") -> None:
+        """Draws one setting's median curve and its min-max band on ``ax``."""
         length = min(len(c) for c in curves[name])
         smoothed = np.stack([np.convolve(c[:length], window, mode="valid") for c in curves[name]])  # [seeds, E']
         epochs = np.arange(smoothing, length + 1)

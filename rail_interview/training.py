@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional
 import ml_collections
 import torch
 
-from rail_interview import checkpointing, distributed, stat_tracking
+from rail_interview import checkpointing, configs, distributed, stat_tracking
 from rail_interview.toy_problem import GaussianPolicy, make_toy_problem
 
 logger = logging.getLogger(__name__)
@@ -156,15 +156,7 @@ def load_run_config(run_dir: str, overrides: Optional[Dict[str, Any]] = None) ->
         raise FileNotFoundError(f"{run_dir!r} holds no config.json: pass the run directory that train.py printed")
     with open(path, encoding="utf-8") as f:
         config = ml_collections.ConfigDict(json.load(f))
-    for dotted, value in (overrides or {}).items():
-        *parents, leaf = dotted.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        if leaf not in node:
-            raise KeyError(f"config has no field {dotted!r}")
-        node[leaf] = value
-    return config
+    return configs.apply_overrides(config, overrides or {})
 
 
 def _sampling_generator(config: ml_collections.ConfigDict, generator: torch.Generator,
@@ -188,10 +180,12 @@ class _MetricsFile:
         self.path = path
 
     def create(self) -> None:
+        """Writes a new file holding only the header row."""
         with open(self.path, "w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerow(("epoch",) + METRIC_NAMES)
 
     def append(self, first_epoch: int, rows: List[List[float]]) -> None:
+        """Appends rows for epochs ``first_epoch``, ``first_epoch + 1``, ..."""
         with open(self.path, "a", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows([first_epoch + i, *values] for i, values in enumerate(rows))
 

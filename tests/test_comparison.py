@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rail_interview import comparison
+from rail_interview import comparison, configs
 from rail_interview.configs import default
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -15,11 +15,11 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_apply_overrides_copies_and_refuses_unknown_fields():
     base = default.get_config()
-    config = comparison.apply_overrides(base, {"stat_tracking.method": "batch", "seed": 7})
+    config = configs.apply_overrides(base, {"stat_tracking.method": "batch", "seed": 7})
     assert config.stat_tracking.method == "batch" and config.seed == 7
     assert base.stat_tracking.method == "buffer" and base.seed == 0
     with pytest.raises(KeyError, match="stat_tracking.bufer_size"):
-        comparison.apply_overrides(base, {"stat_tracking.bufer_size": 3})
+        configs.apply_overrides(base, {"stat_tracking.bufer_size": 3})
 
 
 def _result(setting, seed, final):
