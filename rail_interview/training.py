@@ -269,6 +269,13 @@ def train(
     if tracker is None:
         tracker = build_tracker(config.stat_tracking, num_prompts=problem.num_prompts, device=device,
                                 process_group=context.group)
+    elif context.world_size > 1 and tracker.process_group is None:
+        raise ValueError("under torchrun, a tracker passed to train() needs process_group= so that ranks agree")
+    if device.type == "cuda":
+        # index_add_ (the policy update, the EMA tracker) uses float atomics on
+        # CUDA, whose rounding varies from run to run; deterministic algorithms
+        # keep runs reproducible and ranks' parameters identical.
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
     start_epoch = 0
     if resume:
@@ -278,6 +285,11 @@ def train(
         )
         _restore(checkpoint, policy, tracker, sampler, context)
         start_epoch = checkpoint["epoch"]
+        if start_epoch > config.num_epochs:
+            raise checkpointing.CheckpointError(
+                f"the checkpoint is at epoch {start_epoch}, past config.num_epochs = {config.num_epochs}: "
+                "resume with a num_epochs at least that large"
+            )
     elif context.is_main:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = create_run_dir(logdir, f"{stamp}_{config.stat_tracking.method}_seed{config.seed}")
@@ -288,6 +300,9 @@ def train(
     metrics = _MetricsFile(os.path.join(run_dir, "metrics.csv"))
     recorder = None
     if context.is_main:
+        stats_dir = os.path.join(run_dir, STATS_DIR)
+        if resume and os.path.isdir(stats_dir):  # first: the one step here that can refuse
+            stat_tracking.truncate_prompt_stats(stats_dir, start_epoch)
         with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json(indent=2) + "\n")
         if resume:
@@ -295,9 +310,6 @@ def train(
         else:
             metrics.create()
         if config.stats_log.every > 0:
-            stats_dir = os.path.join(run_dir, STATS_DIR)
-            if resume and os.path.isdir(stats_dir):
-                stat_tracking.truncate_prompt_stats(stats_dir, start_epoch)
             num_recorded = min(problem.num_prompts, config.stats_log.max_prompts)
             recorder = stat_tracking.PromptStatsRecorder(
                 stats_dir,
@@ -312,6 +324,7 @@ def train(
                     f", resuming at epoch {start_epoch}" if resume else "")
 
     chunk = torch.empty((config.log_every, len(METRIC_NAMES)), device=device)  # [log_every, M]
+    chunk_first = start_epoch  # first epoch held in `chunk`; a resumed run may start mid-chunk
     start = chunk_start = time.perf_counter()
     for epoch in range(start_epoch, config.num_epochs):
         local_ids = problem.sample_prompt_ids(config.sample_batch_size, sampler)  # [N]
@@ -330,11 +343,12 @@ def train(
             if recorder is not None:
                 recorder.record(epoch, prompt_ids, rewards)
             reward_std, reward_mean = torch.std_mean(rewards, correction=0)
-            row = epoch % config.log_every
+            row = epoch - chunk_first
             chunk[row] = torch.stack((reward_mean, reward_std, fallback.float().mean()))
-            if row == config.log_every - 1 or last:
+            if (epoch + 1) % config.log_every == 0 or last:
                 rows = chunk[: row + 1].tolist()  # the one host sync per chunk
-                metrics.append(epoch - row, rows)
+                metrics.append(chunk_first, rows)
+                chunk_first = epoch + 1
                 now = time.perf_counter()
                 logger.info(
                     "epoch %5d/%d  reward %8.2f +- %6.2f  fallback %.2f  %7.0f epochs/s",

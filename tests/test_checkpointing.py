@@ -135,3 +135,34 @@ def test_resume_from_the_command_line(tmp_path):
     missing = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "train.py"),
                               f"--logdir={tmp_path / 'nowhere'}", "--resume"], capture_output=True, text=True)
     assert missing.returncode != 0 and "holds no config.json" in missing.stderr
+
+
+def test_resume_from_a_final_checkpoint_between_metric_flushes(config, tmp_path):
+    # The final checkpoint of a 15-epoch run sits mid-chunk (log_every = 10).
+    straight = _train(config, tmp_path / "straight", 30)
+    run_dir = _train(config, tmp_path / "short", 15)["run_dir"]
+    resumed = _train(training.load_run_config(run_dir), run_dir, 30, resume=True)
+    assert resumed["final_reward"] == straight["final_reward"]
+    assert filecmp.cmp(os.path.join(straight["run_dir"], "metrics.csv"), os.path.join(run_dir, "metrics.csv"),
+                       shallow=False)
+    a, b = load_prompt_stats(os.path.join(straight["run_dir"], "stats")), load_prompt_stats(os.path.join(run_dir, "stats"))
+    np.testing.assert_array_equal(a.step, b.step)
+    np.testing.assert_array_equal(a.mean, b.mean)
+
+
+def test_resume_refuses_fewer_epochs_than_the_checkpoint(config, tmp_path):
+    run_dir = _train(config, tmp_path, 20)["run_dir"]
+    before = pathlib.Path(run_dir, "metrics.csv").read_bytes()
+    with pytest.raises(checkpointing.CheckpointError, match="past config.num_epochs = 5"):
+        _train(training.load_run_config(run_dir), run_dir, 5, resume=True)
+    assert pathlib.Path(run_dir, "metrics.csv").read_bytes() == before
+
+
+def test_resume_with_the_stats_log_turned_off_drops_stats_past_the_checkpoint(config, tmp_path):
+    run_dir = _train(config, tmp_path, 40)["run_dir"]
+    saved = tmp_path / "at40.pt"
+    shutil.copy(os.path.join(run_dir, "checkpoint.pt"), saved)
+    _train(training.load_run_config(run_dir), run_dir, 60, resume=True)
+    shutil.copy(saved, os.path.join(run_dir, "checkpoint.pt"))
+    _train(training.load_run_config(run_dir, {"stats_log.every": 0}), run_dir, 50, resume=True)
+    assert load_prompt_stats(os.path.join(run_dir, "stats")).step.max() < 40

@@ -110,3 +110,29 @@ def test_negative_variance_in_a_state_is_refused():
     state["var"] = torch.tensor([0.0, -1.0])
     with pytest.raises(ValueError, match="non-negative"):
         tracker.load_state_dict(state)
+
+
+@pytest.mark.parametrize("num_samples", [1, 7, 300, 5000])
+def test_both_segment_sum_algorithms_agree(num_samples):
+    from rail_interview.stat_tracking.base import group_by_prompt
+    from rail_interview.stat_tracking.ema import segment_sum
+
+    generator = torch.Generator().manual_seed(num_samples)
+    ids = torch.randint(40, (num_samples,), generator=generator)
+    groups = group_by_prompt(ids)
+    values = torch.randn(num_samples, generator=generator) * 50
+    expected = torch.zeros(40, dtype=torch.float64).index_add_(0, ids, values.double())[groups.sorted_ids]
+    for scan in (False, True):
+        got = segment_sum(values[groups.order], groups.start, groups.end, scan=scan)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_large_batches_match_the_reference():
+    # From 2048 samples on, grouping takes the linear-scan path.
+    generator = torch.Generator().manual_seed(3)
+    tracker = EmaStatTracker(300, 0.9, 4, dtype=torch.float64)
+    reference = ReferenceEmaStatTracker(0.9, 4)
+    for _ in range(3):
+        ids = torch.randint(300, (3000,), generator=generator)
+        rewards = torch.randn(3000, generator=generator, dtype=torch.float64) * 20 - 100
+        _check_step(tracker, reference, ids, rewards, rtol=1e-9, atol=1e-9)

@@ -111,6 +111,25 @@ def test_recorder_refuses_a_directory_that_holds_a_log_and_bad_prompt_ids(tmp_pa
         PromptStatsRecorder(str(tmp_path / "other"), tracker, torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="prompt_names"):
         PromptStatsRecorder(str(tmp_path / "other"), tracker, torch.arange(2), prompt_names=["a"])
+    with pytest.raises(ValueError, match="must not repeat"):
+        PromptStatsRecorder(str(tmp_path / "other"), tracker, torch.tensor([2, 2, 0]))
+    with pytest.raises(ValueError, match="integer"):
+        PromptStatsRecorder(str(tmp_path / "other"), tracker, torch.tensor([True, False]))
+
+
+def test_append_continues_a_log_of_the_same_prompts_only(tmp_path):
+    tracker = EmaStatTracker(num_prompts=3, decay=0.5, min_count=1)
+    _drive(tracker, PromptStatsRecorder(str(tmp_path), tracker, torch.arange(3), chunk_size=2), num_steps=4)
+    with pytest.raises(ValueError, match="records other prompts"):
+        PromptStatsRecorder(str(tmp_path), tracker, torch.arange(2), append=True)
+    recorder = PromptStatsRecorder(str(tmp_path), tracker, torch.arange(3), append=True, chunk_size=2)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(4, 6):
+        ids, rewards = torch.randint(3, (5,), generator=generator), torch.randn(5, generator=generator)
+        tracker.update(ids, rewards)
+        recorder.record(step, ids, rewards)
+    recorder.flush()
+    assert load_prompt_stats(str(tmp_path)).step.tolist() == list(range(6))
 
 
 def test_training_writes_a_loadable_log_bounded_by_the_config(tiny_config, tmp_path):

@@ -169,7 +169,10 @@ class StatTracker(abc.ABC):
                 With a process group and ``check_values``, the ranks first
                 agree on validity and batch sizes, so that bad input on one
                 rank raises on every rank instead of leaving the others
-                waiting in a collective.
+                waiting in a collective. Without ``check_values`` there is
+                no such agreement (it would cost a host sync): a rank whose
+                input is refused raises alone and the others wait in the
+                all-gather until the process group's timeout.
         """
         if self._process_group is None:
             prompt_ids, rewards = self._validate_inputs(prompt_ids, rewards)

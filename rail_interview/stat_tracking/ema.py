@@ -15,17 +15,31 @@ from rail_interview.stat_tracking.base import (
 )
 
 
-def _segment_sum(values: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+def segment_sum(values: torch.Tensor, start: torch.Tensor, end: torch.Tensor, *, scan: bool) -> torch.Tensor:
     """Sums ``values`` over each prompt group and hands every member the sum.
+
+    Two algorithms, the same result up to float rounding:
+
+    * ``scan=False``: ``index_add_`` into the group starts. On a CPU it adds
+      sequentially, so it is deterministic, and it is the fewer ops.
+    * ``scan=True``: differences of a float64 cumulative sum (the groups are
+      contiguous in sorted order). No atomics, so deterministic on CUDA too,
+      where ``index_add_`` rounds differently from run to run.
 
     Args:
         values: float [N], in sorted-batch order.
         start: int64 [N], each sample's group start (``PromptGroups.start``).
+        end: int64 [N], one past each sample's group end (``PromptGroups.end``).
+        scan: which algorithm.
 
     Returns:
-        float [N], the sum over the sample's group.
+        float [N] of ``values.dtype``, the sum over the sample's group.
     """
-    return torch.zeros_like(values).index_add_(0, start, values)[start]
+    if not scan:
+        return torch.zeros_like(values).index_add_(0, start, values)[start]
+    running = torch.zeros(values.shape[0] + 1, dtype=torch.float64, device=values.device)  # [N + 1]
+    torch.cumsum(values.to(torch.float64), 0, out=running[1:])
+    return (running[end] - running[start]).to(values.dtype)
 
 
 class EmaStatTracker(PerPromptStatTracker):
@@ -51,7 +65,8 @@ class EmaStatTracker(PerPromptStatTracker):
     rewards far from zero; for spreads below about 1e-5 of the rewards'
     magnitude, use ``dtype=torch.float64``. No
     Python loop over prompts or samples, no host sync (with ``check_values``
-    off); cost grows with N, not with P.
+    off); cost grows with N, not with P. Group sums avoid float atomics on
+    CUDA, so the state is the same bit for bit from run to run there too.
 
     State, allocated once on ``device``: ``mean`` [P], ``var`` [P] and
     ``count`` [P] (rewards seen, int64).
@@ -127,8 +142,9 @@ class EmaStatTracker(PerPromptStatTracker):
         # Closed form of the sequential fold, in coordinates shifted by the old mean.
         shifted = sorted_rewards - old_mean  # [N]
         weight = (1.0 - decay) * torch.pow(decay, (groups.end - 1 - groups.position).to(rewards.dtype))  # [N]
-        shift = _segment_sum(weight * shifted, start)  # [N], new mean - old mean
-        spread = _segment_sum(weight * (shifted - shift).square(), start)  # [N]
+        scan = rewards.is_cuda  # deterministic sums where index_add_ is not
+        shift = segment_sum(weight * shifted, start, groups.end, scan=scan)  # [N], new mean - old mean
+        spread = segment_sum(weight * (shifted - shift).square(), start, groups.end, scan=scan)  # [N]
         old_weight = torch.pow(decay, groups.size.to(rewards.dtype))  # [N], decay ** n
         self._mean[sorted_ids] = old_mean + shift
         self._var[sorted_ids] = old_weight * (old_var + shift.square()) + spread

@@ -70,8 +70,9 @@ class PromptStatsRecorder:
     Raises:
         FileExistsError: if ``directory`` already holds chunks and ``append``
             is False.
-        ValueError: if ``prompt_ids`` is not 1-D, is out of range, or does
-            not match ``prompt_names``.
+        ValueError: if ``prompt_ids`` is not 1-D integer, repeats a prompt,
+            is out of range or does not match ``prompt_names``, or (with
+            ``append``) the existing log records other prompts.
 
     Example:
         >>> import tempfile
@@ -102,19 +103,29 @@ class PromptStatsRecorder:
     ) -> None:
         check_positive_int("every", every)
         check_positive_int("chunk_size", chunk_size)
-        if prompt_ids.ndim != 1 or prompt_ids.dtype.is_floating_point:
-            raise ValueError(f"prompt_ids must be a 1-D integer tensor, got shape {tuple(prompt_ids.shape)}")
+        if prompt_ids.ndim != 1 or prompt_ids.dtype.is_floating_point or prompt_ids.dtype == torch.bool:
+            raise ValueError(f"prompt_ids must be a 1-D integer tensor, got {prompt_ids.dtype} "
+                             f"of shape {tuple(prompt_ids.shape)}")
         ids = prompt_ids.tolist()
+        if len(set(ids)) != len(ids):
+            raise ValueError("prompt_ids must not repeat a prompt")
         if ids and (min(ids) < 0 or max(ids) >= tracker.num_prompts):
             raise ValueError(f"prompt_ids must lie in [0, {tracker.num_prompts})")
         names = [str(i) for i in ids] if prompt_names is None else list(prompt_names)
         if len(names) != len(ids):
             raise ValueError(f"got {len(names)} prompt_names for {len(ids)} prompt_ids")
         os.makedirs(directory, exist_ok=True)
-        if not append and glob.glob(os.path.join(directory, CHUNK_PATTERN)):
-            raise FileExistsError(f"{directory} already holds a stats log; record into a new directory")
-        with open(os.path.join(directory, PROMPTS_FILE), "w", encoding="utf-8") as f:
-            json.dump({"prompt_ids": ids, "prompt_names": names}, f)
+        prompts = {"prompt_ids": ids, "prompt_names": names}
+        prompts_path = os.path.join(directory, PROMPTS_FILE)
+        if glob.glob(os.path.join(directory, CHUNK_PATTERN)):
+            if not append:
+                raise FileExistsError(f"{directory} already holds a stats log; record into a new directory")
+            with open(prompts_path, encoding="utf-8") as f:
+                if json.load(f) != prompts:
+                    raise ValueError(f"cannot append to the stats log in {directory}: it records other prompts")
+        else:
+            with open(prompts_path, "w", encoding="utf-8") as f:
+                json.dump(prompts, f)
 
         device = tracker.device
         self.directory = directory
@@ -195,6 +206,8 @@ class PromptStatsRecorder:
         temporary = path + ".tmp"
         with open(temporary, "wb") as f:
             np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(temporary, path)
         self._steps = []
 
