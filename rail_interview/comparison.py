@@ -227,11 +227,12 @@ def plot_curves(results: Sequence[RunResult], path: str, *, smoothing: int = 10)
             rather than epoch-to-epoch noise.
     """
     import matplotlib  # pylint: disable=import-outside-toplevel
-    import matplotlib.ticker  # pylint: disable=import-outside-toplevel
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
+
+    from rail_interview.stats_plots import label_symlog_rewards  # pylint: disable=import-outside-toplevel
 
     curves: Dict[str, List[List[float]]] = {}
     for r in results:
@@ -271,10 +272,7 @@ def plot_curves(results: Sequence[RunResult], path: str, *, smoothing: int = 10)
         ax.legend(loc="lower right", fontsize="small")
         if sweeps:
             ax.set_title(f"{names[0].split()[0]} sweep")
-    low, high = axes[0][0].get_ylim()
-    ticks = [t for t in REWARD_TICKS if low <= t <= high]
-    axes[0][0].set_yticks(ticks, [f"{t:g}" for t in ticks])
-    axes[0][0].yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    label_symlog_rewards(axes[0][0], REWARD_TICKS)
     axes[0][0].set_ylabel(f"batch-mean reward ({smoothing}-epoch average; symlog scale)")
     fig.suptitle("Learning curves: median over seeds, band from worst to best seed")
     fig.savefig(path, dpi=100)

@@ -16,9 +16,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-#: all_gather_single replaced all_gather_into_tensor (deprecated) in recent torch;
-#: same arguments. Older torch, which setup.py allows, has only the latter.
-all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+from rail_interview.stat_tracking.base import all_gather_single
 
 
 @dataclasses.dataclass(frozen=True)

@@ -114,12 +114,28 @@ def choose_prompts(
     return columns
 
 
+def label_symlog_rewards(ax, ticks: Sequence[float]) -> None:
+    """Puts a reward axis on a symlog scale, labelled at the ``ticks`` within its limits.
+
+    Rewards here span -1000 to -1; a symlog axis (linear within +-1) keeps
+    convergence near 0 visible next to starts near -200.
+
+    Args:
+        ax: a matplotlib Axes, its y limits already set or autoscaled.
+        ticks: candidate tick values; those inside the limits are labelled,
+            and minor ticks are removed.
+    """
+    ax.set_yscale("symlog", linthresh=1)
+    low, high = ax.get_ylim()
+    chosen = [t for t in ticks if low <= t <= high]
+    ax.set_yticks(chosen, [f"{t:g}" for t in chosen])
+    ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
 def _symlog_axis(ax, low: float) -> None:
     ax.set_yscale("symlog", linthresh=1)
     ax.set_ylim(low, 0.5)
-    ticks = [t for t in REWARD_TICKS if t >= low]
-    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
-    ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    label_symlog_rewards(ax, REWARD_TICKS)
 
 
 def plot_prompt_stats(runs: Sequence[RunLog], columns: Sequence[int], path: str) -> None:

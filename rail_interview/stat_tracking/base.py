@@ -22,8 +22,16 @@ import abc
 from typing import Dict, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
+import torch.distributed
 
 Device = Union[str, torch.device, None]
+
+#: Gathers equal-sized tensors from every rank into one output tensor.
+#: all_gather_single replaced all_gather_into_tensor (deprecated) in recent
+#: torch, with the same arguments; older torch, which setup.py allows, has
+#: only the latter.
+all_gather_single = (getattr(torch.distributed, "all_gather_single", None)
+                     or torch.distributed.all_gather_into_tensor)
 
 
 class TrackerStats(NamedTuple):
@@ -183,8 +191,6 @@ class StatTracker(abc.ABC):
         """``update`` with a process group: gather, update the global batch, slice."""
         import torch.distributed as dist  # pylint: disable=import-outside-toplevel
 
-        # all_gather_single replaced the deprecated all_gather_into_tensor in recent torch.
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         group = self._process_group
         world_size, rank = dist.get_world_size(group), dist.get_rank(group)
         error: Optional[Exception] = None
@@ -199,7 +205,7 @@ class StatTracker(abc.ABC):
             # batch size, or -1 for a rank whose input was refused.
             size = torch.tensor([-1 if error is not None else prompt_ids.shape[0]], device=self._device)
             sizes = torch.empty(world_size, dtype=size.dtype, device=self._device)
-            gather(sizes, size, group=group)
+            all_gather_single(sizes, size, group=group)
             sizes_list = sizes.tolist()
             if error is not None:
                 raise error
@@ -211,8 +217,8 @@ class StatTracker(abc.ABC):
         num_local = prompt_ids.shape[0]
         all_ids = torch.empty(world_size * num_local, dtype=prompt_ids.dtype, device=self._device)
         all_rewards = torch.empty(world_size * num_local, dtype=rewards.dtype, device=self._device)
-        gather(all_ids, prompt_ids.contiguous(), group=group)
-        gather(all_rewards, rewards.contiguous(), group=group)
+        all_gather_single(all_ids, prompt_ids.contiguous(), group=group)
+        all_gather_single(all_rewards, rewards.contiguous(), group=group)
         advantages = self._update(all_ids, all_rewards)  # [world_size * N]
         return advantages[rank * num_local:(rank + 1) * num_local]
 
