@@ -22,16 +22,27 @@ import abc
 from typing import Dict, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
-import torch.distributed
 
 Device = Union[str, torch.device, None]
 
-#: Gathers equal-sized tensors from every rank into one output tensor.
-#: all_gather_single replaced all_gather_into_tensor (deprecated) in recent
-#: torch, with the same arguments; older torch, which setup.py allows, has
-#: only the latter.
-all_gather_single = (getattr(torch.distributed, "all_gather_single", None)
-                     or torch.distributed.all_gather_into_tensor)
+
+def all_gather_single(output: torch.Tensor, tensor: torch.Tensor, group=None) -> None:
+    """Gathers equal-sized tensors from every rank into ``output``, in rank order.
+
+    ``all_gather_single`` replaced the deprecated ``all_gather_into_tensor``
+    in recent torch, with the same arguments; older torch, which setup.py
+    allows, has only the latter. Resolved at call time, so that importing
+    this package works on torch builds without distributed support.
+
+    Args:
+        output: [world_size * N, ...], written in place.
+        tensor: [N, ...], this rank's part.
+        group: the process group, or None for the default one.
+    """
+    import torch.distributed as dist  # pylint: disable=import-outside-toplevel
+
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, tensor, group=group)
 
 
 class TrackerStats(NamedTuple):
