@@ -68,3 +68,14 @@ def test_value_checks_can_be_switched_off():
 def test_bad_constructor_arguments(kwargs):
     with pytest.raises(ValueError):
         BatchStatTracker(**kwargs)
+
+
+@pytest.mark.parametrize("num_samples", [1, 2, 1023, 1024, 5000])
+def test_batch_mean_std_matches_torch_on_both_sides_of_the_two_pass_threshold(num_samples):
+    from rail_interview.stat_tracking.base import batch_mean_std
+
+    rewards = torch.randn(num_samples, generator=torch.Generator().manual_seed(num_samples)) * 3 - 1000
+    mean, std = batch_mean_std(rewards)
+    expected = rewards.double()
+    torch.testing.assert_close(mean.double(), expected.mean(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(std.double(), expected.std(correction=0), rtol=1e-4, atol=1e-5)

@@ -160,6 +160,11 @@ def test_both_grouping_algorithms_find_the_same_groups(num_samples):
         ids = torch.randint(num_prompts, (num_samples,), generator=generator)
         groups = group_by_prompt(ids)
         assert torch.equal(groups.sorted_ids, ids[groups.order])
+        assert torch.equal(groups.unsort(groups.sorted_ids), ids)
+        # With num_prompts known, large batches are sorted as int32: same groups.
+        as_int32 = group_by_prompt(ids, num_prompts)
+        for name in groups._fields:
+            assert torch.equal(getattr(as_int32, name), getattr(groups, name)), name
         expected_start = torch.searchsorted(groups.sorted_ids, groups.sorted_ids)
         expected_end = torch.searchsorted(groups.sorted_ids, groups.sorted_ids, right=True)
         assert torch.equal(groups.start, expected_start) and torch.equal(groups.end, expected_end)
@@ -173,3 +178,39 @@ def test_large_batches_match_the_reference():
     for _ in range(4):
         ids = torch.randint(500, (3000,), generator=generator)
         _assert_matches_reference(tracker, reference, ids, torch.randn(3000, generator=generator, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype, buffer_size", [(torch.float32, 8), (torch.float64, 8), (torch.bfloat16, 300),
+                                                (torch.float16, 3000)])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_masked_row_mean_std_ignores_entries_past_count(dtype, buffer_size, overwrite):
+    # bfloat16 and float16 cannot hold every integer up to these K, which
+    # takes the bool-mask path instead of float arithmetic.
+    from rail_interview.stat_tracking.buffer import masked_row_mean_std
+
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(5, buffer_size, generator=generator, dtype=torch.float64)
+    count = torch.tensor([0, 1, 2, buffer_size - 1, buffer_size])
+    given = rows.to(dtype, copy=True)
+    mean, std = masked_row_mean_std(given, count, overwrite=overwrite)
+    if not overwrite:
+        assert torch.equal(given, rows.to(dtype))
+    for row in range(1, 5):
+        kept = rows[row, : count[row]].to(dtype).double()
+        tolerance = dict(atol=1e-2, rtol=1e-2) if dtype in (torch.bfloat16, torch.float16) else {}
+        torch.testing.assert_close(mean[row].double(), kept.mean(), **tolerance)
+        torch.testing.assert_close(std[row].double(), kept.std(correction=0), **tolerance)
+    assert mean[0].isnan() and std[0].isnan()
+
+
+def test_loaded_state_resumes_writing_at_head():
+    # A full buffer's state is (count == K, head): the next reward must
+    # overwrite the slot at head, the oldest one.
+    tracker = BufferStatTracker(num_prompts=1, buffer_size=3, min_count=1, dtype=torch.float64)
+    state = {"rewards": torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64), "count": torch.tensor([3]),
+             "head": torch.tensor([1])}
+    tracker.load_state_dict(state)
+    tracker.update(torch.tensor([0]), torch.tensor([7.0], dtype=torch.float64))
+    after = tracker.state_dict()
+    assert after["rewards"].tolist() == [[1.0, 7.0, 3.0]]
+    assert after["count"].tolist() == [3] and after["head"].tolist() == [2]

@@ -62,6 +62,7 @@ BAD_INPUTS = [
      ValueError, "device"),
     ("overflows float32", lambda: (torch.tensor([0, 1]), torch.tensor([1e39, 1.0], dtype=torch.float64)),
      ValueError, "finite in torch.float32"),
+    ("inf and -inf", lambda: (torch.tensor([0, 1]), torch.tensor([float("inf"), float("-inf")])), ValueError, "finite"),
 ]
 
 # Checks that cost no host sync, and so stay on with check_values=False.
@@ -100,6 +101,14 @@ def test_any_integer_id_dtype_is_accepted(make_tracker, dtype):
     a, b = make_tracker(), make_tracker()
     for ids, rewards in _random_batches(5):
         torch.testing.assert_close(a.update(ids.to(dtype), rewards), b.update(ids, rewards))
+
+
+def test_finite_rewards_whose_sum_overflows_are_accepted(make_tracker):
+    # The value check sums the rewards first; an overflowing sum of finite
+    # rewards must fall through to the exact check, not be refused.
+    tracker = make_tracker()
+    advantages = tracker.update(torch.tensor([0, 1, 2]), torch.tensor([3e38, 3e38, 3e38]))
+    assert advantages.shape == (3,)
 
 
 def test_rewards_that_require_grad_do_not_pull_the_state_into_autograd(make_tracker):

@@ -19,6 +19,7 @@ captured in a CUDA graph and ``load_state_dict`` keeps those captures valid.
 from __future__ import annotations
 
 import abc
+import math
 from typing import Dict, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -303,7 +304,11 @@ class StatTracker(abc.ABC):
 
     @abc.abstractmethod
     def _state_tensors(self) -> dict[str, torch.Tensor]:
-        """Returns the live state tensors by name (not copies)."""
+        """Returns the state tensors by name: the live ones, or views built from them.
+
+        ``state_dict`` copies these; ``load_state_dict`` checks a candidate
+        against their shapes and dtypes, then hands it to ``_assign_state``.
+        """
 
     def _check_state_values(self, state: Mapping[str, torch.Tensor]) -> None:
         """Raises ValueError if a candidate state breaks the tracker's invariants.
@@ -361,8 +366,20 @@ class StatTracker(abc.ABC):
                     f"{tensor.dtype}, got shape {tuple(given.shape)} and dtype {given.dtype}"
                 )
         self._check_state_values(state_dict)
-        for name, tensor in live.items():
-            tensor.copy_(state_dict[name])
+        self._assign_state(state_dict)
+
+    def _assign_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copies a checked state into the live state tensors, in place.
+
+        The default copies each tensor of ``_state_tensors`` from ``state``; a
+        tracker whose live state is laid out differently from its state dict
+        overrides this.
+
+        Args:
+            state: tensors by name, already checked by ``load_state_dict``.
+        """
+        for name, tensor in self._state_tensors().items():
+            tensor.copy_(state[name])
 
     def _validate_inputs(
         self, prompt_ids: torch.Tensor, rewards: torch.Tensor
@@ -401,20 +418,23 @@ class StatTracker(abc.ABC):
         # Convert before checking values: a finite float64 or integer reward can
         # overflow the tracker's dtype. Detach: the state must not join autograd.
         prompt_ids = prompt_ids.long()
-        rewards = rewards.detach().to(self._dtype)
+        rewards = rewards.to(self._dtype)
+        if rewards.requires_grad:
+            rewards = rewards.detach()
         if self.check_values and prompt_ids.numel() > 0:
-            low, high = torch.aminmax(prompt_ids)
+            # Few ops and syncs: at small N each costs more than its arithmetic.
+            low, high = (bound.item() for bound in torch.aminmax(prompt_ids))
             if low < 0 or high >= self._num_prompts:
-                raise ValueError(
-                    f"prompt_ids must lie in [0, {self._num_prompts}), got values from "
-                    f"{int(low)} to {int(high)}"
-                )
-            finite = torch.isfinite(rewards)
-            if not finite.all():
-                raise ValueError(
-                    f"rewards must be finite in {self._dtype}, got {int((~finite).sum())} NaN or "
-                    "infinite value(s)"
-                )
+                raise ValueError(f"prompt_ids must lie in [0, {self._num_prompts}), got values from {low} to {high}")
+            # A sum is finite when every reward is, unless finite rewards overflow
+            # it: only then is the exact, slower check needed.
+            if not math.isfinite(rewards.sum().item()):
+                finite = torch.isfinite(rewards)
+                if not finite.all():
+                    raise ValueError(
+                        f"rewards must be finite in {self._dtype}, got {int((~finite).sum())} NaN or "
+                        "infinite value(s)"
+                    )
         return prompt_ids, rewards
 
 
@@ -446,6 +466,17 @@ class PromptGroups(NamedTuple):
         """int64 [N], how many samples of the batch have this sample's prompt."""
         return self.end - self.start
 
+    def unsort(self, values: torch.Tensor) -> torch.Tensor:
+        """Puts per-sample values from sorted order back into batch order.
+
+        Args:
+            values: [N] in sorted order.
+
+        Returns:
+            [N] in batch order: ``result[order] == values``.
+        """
+        return torch.empty_like(values).scatter_(0, self.order, values)
+
 
 #: From this batch size on, ``group_by_prompt`` finds group boundaries with
 #: linear scans; below it, with binary search (fewer ops, and at small sizes
@@ -454,17 +485,23 @@ class PromptGroups(NamedTuple):
 LINEAR_GROUPING_MIN_SAMPLES = 2048
 
 
-def group_by_prompt(prompt_ids: torch.Tensor) -> PromptGroups:
+def group_by_prompt(prompt_ids: torch.Tensor, num_prompts: Optional[int] = None) -> PromptGroups:
     """Sorts a batch by prompt, without a host sync or a loop.
 
     Args:
         prompt_ids: int64 [N], N >= 1.
+        num_prompts: P, if known: ids below 2**31 are sorted as int32, which
+            halves the cost of torch's radix sort of large batches.
 
     Returns:
         The sorted batch and each sample's group boundaries.
     """
     num_samples = prompt_ids.shape[0]
-    sorted_ids, order = torch.sort(prompt_ids, stable=True)  # [N]
+    if num_samples >= LINEAR_GROUPING_MIN_SAMPLES and num_prompts is not None and num_prompts <= 2**31:
+        sorted_ids, order = torch.sort(prompt_ids.int(), stable=True)  # [N]
+        sorted_ids = sorted_ids.long()
+    else:
+        sorted_ids, order = torch.sort(prompt_ids, stable=True)  # [N]
     position = torch.arange(num_samples, device=prompt_ids.device)  # [N]
     if num_samples < LINEAR_GROUPING_MIN_SAMPLES:
         start = torch.searchsorted(sorted_ids, sorted_ids)  # [N]
@@ -479,6 +516,13 @@ def group_by_prompt(prompt_ids: torch.Tensor) -> PromptGroups:
     return PromptGroups(sorted_ids, order, start, end, position)
 
 
+#: From this batch size on, ``batch_mean_std`` takes two passes (mean, then
+#: squared deviations) instead of ``torch.std_mean``: more ops, each much
+#: faster. Measured on a CPU: 4 us against 9 us at N = 256, 182 us against
+#: 16 us at N = 32768.
+TWO_PASS_BATCH_STATS_MIN_SAMPLES = 1024
+
+
 def batch_mean_std(rewards: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean and population standard deviation of a whole batch.
 
@@ -488,16 +532,21 @@ def batch_mean_std(rewards: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     Returns:
         Two scalar tensors of the same dtype: mean and std (ddof 0).
     """
-    std, mean = torch.std_mean(rewards, correction=0)
-    return mean, std
+    if rewards.shape[0] < TWO_PASS_BATCH_STATS_MIN_SAMPLES:
+        std, mean = torch.std_mean(rewards, correction=0)
+        return mean, std
+    mean = rewards.mean()
+    deviation = rewards - mean  # [N]
+    return mean, (torch.linalg.vecdot(deviation, deviation) / rewards.shape[0]).sqrt()
 
 
 class PerPromptStatTracker(StatTracker):
     """Shared part of the trackers that keep statistics per prompt.
 
-    Holds ``min_count`` and the per-prompt ``count`` [P], and turns per-sample
-    prompt statistics into advantages with the whole-batch fallback. A
-    subclass must allocate ``self._count`` (int64 [P]) in its constructor.
+    Holds ``min_count`` and chooses, per prompt, between its own statistics
+    and the whole batch's. A subclass either allocates ``self._count``
+    (int64 [P], rewards behind each prompt's statistics) in its constructor
+    or overrides ``_prompt_counts``.
 
     Args:
         num_prompts: P, the number of distinct prompt ids.
@@ -537,6 +586,17 @@ class PerPromptStatTracker(StatTracker):
         """Rewards a prompt needs before its own statistics are used."""
         return self._min_count
 
+    def _prompt_counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Returns the count of rewards behind each given prompt's statistics.
+
+        Args:
+            prompt_ids: int64 [M] on ``device``.
+
+        Returns:
+            int64 [M].
+        """
+        return self._count.index_select(0, prompt_ids)
+
     def fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Tells which prompts hold fewer than ``min_count`` rewards.
 
@@ -550,33 +610,34 @@ class PerPromptStatTracker(StatTracker):
             bool [N], True where the prompt has fewer than ``min_count``
             rewards.
         """
-        return self._count[prompt_ids] < self._min_count
+        return self._prompt_counts(prompt_ids) < self._min_count
 
-    def _advantages(
+    def _center_and_scale(
         self,
-        rewards: torch.Tensor,
-        sample_count: torch.Tensor,
-        sample_mean: torch.Tensor,
-        sample_std: torch.Tensor,
-    ) -> torch.Tensor:
-        """Normalises rewards with their prompt's statistics or the batch's.
+        count: torch.Tensor,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        batch_mean: torch.Tensor,
+        batch_std: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Picks the prompt's statistics or the batch's, for any set of prompts or samples.
+
+        The advantage of a reward is then ``(reward - center) / scale``.
 
         Args:
-            rewards: float [N], N >= 1.
-            sample_count: int64 [N], the count of each sample's prompt, the
+            count: int64 [*S], the count behind each prompt's statistics, the
                 current batch included.
-            sample_mean: float [N], each sample's prompt mean.
-            sample_std: float [N], each sample's prompt std (no eps).
+            mean: float [*S], the prompt's mean.
+            std: float [*S], the prompt's std (no eps).
+            batch_mean: float scalar, the whole batch's mean.
+            batch_std: float scalar, the whole batch's std.
 
         Returns:
-            float [N], ``(reward - mean) / (std + eps)``, where mean and std
-            are the prompt's if it has ``min_count`` rewards, else the batch's.
+            float [*S] center and float [*S] scale: the prompt's mean and
+            ``std + eps`` if it has ``min_count`` rewards, else the batch's.
         """
-        batch_mean, batch_std = batch_mean_std(rewards)
-        own = sample_count >= self._min_count  # [N]
-        mean = torch.where(own, sample_mean, batch_mean)
-        std = torch.where(own, sample_std, batch_std)
-        return (rewards - mean) / (std + self._eps)
+        own = count >= self._min_count  # [*S]
+        return torch.where(own, mean, batch_mean), torch.where(own, std, batch_std).add_(self._eps)
 
 
 def check_count_range(name: str, count: torch.Tensor, high: Optional[int] = None) -> None:

@@ -11,13 +11,16 @@ from rail_interview.stat_tracking.base import (
     Device,
     PerPromptStatTracker,
     TrackerStats,
+    batch_mean_std,
     check_count_range,
     check_positive_int,
     group_by_prompt,
 )
 
 
-def masked_row_mean_std(rows: torch.Tensor, count: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def masked_row_mean_std(
+    rows: torch.Tensor, count: torch.Tensor, *, overwrite: bool = False
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean and population std of the first ``count`` entries of each row.
 
     Two passes (mean, then squared deviations from it), never
@@ -30,16 +33,28 @@ def masked_row_mean_std(rows: torch.Tensor, count: torch.Tensor) -> Tuple[torch.
         rows: float [*R, K].
         count: int64 [*R], entries in [0, K]; entries at positions >= count
             are ignored (they must be finite).
+        overwrite: work in ``rows``' memory, which is then garbage. One
+            [*R, K] temporary fewer: on a CPU, every fresh one of more than a
+            few hundred KB costs page faults.
 
     Returns:
         float [*R] mean and float [*R] std; NaN where count is 0.
     """
-    slot = torch.arange(rows.shape[-1], device=rows.device)  # [K]
-    weight = (slot < count.unsqueeze(-1)).to(rows.dtype)  # [*R, K], 1 for the entries that count
+    buffer_size = rows.shape[-1]
     num = count.to(rows.dtype)  # [*R]
-    mean = torch.linalg.vecdot(rows, weight) / num  # [*R]
-    deviation = rows - mean.unsqueeze(-1)  # [*R, K]
-    std = (torch.linalg.vecdot(deviation.square(), weight) / num).sqrt()  # [*R]
+    if buffer_size * torch.finfo(rows.dtype).eps < 1:
+        # 1 for the entries that count, 0 for the others, in float arithmetic:
+        # several times faster than a bool mask of [*R, K] converted to float.
+        # Exact while the dtype holds every integer up to K.
+        slot = torch.arange(buffer_size, dtype=rows.dtype, device=rows.device)  # [K]
+        weight = (num.unsqueeze(-1) - slot).clamp_(0, 1)  # [*R, K]
+    else:
+        slot = torch.arange(buffer_size, device=rows.device)  # [K]
+        weight = (slot < count.unsqueeze(-1)).to(rows.dtype)  # [*R, K]
+    work = rows.mul_(weight) if overwrite else rows * weight  # [*R, K], 0 where not counted
+    mean = work.sum(-1) / num  # [*R]
+    deviation = work.sub_(mean.unsqueeze(-1)).mul_(weight)  # [*R, K], 0 where not counted
+    std = (deviation.square_().sum(-1) / num).sqrt_()  # [*R]
     return mean, std
 
 
@@ -58,14 +73,15 @@ class BufferStatTracker(PerPromptStatTracker):
     State, allocated once on ``device``: ``rewards`` [P, K] ring buffer,
     ``count`` [P] (rewards stored, at most K) and ``head`` [P] (next write
     position). While a buffer is not full, its rewards sit at positions
-    [0, count) and head == count.
+    [0, count) and head == count. Internally one int64 [P] counter,
+    ``seen``, holds both: count = min(seen, K) and head = seen % K.
 
-    ``update`` uses sort, searchsorted, gather and index_put only: no Python
+    ``update`` uses sort, searchsorted, gather and scatter only: no Python
     loop over prompts or samples and no host sync (with ``check_values``
     off), so it can be captured in a CUDA graph or compiled with
-    ``torch.compile(fullgraph=True)``. Its cost grows with N * K, not with P
-    (when P <= N it reads the whole [P, K] buffer once instead, which is then
-    less work).
+    ``torch.compile(fullgraph=True)``. Its cost grows with N * K, not with P:
+    it reads the [N, K] buffer rows of the batch's samples, or the whole
+    [P, K] buffer once when P <= N, which is then less work.
 
     Args:
         num_prompts: P, the number of distinct prompt ids.
@@ -116,9 +132,12 @@ class BufferStatTracker(PerPromptStatTracker):
                 stacklevel=2,
             )
         self._buffer_size = buffer_size
-        self._rewards = torch.zeros((num_prompts, buffer_size), dtype=dtype, device=self._device)  # [P, K]
-        self._count = torch.zeros(num_prompts, dtype=torch.int64, device=self._device)  # [P]
-        self._head = torch.zeros(num_prompts, dtype=torch.int64, device=self._device)  # [P]
+        # The P * K buffer slots, then one scratch slot that takes the writes of
+        # rewards pushed out within their own batch (a prompt seen more than K
+        # times): one scatter writes the batch, whatever the order of its writes.
+        self._slots = torch.zeros(num_prompts * buffer_size + 1, dtype=dtype, device=self._device)  # [P * K + 1]
+        self._rewards = self._slots[:-1].view(num_prompts, buffer_size)  # [P, K]
+        self._seen = torch.zeros(num_prompts, dtype=torch.int64, device=self._device)  # [P]
 
     @property
     def buffer_size(self) -> int:
@@ -129,33 +148,39 @@ class BufferStatTracker(PerPromptStatTracker):
         num_samples = prompt_ids.shape[0]
         if num_samples == 0:
             return rewards.clone()
-        buffer_size = self._buffer_size
-
-        groups = group_by_prompt(prompt_ids)
+        num_prompts, buffer_size = self._num_prompts, self._buffer_size
+        groups = group_by_prompt(prompt_ids, num_prompts)
         sorted_ids = groups.sorted_ids  # [N]
-        rank = groups.rank  # [N]
+        sorted_rewards = rewards.index_select(0, groups.order)  # [N]
 
-        # Rank r writes slot (head + r) % K. If a prompt repeats more than K times,
-        # ranks r + K, r + 2K, ... land on the same slot and the last one must win,
-        # so every writer of a slot writes the value of that last one: the result
-        # does not depend on the order in which duplicate writes are applied.
-        last = groups.end - 1  # [N], sorted position of the prompt's last sample
-        winner = last - (last - groups.position) % buffer_size  # [N]
-        values = rewards[groups.order[winner]]  # [N]
-        head = self._head[sorted_ids]  # [N]
-        self._rewards.view(-1)[sorted_ids * buffer_size + (head + rank) % buffer_size] = values
-        group_size = groups.size  # [N]
-        self._head[sorted_ids] = (head + group_size) % buffer_size
-        self._count[sorted_ids] = (self._count[sorted_ids] + group_size).clamp_max(buffer_size)
+        # Rank r of a prompt's group goes to slot (seen + r) % K. Only its last
+        # K samples stay; the earlier ones go to the scratch slot.
+        seen = self._seen.index_select(0, sorted_ids)  # [N]
+        kept = groups.position + buffer_size >= groups.end  # [N]
+        slot = sorted_ids * buffer_size + (seen + groups.rank) % buffer_size  # [N]
+        self._slots.scatter_(0, torch.where(kept, slot, num_prompts * buffer_size), sorted_rewards)
+        seen = seen + groups.size  # [N], after this batch
+        self._seen.scatter_(0, sorted_ids, seen)
 
-        if self._num_prompts <= num_samples:
+        batch_mean, batch_std = batch_mean_std(rewards)
+        if num_prompts <= num_samples:
             # Few prompts: one pass over the whole [P, K] buffer is less work
             # than one over the [N, K] rows of the batch.
-            prompt_mean, prompt_std = masked_row_mean_std(self._rewards, self._count)  # [P]
-            mean, std = prompt_mean[prompt_ids], prompt_std[prompt_ids]  # [N]
-        else:
-            mean, std = masked_row_mean_std(self._rewards[prompt_ids], self._count[prompt_ids])  # [N]
-        return self._advantages(rewards, self._count[prompt_ids], mean, std)
+            count = self._seen.clamp_max(buffer_size)  # [P]
+            center, scale = self._center_and_scale(
+                count, *masked_row_mean_std(self._rewards, count), batch_mean, batch_std
+            )  # [P], [P]
+            return (rewards - center.index_select(0, prompt_ids)).div_(scale.index_select(0, prompt_ids))
+        # Many prompts: the rows of the batch's prompts, read in sorted order.
+        count = seen.clamp_max(buffer_size)  # [N]
+        rows = self._rewards.index_select(0, sorted_ids)  # [N, K], a copy
+        center, scale = self._center_and_scale(
+            count, *masked_row_mean_std(rows, count, overwrite=True), batch_mean, batch_std
+        )  # [N], [N]
+        return groups.unsort((sorted_rewards - center).div_(scale))
+
+    def _prompt_counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        return self._seen.index_select(0, prompt_ids).clamp_max(self._buffer_size)
 
     def stats_snapshot(self, prompt_ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Returns the buffer rows and counts of some prompts (may alias the state).
@@ -167,8 +192,8 @@ class BufferStatTracker(PerPromptStatTracker):
             ``{"rewards": [M, K], "count": [M]}``.
         """
         if prompt_ids is None:
-            return {"rewards": self._rewards, "count": self._count}
-        return {"rewards": self._rewards[prompt_ids], "count": self._count[prompt_ids]}
+            return {"rewards": self._rewards, "count": self._seen.clamp_max(self._buffer_size)}
+        return {"rewards": self._rewards.index_select(0, prompt_ids), "count": self._prompt_counts(prompt_ids)}
 
     def stats_from_snapshot(self, snapshot: Mapping[str, torch.Tensor]) -> TrackerStats:
         """Computes buffer means and stds; NaN for prompts never seen.
@@ -184,7 +209,14 @@ class BufferStatTracker(PerPromptStatTracker):
         return TrackerStats(mean=mean, std=std, count=count.clone(), fallback=count < self._min_count)
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"rewards": self._rewards, "count": self._count, "head": self._head}
+        seen = self._seen
+        return {"rewards": self._rewards, "count": seen.clamp_max(self._buffer_size), "head": seen % self._buffer_size}
+
+    def _assign_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._rewards.copy_(state["rewards"])
+        count, head = state["count"].to(self._device), state["head"].to(self._device)
+        # A full buffer has seen K + head rewards, as far as count and head can tell.
+        self._seen.copy_(torch.where(count < self._buffer_size, count, self._buffer_size + head))
 
     def _check_state_values(self, state: Mapping[str, torch.Tensor]) -> None:
         name = type(self).__name__

@@ -10,6 +10,7 @@ from rail_interview.stat_tracking.base import (
     Device,
     PerPromptStatTracker,
     TrackerStats,
+    batch_mean_std,
     check_count_range,
     group_by_prompt,
 )
@@ -36,10 +37,10 @@ def segment_sum(values: torch.Tensor, start: torch.Tensor, end: torch.Tensor, *,
         float [N] of ``values.dtype``, the sum over the sample's group.
     """
     if not scan:
-        return torch.zeros_like(values).index_add_(0, start, values)[start]
+        return torch.zeros_like(values).index_add_(0, start, values).index_select(0, start)
     running = torch.zeros(values.shape[0] + 1, dtype=torch.float64, device=values.device)  # [N + 1]
     torch.cumsum(values.to(torch.float64), 0, out=running[1:])
-    return (running[end] - running[start]).to(values.dtype)
+    return (running.index_select(0, end) - running.index_select(0, start)).to(values.dtype)
 
 
 class EmaStatTracker(PerPromptStatTracker):
@@ -128,16 +129,16 @@ class EmaStatTracker(PerPromptStatTracker):
         if prompt_ids.shape[0] == 0:
             return rewards.clone()
         decay = self._decay
-        groups = group_by_prompt(prompt_ids)
+        groups = group_by_prompt(prompt_ids, self._num_prompts)
         sorted_ids, start = groups.sorted_ids, groups.start  # [N], [N]
-        sorted_rewards = rewards[groups.order]  # [N]
+        sorted_rewards = rewards.index_select(0, groups.order)  # [N]
 
         # A prompt seen for the first time starts from its first reward with
         # variance 0; folding that same reward in again then changes nothing.
-        old_count = self._count[sorted_ids]  # [N]
+        old_count = self._count.index_select(0, sorted_ids)  # [N]
         unseen = old_count == 0  # [N]
-        old_mean = torch.where(unseen, sorted_rewards[start], self._mean[sorted_ids])  # [N]
-        old_var = torch.where(unseen, 0.0, self._var[sorted_ids])  # [N]
+        old_mean = torch.where(unseen, sorted_rewards.index_select(0, start), self._mean.index_select(0, sorted_ids))
+        old_var = torch.where(unseen, 0.0, self._var.index_select(0, sorted_ids))  # [N]
 
         # Closed form of the sequential fold, in coordinates shifted by the old mean.
         shifted = sorted_rewards - old_mean  # [N]
@@ -146,13 +147,15 @@ class EmaStatTracker(PerPromptStatTracker):
         shift = segment_sum(weight * shifted, start, groups.end, scan=scan)  # [N], new mean - old mean
         spread = segment_sum(weight * (shifted - shift).square(), start, groups.end, scan=scan)  # [N]
         old_weight = torch.pow(decay, groups.size.to(rewards.dtype))  # [N], decay ** n
-        self._mean[sorted_ids] = old_mean + shift
-        self._var[sorted_ids] = old_weight * (old_var + shift.square()) + spread
-        self._count[sorted_ids] = old_count + groups.size
+        mean = old_mean + shift  # [N]
+        var = old_weight * (old_var + shift.square()) + spread  # [N]
+        count = old_count + groups.size  # [N]
+        self._mean.scatter_(0, sorted_ids, mean)
+        self._var.scatter_(0, sorted_ids, var)
+        self._count.scatter_(0, sorted_ids, count)
 
-        return self._advantages(
-            rewards, self._count[prompt_ids], self._mean[prompt_ids], self._var[prompt_ids].sqrt()
-        )
+        center, scale = self._center_and_scale(count, mean, var.sqrt(), *batch_mean_std(rewards))  # [N], [N]
+        return groups.unsort((sorted_rewards - center).div_(scale))
 
     def stats_snapshot(self, prompt_ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Returns the moving mean, variance and count of some prompts (may alias the state).
