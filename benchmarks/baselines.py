@@ -1,10 +1,12 @@
 """Per-prompt trackers as trainers write them today, to measure ours against.
 
-``DdpoStyleStatTracker`` follows the structure of ddpo-pytorch's tracker:
-NumPy arrays on the host, a dict from prompt to ``deque(maxlen=K)``, and a
-Python loop over the unique prompts of the batch, each selecting its samples
-with a boolean mask over the whole batch. Its cost grows with N times the
-number of unique prompts. Semantics are those of ``BufferStatTracker``.
+``DdpoStyleStatTracker`` is ddpo-pytorch's ``PerPromptStatTracker.update``
+line for line (``ddpo_pytorch/stat_tracking.py``; the same code is in TRL's
+DDPO trainer and its many forks): NumPy arrays on the host, a dict from
+prompt to ``deque(maxlen=K)``, and a Python loop over the unique prompts of
+the batch that builds a boolean mask over the whole batch twice per prompt.
+Its cost grows with N times the number of unique prompts. Its semantics are
+those of ``BufferStatTracker``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from rail_interview.stat_tracking import StatTracker, TrackerStats
 
 
 class DdpoStyleStatTracker:
-    """Dict of deques over NumPy, one boolean mask per unique prompt.
+    """ddpo-pytorch's per-prompt tracker: a dict of deques over NumPy.
 
     Args:
         buffer_size: K, rewards kept per prompt.
@@ -31,30 +33,37 @@ class DdpoStyleStatTracker:
         self.buffer_size = buffer_size
         self.min_count = min_count
         self.eps = eps
-        self.buffers: Dict[Hashable, Deque[float]] = {}
+        self.stats: Dict[Hashable, Deque[float]] = {}
 
     def update(self, prompts: np.ndarray, rewards: np.ndarray) -> np.ndarray:
         """Appends the batch to the buffers and returns its advantages.
+
+        Kept as in ddpo-pytorch, including the mask built twice per prompt,
+        so that the benchmark measures the code trainers run.
 
         Args:
             prompts: [N] prompt keys.
             rewards: float [N].
 
         Returns:
-            float64 [N] advantages.
+            float [N] advantages, of the rewards' dtype.
         """
-        rewards = np.asarray(rewards, dtype=np.float64)
+        prompts = np.array(prompts)
+        rewards = np.array(rewards)
+        unique = np.unique(prompts)
         advantages = np.empty_like(rewards)
-        for prompt in np.unique(prompts):
-            mask = prompts == prompt
-            prompt_rewards = rewards[mask]
-            buffer = self.buffers.setdefault(prompt, collections.deque(maxlen=self.buffer_size))
-            buffer.extend(prompt_rewards)
-            if len(buffer) < self.min_count:
-                mean, std = rewards.mean(), rewards.std()
+        for prompt in unique:
+            prompt_rewards = rewards[prompts == prompt]
+            if prompt not in self.stats:
+                self.stats[prompt] = collections.deque(maxlen=self.buffer_size)
+            self.stats[prompt].extend(prompt_rewards)
+            if len(self.stats[prompt]) < self.min_count:
+                mean = np.mean(rewards)
+                std = np.std(rewards) + self.eps
             else:
-                mean, std = np.mean(buffer), np.std(buffer)
-            advantages[mask] = (prompt_rewards - mean) / (std + self.eps)
+                mean = np.mean(self.stats[prompt])
+                std = np.std(self.stats[prompt]) + self.eps
+            advantages[prompts == prompt] = (prompt_rewards - mean) / std
         return advantages
 
 
@@ -82,7 +91,7 @@ class HostDictStatTracker(StatTracker):
 
     def _counts(self, prompt_ids: Optional[torch.Tensor]) -> torch.Tensor:
         ids = range(self.num_prompts) if prompt_ids is None else prompt_ids.tolist()
-        counts = [len(self.inner.buffers.get(i, ())) for i in ids]
+        counts = [len(self.inner.stats.get(i, ())) for i in ids]
         return torch.tensor(counts, dtype=torch.int64, device=self.device)
 
     def fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:

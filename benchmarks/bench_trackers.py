@@ -97,7 +97,7 @@ def check_agreement(num_samples: int, num_prompts: int, buffer_size: int, device
     for seed in range(3):
         ids, rewards = _batch(num_samples, num_prompts, seed)
         expected = np.asarray(reference.update(ids.tolist(), rewards.tolist()))
-        np.testing.assert_allclose(ddpo.update(ids.numpy(), rewards.numpy()), expected, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(ddpo.update(ids.numpy(), rewards.numpy()), expected, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(buffer.update(ids.to(device), rewards.to(device)).cpu().numpy(), expected,
                                    rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(ema.update(ids.to(device), rewards.to(device)).cpu().numpy(),

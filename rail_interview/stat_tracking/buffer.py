@@ -156,9 +156,9 @@ class BufferStatTracker(PerPromptStatTracker):
         # Rank r of a prompt's group goes to slot (seen + r) % K. Only its last
         # K samples stay; the earlier ones go to the scratch slot.
         seen = self._seen.index_select(0, sorted_ids)  # [N]
-        kept = groups.position + buffer_size >= groups.end  # [N]
         slot = sorted_ids * buffer_size + (seen + groups.rank) % buffer_size  # [N]
-        self._slots.scatter_(0, torch.where(kept, slot, num_prompts * buffer_size), sorted_rewards)
+        pushed_out = groups.end - groups.position > buffer_size  # [N]
+        self._slots.scatter_(0, slot.masked_fill_(pushed_out, num_prompts * buffer_size), sorted_rewards)
         seen = seen + groups.size  # [N], after this batch
         self._seen.scatter_(0, sorted_ids, seen)
 
