@@ -156,7 +156,12 @@ class BufferStatTracker(PerPromptStatTracker):
         # Rank r of a prompt's group goes to slot (seen + r) % K. Only its last
         # K samples stay; the earlier ones go to the scratch slot.
         seen = self._seen.index_select(0, sorted_ids)  # [N]
-        slot = sorted_ids * buffer_size + (seen + groups.rank) % buffer_size  # [N]
+        column = seen + groups.rank  # [N], rewards the prompt had seen before this one
+        if buffer_size & (buffer_size - 1) == 0:
+            column &= buffer_size - 1  # % K for a power of two, without an integer division
+        else:
+            column %= buffer_size
+        slot = sorted_ids * buffer_size + column  # [N]
         pushed_out = groups.end - groups.position > buffer_size  # [N]
         self._slots.scatter_(0, slot.masked_fill_(pushed_out, num_prompts * buffer_size), sorted_rewards)
         seen = seen + groups.size  # [N], after this batch
