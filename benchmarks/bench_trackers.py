@@ -18,8 +18,10 @@ batches to every tracker and checks that their advantages agree, then times
 
 The baselines get NumPy arrays and Python lists prepared outside the timed
 region (in a real trainer, moving the batch to the host costs extra).
-Medians over many runs; CPU times with torch.utils.benchmark, CUDA times with
-CUDA events. Prints a Markdown table and writes JSON with the machine, torch
+Each tracker is timed in ``--rounds`` rounds that take turns over all
+trackers, each round a median over many runs (CPU: torch.utils.benchmark;
+CUDA: CUDA events); the median over rounds is reported, so that a slow spell
+of a shared machine does not land on one tracker only. Prints a Markdown table and writes JSON with the machine, torch
 version and thread count to benchmarks/results/.
 """
 
@@ -59,7 +61,8 @@ GRIDS: Dict[str, List[Tuple[int, int, int]]] = {
 _GRID = flags.DEFINE_enum("grid", "full", list(GRIDS), "Which cases to run.")
 _DEVICE = flags.DEFINE_string("device", "cpu", "Device of the tensor trackers: cpu or cuda.")
 _THREADS = flags.DEFINE_integer("threads", 1, "CPU threads for torch (the baselines are single-threaded).")
-_MIN_RUN_TIME = flags.DEFINE_float("min_run_time", 1.0, "Seconds of timed runs per tracker and case, at least.")
+_MIN_RUN_TIME = flags.DEFINE_float("min_run_time", 0.4, "Seconds of timed runs per tracker, case and round, at least.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of timing over all trackers; the median over rounds is reported.")
 _COMPILE = flags.DEFINE_bool("compile", False, "Also time torch.compile(update) of the buffer tracker.")
 _BASELINES = flags.DEFINE_bool("baselines", True, "Time the ddpo and reference dict trackers too.")
 _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
@@ -176,7 +179,8 @@ def run_case(num_samples: int, num_prompts: int, buffer_size: int, device: torch
         device: the tensor trackers' device.
 
     Returns:
-        The case's sizes and the median milliseconds per update of each tracker.
+        The case's sizes, the median over rounds of each tracker's median
+        milliseconds per update, and every round's figure.
     """
     check_agreement(num_samples, num_prompts, buffer_size, device)
     ids, rewards = _batch(num_samples, num_prompts, seed=10)
@@ -192,19 +196,43 @@ def run_case(num_samples: int, num_prompts: int, buffer_size: int, device: torch
             tracker.update(*(t.to(device) for t in _batch(num_samples, num_prompts, seed)))
         return tracker
 
+    # What to time, by result name: (the call, its timer).
+    calls: Dict[str, Tuple[Callable[[], object], Callable[[Callable[[], object]], float]]] = {}
     buffer = warmed(BufferStatTracker(num_prompts, buffer_size, min_count_for(buffer_size), device=device))
-    result["buffer_ms"] = 1e3 * timer(lambda: buffer.update(*on_device))
+    calls["buffer_ms"] = (lambda: buffer.update(*on_device)), timer
     ema = warmed(EmaStatTracker(num_prompts, 0.9, min_count_for(buffer_size), device=device))
-    result["ema_ms"] = 1e3 * timer(lambda: ema.update(*on_device))
+    calls["ema_ms"] = (lambda: ema.update(*on_device)), timer
     if _COMPILE.value:
         compiled_tracker = warmed(BufferStatTracker(num_prompts, buffer_size, min_count_for(buffer_size), device=device,
                                                     check_values=False))
         compiled = torch.compile(compiled_tracker.update, fullgraph=True, dynamic=False)
         compiled(*on_device)  # compile outside the timed region
-        result["buffer_compiled_ms"] = 1e3 * timer(lambda: compiled(*on_device))
+        calls["buffer_compiled_ms"] = (lambda: compiled(*on_device)), timer
     if device.type == "cuda":
         graphed = BufferStatTracker(num_prompts, buffer_size, min_count_for(buffer_size), device=device, check_values=False)
-        result["buffer_graph_ms"] = 1e3 * time_cuda(_graphed_update(graphed, *on_device), min_run_time)
+        calls["buffer_graph_ms"] = _graphed_update(graphed, *on_device), timer
+    if _BASELINES.value:
+        ddpo = DdpoStyleStatTracker(buffer_size, min_count_for(buffer_size))
+        reference = ReferenceBufferStatTracker(buffer_size, min_count_for(buffer_size))
+        np_ids, np_rewards, list_ids, list_rewards = ids.numpy(), rewards.numpy(), ids.tolist(), rewards.tolist()
+        for _ in range(3):
+            ddpo.update(np_ids, np_rewards)
+            reference.update(list_ids, list_rewards)
+        slow_timer = lambda fn: time_cpu(fn, 1, max(min_run_time, 0.3))  # noqa: E731
+        calls["ddpo_ms"] = (lambda: ddpo.update(np_ids, np_rewards)), slow_timer
+        calls["reference_ms"] = (lambda: reference.update(list_ids, list_rewards)), slow_timer
+
+    # Rounds over all trackers in turn, so that a slow spell of the machine
+    # hits every tracker alike; the median over rounds is reported.
+    rounds: Dict[str, List[float]] = {name: [] for name in calls}
+    for _ in range(_ROUNDS.value):
+        for name, (call, time_call) in calls.items():
+            rounds[name].append(1e3 * time_call(call))
+    for name, times in rounds.items():
+        result[name] = statistics.median(times)
+    result["rounds"] = rounds
+
+    if device.type == "cuda":
         state_bytes = sum(t.numel() * t.element_size() for t in graphed.state_dict().values())
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
@@ -213,16 +241,6 @@ def run_case(num_samples: int, num_prompts: int, buffer_size: int, device: torch
         torch.cuda.synchronize()
         result["state_mb"] = state_bytes / 2**20
         result["update_peak_extra_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    if _BASELINES.value:
-        ddpo = DdpoStyleStatTracker(buffer_size, min_count_for(buffer_size))
-        reference = ReferenceBufferStatTracker(buffer_size, min_count_for(buffer_size))
-        np_ids, np_rewards, list_ids, list_rewards = ids.numpy(), rewards.numpy(), ids.tolist(), rewards.tolist()
-        for _ in range(3):
-            ddpo.update(np_ids, np_rewards)
-            reference.update(list_ids, list_rewards)
-        slow_time = max(min_run_time, 0.5)
-        result["ddpo_ms"] = 1e3 * time_cpu(lambda: ddpo.update(np_ids, np_rewards), 1, slow_time)
-        result["reference_ms"] = 1e3 * time_cpu(lambda: reference.update(list_ids, list_rewards), 1, slow_time)
     return result
 
 

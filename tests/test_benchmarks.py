@@ -14,7 +14,7 @@ def _run(script, *args):
 
 
 def test_bench_trackers_quick_grid(tmp_path):
-    result = _run("bench_trackers.py", "--grid=quick", "--min_run_time=0.01", f"--out={tmp_path}")
+    result = _run("bench_trackers.py", "--grid=quick", "--min_run_time=0.01", "--rounds=2", f"--out={tmp_path}")
     assert result.returncode == 0, result.stderr
     (path,) = tmp_path.glob("trackers_cpu_quick.json")
     data = json.loads(path.read_text())
@@ -22,6 +22,7 @@ def test_bench_trackers_quick_grid(tmp_path):
     assert [(r["N"], r["P"], r["K"]) for r in data["results"]] == [(64, 8, 4), (300, 50, 8)]
     for row in data["results"]:
         assert all(row[key] > 0 for key in ("buffer_ms", "ema_ms", "ddpo_ms", "reference_ms"))
+        assert all(len(times) == 2 for times in row["rounds"].values())
     assert "| ddpo ms |" in result.stdout.replace("| N | P | K ", "")
 
 
