@@ -80,6 +80,34 @@ def resolve_device(device: Device) -> torch.device:
     return torch.empty(0, device=device).device
 
 
+def is_compiling() -> bool:
+    """True while torch.compile traces the caller (torch.compiler.is_compiling, torch >= 2.3)."""
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if check is None:  # torch < 2.3
+        return torch._dynamo.is_compiling()  # pylint: disable=protected-access
+    return check()
+
+
+def write_at(state: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """Writes ``state[index] = values`` in place, the fastest way for the mode.
+
+    Eager, ``scatter_`` is the fastest write (2 to 3 times ``index_put_`` on
+    a CPU). Under torch.compile, inductor updates ``index_put_`` in place
+    but copies the whole state for ``scatter_`` (85 ms instead of 0.6 ms per
+    update of a 1,000,000-prompt buffer), so the traced code uses that.
+
+    Args:
+        state: [S] tensor, written in place.
+        index: int64 [M], positions in [0, S); a repeated position must
+            get the same value every time (which write wins is undefined).
+        values: [M] of ``state``'s dtype.
+    """
+    if is_compiling():
+        state.index_put_((index,), values)
+    else:
+        state.scatter_(0, index, values)
+
+
 def check_positive_int(name: str, value: object) -> None:
     """Raises ValueError unless ``value`` is an int >= 1 (bool does not count).
 

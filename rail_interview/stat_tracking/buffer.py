@@ -15,6 +15,8 @@ from rail_interview.stat_tracking.base import (
     check_count_range,
     check_positive_int,
     group_by_prompt,
+    is_compiling,
+    write_at,
 )
 
 
@@ -163,22 +165,27 @@ class BufferStatTracker(PerPromptStatTracker):
             column %= buffer_size
         slot = sorted_ids * buffer_size + column  # [N]
         pushed_out = groups.end - groups.position > buffer_size  # [N]
-        self._slots.scatter_(0, slot.masked_fill_(pushed_out, num_prompts * buffer_size), sorted_rewards)
+        write_at(self._slots, slot.masked_fill_(pushed_out, num_prompts * buffer_size), sorted_rewards)
         seen = seen + groups.size  # [N], after this batch
-        self._seen.scatter_(0, sorted_ids, seen)
+        write_at(self._seen, sorted_ids, seen)
 
+        # Under torch.compile, a [P, K] view taken here: a write through one
+        # input (the slots) read through another that aliases it (the view kept
+        # from the constructor) makes inductor copy the whole buffer. Eager,
+        # the kept view saves the 2 us that taking one costs.
+        buffer = self._slots[:-1].view(num_prompts, buffer_size) if is_compiling() else self._rewards  # [P, K]
         batch_mean, batch_std = batch_mean_std(rewards)
         if num_prompts <= num_samples:
             # Few prompts: one pass over the whole [P, K] buffer is less work
             # than one over the [N, K] rows of the batch.
             count = self._seen.clamp_max(buffer_size)  # [P]
             center, scale = self._center_and_scale(
-                count, *masked_row_mean_std(self._rewards, count), batch_mean, batch_std
+                count, *masked_row_mean_std(buffer, count), batch_mean, batch_std
             )  # [P], [P]
             return (rewards - center.index_select(0, prompt_ids)).div_(scale.index_select(0, prompt_ids))
         # Many prompts: the rows of the batch's prompts, read in sorted order.
         count = seen.clamp_max(buffer_size)  # [N]
-        rows = self._rewards.index_select(0, sorted_ids)  # [N, K], a copy
+        rows = buffer.index_select(0, sorted_ids)  # [N, K], a copy
         center, scale = self._center_and_scale(
             count, *masked_row_mean_std(rows, count, overwrite=True), batch_mean, batch_std
         )  # [N], [N]

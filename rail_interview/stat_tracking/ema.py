@@ -13,6 +13,7 @@ from rail_interview.stat_tracking.base import (
     batch_mean_std,
     check_count_range,
     group_by_prompt,
+    write_at,
 )
 
 
@@ -150,9 +151,9 @@ class EmaStatTracker(PerPromptStatTracker):
         mean = old_mean + shift  # [N]
         var = old_weight * (old_var + shift.square()) + spread  # [N]
         count = old_count + groups.size  # [N]
-        self._mean.scatter_(0, sorted_ids, mean)
-        self._var.scatter_(0, sorted_ids, var)
-        self._count.scatter_(0, sorted_ids, count)
+        write_at(self._mean, sorted_ids, mean)
+        write_at(self._var, sorted_ids, var)
+        write_at(self._count, sorted_ids, count)
 
         center, scale = self._center_and_scale(count, mean, var.sqrt(), *batch_mean_std(rewards))  # [N], [N]
         return groups.unsort((sorted_rewards - center).div_(scale))
