@@ -183,7 +183,7 @@ def test_large_batches_match_the_reference():
 @pytest.mark.parametrize("dtype, buffer_size", [(torch.float32, 8), (torch.float64, 8), (torch.bfloat16, 300),
                                                 (torch.float16, 3000)])
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_masked_row_mean_std_ignores_entries_past_count(dtype, buffer_size, overwrite):
+def test_masked_row_mean_std_uses_the_first_count_entries(dtype, buffer_size, overwrite):
     # bfloat16 and float16 cannot hold every integer up to these K, which
     # takes the bool-mask path instead of float arithmetic.
     from rail_interview.stat_tracking.buffer import masked_row_mean_std
@@ -191,6 +191,7 @@ def test_masked_row_mean_std_ignores_entries_past_count(dtype, buffer_size, over
     generator = torch.Generator().manual_seed(0)
     rows = torch.randn(5, buffer_size, generator=generator, dtype=torch.float64)
     count = torch.tensor([0, 1, 2, buffer_size - 1, buffer_size])
+    rows[torch.arange(buffer_size) >= count.unsqueeze(-1)] = 0  # as in the buffer
     given = rows.to(dtype, copy=True)
     mean, std = masked_row_mean_std(given, count, overwrite=overwrite)
     if not overwrite:
@@ -214,3 +215,16 @@ def test_loaded_state_resumes_writing_at_head():
     after = tracker.state_dict()
     assert after["rewards"].tolist() == [[1.0, 7.0, 3.0]]
     assert after["count"].tolist() == [3] and after["head"].tolist() == [2]
+
+
+def test_loaded_state_ignores_values_past_count():
+    # A hand-made state may hold anything in the slots past count; they are
+    # not rewards and must not reach the statistics.
+    tracker = BufferStatTracker(num_prompts=2, buffer_size=4, min_count=1, dtype=torch.float64)
+    rewards = torch.tensor([[1.0, 3.0, 99.0, -7.0], [5.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    tracker.load_state_dict({"rewards": rewards, "count": torch.tensor([2, 1]), "head": torch.tensor([2, 1])})
+    stats = tracker.stats()
+    assert stats.mean.tolist() == [2.0, 5.0] and stats.std.tolist() == [1.0, 0.0]
+    assert tracker.state_dict()["rewards"].tolist() == [[1.0, 3.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0]]
+    tracker.update(torch.tensor([0]), torch.tensor([5.0], dtype=torch.float64))
+    assert tracker.stats().mean[0].item() == 3.0

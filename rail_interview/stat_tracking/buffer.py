@@ -32,12 +32,12 @@ def masked_row_mean_std(
     1e-5 of its rewards' magnitude, use ``dtype=torch.float64``.
 
     Args:
-        rows: float [*R, K].
-        count: int64 [*R], entries in [0, K]; entries at positions >= count
-            are ignored (they must be finite).
+        rows: float [*R, K]; entries at positions >= count must be 0, as
+            they are in ``BufferStatTracker``'s buffer.
+        count: int64 [*R], entries in [0, K].
         overwrite: work in ``rows``' memory, which is then garbage. One
             [*R, K] temporary fewer: on a CPU, every fresh one of more than a
-            few hundred KB costs page faults.
+            few hundred KB can cost page faults.
 
     Returns:
         float [*R] mean and float [*R] std; NaN where count is 0.
@@ -53,9 +53,12 @@ def masked_row_mean_std(
     else:
         slot = torch.arange(buffer_size, device=rows.device)  # [K]
         weight = (slot < count.unsqueeze(-1)).to(rows.dtype)  # [*R, K]
-    work = rows.mul_(weight) if overwrite else rows * weight  # [*R, K], 0 where not counted
-    mean = work.sum(-1) / num  # [*R]
-    deviation = work.sub_(mean.unsqueeze(-1)).mul_(weight)  # [*R, K], 0 where not counted
+    mean = rows.sum(-1) / num  # [*R], entries past count add 0
+    # x - mean where x counts, 0 (= x) elsewhere: one pass, in place if allowed.
+    if overwrite:
+        deviation = rows.addcmul_(mean.unsqueeze(-1), weight, value=-1)  # [*R, K]
+    else:
+        deviation = torch.addcmul(rows, mean.unsqueeze(-1), weight, value=-1)  # [*R, K]
     std = (deviation.square_().sum(-1) / num).sqrt_()  # [*R]
     return mean, std
 
@@ -225,8 +228,11 @@ class BufferStatTracker(PerPromptStatTracker):
         return {"rewards": self._rewards, "count": seen.clamp_max(self._buffer_size), "head": seen % self._buffer_size}
 
     def _assign_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        self._rewards.copy_(state["rewards"])
         count, head = state["count"].to(self._device), state["head"].to(self._device)
+        # Slots past count hold 0 (masked_row_mean_std relies on it), whatever
+        # the state dict holds there.
+        slot = torch.arange(self._buffer_size, device=self._device)  # [K]
+        self._rewards.copy_(torch.where(slot < count.unsqueeze(-1), state["rewards"].to(self._device), 0))
         # A full buffer has seen K + head rewards, as far as count and head can tell.
         self._seen.copy_(torch.where(count < self._buffer_size, count, self._buffer_size + head))
 
