@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -33,3 +35,10 @@ def test_bench_train_and_stats_log_run(tmp_path):
     result = _run("bench_stats_log.py", "--repeats=1", "--methods=buffer", "--config.num_epochs=20")
     assert result.returncode == 0, result.stderr
     assert "| buffer |" in result.stdout
+
+
+@pytest.mark.skipif(not (REPO_ROOT / ".git").exists(), reason="needs the git history")
+def test_ab_trackers_compares_a_revision_with_the_working_tree():
+    result = _run("ab_trackers.py", "--rev=HEAD", "--rounds=1", "--min_run_time=0.01")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("new / old") == 4
