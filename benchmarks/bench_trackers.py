@@ -9,7 +9,7 @@ For every case (N samples, P prompts, K buffer slots) it first feeds the same
 batches to every tracker and checks that their advantages agree, then times
 ``update`` on a fixed batch drawn uniformly over the P prompts:
 
-* ``ddpo``: the DDPO-style NumPy tracker in benchmarks/baselines.py;
+* ``ddpo``: ddpo-pytorch's tracker, line for line, in benchmarks/baselines.py;
 * ``reference``: rail_interview's plain-Python ReferenceBufferStatTracker;
 * ``buffer`` and ``ema``: the tensor trackers, default input checks on;
 * ``buffer compiled`` (with --compile): ``torch.compile(tracker.update)`` of a
