@@ -70,7 +70,7 @@ def test_bad_constructor_arguments(kwargs):
         BatchStatTracker(**kwargs)
 
 
-@pytest.mark.parametrize("num_samples", [1, 2, 1023, 1024, 5000])
+@pytest.mark.parametrize("num_samples", [1, 2, 1023, 1024, 5000, 40000])
 def test_batch_mean_std_matches_torch_on_both_sides_of_the_two_pass_threshold(num_samples):
     from rail_interview.stat_tracking.base import batch_mean_std
 
@@ -79,3 +79,14 @@ def test_batch_mean_std_matches_torch_on_both_sides_of_the_two_pass_threshold(nu
     expected = rewards.double()
     torch.testing.assert_close(mean.double(), expected.mean(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(std.double(), expected.std(correction=0), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_samples", [256, 1024, 40000])
+def test_batch_mean_std_stays_in_range_in_float16(num_samples):
+    # N * var overflows float16 (65504) here; the std itself does not.
+    from rail_interview.stat_tracking.base import batch_mean_std
+
+    rewards = torch.randn(num_samples, generator=torch.Generator().manual_seed(0)) * 10
+    mean, std = batch_mean_std(rewards.half())
+    assert std.dtype == torch.float16 and std.isfinite()
+    torch.testing.assert_close(std.double(), rewards.half().double().std(correction=0), rtol=1e-2, atol=1e-2)

@@ -228,3 +228,13 @@ def test_loaded_state_ignores_values_past_count():
     assert tracker.state_dict()["rewards"].tolist() == [[1.0, 3.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0]]
     tracker.update(torch.tensor([0]), torch.tensor([5.0], dtype=torch.float64))
     assert tracker.stats().mean[0].item() == 3.0
+
+
+def test_float16_row_statistics_stay_in_range():
+    # K * var overflows float16 (65504) here; the std itself does not.
+    from rail_interview.stat_tracking.buffer import masked_row_mean_std
+
+    rows = (torch.randn(3, 64, generator=torch.Generator().manual_seed(0)) * 100).half()
+    mean, std = masked_row_mean_std(rows, torch.tensor([64, 64, 64]))
+    assert std.isfinite().all()
+    torch.testing.assert_close(std.double(), rows.double().std(dim=-1, correction=0), rtol=1e-2, atol=1e-1)

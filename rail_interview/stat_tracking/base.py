@@ -98,8 +98,9 @@ def write_at(state: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> 
 
     Args:
         state: [S] tensor, written in place.
-        index: int64 [M], positions in [0, S); a repeated position must
-            get the same value every time (which write wins is undefined).
+        index: int64 [M], positions in [0, S). Which of several writes to
+            one position wins is undefined: give them the same value, unless
+            the position is never read (a scratch slot).
         values: [M] of ``state``'s dtype.
     """
     if is_compiling():
@@ -213,7 +214,9 @@ class StatTracker(abc.ABC):
                 another device, or (with ``check_values``) an id lies outside
                 [0, P) or a reward is not finite once converted to ``dtype``.
                 The state is then unchanged. Without ``check_values`` such
-                values are not caught: an id of -1 updates prompt P - 1.
+                values are not caught: an id outside [0, P) is undefined
+                behaviour (an IndexError on a CPU, a device-side assert on
+                CUDA) and a NaN reward poisons its prompt's statistics.
                 With a process group and ``check_values``, the ranks first
                 agree on validity and batch sizes, so that bad input on one
                 rank raises on every rank instead of leaving the others
@@ -583,8 +586,8 @@ def batch_mean_std(rewards: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         std, mean = torch.std_mean(rewards, correction=0)
         return mean, std
     mean = rewards.mean()
-    deviation = rewards - mean  # [N]
-    return mean, (torch.linalg.vecdot(deviation, deviation) / rewards.shape[0]).sqrt()
+    # The norm, not a sum of squares: it stays in range in float16 (sqrt(N) * std).
+    return mean, torch.linalg.vector_norm(rewards - mean) / math.sqrt(rewards.shape[0])
 
 
 class PerPromptStatTracker(StatTracker):

@@ -59,7 +59,8 @@ def masked_row_mean_std(
         deviation = rows.addcmul_(mean.unsqueeze(-1), weight, value=-1)  # [*R, K]
     else:
         deviation = torch.addcmul(rows, mean.unsqueeze(-1), weight, value=-1)  # [*R, K]
-    std = (deviation.square_().sum(-1) / num).sqrt_()  # [*R]
+    # The norm, not a sum of squares: it stays in range in float16 (sqrt(n) * std).
+    std = torch.linalg.vector_norm(deviation, dim=-1).div_(num.sqrt())  # [*R]
     return mean, std
 
 
@@ -81,10 +82,10 @@ class BufferStatTracker(PerPromptStatTracker):
     [0, count) and head == count. Internally one int64 [P] counter,
     ``seen``, holds both: count = min(seen, K) and head = seen % K.
 
-    ``update`` uses sort, searchsorted, gather and scatter only: no Python
-    loop over prompts or samples and no host sync (with ``check_values``
-    off), so it can be captured in a CUDA graph or compiled with
-    ``torch.compile(fullgraph=True)``. Its cost grows with N * K, not with P:
+    ``update`` is built from tensor ops (sort, searchsorted or scans, gather,
+    scatter, elementwise arithmetic): no Python loop over prompts or samples
+    and no host sync (with ``check_values`` off), so it can be captured in a
+    CUDA graph or compiled with ``torch.compile(fullgraph=True)``. Its cost grows with N * K, not with P:
     it reads the [N, K] buffer rows of the batch's samples, or the whole
     [P, K] buffer once when P <= N, which is then less work.
 
