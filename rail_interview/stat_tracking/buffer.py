@@ -54,11 +54,9 @@ def masked_row_mean_std(
         slot = torch.arange(buffer_size, device=rows.device)  # [K]
         weight = (slot < count.unsqueeze(-1)).to(rows.dtype)  # [*R, K]
     mean = rows.sum(-1) / num  # [*R], entries past count add 0
-    # x - mean where x counts, 0 (= x) elsewhere: one pass, in place if allowed.
-    if overwrite:
-        deviation = rows.addcmul_(mean.unsqueeze(-1), weight, value=-1)  # [*R, K]
-    else:
-        deviation = torch.addcmul(rows, mean.unsqueeze(-1), weight, value=-1)  # [*R, K]
+    # x - mean where x counts, 0 (= x) elsewhere: one pass, written over rows
+    # if allowed, else over the weight (which is not needed after this).
+    deviation = torch.addcmul(rows, mean.unsqueeze(-1), weight, value=-1, out=rows if overwrite else weight)
     # The norm, not a sum of squares: it stays in range in float16 (sqrt(n) * std).
     std = torch.linalg.vector_norm(deviation, dim=-1).div_(num.sqrt())  # [*R]
     return mean, std
