@@ -1,8 +1,8 @@
 """Per-prompt trackers as trainers write them today, to measure ours against.
 
 ``DdpoStyleStatTracker`` is ddpo-pytorch's ``PerPromptStatTracker.update``
-line for line (``ddpo_pytorch/stat_tracking.py``; the same code is in TRL's
-DDPO trainer and its many forks): NumPy arrays on the host, a dict from
+line for line (``ddpo_pytorch/stat_tracking.py``; TRL carries a copy of it
+for DDPO, as do many forks): NumPy arrays on the host, a dict from
 prompt to ``deque(maxlen=K)``, and a Python loop over the unique prompts of
 the batch that builds a boolean mask over the whole batch twice per prompt.
 Its cost grows with N times the number of unique prompts. Its semantics are
