@@ -152,7 +152,7 @@ def test_float64_keeps_tiny_spreads_far_from_zero():
 
 
 @pytest.mark.parametrize("num_samples", [1, 2, 5, 2047, 2048, 5000])
-def test_both_grouping_algorithms_find_the_same_groups(num_samples):
+def test_every_grouping_algorithm_finds_the_same_groups(num_samples):
     from rail_interview.stat_tracking.base import group_by_prompt
 
     generator = torch.Generator().manual_seed(num_samples)
@@ -161,7 +161,8 @@ def test_both_grouping_algorithms_find_the_same_groups(num_samples):
         groups = group_by_prompt(ids)
         assert torch.equal(groups.sorted_ids, ids[groups.order])
         assert torch.equal(groups.unsort(groups.sorted_ids), ids)
-        # With num_prompts known, large batches are sorted as int32: same groups.
+        # With num_prompts known, large batches are sorted as int32, and when
+        # P <= N their groups come from per-prompt counts: same groups.
         as_int32 = group_by_prompt(ids, num_prompts)
         for name in groups._fields:
             assert torch.equal(getattr(as_int32, name), getattr(groups, name)), name
@@ -170,13 +171,15 @@ def test_both_grouping_algorithms_find_the_same_groups(num_samples):
         assert torch.equal(groups.start, expected_start) and torch.equal(groups.end, expected_end)
 
 
-def test_large_batches_match_the_reference():
-    # Batches from LINEAR_GROUPING_MIN_SAMPLES on take the linear-scan grouping.
+@pytest.mark.parametrize("num_prompts", [500, 5000])
+def test_large_batches_match_the_reference(num_prompts):
+    # Batches from LINEAR_GROUPING_MIN_SAMPLES on find their groups from
+    # per-prompt counts (P <= N) or with linear scans (P > N).
     generator = torch.Generator().manual_seed(7)
-    tracker = BufferStatTracker(500, 8, 3, dtype=torch.float64)
+    tracker = BufferStatTracker(num_prompts, 8, 3, dtype=torch.float64)
     reference = ReferenceBufferStatTracker(8, 3)
     for _ in range(4):
-        ids = torch.randint(500, (3000,), generator=generator)
+        ids = torch.randint(num_prompts, (3000,), generator=generator)
         _assert_matches_reference(tracker, reference, ids, torch.randn(3000, generator=generator, dtype=torch.float64))
 
 

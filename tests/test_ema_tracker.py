@@ -127,12 +127,14 @@ def test_both_segment_sum_algorithms_agree(num_samples):
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
 
 
-def test_large_batches_match_the_reference():
-    # From 2048 samples on, grouping takes the linear-scan path.
+@pytest.mark.parametrize("num_prompts", [300, 5000])
+def test_large_batches_match_the_reference(num_prompts):
+    # From 2048 samples on, groups come from per-prompt counts (P <= N) or
+    # from linear scans (P > N).
     generator = torch.Generator().manual_seed(3)
-    tracker = EmaStatTracker(300, 0.9, 4, dtype=torch.float64)
+    tracker = EmaStatTracker(num_prompts, 0.9, 4, dtype=torch.float64)
     reference = ReferenceEmaStatTracker(0.9, 4)
     for _ in range(3):
-        ids = torch.randint(300, (3000,), generator=generator)
+        ids = torch.randint(num_prompts, (3000,), generator=generator)
         rewards = torch.randn(3000, generator=generator, dtype=torch.float64) * 20 - 100
         _check_step(tracker, reference, ids, rewards, rtol=1e-9, atol=1e-9)
