@@ -83,9 +83,10 @@ class BufferStatTracker(PerPromptStatTracker):
     ``update`` is built from tensor ops (sort, searchsorted or scans, gather,
     scatter, elementwise arithmetic): no Python loop over prompts or samples
     and no host sync (with ``check_values`` off), so it can be captured in a
-    CUDA graph or compiled with ``torch.compile(fullgraph=True)``. Its cost grows with N * K, not with P:
-    it reads the [N, K] buffer rows of the batch's samples, or the whole
-    [P, K] buffer once when P <= N, which is then less work.
+    CUDA graph or compiled with ``torch.compile(fullgraph=True)``. Its cost
+    grows with N * K, not with P: it reads the [N, K] buffer rows of the
+    batch's samples, or the whole [P, K] buffer once when P <= N, which is
+    then less work.
 
     Args:
         num_prompts: P, the number of distinct prompt ids.
@@ -230,8 +231,8 @@ class BufferStatTracker(PerPromptStatTracker):
         count, head = state["count"].to(self._device), state["head"].to(self._device)
         # Slots past count hold 0 (masked_row_mean_std relies on it), whatever
         # the state dict holds there.
-        slot = torch.arange(self._buffer_size, device=self._device)  # [K]
-        self._rewards.copy_(torch.where(slot < count.unsqueeze(-1), state["rewards"].to(self._device), 0))
+        position = torch.arange(self._buffer_size, device=self._device)  # [K]
+        self._rewards.copy_(torch.where(position < count.unsqueeze(-1), state["rewards"].to(self._device), 0))
         # A full buffer has seen K + head rewards, as far as count and head can tell.
         self._seen.copy_(torch.where(count < self._buffer_size, count, self._buffer_size + head))
 
