@@ -160,16 +160,18 @@ class BufferStatTracker(PerPromptStatTracker):
 
         # Rank r of a prompt's group goes to slot (seen + r) % K. Only its last
         # K samples stay; the earlier ones go to the scratch slot.
+        # In-place arithmetic where a temporary is not needed again: at large N
+        # every fresh [N] tensor is memory that malloc may hand back and fault in.
         seen = self._seen.index_select(0, sorted_ids)  # [N]
-        column = seen + groups.rank  # [N], rewards the prompt had seen before this one
+        column = (seen + groups.position).sub_(groups.start)  # [N], rewards the prompt had seen before this one
         if buffer_size & (buffer_size - 1) == 0:
             column &= buffer_size - 1  # % K for a power of two, without an integer division
         else:
             column %= buffer_size
-        slot = sorted_ids * buffer_size + column  # [N]
-        pushed_out = groups.end - groups.position > buffer_size  # [N]
+        slot = column.add_(sorted_ids * buffer_size)  # [N]
+        pushed_out = (groups.end - groups.position).gt(buffer_size)  # [N], bool
         write_at(self._slots, slot.masked_fill_(pushed_out, num_prompts * buffer_size), sorted_rewards)
-        seen = seen + groups.size  # [N], after this batch
+        seen = seen.add_(groups.end).sub_(groups.start)  # [N], after this batch
         write_at(self._seen, sorted_ids, seen)
 
         # Under torch.compile, a [P, K] view taken here: a write through one
