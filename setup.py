@@ -24,5 +24,6 @@ setuptools.setup(
         "ml_collections",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest"]},
+    # hypothesis draws the random update sequences of tests/test_tracker_matrix.py.
+    extras_require={"test": ["pytest", "hypothesis"]},
 )

@@ -94,15 +94,7 @@ class HostDictStatTracker(StatTracker):
         counts = [len(self.inner.stats.get(i, ())) for i in ids]
         return torch.tensor(counts, dtype=torch.int64, device=self.device)
 
-    def fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        """Returns True where the prompt holds fewer than min_count rewards.
-
-        Args:
-            prompt_ids: int64 [N].
-
-        Returns:
-            bool [N].
-        """
+    def _fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         return self._counts(prompt_ids) < self.min_count
 
     def stats_snapshot(self, prompt_ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:

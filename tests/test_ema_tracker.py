@@ -66,17 +66,21 @@ def test_float32_is_stable_for_rewards_far_from_zero():
 
 
 def test_hand_computed_case():
-    tracker = EmaStatTracker(num_prompts=2, decay=0.5, min_count=3)
-    # Prompt 0 sees 4, 8, 0: mean 4 -> 6 -> 3; var 0 -> 0.5 * (0 + 0.5 * 16) = 4
-    # -> 0.5 * (4 + 0.5 * 36) = 11. Count 3 reaches min_count: own statistics.
+    # decay 0.75, not 0.5: a swap of decay and 1 - decay must show.
+    tracker = EmaStatTracker(num_prompts=2, decay=0.75, min_count=3)
+    # Prompt 0 sees 4, 8, 0: mean 4 -> 4 + 0.25 * 4 = 5 -> 5 - 0.25 * 5 = 3.75;
+    # var 0 -> 0.75 * (0 + 0.25 * 16) = 3 -> 0.75 * (3 + 0.25 * 25) = 6.9375.
+    # Count 3 reaches min_count: own statistics.
     # Prompt 1 sees 2 once: count 1, batch statistics over [4, 2, 8, 0].
     advantages = tracker.update(torch.tensor([0, 1, 0, 0]), torch.tensor([4.0, 2.0, 8.0, 0.0]))
-    own_std = math.sqrt(11.0) + 1e-6
+    own_std = math.sqrt(6.9375) + 1e-6
     batch_std = math.sqrt(35 / 4) + 1e-6  # mean 3.5: deviations 0.5, -1.5, 4.5, -3.5
-    torch.testing.assert_close(advantages, torch.tensor([1 / own_std, -1.5 / batch_std, 5 / own_std, -3 / own_std]))
+    torch.testing.assert_close(
+        advantages, torch.tensor([0.25 / own_std, -1.5 / batch_std, 4.25 / own_std, -3.75 / own_std])
+    )
     stats = tracker.stats()
-    torch.testing.assert_close(stats.mean, torch.tensor([3.0, 2.0]))
-    torch.testing.assert_close(stats.std, torch.tensor([math.sqrt(11.0), 0.0]))
+    torch.testing.assert_close(stats.mean, torch.tensor([3.75, 2.0]))
+    torch.testing.assert_close(stats.std, torch.tensor([math.sqrt(6.9375), 0.0]))
     assert stats.count.tolist() == [3, 1] and stats.fallback.tolist() == [False, True]
 
 
@@ -112,21 +116,6 @@ def test_negative_variance_in_a_state_is_refused():
         tracker.load_state_dict(state)
 
 
-@pytest.mark.parametrize("num_samples", [1, 7, 300, 5000])
-def test_both_segment_sum_algorithms_agree(num_samples):
-    from rail_interview.stat_tracking.base import group_by_prompt
-    from rail_interview.stat_tracking.ema import segment_sum
-
-    generator = torch.Generator().manual_seed(num_samples)
-    ids = torch.randint(40, (num_samples,), generator=generator)
-    groups = group_by_prompt(ids)
-    values = torch.randn(num_samples, generator=generator) * 50
-    expected = torch.zeros(40, dtype=torch.float64).index_add_(0, ids, values.double())[groups.sorted_ids]
-    for scan in (False, True):
-        got = segment_sum(values[groups.order], groups.start, groups.end, scan=scan)
-        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
-
-
 @pytest.mark.parametrize("num_prompts", [300, 5000])
 def test_large_batches_match_the_reference(num_prompts):
     # From 2048 samples on, groups come from per-prompt counts (P <= N) or
@@ -138,3 +127,64 @@ def test_large_batches_match_the_reference(num_prompts):
         ids = torch.randint(num_prompts, (3000,), generator=generator)
         rewards = torch.randn(3000, generator=generator, dtype=torch.float64) * 20 - 100
         _check_step(tracker, reference, ids, rewards, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("algorithm", ["index_add", "segment_reduce"])
+def test_group_sums_take_no_rounding_from_other_prompts(algorithm):
+    # R2 1/5 repro 1: differences of one float64 running sum over the sorted
+    # batch (once CUDA's algorithm) gave prompt 1 std 0.05 and advantages +-2.
+    from rail_interview.stat_tracking import ops
+
+    tracker = EmaStatTracker(2, decay=0.5, min_count=1)
+    with ops.forced_algorithms(segment_sum=algorithm):
+        advantages = tracker.update(torch.tensor([0, 0, 1, 1]), torch.tensor([0.0, 1e8, 0.0, 0.2]))
+    torch.testing.assert_close(tracker.stats().std[1], torch.tensor(0.1))
+    torch.testing.assert_close(advantages[2:], torch.tensor([-1.0, 1.0]), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_decay_weights_are_computed_in_float32():
+    # R2 1/5 repro 3: 0.999 rounds to 1.0 in bfloat16, so decay ** k was 1 and
+    # the variance grew without bound (std 5.66 after 1000 batches).
+    generator = torch.Generator().manual_seed(0)
+    stds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        tracker = EmaStatTracker(1, decay=0.999, min_count=2, dtype=dtype)
+        generator.manual_seed(0)
+        for _ in range(1000):
+            tracker.update(torch.zeros(64, dtype=torch.int64), torch.randn(64, generator=generator))
+        stds[dtype] = tracker.stats().std.item()
+    assert abs(stds[torch.float32] - 1.0) < 0.05
+    assert abs(stds[torch.bfloat16] - stds[torch.float32]) < 0.02  # bfloat16 holds about 3 digits
+
+
+@pytest.mark.parametrize("one_batch", [True, False])
+def test_float16_squares_deviations_in_float32(one_batch):
+    # R2 1/5 repro 4: a deviation of 300 squared overflows float16 although
+    # the variance, 0.9 * 0.1 * 300**2 = 8100, fits: std 90, advantage 3.
+    tracker = EmaStatTracker(1, decay=0.9, min_count=2, dtype=torch.float16)
+    ids, rewards = torch.tensor([0, 0]), torch.tensor([0.0, 300.0])
+    if one_batch:
+        advantages = tracker.update(ids, rewards)
+    else:
+        tracker.update(ids[:1], rewards[:1])
+        advantages = tracker.update(ids[1:], rewards[1:])
+    assert tracker.stats().std.tolist() == [90.0] and advantages[-1].item() == 3.0
+
+
+@pytest.mark.parametrize("name, value", [("mean", float("nan")), ("mean", float("inf")), ("var", float("inf"))])
+def test_state_with_non_finite_moments_is_refused(name, value):
+    tracker = EmaStatTracker(num_prompts=2)
+    tracker.update(torch.tensor([0, 1]), torch.tensor([1.0, 2.0]))
+    before = tracker.state_dict()
+    state = tracker.state_dict()
+    state[name][1] = value
+    with pytest.raises(ValueError, match="'mean' and 'var' must be finite"):
+        tracker.load_state_dict(state)
+    assert all(torch.equal(tracker.state_dict()[key], before[key]) for key in before)
+
+
+def test_default_decay_is_the_one_the_readme_recommends():
+    from rail_interview.configs import default
+
+    assert EmaStatTracker(num_prompts=1).decay == default.get_config().stat_tracking.ema_decay == 0.7
+    assert ReferenceEmaStatTracker().decay == 0.7

@@ -9,14 +9,24 @@ from typing import Callable, Dict
 import pytest
 import torch
 
-from rail_interview.stat_tracking import BufferStatTracker, EmaStatTracker, StatTracker
+from rail_interview.stat_tracking import BatchStatTracker, BufferStatTracker, EmaStatTracker, StatTracker, ops
 
 TrackerFactory = Callable[..., StatTracker]
 
+#: The trackers with per-prompt state.
 TRACKERS: Dict[str, TrackerFactory] = {
     "buffer": lambda **kw: BufferStatTracker(num_prompts=6, buffer_size=4, min_count=2, **kw),
     "ema": lambda **kw: EmaStatTracker(num_prompts=6, decay=0.7, min_count=2, **kw),
 }
+#: Every tracker, the stateless batch baseline included.
+ALL_TRACKERS: Dict[str, TrackerFactory] = {**TRACKERS, "batch": lambda **kw: BatchStatTracker(num_prompts=6, **kw)}
+
+#: Each algorithm of each operation in ``ops`` at least once.
+ALGORITHM_CHOICES = [
+    dict(grouping="search", segment_sum="index_add", batch_stats="one_pass"),
+    dict(grouping="counts", segment_sum="segment_reduce", batch_stats="two_pass"),
+    dict(grouping="scans", segment_sum="segment_reduce", batch_stats="one_pass"),
+]
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -24,6 +34,11 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 @pytest.fixture(params=sorted(TRACKERS))
 def make_tracker(request) -> TrackerFactory:
     return TRACKERS[request.param]
+
+
+@pytest.fixture(params=sorted(ALL_TRACKERS))
+def make_any_tracker(request) -> TrackerFactory:
+    return ALL_TRACKERS[request.param]
 
 
 def _random_batches(num_batches: int, num_prompts: int = 6, device: str = "cpu", seed: int = 0):
@@ -105,10 +120,12 @@ def test_any_integer_id_dtype_is_accepted(make_tracker, dtype):
 
 def test_finite_rewards_whose_sum_overflows_are_accepted(make_tracker):
     # The value check sums the rewards first; an overflowing sum of finite
-    # rewards must fall through to the exact check, not be refused.
+    # rewards must fall through to the exact check, not be refused. Every
+    # prompt falls back to the batch, whose rewards are all equal: advantage 0.
     tracker = make_tracker()
     advantages = tracker.update(torch.tensor([0, 1, 2]), torch.tensor([3e38, 3e38, 3e38]))
-    assert advantages.shape == (3,)
+    assert advantages.tolist() == [0.0, 0.0, 0.0]
+    assert tracker.stats().count.tolist() == [1, 1, 1, 0, 0, 0]
 
 
 def test_rewards_that_require_grad_do_not_pull_the_state_into_autograd(make_tracker):
@@ -194,35 +211,81 @@ def test_inconsistent_buffer_pointers_are_refused():
         tracker.load_state_dict(state)
 
 
-def test_compiles_fullgraph_without_data_dependent_python(make_tracker):
-    eager = make_tracker(check_values=False)
-    compiled_tracker = make_tracker(check_values=False)
-    compiled_update = torch.compile(compiled_tracker.update, fullgraph=True, backend="eager", dynamic=True)
-    for ids, rewards in _random_batches(6, seed=3):
-        torch.testing.assert_close(compiled_update(ids, rewards), eager.update(ids, rewards))
+@pytest.mark.parametrize("algorithms", ALGORITHM_CHOICES, ids=lambda c: "-".join(c.values()))
+def test_compiles_fullgraph_without_data_dependent_python(make_any_tracker, algorithms):
+    # Traced, the trackers write their state with index_put_ instead of
+    # scatter_ (ops.write_at): this runs that branch on a CPU.
+    torch._dynamo.reset()
+    with ops.forced_algorithms(**algorithms):
+        eager = make_any_tracker(check_values=False)
+        compiled_tracker = make_any_tracker(check_values=False)
+        compiled_update = torch.compile(compiled_tracker.update, fullgraph=True, backend="eager", dynamic=True)
+        for ids, rewards in _random_batches(6, seed=3):
+            torch.testing.assert_close(compiled_update(ids, rewards), eager.update(ids, rewards))
     _assert_state_equal(compiled_tracker.state_dict(), eager.state_dict())
 
 
-def test_compile_check_catches_a_host_sync(make_tracker):
-    # The value checks read tensor values on the host; fullgraph compilation must
-    # refuse them, which shows that the test above catches data-dependent Python
-    # (.item(), bool(tensor), if on a value) in update. An explicit device copy
-    # such as .cpu() is not caught on a CPU; the CUDA sync-debug test catches it.
-    compiled = torch.compile(make_tracker(check_values=True).update, fullgraph=True, backend="eager")
+def test_fullgraph_compilation_catches_a_host_sync():
+    # What makes the test above a proof: data-dependent Python (.item(),
+    # bool(tensor), an if on a value) cannot be traced into one graph. An
+    # explicit device copy such as .cpu() is not caught on a CPU; the CUDA
+    # sync-debug test catches it.
+    def branch_on_a_value(x: torch.Tensor) -> torch.Tensor:
+        return x + 1 if x.min().item() >= 0 else x - 1
+
+    compiled = torch.compile(branch_on_a_value, fullgraph=True, backend="eager")
     with pytest.raises(Exception, match="data-dependent|item|Data-dependent"):
+        compiled(torch.tensor([1, 2]))
+
+
+def test_compiling_with_value_checks_on_names_the_fix(make_any_tracker):
+    torch._dynamo.reset()
+    tracker = make_any_tracker(check_values=True)
+    compiled = torch.compile(tracker.update, fullgraph=True, backend="eager")
+    with pytest.raises(Exception) as caught:
         compiled(torch.tensor([0, 1]), torch.tensor([1.0, 2.0]))
+    assert "cannot be compiled with check_values=True" in f"{caught.value} {caught.value.__cause__}"
+    assert "check_values=False" in f"{caught.value} {caught.value.__cause__}"
+
+
+BAD_IDS = [
+    ("a list", lambda: [0, 1], TypeError, "must be a torch tensor"),
+    ("float ids", lambda: torch.tensor([0.0]), TypeError, "integer"),
+    ("2-D", lambda: torch.tensor([[0, 1]]), ValueError, "1-D"),
+    ("negative id", lambda: torch.tensor([-1]), ValueError, r"\[0, 6\)"),
+    ("id too large", lambda: torch.tensor([0, 6]), ValueError, r"\[0, 6\)"),
+    ("other device", lambda: torch.tensor([0], device="meta"), ValueError, "device"),
+]
+
+
+@pytest.mark.parametrize("method", ["stats", "fallback_mask"])
+@pytest.mark.parametrize("name, ids, error, match", BAD_IDS, ids=[case[0] for case in BAD_IDS])
+def test_ids_of_stats_and_fallback_mask_are_checked_alike_by_every_tracker(make_any_tracker, method, name, ids,
+                                                                           error, match):
+    tracker = make_any_tracker()
+    with pytest.raises(error, match=match):
+        getattr(tracker, method)(ids())
+
+
+def test_stats_and_fallback_mask_agree_across_trackers_on_good_ids(make_any_tracker):
+    tracker = make_any_tracker()
+    for ids, rewards in _random_batches(3):
+        tracker.update(ids, rewards)
+    some = torch.tensor([5, 0, 5], dtype=torch.int32)
+    stats = tracker.stats(some)
+    assert stats.count.shape == (3,) and torch.equal(tracker.fallback_mask(some), stats.fallback)
 
 
 @cuda_only
-def test_cuda_matches_cpu(make_tracker):
-    cpu, cuda = make_tracker(), make_tracker(device="cuda")
+def test_cuda_matches_cpu(make_any_tracker):
+    cpu, cuda = make_any_tracker(), make_any_tracker(device="cuda")
     for ids, rewards in _random_batches(10, seed=4):
         torch.testing.assert_close(cuda.update(ids.cuda(), rewards.cuda()).cpu(), cpu.update(ids, rewards))
 
 
 @cuda_only
-def test_cuda_update_never_syncs_with_the_host(make_tracker):
-    tracker = make_tracker(device="cuda", check_values=False)
+def test_cuda_update_never_syncs_with_the_host(make_any_tracker):
+    tracker = make_any_tracker(device="cuda", check_values=False)
     batches = list(_random_batches(6, device="cuda", seed=5))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -234,13 +297,13 @@ def test_cuda_update_never_syncs_with_the_host(make_tracker):
 
 
 @cuda_only
-def test_cuda_graph_replay_matches_eager(make_tracker):
+def test_cuda_graph_replay_matches_eager(make_any_tracker):
     batch_size = 16
     generator = torch.Generator().manual_seed(6)
     batches = [(torch.randint(6, (batch_size,), generator=generator),
                 torch.randn(batch_size, generator=generator) * 10) for _ in range(8)]
-    eager = make_tracker(device="cuda", check_values=False)
-    graphed = make_tracker(device="cuda", check_values=False)
+    eager = make_any_tracker(device="cuda", check_values=False)
+    graphed = make_any_tracker(device="cuda", check_values=False)
     static_ids = torch.zeros(batch_size, dtype=torch.int64, device="cuda")
     static_rewards = torch.zeros(batch_size, device="cuda")
     # Warm up on a side stream (as CUDA graph capture requires), then restore the state.
@@ -261,3 +324,21 @@ def test_cuda_graph_replay_matches_eager(make_tracker):
         graph.replay()
         torch.testing.assert_close(static_out, eager.update(ids.cuda(), rewards.cuda()))
     _assert_state_equal(graphed.state_dict(), eager.state_dict())
+
+
+MIN_COUNT_TRACKERS = {
+    "buffer": lambda min_count: BufferStatTracker(num_prompts=6, buffer_size=4, min_count=min_count),
+    "ema": lambda min_count: EmaStatTracker(num_prompts=6, min_count=min_count),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MIN_COUNT_TRACKERS))
+def test_min_count_below_two_warns_with_the_fix(kind):
+    with pytest.warns(UserWarning, match=r"min_count=1.*Use min_count >= 2"):
+        MIN_COUNT_TRACKERS[kind](1)
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("kind", sorted(MIN_COUNT_TRACKERS))
+def test_min_count_of_two_does_not_warn(kind):
+    MIN_COUNT_TRACKERS[kind](2)

@@ -14,15 +14,35 @@ this package:
 All state lives in fixed-shape tensors on the tracker's device, allocated once
 in the constructor and only ever modified in place, so that ``update`` can be
 captured in a CUDA graph and ``load_state_dict`` keeps those captures valid.
+
+Dtypes: the state is kept in the tracker's ``dtype``; statistics are
+accumulated in ``ops.compute_dtype(dtype)`` (float32 for float16 and
+bfloat16), and advantages are computed there and returned in ``dtype``:
+
+* float32 and float64: rewards up to about 1e38 (float64: 1e308). The mean
+  is exact to the dtype's rounding at the rewards' magnitude (about 1e-7
+  relative in float32), so a prompt whose spread is below about 1e-5 of its
+  rewards' magnitude needs float64.
+* bfloat16: float32's range, about 3 significant digits per stored value.
+* float16: rewards and stored statistics within +-65504, about 3
+  significant digits, and steps of 1 above 1024 (so rewards near 60000 are
+  rounded to multiples of 32 before anything is computed).
+
+Advantages larger than the dtype's range become +-inf (in float16, beyond
+65504: a spread below about 1e-5 of ``|reward - mean|``). Wherever the
+advantage fits the dtype it is finite.
 """
 
 from __future__ import annotations
 
 import abc
 import math
+import warnings
 from typing import Dict, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
+
+from rail_interview.stat_tracking.ops import compute_dtype, is_compiling
 
 Device = Union[str, torch.device, None]
 
@@ -78,35 +98,6 @@ def resolve_device(device: Device) -> torch.device:
         compares equal to ``tensor.device`` (``cuda`` becomes ``cuda:0``).
     """
     return torch.empty(0, device=device).device
-
-
-def is_compiling() -> bool:
-    """True while torch.compile traces the caller (torch.compiler.is_compiling, torch >= 2.3)."""
-    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if check is None:  # torch < 2.3
-        return torch._dynamo.is_compiling()  # pylint: disable=protected-access
-    return check()
-
-
-def write_at(state: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
-    """Writes ``state[index] = values`` in place, the fastest way for the mode.
-
-    Eager, ``scatter_`` is the fastest write (2 to 3 times ``index_put_`` on
-    a CPU). Under torch.compile, inductor updates ``index_put_`` in place
-    but copies the whole state for ``scatter_`` (85 ms instead of 0.6 ms per
-    update of a 1,000,000-prompt buffer), so the traced code uses that.
-
-    Args:
-        state: [S] tensor, written in place.
-        index: int64 [M], positions in [0, S). Which of several writes to
-            one position wins is undefined: give them the same value, unless
-            the position is never read (a scratch slot).
-        values: [M] of ``state``'s dtype.
-    """
-    if is_compiling():
-        state.index_put_((index,), values)
-    else:
-        state.scatter_(0, index, values)
 
 
 def check_positive_int(name: str, value: object) -> None:
@@ -281,12 +272,20 @@ class StatTracker(abc.ABC):
         """Returns a copy of the per-prompt statistics (see ``TrackerStats``).
 
         Args:
-            prompt_ids: int64 [M] on ``device``, the prompts to report, or
-                None for all P. Asking for a few prompts costs O(M), not O(P).
+            prompt_ids: integer [M] tensor on ``device``, the prompts to
+                report, or None for all P. Asking for a few prompts costs
+                O(M), not O(P).
 
         Returns:
             TrackerStats of [M] (or [P]) tensors.
+
+        Raises:
+            TypeError, ValueError: if ``prompt_ids`` is not a 1-D integer
+                tensor on ``device``, or (with ``check_values``) an id lies
+                outside [0, P); as for ``update``'s ids.
         """
+        if prompt_ids is not None:
+            prompt_ids = self._validate_prompt_ids(prompt_ids, "stats")
         return self.stats_from_snapshot(self.stats_snapshot(prompt_ids))
 
     @abc.abstractmethod
@@ -317,7 +316,6 @@ class StatTracker(abc.ABC):
             TrackerStats of new [*B, M] tensors.
         """
 
-    @abc.abstractmethod
     def fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Tells which prompts hold too few rewards for their own statistics.
 
@@ -326,7 +324,24 @@ class StatTracker(abc.ABC):
         std: the batch is counted before that choice is made.
 
         Args:
-            prompt_ids: int64 [N] on ``device``.
+            prompt_ids: integer [N] tensor on ``device``, checked as
+                ``update``'s ids are.
+
+        Returns:
+            bool [N], True where the prompt holds fewer than ``min_count``
+            rewards (always True for a tracker without per-prompt state).
+
+        Raises:
+            TypeError, ValueError: for bad ids, as ``stats``.
+        """
+        return self._fallback_mask(self._validate_prompt_ids(prompt_ids, "fallback_mask"))
+
+    @abc.abstractmethod
+    def _fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Does the work of ``fallback_mask`` on validated ids.
+
+        Args:
+            prompt_ids: int64 [N] on ``device``, in [0, P).
 
         Returns:
             bool [N], True where the prompt holds fewer than ``min_count``
@@ -446,6 +461,7 @@ class StatTracker(abc.ABC):
                 f"prompt_ids and rewards must be on the tracker's device {self._device}, got "
                 f"{prompt_ids.device} and {rewards.device}"
             )
+        self._refuse_compiled_value_checks("update")
         # Convert before checking values: a finite float64 or integer reward can
         # overflow the tracker's dtype. Detach: the state must not join autograd.
         prompt_ids = prompt_ids.long()
@@ -453,13 +469,10 @@ class StatTracker(abc.ABC):
         if rewards.requires_grad:
             rewards = rewards.detach()
         if self.check_values and prompt_ids.numel() > 0:
-            # Few ops and syncs: at small N each costs more than its arithmetic.
-            low, high = (bound.item() for bound in torch.aminmax(prompt_ids))
-            if low < 0 or high >= self._num_prompts:
-                raise ValueError(f"prompt_ids must lie in [0, {self._num_prompts}), got values from {low} to {high}")
+            self._check_id_range(prompt_ids)
             # A sum is finite when every reward is, unless finite rewards overflow
             # it: only then is the exact, slower check needed.
-            if not math.isfinite(rewards.sum().item()):
+            if not math.isfinite(rewards.sum(dtype=compute_dtype(self._dtype)).item()):
                 finite = torch.isfinite(rewards)
                 if not finite.all():
                     raise ValueError(
@@ -468,126 +481,63 @@ class StatTracker(abc.ABC):
                     )
         return prompt_ids, rewards
 
-
-class PromptGroups(NamedTuple):
-    """A batch sorted by prompt, batch order kept within each prompt's group.
-
-    Attributes:
-        sorted_ids: int64 [N], the prompt ids in ascending order.
-        order: int64 [N], ``sorted_ids == prompt_ids[order]``.
-        start: int64 [N], for each sorted sample, the sorted position of its
-            prompt's first sample in the batch.
-        end: int64 [N], one past the sorted position of its prompt's last.
-        position: int64 [N], ``arange(N)``, the sorted position itself.
-    """
-
-    sorted_ids: torch.Tensor
-    order: torch.Tensor
-    start: torch.Tensor
-    end: torch.Tensor
-    position: torch.Tensor
-
-    @property
-    def rank(self) -> torch.Tensor:
-        """int64 [N], 0 for a prompt's first sample of the batch, 1 for its second, ..."""
-        return self.position - self.start
-
-    @property
-    def size(self) -> torch.Tensor:
-        """int64 [N], how many samples of the batch have this sample's prompt."""
-        return self.end - self.start
-
-    def unsort(self, values: torch.Tensor) -> torch.Tensor:
-        """Puts per-sample values from sorted order back into batch order.
+    def _validate_prompt_ids(self, prompt_ids: torch.Tensor, method: str) -> torch.Tensor:
+        """Checks ids given to ``stats`` or ``fallback_mask`` as ``update`` checks its own.
 
         Args:
-            values: [N] in sorted order.
+            prompt_ids: as passed to ``method``.
+            method: the public method's name, for the messages.
 
         Returns:
-            [N] in batch order: ``result[order] == values``.
+            int64 [M] ids on ``device``.
+
+        Raises:
+            TypeError: if ``prompt_ids`` is not an integer tensor.
+            ValueError: if it is not 1-D, is on another device or (with
+                ``check_values``) holds an id outside [0, P).
         """
-        return torch.empty_like(values).scatter_(0, self.order, values)
+        if not isinstance(prompt_ids, torch.Tensor):
+            raise TypeError(f"{method}: prompt_ids must be a torch tensor, got {type(prompt_ids).__name__}")
+        if prompt_ids.ndim != 1:
+            raise ValueError(f"{method}: prompt_ids must be a 1-D tensor [M], got shape {tuple(prompt_ids.shape)}")
+        if prompt_ids.dtype.is_floating_point or prompt_ids.dtype.is_complex or prompt_ids.dtype == torch.bool:
+            raise TypeError(f"{method}: prompt_ids must be an integer tensor, got dtype {prompt_ids.dtype}")
+        if prompt_ids.device != self._device:
+            raise ValueError(
+                f"{method}: prompt_ids must be on the tracker's device {self._device}, got {prompt_ids.device}"
+            )
+        self._refuse_compiled_value_checks(method)
+        prompt_ids = prompt_ids.long()
+        if self.check_values and prompt_ids.numel() > 0:
+            self._check_id_range(prompt_ids)
+        return prompt_ids
 
+    def _check_id_range(self, prompt_ids: torch.Tensor) -> None:
+        """Raises ValueError unless every id lies in [0, P) (one host sync).
 
-#: From this batch size on, ``group_by_prompt`` finds group boundaries in
-#: linear time; below it, with binary search (fewer ops, and at small sizes
-#: the op count is what costs). Measured on a CPU: 6 us against 39 us at
-#: N = 256, 1.3 ms against 0.24 ms at N = 32768.
-LINEAR_GROUPING_MIN_SAMPLES = 2048
+        Args:
+            prompt_ids: int64 [M], M >= 1.
+        """
+        low, high = (bound.item() for bound in torch.aminmax(prompt_ids))
+        if low < 0 or high >= self._num_prompts:
+            raise ValueError(f"prompt_ids must lie in [0, {self._num_prompts}), got values from {low} to {high}")
 
+    def _refuse_compiled_value_checks(self, method: str) -> None:
+        """Raises a clear error when ``method`` is traced by torch.compile with value checks on.
 
-def group_by_prompt(prompt_ids: torch.Tensor, num_prompts: Optional[int] = None) -> PromptGroups:
-    """Sorts a batch by prompt, without a host sync or a loop.
+        The value checks read tensors back to the host, which a full graph
+        cannot hold; without this, dynamo fails with a cryptic message about
+        a data-dependent symbol.
 
-    Three ways to find each group's boundaries, picked by size (the results
-    are identical):
-
-    * below ``LINEAR_GROUPING_MIN_SAMPLES`` samples: binary search;
-    * above it, on a CPU, when P <= N: per-prompt counts and their
-      cumulative sum, O(N + P);
-    * otherwise: cumulative max and min scans over the sorted batch, O(N).
-      (On CUDA the counts would need integer atomics, which
-      ``torch.use_deterministic_algorithms`` refuses; the scans do not.)
-
-    Args:
-        prompt_ids: int64 [N], N >= 1.
-        num_prompts: P, if known: ids below 2**31 are then sorted as int32,
-            which halves the cost of torch's radix sort of large batches,
-            and the counts above become possible.
-
-    Returns:
-        The sorted batch and each sample's group boundaries.
-    """
-    num_samples = prompt_ids.shape[0]
-    device = prompt_ids.device
-    if num_samples < LINEAR_GROUPING_MIN_SAMPLES:
-        sorted_ids, order = torch.sort(prompt_ids, stable=True)  # [N]
-        start = torch.searchsorted(sorted_ids, sorted_ids)  # [N]
-        end = torch.searchsorted(sorted_ids, sorted_ids, right=True)  # [N]
-        return PromptGroups(sorted_ids, order, start, end, torch.arange(num_samples, device=device))
-    if num_prompts is not None and num_prompts <= 2**31:
-        sorted_ids, order = torch.sort(prompt_ids.int(), stable=True)  # [N]
-        sorted_ids = sorted_ids.long()
-    else:
-        sorted_ids, order = torch.sort(prompt_ids, stable=True)  # [N]
-    position = torch.arange(num_samples, device=device)  # [N]
-    if num_prompts is not None and num_prompts <= num_samples and device.type == "cpu":
-        count = torch.zeros(num_prompts, dtype=torch.int64, device=device).index_add_(
-            0, prompt_ids, torch.ones_like(prompt_ids)
-        )  # [P], samples of each prompt
-        end = count.cumsum(0).index_select(0, sorted_ids)  # [N]
-        return PromptGroups(sorted_ids, order, end - count.index_select(0, sorted_ids), end, position)
-    first = torch.ones(num_samples, dtype=torch.bool, device=device)  # [N], first of its group
-    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
-    last = torch.ones_like(first)  # [N], last of its group
-    last[:-1] = first[1:]
-    start = torch.where(first, position, 0).cummax(0).values  # [N], latest group start at or before
-    end = torch.where(last, position + 1, num_samples).flip(0).cummin(0).values.flip(0)  # [N], earliest end after
-    return PromptGroups(sorted_ids, order, start, end, position)
-
-
-#: From this batch size on, ``batch_mean_std`` takes two passes (mean, then
-#: squared deviations) instead of ``torch.std_mean``: more ops, each much
-#: faster. Measured on a CPU: 4 us against 9 us at N = 256, 182 us against
-#: 16 us at N = 32768.
-TWO_PASS_BATCH_STATS_MIN_SAMPLES = 1024
-
-
-def batch_mean_std(rewards: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Mean and population standard deviation of a whole batch.
-
-    Args:
-        rewards: float [N], N >= 1.
-
-    Returns:
-        Two scalar tensors of the same dtype: mean and std (ddof 0).
-    """
-    if rewards.shape[0] < TWO_PASS_BATCH_STATS_MIN_SAMPLES:
-        std, mean = torch.std_mean(rewards, correction=0)
-        return mean, std
-    mean = rewards.mean()
-    # The norm, not a sum of squares: it stays in range in float16 (sqrt(N) * std).
-    return mean, torch.linalg.vector_norm(rewards - mean) / math.sqrt(rewards.shape[0])
+        Args:
+            method: the public method being traced, for the message.
+        """
+        if self.check_values and is_compiling():
+            raise ValueError(
+                f"{type(self).__name__}.{method} cannot be compiled with check_values=True: the value checks "
+                "read ids and rewards back to the host. Build the tracker with check_values=False (or set "
+                "tracker.check_values = False) before torch.compile; shapes, dtypes and devices stay checked."
+            )
 
 
 class PerPromptStatTracker(StatTracker):
@@ -610,7 +560,8 @@ class PerPromptStatTracker(StatTracker):
 
     Raises:
         ValueError: if ``min_count`` is not a positive int (and as
-            ``StatTracker``).
+            ``StatTracker``). A ``min_count`` of 1 is allowed, with a
+            warning.
     """
 
     _count: torch.Tensor
@@ -629,6 +580,13 @@ class PerPromptStatTracker(StatTracker):
         super().__init__(num_prompts, eps=eps, device=device, dtype=dtype, check_values=check_values,
                          process_group=process_group)
         check_positive_int("min_count", min_count)
+        if min_count < 2:
+            warnings.warn(
+                f"min_count={min_count}: a prompt's own statistics are used from its first reward, when its "
+                "std is 0 or rests on one or two rewards, so advantages can reach |reward - mean| / eps "
+                "(about 1e6 times the reward spread; +-inf in float16). Use min_count >= 2, better 8 or more.",
+                stacklevel=3,
+            )
         self._min_count = min_count
 
     @property
@@ -647,19 +605,7 @@ class PerPromptStatTracker(StatTracker):
         """
         return self._count.index_select(0, prompt_ids)
 
-    def fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        """Tells which prompts hold fewer than ``min_count`` rewards.
-
-        Called right after ``update``, it tells which samples of that batch
-        were normalised with whole-batch statistics.
-
-        Args:
-            prompt_ids: int64 [N] on ``device``.
-
-        Returns:
-            bool [N], True where the prompt has fewer than ``min_count``
-            rewards.
-        """
+    def _fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         return self._prompt_counts(prompt_ids) < self._min_count
 
     def _center_and_scale(

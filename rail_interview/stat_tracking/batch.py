@@ -6,7 +6,8 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
-from rail_interview.stat_tracking.base import Device, StatTracker, TrackerStats, batch_mean_std
+from rail_interview.stat_tracking.base import Device, StatTracker, TrackerStats
+from rail_interview.stat_tracking.ops import batch_mean_std, compute_dtype
 
 
 class BatchStatTracker(StatTracker):
@@ -22,7 +23,8 @@ class BatchStatTracker(StatTracker):
         eps: added to the standard deviation before dividing. The default,
             1e-7, is the original toy problem's.
         device: where inputs are expected.
-        dtype: floating dtype of the advantages.
+        dtype: floating dtype of the advantages (statistics are computed in
+            float32 for float16 and bfloat16).
         check_values: see ``StatTracker``.
         process_group: share statistics across ``torch.distributed`` ranks;
             see ``StatTracker``.
@@ -49,8 +51,9 @@ class BatchStatTracker(StatTracker):
     def _update(self, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
         if rewards.numel() == 0:
             return rewards.clone()
+        rewards = rewards.to(compute_dtype(self._dtype))  # [N], float32 for 16-bit dtypes
         mean, std = batch_mean_std(rewards)
-        return (rewards - mean) / (std + self._eps)
+        return ((rewards - mean) / (std + self._eps)).to(self._dtype)
 
     def stats_snapshot(self, prompt_ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Returns the per-prompt count, always zero: nothing is tracked.
@@ -78,15 +81,7 @@ class BatchStatTracker(StatTracker):
         return TrackerStats(mean=nan, std=nan.clone(), count=torch.zeros_like(count),
                             fallback=torch.ones_like(count, dtype=torch.bool))
 
-    def fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        """Returns all True: every prompt uses whole-batch statistics.
-
-        Args:
-            prompt_ids: int64 [N].
-
-        Returns:
-            bool [N], all True.
-        """
+    def _fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(prompt_ids, dtype=torch.bool)
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:

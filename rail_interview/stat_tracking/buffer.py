@@ -11,13 +11,14 @@ from rail_interview.stat_tracking.base import (
     Device,
     PerPromptStatTracker,
     TrackerStats,
-    batch_mean_std,
     check_count_range,
     check_positive_int,
-    group_by_prompt,
-    is_compiling,
-    write_at,
 )
+from rail_interview.stat_tracking.ops import batch_mean_std, compute_dtype, group_by_prompt, is_compiling, write_at
+
+#: The largest buffer_size: the row statistics count entries in float32,
+#: which holds every integer up to 2**24 exactly.
+MAX_BUFFER_SIZE = 2**24
 
 
 def masked_row_mean_std(
@@ -25,15 +26,18 @@ def masked_row_mean_std(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean and population std of the first ``count`` entries of each row.
 
-    Two passes (mean, then squared deviations from it), never
-    E[x^2] - E[x]^2, so float32 keeps the std of rewards far from zero. What
-    float32 cannot keep is a mean finer than its rounding at the rewards'
-    magnitude (about 1e-7 relative): when a prompt's spread is below about
-    1e-5 of its rewards' magnitude, use ``dtype=torch.float64``.
+    Two passes (mean, then deviations from it), never E[x^2] - E[x]^2, so
+    float32 keeps the std of rewards far from zero; the std is a norm, so
+    squares cannot overflow. What float32 cannot keep is a mean finer than
+    its rounding at the rewards' magnitude (about 1e-7 relative): when a
+    prompt's spread is below about 1e-5 of its rewards' magnitude, use
+    ``dtype=torch.float64``.
 
     Args:
-        rows: float [*R, K]; entries at positions >= count must be 0, as
-            they are in ``BufferStatTracker``'s buffer.
+        rows: float32 or float64 [*R, K] (accumulate 16-bit buffers in
+            float32: see ``ops.compute_dtype``), K <= ``MAX_BUFFER_SIZE``;
+            entries at positions >= count must be 0, as they are in
+            ``BufferStatTracker``'s buffer.
         count: int64 [*R], entries in [0, K].
         overwrite: work in ``rows``' memory, which is then garbage. One
             [*R, K] temporary fewer: on a CPU, every fresh one of more than a
@@ -44,20 +48,15 @@ def masked_row_mean_std(
     """
     buffer_size = rows.shape[-1]
     num = count.to(rows.dtype)  # [*R]
-    if buffer_size * torch.finfo(rows.dtype).eps < 1:
-        # 1 for the entries that count, 0 for the others, in float arithmetic:
-        # several times faster than a bool mask of [*R, K] converted to float.
-        # Exact while the dtype holds every integer up to K.
-        slot = torch.arange(buffer_size, dtype=rows.dtype, device=rows.device)  # [K]
-        weight = (num.unsqueeze(-1) - slot).clamp_(0, 1)  # [*R, K]
-    else:
-        slot = torch.arange(buffer_size, device=rows.device)  # [K]
-        weight = (slot < count.unsqueeze(-1)).to(rows.dtype)  # [*R, K]
+    # 1 for the entries that count, 0 for the others, in float arithmetic:
+    # several times faster than a bool mask of [*R, K] converted to float.
+    # Exact while the dtype holds every integer up to K (MAX_BUFFER_SIZE).
+    slot = torch.arange(buffer_size, dtype=rows.dtype, device=rows.device)  # [K]
+    weight = (num.unsqueeze(-1) - slot).clamp_(0, 1)  # [*R, K]
     mean = rows.sum(-1) / num  # [*R], entries past count add 0
     # x - mean where x counts, 0 (= x) elsewhere: one pass, written over rows
     # if allowed, else over the weight (which is not needed after this).
     deviation = torch.addcmul(rows, mean.unsqueeze(-1), weight, value=-1, out=rows if overwrite else weight)
-    # The norm, not a sum of squares: it stays in range in float16 (sqrt(n) * std).
     std = torch.linalg.vector_norm(deviation, dim=-1).div_(num.sqrt())  # [*R]
     return mean, std
 
@@ -90,12 +89,15 @@ class BufferStatTracker(PerPromptStatTracker):
 
     Args:
         num_prompts: P, the number of distinct prompt ids.
-        buffer_size: K, rewards kept per prompt.
+        buffer_size: K, rewards kept per prompt, at most ``MAX_BUFFER_SIZE``.
         min_count: rewards a prompt needs before its own statistics are used.
             If larger than ``buffer_size`` they never are (a warning says so).
         eps: added to the standard deviation before dividing.
         device: where the state lives; inputs must be on it.
-        dtype: floating dtype of the buffer and of the advantages.
+        dtype: floating dtype of the buffer and of the advantages. Rewards
+            are stored in it; statistics are accumulated in float32 for
+            float16 and bfloat16 (see the ``base`` module for what each
+            dtype can represent).
         check_values: check ids and rewards (a host sync on a GPU); see
             ``StatTracker``.
         process_group: share statistics across ``torch.distributed`` ranks;
@@ -130,6 +132,8 @@ class BufferStatTracker(PerPromptStatTracker):
             process_group=process_group,
         )
         check_positive_int("buffer_size", buffer_size)
+        if buffer_size > MAX_BUFFER_SIZE:
+            raise ValueError(f"buffer_size must be at most {MAX_BUFFER_SIZE}, got {buffer_size}")
         if buffer_size < min_count:
             warnings.warn(
                 f"buffer_size {buffer_size} < min_count {min_count}: no prompt can ever reach min_count, "
@@ -179,22 +183,27 @@ class BufferStatTracker(PerPromptStatTracker):
         # from the constructor) makes inductor copy the whole buffer. Eager,
         # the kept view saves the 2 us that taking one costs.
         buffer = self._slots[:-1].view(num_prompts, buffer_size) if is_compiling() else self._rewards  # [P, K]
+        # Statistics in float32 or float64 (a no-op conversion unless the state is 16-bit).
+        compute = compute_dtype(self._dtype)
+        rewards = rewards.to(compute)  # [N]
         batch_mean, batch_std = batch_mean_std(rewards)
         if num_prompts <= num_samples:
             # Few prompts: one pass over the whole [P, K] buffer is less work
             # than one over the [N, K] rows of the batch.
             count = self._seen.clamp_max(buffer_size)  # [P]
+            rows = buffer.to(compute)  # [P, K], the buffer itself unless 16-bit
             center, scale = self._center_and_scale(
-                count, *masked_row_mean_std(buffer, count), batch_mean, batch_std
+                count, *masked_row_mean_std(rows, count, overwrite=rows is not buffer), batch_mean, batch_std
             )  # [P], [P]
-            return (rewards - center.index_select(0, prompt_ids)).div_(scale.index_select(0, prompt_ids))
+            advantages = (rewards - center.index_select(0, prompt_ids)).div_(scale.index_select(0, prompt_ids))
+            return advantages.to(self._dtype)
         # Many prompts: the rows of the batch's prompts, read in sorted order.
         count = seen.clamp_max(buffer_size)  # [N]
-        rows = buffer.index_select(0, sorted_ids)  # [N, K], a copy
+        rows = buffer.index_select(0, sorted_ids).to(compute)  # [N, K], a copy
         center, scale = self._center_and_scale(
             count, *masked_row_mean_std(rows, count, overwrite=True), batch_mean, batch_std
         )  # [N], [N]
-        return groups.unsort((sorted_rewards - center).div_(scale))
+        return groups.unsort((sorted_rewards.to(compute) - center).div_(scale).to(self._dtype))
 
     def _prompt_counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         return self._seen.index_select(0, prompt_ids).clamp_max(self._buffer_size)
@@ -222,8 +231,10 @@ class BufferStatTracker(PerPromptStatTracker):
             TrackerStats of [*B, M] tensors.
         """
         count = snapshot["count"]
-        mean, std = masked_row_mean_std(snapshot["rewards"], count)
-        return TrackerStats(mean=mean, std=std, count=count.clone(), fallback=count < self._min_count)
+        rows = snapshot["rewards"].to(compute_dtype(self._dtype))  # [*B, M, K]
+        mean, std = masked_row_mean_std(rows, count)
+        return TrackerStats(mean=mean.to(self._dtype), std=std.to(self._dtype), count=count.clone(),
+                            fallback=count < self._min_count)
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         seen = self._seen

@@ -111,7 +111,7 @@ class ReferenceEmaStatTracker:
         [-1.0, 1.0, 1.3822]
     """
 
-    def __init__(self, decay: float = 0.9, min_count: int = 16, *, eps: float = 1e-6) -> None:
+    def __init__(self, decay: float = 0.7, min_count: int = 16, *, eps: float = 1e-6) -> None:
         self.decay = decay
         self.min_count = min_count
         self.eps = eps

@@ -1,0 +1,134 @@
+"""The pure tensor functions behind the trackers, each of their algorithms forced on CPU.
+
+Every algorithm a device or a size picks in ``rail_interview.stat_tracking.ops``
+is forced here on small CPU batches and compared with a plain float64
+computation, so that no path is only taken (and only tested) on a GPU or at
+sizes CI never reaches.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from rail_interview.stat_tracking import ops
+from rail_interview.stat_tracking.buffer import masked_row_mean_std
+
+
+def _random_ids(num_samples: int, num_prompts: int, seed: int) -> torch.Tensor:
+    return torch.randint(num_prompts, (num_samples,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("algorithm", ops.ALGORITHMS["grouping"])
+@pytest.mark.parametrize("num_samples, num_prompts", [(1, 1), (2, 1), (5, 3), (7, 50), (300, 40), (300, 10_000)])
+def test_every_grouping_algorithm_finds_the_groups(algorithm, num_samples, num_prompts):
+    ids = _random_ids(num_samples, num_prompts, seed=num_samples + num_prompts)
+    with ops.forced_algorithms(grouping=algorithm):
+        groups = ops.group_by_prompt(ids, num_prompts)
+    assert torch.equal(groups.sorted_ids, ids[groups.order])
+    assert torch.equal(groups.sorted_ids, ids.sort().values)
+    assert torch.equal(groups.unsort(groups.sorted_ids), ids)
+    # Batch order is kept within a group (a stable sort).
+    for prompt in ids.unique():
+        assert torch.equal(groups.order[groups.sorted_ids == prompt], (ids == prompt).nonzero().flatten())
+    assert torch.equal(groups.start, torch.searchsorted(groups.sorted_ids, groups.sorted_ids))
+    assert torch.equal(groups.end, torch.searchsorted(groups.sorted_ids, groups.sorted_ids, right=True))
+    assert torch.equal(groups.position, torch.arange(num_samples))
+
+
+@pytest.mark.parametrize("num_samples, num_prompts, expected", [
+    (100, 50, "search"), (2048, 50, "counts"), (2048, 4096, "scans"), (2048, None, "scans"),
+])
+def test_automatic_grouping_choice_by_size(num_samples, num_prompts, expected):
+    # Forced "counts" needs num_prompts; without it, the scans stand in.
+    assert ops._grouping_algorithm(num_samples, num_prompts, torch.device("cpu")) == expected
+    with ops.forced_algorithms(grouping="counts"):
+        assert ops._grouping_algorithm(5, None, torch.device("cpu")) == "scans"
+    # Counts need integer atomics off a CPU, which deterministic mode refuses.
+    assert ops._grouping_algorithm(2048, 50, torch.device("meta")) == "scans"
+
+
+@pytest.mark.parametrize("algorithm", ops.ALGORITHMS["segment_sum"])
+@pytest.mark.parametrize("num_samples", [1, 7, 300, 5000])
+def test_every_segment_sum_algorithm_sums_each_group(algorithm, num_samples):
+    generator = torch.Generator().manual_seed(num_samples)
+    ids = torch.randint(40, (num_samples,), generator=generator)
+    groups = ops.group_by_prompt(ids, 40)
+    values = torch.randn(num_samples, generator=generator, dtype=torch.float64) * 50
+    expected = torch.zeros(40, dtype=torch.float64).index_add_(0, ids, values)[groups.sorted_ids]
+    with ops.forced_algorithms(segment_sum=algorithm):
+        got = ops.segment_sum(values[groups.order], groups)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("algorithm", ops.ALGORITHMS["segment_sum"])
+def test_segment_sums_do_not_take_rounding_from_other_groups(algorithm):
+    # A group of 1e16-sized terms sorted before a group of 0.01-sized ones:
+    # differences of one running sum would lose the small group entirely.
+    ids = torch.tensor([0, 0, 1, 1])
+    values = torch.tensor([1e16, 1e16, 0.01, 0.03], dtype=torch.float64)
+    groups = ops.group_by_prompt(ids, 2)
+    with ops.forced_algorithms(segment_sum=algorithm):
+        got = ops.segment_sum(values, groups)
+    assert got.tolist() == [2e16, 2e16, 0.04, 0.04]
+
+
+@pytest.mark.parametrize("algorithm", ops.ALGORITHMS["segment_sum"])
+def test_segment_sums_are_the_same_bit_for_bit_from_run_to_run(algorithm):
+    ids = _random_ids(3000, 30, seed=1)
+    groups = ops.group_by_prompt(ids, 30)
+    values = torch.randn(3000, generator=torch.Generator().manual_seed(2))
+    with ops.forced_algorithms(segment_sum=algorithm):
+        first = ops.segment_sum(values, groups)
+        assert all(torch.equal(ops.segment_sum(values, groups), first) for _ in range(3))
+
+
+@pytest.mark.parametrize("algorithm", ops.ALGORITHMS["batch_stats"])
+@pytest.mark.parametrize("num_samples", [1, 2, 5, 1023, 1024, 5000])
+def test_every_batch_stats_algorithm_matches_float64(algorithm, num_samples):
+    rewards = torch.randn(num_samples, generator=torch.Generator().manual_seed(num_samples)) * 3 - 1000
+    with ops.forced_algorithms(batch_stats=algorithm):
+        mean, std = ops.batch_mean_std(rewards)
+    expected = rewards.double()
+    torch.testing.assert_close(mean.double(), expected.mean(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(std.double(), expected.std(correction=0), rtol=1e-4, atol=1e-4)
+
+
+def test_forced_algorithms_restores_the_previous_choice_and_refuses_unknown_names():
+    with ops.forced_algorithms(grouping="scans", batch_stats="two_pass"):
+        with ops.forced_algorithms(grouping="counts", batch_stats=None):
+            assert ops._forced == {"grouping": "counts"}
+        assert ops._forced == {"grouping": "scans", "batch_stats": "two_pass"}
+    assert ops._forced == {}
+    with pytest.raises(ValueError, match="unknown operation 'sorting'"):
+        with ops.forced_algorithms(sorting="scans"):
+            pass
+    with pytest.raises(ValueError, match=r"unknown grouping algorithm 'fast'.*'search'"):
+        with ops.forced_algorithms(grouping="fast"):
+            pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_compute_dtype_is_float32_or_better(dtype):
+    expected = torch.float64 if dtype == torch.float64 else torch.float32
+    assert ops.compute_dtype(dtype) == expected
+
+
+@pytest.mark.parametrize("dtype, buffer_size", list(itertools.product([torch.float32, torch.float64], [1, 6, 8, 300])))
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_masked_row_mean_std_uses_the_first_count_entries(dtype, buffer_size, overwrite):
+    generator = torch.Generator().manual_seed(buffer_size)
+    rows = torch.randn(5, buffer_size, generator=generator, dtype=torch.float64) * 10 + 3
+    count = torch.tensor([0, 1, min(2, buffer_size), buffer_size - 1, buffer_size])
+    rows[torch.arange(buffer_size) >= count.unsqueeze(-1)] = 0  # as in the buffer
+    given = rows.to(dtype, copy=True)
+    mean, std = masked_row_mean_std(given, count, overwrite=overwrite)
+    if not overwrite:
+        assert torch.equal(given, rows.to(dtype))
+    for row, (n, m, s) in enumerate(zip(count.tolist(), mean.double(), std.double())):
+        if n == 0:
+            assert m.isnan() and s.isnan()
+            continue
+        values = rows[row, :n]
+        torch.testing.assert_close(m, values.mean(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s, values.std(correction=0), rtol=1e-4, atol=1e-5)
