@@ -1,7 +1,13 @@
-"""Tests of PromptIndex, the string-to-id map for trainers with text prompts."""
+"""Tests of PromptIndex, the string-to-id map for trainers with text prompts.
+
+Several ranks: tests/test_prompt_index_distributed.py.
+"""
+
+import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from rail_interview.stat_tracking import BufferStatTracker, PromptIndex, PromptIndexFullError, ReferenceBufferStatTracker
 
@@ -46,6 +52,41 @@ def test_state_round_trip_and_refusal():
         with pytest.raises(ValueError):
             restored.load_state_dict(bad)
     assert len(restored) == 3
+
+
+def test_state_round_trip_keeps_the_saved_order_of_unsorted_prompts():
+    index = PromptIndex(capacity=4)
+    index.load_state_dict({"prompts": ["b", "a", "c"]})
+    assert index.ids(["a", "b", "c", "d"]).tolist() == [1, 0, 2, 3]
+    restored = PromptIndex(capacity=4)
+    restored.load_state_dict(index.state_dict())
+    assert restored.state_dict() == {"prompts": ["b", "a", "c", "d"]}
+    assert restored.ids(["c", "b", "d", "a"]).tolist() == [2, 0, 3, 1]
+
+
+def test_no_warning_in_a_single_process():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PromptIndex(capacity=2).ids(["a cat"])
+
+
+def test_a_one_rank_process_group_numbers_like_a_plain_index(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # one rank: no warning, with or without a group
+            plain = PromptIndex(capacity=3)
+            shared = PromptIndex(capacity=3, process_group=dist.group.WORLD)
+            for prompts in [["b", "a", "b"], [], ["c", "a"]]:
+                assert shared.ids(prompts).tolist() == plain.ids(prompts).tolist()
+        assert shared.state_dict() == plain.state_dict() == {"prompts": ["b", "a", "c"]}
+        with pytest.raises(PromptIndexFullError):
+            shared.ids(["d"])
+        with pytest.raises(TypeError, match="strings"):
+            shared.ids([None])
+        assert shared.state_dict() == {"prompts": ["b", "a", "c"]}
+    finally:
+        dist.destroy_process_group()
 
 
 def test_string_prompts_through_a_tracker_match_the_reference():
