@@ -132,3 +132,14 @@ def test_masked_row_mean_std_uses_the_first_count_entries(dtype, buffer_size, ov
         values = rows[row, :n]
         torch.testing.assert_close(m, values.mean(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(s, values.std(correction=0), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["counts", "scans"])
+def test_ids_beyond_int32_are_sorted_as_int64(algorithm):
+    # The linear-time algorithms sort ids as int32 only while P allows it.
+    ids = torch.tensor([2**40 + 5, 3, 2**40 + 5, 2**33, 3])
+    with ops.forced_algorithms(grouping=algorithm):
+        groups = ops.group_by_prompt(ids, num_prompts=2**41)  # "counts" would need [P]: scans stand in
+    assert groups.sorted_ids.tolist() == [3, 3, 2**33, 2**40 + 5, 2**40 + 5]
+    assert groups.order.tolist() == [1, 4, 3, 0, 2]
+    assert groups.start.tolist() == [0, 0, 2, 3, 3] and groups.end.tolist() == [2, 2, 3, 5, 5]

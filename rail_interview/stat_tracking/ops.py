@@ -186,11 +186,16 @@ class PromptGroups(NamedTuple):
         return torch.empty_like(values).scatter_(0, self.order, values)
 
 
+#: The most prompts ids are sorted as int32 for, and counted for (a [P] tensor).
+MAX_INT32_PROMPTS = 2**31
+
+
 def _grouping_algorithm(num_samples: int, num_prompts: Optional[int], device: torch.device) -> str:
     """The grouping algorithm for a batch: forced, or by size and device."""
     if "grouping" in _forced:
         algorithm = _forced["grouping"]
-        return "scans" if algorithm == "counts" and num_prompts is None else algorithm
+        countable = num_prompts is not None and num_prompts <= MAX_INT32_PROMPTS
+        return "scans" if algorithm == "counts" and not countable else algorithm
     if num_samples < LINEAR_GROUPING_MIN_SAMPLES:
         return "search"
     if num_prompts is not None and num_prompts <= num_samples and device.type == "cpu":
@@ -207,8 +212,10 @@ def group_by_prompt(prompt_ids: torch.Tensor, num_prompts: Optional[int] = None)
     * ``"search"``: binary search in the sorted ids, O(N log N); the fewest
       ops, so the fastest for small batches.
     * ``"counts"``: per-prompt counts and their cumulative sum, O(N + P).
-      Needs ``num_prompts``; on CUDA its integer atomics are refused by
-      ``torch.use_deterministic_algorithms``, so it is chosen only on a CPU.
+      Needs ``num_prompts`` (at most ``MAX_INT32_PROMPTS``; otherwise the
+      scans stand in, forced or not); on CUDA its integer atomics are
+      refused by ``torch.use_deterministic_algorithms``, so it is chosen
+      automatically only on a CPU.
     * ``"scans"``: cumulative max and min scans over the sorted batch, O(N).
 
     The linear-time algorithms sort ids as int32 when ``num_prompts`` allows,
@@ -230,7 +237,7 @@ def group_by_prompt(prompt_ids: torch.Tensor, num_prompts: Optional[int] = None)
         start = torch.searchsorted(sorted_ids, sorted_ids)  # [N]
         end = torch.searchsorted(sorted_ids, sorted_ids, right=True)  # [N]
         return PromptGroups(sorted_ids, order, start, end, position)
-    if num_prompts is not None and num_prompts <= 2**31:
+    if num_prompts is not None and num_prompts <= MAX_INT32_PROMPTS:
         sorted_ids, order = torch.sort(prompt_ids.int(), stable=True)  # [N]
         sorted_ids = sorted_ids.long()
     else:
