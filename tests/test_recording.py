@@ -16,6 +16,7 @@ from rail_interview.stat_tracking import (
     EmaStatTracker,
     PromptStatsRecorder,
     load_prompt_stats,
+    truncate_prompt_stats,
 )
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -130,6 +131,34 @@ def test_append_continues_a_log_of_the_same_prompts_only(tmp_path):
         recorder.record(step, ids, rewards)
     recorder.flush()
     assert load_prompt_stats(str(tmp_path)).step.tolist() == list(range(6))
+
+
+def _chunk_names(directory):
+    return sorted(path.name for path in directory.glob("chunk_*"))
+
+
+def test_truncate_at_a_chunk_start_drops_that_chunk_and_the_later_ones(tmp_path):
+    tracker = EmaStatTracker(num_prompts=3, decay=0.5, min_count=1)
+    _drive(tracker, PromptStatsRecorder(str(tmp_path), tracker, torch.arange(3), chunk_size=3), num_steps=9)
+    assert _chunk_names(tmp_path) == ["chunk_000000000.npz", "chunk_000000003.npz", "chunk_000000006.npz"]
+    truncate_prompt_stats(str(tmp_path), 9)  # past the end: nothing to forget
+    assert len(_chunk_names(tmp_path)) == 3
+    (tmp_path / "chunk_000000009.npz.tmp").write_bytes(b"half a chunk")  # killed mid-write
+    truncate_prompt_stats(str(tmp_path), 6)  # exactly where a chunk starts
+    assert _chunk_names(tmp_path) == ["chunk_000000000.npz", "chunk_000000003.npz"]
+    truncate_prompt_stats(str(tmp_path), 3)
+    assert _chunk_names(tmp_path) == ["chunk_000000000.npz"]
+    assert load_prompt_stats(str(tmp_path)).step.tolist() == [0, 1, 2]
+    # The log continues from the truncation point as if never written past it.
+    recorder = PromptStatsRecorder(str(tmp_path), tracker, torch.arange(3), chunk_size=3, append=True)
+    for step in range(3, 5):
+        recorder.record(step, torch.tensor([0, 1]), torch.tensor([1.0, 2.0]))
+    recorder.flush()
+    assert load_prompt_stats(str(tmp_path)).step.tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="spans step 4"):
+        truncate_prompt_stats(str(tmp_path), 4)  # inside the chunk of steps 3 and 4
+    truncate_prompt_stats(str(tmp_path), 0)
+    assert _chunk_names(tmp_path) == []
 
 
 def test_training_writes_a_loadable_log_bounded_by_the_config(tiny_config, tmp_path):

@@ -55,6 +55,19 @@ def test_shapes_dtypes_ranges_and_device():
     assert (problem.rewards(ids, samples) <= 0).all()
 
 
+@pytest.mark.parametrize("num_prompts", [1, 2, 7, 64])
+def test_sampling_draws_every_prompt_in_range_about_equally_often(num_prompts):
+    generator = torch.Generator().manual_seed(0)
+    problem = ToyProblem.create(num_prompts=num_prompts, num_params=1024, generator=generator)
+    draws_per_prompt = 2000
+    ids = problem.sample_prompt_ids(num_prompts * draws_per_prompt, generator)
+    assert ids.dtype == torch.int64 and ids.shape == (num_prompts * draws_per_prompt,)
+    assert ids.min() >= 0 and ids.max() < num_prompts
+    counts = torch.bincount(ids, minlength=num_prompts)
+    # Uniform: 2000 +- 45 draws per prompt; +-15% is more than 6 standard deviations.
+    assert counts.min() > 0.85 * draws_per_prompt and counts.max() < 1.15 * draws_per_prompt, counts.tolist()
+
+
 def test_slot_collisions_happen_at_the_expected_rate():
     # 64 prompts in 1024 slots share about 64 * 63 / 2 / 1024 ~ 2 pairs of slots.
     collisions = [64 - len(set(_draw(seed)[0].slots.tolist())) for seed in range(40)]
