@@ -42,8 +42,8 @@ class EmaStatTracker(PerPromptStatTracker):
     squares). What remains is the rounding of the stored state to about 3
     significant digits after each update: with ``decay`` close to 1 and few
     rewards of a prompt per batch, a change of the mean or variance smaller
-    than about 2**-9 of its value is rounded away, so prefer float32 state
-    for ``decay`` above about 0.99. float16 state also caps the variance at
+    than about 2**-8 of its value (bfloat16; 2**-11 in float16) is rounded
+    away, so prefer float32 state for ``decay`` above about 0.99. float16 state also caps the variance at
     65504 (a std of about 255): scale rewards below that or use bfloat16.
 
     State, allocated once on ``device``: ``mean`` [P], ``var`` [P] and
