@@ -11,12 +11,12 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from rail_interview import distributed, training
 from rail_interview.configs import default
 from rail_interview.stat_tracking import BatchStatTracker, BufferStatTracker, EmaStatTracker, load_prompt_stats
 from rail_interview.toy_problem import ToyProblem, make_toy_problem
+from spawned_ranks import run_ranks
 
 WORLD_SIZE = 2
 TRACKERS = {
@@ -119,7 +119,7 @@ def _training(rank: int, logdir: str) -> None:
         assert log.batch_count.tolist() == expected.tolist()
 
 
-def _worker(rank: int, init_file: str, failures, logdir: str) -> None:
+def _worker(rank: int, init_file: str, logdir: str, failures) -> None:
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE,
                                 timeout=datetime.timedelta(seconds=60))
@@ -133,23 +133,7 @@ def _worker(rank: int, init_file: str, failures, logdir: str) -> None:
 
 
 def test_two_gloo_ranks_match_one_process_and_train_in_step(tmp_path):
-    context = mp.get_context("spawn")
-    failures = context.SimpleQueue()
-    processes = [context.Process(target=_worker, args=(rank, str(tmp_path / "init"), failures, str(tmp_path / "runs")))
-                 for rank in range(WORLD_SIZE)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=240)
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-            pytest.fail("a rank hung")
-    messages = []
-    while not failures.empty():
-        messages.append(failures.get())
-    assert not messages, "\n".join(messages)
-    assert all(process.exitcode == 0 for process in processes)
+    run_ranks(_worker, WORLD_SIZE, (str(tmp_path / "init"), str(tmp_path / "runs")), timeout=240)
 
 
 def test_torchrun_trains_on_two_cpu_processes(tmp_path):

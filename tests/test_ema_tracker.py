@@ -188,3 +188,12 @@ def test_default_decay_is_the_one_the_readme_recommends():
 
     assert EmaStatTracker(num_prompts=1).decay == default.get_config().stat_tracking.ema_decay == 0.7
     assert ReferenceEmaStatTracker().decay == 0.7
+
+
+def test_state_with_zero_or_small_variance_is_accepted():
+    # The variance check refuses negative values only.
+    tracker = EmaStatTracker(num_prompts=3, min_count=2)
+    state = {"mean": torch.tensor([1.0, 2.0, 3.0]), "var": torch.tensor([0.0, 0.25, 4.0]),
+             "count": torch.tensor([1, 5, 9])}
+    tracker.load_state_dict(state)
+    assert tracker.stats().std.tolist() == [0.0, 0.5, 2.0]

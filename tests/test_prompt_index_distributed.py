@@ -13,9 +13,9 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from rail_interview.stat_tracking import BufferStatTracker, PromptIndex, PromptIndexFullError
+from spawned_ranks import run_ranks
 
 WORLD_SIZE = 2
 CAPACITY = 8
@@ -124,20 +124,4 @@ def _worker(rank: int, init_file: str, failures) -> None:
 
 
 def test_two_gloo_ranks_agree_on_ids_and_match_one_process(tmp_path):
-    context = mp.get_context("spawn")
-    failures = context.SimpleQueue()
-    processes = [context.Process(target=_worker, args=(rank, str(tmp_path / "init"), failures))
-                 for rank in range(WORLD_SIZE)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=60)
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-            pytest.fail("a rank hung")
-    messages = []
-    while not failures.empty():
-        messages.append(failures.get())
-    assert not messages, "\n".join(messages)
-    assert all(process.exitcode == 0 for process in processes)
+    run_ranks(_worker, WORLD_SIZE, (str(tmp_path / "init"),), timeout=60)

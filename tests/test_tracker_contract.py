@@ -342,3 +342,15 @@ def test_min_count_below_two_warns_with_the_fix(kind):
 @pytest.mark.parametrize("kind", sorted(MIN_COUNT_TRACKERS))
 def test_min_count_of_two_does_not_warn(kind):
     MIN_COUNT_TRACKERS[kind](2)
+
+
+def test_defaults_are_the_documented_ones():
+    # TRACKERS.md and the README: buffer K = 32 and min_count 16 (DDPO's),
+    # EMA decay 0.7 and min_count 16, eps 1e-6 (1e-7 for the batch baseline).
+    buffer, ema, batch = BufferStatTracker(1), EmaStatTracker(1), BatchStatTracker(1)
+    assert (buffer.buffer_size, buffer.min_count, buffer.eps) == (32, 16, 1e-6)
+    assert (ema.decay, ema.min_count, ema.eps) == (0.7, 16, 1e-6)
+    assert batch.eps == 1e-7
+    for tracker in (buffer, ema, batch):
+        assert tracker.dtype == torch.float32 and tracker.device == torch.device("cpu") and tracker.check_values
+        assert tracker.process_group is None

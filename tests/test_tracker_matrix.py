@@ -189,21 +189,25 @@ def _cases(num_prompts: int, buffer_size: int, dtype: torch.dtype, seed: int):
     }
 
 
+def _check_every_case(kind: str, dtype: torch.dtype, device: str) -> None:
+    """Runs every case of ``_cases`` through a fresh tracker of ``kind``, step by step."""
+    num_prompts = TRACKERS[kind](dtype=dtype).num_prompts
+    for name, batches in _cases(num_prompts, 6, dtype, seed=len(kind)).items():
+        tracker = TRACKERS[kind](dtype=dtype, device=device)
+        for step, (ids, rewards) in enumerate(batches):
+            try:
+                _check_step(tracker, ids, rewards)
+            except AssertionError as error:
+                raise AssertionError(f"case {name!r}, step {step}: {error}") from error
+
+
 @pytest.mark.filterwarnings("ignore:min_count=1")
 @pytest.mark.parametrize("algorithms", ALGORITHM_CHOICES, ids=lambda c: "-".join(c.values()))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", sorted(TRACKERS))
 def test_every_tracker_dtype_and_algorithm_matches_the_reference(kind, dtype, algorithms):
     with ops.forced_algorithms(**algorithms):
-        for name, batches in _cases(5 if kind.endswith("P5") else 50, 6, dtype, seed=len(kind)).items():
-            tracker = TRACKERS[kind](dtype=dtype)
-            if kind.endswith("P3"):
-                batches = [(ids % 3, rewards) for ids, rewards in batches]
-            for step, (ids, rewards) in enumerate(batches):
-                try:
-                    _check_step(tracker, ids, rewards)
-                except AssertionError as error:
-                    raise AssertionError(f"case {name!r}, step {step}: {error}") from error
+        _check_every_case(kind, dtype, "cpu")
 
 
 @pytest.mark.filterwarnings("ignore:min_count=1")
@@ -233,12 +237,4 @@ def test_random_sequences_over_every_dimension(data):
 @pytest.mark.parametrize("kind", sorted(TRACKERS))
 def test_cuda_matches_the_reference(kind, dtype):
     # The algorithms CUDA picks by itself (segment_reduce, scans), on CUDA.
-    for name, batches in _cases(5 if kind.endswith("P5") else 50, 6, dtype, seed=len(kind)).items():
-        tracker = TRACKERS[kind](dtype=dtype, device="cuda")
-        if kind.endswith("P3"):
-            batches = [(ids % 3, rewards) for ids, rewards in batches]
-        for step, (ids, rewards) in enumerate(batches):
-            try:
-                _check_step(tracker, ids, rewards)
-            except AssertionError as error:
-                raise AssertionError(f"case {name!r}, step {step}: {error}") from error
+    _check_every_case(kind, dtype, "cuda")
