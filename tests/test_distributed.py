@@ -1,7 +1,6 @@
-"""Trackers across torch.distributed ranks: two gloo processes on the CPU.
+"""Data-parallel training across torch.distributed ranks: gloo processes on the CPU.
 
-Every rank's state must equal a single-process tracker's fed the concatenated
-batches in rank order, and each rank's advantages its slice of that tracker's.
+The trackers' own multi-rank behaviour is tested in tests/test_tracker_distributed.py.
 """
 
 import datetime
@@ -14,16 +13,11 @@ import torch.distributed as dist
 
 from rail_interview import distributed, training
 from rail_interview.configs import default
-from rail_interview.stat_tracking import BatchStatTracker, BufferStatTracker, EmaStatTracker, load_prompt_stats
+from rail_interview.stat_tracking import load_prompt_stats
 from rail_interview.toy_problem import ToyProblem, make_toy_problem
 from spawned_ranks import run_ranks
 
 WORLD_SIZE = 2
-TRACKERS = {
-    "buffer": lambda **kw: BufferStatTracker(num_prompts=7, buffer_size=4, min_count=3, **kw),
-    "ema": lambda **kw: EmaStatTracker(num_prompts=7, decay=0.6, min_count=3, **kw),
-    "batch": lambda **kw: BatchStatTracker(num_prompts=7, **kw),
-}
 
 
 def _first_draws(rank: int, world_size: int, seed: int = 0):
@@ -52,32 +46,6 @@ def test_every_rank_samples_its_own_prompts_and_rank_zero_samples_as_one_process
         again = _first_draws(rank, world_size)
         assert torch.equal(again[0], draws[rank][0])
     assert not torch.equal(_first_draws(1, world_size, seed=1)[0], draws[1][0])
-
-
-def _scenarios(rank: int) -> None:
-    group = dist.group.WORLD
-    generator = torch.Generator().manual_seed(0)  # the same stream on every rank
-    for name, make in TRACKERS.items():
-        shared, single = make(process_group=group), make()
-        for _ in range(12):
-            local = int(torch.randint(1, 9, (1,), generator=generator))
-            ids = torch.randint(7, (WORLD_SIZE * local,), generator=generator)
-            rewards = torch.randn(WORLD_SIZE * local, generator=generator) * 10 - 40
-            expected = single.update(ids, rewards)
-            mine = slice(rank * local, (rank + 1) * local)
-            torch.testing.assert_close(shared.update(ids[mine], rewards[mine]), expected[mine], msg=name)
-        for key, value in single.state_dict().items():
-            assert torch.equal(shared.state_dict()[key], value), (name, key)
-
-    buffer = TRACKERS["buffer"](process_group=group)
-    before = buffer.state_dict()
-    with pytest.raises(ValueError, match=r"same size on every rank, got sizes \[3, 4\]"):
-        buffer.update(torch.zeros(3 + rank, dtype=torch.int64), torch.zeros(3 + rank))
-    bad_id = 99 if rank == 1 else 0  # only rank 1's input is bad; rank 0 must not hang
-    with pytest.raises(ValueError, match=r"\[0, 7\)" if rank == 1 else r"rank\(s\) \[1\] refused"):
-        buffer.update(torch.tensor([bad_id, 1]), torch.tensor([1.0, 2.0]))
-    for key, value in buffer.state_dict().items():
-        assert torch.equal(value, before[key])
 
 
 def _training(rank: int, logdir: str) -> None:
@@ -123,7 +91,6 @@ def _worker(rank: int, init_file: str, logdir: str, failures) -> None:
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE,
                                 timeout=datetime.timedelta(seconds=60))
-        _scenarios(rank)
         _training(rank, logdir)
     except BaseException:  # pylint: disable=broad-except
         failures.put(f"rank {rank}:\n{traceback.format_exc()}")
@@ -132,7 +99,7 @@ def _worker(rank: int, init_file: str, logdir: str, failures) -> None:
             dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_match_one_process_and_train_in_step(tmp_path):
+def test_two_gloo_ranks_train_in_step(tmp_path):
     run_ranks(_worker, WORLD_SIZE, (str(tmp_path / "init"), str(tmp_path / "runs")), timeout=240)
 
 

@@ -37,7 +37,8 @@ def test_every_grouping_algorithm_finds_the_groups(algorithm, num_samples, num_p
 
 
 @pytest.mark.parametrize("num_samples, num_prompts, expected", [
-    (100, 50, "search"), (2048, 50, "counts"), (2048, 4096, "scans"), (2048, None, "scans"),
+    (100, 50, "search"), (2047, 50, "search"), (2048, 50, "counts"), (2048, 2048, "counts"), (2048, 2049, "scans"),
+    (2048, None, "scans"),
 ])
 def test_automatic_grouping_choice_by_size(num_samples, num_prompts, expected):
     # Forced "counts" needs num_prompts; without it, the scans stand in.
@@ -143,3 +144,17 @@ def test_ids_beyond_int32_are_sorted_as_int64(algorithm):
     assert groups.sorted_ids.tolist() == [3, 3, 2**33, 2**40 + 5, 2**40 + 5]
     assert groups.order.tolist() == [1, 4, 3, 0, 2]
     assert groups.start.tolist() == [0, 0, 2, 3, 3] and groups.end.tolist() == [2, 2, 3, 5, 5]
+
+
+@pytest.mark.parametrize("num_samples, expected", [(1, "one_pass"), (1023, "one_pass"), (1024, "two_pass")])
+def test_automatic_batch_stats_choice_by_size(num_samples, expected):
+    assert ops._batch_stats_algorithm(num_samples) == expected
+    with ops.forced_algorithms(batch_stats="one_pass"):
+        assert ops._batch_stats_algorithm(5000) == "one_pass"
+
+
+def test_int32_sorting_and_counting_stop_at_two_to_the_31_prompts():
+    assert ops.MAX_INT32_PROMPTS == 2**31  # the most ids int32 holds: [0, 2**31)
+    with ops.forced_algorithms(grouping="counts"):
+        assert ops._grouping_algorithm(5, 2**31, torch.device("cpu")) == "counts"
+        assert ops._grouping_algorithm(5, 2**31 + 1, torch.device("cpu")) == "scans"

@@ -23,7 +23,7 @@ def test_ids_are_stable_and_first_come_first_served():
 def test_full_index_refuses_the_whole_batch_and_adds_nothing():
     index = PromptIndex(capacity=3)
     index.ids(["a", "b"])
-    with pytest.raises(PromptIndexFullError, match="full: 2 of 3 ids taken.*2 new prompt"):
+    with pytest.raises(PromptIndexFullError, match="full: 2 of 3 ids taken.*2 new prompt.*e.g. 'c'"):
         index.ids(["a", "c", "d"])
     assert len(index) == 2 and "c" not in index
     assert index.ids(["c"]).tolist() == [2]

@@ -209,3 +209,31 @@ def test_plot_script_explains_a_missing_or_empty_directory(tmp_path):
     (tmp_path / "empty").mkdir()
     result = _plot(f"--logdir={tmp_path / 'empty'}")
     assert result.returncode != 0 and "is not a run directory" in result.stderr
+
+
+def test_truncate_refuses_a_step_inside_a_chunk_of_several_steps(tmp_path):
+    tracker = BufferStatTracker(num_prompts=3, buffer_size=4, min_count=2)
+    _drive(tracker, PromptStatsRecorder(str(tmp_path), tracker, torch.arange(3), chunk_size=4), num_steps=8)
+    (tmp_path / "chunk_000000001.npz.tmp").write_bytes(b"half a chunk")  # sorts before the chunks it must not hide
+    with pytest.raises(ValueError, match="spans step 3"):
+        truncate_prompt_stats(str(tmp_path), 3)  # the first chunk holds steps 0 to 3
+    truncate_prompt_stats(str(tmp_path), 4)
+    assert _chunk_names(tmp_path) == ["chunk_000000000.npz"]
+
+
+def test_loading_stops_at_an_unreadable_chunk_in_the_middle(tmp_path):
+    # The steps after a gap would be misread as following on: stop, do not skip.
+    tracker = BufferStatTracker(num_prompts=4, buffer_size=4, min_count=2)
+    _drive(tracker, PromptStatsRecorder(str(tmp_path), tracker, torch.arange(4), chunk_size=5), num_steps=15)
+    (tmp_path / "chunk_000000005.npz").write_bytes(b"not a chunk")
+    with pytest.warns(UserWarning, match="unreadable chunk chunk_000000005"):
+        log = load_prompt_stats(str(tmp_path))
+    assert log.step.tolist() == list(range(5))
+
+
+def test_recorder_writes_a_chunk_every_100_steps_by_default(tmp_path):
+    tracker = BatchStatTracker(num_prompts=2)
+    recorder = PromptStatsRecorder(str(tmp_path), tracker, torch.arange(2))
+    for step in range(201):
+        recorder.record(step, torch.tensor([0, 1]), torch.tensor([1.0, 2.0]))
+    assert _chunk_names(tmp_path) == ["chunk_000000000.npz", "chunk_000000100.npz"]  # step 200 not yet written

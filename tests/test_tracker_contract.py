@@ -354,3 +354,66 @@ def test_defaults_are_the_documented_ones():
     for tracker in (buffer, ema, batch):
         assert tracker.dtype == torch.float32 and tracker.device == torch.device("cpu") and tracker.check_values
         assert tracker.process_group is None
+
+
+@pytest.mark.parametrize("eps, accepted", [(0, True), (0.0, True), (1e-3, True), (-1e-9, False), (True, False),
+                                           ("1e-6", False), (float("nan"), False)])
+def test_eps_must_be_a_non_negative_number(make_any_tracker, eps, accepted):
+    if accepted:
+        assert make_any_tracker(eps=eps).eps == eps
+    else:
+        with pytest.raises(ValueError, match="eps must be a non-negative number"):
+            make_any_tracker(eps=eps)
+
+
+def test_one_sample_with_a_bad_id_is_refused(make_any_tracker):
+    tracker = make_any_tracker()
+    with pytest.raises(ValueError, match=r"\[0, 6\)"):
+        tracker.update(torch.tensor([6]), torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("missing", ["_update", "stats_snapshot", "stats_from_snapshot", "_fallback_mask",
+                                     "_state_tensors"])
+def test_a_tracker_must_implement_every_abstract_method(missing):
+    methods = {name: lambda self, *args: None for name in
+               ("_update", "stats_snapshot", "stats_from_snapshot", "_fallback_mask", "_state_tensors")}
+    del methods[missing]
+    incomplete = type("Incomplete", (StatTracker,), methods)
+    with pytest.raises(TypeError, match=missing):
+        incomplete(3, eps=1e-6)
+
+
+def test_the_min_count_warning_points_at_the_callers_line():
+    with pytest.warns(UserWarning, match="min_count=1") as caught:
+        BufferStatTracker(num_prompts=2, buffer_size=4, min_count=1)
+    assert caught[0].filename == __file__
+
+
+def test_buffer_size_is_capped_where_float32_counts_stay_exact():
+    from rail_interview.stat_tracking.buffer import MAX_BUFFER_SIZE
+
+    assert MAX_BUFFER_SIZE == 2**24  # float32 holds every integer up to 2**24
+    assert BufferStatTracker(1, buffer_size=MAX_BUFFER_SIZE, min_count=2).buffer_size == MAX_BUFFER_SIZE
+    with pytest.raises(ValueError, match=f"buffer_size must be at most {2**24}"):
+        BufferStatTracker(1, buffer_size=MAX_BUFFER_SIZE + 1, min_count=2)
+
+
+def test_a_one_rank_process_group_gives_what_no_group_gives(make_any_tracker, tmp_path):
+    # The distributed update's gather, verdict and slicing, in one process;
+    # two real ranks are in tests/test_distributed.py and
+    # tests/test_tracker_distributed.py.
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        alone, grouped = make_any_tracker(), make_any_tracker(process_group=dist.group.WORLD)
+        for ids, rewards in _random_batches(4):
+            assert torch.equal(grouped.update(ids, rewards), alone.update(ids, rewards))
+        empty = torch.tensor([], dtype=torch.int64), torch.tensor([])
+        assert grouped.update(*empty).shape == (0,)
+        _assert_state_equal(grouped.state_dict(), alone.state_dict())
+        with pytest.raises(ValueError, match=r"\[0, 6\)"):
+            grouped.update(torch.tensor([6]), torch.tensor([1.0]))
+        _assert_state_equal(grouped.state_dict(), alone.state_dict())
+    finally:
+        dist.destroy_process_group()

@@ -165,11 +165,6 @@ class PromptGroups(NamedTuple):
     position: torch.Tensor
 
     @property
-    def rank(self) -> torch.Tensor:
-        """int64 [N], 0 for a prompt's first sample of the batch, 1 for its second, ..."""
-        return self.position - self.start
-
-    @property
     def size(self) -> torch.Tensor:
         """int64 [N], how many samples of the batch have this sample's prompt."""
         return self.end - self.start
@@ -292,6 +287,12 @@ def segment_sum(values: torch.Tensor, groups: PromptGroups) -> torch.Tensor:
     return sums.index_select(0, groups.start)
 
 
+def _batch_stats_algorithm(num_samples: int) -> str:
+    """The batch statistics algorithm for N samples: forced, or by size."""
+    default = "two_pass" if num_samples >= TWO_PASS_BATCH_STATS_MIN_SAMPLES else "one_pass"
+    return _forced.get("batch_stats", default)
+
+
 def batch_mean_std(rewards: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean and population standard deviation of a whole batch.
 
@@ -306,8 +307,7 @@ def batch_mean_std(rewards: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         Two scalar tensors of ``rewards.dtype``: mean and std (ddof 0).
     """
     num_samples = rewards.shape[0]
-    default = "two_pass" if num_samples >= TWO_PASS_BATCH_STATS_MIN_SAMPLES else "one_pass"
-    if _forced.get("batch_stats", default) == "one_pass":
+    if _batch_stats_algorithm(num_samples) == "one_pass":
         std, mean = torch.std_mean(rewards, correction=0)
         return mean, std
     mean = rewards.mean()

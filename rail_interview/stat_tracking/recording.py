@@ -227,7 +227,7 @@ def truncate_prompt_stats(directory: str, step: int) -> None:
             recorder is flushed at every checkpoint, so that never happens
             in training).
     """
-    for path in glob.glob(os.path.join(directory, CHUNK_PATTERN + "*")):
+    for path in sorted(glob.glob(os.path.join(directory, CHUNK_PATTERN + "*"))):  # in step order
         if path.endswith(".tmp"):
             os.remove(path)
             continue
