@@ -158,3 +158,12 @@ def test_int32_sorting_and_counting_stop_at_two_to_the_31_prompts():
     with ops.forced_algorithms(grouping="counts"):
         assert ops._grouping_algorithm(5, 2**31, torch.device("cpu")) == "counts"
         assert ops._grouping_algorithm(5, 2**31 + 1, torch.device("cpu")) == "scans"
+
+
+@pytest.mark.parametrize("num_prompts", [50, 2**41])
+def test_linear_grouping_keeps_batch_order_within_groups(num_prompts):
+    # Sorted as int32 or, beyond it, as int64: stably either way.
+    ids = _random_ids(500, 5, seed=3) * (num_prompts // 5)
+    with ops.forced_algorithms(grouping="scans"):
+        groups = ops.group_by_prompt(ids, num_prompts)
+    assert torch.equal(groups.order, torch.sort(ids, stable=True).indices)

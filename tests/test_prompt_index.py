@@ -97,3 +97,12 @@ def test_string_prompts_through_a_tracker_match_the_reference():
     for prompts, rewards in batches:
         advantages = tracker.update(index.ids(prompts), torch.tensor(rewards, dtype=torch.float64))
         torch.testing.assert_close(advantages, torch.tensor(reference.update(prompts, rewards), dtype=torch.float64))
+
+
+def test_properties_and_unknown_ids():
+    index = PromptIndex(capacity=3)
+    index.ids(["a"])
+    assert index.capacity == 3 and index.process_group is None
+    for prompt_id in (-1, 1):
+        with pytest.raises(KeyError, match=f"no prompt has id {prompt_id}"):
+            index.prompt(prompt_id)

@@ -116,6 +116,12 @@ def test_recorder_refuses_a_directory_that_holds_a_log_and_bad_prompt_ids(tmp_pa
         PromptStatsRecorder(str(tmp_path / "other"), tracker, torch.tensor([2, 2, 0]))
     with pytest.raises(ValueError, match="integer"):
         PromptStatsRecorder(str(tmp_path / "other"), tracker, torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="1-D integer"):
+        PromptStatsRecorder(str(tmp_path / "other"), tracker, torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        PromptStatsRecorder(str(tmp_path / "other"), tracker, torch.tensor([-1, 0]))
+    with pytest.raises(TypeError, match="positional argument"):
+        PromptStatsRecorder(str(tmp_path / "other"), tracker, torch.arange(3), None, 1)
 
 
 def test_append_continues_a_log_of_the_same_prompts_only(tmp_path):

@@ -4,12 +4,14 @@ Each test runs over every tracker in ``TRACKERS``, so a new tracker gets the
 whole contract checked by adding one line.
 """
 
+import warnings
 from typing import Callable, Dict
 
 import pytest
 import torch
 
 from rail_interview.stat_tracking import BatchStatTracker, BufferStatTracker, EmaStatTracker, StatTracker, ops
+from rail_interview.stat_tracking.buffer import masked_row_mean_std
 
 TrackerFactory = Callable[..., StatTracker]
 
@@ -75,6 +77,14 @@ BAD_INPUTS = [
     ("inf reward", lambda: (torch.tensor([0, 1]), torch.tensor([float("-inf"), 1.0])), ValueError, "finite"),
     ("other device", lambda: (torch.tensor([0, 1], device="meta"), torch.tensor([1.0, 2.0], device="meta")),
      ValueError, "device"),
+    ("ids on another device", lambda: (torch.tensor([0, 1], device="meta"), torch.tensor([1.0, 2.0])),
+     ValueError, "device"),
+    ("rewards on another device", lambda: (torch.tensor([0, 1]), torch.tensor([1.0, 2.0], device="meta")),
+     ValueError, "device"),
+    ("bool ids", lambda: (torch.tensor([True, False]), torch.tensor([1.0, 2.0])), TypeError, "integer"),
+    ("complex ids", lambda: (torch.tensor([0j, 1j]), torch.tensor([1.0, 2.0])), TypeError, "integer"),
+    ("one nan among many", lambda: (torch.tensor([0, 1, 2]), torch.tensor([1.0, float("nan"), 3.0])),
+     ValueError, "got 1 NaN or infinite"),
     ("overflows float32", lambda: (torch.tensor([0, 1]), torch.tensor([1e39, 1.0], dtype=torch.float64)),
      ValueError, "finite in torch.float32"),
     ("inf and -inf", lambda: (torch.tensor([0, 1]), torch.tensor([float("inf"), float("-inf")])), ValueError, "finite"),
@@ -82,7 +92,8 @@ BAD_INPUTS = [
 
 # Checks that cost no host sync, and so stay on with check_values=False.
 ALWAYS_CHECKED = [case for case in BAD_INPUTS if case[0] in
-                  ("not tensors", "lengths differ", "not 1-D", "float ids", "bool rewards", "other device")]
+                  ("not tensors", "lengths differ", "not 1-D", "float ids", "bool rewards", "other device",
+                   "ids on another device", "rewards on another device", "bool ids", "complex ids")]
 
 
 @pytest.mark.parametrize("name, inputs, error, match", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
@@ -255,6 +266,8 @@ BAD_IDS = [
     ("negative id", lambda: torch.tensor([-1]), ValueError, r"\[0, 6\)"),
     ("id too large", lambda: torch.tensor([0, 6]), ValueError, r"\[0, 6\)"),
     ("other device", lambda: torch.tensor([0], device="meta"), ValueError, "device"),
+    ("bool ids", lambda: torch.tensor([True]), TypeError, "integer"),
+    ("complex ids", lambda: torch.tensor([1j]), TypeError, "integer"),
 ]
 
 
@@ -417,3 +430,51 @@ def test_a_one_rank_process_group_gives_what_no_group_gives(make_any_tracker, tm
         _assert_state_equal(grouped.state_dict(), alone.state_dict())
     finally:
         dist.destroy_process_group()
+
+
+def test_stats_of_no_prompts_are_empty(make_any_tracker):
+    stats = make_any_tracker().stats(torch.tensor([], dtype=torch.int64))
+    assert all(field.shape == (0,) for field in stats)
+
+
+def test_count_out_of_range_names_the_range():
+    tracker = BufferStatTracker(num_prompts=2, buffer_size=4, min_count=2)
+    state = tracker.state_dict()
+    with pytest.raises(ValueError, match=r"'count' must lie in \[0, 4\], got values from 0 to 5"):
+        tracker.load_state_dict({**state, "count": torch.tensor([5, 0]), "head": torch.tensor([1, 0])})
+    ema = EmaStatTracker(num_prompts=2)
+    with pytest.raises(ValueError, match="'count' must lie in >= 0, got values from -1 to 0"):
+        ema.load_state_dict({**ema.state_dict(), "count": torch.tensor([-1, 0])})
+
+
+KEYWORD_ONLY = {
+    "buffer": lambda: BufferStatTracker(6, 4, 2, 1e-6),
+    "ema": lambda: EmaStatTracker(6, 0.7, 2, 1e-6),
+    "batch": lambda: BatchStatTracker(6, 1e-7),
+    "masked_row_mean_std": lambda: masked_row_mean_std(torch.zeros(1, 2), torch.tensor([1]), True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KEYWORD_ONLY))
+def test_options_after_the_sizes_are_keyword_only(name):
+    # Keyword-only options stop argument-order bugs (an eps taken for a min_count).
+    with pytest.raises(TypeError, match="positional argument"):
+        KEYWORD_ONLY[name]()
+
+
+def test_base_classes_take_their_options_by_keyword():
+    from rail_interview.stat_tracking.base import PerPromptStatTracker
+
+    with pytest.raises(TypeError, match="positional argument"):
+        StatTracker.__init__(BatchStatTracker(2), 2, 1e-6)
+    with pytest.raises(TypeError, match="positional argument"):
+        PerPromptStatTracker.__init__(EmaStatTracker(2), 2, 2, 1e-6)
+
+
+def test_a_buffer_smaller_than_min_count_warns_at_the_callers_line_and_an_equal_one_does_not():
+    with pytest.warns(UserWarning, match="buffer_size 3 < min_count 4") as caught:
+        BufferStatTracker(num_prompts=2, buffer_size=3, min_count=4)
+    assert caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BufferStatTracker(num_prompts=2, buffer_size=4, min_count=4)

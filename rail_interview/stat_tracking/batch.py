@@ -64,7 +64,7 @@ class BatchStatTracker(StatTracker):
         Returns:
             ``{"count": zeros [M]}``.
         """
-        size = self._num_prompts if prompt_ids is None else prompt_ids.shape[0]
+        size = self._num_prompts if prompt_ids is None else len(prompt_ids)
         return {"count": torch.zeros(size, dtype=torch.int64, device=self._device)}
 
     def stats_from_snapshot(self, snapshot: Mapping[str, torch.Tensor]) -> TrackerStats:

@@ -154,21 +154,21 @@ class BufferStatTracker(PerPromptStatTracker):
         return self._buffer_size
 
     def _update(self, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
-        num_samples = prompt_ids.shape[0]
+        num_samples = len(prompt_ids)
         if num_samples == 0:
             return rewards.clone()
         num_prompts, buffer_size = self._num_prompts, self._buffer_size
         groups = group_by_prompt(prompt_ids, num_prompts)
         sorted_ids = groups.sorted_ids  # [N]
-        sorted_rewards = rewards.index_select(0, groups.order)  # [N]
+        sorted_rewards = rewards.index_select(0, groups.order)  # [N]; pragma: no mutate (1-D: dim 0 is dim -1)
 
         # Rank r of a prompt's group goes to slot (seen + r) % K. Only its last
         # K samples stay; the earlier ones go to the scratch slot.
         # In-place arithmetic where a temporary is not needed again: at large N
         # every fresh [N] tensor is memory that malloc may hand back and fault in.
-        seen = self._seen.index_select(0, sorted_ids)  # [N]
+        seen = self._seen.index_select(0, sorted_ids)  # [N]; pragma: no mutate (1-D: dim 0 is dim -1)
         column = (seen + groups.position).sub_(groups.start)  # [N], rewards the prompt had seen before this one
-        if buffer_size & (buffer_size - 1) == 0:
+        if buffer_size & (buffer_size - 1) == 0:  # pragma: no mutate (speed only: both sides give % K)
             column &= buffer_size - 1  # % K for a power of two, without an integer division
         else:
             column %= buffer_size
@@ -182,12 +182,15 @@ class BufferStatTracker(PerPromptStatTracker):
         # input (the slots) read through another that aliases it (the view kept
         # from the constructor) makes inductor copy the whole buffer. Eager,
         # the kept view saves the 2 us that taking one costs.
-        buffer = self._slots[:-1].view(num_prompts, buffer_size) if is_compiling() else self._rewards  # [P, K]
+        if is_compiling():  # pragma: no mutate (speed only: both hold the same values)
+            buffer = self._slots[:-1].view(num_prompts, buffer_size)  # [P, K]
+        else:
+            buffer = self._rewards  # [P, K]
         # Statistics in float32 or float64 (a no-op conversion unless the state is 16-bit).
         compute = compute_dtype(self._dtype)
         rewards = rewards.to(compute)  # [N]
         batch_mean, batch_std = batch_mean_std(rewards)
-        if num_prompts <= num_samples:
+        if num_prompts <= num_samples:  # pragma: no mutate (speed only: both paths give the same)
             # Few prompts: one pass over the whole [P, K] buffer is less work
             # than one over the [N, K] rows of the batch.
             count = self._seen.clamp_max(buffer_size)  # [P]
@@ -200,13 +203,12 @@ class BufferStatTracker(PerPromptStatTracker):
         # Many prompts: the rows of the batch's prompts, read in sorted order.
         count = seen.clamp_max(buffer_size)  # [N]
         rows = buffer.index_select(0, sorted_ids).to(compute)  # [N, K], a copy
-        center, scale = self._center_and_scale(
-            count, *masked_row_mean_std(rows, count, overwrite=True), batch_mean, batch_std
-        )  # [N], [N]
+        row_mean, row_std = masked_row_mean_std(rows, count, overwrite=True)  # pragma: no mutate (memory only)
+        center, scale = self._center_and_scale(count, row_mean, row_std, batch_mean, batch_std)  # [N], [N]
         return groups.unsort((sorted_rewards.to(compute) - center).div_(scale).to(self._dtype))
 
     def _prompt_counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        return self._seen.index_select(0, prompt_ids).clamp_max(self._buffer_size)
+        return self._seen.index_select(0, prompt_ids).clamp_max(self._buffer_size)  # pragma: no mutate (1-D)
 
     def stats_snapshot(self, prompt_ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Returns the buffer rows and counts of some prompts (may alias the state).

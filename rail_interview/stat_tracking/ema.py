@@ -107,20 +107,20 @@ class EmaStatTracker(PerPromptStatTracker):
         return self._decay
 
     def _update(self, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
-        if prompt_ids.shape[0] == 0:
+        if len(prompt_ids) == 0:  # pragma: no mutate (an empty batch also passes the general path)
             return rewards.clone()
         decay = self._decay
         compute = compute_dtype(self._dtype)  # float32 for 16-bit state
         groups = group_by_prompt(prompt_ids, self._num_prompts)
         sorted_ids, start = groups.sorted_ids, groups.start  # [N], [N]
         rewards = rewards.to(compute)  # [N]
-        sorted_rewards = rewards.index_select(0, groups.order)  # [N]
+        sorted_rewards = rewards.index_select(0, groups.order)  # [N]; pragma: no mutate (1-D: dim 0 is dim -1)
 
         # A prompt seen for the first time starts from its first reward with
         # variance 0; folding that same reward in again then changes nothing.
-        old_count = self._count.index_select(0, sorted_ids)  # [N]
+        old_count = self._count.index_select(0, sorted_ids)  # [N]; pragma: no mutate (1-D: dim 0 is dim -1)
         unseen = old_count == 0  # [N]
-        old_mean = torch.where(
+        old_mean = torch.where(  # pragma: no mutate (1-D: dim 0 is dim -1)
             unseen, sorted_rewards.index_select(0, start), self._mean.index_select(0, sorted_ids).to(compute)
         )  # [N]
         old_var = torch.where(unseen, 0.0, self._var.index_select(0, sorted_ids).to(compute))  # [N]

@@ -117,7 +117,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def is_compiling() -> bool:
     """True while torch.compile traces the caller (torch.compiler.is_compiling, torch >= 2.3)."""
     check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if check is None:  # torch < 2.3
+    if check is None:  # torch < 2.3; pragma: no mutate (torch >= 2.3 has both)
         return torch._dynamo.is_compiling()  # pylint: disable=protected-access
     return check()
 
@@ -140,10 +140,10 @@ def write_at(state: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> 
         values: [M], converted to ``state``'s dtype.
     """
     values = values.to(state.dtype)
-    if is_compiling():
+    if is_compiling():  # pragma: no mutate (speed only: both write the same)
         state.index_put_((index,), values)
     else:
-        state.scatter_(0, index, values)
+        state.scatter_(0, index, values)  # pragma: no mutate (1-D: dim 0 is dim -1)
 
 
 class PromptGroups(NamedTuple):
@@ -178,7 +178,7 @@ class PromptGroups(NamedTuple):
         Returns:
             [N] in batch order: ``result[order] == values``.
         """
-        return torch.empty_like(values).scatter_(0, self.order, values)
+        return torch.empty_like(values).scatter_(0, self.order, values)  # pragma: no mutate (1-D)
 
 
 #: The most prompts ids are sorted as int32 for, and counted for (a [P] tensor).
@@ -223,31 +223,31 @@ def group_by_prompt(prompt_ids: torch.Tensor, num_prompts: Optional[int] = None)
     Returns:
         The sorted batch and each sample's group boundaries.
     """
-    num_samples = prompt_ids.shape[0]
+    num_samples = len(prompt_ids)
     device = prompt_ids.device
     algorithm = _grouping_algorithm(num_samples, num_prompts, device)
     position = torch.arange(num_samples, device=device)  # [N]
-    if algorithm == "search":
+    if algorithm == "search":  # pragma: no mutate (every algorithm finds the same groups)
         sorted_ids, order = torch.sort(prompt_ids, stable=True)  # [N]
         start = torch.searchsorted(sorted_ids, sorted_ids)  # [N]
         end = torch.searchsorted(sorted_ids, sorted_ids, right=True)  # [N]
         return PromptGroups(sorted_ids, order, start, end, position)
-    if num_prompts is not None and num_prompts <= MAX_INT32_PROMPTS:
+    if num_prompts is not None and num_prompts <= MAX_INT32_PROMPTS:  # pragma: no mutate (speed only)
         sorted_ids, order = torch.sort(prompt_ids.int(), stable=True)  # [N]
         sorted_ids = sorted_ids.long()
     else:
         sorted_ids, order = torch.sort(prompt_ids, stable=True)  # [N]
     if algorithm == "counts":
-        count = torch.zeros(num_prompts, dtype=torch.int64, device=device).index_add_(
-            0, prompt_ids, torch.ones_like(prompt_ids)
-        )  # [P], samples of each prompt
-        end = count.cumsum(0).index_select(0, sorted_ids)  # [N]
+        count = torch.zeros(num_prompts, dtype=torch.int64, device=device)  # [P], samples of each prompt
+        count.index_add_(0, prompt_ids, torch.ones_like(prompt_ids))  # pragma: no mutate (1-D: dim 0 is dim -1)
+        end = count.cumsum(0).index_select(0, sorted_ids)  # [N]; pragma: no mutate (1-D: dim 0 is dim -1)
         return PromptGroups(sorted_ids, order, end - count.index_select(0, sorted_ids), end, position)
     first = torch.ones(num_samples, dtype=torch.bool, device=device)  # [N], first of its group
     first[1:] = sorted_ids[1:] != sorted_ids[:-1]
     last = torch.ones_like(first)  # [N], last of its group
     last[:-1] = first[1:]
-    start = torch.where(first, position, 0).cummax(0).values  # [N], latest group start at or before
+    # [N], the latest group start at or before (position 0 always starts one).
+    start = torch.where(first, position, 0).cummax(0).values  # pragma: no mutate (1-D; a 0 below any start)
     end = torch.where(last, position + 1, num_samples).flip(0).cummin(0).values.flip(0)  # [N], earliest end after
     return PromptGroups(sorted_ids, order, start, end, position)
 
@@ -274,17 +274,19 @@ def segment_sum(values: torch.Tensor, groups: PromptGroups) -> torch.Tensor:
     Returns:
         float [N] of ``values.dtype``, the sum over the sample's group.
     """
-    algorithm = _forced.get("segment_sum", "index_add" if values.device.type == "cpu" else "segment_reduce")
-    if algorithm == "index_add":
-        return torch.zeros_like(values).index_add_(0, groups.start, values).index_select(0, groups.start)
+    default = "index_add" if values.device.type == "cpu" else "segment_reduce"  # pragma: no mutate (same sums)
+    if _forced.get("segment_sum", default) == "index_add":  # pragma: no mutate (same sums)
+        sums = torch.zeros_like(values).index_add_(0, groups.start, values)  # pragma: no mutate (1-D)
+        return sums.index_select(0, groups.start)  # pragma: no mutate (1-D: dim 0 is dim -1)
     # Segment i is empty unless i starts a group, then it spans the group:
     # offsets are i at a group's start and the group's end elsewhere.
     first = groups.start == groups.position  # [N]
     offsets = torch.cat([torch.where(first, groups.position, groups.end), groups.end[-1:]])  # [N + 1]
     # unsafe=True skips torch's validation of the offsets, which reads them
     # back to the host (a sync); they are valid by construction.
-    sums = torch.segment_reduce(values, "sum", offsets=offsets, unsafe=True, initial=0)  # [N], nonzero at group starts
-    return sums.index_select(0, groups.start)
+    # [N], nonzero at group starts. unsafe=True only skips that host sync.
+    sums = torch.segment_reduce(values, "sum", offsets=offsets, unsafe=True, initial=0)  # pragma: no mutate
+    return sums.index_select(0, groups.start)  # pragma: no mutate (1-D: dim 0 is dim -1)
 
 
 def _batch_stats_algorithm(num_samples: int) -> str:
@@ -306,7 +308,7 @@ def batch_mean_std(rewards: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     Returns:
         Two scalar tensors of ``rewards.dtype``: mean and std (ddof 0).
     """
-    num_samples = rewards.shape[0]
+    num_samples = len(rewards)
     if _batch_stats_algorithm(num_samples) == "one_pass":
         std, mean = torch.std_mean(rewards, correction=0)
         return mean, std

@@ -139,7 +139,8 @@ class PromptIndex:
         """Every rank's new prompts (None where refused), merged in rank order."""
         group = self._process_group
         # Each rank's (prompts held, new prompts or None if its input was refused).
-        gathered: List[Tuple[int, Optional[List[str]]]] = [(0, None)] * dist.get_world_size(group)
+        # Placeholders that all_gather_object overwrites.
+        gathered: List[Tuple[int, Optional[List[str]]]] = [(0, None)] * dist.get_world_size(group)  # pragma: no mutate
         dist.all_gather_object(gathered, (len(self._prompts), new), group=group)
         if error is not None:
             raise error

@@ -150,7 +150,7 @@ class PromptStatsRecorder:
         self._snapshots: Dict[str, torch.Tensor] = {}  # name -> [chunk_size, M, ...], allocated on first use
         # float32 is exact for counts up to 2**24 samples of one prompt per batch.
         self._batch = torch.zeros((chunk_size, 2, num_recorded + 1), dtype=torch.float32, device=device)
-        self._ones = torch.ones(0, dtype=torch.float32, device=device)  # [N], reused while N stays the same
+        self._ones = torch.ones(0, dtype=torch.float32, device=device)  # [N], reused while N stays; pragma: no mutate
         self._steps: List[int] = []
 
     def record(self, step: int, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> None:
@@ -174,10 +174,10 @@ class PromptStatsRecorder:
             self._snapshots[name][row].copy_(tensor)
         column = prompt_ids if self._slot_of_prompt is None else self._slot_of_prompt[prompt_ids]  # [N]
         batch = self._batch[row]  # [2, M + 1], zeroed at the last flush
-        batch[0].index_add_(0, column, rewards.to(batch.dtype))
-        if self._ones.shape[0] != column.shape[0]:  # a shape, not a value: no sync
-            self._ones = torch.ones(column.shape[0], dtype=batch.dtype, device=batch.device)
-        batch[1].index_add_(0, column, self._ones)
+        batch[0].index_add_(0, column, rewards.to(batch.dtype))  # pragma: no mutate (1-D: dim 0 is dim -1)
+        if len(self._ones) != len(column):  # a shape, not a value: no sync
+            self._ones = torch.ones(len(column), dtype=batch.dtype, device=batch.device)
+        batch[1].index_add_(0, column, self._ones)  # pragma: no mutate (1-D: dim 0 is dim -1)
         self._steps.append(step)
         if len(self._steps) == self._chunk_size:
             self.flush()
@@ -188,7 +188,7 @@ class PromptStatsRecorder:
             return
         num_steps = len(self._steps)
         stats = self._tracker.stats_from_snapshot({name: t[:num_steps] for name, t in self._snapshots.items()})
-        num_recorded = stats.count.shape[-1]
+        num_recorded = stats.count.shape[-1]  # pragma: no mutate ([E, M]: dim -1 is dim 1)
         batch = self._batch[:num_steps, :, :num_recorded].double().cpu().numpy()  # [E, 2, M]
         self._batch.zero_()
         with np.errstate(invalid="ignore"):  # 0 / 0 -> NaN for prompts not sampled
