@@ -103,6 +103,7 @@ def _warning_without_a_group() -> None:
         index.ids(["a dog"])
     assert len(caught) == 1 and caught[0].category is UserWarning, [str(w.message) for w in caught]
     assert "process_group=" in str(caught[0].message) and "2 ranks" in str(caught[0].message)
+    assert caught[0].filename == __file__  # the caller's line, not the library's
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         PromptIndex(CAPACITY, process_group=dist.group.WORLD).ids(["a cat"])

@@ -147,7 +147,7 @@ class StatTracker(abc.ABC):
         eps: float,
         device: Device = None,
         dtype: torch.dtype = torch.float32,
-        check_values: bool = True,
+        check_values: bool,
         process_group: Optional["torch.distributed.ProcessGroup"] = None,
     ) -> None:
         check_positive_int("num_prompts", num_prompts)
@@ -574,7 +574,7 @@ class PerPromptStatTracker(StatTracker):
         eps: float,
         device: Device = None,
         dtype: torch.dtype = torch.float32,
-        check_values: bool = True,
+        check_values: bool,
         process_group: Optional["torch.distributed.ProcessGroup"] = None,
     ) -> None:
         super().__init__(num_prompts, eps=eps, device=device, dtype=dtype, check_values=check_values,
