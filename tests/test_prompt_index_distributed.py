@@ -7,6 +7,7 @@ rank) must raise on every rank and leave every index unchanged.
 """
 
 import datetime
+import inspect
 import traceback
 import warnings
 
@@ -99,11 +100,12 @@ def _warning_without_a_group() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         index = PromptIndex(CAPACITY)
+        call_line = inspect.currentframe().f_lineno + 1
         index.ids(["a cat"])
         index.ids(["a dog"])
     assert len(caught) == 1 and caught[0].category is UserWarning, [str(w.message) for w in caught]
     assert "process_group=" in str(caught[0].message) and "2 ranks" in str(caught[0].message)
-    assert caught[0].filename == __file__  # the caller's line, not the library's
+    assert (caught[0].filename, caught[0].lineno) == (__file__, call_line)  # the caller's line
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         PromptIndex(CAPACITY, process_group=dist.group.WORLD).ids(["a cat"])

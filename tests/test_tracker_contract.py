@@ -4,6 +4,7 @@ Each test runs over every tracker in ``TRACKERS``, so a new tracker gets the
 whole contract checked by adding one line.
 """
 
+import inspect
 import warnings
 from typing import Callable, Dict
 
@@ -398,8 +399,9 @@ def test_a_tracker_must_implement_every_abstract_method(missing):
 
 def test_the_min_count_warning_points_at_the_callers_line():
     with pytest.warns(UserWarning, match="min_count=1") as caught:
+        call_line = inspect.currentframe().f_lineno + 1
         BufferStatTracker(num_prompts=2, buffer_size=4, min_count=1)
-    assert caught[0].filename == __file__
+    assert (caught[0].filename, caught[0].lineno) == (__file__, call_line)
 
 
 def test_buffer_size_is_capped_where_float32_counts_stay_exact():
@@ -473,8 +475,9 @@ def test_base_classes_take_their_options_by_keyword():
 
 def test_a_buffer_smaller_than_min_count_warns_at_the_callers_line_and_an_equal_one_does_not():
     with pytest.warns(UserWarning, match="buffer_size 3 < min_count 4") as caught:
+        call_line = inspect.currentframe().f_lineno + 1
         BufferStatTracker(num_prompts=2, buffer_size=3, min_count=4)
-    assert caught[0].filename == __file__
+    assert (caught[0].filename, caught[0].lineno) == (__file__, call_line)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         BufferStatTracker(num_prompts=2, buffer_size=4, min_count=4)
