@@ -589,6 +589,7 @@ def summarize(pending: int, completed) -> Dict:
         A JSON-able dict; "killed_share" is killed / (killed + survived).
     """
     def empty():
+        """A counter of killed and survived mutants, both at 0."""
         return collections.Counter(killed=0, survived=0)
 
     overall, per_module, per_operator = empty(), collections.defaultdict(empty), collections.defaultdict(empty)
@@ -612,6 +613,7 @@ def summarize(pending: int, completed) -> Dict:
             survivors.append((mutation, result))
 
     def share(counter):
+        """killed / (killed + survived), or None before any mutant ran."""
         ran = counter["killed"] + counter["survived"]
         return counter["killed"] / ran if ran else None
 

@@ -1,24 +1,42 @@
-"""Runs a test's worker function in several spawned processes, as torch.distributed ranks would."""
+"""Runs a test's body in several spawned processes, as torch.distributed gloo ranks."""
 
+import datetime
+import traceback
 from typing import Callable, Sequence
 
 import pytest
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def run_ranks(worker: Callable, world_size: int, args: Sequence, *, timeout: float) -> None:
-    """Spawns ``worker(rank, *args, failures)`` for every rank and fails the test if any rank failed.
+def _rank_main(rank: int, world_size: int, init_file: str, body: Callable, args: Sequence, failures) -> None:
+    """One rank: joins the gloo group, runs ``body(rank, *args)``, reports a failure, leaves the group."""
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=60))
+        body(rank, *args)
+    except BaseException:  # pylint: disable=broad-except
+        failures.put(f"rank {rank}:\n{traceback.format_exc()}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(body: Callable, world_size: int, init_file: str, args: Sequence = (), *, timeout: float) -> None:
+    """Runs ``body(rank, *args)`` on every rank of a gloo group; fails the test if any rank failed.
 
     Args:
-        worker: a module-level function (spawn pickles it by name); it puts a
-            message on ``failures`` (its last argument) for each failure.
+        body: a module-level function (spawn pickles it by name), run with the
+            default process group already initialised.
         world_size: how many ranks to start.
-        args: the worker's arguments after ``rank``, before ``failures``.
+        init_file: a path for the group's file store, not yet existing.
+        args: the body's arguments after ``rank``.
         timeout: seconds each rank may take before the test fails as hung.
     """
     context = mp.get_context("spawn")
     failures = context.SimpleQueue()
-    processes = [context.Process(target=worker, args=(rank, *args, failures)) for rank in range(world_size)]
+    processes = [context.Process(target=_rank_main, args=(rank, world_size, init_file, body, tuple(args), failures))
+                 for rank in range(world_size)]
     for process in processes:
         process.start()
     for process in processes:

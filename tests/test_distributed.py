@@ -3,9 +3,7 @@
 The trackers' own multi-rank behaviour is tested in tests/test_tracker_distributed.py.
 """
 
-import datetime
 import os
-import traceback
 
 import pytest
 import torch
@@ -87,20 +85,8 @@ def _training(rank: int, logdir: str) -> None:
         assert log.batch_count.tolist() == expected.tolist()
 
 
-def _worker(rank: int, init_file: str, logdir: str, failures) -> None:
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE,
-                                timeout=datetime.timedelta(seconds=60))
-        _training(rank, logdir)
-    except BaseException:  # pylint: disable=broad-except
-        failures.put(f"rank {rank}:\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def test_two_gloo_ranks_train_in_step(tmp_path):
-    run_ranks(_worker, WORLD_SIZE, (str(tmp_path / "init"), str(tmp_path / "runs")), timeout=240)
+    run_ranks(_training, WORLD_SIZE, str(tmp_path / "init"), (str(tmp_path / "runs"),), timeout=240)
 
 
 def test_torchrun_trains_on_two_cpu_processes(tmp_path):

@@ -5,8 +5,6 @@ batches in rank order, and each rank's advantages its slice of that tracker's;
 a refused input on one rank raises on every rank, with the state unchanged.
 """
 
-import datetime
-import traceback
 
 import pytest
 import torch
@@ -52,17 +50,5 @@ def _scenarios(rank: int) -> None:
     assert empty.shape == (0,)
 
 
-def _worker(rank: int, init_file: str, failures) -> None:
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE,
-                                timeout=datetime.timedelta(seconds=60))
-        _scenarios(rank)
-    except BaseException:  # pylint: disable=broad-except
-        failures.put(f"rank {rank}:\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def test_two_gloo_ranks_match_one_process_and_agree_on_refusals(tmp_path):
-    run_ranks(_worker, WORLD_SIZE, (str(tmp_path / "init"),), timeout=60)
+    run_ranks(_scenarios, WORLD_SIZE, str(tmp_path / "init"), timeout=60)
