@@ -14,7 +14,14 @@ from rail_interview.stat_tracking.base import (
     check_count_range,
     check_positive_int,
 )
-from rail_interview.stat_tracking.ops import batch_mean_std, compute_dtype, group_by_prompt, is_compiling, write_at
+from rail_interview.stat_tracking.ops import (
+    batch_mean_std,
+    cast,
+    compute_dtype,
+    group_by_prompt,
+    is_compiling,
+    write_at,
+)
 
 #: The largest buffer_size: the row statistics count entries in float32,
 #: which holds every integer up to 2**24 exactly.
@@ -188,24 +195,24 @@ class BufferStatTracker(PerPromptStatTracker):
             buffer = self._rewards  # [P, K]
         # Statistics in float32 or float64 (a no-op conversion unless the state is 16-bit).
         compute = compute_dtype(self._dtype)
-        rewards = rewards.to(compute)  # [N]
+        rewards = cast(rewards, compute)  # [N]
         batch_mean, batch_std = batch_mean_std(rewards)
         if num_prompts <= num_samples:  # pragma: no mutate (speed only: both paths give the same)
             # Few prompts: one pass over the whole [P, K] buffer is less work
             # than one over the [N, K] rows of the batch.
             count = self._seen.clamp_max(buffer_size)  # [P]
-            rows = buffer.to(compute)  # [P, K], the buffer itself unless 16-bit
+            rows = cast(buffer, compute)  # [P, K], the buffer itself unless 16-bit
             center, scale = self._center_and_scale(
                 count, *masked_row_mean_std(rows, count, overwrite=rows is not buffer), batch_mean, batch_std
             )  # [P], [P]
             advantages = (rewards - center.index_select(0, prompt_ids)).div_(scale.index_select(0, prompt_ids))
-            return advantages.to(self._dtype)
+            return cast(advantages, self._dtype)
         # Many prompts: the rows of the batch's prompts, read in sorted order.
         count = seen.clamp_max(buffer_size)  # [N]
-        rows = buffer.index_select(0, sorted_ids).to(compute)  # [N, K], a copy
+        rows = cast(buffer.index_select(0, sorted_ids), compute)  # [N, K], a copy
         row_mean, row_std = masked_row_mean_std(rows, count, overwrite=True)  # pragma: no mutate (memory only)
         center, scale = self._center_and_scale(count, row_mean, row_std, batch_mean, batch_std)  # [N], [N]
-        return groups.unsort((sorted_rewards.to(compute) - center).div_(scale).to(self._dtype))
+        return groups.unsort(cast((cast(sorted_rewards, compute) - center).div_(scale), self._dtype))
 
     def _prompt_counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         return self._seen.index_select(0, prompt_ids).clamp_max(self._buffer_size)  # pragma: no mutate (1-D)

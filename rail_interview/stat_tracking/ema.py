@@ -7,7 +7,7 @@ from typing import Dict, Mapping, Optional
 import torch
 
 from rail_interview.stat_tracking.base import Device, PerPromptStatTracker, TrackerStats, check_count_range
-from rail_interview.stat_tracking.ops import batch_mean_std, compute_dtype, group_by_prompt, segment_sum, write_at
+from rail_interview.stat_tracking.ops import batch_mean_std, cast, compute_dtype, group_by_prompt, segment_sum, write_at
 
 
 class EmaStatTracker(PerPromptStatTracker):
@@ -113,7 +113,7 @@ class EmaStatTracker(PerPromptStatTracker):
         compute = compute_dtype(self._dtype)  # float32 for 16-bit state
         groups = group_by_prompt(prompt_ids, self._num_prompts)
         sorted_ids, start = groups.sorted_ids, groups.start  # [N], [N]
-        rewards = rewards.to(compute)  # [N]
+        rewards = cast(rewards, compute)  # [N]
         sorted_rewards = rewards.index_select(0, groups.order)  # [N]; pragma: no mutate (1-D: dim 0 is dim -1)
 
         # A prompt seen for the first time starts from its first reward with
@@ -121,9 +121,9 @@ class EmaStatTracker(PerPromptStatTracker):
         old_count = self._count.index_select(0, sorted_ids)  # [N]; pragma: no mutate (1-D: dim 0 is dim -1)
         unseen = old_count == 0  # [N]
         old_mean = torch.where(  # pragma: no mutate (1-D: dim 0 is dim -1)
-            unseen, sorted_rewards.index_select(0, start), self._mean.index_select(0, sorted_ids).to(compute)
+            unseen, sorted_rewards.index_select(0, start), cast(self._mean.index_select(0, sorted_ids), compute)
         )  # [N]
-        old_var = torch.where(unseen, 0.0, self._var.index_select(0, sorted_ids).to(compute))  # [N]
+        old_var = torch.where(unseen, 0.0, cast(self._var.index_select(0, sorted_ids), compute))  # [N]
 
         # Closed form of the sequential fold, in coordinates shifted by the old mean.
         shifted = sorted_rewards - old_mean  # [N]
@@ -139,7 +139,7 @@ class EmaStatTracker(PerPromptStatTracker):
         write_at(self._count, sorted_ids, count)
 
         center, scale = self._center_and_scale(count, mean, var.sqrt(), *batch_mean_std(rewards))  # [N], [N]
-        return groups.unsort((sorted_rewards - center).div_(scale).to(self._dtype))
+        return groups.unsort(cast((sorted_rewards - center).div_(scale), self._dtype))
 
     def stats_snapshot(self, prompt_ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Returns the moving mean, variance and count of some prompts (may alias the state).
