@@ -13,7 +13,8 @@ The checks, in the order they run (names as in the report):
 * ``sync_free/<tracker>/<N>x<P>x<K>``: each tracker (buffer, ema, batch) at a
   small and a large size, built with ``check_values=False`` and warmed up,
   then updated under ``torch.cuda.set_sync_debug_mode("error")``: any host
-  sync in ``update`` is an error.
+  sync in ``update`` is an error, with the algorithms CUDA picks by itself
+  and with each algorithm of ``stat_tracking.ops`` forced in turn.
 * ``cuda_graph/<tracker>/<N>x<P>x<K>``: ``tracker.update(static_ids,
   static_rewards)`` captured in a ``torch.cuda.CUDAGraph`` after a warm-up on
   a side stream, replayed over 8 batches copied into the static inputs, and
@@ -77,6 +78,7 @@ from rail_interview.stat_tracking import (  # noqa: E402  pylint: disable=wrong-
     BufferStatTracker,
     EmaStatTracker,
     StatTracker,
+    ops,
 )
 
 #: Check groups, in the order they run: the in-process ones first, as they are
@@ -229,6 +231,10 @@ def random_batches(num_batches: int, num_samples: int, num_prompts: int, *, seed
 def check_sync_free(kind: str, size: Tuple[int, int, int], device: torch.device) -> Dict[str, Any]:
     """Updates a warmed-up tracker under ``torch.cuda.set_sync_debug_mode("error")``.
 
+    First with the algorithms the device picks by itself, then with each
+    algorithm of ``ops.ALGORITHMS`` forced in turn (a user may force any of
+    them), so that no path syncs with the host.
+
     Args:
         kind: a key of ``TRACKERS``.
         size: (N, P, K).
@@ -236,32 +242,45 @@ def check_sync_free(kind: str, size: Tuple[int, int, int], device: torch.device)
             check reports skipped.
 
     Returns:
-        The number of updates checked.
+        The number of updates checked, and the outcome per forced algorithm.
 
     Raises:
         CheckSkipped: on a CPU.
-        RuntimeError: from torch, when an update synchronises with the host.
-        CheckFailed: when an advantage is not finite.
+        CheckFailed: when an update synchronises with the host, under the
+            automatic or a forced algorithm, or an advantage is not finite.
     """
     num_samples, num_prompts, buffer_size = size
     tracker = TRACKERS[kind](num_prompts, buffer_size, device)
     batches = random_batches(6, num_samples, num_prompts, seed=0, device=device)
     for ids, rewards in batches[:3]:  # warm-up: partly full buffers, lazy CUDA initialisation done
         tracker.update(ids, rewards)
+    choices = [{}] + [{operation: algorithm} for operation, algorithms in ops.ALGORITHMS.items()
+                      for algorithm in algorithms]
+    outcomes: Dict[str, str] = {}
+    for choice in choices:
+        label = ",".join(f"{op}={algo}" for op, algo in choice.items()) or "automatic"
+        with ops.forced_algorithms(**choice):
+            if device.type != "cuda":
+                advantages = [tracker.update(ids, rewards) for ids, rewards in batches[3:]]
+            else:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    advantages = [tracker.update(ids, rewards) for ids, rewards in batches[3:]]
+                except RuntimeError as error:
+                    outcomes[label] = f"host sync: {str(error).splitlines()[0]}"
+                    continue
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+        finite = all(bool(torch.isfinite(a).all()) for a in advantages)
+        outcomes[label] = "ok" if finite else "an advantage is not finite"
     if device.type != "cuda":
-        for ids, rewards in batches[3:]:
-            tracker.update(ids, rewards)
         raise CheckSkipped("needs CUDA (torch.cuda.set_sync_debug_mode); the same updates ran on cpu without it",
-                           {"updates_run": len(batches) - 3})
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        advantages = [tracker.update(ids, rewards) for ids, rewards in batches[3:]]
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    if not all(bool(torch.isfinite(a).all()) for a in advantages):
-        raise CheckFailed("an advantage is not finite")
-    return {"updates_checked": len(advantages)}
+                           {"updates_run": len(choices) * (len(batches) - 3), "algorithms": outcomes})
+    failed = {label: outcome for label, outcome in outcomes.items() if outcome != "ok"}
+    if failed:
+        raise CheckFailed(f"not sync-free or not finite: {failed}", {"algorithms": outcomes})
+    return {"updates_checked": len(choices) * (len(batches) - 3), "algorithms": outcomes}
 
 
 def _cuda_ms(fn: Callable[[], object], repeats: int = 20) -> float:
