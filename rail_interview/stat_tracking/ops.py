@@ -24,8 +24,8 @@ batch_stats     ``"one_pass"``, ``"two_pass"``          two_pass from
 A path that only one device or one size takes is an untested path unless it
 can be forced: ``forced_algorithms(grouping="scans", ...)`` forces any of
 them on any device and size. The tests run every tracker through every
-choice on small CPU batches; the GPU check (``benchmarks/gpu_check.py``) and
-benchmarks use it to compare them.
+choice on small CPU batches; the GPU check (``benchmarks/gpu_check.py``)
+forces each on CUDA under the sync-debug mode.
 
 **Precision.** State may be float16 or bfloat16, but statistics are
 accumulated in ``compute_dtype(dtype)``: float32 for the 16-bit dtypes (as
