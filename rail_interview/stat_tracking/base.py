@@ -100,6 +100,15 @@ def resolve_device(device: Device) -> torch.device:
     return torch.empty(0, device=device).device  # pragma: no mutate (any size gives the device)
 
 
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """True for the integer dtypes that can hold prompt ids (bool does not count).
+
+    Args:
+        dtype: any torch dtype.
+    """
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def check_positive_int(name: str, value: object) -> None:
     """Raises ValueError unless ``value`` is an int >= 1 (bool does not count).
 
@@ -159,6 +168,7 @@ class StatTracker(abc.ABC):
         self._eps = float(eps)
         self._device = resolve_device(device)
         self._dtype = dtype
+        self._compute_dtype = compute_dtype(dtype)  # what statistics accumulate in
         self.check_values = check_values
         self._process_group = process_group
 
@@ -452,7 +462,7 @@ class StatTracker(abc.ABC):
                 "prompt_ids and rewards must be 1-D tensors of one length [N], got shapes "
                 f"{tuple(prompt_ids.shape)} and {tuple(rewards.shape)}"
             )
-        if prompt_ids.dtype.is_floating_point or prompt_ids.dtype.is_complex or prompt_ids.dtype == torch.bool:
+        if not is_integer_dtype(prompt_ids.dtype):
             raise TypeError(f"prompt_ids must be an integer tensor, got dtype {prompt_ids.dtype}")
         if rewards.dtype.is_complex or rewards.dtype == torch.bool:
             raise TypeError(f"rewards must be a floating or integer tensor, got dtype {rewards.dtype}")
@@ -472,7 +482,7 @@ class StatTracker(abc.ABC):
             self._check_id_range(prompt_ids)
             # A sum is finite when every reward is, unless finite rewards overflow
             # it: only then is the exact, slower check needed.
-            if not math.isfinite(rewards.sum(dtype=compute_dtype(self._dtype)).item()):
+            if not math.isfinite(rewards.sum(dtype=self._compute_dtype).item()):
                 finite = torch.isfinite(rewards)
                 if not finite.all():
                     raise ValueError(
@@ -500,7 +510,7 @@ class StatTracker(abc.ABC):
             raise TypeError(f"{method}: prompt_ids must be a torch tensor, got {type(prompt_ids).__name__}")
         if prompt_ids.ndim != 1:
             raise ValueError(f"{method}: prompt_ids must be a 1-D tensor [M], got shape {tuple(prompt_ids.shape)}")
-        if prompt_ids.dtype.is_floating_point or prompt_ids.dtype.is_complex or prompt_ids.dtype == torch.bool:
+        if not is_integer_dtype(prompt_ids.dtype):
             raise TypeError(f"{method}: prompt_ids must be an integer tensor, got dtype {prompt_ids.dtype}")
         if prompt_ids.device != self._device:
             raise ValueError(

@@ -7,7 +7,7 @@ from typing import Dict, Mapping, Optional
 import torch
 
 from rail_interview.stat_tracking.base import Device, StatTracker, TrackerStats
-from rail_interview.stat_tracking.ops import batch_mean_std, cast, compute_dtype
+from rail_interview.stat_tracking.ops import batch_mean_std, cast
 
 
 class BatchStatTracker(StatTracker):
@@ -51,7 +51,7 @@ class BatchStatTracker(StatTracker):
     def _update(self, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
         if rewards.numel() == 0:
             return rewards.clone()
-        rewards = cast(rewards, compute_dtype(self._dtype))  # [N], float32 for 16-bit dtypes
+        rewards = cast(rewards, self._compute_dtype)  # [N], float32 for 16-bit dtypes
         mean, std = batch_mean_std(rewards)
         return cast((rewards - mean) / (std + self._eps), self._dtype)
 

@@ -17,7 +17,6 @@ from rail_interview.stat_tracking.base import (
 from rail_interview.stat_tracking.ops import (
     batch_mean_std,
     cast,
-    compute_dtype,
     group_by_prompt,
     is_compiling,
     write_at,
@@ -194,7 +193,7 @@ class BufferStatTracker(PerPromptStatTracker):
         else:
             buffer = self._rewards  # [P, K]
         # Statistics in float32 or float64 (a no-op conversion unless the state is 16-bit).
-        compute = compute_dtype(self._dtype)
+        compute = self._compute_dtype
         rewards = cast(rewards, compute)  # [N]
         batch_mean, batch_std = batch_mean_std(rewards)
         if num_prompts <= num_samples:  # pragma: no mutate (speed only: both paths give the same)
@@ -240,7 +239,7 @@ class BufferStatTracker(PerPromptStatTracker):
             TrackerStats of [*B, M] tensors.
         """
         count = snapshot["count"]
-        rows = snapshot["rewards"].to(compute_dtype(self._dtype))  # [*B, M, K]
+        rows = snapshot["rewards"].to(self._compute_dtype)  # [*B, M, K]
         mean, std = masked_row_mean_std(rows, count)
         return TrackerStats(mean=mean.to(self._dtype), std=std.to(self._dtype), count=count.clone(),
                             fallback=count < self._min_count)

@@ -7,7 +7,7 @@ from typing import Dict, Mapping, Optional
 import torch
 
 from rail_interview.stat_tracking.base import Device, PerPromptStatTracker, TrackerStats, check_count_range
-from rail_interview.stat_tracking.ops import batch_mean_std, cast, compute_dtype, group_by_prompt, segment_sum, write_at
+from rail_interview.stat_tracking.ops import batch_mean_std, cast, group_by_prompt, segment_sum, write_at
 
 
 class EmaStatTracker(PerPromptStatTracker):
@@ -43,8 +43,9 @@ class EmaStatTracker(PerPromptStatTracker):
     significant digits after each update: with ``decay`` close to 1 and few
     rewards of a prompt per batch, a change of the mean or variance smaller
     than about 2**-8 of its value (bfloat16; 2**-11 in float16) is rounded
-    away, so prefer float32 state for ``decay`` above about 0.99. float16 state also caps the variance at
-    65504 (a std of about 255): scale rewards below that or use bfloat16.
+    away, so prefer float32 state for ``decay`` above about 0.99. float16
+    state also caps the variance at 65504 (a std of about 255): scale
+    rewards below that or use bfloat16.
 
     State, allocated once on ``device``: ``mean`` [P], ``var`` [P] and
     ``count`` [P] (rewards seen, int64).
@@ -110,7 +111,7 @@ class EmaStatTracker(PerPromptStatTracker):
         if len(prompt_ids) == 0:  # pragma: no mutate (an empty batch also passes the general path)
             return rewards.clone()
         decay = self._decay
-        compute = compute_dtype(self._dtype)  # float32 for 16-bit state
+        compute = self._compute_dtype  # float32 for 16-bit state
         groups = group_by_prompt(prompt_ids, self._num_prompts)
         sorted_ids, start = groups.sorted_ids, groups.start  # [N], [N]
         rewards = cast(rewards, compute)  # [N]
@@ -166,7 +167,7 @@ class EmaStatTracker(PerPromptStatTracker):
         """
         count = snapshot["count"]
         seen = count > 0
-        std = snapshot["var"].to(compute_dtype(self._dtype)).sqrt().to(self._dtype)
+        std = snapshot["var"].to(self._compute_dtype).sqrt().to(self._dtype)
         return TrackerStats(
             mean=torch.where(seen, snapshot["mean"], float("nan")),
             std=torch.where(seen, std, float("nan")),

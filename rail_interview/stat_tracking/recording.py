@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from rail_interview.stat_tracking.base import StatTracker, check_positive_int
+from rail_interview.stat_tracking.base import StatTracker, check_positive_int, is_integer_dtype
 
 PROMPTS_FILE = "prompts.json"
 CHUNK_PATTERN = "chunk_*.npz"
@@ -103,7 +103,7 @@ class PromptStatsRecorder:
     ) -> None:
         check_positive_int("every", every)
         check_positive_int("chunk_size", chunk_size)
-        if prompt_ids.ndim != 1 or prompt_ids.dtype.is_floating_point or prompt_ids.dtype == torch.bool:
+        if prompt_ids.ndim != 1 or not is_integer_dtype(prompt_ids.dtype):
             raise ValueError(f"prompt_ids must be a 1-D integer tensor, got {prompt_ids.dtype} "
                              f"of shape {tuple(prompt_ids.shape)}")
         ids = prompt_ids.tolist()
