@@ -19,6 +19,9 @@ segment_sum     ``"index_add"``, ``"segment_reduce"``   index_add on a CPU,
                                                         segment_reduce elsewhere
 batch_stats     ``"one_pass"``, ``"two_pass"``          two_pass from
                                                         ``TWO_PASS_BATCH_STATS_MIN_SAMPLES``
+group_stats     ``"dense"``, ``"sorted"``               dense on a CPU when the rows
+                                                        (P + 1) are at most N, else
+                                                        sorted
 =============== ======================================= ==============================
 
 A path that only one device or one size takes is an untested path unless it
@@ -47,6 +50,7 @@ ALGORITHMS: Dict[str, Tuple[str, ...]] = {
     "grouping": ("search", "counts", "scans"),
     "segment_sum": ("index_add", "segment_reduce"),
     "batch_stats": ("one_pass", "two_pass"),
+    "group_stats": ("dense", "sorted"),
 }
 
 #: From this batch size on, ``group_by_prompt`` finds group boundaries in
@@ -200,6 +204,34 @@ class PromptGroups(NamedTuple):
 #: The most prompts ids are sorted as int32 for, and counted for (a [P] tensor).
 MAX_INT32_PROMPTS = 2**31
 
+#: The most prompts ids are sorted as int16 for: torch's radix sort then takes
+#: two byte passes instead of four. Measured on a CPU at N = 32768: 167 us
+#: against 361 us (int32) and 797 us (int64).
+MAX_INT16_PROMPTS = 2**15
+
+
+def sort_ids(
+    prompt_ids: torch.Tensor, num_prompts: Optional[int], *, dtype: torch.dtype = torch.int64
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Stable sort of prompt ids, as the narrowest integer dtype that holds them.
+
+    Args:
+        prompt_ids: int64 [N], ids in [0, num_prompts).
+        num_prompts: P, if known; ids are sorted as int16 when P <=
+            ``MAX_INT16_PROMPTS``, as int32 when P <= ``MAX_INT32_PROMPTS``.
+        dtype: the integer dtype of the sorted ids returned; it must hold P.
+
+    Returns:
+        ``dtype`` [N] sorted ids and int64 [N] ``order``, with
+        ``sorted_ids == prompt_ids[order]`` and batch order kept among equal ids.
+    """
+    if num_prompts is None or num_prompts > MAX_INT32_PROMPTS:  # pragma: no mutate (speed only)
+        sorted_ids, order = torch.sort(prompt_ids, stable=True)
+    else:
+        narrow = torch.int16 if num_prompts <= MAX_INT16_PROMPTS else torch.int32  # pragma: no mutate (speed only)
+        sorted_ids, order = torch.sort(prompt_ids.to(narrow), stable=True)  # [N]
+    return cast(sorted_ids, dtype), order
+
 
 def _grouping_algorithm(num_samples: int, num_prompts: Optional[int], device: torch.device) -> str:
     """The grouping algorithm for a batch: forced, or by size and device."""
@@ -229,8 +261,9 @@ def group_by_prompt(prompt_ids: torch.Tensor, num_prompts: Optional[int] = None)
       automatically only on a CPU.
     * ``"scans"``: cumulative max and min scans over the sorted batch, O(N).
 
-    The linear-time algorithms sort ids as int32 when ``num_prompts`` allows,
-    which halves the cost of torch's radix sort of large batches.
+    The linear-time algorithms sort ids as int16 or int32 when ``num_prompts``
+    allows (``sort_ids``), which halves or quarters the cost of torch's radix
+    sort of large batches.
 
     Args:
         prompt_ids: int64 [N], N >= 1, ids in [0, num_prompts).
@@ -248,11 +281,7 @@ def group_by_prompt(prompt_ids: torch.Tensor, num_prompts: Optional[int] = None)
         start = torch.searchsorted(sorted_ids, sorted_ids)  # [N]
         end = torch.searchsorted(sorted_ids, sorted_ids, right=True)  # [N]
         return PromptGroups(sorted_ids, order, start, end, position)
-    if num_prompts is not None and num_prompts <= MAX_INT32_PROMPTS:  # pragma: no mutate (speed only)
-        sorted_ids, order = torch.sort(prompt_ids.int(), stable=True)  # [N]
-        sorted_ids = sorted_ids.long()
-    else:
-        sorted_ids, order = torch.sort(prompt_ids, stable=True)  # [N]
+    sorted_ids, order = sort_ids(prompt_ids, num_prompts)  # [N]
     if algorithm == "counts":
         count = torch.zeros(num_prompts, dtype=torch.int64, device=device)  # [P], samples of each prompt
         count.index_add_(0, prompt_ids, torch.ones_like(prompt_ids))  # pragma: no mutate (1-D: dim 0 is dim -1)
@@ -305,28 +334,66 @@ def segment_sum(values: torch.Tensor, groups: PromptGroups) -> torch.Tensor:
     return sums.index_select(0, groups.start)  # pragma: no mutate (1-D: dim 0 is dim -1)
 
 
+def group_stats_algorithm(num_samples: int, num_rows: int, device: torch.device) -> str:
+    """How in-batch group statistics are summed: forced, or by size and device.
+
+    ``"dense"`` adds into one row per prompt with ``index_add_``: no sort,
+    O(N + R), and deterministic on a CPU, where it adds sequentially (on
+    CUDA its float atomics are not). ``"sorted"`` sorts the batch and sums
+    each group with ``segment_sum``: O(N log N), deterministic everywhere.
+    Measured on a CPU, in-batch GRPO at N = 512 (64 groups): 25 us dense
+    against 63 us sorted; at N = 32768 (2048 groups): 0.20 ms against 1.06 ms.
+
+    Args:
+        num_samples: N.
+        num_rows: R, the rows a dense sum would fill.
+        device: the batch's device.
+
+    Returns:
+        ``"dense"`` or ``"sorted"``.
+    """
+    default = "dense" if device.type == "cpu" and num_rows <= num_samples else "sorted"
+    return _forced.get("group_stats", default)
+
+
 def _batch_stats_algorithm(num_samples: int) -> str:
     """The batch statistics algorithm for N samples: forced, or by size."""
     default = "two_pass" if num_samples >= TWO_PASS_BATCH_STATS_MIN_SAMPLES else "one_pass"
     return _forced.get("batch_stats", default)
 
 
-def batch_mean_std(rewards: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Mean and population standard deviation of a whole batch.
+def batch_mean_std(
+    rewards: torch.Tensor, valid: Optional[torch.Tensor] = None, *, ddof: int = 0
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of a whole batch, or of its valid samples.
 
-    Two algorithms (see ``forced_algorithms``): ``"one_pass"``
-    (``torch.std_mean``) and ``"two_pass"`` (the mean, then the norm of the
-    deviations: more ops, each much faster at large N).
+    Two algorithms for a batch without a mask (see ``forced_algorithms``):
+    ``"one_pass"`` (``torch.std_mean``) and ``"two_pass"`` (the mean, then
+    the norm of the deviations: more ops, each much faster at large N). With
+    a mask, two passes over the valid samples, with no host sync.
 
     Args:
-        rewards: float [N], N >= 1; pass them in ``compute_dtype``.
+        rewards: float [N], N >= 1; pass them in ``compute_dtype``. With
+            ``valid``, rewards of invalid samples must be 0.
+        valid: bool [N], the samples that count, or None for all of them.
+        ddof: the std divides the sum of squared deviations by n - ddof, n
+            the number of samples that count.
 
     Returns:
-        Two scalar tensors of ``rewards.dtype``: mean and std (ddof 0).
+        Two scalar tensors of ``rewards.dtype``: mean and std; the std is 0
+        when n <= ddof, the mean NaN when no sample counts.
     """
-    num_samples = len(rewards)
+    if valid is not None:
+        num = valid.sum(dtype=rewards.dtype)  # n, a tensor: no host sync
+        mean = rewards.sum() / num
+        deviation = torch.where(valid, rewards - mean, 0)  # [N]
+        norm = torch.linalg.vector_norm(deviation)
+        return mean, torch.where(num > ddof, norm / (num - ddof).clamp_min(1).sqrt(), 0)
+    num_samples = rewards.shape[0]
+    if num_samples <= ddof:  # a shape, not a value: no host sync
+        return rewards.mean(), rewards.new_zeros(())
     if _batch_stats_algorithm(num_samples) == "one_pass":
-        std, mean = torch.std_mean(rewards, correction=0)
+        std, mean = torch.std_mean(rewards, correction=ddof)
         return mean, std
     mean = rewards.mean()
-    return mean, torch.linalg.vector_norm(rewards - mean) / math.sqrt(num_samples)
+    return mean, torch.linalg.vector_norm(rewards - mean) / math.sqrt(num_samples - ddof)
