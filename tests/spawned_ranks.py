@@ -15,6 +15,10 @@ def _rank_main(rank: int, world_size: int, init_file: str, body: Callable, args:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=60))
         body(rank, *args)
+        # Every rank done communicating before any tears the group down: a rank
+        # that destroys its group while a peer still reads from it can abort
+        # the peer in gloo's C++ ("terminate called without an active exception").
+        dist.barrier()
     except BaseException:  # pylint: disable=broad-except
         failures.put(f"rank {rank}:\n{traceback.format_exc()}")
     finally:

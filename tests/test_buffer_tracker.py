@@ -208,28 +208,30 @@ def test_float16_buffer_sums_rows_in_float32():
 def test_no_buffer_slot_is_written_twice_in_one_update(monkeypatch, grouping):
     # Which of two writes to one slot wins is undefined on CUDA: rewards pushed
     # out within their own batch must go to the scratch slot, never to a slot
-    # that a later reward of the batch also writes.
-    import rail_interview.stat_tracking.buffer as buffer_module
+    # that a later reward of the batch also writes. Batches of 1 and 3 samples
+    # take the path for more rows (P + 1 = 4) than samples, the others the
+    # path for fewer.
+    import rail_interview.stat_tracking.memory as memory_module
     from rail_interview.stat_tracking import ops
 
     tracker = BufferStatTracker(num_prompts=3, buffer_size=4, min_count=2)
-    scratch = 3 * 4
-    write_at = buffer_module.write_at
+    scratch = (3 + 1) * 4  # after the slots of the 3 prompts and of the invalid-sample row
+    write_at = memory_module.write_at
     slot_writes = []
 
     def checked_write_at(state, index, values):
-        if state.data_ptr() == tracker._slots.data_ptr():
+        if state.data_ptr() == tracker._memory._slots.data_ptr():
             slots = index[index != scratch]
             slot_writes.append(slots.numel())
             assert slots.unique().numel() == slots.numel(), f"a slot written twice: {sorted(slots.tolist())}"
         write_at(state, index, values)
 
-    monkeypatch.setattr(buffer_module, "write_at", checked_write_at)
+    monkeypatch.setattr(memory_module, "write_at", checked_write_at)
     generator = torch.Generator().manual_seed(0)
     with ops.forced_algorithms(grouping=grouping):
-        for size in (1, 9, 14, 30):
+        for size in (1, 3, 9, 14, 30):
             tracker.update(torch.randint(3, (size,), generator=generator), torch.randn(size, generator=generator))
-    assert slot_writes and max(slot_writes) <= 3 * 4
+    assert len(slot_writes) == 5 and max(slot_writes) <= 3 * 4
 
 
 def test_state_with_head_out_of_range_or_non_finite_rewards_is_refused():

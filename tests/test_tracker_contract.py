@@ -465,12 +465,12 @@ def test_options_after_the_sizes_are_keyword_only(name):
 
 
 def test_base_classes_take_their_options_by_keyword():
-    from rail_interview.stat_tracking.base import PerPromptStatTracker
+    from rail_interview.stat_tracking import AdvantageTracker
 
     with pytest.raises(TypeError, match="positional argument"):
         StatTracker.__init__(BatchStatTracker(2), 2, 1e-6)
     with pytest.raises(TypeError, match="positional argument"):
-        PerPromptStatTracker.__init__(EmaStatTracker(2), 2, 2, 1e-6)
+        AdvantageTracker(2, "buffer", 32)
 
 
 def test_a_buffer_smaller_than_min_count_warns_at_the_callers_line_and_an_equal_one_does_not():

@@ -3,6 +3,9 @@
 A tracker turns (prompt id, reward) pairs into advantages,
 ``(reward - mean) / (std + eps)``, with ``mean`` and ``std`` describing recent
 rewards of the same prompt, or of the whole batch until a prompt has enough.
+``AdvantageTracker`` composes any memory (none, a ring buffer, an EMA) with
+any estimator of the GRPO family; ``presets`` names the combinations that
+reproduce public trainers (DDPO, TRL, verl, flow_grpo).
 Prompt ids are integers in [0, num_prompts); all state lives in fixed-shape
 tensors on the tracker's device. This package does not depend on the toy
 problem and can be dropped into any trainer.
@@ -10,7 +13,8 @@ problem and can be dropped into any trainer.
 Dimensions used in docstrings: N samples in a batch, P prompts, K buffer slots.
 """
 
-from rail_interview.stat_tracking.base import StatTracker, TrackerStats, resolve_device
+from rail_interview.stat_tracking import presets
+from rail_interview.stat_tracking.base import StatTracker, TrackerStats, UpdateReport, resolve_device
 from rail_interview.stat_tracking.batch import BatchStatTracker
 from rail_interview.stat_tracking.buffer import BufferStatTracker
 from rail_interview.stat_tracking.ema import EmaStatTracker
@@ -22,8 +26,10 @@ from rail_interview.stat_tracking.recording import (
     truncate_prompt_stats,
 )
 from rail_interview.stat_tracking.reference import ReferenceBufferStatTracker, ReferenceEmaStatTracker
+from rail_interview.stat_tracking.tracker import AdvantageTracker
 
 __all__ = [
+    "AdvantageTracker",
     "BatchStatTracker",
     "BufferStatTracker",
     "EmaStatTracker",
@@ -35,7 +41,9 @@ __all__ = [
     "ReferenceEmaStatTracker",
     "StatTracker",
     "TrackerStats",
+    "UpdateReport",
     "load_prompt_stats",
+    "presets",
     "truncate_prompt_stats",
     "resolve_device",
 ]

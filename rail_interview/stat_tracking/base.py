@@ -37,12 +37,11 @@ from __future__ import annotations
 
 import abc
 import math
-import warnings
 from typing import Dict, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from rail_interview.stat_tracking.ops import compute_dtype, is_compiling
+from rail_interview.stat_tracking.ops import cast, compute_dtype, is_compiling
 
 Device = Union[str, torch.device, None]
 
@@ -85,6 +84,44 @@ class TrackerStats(NamedTuple):
     std: torch.Tensor
     count: torch.Tensor
     fallback: torch.Tensor
+
+
+class UpdateReport(NamedTuple):
+    """What one update did to each sample, as returned by ``update_with_report``.
+
+    Every field is a tensor on the tracker's device, computed without a host
+    sync, so a trainer can log it every step and read it back when it logs.
+
+    Attributes:
+        advantages: ``dtype`` [N], as ``update`` returns them.
+        valid: bool [N], the samples that counted: not masked out by
+            ``valid`` and, with ``nan_rewards="invalid"``, not NaN.
+        fallback: bool [N], valid samples whose prompt held fewer than
+            ``min_count`` rewards (this batch included), so that the
+            tracker's fallback set their advantage.
+        zero_variance: bool [N], valid samples whose prompt's valid rewards
+            in this batch are all exactly equal (a prompt with one valid
+            sample included): the groups that carry no signal within the
+            batch, which DAPO-style trainers drop.
+        zero_variance_fraction: float32 scalar, the fraction of the batch's
+            prompts (those with at least one valid sample) whose valid
+            rewards are all equal; 0 when no sample is valid.
+    """
+
+    advantages: torch.Tensor
+    valid: torch.Tensor
+    fallback: torch.Tensor
+    zero_variance: torch.Tensor
+    zero_variance_fraction: torch.Tensor
+
+    def local(self, samples: slice) -> "UpdateReport":
+        """Returns the report of some samples; the fraction stays the whole batch's.
+
+        Args:
+            samples: the samples to keep, such as one rank's part of a gathered batch.
+        """
+        return UpdateReport(self.advantages[samples], self.valid[samples], self.fallback[samples],
+                            self.zero_variance[samples], self.zero_variance_fraction)
 
 
 def resolve_device(device: Device) -> torch.device:
@@ -197,13 +234,19 @@ class StatTracker(abc.ABC):
         """The floating dtype of the state and of the advantages."""
         return self._dtype
 
-    def update(self, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    def update(
+        self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Adds a batch of rewards to the statistics and returns its advantages.
 
         Args:
             prompt_ids: integer [N], the prompt id of each sample, in [0, P).
             rewards: float or integer [N], the reward of each sample (integer
                 rewards are converted to ``dtype``, never truncated).
+            valid: bool [N], False for samples that must not count (never
+                enter memory or any statistic, and get advantage 0), or
+                None for all valid. With a process group, pass it on every
+                rank or on none.
 
         Returns:
             ``dtype`` [N], the advantage of each sample, on ``device``.
@@ -226,31 +269,35 @@ class StatTracker(abc.ABC):
                 input is refused raises alone and the others wait in the
                 all-gather until the process group's timeout.
         """
-        if self._process_group is None:
-            prompt_ids, rewards = self._validate_inputs(prompt_ids, rewards)
-            return self._update(prompt_ids, rewards)
-        return self._distributed_update(prompt_ids, rewards)
+        return self._dispatch(prompt_ids, rewards, valid, report=False)
 
-    def _distributed_update(self, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
-        """``update`` with a process group: gather, update the global batch, slice."""
+    def _dispatch(
+        self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor], report: bool
+    ) -> Union[torch.Tensor, "UpdateReport"]:
+        """Validates, then runs ``_update`` here or on the batch gathered from every rank."""
+        if self._process_group is None:
+            prompt_ids, rewards, valid = self._validate_inputs(prompt_ids, rewards, valid)
+            return self._update(prompt_ids, rewards, valid, report)
         import torch.distributed as dist  # pylint: disable=import-outside-toplevel
 
         group = self._process_group
         world_size, rank = dist.get_world_size(group), dist.get_rank(group)
         error: Optional[Exception] = None
         try:
-            prompt_ids, rewards = self._validate_inputs(prompt_ids, rewards)
+            prompt_ids, rewards, valid = self._validate_inputs(prompt_ids, rewards, valid)
         except (TypeError, ValueError) as caught:
             if not self.check_values:
                 raise
             error = caught
         if self.check_values:
             # One small collective (and host sync) for the verdict: every rank's
-            # batch size, or -1 for a rank whose input was refused.
-            size = torch.tensor([-1 if error is not None else len(prompt_ids)], device=self._device)
-            sizes = torch.empty(world_size, dtype=size.dtype, device=self._device)
-            all_gather_single(sizes, size, group=group)
-            sizes_list = sizes.tolist()
+            # batch size (-1 for a rank whose input was refused) and whether it
+            # passed a valid mask.
+            verdict = torch.tensor([-1 if error is not None else len(prompt_ids), valid is not None],
+                                   device=self._device)
+            verdicts = torch.empty(2 * world_size, dtype=verdict.dtype, device=self._device)
+            all_gather_single(verdicts, verdict, group=group)
+            sizes_list, masked = verdicts[0::2].tolist(), verdicts[1::2].tolist()
             if error is not None:
                 raise error
             refused = [r for r, n in enumerate(sizes_list) if n < 0]
@@ -258,24 +305,34 @@ class StatTracker(abc.ABC):
                 raise ValueError(f"rank(s) {refused} refused their input to update; see the error there")
             if len(set(sizes_list)) > 1:
                 raise ValueError(f"local batches must have the same size on every rank, got sizes {sizes_list}")
+            if len(set(masked)) > 1:
+                raise ValueError(f"valid must be passed on every rank or on none; ranks that passed it: "
+                                 f"{[r for r, m in enumerate(masked) if m]}")
         num_local = len(prompt_ids)
-        all_ids = torch.empty(world_size * num_local, dtype=prompt_ids.dtype, device=self._device)
-        all_rewards = torch.empty(world_size * num_local, dtype=rewards.dtype, device=self._device)
-        all_gather_single(all_ids, prompt_ids.contiguous(), group=group)
-        all_gather_single(all_rewards, rewards.contiguous(), group=group)
-        advantages = self._update(all_ids, all_rewards)  # [world_size * N]
-        return advantages[rank * num_local:(rank + 1) * num_local]
+        gathered = []
+        for local in (prompt_ids, rewards) if valid is None else (prompt_ids, rewards, valid):
+            whole = torch.empty(world_size * num_local, dtype=local.dtype, device=self._device)
+            all_gather_single(whole, local.contiguous(), group=group)
+            gathered.append(whole)
+        all_valid = gathered[2] if valid is not None else None
+        result = self._update(gathered[0], gathered[1], all_valid, report)  # [world_size * N]
+        mine = slice(rank * num_local, (rank + 1) * num_local)
+        return result.local(mine) if report else result[mine]
 
     @abc.abstractmethod
-    def _update(self, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    def _update(
+        self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor], report: bool
+    ) -> Union[torch.Tensor, "UpdateReport"]:
         """Does the work of ``update`` on validated inputs.
 
         Args:
             prompt_ids: int64 [N] on ``device``, in [0, P).
             rewards: ``dtype`` [N] on ``device``.
+            valid: bool [N] on ``device``, or None for all valid.
+            report: return an ``UpdateReport`` instead of the advantages.
 
         Returns:
-            ``dtype`` [N], the advantages.
+            ``dtype`` [N], the advantages, or their ``UpdateReport``.
         """
 
     def stats(self, prompt_ids: Optional[torch.Tensor] = None) -> TrackerStats:
@@ -438,16 +495,18 @@ class StatTracker(abc.ABC):
             tensor.copy_(state[name])
 
     def _validate_inputs(
-        self, prompt_ids: torch.Tensor, rewards: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Checks the inputs of ``update`` and converts them.
 
         Args:
             prompt_ids: as passed to ``update``.
             rewards: as passed to ``update``.
+            valid: as passed to ``update``.
 
         Returns:
-            prompt_ids as int64 [N] and rewards as ``dtype`` [N].
+            prompt_ids as int64 [N], rewards as ``dtype`` [N] and valid as
+            bool [N] or None.
 
         Raises:
             TypeError, ValueError: as documented in ``update``.
@@ -471,25 +530,41 @@ class StatTracker(abc.ABC):
                 f"prompt_ids and rewards must be on the tracker's device {self._device}, got "
                 f"{prompt_ids.device} and {rewards.device}"
             )
+        if valid is not None:
+            if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
+                kind = valid.dtype if isinstance(valid, torch.Tensor) else type(valid).__name__
+                raise TypeError(f"valid must be a bool tensor or None, got {kind}")
+            if valid.shape != prompt_ids.shape or valid.device != self._device:
+                raise ValueError(
+                    f"valid must have the shape of prompt_ids {tuple(prompt_ids.shape)} and be on {self._device}, "
+                    f"got shape {tuple(valid.shape)} on {valid.device}"
+                )
         self._refuse_compiled_value_checks("update")
         # Convert before checking values: a finite float64 or integer reward can
         # overflow the tracker's dtype. Detach: the state must not join autograd.
-        prompt_ids = prompt_ids.long()
-        rewards = rewards.to(self._dtype)
+        prompt_ids = cast(prompt_ids, torch.int64)
+        rewards = cast(rewards, self._dtype)
         if rewards.requires_grad:
             rewards = rewards.detach()
         if self.check_values and prompt_ids.numel() > 0:
             self._check_id_range(prompt_ids)
-            # A sum is finite when every reward is, unless finite rewards overflow
-            # it: only then is the exact, slower check needed.
-            if not math.isfinite(rewards.sum(dtype=self._compute_dtype).item()):
-                finite = torch.isfinite(rewards)
-                if not finite.all():
-                    raise ValueError(
-                        f"rewards must be finite in {self._dtype}, got {int((~finite).sum())} NaN or "
-                        "infinite value(s)"
-                    )
-        return prompt_ids, rewards
+            self._check_reward_values(rewards)
+        return prompt_ids, rewards, valid
+
+    def _check_reward_values(self, rewards: torch.Tensor) -> None:
+        """Raises ValueError unless every reward is finite (one host sync).
+
+        Args:
+            rewards: ``dtype`` [N], N >= 1.
+        """
+        # A sum is finite when every reward is, unless finite rewards overflow
+        # it: only then is the exact, slower check needed.
+        if not math.isfinite(rewards.sum(dtype=self._compute_dtype).item()):
+            finite = torch.isfinite(rewards)
+            if not finite.all():
+                raise ValueError(
+                    f"rewards must be finite in {self._dtype}, got {int((~finite).sum())} NaN or infinite value(s)"
+                )
 
     def _validate_prompt_ids(self, prompt_ids: torch.Tensor, method: str) -> torch.Tensor:
         """Checks ids given to ``stats`` or ``fallback_mask`` as ``update`` checks its own.
@@ -548,102 +623,6 @@ class StatTracker(abc.ABC):
                 "read ids and rewards back to the host. Build the tracker with check_values=False (or set "
                 "tracker.check_values = False) before torch.compile; shapes, dtypes and devices stay checked."
             )
-
-
-class PerPromptStatTracker(StatTracker):
-    """Shared part of the trackers that keep statistics per prompt.
-
-    Holds ``min_count`` and chooses, per prompt, between its own statistics
-    and the whole batch's. A subclass either allocates ``self._count``
-    (int64 [P], rewards behind each prompt's statistics) in its constructor
-    or overrides ``_prompt_counts``.
-
-    Args:
-        num_prompts: P, the number of distinct prompt ids.
-        min_count: a prompt is normalised with its own statistics once it has
-            at least this many rewards; until then with the whole batch's.
-        eps: added to the standard deviation before dividing.
-        device: where the state lives.
-        dtype: floating dtype of the state and of the advantages.
-        check_values: see ``StatTracker``.
-        process_group: see ``StatTracker``.
-
-    Raises:
-        ValueError: if ``min_count`` is not a positive int (and as
-            ``StatTracker``). A ``min_count`` of 1 is allowed, with a
-            warning.
-    """
-
-    _count: torch.Tensor
-
-    def __init__(
-        self,
-        num_prompts: int,
-        *,
-        min_count: int,
-        eps: float,
-        device: Device = None,
-        dtype: torch.dtype = torch.float32,
-        check_values: bool,
-        process_group: Optional["torch.distributed.ProcessGroup"] = None,
-    ) -> None:
-        super().__init__(num_prompts, eps=eps, device=device, dtype=dtype, check_values=check_values,
-                         process_group=process_group)
-        check_positive_int("min_count", min_count)
-        if min_count < 2:
-            warnings.warn(
-                f"min_count={min_count}: a prompt's own statistics are used from its first reward, when its "
-                "std is 0 or rests on one or two rewards, so advantages can reach |reward - mean| / eps "
-                "(about 1e6 times the reward spread; +-inf in float16). Use min_count >= 2, better 8 or more.",
-                stacklevel=3,
-            )
-        self._min_count = min_count
-
-    @property
-    def min_count(self) -> int:
-        """Rewards a prompt needs before its own statistics are used."""
-        return self._min_count
-
-    def _prompt_counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        """Returns the count of rewards behind each given prompt's statistics.
-
-        Args:
-            prompt_ids: int64 [M] on ``device``.
-
-        Returns:
-            int64 [M].
-        """
-        return self._count.index_select(0, prompt_ids)  # pragma: no mutate (1-D: dim 0 is dim -1)
-
-    def _fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        return self._prompt_counts(prompt_ids) < self._min_count
-
-    def _center_and_scale(
-        self,
-        count: torch.Tensor,
-        mean: torch.Tensor,
-        std: torch.Tensor,
-        batch_mean: torch.Tensor,
-        batch_std: torch.Tensor,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Picks the prompt's statistics or the batch's, for any set of prompts or samples.
-
-        The advantage of a reward is then ``(reward - center) / scale``.
-
-        Args:
-            count: int64 [*S], the count behind each prompt's statistics, the
-                current batch included.
-            mean: float [*S], the prompt's mean.
-            std: float [*S], the prompt's std (no eps).
-            batch_mean: float scalar, the whole batch's mean.
-            batch_std: float scalar, the whole batch's std.
-
-        Returns:
-            float [*S] center and float [*S] scale: the prompt's mean and
-            ``std + eps`` if it has ``min_count`` rewards, else the batch's.
-        """
-        own = count >= self._min_count  # [*S]
-        return torch.where(own, mean, batch_mean), torch.where(own, std, batch_std).add_(self._eps)
 
 
 def check_count_range(name: str, count: torch.Tensor, high: Optional[int] = None) -> None:

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Optional
 
 import torch
 
-from rail_interview.stat_tracking.base import Device, StatTracker, TrackerStats
-from rail_interview.stat_tracking.ops import batch_mean_std, cast
+from rail_interview.stat_tracking.base import Device
+from rail_interview.stat_tracking.tracker import AdvantageTracker
 
 
-class BatchStatTracker(StatTracker):
+class BatchStatTracker(AdvantageTracker):
     """Normalises every reward with the mean and std of its whole batch.
 
     This is what the toy problem did before per-prompt tracking: it keeps no
     state, so every prompt always "falls back" to batch statistics. It exists
-    so that a trainer treats every method alike.
+    so that a trainer treats every method alike. It is
+    ``AdvantageTracker(memory="none", baseline="batch_mean", scale="batch_std",
+    min_count=1)``.
 
     Args:
         num_prompts: P, the number of distinct prompt ids (ids are checked
@@ -45,44 +47,7 @@ class BatchStatTracker(StatTracker):
         check_values: bool = True,
         process_group: Optional["torch.distributed.ProcessGroup"] = None,
     ) -> None:
-        super().__init__(num_prompts, eps=eps, device=device, dtype=dtype, check_values=check_values,
-                         process_group=process_group)
-
-    def _update(self, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
-        if rewards.numel() == 0:
-            return rewards.clone()
-        rewards = cast(rewards, self._compute_dtype)  # [N], float32 for 16-bit dtypes
-        mean, std = batch_mean_std(rewards)
-        return cast((rewards - mean) / (std + self._eps), self._dtype)
-
-    def stats_snapshot(self, prompt_ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """Returns the per-prompt count, always zero: nothing is tracked.
-
-        Args:
-            prompt_ids: int64 [M], or None for all P prompts.
-
-        Returns:
-            ``{"count": zeros [M]}``.
-        """
-        size = self._num_prompts if prompt_ids is None else len(prompt_ids)
-        return {"count": torch.zeros(size, dtype=torch.int64, device=self._device)}
-
-    def stats_from_snapshot(self, snapshot: Mapping[str, torch.Tensor]) -> TrackerStats:
-        """Returns NaN means and stds, zero counts and fallback everywhere.
-
-        Args:
-            snapshot: ``{"count": [*B, M]}``.
-
-        Returns:
-            TrackerStats of [*B, M] tensors.
-        """
-        count = snapshot["count"]
-        nan = torch.full(count.shape, float("nan"), dtype=self._dtype, device=count.device)
-        return TrackerStats(mean=nan, std=nan.clone(), count=torch.zeros_like(count),
-                            fallback=torch.ones_like(count, dtype=torch.bool))
-
-    def _fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        return torch.ones_like(prompt_ids, dtype=torch.bool)
-
-    def _state_tensors(self) -> dict[str, torch.Tensor]:
-        return {}
+        super().__init__(
+            num_prompts, "none", baseline="batch_mean", scale="batch_std", ddof=0, eps=eps, min_count=1,
+            fallback="batch", device=device, dtype=dtype, check_values=check_values, process_group=process_group,
+        )

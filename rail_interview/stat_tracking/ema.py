@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Optional
 
 import torch
 
-from rail_interview.stat_tracking.base import Device, PerPromptStatTracker, TrackerStats, check_count_range
-from rail_interview.stat_tracking.ops import batch_mean_std, cast, group_by_prompt, segment_sum, write_at
+from rail_interview.stat_tracking.base import Device
+from rail_interview.stat_tracking.tracker import AdvantageTracker
 
 
-class EmaStatTracker(PerPromptStatTracker):
+class EmaStatTracker(AdvantageTracker):
     """Normalises rewards with per-prompt exponential moving averages.
 
     Rewards are folded in one at a time, in batch order, per prompt:
@@ -19,6 +19,7 @@ class EmaStatTracker(PerPromptStatTracker):
     * after that: d = r - mean; mean += (1 - decay) * d;
       var = decay * (var + (1 - decay) * d * d); count += 1.
 
+    It is ``AdvantageTracker(memory="ema")`` with DDPO's estimator.
     Then advantage = (reward - mean) / (sqrt(var) + eps) with the updated
     statistics, or with the whole batch's mean and std while the prompt's
     count is below ``min_count``. A reward's weight halves about every
@@ -92,96 +93,12 @@ class EmaStatTracker(PerPromptStatTracker):
         process_group: Optional["torch.distributed.ProcessGroup"] = None,
     ) -> None:
         super().__init__(
-            num_prompts, min_count=min_count, eps=eps, device=device, dtype=dtype, check_values=check_values,
+            num_prompts, "ema", decay=decay, baseline="prompt_mean", scale="prompt_std", ddof=0, eps=eps,
+            min_count=min_count, fallback="batch", device=device, dtype=dtype, check_values=check_values,
             process_group=process_group,
         )
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"decay must lie in (0, 1), got {decay!r}")
-        self._decay = float(decay)
-        self._mean = torch.zeros(num_prompts, dtype=dtype, device=self._device)  # [P]
-        self._var = torch.zeros(num_prompts, dtype=dtype, device=self._device)  # [P]
-        self._count = torch.zeros(num_prompts, dtype=torch.int64, device=self._device)  # [P]
 
     @property
     def decay(self) -> float:
         """Weight kept by the old statistics at each reward."""
-        return self._decay
-
-    def _update(self, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
-        if len(prompt_ids) == 0:  # pragma: no mutate (an empty batch also passes the general path)
-            return rewards.clone()
-        decay = self._decay
-        compute = self._compute_dtype  # float32 for 16-bit state
-        groups = group_by_prompt(prompt_ids, self._num_prompts)
-        sorted_ids, start = groups.sorted_ids, groups.start  # [N], [N]
-        rewards = cast(rewards, compute)  # [N]
-        sorted_rewards = rewards.index_select(0, groups.order)  # [N]; pragma: no mutate (1-D: dim 0 is dim -1)
-
-        # A prompt seen for the first time starts from its first reward with
-        # variance 0; folding that same reward in again then changes nothing.
-        old_count = self._count.index_select(0, sorted_ids)  # [N]; pragma: no mutate (1-D: dim 0 is dim -1)
-        unseen = old_count == 0  # [N]
-        old_mean = torch.where(  # pragma: no mutate (1-D: dim 0 is dim -1)
-            unseen, sorted_rewards.index_select(0, start), cast(self._mean.index_select(0, sorted_ids), compute)
-        )  # [N]
-        old_var = torch.where(unseen, 0.0, cast(self._var.index_select(0, sorted_ids), compute))  # [N]
-
-        # Closed form of the sequential fold, in coordinates shifted by the old mean.
-        shifted = sorted_rewards - old_mean  # [N]
-        weight = (1.0 - decay) * torch.pow(decay, (groups.end - 1 - groups.position).to(compute))  # [N]
-        shift = segment_sum(weight * shifted, groups)  # [N], new mean - old mean
-        spread = segment_sum(weight * (shifted - shift).square(), groups)  # [N]
-        old_weight = torch.pow(decay, groups.size.to(compute))  # [N], decay ** n
-        mean = old_mean + shift  # [N]
-        var = old_weight * (old_var + shift.square()) + spread  # [N]
-        count = old_count + groups.size  # [N]
-        write_at(self._mean, sorted_ids, mean)
-        write_at(self._var, sorted_ids, var)
-        write_at(self._count, sorted_ids, count)
-
-        center, scale = self._center_and_scale(count, mean, var.sqrt(), *batch_mean_std(rewards))  # [N], [N]
-        return groups.unsort(cast((sorted_rewards - center).div_(scale), self._dtype))
-
-    def stats_snapshot(self, prompt_ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """Returns the moving mean, variance and count of some prompts (may alias the state).
-
-        Args:
-            prompt_ids: int64 [M], or None for all P prompts.
-
-        Returns:
-            ``{"mean": [M], "var": [M], "count": [M]}``.
-        """
-        state = self._state_tensors()
-        if prompt_ids is None:
-            return state
-        return {name: tensor[prompt_ids] for name, tensor in state.items()}
-
-    def stats_from_snapshot(self, snapshot: Mapping[str, torch.Tensor]) -> TrackerStats:
-        """Computes stds from variances; NaN for prompts never seen.
-
-        Args:
-            snapshot: ``{"mean": [*B, M], "var": [*B, M], "count": [*B, M]}``.
-
-        Returns:
-            TrackerStats of [*B, M] tensors.
-        """
-        count = snapshot["count"]
-        seen = count > 0
-        std = snapshot["var"].to(self._compute_dtype).sqrt().to(self._dtype)
-        return TrackerStats(
-            mean=torch.where(seen, snapshot["mean"], float("nan")),
-            std=torch.where(seen, std, float("nan")),
-            count=count.clone(),
-            fallback=count < self._min_count,
-        )
-
-    def _state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"mean": self._mean, "var": self._var, "count": self._count}
-
-    def _check_state_values(self, state: Mapping[str, torch.Tensor]) -> None:
-        name = type(self).__name__
-        check_count_range(name, state["count"])
-        if not (torch.isfinite(state["mean"]).all() and torch.isfinite(state["var"]).all()):
-            raise ValueError(f"{name} state 'mean' and 'var' must be finite")
-        if (state["var"] < 0).any():
-            raise ValueError(f"{name} state 'var' must be non-negative")
+        return self._memory.decay

@@ -1,0 +1,398 @@
+"""One tracker, composed: a memory, per-prompt statistics, then an estimator.
+
+``AdvantageTracker`` is every tracker of this package. What differs between
+DDPO's per-prompt buffer, GRPO's in-batch groups, RLOO's leave-one-out
+baseline or Dr. GRPO's unscaled advantages is a choice of parts:
+
+1. **Memory** (``memory.py``): what a prompt's statistics describe. ``"none"``:
+   its samples in this batch (GRPO); ``"buffer"``: its last K rewards
+   (DDPO); ``"ema"``: exponential moving averages. The current batch is
+   always included.
+2. **Statistics** per prompt of the batch: count n, mean m and population
+   std, from the memory; the batch's mean and std from the valid samples.
+3. **Estimator**: a baseline (the prompt's mean, leave-one-out, or the
+   batch's mean), a scale (the prompt's std, the batch's, or none), ``ddof``
+   and ``eps``, and what a prompt with fewer than ``min_count`` rewards gets
+   (the batch's statistics, its raw reward, or zero).
+
+A valid mask flows through all of it: invalid samples never enter memory
+or statistics and get advantage 0. ``presets`` names the combinations that
+reproduce public trainers; ``BufferStatTracker``, ``EmaStatTracker`` and
+``BatchStatTracker`` are thin classes over this one.
+
+Dimensions: N samples in a batch, P prompts, R = P + 1 rows, K buffer slots.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, Mapping, Optional, Tuple, Union
+
+import torch
+
+from rail_interview.stat_tracking.base import (
+    Device,
+    StatTracker,
+    TrackerStats,
+    UpdateReport,
+    check_positive_int,
+)
+from rail_interview.stat_tracking.memory import Fold, Memory, make_memory
+from rail_interview.stat_tracking.ops import batch_mean_std, cast
+
+#: The choices of each estimator option.
+BASELINES = ("prompt_mean", "leave_one_out", "batch_mean")
+SCALES = ("prompt_std", "batch_std", "none")
+FALLBACKS = ("batch", "raw", "zero")
+NAN_REWARDS = ("refuse", "invalid")
+
+
+def _check_choice(name: str, value: object, choices: Tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+class AdvantageTracker(StatTracker):
+    """Turns rewards into advantages from a prompt's memory and an estimator of choice.
+
+    For one ``update(prompt_ids, rewards, valid)``:
+
+    1. The memory takes in the batch's valid samples and gives, for each
+       prompt of the batch, count n, mean m and population variance v (the
+       batch included), and for each sample the weight w of its own reward
+       in m (``"none"``: 1/n; ``"buffer"``: 1/n, or 0 for a reward pushed
+       out within its batch; ``"ema"``: the reward's decay weight).
+    2. The batch's mean B_m and std B_s (dividing by n_valid - ddof; 0 when
+       n_valid <= ddof) come from the valid samples.
+    3. A prompt with n < ``min_count`` falls back: its (mean, std) become
+       (B_m, B_s) with ``fallback="batch"``, (0, 1) with ``"raw"``, and with
+       ``"zero"`` its advantages are 0. Otherwise its std is
+       S = sqrt(v * n / (n - ddof)).
+    4. advantage = numerator / scale, with numerator r - m
+       (``baseline="prompt_mean"``), r - B_m (``"batch_mean"``) or
+       (r - m) / (1 - w) (``"leave_one_out"``: r minus the mean of the other
+       rewards, ``(r - m) * n / (n - 1)`` when weights are equal; not applied
+       on fallback), and scale S + eps (``scale="prompt_std"``), B_s + eps
+       (``"batch_std"``) or 1 (``"none"``).
+    5. Invalid samples (``valid`` False, or NaN rewards with
+       ``nan_rewards="invalid"``) get advantage 0 and change no state.
+
+    ``update`` is built from tensor ops: no Python loop over prompts or
+    samples and no host sync (with ``check_values`` off), so it can be
+    captured in a CUDA graph or compiled with ``torch.compile(fullgraph=True)``.
+    ``update_with_report`` also says which samples were valid, fell back,
+    or belong to a zero-variance group (all valid rewards of the prompt in
+    this batch exactly equal), with the fraction of such groups, all on the
+    device. State dicts hold the memory's state (nothing for ``"none"``).
+
+    Args:
+        num_prompts: P, the number of distinct prompt ids, ids in [0, P).
+        memory: ``"none"``, ``"buffer"`` or ``"ema"``.
+        buffer_size: K, rewards kept per prompt by ``memory="buffer"``.
+        decay: weight kept by the old statistics at each reward, for
+            ``memory="ema"``, in (0, 1).
+        baseline: ``"prompt_mean"``, ``"leave_one_out"`` or ``"batch_mean"``.
+        scale: ``"prompt_std"``, ``"batch_std"`` or ``"none"``.
+        ddof: 0 (population std) or 1 (sample std), for the prompt's std and
+            the batch's.
+        eps: added to the std before dividing.
+        min_count: rewards a prompt needs (this batch's included) before its
+            own statistics are used; at least ddof + 1, and 2 with
+            ``leave_one_out``.
+        fallback: what a prompt below ``min_count`` gets: ``"batch"``,
+            ``"raw"`` or ``"zero"`` (see above).
+        nan_rewards: ``"refuse"``: a NaN reward is bad input (refused with
+            ``check_values``); ``"invalid"``: a NaN reward marks an
+            unscorable sample, treated as ``valid`` False.
+        device: where the state lives; inputs must be on it.
+        dtype: floating dtype of the state and of the advantages; statistics
+            are accumulated in float32 for float16 and bfloat16 (see the
+            ``base`` module for what each dtype can represent).
+        check_values: check ids and rewards in ``update`` (a host sync on a
+            GPU); see ``StatTracker``.
+        process_group: share statistics across ``torch.distributed`` ranks;
+            see ``StatTracker``.
+
+    Raises:
+        ValueError: if an option is unknown or out of range, or the options
+            contradict each other.
+
+    Example:
+        >>> # GRPO's group-normalised advantages (sample std), groups interleaved:
+        >>> tracker = AdvantageTracker(2, "none", ddof=1, fallback="zero")
+        >>> tracker.update(torch.tensor([0, 1, 0, 1]), torch.tensor([1.0, 0.0, 0.0, 0.0]))
+        tensor([ 0.7071,  0.0000, -0.7071,  0.0000])
+        >>> report = tracker.update_with_report(torch.tensor([0, 0, 1]), torch.tensor([1.0, 1.0, 5.0]))
+        >>> report.zero_variance, report.zero_variance_fraction
+        (tensor([True, True, True]), tensor(1.))
+    """
+
+    def __init__(
+        self,
+        num_prompts: int,
+        memory: str = "none",
+        *,
+        buffer_size: int = 32,
+        decay: float = 0.7,
+        baseline: str = "prompt_mean",
+        scale: str = "prompt_std",
+        ddof: int = 0,
+        eps: float = 1e-6,
+        min_count: int = 2,
+        fallback: str = "batch",
+        nan_rewards: str = "refuse",
+        device: Device = None,
+        dtype: torch.dtype = torch.float32,
+        check_values: bool = True,
+        process_group: Optional["torch.distributed.ProcessGroup"] = None,
+    ) -> None:
+        super().__init__(num_prompts, eps=eps, device=device, dtype=dtype, check_values=check_values,
+                         process_group=process_group)
+        _check_choice("baseline", baseline, BASELINES)
+        _check_choice("scale", scale, SCALES)
+        _check_choice("fallback", fallback, FALLBACKS)
+        _check_choice("nan_rewards", nan_rewards, NAN_REWARDS)
+        if ddof not in (0, 1) or isinstance(ddof, bool):
+            raise ValueError(f"ddof must be 0 or 1, got {ddof!r}")
+        check_positive_int("min_count", min_count)
+        if min_count < ddof + 1:
+            raise ValueError(f"min_count must be at least ddof + 1 = {ddof + 1}: a std with ddof={ddof} needs "
+                             f"{ddof + 1} rewards; got {min_count}")
+        if baseline == "leave_one_out" and min_count < 2:
+            raise ValueError(f"leave_one_out needs min_count >= 2 (a lone reward has no others); got {min_count}")
+        self._memory: Memory = make_memory(memory, num_prompts, buffer_size=buffer_size, decay=decay,
+                                           dtype=dtype, device=self._device)
+        if memory != "none" and scale == "prompt_std" and min_count < 2:
+            warnings.warn(
+                f"min_count={min_count}: a prompt's own statistics are used from its first reward, when its "
+                "std is 0 or rests on one or two rewards, so advantages can reach |reward - mean| / eps "
+                "(about 1e6 times the reward spread; +-inf in float16). Use min_count >= 2, better 8 or more.",
+                stacklevel=3,
+            )
+        self._baseline, self._scale, self._ddof = baseline, scale, ddof
+        self._min_count, self._fallback, self._nan_rewards = min_count, fallback, nan_rewards
+        # With a batch baseline and no prompt std, and no prompt that can fall
+        # back, an in-batch tracker needs no per-prompt statistics at all.
+        self._needs_fold = not (memory == "none" and baseline == "batch_mean" and scale != "prompt_std"
+                                and min_count <= 1)
+
+    # Options, read-only: changing one would change what the state means.
+
+    @property
+    def memory(self) -> str:
+        """``"none"``, ``"buffer"`` or ``"ema"``."""
+        return self._memory.kind
+
+    @property
+    def baseline(self) -> str:
+        """``"prompt_mean"``, ``"leave_one_out"`` or ``"batch_mean"``."""
+        return self._baseline
+
+    @property
+    def scale(self) -> str:
+        """``"prompt_std"``, ``"batch_std"`` or ``"none"``."""
+        return self._scale
+
+    @property
+    def ddof(self) -> int:
+        """0 (population std) or 1 (sample std)."""
+        return self._ddof
+
+    @property
+    def min_count(self) -> int:
+        """Rewards a prompt needs before its own statistics are used."""
+        return self._min_count
+
+    @property
+    def fallback(self) -> str:
+        """What a prompt below ``min_count`` gets: ``"batch"``, ``"raw"`` or ``"zero"``."""
+        return self._fallback
+
+    @property
+    def nan_rewards(self) -> str:
+        """``"refuse"`` or ``"invalid"``: what a NaN reward is."""
+        return self._nan_rewards
+
+    def update_with_report(
+        self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor] = None
+    ) -> UpdateReport:
+        """``update``, and what it did to each sample (see ``UpdateReport``).
+
+        The report costs O(N + P) more work than ``update`` and no host sync.
+
+        Args:
+            prompt_ids: as for ``update``.
+            rewards: as for ``update``.
+            valid: as for ``update``.
+
+        Returns:
+            The ``UpdateReport``; with a process group, of this rank's samples
+            (the fraction is the whole gathered batch's).
+
+        Raises:
+            TypeError, ValueError: as ``update``.
+        """
+        return self._dispatch(prompt_ids, rewards, valid, report=True)
+
+    def _check_reward_values(self, rewards: torch.Tensor) -> None:
+        if self._nan_rewards == "refuse":
+            super()._check_reward_values(rewards)
+        elif torch.isinf(rewards).any():
+            raise ValueError(f"rewards must not be infinite in {self._dtype} (NaN marks an unscorable sample), "
+                             f"got {int(torch.isinf(rewards).sum())} infinite value(s)")
+
+    def _update(
+        self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor], report: bool
+    ) -> Union[torch.Tensor, UpdateReport]:
+        if self._nan_rewards == "invalid":
+            valid = ~torch.isnan(rewards) if valid is None else valid & ~torch.isnan(rewards)
+        if prompt_ids.shape[0] == 0:  # pragma: no mutate (shapes only: nothing to compute)
+            empty = torch.zeros(0, dtype=torch.bool, device=self._device)
+            advantages = rewards.clone()
+            return UpdateReport(advantages, empty, empty, empty, torch.zeros((), device=self._device)) \
+                if report else advantages
+        rewards = cast(rewards, self._compute_dtype)  # [N], float32 for 16-bit dtypes
+        if valid is not None:
+            # Invalid samples go to the spare row P with reward 0: no mask needed past here.
+            prompt_ids = torch.where(valid, prompt_ids, self._num_prompts)  # [N]
+            rewards = torch.where(valid, rewards, 0)  # [N]
+        batch_mean, batch_std = batch_mean_std(rewards, valid, ddof=self._ddof)
+        if not self._needs_fold:
+            advantages = rewards - batch_mean  # [N]
+            if self._scale == "batch_std":
+                advantages = advantages / (batch_std + self._eps)
+            fallback = None
+        else:
+            fold = self._memory.fold(prompt_ids, rewards, own_weight=self._baseline == "leave_one_out")
+            advantages, fallback = self._estimate(fold, batch_mean, batch_std, report)
+        if valid is not None:
+            advantages = torch.where(valid, advantages, 0)
+        advantages = cast(advantages, self._dtype)
+        if not report:
+            return advantages
+        return self._report(prompt_ids, rewards, valid, advantages, fallback)
+
+    def _estimate(
+        self, fold: Fold, batch_mean: torch.Tensor, batch_std: torch.Tensor, report: bool
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Applies the estimator to a memory's statistics.
+
+        Args:
+            fold: the memory's statistics of the batch.
+            batch_mean: scalar, the valid samples' mean.
+            batch_std: scalar, their std (with ``ddof``).
+            report: whether to say which samples fell back.
+
+        Returns:
+            The advantages, float [N] in batch order in the compute dtype, and
+            bool [N], the samples whose prompt fell back (in batch order), or
+            None without ``report``.
+        """
+        own = fold.count >= self._min_count  # [R]
+        std = fold.std  # [R]
+        if self._ddof:
+            # n / (n - ddof) <= 0 only for rows that fall back (min_count > ddof).
+            count = fold.count.to(std.dtype)
+            std = std * (count / (count - self._ddof)).sqrt()
+        if self._fallback == "batch":
+            fallback_mean, fallback_std = batch_mean, batch_std
+        else:
+            fallback_mean, fallback_std = 0.0, 1.0
+        center = fold.mean if self._baseline != "batch_mean" else batch_mean
+        center = torch.where(own, center, fallback_mean)  # [R]
+        if self._scale == "prompt_std":
+            scale = torch.where(own, std, fallback_std).add_(self._eps)  # [R]
+        elif self._scale == "batch_std":
+            scale = batch_std + self._eps  # scalar
+        else:
+            scale = None
+        if self._fallback == "zero":
+            # A finite numerator over an infinite scale: advantage 0.
+            scale = torch.where(own, 1.0 if scale is None else scale, math.inf)  # [R]
+        numerator = fold.rewards - fold.per_sample(center)  # [N]
+        own_sample = fold.per_sample(own) if self._baseline == "leave_one_out" or report else None  # [N]
+        if self._baseline == "leave_one_out":
+            numerator = numerator / torch.where(own_sample, 1.0 - fold.own_weight, 1.0)
+        if scale is not None:
+            numerator = numerator.div_(fold.per_sample(scale) if scale.ndim else scale)
+        advantages = fold.to_batch_order(numerator)
+        return advantages, fold.to_batch_order(~own_sample) if report else None
+
+    def _report(
+        self,
+        prompt_ids: torch.Tensor,
+        rewards: torch.Tensor,
+        valid: Optional[torch.Tensor],
+        advantages: torch.Tensor,
+        fallback: Optional[torch.Tensor],
+    ) -> UpdateReport:
+        """Builds the ``UpdateReport`` of a batch, in O(N + P) tensor ops.
+
+        Args:
+            prompt_ids: int64 [N], invalid samples already mapped to row P.
+            rewards: float [N], invalid samples' set to 0.
+            valid: bool [N] or None.
+            advantages: ``dtype`` [N].
+            fallback: bool [N], samples whose prompt fell back, or None if none can.
+        """
+        num_rows = self._num_prompts + 1
+        if valid is None:
+            valid = torch.ones_like(prompt_ids, dtype=torch.bool)
+        # A group is all equal when no reward differs from one of them (any one:
+        # whichever the scatter keeps, the answer is the same).
+        reference = torch.zeros(num_rows, dtype=rewards.dtype, device=rewards.device)  # [R]
+        reference.scatter_(0, prompt_ids, rewards)  # pragma: no mutate (1-D: dim 0 is dim -1)
+        differs = rewards != reference.index_select(0, prompt_ids)  # [N]; pragma: no mutate (1-D)
+        differing = torch.zeros(num_rows, dtype=torch.int64, device=rewards.device)  # [R]
+        differing.index_add_(0, prompt_ids, differs.long())  # pragma: no mutate (1-D)
+        present = torch.zeros_like(differing).index_add_(0, prompt_ids, valid.long())[:-1] > 0  # [P]
+        equal = differing == 0  # [R]
+        zero_variance = equal.index_select(0, prompt_ids) & valid  # [N]; pragma: no mutate (1-D)
+        groups = present.sum().clamp_min(1).float()
+        fraction = (equal[:-1] & present).sum().float() / groups
+        fallback = torch.zeros_like(valid) if fallback is None else fallback & valid
+        return UpdateReport(advantages, valid, fallback, zero_variance, fraction)
+
+    def _fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        if not self._needs_fold:
+            return torch.ones_like(prompt_ids, dtype=torch.bool)
+        return self._memory.counts(prompt_ids) < self._min_count
+
+    def stats_snapshot(self, prompt_ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Returns the raw memory behind ``stats`` for some prompts (may alias the state).
+
+        Args:
+            prompt_ids: int64 [M] on ``device``, or None for all P prompts.
+
+        Returns:
+            Tensors by name, each with the prompt dimension [M] (or [P]) first:
+            ``{"rewards": [M, K], "count": [M]}`` for a buffer,
+            ``{"mean", "var", "count"}`` for an EMA, ``{"count"}`` (zeros)
+            without memory.
+        """
+        return self._memory.snapshot(prompt_ids)
+
+    def stats_from_snapshot(self, snapshot: Mapping[str, torch.Tensor]) -> TrackerStats:
+        """Computes ``stats`` from snapshots, stacked along any leading dimensions.
+
+        Args:
+            snapshot: as returned by ``stats_snapshot``, each tensor with
+                extra leading dimensions [*B] if several were stacked.
+
+        Returns:
+            TrackerStats of new [*B, M] tensors; NaN means and stds for
+            prompts the memory holds nothing for.
+        """
+        mean, std, count = self._memory.stats_from_snapshot(snapshot)
+        fallback = count < self._min_count if self._needs_fold else torch.ones_like(count, dtype=torch.bool)
+        return TrackerStats(mean=mean, std=std, count=count, fallback=fallback)
+
+    def _state_tensors(self) -> Dict[str, torch.Tensor]:
+        return self._memory.state_tensors()
+
+    def _assign_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._memory.assign_state(state)
+
+    def _check_state_values(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._memory.check_state_values(state, type(self).__name__)
