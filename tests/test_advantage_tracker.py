@@ -1,0 +1,320 @@
+"""ReferenceAdvantageTracker by hand and against the older references; AdvantageTracker against it.
+
+The reference is the specification (API.md) in plain Python: its own tests
+check it with hand-computed cases, with the older per-memory references it
+generalises, and with leave-one-out computed directly (the mean of the
+other rewards; for the EMA, the weight of a reward found by perturbing it).
+The tensor tracker is then compared with it, in float64, over every memory x
+baseline x scale x ddof x fallback, on sequences of updates with valid masks
+and NaN rewards. The tensor half skips until ``AdvantageTracker`` exists.
+"""
+
+import copy
+import math
+import random
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import pytest
+import torch
+
+from rail_interview.stat_tracking.reference import (
+    ReferenceAdvantageTracker,
+    ReferenceBufferStatTracker,
+    ReferenceEmaStatTracker,
+    mean_std,
+)
+
+NUM_PROMPTS = 5
+NAN = float("nan")
+BASELINES = ["prompt_mean", "leave_one_out", "batch_mean"]
+SCALES = ["prompt_std", "batch_std", "none"]
+FALLBACKS = ["batch", "raw", "zero"]
+
+#: memory name -> (memory, its options): every memory, and buffers of 1, odd and even sizes.
+MEMORIES: Dict[str, Tuple[str, Dict[str, float]]] = {
+    "none": ("none", {}),
+    "buffer_K1": ("buffer", dict(buffer_size=1)),
+    "buffer_K3": ("buffer", dict(buffer_size=3)),
+    "buffer_K4": ("buffer", dict(buffer_size=4)),
+    "ema_0.7": ("ema", dict(decay=0.7)),
+}
+
+Step = Tuple[List[int], List[float], Optional[List[bool]]]  # prompts, rewards, valid
+
+
+def _rounded(values: List[float], digits: int = 4) -> List[float]:
+    return [round(v, digits) + 0.0 for v in values]  # + 0.0: -0.0 prints as 0.0
+
+
+def _estimators(baseline: str) -> Iterator[Dict[str, object]]:
+    """Every scale x ddof x fallback with ``baseline``, at the lowest allowed min_count and at 3."""
+    for scale in SCALES:
+        for ddof in (0, 1):
+            for fallback in FALLBACKS:
+                lowest = 2 if baseline == "leave_one_out" else ddof + 1
+                for min_count in sorted({lowest, 3}):
+                    yield dict(baseline=baseline, scale=scale, ddof=ddof, fallback=fallback, min_count=min_count)
+
+
+def _sequence(seed: int, *, nan: bool = False) -> List[Step]:
+    """Updates with singletons, repeats beyond the buffer, equal rewards, invalid samples and (if asked) NaNs."""
+    rng = random.Random(seed)
+    steps = []
+    for size in (7, 1, 12, 9, 20, 3):
+        weights = [rng.random() ** 3 for _ in range(NUM_PROMPTS)]
+        prompts = rng.choices(range(NUM_PROMPTS), weights, k=size)
+        if rng.random() < 0.5:  # pass/fail rewards: zero-variance groups
+            rewards = [float(rng.random() < 0.5) for _ in prompts]
+        else:
+            rewards = [rng.gauss(0.0, 2.0) + 3 * prompt for prompt in prompts]
+        valid = None if rng.random() < 0.3 else [rng.random() < 0.8 for _ in prompts]
+        if nan:
+            rewards = [NAN if rng.random() < 0.2 else r for r in rewards]
+        steps.append((prompts, rewards, valid))
+    return steps
+
+
+# -- The reference by hand -----------------------------------------------------------------------------------------
+
+
+def test_hand_computed_buffer_case():
+    # K = 2: prompt "a" keeps [2, 4] (1 is pushed out): mean 3, population std 1. Prompt "b" has one
+    # reward: the batch's mean 17/4 and population std sqrt(48.75 / 4) = 3.4911.
+    tracker = ReferenceAdvantageTracker("buffer", buffer_size=2, min_count=2, eps=0.0)
+    ids, rewards = ["a", "a", "a", "b"], [1.0, 2.0, 4.0, 10.0]
+    assert _rounded(tracker.update(ids, rewards)) == [-2.0, -1.0, 1.0, 1.6471]
+    # Leave-one-out: 1 is no longer in the buffer (weight 0): 1 - 3; the others: 2 - 4 and 4 - 2.
+    tracker = ReferenceAdvantageTracker("buffer", buffer_size=2, baseline="leave_one_out", scale="none",
+                                        fallback="raw")
+    assert _rounded(tracker.update(ids, rewards)) == [-2.0, -2.0, 2.0, 10.0]
+
+
+def test_hand_computed_ema_case():
+    # decay 0.5: [2, 4] folds to mean 3, var 0.5 * (0 + 0.5 * 2**2) = 1; each reward has weight 0.5.
+    tracker = ReferenceAdvantageTracker("ema", decay=0.5, baseline="leave_one_out", scale="none", fallback="raw")
+    assert _rounded(tracker.update(["a", "a", "b"], [2.0, 4.0, 5.0])) == [-2.0, 2.0, 5.0]
+    # 7 then folds to mean 5, var 0.5 * (1 + 0.5 * 4**2) = 4.5; the mean of the others is the old mean, 3.
+    assert _rounded(tracker.update(["a"], [7.0])) == [4.0]
+    assert tracker.stats()["a"] == (5.0, math.sqrt(4.5), 3)
+
+
+def test_hand_computed_ddof_and_scales():
+    # One prompt [1, 3] and one [5, 9]: prompt std with ddof 1 sqrt(2) and sqrt(8); batch mean 4.5, sample std
+    # sqrt(((-3.5)**2 + 1.5**2 + 0.5**2 + 4.5**2) / 3) = sqrt(35 / 3).
+    ids, rewards = [0, 1, 0, 1], [1.0, 5.0, 3.0, 9.0]
+    prompt_std = ReferenceAdvantageTracker(ddof=1, eps=0.0)
+    assert _rounded(prompt_std.update(ids, rewards)) == _rounded([-1 / 2**0.5, -2 / 8**0.5, 1 / 2**0.5, 2 / 8**0.5])
+    batch_std = ReferenceAdvantageTracker(ddof=1, eps=0.0, scale="batch_std")
+    assert _rounded(batch_std.update(ids, rewards)) == _rounded([d / (35 / 3) ** 0.5 for d in (-1, -2, 1, 2)])
+    batch_mean = ReferenceAdvantageTracker(baseline="batch_mean", scale="none")
+    assert batch_mean.update(ids, rewards) == [-3.5, 0.5, -1.5, 4.5]
+
+
+def test_report_of_a_hand_checked_batch():
+    tracker = ReferenceAdvantageTracker(nan_rewards="invalid", fallback="zero")
+    # a: two equal rewards; b: one reward; c: two different; d: only NaN; e: one valid, one masked.
+    ids = ["a", "a", "b", "c", "c", "d", "e", "e"]
+    rewards = [1.0, 1.0, 2.0, 3.0, 4.0, NAN, 6.0, 7.0]
+    report = tracker.update_with_report(ids, rewards, [True] * 7 + [False])
+    assert report.valid == [True, True, True, True, True, False, True, False]
+    assert report.fallback == [False, False, True, False, False, False, True, False]
+    assert report.zero_variance == [True, True, True, False, False, False, True, False]
+    assert report.zero_variance_fraction == 3 / 4  # a, b and e of the four prompts with a valid reward
+    assert report.advantages == pytest.approx([0.0, 0.0, 0.0, -0.5 / (0.5 + 1e-6), 0.5 / (0.5 + 1e-6), 0.0, 0.0, 0.0])
+
+
+def test_empty_and_all_invalid_batches():
+    tracker = ReferenceAdvantageTracker("buffer", nan_rewards="invalid")
+    assert tracker.update_with_report([], []) == ([], [], [], [], 0.0)
+    report = tracker.update_with_report([1, 2], [NAN, 3.0], [True, False])
+    assert report == ([0.0, 0.0], [False, False], [False, False], [False, False], 0.0)
+    assert tracker.buffers == {}
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(memory="ring"), "memory"),
+        (dict(baseline="median"), "baseline"),
+        (dict(scale="mad"), "scale"),
+        (dict(fallback="skip"), "fallback"),
+        (dict(nan_rewards="zero"), "nan_rewards"),
+        (dict(ddof=2), "ddof"),
+        (dict(memory="buffer", buffer_size=0), "buffer_size"),
+        (dict(memory="ema", decay=1.0), "decay"),
+        (dict(ddof=1, min_count=1), "min_count"),
+        (dict(baseline="leave_one_out", min_count=1), "leave_one_out"),
+    ],
+)
+def test_reference_refuses_bad_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        ReferenceAdvantageTracker(**options)
+
+
+def test_reference_refuses_non_finite_rewards():
+    with pytest.raises(ValueError, match="NaN"):
+        ReferenceAdvantageTracker().update([0, 0], [1.0, NAN])
+    for nan_rewards in ("refuse", "invalid"):
+        with pytest.raises(ValueError, match="finite"):
+            ReferenceAdvantageTracker(nan_rewards=nan_rewards).update([0, 0], [1.0, -math.inf])
+
+
+# -- The reference against the older references and direct leave-one-out -------------------------------------------
+
+
+@pytest.mark.parametrize("buffer_size, min_count", [(4, 2), (3, 1), (2, 5)])
+def test_buffer_memory_is_the_older_buffer_reference(buffer_size, min_count):
+    tracker = ReferenceAdvantageTracker("buffer", buffer_size=buffer_size, min_count=min_count)
+    older = ReferenceBufferStatTracker(buffer_size, min_count)
+    for prompts, rewards, _ in _sequence(buffer_size) * 2:
+        assert tracker.update(prompts, rewards) == pytest.approx(older.update(prompts, rewards), rel=1e-12, abs=1e-12)
+    assert tracker.stats() == older.stats()
+
+
+@pytest.mark.parametrize("decay, min_count", [(0.7, 2), (0.9, 4), (0.5, 1)])
+def test_ema_memory_is_the_older_ema_reference(decay, min_count):
+    tracker = ReferenceAdvantageTracker("ema", decay=decay, min_count=min_count)
+    older = ReferenceEmaStatTracker(decay, min_count)
+    for prompts, rewards, _ in _sequence(min_count) * 2:
+        assert tracker.update(prompts, rewards) == pytest.approx(older.update(prompts, rewards), rel=1e-12, abs=1e-12)
+    assert tracker.moments == older.moments
+
+
+def test_batch_mean_and_std_is_whole_batch_normalisation():
+    tracker = ReferenceAdvantageTracker(baseline="batch_mean", scale="batch_std", eps=1e-7)
+    for prompts, rewards, _ in _sequence(1):
+        mean, std = mean_std(rewards)
+        assert tracker.update(prompts, rewards) == pytest.approx([(r - mean) / (std + 1e-7) for r in rewards])
+
+
+@pytest.mark.parametrize("memory", sorted(MEMORIES))
+def test_leave_one_out_is_the_reward_minus_the_mean_of_the_others(memory):
+    kind, options = MEMORIES[memory]
+    tracker = ReferenceAdvantageTracker(kind, **options, baseline="leave_one_out", scale="none", fallback="zero")
+    for prompts, rewards, valid in _sequence(2):
+        before = copy.deepcopy(tracker)
+        report = tracker.update_with_report(prompts, rewards, valid)
+        for i, (prompt, reward) in enumerate(zip(prompts, rewards)):
+            if not report.valid[i] or report.fallback[i]:
+                continue
+            if kind == "ema":  # the weight of reward i in the mean, from the change of the mean when it moves
+                moved = copy.deepcopy(before)
+                moved.update(prompts, [r + 1.0 if j == i else r for j, r in enumerate(rewards)], valid)
+                mean = tracker.moments[prompt][0]
+                weight = moved.moments[prompt][0] - mean
+                others = (mean - weight * reward) / (1 - weight)
+            else:
+                kept = list(tracker.buffers[prompt]) if kind == "buffer" else [
+                    r for p, r, v in zip(prompts, rewards, report.valid) if p == prompt and v]
+                same_batch = [j for j, (p, v) in enumerate(zip(prompts, report.valid)) if p == prompt and v]
+                rank_from_end = len(same_batch) - same_batch.index(i)  # 1 for the prompt's last valid sample
+                if rank_from_end <= len(kept):  # reward i is still among the kept rewards
+                    kept.pop(len(kept) - rank_from_end)
+                others = math.fsum(kept) / len(kept)
+            assert report.advantages[i] == pytest.approx(reward - others, rel=1e-9, abs=1e-9), (i, prompts, rewards)
+
+
+@pytest.mark.parametrize("memory", sorted(MEMORIES))
+def test_invalid_samples_get_zero_and_leave_memory_as_if_absent(memory):
+    kind, options = MEMORIES[memory]
+    masked = ReferenceAdvantageTracker(kind, **options, nan_rewards="invalid")
+    absent = ReferenceAdvantageTracker(kind, **options)
+    for prompts, rewards, valid in _sequence(3, nan=True):
+        report = masked.update_with_report(prompts, rewards, valid)
+        kept = [i for i in range(len(prompts)) if report.valid[i]]
+        assert report.valid == [(valid is None or valid[i]) and not math.isnan(rewards[i]) for i in range(len(prompts))]
+        expected = absent.update([prompts[i] for i in kept], [rewards[i] for i in kept])
+        assert [report.advantages[i] for i in kept] == expected
+        assert all(report.advantages[i] == 0.0 for i in range(len(prompts)) if not report.valid[i])
+        assert masked.buffers == absent.buffers and masked.moments == absent.moments
+
+
+# -- The tensor tracker against the reference ----------------------------------------------------------------------
+
+
+def _advantage_tracker_class():
+    stat_tracking = pytest.importorskip("rail_interview.stat_tracking")
+    if not hasattr(stat_tracking, "AdvantageTracker"):
+        pytest.skip("rail_interview.stat_tracking.AdvantageTracker is not there yet")
+    return stat_tracking.AdvantageTracker
+
+
+def _tensors(step: Step, dtype: torch.dtype = torch.float64):
+    prompts, rewards, valid = step
+    return (torch.tensor(prompts, dtype=torch.int64), torch.tensor(rewards, dtype=dtype),
+            None if valid is None else torch.tensor(valid, dtype=torch.bool))
+
+
+def _assert_report_matches(report, expected, label: str) -> None:
+    assert report.valid.tolist() == expected.valid, label
+    assert report.fallback.tolist() == expected.fallback, label
+    assert report.zero_variance.tolist() == expected.zero_variance, label
+    assert report.zero_variance_fraction.dim() == 0, label
+    assert float(report.zero_variance_fraction) == pytest.approx(expected.zero_variance_fraction, abs=1e-6), label
+
+
+def _check_sequence(memory: str, options: Dict[str, object], steps: List[Step]) -> None:
+    """One tracker and one reference through ``steps``: update on even steps, update_with_report on odd ones."""
+    kind, memory_options = MEMORIES[memory]
+    tracker = _advantage_tracker_class()(NUM_PROMPTS, kind, **memory_options, **options, dtype=torch.float64)
+    reference = ReferenceAdvantageTracker(kind, **memory_options, **options)
+    for number, step in enumerate(steps):
+        label = f"{memory} {options} step {number}: {step}"
+        expected = reference.update_with_report(*step)
+        if number % 2:
+            report = tracker.update_with_report(*_tensors(step))
+            _assert_report_matches(report, expected, label)
+            advantages = report.advantages
+        else:
+            advantages = tracker.update(*_tensors(step))
+        assert advantages.dtype == torch.float64 and advantages.shape == (len(step[0]),), label
+        torch.testing.assert_close(advantages, torch.tensor(expected.advantages, dtype=torch.float64),
+                                   rtol=1e-9, atol=1e-9, msg=lambda default: f"{label}\n{default}")
+
+
+@pytest.mark.parametrize("baseline", BASELINES)
+@pytest.mark.parametrize("memory", sorted(MEMORIES))
+def test_tensor_tracker_matches_the_reference(memory, baseline):
+    for seed, options in enumerate(_estimators(baseline)):
+        _check_sequence(memory, options, _sequence(seed))
+
+
+@pytest.mark.parametrize("memory", sorted(MEMORIES))
+def test_tensor_tracker_takes_nan_as_invalid(memory):
+    for seed, baseline in enumerate(BASELINES):
+        options = dict(baseline=baseline, ddof=1, fallback=FALLBACKS[seed], nan_rewards="invalid")
+        _check_sequence(memory, options, _sequence(100 + seed, nan=True))
+
+
+@pytest.mark.parametrize("memory", sorted(MEMORIES))
+def test_tensor_tracker_invalid_samples_get_zero_and_leave_state_unchanged(memory):
+    kind, options = MEMORIES[memory]
+    tracker_class = _advantage_tracker_class()
+    masked = tracker_class(NUM_PROMPTS, kind, **options, nan_rewards="invalid", dtype=torch.float64)
+    absent = tracker_class(NUM_PROMPTS, kind, **options, dtype=torch.float64)
+    for number, (prompts, rewards, valid) in enumerate(_sequence(7, nan=True)):
+        is_valid = [(valid is None or valid[i]) and not math.isnan(r) for i, r in enumerate(rewards)]
+        kept = [i for i, v in enumerate(is_valid) if v]
+        advantages = masked.update(*_tensors((prompts, rewards, valid)))
+        expected = absent.update(torch.tensor([prompts[i] for i in kept], dtype=torch.int64),
+                                 torch.tensor([rewards[i] for i in kept], dtype=torch.float64))
+        torch.testing.assert_close(advantages[kept], expected, rtol=1e-12, atol=1e-12, msg=f"step {number}")
+        assert advantages[[not v for v in is_valid]].eq(0).all(), f"step {number}"
+        torch.testing.assert_close(masked.state_dict(), absent.state_dict(), rtol=1e-12, atol=1e-12)
+    # A batch with no valid sample changes nothing at all.
+    before = copy.deepcopy(masked.state_dict())
+    report = masked.update_with_report(torch.tensor([0, 1, 1]), torch.tensor([NAN, 2.0, 3.0], dtype=torch.float64),
+                                       torch.tensor([True, False, False]))
+    assert report.advantages.tolist() == [0.0, 0.0, 0.0] and not report.valid.any() and not report.fallback.any()
+    assert float(report.zero_variance_fraction) == 0.0
+    after = masked.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[key], after[key]) for key in before)
+
+
+@pytest.mark.parametrize("memory", sorted(MEMORIES))
+def test_tensor_tracker_empty_batch(memory):
+    kind, options = MEMORIES[memory]
+    tracker = _advantage_tracker_class()(NUM_PROMPTS, kind, **options, dtype=torch.float64)
+    report = tracker.update_with_report(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float64))
+    assert report.advantages.shape == (0,) and float(report.zero_variance_fraction) == 0.0
+    _check_sequence(memory, {}, [([], [], None)] + _sequence(5))
