@@ -7,12 +7,25 @@ prompt to ``deque(maxlen=K)``, and a Python loop over the unique prompts of
 the batch that builds a boolean mask over the whole batch twice per prompt.
 Its cost grows with N times the number of unique prompts. Its semantics are
 those of ``BufferStatTracker``.
+
+``python_loop_grpo`` and ``index_add_grpo`` are the in-batch group baselines
+of GRPO trainers (no memory across batches): the first a Python loop over
+samples and groups as verl's ``compute_grpo_outcome_advantage`` and TRL-era
+trainers ship it, the second a vectorised twin with ``index_add_`` as in
+verl's vectorised path. Both give, for a sample of group g (the samples of
+the batch with its prompt id), ``(r - mean_g) / (std_g + eps)`` with the
+group's sample standard deviation (ddof 1); a group of one sample takes mean
+0 and std 1, as in verl. Flags give Dr. GRPO (no std: ``r - mean_g``) and
+RLOO (``r`` minus the mean of the group's other samples, a singleton keeping
+its raw reward).
+
+Dimensions: N samples in a batch, P prompts, K buffer slots.
 """
 
 from __future__ import annotations
 
 import collections
-from typing import Deque, Dict, Hashable, Mapping, Optional
+from typing import Deque, Dict, Hashable, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -85,7 +98,9 @@ class HostDictStatTracker(StatTracker):
         self.min_count = min_count
         self.inner = DdpoStyleStatTracker(buffer_size, min_count, eps=1e-6)
 
-    def _update(self, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    def _update(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid, report: bool) -> torch.Tensor:
+        if valid is not None or report:
+            raise NotImplementedError("ddpo-pytorch's tracker has no valid mask and no report")
         advantages = self.inner.update(prompt_ids.cpu().numpy(), rewards.cpu().numpy())
         return torch.from_numpy(advantages).to(device=self.device, dtype=self.dtype)
 
@@ -123,3 +138,93 @@ class HostDictStatTracker(StatTracker):
 
     def _state_tensors(self) -> Dict[str, torch.Tensor]:
         return {}
+
+
+def python_loop_grpo(prompt_ids: torch.Tensor, rewards: torch.Tensor, eps: float = 1e-6, norm_by_std: bool = True,
+                     leave_one_out: bool = False) -> torch.Tensor:
+    """GRPO group advantages with a Python loop, as verl and TRL-era trainers write them.
+
+    The ids are read to the host once (verl keeps them there as a NumPy array
+    of uids), the rewards are gathered per group in a ``defaultdict(list)``
+    of 0-dim tensors, each group is reduced with ``torch.stack`` /
+    ``torch.mean`` / ``torch.std``, and a loop writes ``scores[i]``.
+
+    Args:
+        prompt_ids: int [N] group keys (any values).
+        rewards: float [N].
+        eps: added to the group std before dividing.
+        norm_by_std: divide by the group std (GRPO); False gives Dr. GRPO.
+        leave_one_out: RLOO: ``(r - mean) * n / (n - 1)``, that is ``r`` minus
+            the mean of the group's other samples, not divided by a std
+            (``norm_by_std`` and ``eps`` are ignored).
+
+    Returns:
+        [N] advantages, of the rewards' dtype and device.
+    """
+    index: List[int] = prompt_ids.tolist()
+    scores = rewards.clone()
+    id2score: Dict[int, List[torch.Tensor]] = collections.defaultdict(list)
+    id2mean: Dict[int, torch.Tensor] = {}
+    id2std: Dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for i in range(len(index)):
+            id2score[index[i]].append(scores[i])
+        for idx, group in id2score.items():
+            if len(group) == 1:
+                id2mean[idx] = torch.tensor(0.0, dtype=scores.dtype, device=scores.device)
+                id2std[idx] = torch.tensor(1.0, dtype=scores.dtype, device=scores.device)
+            else:
+                group_scores = torch.stack(group)
+                id2mean[idx] = torch.mean(group_scores)
+                id2std[idx] = torch.std(group_scores)
+        for i in range(len(index)):
+            idx = index[i]
+            size = len(id2score[idx])
+            if leave_one_out:
+                if size > 1:
+                    scores[i] = (scores[i] - id2mean[idx]) * size / (size - 1)
+            elif norm_by_std:
+                scores[i] = (scores[i] - id2mean[idx]) / (id2std[idx] + eps)
+            else:
+                scores[i] = scores[i] - id2mean[idx]
+    return scores
+
+
+def index_add_grpo(prompt_ids: torch.Tensor, rewards: torch.Tensor, eps: float = 1e-6, norm_by_std: bool = True,
+                   leave_one_out: bool = False, num_groups: Optional[int] = None) -> torch.Tensor:
+    """GRPO group advantages, vectorised with ``index_add_``: ``python_loop_grpo``'s twin.
+
+    Group counts, sums and sums of squared deviations from the group mean
+    (two passes, as ``torch.std`` does) are accumulated into [P] tensors with
+    ``index_add_``. The ids must be dense (in [0, P)); P is read back from
+    the ids (``int(prompt_ids.max()) + 1``, one host sync) unless given.
+
+    Args:
+        prompt_ids: int64 [N] dense group ids.
+        rewards: float [N].
+        eps: added to the group std before dividing.
+        norm_by_std: divide by the group std (GRPO); False gives Dr. GRPO.
+        leave_one_out: RLOO, as in ``python_loop_grpo``.
+        num_groups: P, at least ``max(prompt_ids) + 1``; None to read it
+            from the ids.
+
+    Returns:
+        [N] advantages, of the rewards' dtype and device.
+    """
+    if num_groups is None:
+        num_groups = int(prompt_ids.max()) + 1
+    zeros = torch.zeros(num_groups, dtype=rewards.dtype, device=rewards.device)  # [P]
+    count = zeros.index_add(0, prompt_ids, torch.ones_like(rewards))  # [P]
+    mean = zeros.index_add(0, prompt_ids, rewards) / count.clamp(min=1)  # [P]
+    deviation = rewards - mean[prompt_ids]  # [N]
+    b_count = count[prompt_ids]  # [N]
+    singleton = b_count < 2  # [N]
+    if leave_one_out:
+        return torch.where(singleton, rewards, deviation * b_count / (b_count - 1).clamp(min=1))
+    b_advantage = torch.where(singleton, rewards, deviation)  # singleton: mean 0
+    if not norm_by_std:
+        return b_advantage
+    square_sum = zeros.index_add(0, prompt_ids, deviation * deviation)  # [P]
+    std = (square_sum / (count - 1).clamp(min=1)).sqrt()  # [P]
+    b_std = torch.where(singleton, torch.ones_like(rewards), std[prompt_ids])  # [N], singleton: std 1
+    return b_advantage / (b_std + eps)

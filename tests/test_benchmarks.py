@@ -1,7 +1,8 @@
-"""Smoke tests: the benchmark scripts run, check agreement, and write their results."""
+"""Smoke tests: the benchmark scripts run, check agreement and write their results; their baselines and sync counter."""
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import pathlib
 import re
@@ -10,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -122,3 +124,91 @@ def test_ab_trackers_refuses_an_unknown_revision():
     assert result.returncode != 0
     assert "no-such-revision" in result.stderr
     assert "new / old" not in result.stdout
+
+
+def _load_benchmark_module(name):
+    """Imports benchmarks/<name>.py (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def baselines():
+    return _load_benchmark_module("baselines")
+
+
+@pytest.fixture(scope="module")
+def sync_counter():
+    return _load_benchmark_module("sync_counter")
+
+
+# Groups {0: [1, 3]}, {1: [2, 4, 9]} and the singleton {2: [5]}, interleaved:
+# means 2 and 5, sample stds sqrt(2) and sqrt(13); the singleton takes mean 0, std 1.
+_HAND_IDS = [1, 0, 2, 1, 0, 1]
+_HAND_REWARDS = [2.0, 1.0, 5.0, 4.0, 3.0, 9.0]
+_HAND_CASES = {
+    "grpo": ({}, [-3 / 13 ** 0.5, -1 / 2 ** 0.5, 5 / (1 + 1e-6), -1 / 13 ** 0.5, 1 / 2 ** 0.5, 4 / 13 ** 0.5]),
+    "dr_grpo": ({"norm_by_std": False}, [-3.0, -1.0, 5.0, -1.0, 1.0, 4.0]),
+    "rloo": ({"leave_one_out": True}, [-4.5, -2.0, 5.0, -1.5, 2.0, 6.0]),
+}
+
+
+@pytest.mark.parametrize("function", ["python_loop_grpo", "index_add_grpo"])
+@pytest.mark.parametrize("case", sorted(_HAND_CASES))
+def test_grpo_baselines_hand_computed(baselines, function, case):
+    kwargs, expected = _HAND_CASES[case]
+    rewards = torch.tensor(_HAND_REWARDS)
+    advantages = getattr(baselines, function)(torch.tensor(_HAND_IDS), rewards, **kwargs)
+    torch.testing.assert_close(advantages, torch.tensor(expected), rtol=1e-6, atol=1e-6)
+    assert rewards.tolist() == _HAND_REWARDS  # the input is not written to
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("num_samples,num_prompts", [(1, 1), (7, 3), (64, 8), (300, 250), (1000, 37)])
+@pytest.mark.parametrize("kwargs", [{}, {"eps": 1e-4}, {"norm_by_std": False}, {"leave_one_out": True}])
+def test_grpo_baselines_agree(baselines, dtype, num_samples, num_prompts, kwargs):
+    generator = torch.Generator().manual_seed(num_samples)
+    ids = torch.randint(num_prompts, (num_samples,), generator=generator)  # uneven groups, singletons, gaps
+    rewards = (torch.randn(num_samples, generator=generator) * 3 + 1).to(dtype)
+    rewards[:num_samples // 4] = rewards[0]  # some zero-variance groups
+    expected = baselines.python_loop_grpo(ids, rewards, **kwargs)
+    assert expected.dtype == dtype
+    for num_groups in (None, num_prompts):
+        torch.testing.assert_close(baselines.index_add_grpo(ids, rewards, num_groups=num_groups, **kwargs), expected,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_sync_counter_counts_host_reads(sync_counter, baselines):
+    x = torch.arange(6.0)
+    with sync_counter.SyncCounter() as counter:
+        y = (x * 2 + 1).sqrt().cumsum(0)[torch.tensor([0, 2])]
+        z = torch.zeros(3).index_add_(0, torch.tensor([0, 1, 1]), x[:3])
+        torch.where(x > 2, x, y.sum())
+    assert counter.count == 0
+    with sync_counter.SyncCounter() as counter:
+        x.sum().item()
+        x.tolist()
+    assert counter.count == 2 and dict(counter.calls) == {"item": 1, "tolist": 1}
+    assert sync_counter.count_syncs(lambda: [x[x > 2], int(z.max()), torch.unique(x), bool(x[0] > 0)]) == 4
+    ids, rewards = torch.tensor([0, 1, 0, 1]), torch.rand(4)
+    assert sync_counter.count_syncs(lambda: baselines.python_loop_grpo(ids, rewards)) == 1  # ids.tolist()
+    assert sync_counter.count_syncs(lambda: baselines.index_add_grpo(ids, rewards)) == 1  # int(ids.max())
+    assert sync_counter.count_syncs(lambda: baselines.index_add_grpo(ids, rewards, num_groups=2)) == 0
+
+
+def test_bench_groups_quick(tmp_path):
+    out = tmp_path / "groups.md"
+    result = _run("bench_groups.py", "--quick", f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    header, rows = rows[0], rows[1:]
+    assert header[3:5] == ["method", "ms / update"]
+    assert len(rows) == 2 * 11 and {row[0].strip("| ") for row in rows} == {"32", "64"}
+    for row in rows:
+        method, milliseconds, syncs, bitwise, diff = row[3], float(row[4]), int(row[7]), row[8], row[9]
+        assert milliseconds > 0 and bitwise == "yes", row
+        assert diff == "n/a |" if "ema" in method else diff.endswith(" ok |"), row
+        assert syncs == (0 if method.startswith(("presets", "AdvantageTracker")) or "P given" in method else 1), row
+    assert "| presets.verl_rloo |" in result.stdout
