@@ -59,9 +59,11 @@ class Fold(NamedTuple):
     ``groups``, which ``to_batch_order`` undoes.
 
     Attributes:
-        count: int64 [R], the rewards behind each row's statistics.
+        count: [R], the rewards behind each row's statistics: int64, or
+            integer-valued floats of the compute dtype.
         mean: float [R] in the compute dtype, their mean.
-        std: float [R], their population std (ddof 0).
+        std: float [R], their std with the ``ddof`` asked for (meaningless
+            where count <= ddof).
         rewards: float [N], the batch's rewards in output order.
         row: int64 [N], the row of each sample in output order, or None
             when row i is sample i.
@@ -70,6 +72,8 @@ class Fold(NamedTuple):
             asked for.
         groups: the batch's grouping when the output order is sorted, else
             None.
+        deviation: float [N], each sample's reward minus its row's mean, in
+            output order, where the memory computed it anyway; else None.
     """
 
     count: torch.Tensor
@@ -79,6 +83,7 @@ class Fold(NamedTuple):
     row: Optional[torch.Tensor]
     own_weight: Optional[torch.Tensor]
     groups: Optional[PromptGroups]
+    deviation: Optional[torch.Tensor] = None
 
     def per_sample(self, values: torch.Tensor) -> torch.Tensor:
         """Takes per-row values to per-sample values, in output order.
@@ -122,7 +127,7 @@ class Memory(abc.ABC):
         self._compute_dtype = compute_dtype(dtype)
 
     @abc.abstractmethod
-    def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, own_weight: bool) -> Fold:
+    def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> Fold:
         """Takes in a batch and returns its prompts' statistics, the batch included.
 
         No Python loop over prompts or samples and no host sync.
@@ -131,6 +136,9 @@ class Memory(abc.ABC):
             prompt_ids: int64 [N], N >= 1, ids in [0, P]; id P marks an invalid
                 sample, whose reward is 0.
             rewards: float [N] in the compute dtype.
+            ddof: the std divides the sum of squared deviations by count -
+                ddof (for the EMA: its variance is scaled by count / (count
+                - ddof)).
             own_weight: whether to compute ``Fold.own_weight``.
 
         Returns:
@@ -201,41 +209,33 @@ class NoMemory(Memory):
     ``"dense"`` sums into one row per prompt with ``index_add_`` (no sort;
     on a CPU it adds sequentially, so it is deterministic there) and
     ``"sorted"`` sums each prompt's group of the sorted batch with
-    ``ops.segment_sum`` (deterministic on every device). Rewards are shifted
-    by one reward of their prompt before they are summed, so that a group
-    whose rewards are all equal gets exactly that mean and a std of exactly
-    0, and a group far from zero keeps its spread.
+    ``ops.segment_sum`` (deterministic on every device). Both take two
+    passes: the mean, then squared deviations from it.
     """
 
     kind = "none"
 
-    def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, own_weight: bool) -> Fold:
+    def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> Fold:
         num_rows = self._num_prompts + 1
-        if group_stats_algorithm(len(prompt_ids), num_rows, rewards.device) == "sorted":
+        if group_stats_algorithm(prompt_ids.shape[0], num_rows, rewards.device) == "sorted":
             groups = group_by_prompt(prompt_ids, num_rows)
             sorted_rewards = rewards.index_select(0, groups.order)  # [N]; pragma: no mutate (1-D)
-            reference = sorted_rewards.index_select(0, groups.start)  # [N]; pragma: no mutate (1-D)
-            shifted = sorted_rewards - reference  # [N]
-            size = groups.size  # [N]
-            shift = segment_sum(shifted, groups) / size  # [N], mean - reference
-            deviation = shifted - shift  # [N]
-            std = (segment_sum(deviation.square(), groups) / size).sqrt()  # [N]
-            weight = size.to(rewards.dtype).reciprocal() if own_weight else None  # [N], 1 / n
-            return Fold(size, reference + shift, std, sorted_rewards, None, weight, groups)
-        # Dense rows. Which of a prompt's rewards the scatter keeps as its
-        # reference does not matter: any one of them gives the same result.
-        count = torch.zeros(num_rows, dtype=torch.int64, device=rewards.device)  # [R]
-        count.index_add_(0, prompt_ids, torch.ones_like(prompt_ids))  # pragma: no mutate (1-D)
-        reference = torch.zeros(num_rows, dtype=rewards.dtype, device=rewards.device)  # [R]
-        reference.scatter_(0, prompt_ids, rewards)  # pragma: no mutate (1-D: dim 0 is dim -1)
-        shifted = rewards - reference.index_select(0, prompt_ids)  # [N]; pragma: no mutate (1-D)
-        shift = torch.zeros_like(reference).index_add_(0, prompt_ids, shifted).div_(count)  # [R]; pragma: no mutate
-        deviation = shifted - shift.index_select(0, prompt_ids)  # [N]; pragma: no mutate (1-D)
-        square_sum = torch.zeros_like(reference).index_add_(0, prompt_ids, deviation.square())  # pragma: no mutate
-        weight = None
-        if own_weight:
-            weight = count.index_select(0, prompt_ids).to(rewards.dtype).reciprocal()  # [N]; pragma: no mutate (1-D)
-        return Fold(count, reference + shift, square_sum.div_(count).sqrt_(), rewards, prompt_ids, weight, None)
+            size = groups.size.to(rewards.dtype)  # [N]
+            mean = segment_sum(sorted_rewards, groups).div_(size)  # [N]
+            deviation = sorted_rewards - mean  # [N]
+            std = segment_sum(deviation.square(), groups).div_(size - ddof).sqrt_()  # [N]
+            weight = size.reciprocal() if own_weight else None  # [N], 1 / n
+            return Fold(size, mean, std, sorted_rewards, None, weight, groups, deviation)
+        # Dense rows: O(N + R) and no sort.
+        count = torch.zeros(num_rows, dtype=rewards.dtype, device=rewards.device)  # [R]
+        count.index_add_(0, prompt_ids, torch.ones_like(rewards))  # pragma: no mutate (1-D)
+        total = torch.zeros_like(count).index_add_(0, prompt_ids, rewards)  # [R]; pragma: no mutate (1-D)
+        mean = total.div_(count)  # [R], NaN for rows without samples
+        deviation = rewards - mean.index_select(0, prompt_ids)  # [N]; pragma: no mutate (1-D)
+        square_sum = torch.zeros_like(count).index_add_(0, prompt_ids, deviation.square())  # pragma: no mutate
+        weight = count.reciprocal().index_select(0, prompt_ids) if own_weight else None  # pragma: no mutate (1-D)
+        std = square_sum.div_(count - ddof).sqrt_()  # [R]
+        return Fold(count, mean, std, rewards, prompt_ids, weight, None, deviation)
 
     def counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(prompt_ids)
@@ -262,9 +262,14 @@ class NoMemory(Memory):
 
 
 def masked_row_mean_std(
-    rows: torch.Tensor, count: torch.Tensor, *, overwrite: bool = False, workspace: Optional[torch.Tensor] = None
+    rows: torch.Tensor,
+    count: torch.Tensor,
+    *,
+    ddof: int = 0,
+    overwrite: bool = False,
+    workspace: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Mean and population std of the first ``count`` entries of each row.
+    """Mean and std of the first ``count`` entries of each row.
 
     Two passes (mean, then deviations from it), never E[x^2] - E[x]^2, so
     float32 keeps the std of rewards far from zero; the std is a norm, so
@@ -279,6 +284,7 @@ def masked_row_mean_std(
             entries at positions >= count must be 0, as they are in
             ``BufferMemory``'s buffer.
         count: int64 [*R], entries in [0, K].
+        ddof: the std divides the sum of squared deviations by count - ddof.
         overwrite: work in ``rows``' memory, which is then garbage. One
             [*R, K] temporary fewer: on a CPU, every fresh one of more than a
             few hundred KB can cost page faults.
@@ -286,7 +292,8 @@ def masked_row_mean_std(
             fresh temporary (ignored with ``overwrite``), or None.
 
     Returns:
-        float [*R] mean and float [*R] std; NaN where count is 0.
+        float [*R] mean and float [*R] std; NaN where count is 0 (the std
+        also where count <= ddof).
     """
     buffer_size = rows.shape[-1]
     num = count.to(rows.dtype)  # [*R]
@@ -299,7 +306,7 @@ def masked_row_mean_std(
     # x - mean where x counts, 0 (= x) elsewhere: one pass, written over rows
     # if allowed, else over the weight (which is not needed after this).
     deviation = torch.addcmul(rows, mean.unsqueeze(-1), weight, value=-1, out=rows if overwrite else weight)
-    std = torch.linalg.vector_norm(deviation, dim=-1).div_(num.sqrt())  # [*R]
+    std = torch.linalg.vector_norm(deviation, dim=-1).div_((num - ddof).sqrt() if ddof else num.sqrt())  # [*R]
     return mean, std
 
 
@@ -368,12 +375,12 @@ class BufferMemory(Memory):
             return self._slots[:-1].view(self._num_prompts + 1, self.buffer_size)
         return self._buffer
 
-    def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, own_weight: bool) -> Fold:
-        if self._num_prompts + 1 <= len(prompt_ids):  # pragma: no mutate (speed only: both paths give the same)
-            return self._fold_all_rows(prompt_ids, rewards, own_weight)
-        return self._fold_batch_rows(prompt_ids, rewards, own_weight)
+    def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> Fold:
+        if self._num_prompts + 1 <= prompt_ids.shape[0]:  # pragma: no mutate (speed only: both give the same)
+            return self._fold_all_rows(prompt_ids, rewards, ddof, own_weight)
+        return self._fold_batch_rows(prompt_ids, rewards, ddof, own_weight)
 
-    def _fold_all_rows(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, own_weight: bool) -> Fold:
+    def _fold_all_rows(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, ddof: int, own_weight: bool) -> Fold:
         """``fold`` for R <= N: counts the batch per row and reads the whole buffer once."""
         num_samples, num_rows, buffer_size = prompt_ids.shape[0], self._num_prompts + 1, self.buffer_size
         scratch = num_rows * buffer_size
@@ -402,16 +409,16 @@ class BufferMemory(Memory):
         if rows is buffer:
             if self._workspace is None:  # pragma: no mutate (memory only)
                 self._workspace = torch.empty_like(buffer)
-            mean, std = masked_row_mean_std(rows, count, workspace=self._workspace)
+            mean, std = masked_row_mean_std(rows, count, ddof=ddof, workspace=self._workspace)
         else:
-            mean, std = masked_row_mean_std(rows, count, overwrite=True)
+            mean, std = masked_row_mean_std(rows, count, ddof=ddof, overwrite=True)
         weight = None
         if own_weight:
             kept = torch.empty_like(pushed_out).scatter_(0, order, pushed_out).logical_not_()  # [N], batch order
             weight = kept / count.index_select(0, prompt_ids).to(rewards.dtype)  # pragma: no mutate (1-D)
         return Fold(count, mean, std, rewards, prompt_ids, weight, None)
 
-    def _fold_batch_rows(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, own_weight: bool) -> Fold:
+    def _fold_batch_rows(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, ddof: int, own_weight: bool) -> Fold:
         """``fold`` for R > N: reads the [N, K] rows of the batch's samples, in sorted order."""
         num_rows, buffer_size = self._num_prompts + 1, self.buffer_size
         scratch = num_rows * buffer_size
@@ -430,7 +437,7 @@ class BufferMemory(Memory):
         count = seen.clamp_max(buffer_size)  # [N]
         compute = self._compute_dtype
         rows = cast(self._live_buffer().index_select(0, sorted_ids), compute)  # [N, K], a copy
-        mean, std = masked_row_mean_std(rows, count, overwrite=True)  # pragma: no mutate (memory only)
+        mean, std = masked_row_mean_std(rows, count, ddof=ddof, overwrite=True)  # pragma: no mutate (memory only)
         weight = pushed_out.logical_not() / count.to(compute) if own_weight else None  # [N]
         return Fold(count, mean, std, sorted_rewards, None, weight, groups)
 
@@ -530,7 +537,7 @@ class EmaMemory(Memory):
         self._var = torch.zeros(num_rows, dtype=dtype, device=device)  # [R]
         self._count = torch.zeros(num_rows, dtype=torch.int64, device=device)  # [R]
 
-    def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, own_weight: bool) -> Fold:
+    def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> Fold:
         decay, compute = self.decay, self._compute_dtype
         groups = group_by_prompt(prompt_ids, self._num_prompts + 1)
         sorted_ids, start = groups.sorted_ids, groups.start  # [N], [N]
@@ -563,6 +570,9 @@ class EmaMemory(Memory):
             # decay ** n + (1 - decay) * decay ** (n - 1) = decay ** (n - 1).
             first_ever = unseen & (groups.position == start)  # [N]
             own = torch.where(first_ever, old_weight / decay, weight)  # [N]
+        if ddof:
+            size = count.to(compute)  # [N]
+            var = var * size / (size - ddof)
         return Fold(count, mean, var.sqrt(), sorted_rewards, None, own, groups)
 
     def counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:

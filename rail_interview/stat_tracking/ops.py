@@ -387,8 +387,9 @@ def batch_mean_std(
         num = valid.sum(dtype=rewards.dtype)  # n, a tensor: no host sync
         mean = rewards.sum() / num
         deviation = torch.where(valid, rewards - mean, 0)  # [N]
-        norm = torch.linalg.vector_norm(deviation)
-        return mean, torch.where(num > ddof, norm / (num - ddof).clamp_min(1).sqrt(), 0)
+        # With n <= ddof the norm is 0 (no deviation, or one of exactly 0), and
+        # so is the std.
+        return mean, torch.linalg.vector_norm(deviation) * (num - ddof).clamp_min(1).rsqrt()
     num_samples = rewards.shape[0]
     if num_samples <= ddof:  # a shape, not a value: no host sync
         return rewards.mean(), rewards.new_zeros(())

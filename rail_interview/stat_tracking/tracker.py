@@ -176,6 +176,11 @@ class AdvantageTracker(StatTracker):
         # back, an in-batch tracker needs no per-prompt statistics at all.
         self._needs_fold = not (memory == "none" and baseline == "batch_mean" and scale != "prompt_std"
                                 and min_count <= 1)
+        self._needs_batch = baseline == "batch_mean" or scale == "batch_std" or fallback == "batch"
+        # Invalid samples sit in row P with reward 0, whose mean is 0 in every
+        # memory, so their advantage is already exactly 0 unless the batch's
+        # mean enters it (a batch baseline or fallback); only then is it masked.
+        self._batch_reaches_invalid = baseline == "batch_mean" or fallback == "batch"
 
     # Options, read-only: changing one would change what the state means.
 
@@ -246,7 +251,8 @@ class AdvantageTracker(StatTracker):
         self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor], report: bool
     ) -> Union[torch.Tensor, UpdateReport]:
         if self._nan_rewards == "invalid":
-            valid = ~torch.isnan(rewards) if valid is None else valid & ~torch.isnan(rewards)
+            scorable = rewards == rewards  # [N], False exactly where NaN
+            valid = scorable if valid is None else valid & scorable
         if prompt_ids.shape[0] == 0:  # pragma: no mutate (shapes only: nothing to compute)
             empty = torch.zeros(0, dtype=torch.bool, device=self._device)
             advantages = rewards.clone()
@@ -257,16 +263,19 @@ class AdvantageTracker(StatTracker):
             # Invalid samples go to the spare row P with reward 0: no mask needed past here.
             prompt_ids = torch.where(valid, prompt_ids, self._num_prompts)  # [N]
             rewards = torch.where(valid, rewards, 0)  # [N]
-        batch_mean, batch_std = batch_mean_std(rewards, valid, ddof=self._ddof)
+        batch_mean = batch_std = None
+        if self._needs_batch:
+            batch_mean, batch_std = batch_mean_std(rewards, valid, ddof=self._ddof)
         if not self._needs_fold:
             advantages = rewards - batch_mean  # [N]
             if self._scale == "batch_std":
                 advantages = advantages / (batch_std + self._eps)
             fallback = None
         else:
-            fold = self._memory.fold(prompt_ids, rewards, own_weight=self._baseline == "leave_one_out")
+            fold = self._memory.fold(prompt_ids, rewards, ddof=self._ddof,
+                                     own_weight=self._baseline == "leave_one_out")
             advantages, fallback = self._estimate(fold, batch_mean, batch_std, report)
-        if valid is not None:
+        if valid is not None and self._batch_reaches_invalid:
             advantages = torch.where(valid, advantages, 0)
         advantages = cast(advantages, self._dtype)
         if not report:
@@ -274,14 +283,14 @@ class AdvantageTracker(StatTracker):
         return self._report(prompt_ids, rewards, valid, advantages, fallback)
 
     def _estimate(
-        self, fold: Fold, batch_mean: torch.Tensor, batch_std: torch.Tensor, report: bool
+        self, fold: Fold, batch_mean: Optional[torch.Tensor], batch_std: Optional[torch.Tensor], report: bool
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Applies the estimator to a memory's statistics.
 
         Args:
             fold: the memory's statistics of the batch.
-            batch_mean: scalar, the valid samples' mean.
-            batch_std: scalar, their std (with ``ddof``).
+            batch_mean: scalar, the valid samples' mean, or None if unused.
+            batch_std: scalar, their std (with ``ddof``), or None if unused.
             report: whether to say which samples fell back.
 
         Returns:
@@ -290,32 +299,35 @@ class AdvantageTracker(StatTracker):
             None without ``report``.
         """
         own = fold.count >= self._min_count  # [R]
-        std = fold.std  # [R]
-        if self._ddof:
-            # n / (n - ddof) <= 0 only for rows that fall back (min_count > ddof).
-            count = fold.count.to(std.dtype)
-            std = std * (count / (count - self._ddof)).sqrt()
         if self._fallback == "batch":
             fallback_mean, fallback_std = batch_mean, batch_std
         else:
             fallback_mean, fallback_std = 0.0, 1.0
-        center = fold.mean if self._baseline != "batch_mean" else batch_mean
-        center = torch.where(own, center, fallback_mean)  # [R]
+        baseline, fallback = self._baseline, self._fallback
+        wants_own_sample = report or baseline == "leave_one_out" or (fold.deviation is not None and fallback == "raw")
+        own_sample = fold.per_sample(own) if wants_own_sample else None  # [N]
+        # The numerator, reward - center, from the memory's deviations where it has them.
+        if baseline == "batch_mean":
+            numerator = fold.rewards - fold.per_sample(torch.where(own, batch_mean, fallback_mean))  # [N]
+        elif fold.deviation is not None and fallback == "zero":
+            numerator = fold.deviation  # [N]; samples that fall back get an infinite scale below
+        elif fold.deviation is not None and fallback == "raw":
+            numerator = torch.where(own_sample, fold.deviation, fold.rewards)  # [N], raw: center 0
+        else:
+            numerator = fold.rewards - fold.per_sample(torch.where(own, fold.mean, fallback_mean))  # [N]
+        if baseline == "leave_one_out":
+            numerator = numerator / torch.where(own_sample, 1.0 - fold.own_weight, 1.0)
         if self._scale == "prompt_std":
-            scale = torch.where(own, std, fallback_std).add_(self._eps)  # [R]
+            scale = torch.where(own, fold.std, fallback_std).add_(self._eps)  # [R]
         elif self._scale == "batch_std":
             scale = batch_std + self._eps  # scalar
         else:
             scale = None
-        if self._fallback == "zero":
+        if fallback == "zero":
             # A finite numerator over an infinite scale: advantage 0.
             scale = torch.where(own, 1.0 if scale is None else scale, math.inf)  # [R]
-        numerator = fold.rewards - fold.per_sample(center)  # [N]
-        own_sample = fold.per_sample(own) if self._baseline == "leave_one_out" or report else None  # [N]
-        if self._baseline == "leave_one_out":
-            numerator = numerator / torch.where(own_sample, 1.0 - fold.own_weight, 1.0)
         if scale is not None:
-            numerator = numerator.div_(fold.per_sample(scale) if scale.ndim else scale)
+            numerator = numerator.div_(fold.per_sample(scale)) if scale.ndim else numerator / scale
         advantages = fold.to_batch_order(numerator)
         return advantages, fold.to_batch_order(~own_sample) if report else None
 
