@@ -5,7 +5,9 @@ A *setting* is a name plus config overrides, for example
 ``run_comparison`` trains every setting with every seed (in parallel
 processes), then ``summarize`` reduces the runs to one row per setting, and
 ``write_markdown``, ``write_csv`` and ``plot_curves`` write the results.
-``scripts/compare.py`` is the command-line front end.
+``method_settings`` turns method names such as ``"buffer"`` or
+``"rloo+ema"`` into settings. ``scripts/compare.py`` is the command-line
+front end.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import dataclasses
+import itertools
 import logging
 import multiprocessing
 import os
@@ -41,6 +44,74 @@ class Setting:
 
     name: str
     overrides: Mapping[str, Any]
+
+
+def method_settings(
+    config: ml_collections.ConfigDict,
+    methods: Sequence[str],
+    buffer_sizes: Sequence[int] = (),
+    ema_decays: Sequence[float] = (),
+) -> List[Setting]:
+    """Turns method names into settings, sweeping buffer sizes and EMA decays.
+
+    Names and the settings they give (K, m and decay default to the config's
+    ``buffer_size``, ``min_count`` and ``ema_decay``):
+
+    ================= ============================ ============================================
+    method            setting names                config
+    ================= ============================ ============================================
+    ``batch``         ``batch``                    method batch
+    ``buffer``        ``buffer K=32 m=16``         method buffer, per buffer size
+    ``ema``           ``ema 0.7``                  method ema, per decay
+    ``grpo``          ``grpo``                     method grpo, memory none (also ``dr_grpo``,
+                                                   ``rloo``)
+    ``grpo+buffer``   ``grpo+buffer K=32 m=16``    method grpo, memory buffer, per buffer size
+    ``grpo+ema``      ``grpo+ema 0.7``             method grpo, memory ema, per decay
+    ================= ============================ ============================================
+
+    With a buffer size swept, min_count is min(config min_count, K // 2), at
+    least 1 for ``buffer`` and 2 for the GRPO family (its ddof 1 and
+    leave-one-out need two rewards), so that small buffers still switch on.
+
+    Args:
+        config: the base config (default buffer size, min_count and decay).
+        methods: method names, as above.
+        buffer_sizes: buffer sizes to sweep for buffer memories; empty for the config's.
+        ema_decays: decays to sweep for EMA memories; empty for the config's.
+
+    Returns:
+        The settings, in the order of ``methods``.
+
+    Raises:
+        ValueError: for an unknown method or memory.
+    """
+    tracking = config.stat_tracking
+    settings = []
+    for name in methods:
+        method, _, memory = name.partition("+")
+        grpo = method in training.GRPO_FAMILY
+        if method not in training.METHODS or (memory and not grpo) or memory not in ("", "buffer", "ema"):
+            raise ValueError(
+                f"unknown method {name!r}: choose from {', '.join(training.METHODS)}, or METHOD+buffer or "
+                f"METHOD+ema with METHOD one of {', '.join(training.GRPO_FAMILY)}"
+            )
+        memory = memory or (method if method in ("buffer", "ema") else "none")
+        base = {"stat_tracking.method": method}
+        if grpo:
+            base["stat_tracking.memory"] = memory
+        if memory == "buffer":
+            for size in buffer_sizes or [tracking.buffer_size]:
+                min_count = min(tracking.min_count, max(2 if grpo else 1, size // 2))
+                settings.append(Setting(
+                    f"{name} K={size} m={min_count}",
+                    {**base, "stat_tracking.buffer_size": size, "stat_tracking.min_count": min_count},
+                ))
+        elif memory == "ema":
+            for decay in ema_decays or [tracking.ema_decay]:
+                settings.append(Setting(f"{name} {decay:g}", {**base, "stat_tracking.ema_decay": decay}))
+        else:
+            settings.append(Setting(name, base))
+    return settings
 
 
 @dataclasses.dataclass
@@ -213,11 +284,13 @@ def write_csv(results: Sequence[RunResult], path: str) -> None:
 def plot_curves(results: Sequence[RunResult], path: str, *, smoothing: int = 10) -> None:
     """Plots reward against epoch: per setting, the median over seeds and a min-max band.
 
-    Settings are grouped by method, the first word of their name ("buffer
-    K=8 m=4" belongs to "buffer"). If every method has one setting, all share
-    one panel. Otherwise each method with several settings (a sweep) gets a
-    panel, coloured in sweep order, and the single-setting methods (such as
-    "batch") are drawn in every panel as grey references.
+    Settings are grouped by method, the first word of their name up to any
+    "+" ("buffer K=8 m=4" belongs to "buffer", "rloo+ema 0.7" to "rloo").
+    If every method has one setting, all share one panel. Otherwise each
+    method with several settings (a sweep, or a GRPO-family method with
+    several memories) gets a panel, coloured in setting order, and the
+    single-setting methods (such as "batch") are drawn in every panel as grey
+    references, each in its own line style.
 
     Args:
         results: runs, as returned by ``run_comparison``.
@@ -239,7 +312,7 @@ def plot_curves(results: Sequence[RunResult], path: str, *, smoothing: int = 10)
         curves.setdefault(r.setting, []).append(r.rewards)
     families: Dict[str, List[str]] = {}
     for name in curves:
-        families.setdefault(name.split()[0], []).append(name)
+        families.setdefault(name.split()[0].split("+")[0], []).append(name)
     sweeps = [names for names in families.values() if len(names) > 1]
     references = [names[0] for names in families.values() if len(names) == 1]
     panels = sweeps or [references]
@@ -264,14 +337,14 @@ def plot_curves(results: Sequence[RunResult], path: str, *, smoothing: int = 10)
                   else [f"C{i}" for i in range(len(names))])
         for name, color in zip(names, colors):
             draw(ax, name, color)
-        for name in references:
-            draw(ax, name, "0.45", "--")
+        for name, style in zip(references, itertools.cycle(("--", ":", "-."))):
+            draw(ax, name, "0.45", style)
         ax.set_yscale("symlog", linthresh=1)
         ax.set_xlabel("epoch")
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(loc="lower right", fontsize="small")
         if sweeps:
-            ax.set_title(f"{names[0].split()[0]} sweep")
+            ax.set_title(f"{names[0].split()[0].split('+')[0]} sweep")
     label_symlog_rewards(axes[0][0], REWARD_TICKS)
     axes[0][0].set_ylabel(f"batch-mean reward ({smoothing}-epoch average; symlog scale)")
     fig.suptitle("Learning curves: median over seeds, band from worst to best seed")

@@ -3,11 +3,13 @@
 ``scripts/train.py`` parses flags and calls ``train``; tests call it directly
 with tiny configs. Each call writes a new run directory under ``logdir``:
 
-    <logdir>/<YYYYmmdd-HHMMSS>_<method>_seed<seed>[_<n>]/
+    <logdir>/<YYYYmmdd-HHMMSS>_<method>[+<memory>]_seed<seed>[_<n>]/
         config.json   the resolved config
         metrics.csv   one row per epoch: epoch, reward_mean, reward_std,
-                      fallback_frac (fraction of samples normalised with
-                      whole-batch statistics)
+                      fallback_frac (fraction of samples whose prompt had
+                      fewer than min_count rewards: normalised with
+                      whole-batch statistics, or for the GRPO family without
+                      memory, given config.stat_tracking.fallback)
         summary.json  final_reward, method, seed, train_seconds, ...
         stats/        per-prompt tracker statistics, every
                       ``config.stats_log.every`` epochs (see
@@ -67,6 +69,39 @@ def resolve_device(name: str) -> torch.device:
     return stat_tracking.resolve_device(name)
 
 
+#: The methods of ``config.stat_tracking.method``: the three trackers of this
+#: project, then the GRPO family, built from ``presets``.
+METHODS = ("buffer", "ema", "batch", "grpo", "dr_grpo", "rloo")
+
+#: GRPO-family methods: (preset, its keywords). "grpo" is verl's (and TRL's
+#: scale_rewards="group") group mean and sample std, "dr_grpo" the group mean
+#: without a std, "rloo" the leave-one-out mean without a std.
+GRPO_FAMILY = {
+    "grpo": ("verl_grpo", {}),
+    "dr_grpo": ("verl_grpo", {"norm_adv_by_std": False}),
+    "rloo": ("verl_rloo", {}),
+}
+
+#: The memories of ``config.stat_tracking.memory`` (GRPO-family methods only).
+MEMORIES = ("none", "buffer", "ema")
+
+#: The fallbacks of ``config.stat_tracking.fallback`` (GRPO-family methods only).
+FALLBACKS = ("zero", "raw", "batch")
+
+
+def method_name(config: ml_collections.ConfigDict) -> str:
+    """A run's method with its memory, as in run directory names: ``"buffer"``, ``"grpo"``, ``"rloo+ema"``.
+
+    Args:
+        config: the ``stat_tracking`` section of the training config.
+
+    Returns:
+        ``method``, followed by ``+memory`` where the memory is not ``"none"``.
+    """
+    memory = config.get("memory", "none")
+    return config.method if memory == "none" else f"{config.method}+{memory}"
+
+
 def build_tracker(
     config: ml_collections.ConfigDict,
     *,
@@ -74,7 +109,17 @@ def build_tracker(
     device: torch.device,
     process_group: Optional["torch.distributed.ProcessGroup"] = None,
 ) -> stat_tracking.StatTracker:
-    """Builds the stat tracker that ``config.method`` names.
+    """Builds the stat tracker that ``config.method`` (and ``config.memory``) name.
+
+    "buffer", "ema" and "batch" are this project's trackers. "grpo",
+    "dr_grpo" and "rloo" are ``presets.verl_grpo``,
+    ``presets.verl_grpo(norm_adv_by_std=False)`` and ``presets.verl_rloo``:
+    with ``memory="none"`` as verl computes them (min_count 2); with
+    ``memory="buffer"`` or ``"ema"`` the group statistics come from the
+    prompt's memory (``buffer_size`` or ``ema_decay``) and need
+    ``min_count`` rewards. A prompt with fewer gets ``config.fallback``:
+    ``"zero"`` (TRL's rule for a group of one, the default), ``"raw"``
+    (verl's: exactly verl's advantages) or ``"batch"`` (DDPO's).
 
     Args:
         config: the ``stat_tracking`` section of the training config.
@@ -86,22 +131,66 @@ def build_tracker(
         The tracker.
 
     Raises:
-        ValueError: for an unknown method.
+        ValueError: for an unknown method, memory or fallback, or a memory
+            other than "none" with a method that is not of the GRPO family.
     """
     common = dict(device=device, check_values=config.check_values, process_group=process_group)
+    memory = config.get("memory", "none")
+    if memory not in MEMORIES:
+        raise ValueError(f"unknown config.stat_tracking.memory {memory!r}; choose from "
+                         f"{', '.join(map(repr, MEMORIES))}")
+    if config.method not in METHODS:
+        raise ValueError(f"unknown config.stat_tracking.method {config.method!r}; choose from "
+                         f"{', '.join(map(repr, METHODS))}")
+    if config.method in GRPO_FAMILY:
+        preset, options = GRPO_FAMILY[config.method]
+        if memory == "buffer":
+            options = dict(options, memory="buffer", buffer_size=config.buffer_size)
+        elif memory == "ema":
+            options = dict(options, memory="ema", decay=config.ema_decay)
+        if memory != "none":
+            options.update(min_count=config.min_count)
+        fallback = config.get("fallback", "zero")
+        if fallback not in FALLBACKS:
+            raise ValueError(f"unknown config.stat_tracking.fallback {fallback!r}; choose from "
+                             f"{', '.join(map(repr, FALLBACKS))}")
+        return getattr(stat_tracking.presets, preset)(num_prompts, fallback=fallback, **options, **common)
+    if memory != "none":
+        raise ValueError(
+            f"config.stat_tracking.memory={memory!r} applies to the GRPO family "
+            f"({', '.join(map(repr, GRPO_FAMILY))}); method {config.method!r} has its own: leave memory 'none'"
+        )
     if config.method == "batch":
         return stat_tracking.BatchStatTracker(num_prompts, **common)
     if config.method == "buffer":
         return stat_tracking.BufferStatTracker(
             num_prompts, buffer_size=config.buffer_size, min_count=config.min_count, **common
         )
-    if config.method == "ema":
-        return stat_tracking.EmaStatTracker(
-            num_prompts, decay=config.ema_decay, min_count=config.min_count, **common
-        )
-    raise ValueError(
-        f"unknown config.stat_tracking.method {config.method!r}; choose from 'batch', 'buffer', 'ema'"
+    return stat_tracking.EmaStatTracker(
+        num_prompts, decay=config.ema_decay, min_count=config.min_count, **common
     )
+
+
+def fallback_mask(tracker: stat_tracking.StatTracker, prompt_ids: torch.Tensor) -> torch.Tensor:
+    """Which samples of the batch just updated fell back (their prompt had too few rewards).
+
+    ``tracker.fallback_mask``, except for an ``AdvantageTracker`` without
+    memory that has per-prompt statistics (the GRPO family with
+    ``memory="none"``): it remembers nothing after the update, so its
+    prompts' counts are their samples in this batch, counted here.
+
+    Args:
+        tracker: the tracker ``update`` was just called on with ``prompt_ids``.
+        prompt_ids: int64 [N], the whole (gathered) batch.
+
+    Returns:
+        bool [N].
+    """
+    if isinstance(tracker, stat_tracking.AdvantageTracker) and tracker.memory == "none" and tracker.min_count > 1:
+        counts = torch.zeros(tracker.num_prompts, dtype=torch.int64, device=prompt_ids.device)  # [P]
+        counts.index_add_(0, prompt_ids, torch.ones_like(prompt_ids))  # no host sync, unlike bincount
+        return counts.index_select(0, prompt_ids) < tracker.min_count
+    return tracker.fallback_mask(prompt_ids)
 
 
 def create_run_dir(logdir: str, name: str) -> str:
@@ -292,7 +381,7 @@ def train(
             )
     elif context.is_main:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = create_run_dir(logdir, f"{stamp}_{config.stat_tracking.method}_seed{config.seed}")
+        run_dir = create_run_dir(logdir, f"{stamp}_{method_name(config.stat_tracking)}_seed{config.seed}")
     else:
         run_dir = ""
     run_dir = context.broadcast_object(run_dir)
@@ -339,7 +428,7 @@ def train(
 
         last = epoch == config.num_epochs - 1
         if context.is_main:
-            fallback = tracker.fallback_mask(prompt_ids)  # which samples used batch statistics
+            fallback = fallback_mask(tracker, prompt_ids)  # which samples fell back
             if recorder is not None:
                 recorder.record(epoch, prompt_ids, rewards)
             reward_std, reward_mean = torch.std_mean(rewards, correction=0)

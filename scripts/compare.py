@@ -4,6 +4,13 @@ Usage (the README's results come from these):
     python scripts/compare.py --methods=batch,buffer,ema --out=docs/results/methods
     python scripts/compare.py --methods=batch,buffer,ema --buffer_sizes=2,4,8,16,32,64 \
         --ema_decays=0.1,0.3,0.5,0.7,0.8,0.9,0.95,0.98,0.99 --seeds=10 --out=docs/results/sweep
+    python scripts/compare.py --methods=batch,buffer,ema,grpo,grpo+buffer,grpo+ema,dr_grpo,dr_grpo+buffer,\
+dr_grpo+ema,rloo,rloo+buffer,rloo+ema --out=docs/results/grpo
+
+Methods: batch, buffer, ema, and the GRPO family grpo, dr_grpo, rloo, each
+alone (memory "none") or with a memory as METHOD+buffer or METHOD+ema
+(config.stat_tracking.memory). --buffer_sizes and --ema_decays sweep every
+buffer and every EMA setting, the GRPO family's included.
 
 Writes into --out: results.md (median and spread of final_reward per
 setting), results.csv (one row per run) and curves.png (learning curves,
@@ -22,12 +29,17 @@ from rail_interview import comparison, configs
 _CONFIG = config_flags.DEFINE_config_file(
     "config", configs.DEFAULT_CONFIG_PATH, "Base training config.", lock_config=True
 )
-_METHODS = flags.DEFINE_list("methods", ["batch", "buffer", "ema"], "Methods to compare: batch, buffer, ema.")
+_METHODS = flags.DEFINE_list(
+    "methods", ["batch", "buffer", "ema"], "Methods to compare: batch, buffer, ema, grpo, dr_grpo, rloo; "
+    "METHOD+buffer or METHOD+ema for a GRPO-family METHOD with that memory."
+)
 _BUFFER_SIZES = flags.DEFINE_list(
-    "buffer_sizes", [], "Buffer sizes to sweep for 'buffer' (default: the config's). min_count is "
+    "buffer_sizes", [], "Buffer sizes to sweep for 'buffer' and METHOD+buffer (default: the config's). min_count is "
     "min(config min_count, buffer_size // 2), so that small buffers still switch on."
 )
-_EMA_DECAYS = flags.DEFINE_list("ema_decays", [], "EMA decays to sweep for 'ema' (default: the config's).")
+_EMA_DECAYS = flags.DEFINE_list(
+    "ema_decays", [], "EMA decays to sweep for 'ema' and METHOD+ema (default: the config's)."
+)
 _SEEDS = flags.DEFINE_integer("seeds", 5, "Run seeds 0 .. seeds-1 for every setting.")
 _OUT = flags.DEFINE_string("out", "logs/compare", "Directory for results.md, results.csv and curves.png.")
 _LOGDIR = flags.DEFINE_string("logdir", "logs/compare/runs", "Parent directory of the individual runs.")
@@ -38,11 +50,13 @@ _BAD_THRESHOLD = flags.DEFINE_float("bad_threshold", -20.0, "final_reward below 
 def build_settings(config, methods, buffer_sizes, ema_decays):
     """Turns the flags into the list of settings to compare.
 
+    See ``comparison.method_settings`` for the method names.
+
     Args:
         config: the base config (for default buffer size and min_count).
         methods: method names.
-        buffer_sizes: buffer sizes to sweep for "buffer"; empty for the config's.
-        ema_decays: decays to sweep for "ema"; empty for the config's.
+        buffer_sizes: buffer sizes to sweep for buffer memories; empty for the config's.
+        ema_decays: decays to sweep for EMA memories; empty for the config's.
 
     Returns:
         A list of comparison.Setting.
@@ -50,27 +64,11 @@ def build_settings(config, methods, buffer_sizes, ema_decays):
     Raises:
         app.UsageError: for an unknown method.
     """
-    settings = []
-    tracking = config.stat_tracking
-    for method in methods:
-        if method == "batch":
-            settings.append(comparison.Setting("batch", {"stat_tracking.method": "batch"}))
-        elif method == "buffer":
-            for size in [int(s) for s in buffer_sizes] or [tracking.buffer_size]:
-                min_count = min(tracking.min_count, max(1, size // 2))
-                settings.append(comparison.Setting(
-                    f"buffer K={size} m={min_count}",
-                    {"stat_tracking.method": "buffer", "stat_tracking.buffer_size": size,
-                     "stat_tracking.min_count": min_count},
-                ))
-        elif method == "ema":
-            for decay in [float(d) for d in ema_decays] or [tracking.ema_decay]:
-                settings.append(comparison.Setting(
-                    f"ema {decay:g}", {"stat_tracking.method": "ema", "stat_tracking.ema_decay": decay}
-                ))
-        else:
-            raise app.UsageError(f"unknown method {method!r}")
-    return settings
+    try:
+        return comparison.method_settings(config, methods, [int(s) for s in buffer_sizes],
+                                          [float(d) for d in ema_decays])
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
 
 
 def main(argv):

@@ -3,6 +3,7 @@
 Usage:
     python scripts/train.py                                   # default config
     python scripts/train.py --config.stat_tracking.method=batch --config.seed=3
+    python scripts/train.py --config.stat_tracking.method=rloo --config.stat_tracking.memory=ema
     python scripts/train.py --logdir=/tmp/runs --config.num_epochs=200
     python scripts/train.py --logdir=logs/<run> --resume --config.num_epochs=2000
     torchrun --nproc_per_node=2 scripts/train.py --config.num_epochs=50
@@ -47,7 +48,7 @@ def main(argv: list) -> None:
         distributed.shutdown()
     if not context.is_main:
         return
-    print(f"final_reward {summary['final_reward']:.2f}  ({summary['method']}, seed {summary['seed']}, "
+    print(f"final_reward {summary['final_reward']:.2f}  ({training.method_name(config.stat_tracking)}, seed {summary['seed']}, "
           f"loop {summary['train_seconds']:.2f} s)  ->  {summary['run_dir']}")
 
 

@@ -22,6 +22,34 @@ def test_apply_overrides_copies_and_refuses_unknown_fields():
         configs.apply_overrides(base, {"stat_tracking.bufer_size": 3})
 
 
+def test_method_settings_name_the_grpo_family_with_its_memory():
+    config = default.get_config()
+    settings = comparison.method_settings(
+        config, ["batch", "buffer", "ema", "grpo", "dr_grpo+buffer", "rloo+ema"], buffer_sizes=[4],
+        ema_decays=[0.5, 0.9])
+    assert [s.name for s in settings] == [
+        "batch", "buffer K=4 m=2", "ema 0.5", "ema 0.9", "grpo", "dr_grpo+buffer K=4 m=2", "rloo+ema 0.5",
+        "rloo+ema 0.9"]
+    by_name = {s.name: dict(s.overrides) for s in settings}
+    assert by_name["batch"] == {"stat_tracking.method": "batch"}  # the existing methods keep their overrides
+    assert by_name["buffer K=4 m=2"] == {"stat_tracking.method": "buffer", "stat_tracking.buffer_size": 4,
+                                         "stat_tracking.min_count": 2}
+    assert by_name["grpo"] == {"stat_tracking.method": "grpo", "stat_tracking.memory": "none"}
+    assert by_name["dr_grpo+buffer K=4 m=2"] == {
+        "stat_tracking.method": "dr_grpo", "stat_tracking.memory": "buffer", "stat_tracking.buffer_size": 4,
+        "stat_tracking.min_count": 2}
+    assert by_name["rloo+ema 0.9"] == {"stat_tracking.method": "rloo", "stat_tracking.memory": "ema",
+                                       "stat_tracking.ema_decay": 0.9}
+    # Defaults: the config's K, min_count and decay; the GRPO family needs min_count >= 2.
+    names = [s.name for s in comparison.method_settings(config, ["grpo+buffer", "rloo+ema"])]
+    assert names == ["grpo+buffer K=32 m=16", "rloo+ema 0.7"]
+    (tiny,) = comparison.method_settings(config, ["rloo+buffer"], buffer_sizes=[2])
+    assert tiny.overrides["stat_tracking.min_count"] == 2
+    for bad in ("grpo+lstm", "buffer+ema", "ppo", "grpo+none"):
+        with pytest.raises(ValueError, match="unknown method"):
+            comparison.method_settings(config, [bad])
+
+
 def _result(setting, seed, final):
     return comparison.RunResult(setting, seed, final, 0.5, [final] * 20, f"/runs/{setting}{seed}")
 
@@ -64,3 +92,26 @@ def test_compare_script_end_to_end(tmp_path):
     with open(out / "results.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 8
     assert "[8/8]" in result.stderr
+
+
+def test_compare_script_runs_the_grpo_family(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "compare.py"),
+         "--methods=batch,grpo,rloo+buffer,dr_grpo+ema", "--seeds=1", "--workers=2", f"--out={out}",
+         f"--logdir={tmp_path / 'runs'}",
+         "--config.num_epochs=15", "--config.problem.num_prompts=8", "--config.sample_batch_size=32",
+         "--config.device=cpu"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    table = (out / "results.md").read_text()
+    for name in ("batch", "grpo", "rloo+buffer K=32 m=16", "dr_grpo+ema 0.7"):
+        assert f"| {name} |" in table
+    assert sorted(p.name.split("_", 1)[1] for p in (tmp_path / "runs").iterdir()) == [
+        "batch_seed0", "dr_grpo+ema_seed0", "grpo_seed0", "rloo+buffer_seed0"]
+    refused = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "compare.py"), "--methods=buffer+ema", f"--out={out}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert refused.returncode != 0 and "unknown method 'buffer+ema'" in refused.stderr

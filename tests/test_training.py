@@ -163,10 +163,62 @@ def test_per_prompt_methods_beat_the_batch_baseline(default_runs, method):
 
 def test_unknown_method_and_device_are_refused(tiny_config, tmp_path):
     tiny_config.stat_tracking.method = "nope"
-    with pytest.raises(ValueError, match="unknown config.stat_tracking.method"):
+    with pytest.raises(ValueError, match="unknown config.stat_tracking.method 'nope'; choose from 'buffer', "
+                                         "'ema', 'batch', 'grpo', 'dr_grpo', 'rloo'"):
         training.train(tiny_config, str(tmp_path))
     with pytest.raises(ValueError, match="config.device"):
         training.resolve_device("tpu")
+
+
+@pytest.mark.parametrize("method, memory", [
+    ("grpo", "none"), ("dr_grpo", "none"), ("rloo", "none"), ("grpo", "buffer"), ("rloo", "ema"),
+])
+def test_grpo_family_methods_train(tiny_config, tmp_path, method, memory):
+    tiny_config.stat_tracking.method, tiny_config.stat_tracking.memory = method, memory
+    summary = training.train(tiny_config, str(tmp_path))
+    assert np.isfinite(summary["final_reward"]) and summary["method"] == method
+    suffix = "" if memory == "none" else f"+{memory}"
+    assert os.path.basename(summary["run_dir"]).endswith(f"_{method}{suffix}_seed0")
+    fallback = [float(row["fallback_frac"]) for row in _read_metrics(summary["run_dir"])]
+    if memory == "none":  # the singletons of each batch, not every sample (the tracker remembers nothing)
+        assert max(fallback) < 0.5
+    else:  # batch statistics until a prompt has min_count rewards
+        assert fallback[0] == 1.0 and fallback[-1] == 0.0
+
+
+def test_grpo_family_trackers_are_the_presets():
+    config = default.get_config().stat_tracking
+    config.method, config.memory = "dr_grpo", "none"
+    tracker = training.build_tracker(config, num_prompts=4, device=torch.device("cpu"))
+    assert (tracker.memory, tracker.baseline, tracker.scale, tracker.ddof, tracker.min_count, tracker.fallback) == (
+        "none", "prompt_mean", "none", 1, 2, "zero")
+    config.method, config.memory, config.fallback = "rloo", "ema", "batch"
+    tracker = training.build_tracker(config, num_prompts=4, device=torch.device("cpu"))
+    assert (tracker.memory, tracker.baseline, tracker.scale, tracker.min_count, tracker.fallback) == (
+        "ema", "leave_one_out", "none", config.min_count, "batch")
+    config.fallback = "median"
+    with pytest.raises(ValueError, match="unknown config.stat_tracking.fallback 'median'; choose from 'zero'"):
+        training.build_tracker(config, num_prompts=4, device=torch.device("cpu"))
+    # In-batch GRPO with fallback "raw": verl's advantages; a singleton (prompt 2) keeps its raw reward.
+    config.method, config.memory, config.fallback = "grpo", "none", "raw"
+    tracker = training.build_tracker(config, num_prompts=4, device=torch.device("cpu"))
+    advantages = tracker.update(torch.tensor([0, 0, 1, 2, 1]), torch.tensor([1.0, 0.0, 2.0, -3.0, 4.0]))
+    stds = torch.tensor([0.5, 0.5, 2.0, 1.0, 2.0]).sqrt()  # sample stds of groups [1, 0] and [2, 4]; 1 for prompt 2
+    expected = torch.tensor([0.5, -0.5, -1.0, -3.0, 1.0]) / stds
+    torch.testing.assert_close(advantages, expected, rtol=1e-5, atol=1e-5)
+    # metrics.csv's fallback_frac: the singleton alone (the tracker's own fallback_mask says every sample).
+    ids = torch.tensor([0, 0, 1, 2, 1])
+    assert training.fallback_mask(tracker, ids).tolist() == [False, False, False, True, False]
+
+
+def test_unknown_memory_and_memory_with_a_non_grpo_method_are_refused(tiny_config, tmp_path):
+    tiny_config.stat_tracking.method, tiny_config.stat_tracking.memory = "grpo", "lstm"
+    with pytest.raises(ValueError, match="unknown config.stat_tracking.memory 'lstm'; choose from 'none', 'buffer'"):
+        training.train(tiny_config, str(tmp_path))
+    tiny_config.stat_tracking.method, tiny_config.stat_tracking.memory = "buffer", "ema"
+    with pytest.raises(ValueError, match="applies to the GRPO family"):
+        training.train(tiny_config, str(tmp_path))
+    assert not any(tmp_path.iterdir())
 
 
 def test_default_config_matches_the_command_line_contract():
@@ -175,6 +227,7 @@ def test_default_config_matches_the_command_line_contract():
     assert config.problem.num_prompts == 64 and config.problem.num_params == 1024
     assert config.device == "auto" and config.stat_tracking.method == "buffer"
     assert config.stat_tracking.buffer_size == 32 and config.stat_tracking.min_count == 16
+    assert config.stat_tracking.memory == "none"
 
 
 def _run_script(*args: str, cwd: pathlib.Path, threads: int = 0) -> subprocess.CompletedProcess:

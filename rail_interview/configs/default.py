@@ -78,15 +78,41 @@ def get_config() -> ml_collections.ConfigDict:
     #             rewards (whole-batch statistics until it has `min_count`);
     #   "ema":    per-prompt exponential moving averages of mean and variance
     #             (whole-batch statistics until it has `min_count` rewards);
-    #   "batch":  the whole batch's mean and std, the baseline.
+    #   "batch":  the whole batch's mean and std, the baseline;
+    # and the GRPO family (stat_tracking.presets, with `memory` below):
+    #   "grpo":    (r - group mean) / (group sample std (ddof 1) + 1e-6), as
+    #              verl's compute_grpo_outcome_advantage and TRL's
+    #              scale_rewards="group" (presets.verl_grpo);
+    #   "dr_grpo": r - group mean, no std (Dr. GRPO;
+    #              presets.verl_grpo(norm_adv_by_std=False));
+    #   "rloo":    r - mean of the group's other rewards, no std
+    #              (presets.verl_rloo).
+    # A "group" is a prompt's samples in the batch (about N / P = 4 here).
     config.stat_tracking.method = "buffer"
-    # "buffer": rewards kept per prompt. The batch holds about N / P = 4
-    # samples of each prompt, so 32 covers about the last 8 epochs.
+    # GRPO family only (the other methods refuse anything but "none"): where a
+    # prompt's group statistics come from.
+    #   "none":   its samples in this batch, as verl and TRL: a prompt needs
+    #             2 samples (the preset's min_count, not `min_count` below);
+    #   "buffer": its last `buffer_size` rewards, the batch included, and
+    #             `min_count` of them;
+    #   "ema":    moving averages with `ema_decay`, and `min_count` rewards.
+    config.stat_tracking.memory = "none"
+    # GRPO family only: what a prompt with too few rewards gets (here prompts
+    # are drawn with replacement, so some have one sample in a batch):
+    #   "zero":  advantage 0, as TRL gives a group of one;
+    #   "raw":   its raw reward, as verl gives a group of one. On this problem
+    #            that diverges: raw rewards are about -75 at the start;
+    #   "batch": the whole batch's mean and std, as "buffer" and "ema" do.
+    config.stat_tracking.fallback = "zero"
+    # "buffer" (and memory "buffer"): rewards kept per prompt. The batch holds
+    # about N / P = 4 samples of each prompt, so 32 covers about the last 8
+    # epochs.
     config.stat_tracking.buffer_size = 32
-    # "buffer" and "ema": rewards a prompt needs before its own statistics are
-    # used; about 4 epochs of samples here.
+    # "buffer" and "ema" (and memory "buffer" and "ema"): rewards a prompt
+    # needs before its own statistics are used; about 4 epochs of samples here.
     config.stat_tracking.min_count = 16
-    # "ema": weight the old statistics keep at each new reward of the prompt.
+    # "ema" (and memory "ema"): weight the old statistics keep at each new
+    # reward of the prompt.
     # The memory is about 1 / (1 - ema_decay) rewards: 3.3 at 0.7, under one
     # epoch here. The README's sweep found a plateau from 0.3 to 0.8 on this
     # problem; 0.7 is at its top with the longest memory.
