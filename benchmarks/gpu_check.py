@@ -10,7 +10,7 @@ Every check runs even when another fails; the report is rewritten after each
 check, so a machine taken back half-way still leaves the checks done so far.
 The checks, in the order they run (names as in the report):
 
-* ``sync_free/<tracker>/<N>x<P>x<K>``: each tracker (buffer, ema, batch) at a
+* ``sync_free/<tracker>/<N>x<P>x<K>``: each tracker (buffer, ema, batch, trl_grpo, rloo_buffer) at a
   small and a large size, built with ``check_values=False`` and warmed up,
   then updated under ``torch.cuda.set_sync_debug_mode("error")``: any host
   sync in ``update`` is an error, with the algorithms CUDA picks by itself
@@ -79,6 +79,7 @@ from rail_interview.stat_tracking import (  # noqa: E402  pylint: disable=wrong-
     EmaStatTracker,
     StatTracker,
     ops,
+    presets,
 )
 
 #: Check groups, in the order they run: the in-process ones first, as they are
@@ -202,6 +203,13 @@ TRACKERS: Dict[str, Callable[[int, int, torch.device], StatTracker]] = {
         num_prompts, 0.7, max(1, min(16, buffer_size // 2)), device=device, check_values=False),
     "batch": lambda num_prompts, buffer_size, device: BatchStatTracker(
         num_prompts, device=device, check_values=False),
+    # The GRPO family: TRL's in-batch GRPO (NaN as unscorable, the spare row
+    # for invalid samples) and RLOO over a buffer.
+    "trl_grpo": lambda num_prompts, buffer_size, device: presets.trl_grpo(
+        num_prompts, device=device, check_values=False),
+    "rloo_buffer": lambda num_prompts, buffer_size, device: presets.verl_rloo(
+        num_prompts, memory="buffer", buffer_size=buffer_size, min_count=max(2, min(16, buffer_size // 2)),
+        fallback="batch", device=device, check_values=False),
 }
 
 

@@ -12,7 +12,8 @@ import torch
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "benchmarks" / "gpu_check.py"
 
-TRACKER_CASES = [f"{kind}/{size}" for kind in ("buffer", "ema", "batch") for size in ("64x8x4", "300x50x8")]
+TRACKER_CASES = [f"{kind}/{size}" for kind in ("buffer", "ema", "batch", "trl_grpo", "rloo_buffer")
+                 for size in ("64x8x4", "300x50x8")]
 NEEDS_CUDA = [f"sync_free/{case}" for case in TRACKER_CASES] + [f"cuda_graph/{case}" for case in TRACKER_CASES] \
     + ["cuda_tests"]
 RUNS_ON_CPU = [f"determinism/{case}" for case in TRACKER_CASES] + ["train/batch", "train/buffer", "train/ema",
@@ -57,7 +58,7 @@ def test_a_failing_check_does_not_stop_the_others(tmp_path):
     outcomes = {entry["name"]: (entry["passed"], entry["reason"]) for entry in report["checks"]}
     assert outcomes == {**{f"determinism/{case}": (True, None) for case in TRACKER_CASES},
                         **{f"train/{m}": (False, "timed out after 0 s") for m in ("batch", "buffer", "ema")}}
-    assert report["complete"] and report["counts"] == {"passed": 6, "failed": 3, "skipped": 0}
+    assert report["complete"] and report["counts"] == {"passed": len(TRACKER_CASES), "failed": 3, "skipped": 0}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")

@@ -11,7 +11,7 @@ from typing import Callable, Dict
 import pytest
 import torch
 
-from rail_interview.stat_tracking import BatchStatTracker, BufferStatTracker, EmaStatTracker, StatTracker, ops
+from rail_interview.stat_tracking import BatchStatTracker, BufferStatTracker, EmaStatTracker, StatTracker, ops, presets
 from rail_interview.stat_tracking.buffer import masked_row_mean_std
 
 TrackerFactory = Callable[..., StatTracker]
@@ -20,15 +20,24 @@ TrackerFactory = Callable[..., StatTracker]
 TRACKERS: Dict[str, TrackerFactory] = {
     "buffer": lambda **kw: BufferStatTracker(num_prompts=6, buffer_size=4, min_count=2, **kw),
     "ema": lambda **kw: EmaStatTracker(num_prompts=6, decay=0.7, min_count=2, **kw),
+    # The GRPO family with memory: leave-one-out over an EMA, GRPO over a buffer.
+    "rloo_ema": lambda **kw: presets.verl_rloo(6, memory="ema", decay=0.6, fallback="batch", **kw),
+    "grpo_buffer": lambda **kw: presets.verl_grpo(6, memory="buffer", buffer_size=4, min_count=3, fallback="zero",
+                                                  **kw),
 }
-#: Every tracker, the stateless batch baseline included.
-ALL_TRACKERS: Dict[str, TrackerFactory] = {**TRACKERS, "batch": lambda **kw: BatchStatTracker(num_prompts=6, **kw)}
+#: Every tracker, the stateless ones included (the batch baseline, in-batch GRPO).
+ALL_TRACKERS: Dict[str, TrackerFactory] = {
+    **TRACKERS,
+    "batch": lambda **kw: BatchStatTracker(num_prompts=6, **kw),
+    "grpo": lambda **kw: presets.verl_grpo(6, **kw),
+    "flow_grpo": lambda **kw: presets.flow_grpo(6, **kw),
+}
 
 #: Each algorithm of each operation in ``ops`` at least once.
 ALGORITHM_CHOICES = [
-    dict(grouping="search", segment_sum="index_add", batch_stats="one_pass"),
-    dict(grouping="counts", segment_sum="segment_reduce", batch_stats="two_pass"),
-    dict(grouping="scans", segment_sum="segment_reduce", batch_stats="one_pass"),
+    dict(grouping="search", segment_sum="index_add", batch_stats="one_pass", group_stats="dense"),
+    dict(grouping="counts", segment_sum="segment_reduce", batch_stats="two_pass", group_stats="sorted"),
+    dict(grouping="scans", segment_sum="segment_reduce", batch_stats="one_pass", group_stats="sorted"),
 ]
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -481,3 +490,28 @@ def test_a_buffer_smaller_than_min_count_warns_at_the_callers_line_and_an_equal_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         BufferStatTracker(num_prompts=2, buffer_size=4, min_count=4)
+
+
+@pytest.mark.parametrize("valid, error, match", [
+    (torch.tensor([1, 0, 1]), TypeError, "valid must be a bool tensor or None, got torch.int64"),
+    ([True, False, True], TypeError, "valid must be a bool tensor or None, got list"),
+    (torch.tensor([True, False]), ValueError, r"valid must have the shape of prompt_ids \(3,\)"),
+])
+def test_a_bad_valid_mask_raises_and_leaves_state_untouched(make_any_tracker, valid, error, match):
+    tracker = _warmed_up(make_any_tracker)
+    before = tracker.state_dict()
+    with pytest.raises(error, match=match):
+        tracker.update(torch.tensor([0, 1, 2]), torch.tensor([1.0, 2.0, 3.0]), valid)
+    _assert_state_equal(tracker.state_dict(), before)
+
+
+def test_nan_as_unscorable_still_refuses_infinite_rewards_and_accepts_nan():
+    tracker = presets.trl_grpo(6, memory="ema")
+    tracker.update(torch.tensor([0, 0, 1]), torch.tensor([1.0, 2.0, 3.0]))
+    before = tracker.state_dict()
+    with pytest.raises(ValueError, match=r"rewards must not be infinite .* got 1 infinite value"):
+        tracker.update(torch.tensor([0, 1, 2]), torch.tensor([1.0, float("inf"), float("nan")]))
+    _assert_state_equal(tracker.state_dict(), before)
+    advantages = tracker.update(torch.tensor([2, 2]), torch.tensor([float("nan"), float("nan")]))
+    assert advantages.tolist() == [0.0, 0.0]
+    _assert_state_equal(tracker.state_dict(), before)  # unscorable samples enter no memory

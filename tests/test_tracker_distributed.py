@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rail_interview.stat_tracking import BatchStatTracker, BufferStatTracker, EmaStatTracker
+from rail_interview.stat_tracking import BatchStatTracker, BufferStatTracker, EmaStatTracker, presets
 from spawned_ranks import run_ranks
 
 WORLD_SIZE = 2
@@ -35,6 +35,25 @@ def _scenarios(rank: int) -> None:
             torch.testing.assert_close(shared.update(ids[mine], rewards[mine]), expected[mine], msg=name)
         for key, value in single.state_dict().items():
             assert torch.equal(shared.state_dict()[key], value), (name, key)
+
+    # Valid masks and NaN rewards travel with the batch; the report is each rank's slice.
+    shared, single = presets.trl_grpo(7, memory="buffer", process_group=group), presets.trl_grpo(7, memory="buffer")
+    for _ in range(6):
+        local = int(torch.randint(1, 9, (1,), generator=generator))
+        ids = torch.randint(7, (WORLD_SIZE * local,), generator=generator)
+        rewards = (torch.rand(WORLD_SIZE * local, generator=generator) < 0.3).float()
+        rewards[torch.rand(WORLD_SIZE * local, generator=generator) < 0.1] = float("nan")
+        valid = torch.rand(WORLD_SIZE * local, generator=generator) < 0.8
+        expected = single.update_with_report(ids, rewards, valid)
+        mine = slice(rank * local, (rank + 1) * local)
+        got = shared.update_with_report(ids[mine], rewards[mine], valid[mine])
+        torch.testing.assert_close(got.advantages, expected.advantages[mine])
+        assert torch.equal(got.zero_variance, expected.zero_variance[mine])
+        assert torch.equal(got.zero_variance_fraction, expected.zero_variance_fraction)
+    for key, value in single.state_dict().items():
+        assert torch.equal(shared.state_dict()[key], value), key
+    with pytest.raises(ValueError, match=r"valid must be passed on every rank or on none; ranks that passed it: \[0\]"):
+        shared.update(torch.tensor([1, 2]), torch.tensor([1.0, 0.0]), torch.tensor([True, False]) if rank == 0 else None)
 
     buffer = TRACKERS["buffer"](process_group=group)
     before = buffer.state_dict()

@@ -37,10 +37,10 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 #: Every algorithm of every operation appears in at least one combination.
 ALGORITHM_CHOICES: List[Dict[str, str]] = [
-    dict(grouping="search", segment_sum="index_add", batch_stats="one_pass"),
-    dict(grouping="counts", segment_sum="segment_reduce", batch_stats="two_pass"),
-    dict(grouping="scans", segment_sum="segment_reduce", batch_stats="one_pass"),
-    dict(grouping="scans", segment_sum="index_add", batch_stats="two_pass"),
+    dict(grouping="search", segment_sum="index_add", batch_stats="one_pass", group_stats="dense"),
+    dict(grouping="counts", segment_sum="segment_reduce", batch_stats="two_pass", group_stats="sorted"),
+    dict(grouping="scans", segment_sum="segment_reduce", batch_stats="one_pass", group_stats="dense"),
+    dict(grouping="scans", segment_sum="index_add", batch_stats="two_pass", group_stats="sorted"),
 ]
 
 TrackerFactory = Callable[..., StatTracker]  # (dtype=, device=) -> tracker
