@@ -32,8 +32,8 @@ def mean_std(values: Sequence[float]) -> Tuple[float, float]:
     Returns:
         (mean, std) as Python floats.
     """
-    mean = math.fsum(values) / len(values)
-    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))
+    mean, variance = mean_variance(values)
+    return mean, math.sqrt(variance)
 
 
 def _checked_batch(prompts, rewards) -> Tuple[list, List[float]]:
