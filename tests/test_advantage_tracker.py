@@ -6,7 +6,7 @@ generalises, and with leave-one-out computed directly (the mean of the
 other rewards; for the EMA, the weight of a reward found by perturbing it).
 The tensor tracker is then compared with it, in float64, over every memory x
 baseline x scale x ddof x fallback, on sequences of updates with valid masks
-and NaN rewards. The tensor half skips until ``AdvantageTracker`` exists.
+and NaN rewards.
 """
 
 import copy
@@ -17,6 +17,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import pytest
 import torch
 
+from rail_interview.stat_tracking import AdvantageTracker
 from rail_interview.stat_tracking.reference import (
     ReferenceAdvantageTracker,
     ReferenceBufferStatTracker,
@@ -233,10 +234,7 @@ def test_invalid_samples_get_zero_and_leave_memory_as_if_absent(memory):
 
 
 def _advantage_tracker_class():
-    stat_tracking = pytest.importorskip("rail_interview.stat_tracking")
-    if not hasattr(stat_tracking, "AdvantageTracker"):
-        pytest.skip("rail_interview.stat_tracking.AdvantageTracker is not there yet")
-    return stat_tracking.AdvantageTracker
+    return AdvantageTracker
 
 
 def _tensors(step: Step, dtype: torch.dtype = torch.float64):
@@ -318,3 +316,13 @@ def test_tensor_tracker_empty_batch(memory):
     report = tracker.update_with_report(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float64))
     assert report.advantages.shape == (0,) and float(report.zero_variance_fraction) == 0.0
     _check_sequence(memory, {}, [([], [], None)] + _sequence(5))
+
+
+@pytest.mark.parametrize("memory", ["none", "buffer", "ema"])
+@pytest.mark.parametrize("scale", ["prompt_std", "batch_std"])
+def test_invalid_samples_get_exactly_zero_with_eps_zero(memory, scale):
+    # The spare row of invalid samples has std 0: with eps 0 they must still get 0, not 0 / 0.
+    tracker = AdvantageTracker(3, memory, scale=scale, eps=0.0, fallback="zero", min_count=2)
+    advantages = tracker.update(torch.tensor([0, 0, 1, 1]), torch.tensor([1.0, 2.0, 5.0, 7.0]),
+                                torch.tensor([True, True, False, False]))
+    assert advantages[2:].tolist() == [0.0, 0.0] and torch.isfinite(advantages).all()

@@ -5,8 +5,7 @@ preset's options equals the system's own code (tests/system_references.py),
 and the tensor preset equals the system, in float64 to 1e-9 and in float32
 to a loose tolerance, whatever the order of the batch. Batches have
 singletons, zero-variance (pass/fail) groups, groups spread over the batch
-and, for TRL, unscorable (NaN) rewards. The tensor half skips until
-``rail_interview.stat_tracking.presets`` exists.
+and, for TRL, unscorable (NaN) rewards.
 """
 
 import dataclasses
@@ -19,6 +18,7 @@ import pytest
 import torch
 from hypothesis import strategies as st
 
+from rail_interview.stat_tracking import presets
 from rail_interview.stat_tracking.reference import ReferenceAdvantageTracker
 from system_references import (
     DdpoPerPromptStatTracker,
@@ -200,7 +200,7 @@ def test_trl_unscorable_samples_and_lone_scorable_samples_get_zero():
 
 
 def _presets():
-    return pytest.importorskip("rail_interview.stat_tracking.presets")
+    return presets
 
 
 def _tensor_preset(name: str, dtype: torch.dtype, **options):

@@ -19,7 +19,8 @@ Dtypes: the state is kept in the tracker's ``dtype``; statistics are
 accumulated in ``ops.compute_dtype(dtype)`` (float32 for float16 and
 bfloat16), and advantages are computed there and returned in ``dtype``:
 
-* float32 and float64: rewards up to about 1e38 (float64: 1e308). The mean
+* float32 and float64: rewards, and their deviations from a mean, up to
+  about 1e19 (float64: 1e154): their squares must fit the dtype. The mean
   is exact to the dtype's rounding at the rewards' magnitude (about 1e-7
   relative in float32), so a prompt whose spread is below about 1e-5 of its
   rewards' magnitude needs float64.
@@ -75,9 +76,10 @@ class TrackerStats(NamedTuple):
             added); NaN for a prompt it holds nothing for.
         count: int64 [P], how many rewards stand behind ``mean`` and ``std``.
         fallback: bool [P], True for prompts that hold fewer than
-            ``min_count`` rewards. Right after ``update``, it tells which
-            prompts of that batch were normalised with whole-batch statistics
-            (the batch is counted before the choice is made).
+            ``min_count`` rewards. Right after ``update`` of a tracker with
+            memory, it tells which prompts of that batch got the fallback
+            (the batch is counted before the choice is made); without
+            memory, True everywhere (see ``UpdateReport.fallback``).
     """
 
     mean: torch.Tensor
@@ -260,7 +262,9 @@ class StatTracker(abc.ABC):
                 The state is then unchanged. Without ``check_values`` such
                 values are not caught: an id outside [0, P) is undefined
                 behaviour (an IndexError on a CPU, a device-side assert on
-                CUDA) and a NaN reward poisons its prompt's statistics.
+                CUDA) and a NaN reward poisons its prompt's statistics
+                (unless the tracker takes NaN as unscorable:
+                ``AdvantageTracker(nan_rewards="invalid")``).
                 With a process group and ``check_values``, the ranks first
                 agree on validity and batch sizes, so that bad input on one
                 rank raises on every rank instead of leaving the others
@@ -386,9 +390,13 @@ class StatTracker(abc.ABC):
     def fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Tells which prompts hold too few rewards for their own statistics.
 
-        Called right after ``update(prompt_ids, rewards)``, it tells which of
-        that batch's samples were normalised with the whole batch's mean and
-        std: the batch is counted before that choice is made.
+        Called right after ``update(prompt_ids, rewards)`` of a tracker with
+        memory, it tells which of that batch's samples got the tracker's
+        fallback (the whole batch's statistics, for DDPO's): the batch is
+        counted before that choice is made. A tracker without memory holds
+        nothing after the update, so it says True everywhere;
+        ``update_with_report`` tells which samples of the batch fell back,
+        for every tracker.
 
         Args:
             prompt_ids: integer [N] tensor on ``device``, checked as

@@ -2,8 +2,8 @@
 
 A memory takes in a batch of (prompt id, reward) pairs and hands back, for
 each prompt of the batch, the statistics an estimator needs (a ``Fold``):
-how many rewards stand behind them, their mean and their population std,
-the current batch always included. ``AdvantageTracker`` turns those into
+how many rewards stand behind them, their mean and their std (with the
+estimator's ``ddof``), the current batch always included. ``AdvantageTracker`` turns those into
 advantages; the memory knows nothing of baselines, scales or fallbacks.
 
 * ``NoMemory``: this batch's rewards of the prompt only, as GRPO-style
@@ -272,8 +272,9 @@ def masked_row_mean_std(
     """Mean and std of the first ``count`` entries of each row.
 
     Two passes (mean, then deviations from it), never E[x^2] - E[x]^2, so
-    float32 keeps the std of rewards far from zero; the std is a norm, so
-    squares cannot overflow. What float32 cannot keep is a mean finer than
+    float32 keeps the std of rewards far from zero. The squared deviations
+    must fit the dtype (below about 1e19 in float32). What float32 cannot
+    keep is a mean finer than
     its rounding at the rewards' magnitude (about 1e-7 relative): when a
     prompt's spread is below about 1e-5 of its rewards' magnitude, use
     ``dtype=torch.float64``.
@@ -352,7 +353,8 @@ class BufferMemory(Memory):
         self._buffer = self._slots[:-1].view(num_rows, buffer_size)  # [R, K]
         self._seen = torch.zeros(num_rows, dtype=torch.int64, device=device)  # [R]
         # Where the row statistics of the whole buffer work: allocated on first
-        # use, so that a tracker whose batches are smaller than P never pays it.
+        # use, so that a tracker whose batches are smaller than P never pays it
+        # (so capture a CUDA graph after a warm-up update, as torch asks anyway).
         # A fresh [R, K] temporary each update costs page faults on a CPU.
         self._workspace: Optional[torch.Tensor] = None
 

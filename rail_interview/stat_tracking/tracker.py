@@ -178,9 +178,11 @@ class AdvantageTracker(StatTracker):
                                 and min_count <= 1)
         self._needs_batch = baseline == "batch_mean" or scale == "batch_std" or fallback == "batch"
         # Invalid samples sit in row P with reward 0, whose mean is 0 in every
-        # memory, so their advantage is already exactly 0 unless the batch's
-        # mean enters it (a batch baseline or fallback); only then is it masked.
-        self._batch_reaches_invalid = baseline == "batch_mean" or fallback == "batch"
+        # memory, so their advantage is 0 / scale, exactly 0, unless the batch's
+        # mean enters it (a batch baseline or fallback) or the scale can be 0
+        # (a std with eps 0): only then are they masked at the end.
+        self._mask_invalid = (baseline == "batch_mean" or fallback == "batch"
+                              or (scale != "none" and self._eps == 0))
 
     # Options, read-only: changing one would change what the state means.
 
@@ -275,7 +277,7 @@ class AdvantageTracker(StatTracker):
             fold = self._memory.fold(prompt_ids, rewards, ddof=self._ddof,
                                      own_weight=self._baseline == "leave_one_out")
             advantages, fallback = self._estimate(fold, batch_mean, batch_std, report)
-        if valid is not None and self._batch_reaches_invalid:
+        if valid is not None and self._mask_invalid:
             advantages = torch.where(valid, advantages, 0)
         advantages = cast(advantages, self._dtype)
         if not report:
@@ -349,8 +351,8 @@ class AdvantageTracker(StatTracker):
             fallback: bool [N], samples whose prompt fell back, or None if none can.
         """
         num_rows = self._num_prompts + 1
-        if valid is None:
-            valid = torch.ones_like(prompt_ids, dtype=torch.bool)
+        # A copy: the report must not change when the caller reuses its mask.
+        valid = torch.ones_like(prompt_ids, dtype=torch.bool) if valid is None else valid.clone()
         # A group is all equal when no reward differs from one of them (any one:
         # whichever the scatter keeps, the answer is the same).
         reference = torch.zeros(num_rows, dtype=rewards.dtype, device=rewards.device)  # [R]
