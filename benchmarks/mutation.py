@@ -119,6 +119,7 @@ TEST_FILES = (
     "tests/test_ema_tracker.py",
     "tests/test_tracker_contract.py",
     "tests/test_recording.py",
+    "tests/test_presets.py",
 )
 #: Further tracker tests, picked up as they are added.
 TEST_GLOB = "tests/test_*tracker*.py"
