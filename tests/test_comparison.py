@@ -79,7 +79,8 @@ def test_compare_script_end_to_end(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "compare.py"), "--methods=batch,buffer,ema",
-         "--buffer_sizes=4,8", "--ema_decays=0.5", "--seeds=2", "--workers=2", f"--out={out}", f"--logdir={tmp_path / 'runs'}",
+         "--buffer_sizes=4,8", "--ema_decays=0.5", "--seeds=2", "--workers=2", f"--out={out}",
+         f"--logdir={tmp_path / 'runs'}",
          "--config.num_epochs=15", "--config.problem.num_prompts=8", "--config.sample_batch_size=32",
          "--config.device=cpu"],
         capture_output=True, text=True, timeout=600,

@@ -53,7 +53,8 @@ def _scenarios(rank: int) -> None:
     for key, value in single.state_dict().items():
         assert torch.equal(shared.state_dict()[key], value), key
     with pytest.raises(ValueError, match=r"valid must be passed on every rank or on none; ranks that passed it: \[0\]"):
-        shared.update(torch.tensor([1, 2]), torch.tensor([1.0, 0.0]), torch.tensor([True, False]) if rank == 0 else None)
+        mask = torch.tensor([True, False]) if rank == 0 else None
+        shared.update(torch.tensor([1, 2]), torch.tensor([1.0, 0.0]), mask)
 
     buffer = TRACKERS["buffer"](process_group=group)
     before = buffer.state_dict()

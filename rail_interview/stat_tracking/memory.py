@@ -216,6 +216,7 @@ class NoMemory(Memory):
     kind = "none"
 
     def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> Fold:
+        """The batch's groups alone: count, mean, std and each sample's deviation (see ``Memory.fold``)."""
         num_rows = self._num_prompts + 1
         if group_stats_algorithm(prompt_ids.shape[0], num_rows, rewards.device) == "sorted":
             groups = group_by_prompt(prompt_ids, num_rows)
@@ -238,6 +239,7 @@ class NoMemory(Memory):
         return Fold(count, mean, std, rewards, prompt_ids, weight, None, deviation)
 
     def counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Zeros: nothing is remembered (see ``Memory.counts``)."""
         return torch.zeros_like(prompt_ids)
 
     def snapshot(self, prompt_ids: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -253,11 +255,13 @@ class NoMemory(Memory):
         return {"count": torch.zeros(size, dtype=torch.int64, device=self._device)}
 
     def stats_from_snapshot(self, snapshot: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+        """NaN means and stds, zero counts: nothing is remembered (see ``Memory.stats_from_snapshot``)."""
         count = snapshot["count"]
         nan = torch.full(count.shape, float("nan"), dtype=self._dtype, device=count.device)
         return nan, nan.clone(), torch.zeros_like(count)
 
     def state_tensors(self) -> Dict[str, torch.Tensor]:
+        """No state: an empty dict."""
         return {}
 
 
@@ -378,6 +382,7 @@ class BufferMemory(Memory):
         return self._buffer
 
     def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> Fold:
+        """Appends the batch to the ring buffers, then reads their statistics (see ``Memory.fold``)."""
         if self._num_prompts + 1 <= prompt_ids.shape[0]:  # pragma: no mutate (speed only: both give the same)
             return self._fold_all_rows(prompt_ids, rewards, ddof, own_weight)
         return self._fold_batch_rows(prompt_ids, rewards, ddof, own_weight)
@@ -444,6 +449,7 @@ class BufferMemory(Memory):
         return Fold(count, mean, std, sorted_rewards, None, weight, groups)
 
     def counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Rewards in each given prompt's buffer, min(seen, K) (see ``Memory.counts``)."""
         return self._seen.index_select(0, prompt_ids).clamp_max(self.buffer_size)  # pragma: no mutate (1-D)
 
     def snapshot(self, prompt_ids: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -461,11 +467,13 @@ class BufferMemory(Memory):
         return {"rewards": self._buffer.index_select(0, prompt_ids), "count": self.counts(prompt_ids)}
 
     def stats_from_snapshot(self, snapshot: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+        """Row means and stds of stacked buffer snapshots (see ``Memory.stats_from_snapshot``)."""
         count = snapshot["count"]
         mean, std = masked_row_mean_std(snapshot["rewards"].to(self._compute_dtype), count)  # [*B, M, K] in
         return mean.to(self._dtype), std.to(self._dtype), count.clone()
 
     def state_tensors(self) -> Dict[str, torch.Tensor]:
+        """``rewards`` [P, K], ``count`` [P] and ``head`` [P], derived from the live buffer and counter."""
         seen = self._seen[:-1]
         return {
             "rewards": self._buffer[:-1],
@@ -474,6 +482,7 @@ class BufferMemory(Memory):
         }
 
     def assign_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copies a checked buffer state in, zeroing slots past each count (see ``Memory.assign_state``)."""
         count, head = state["count"].to(self._device), state["head"].to(self._device)
         # Slots past count hold 0 (masked_row_mean_std relies on it), whatever
         # the state dict holds there.
@@ -486,6 +495,7 @@ class BufferMemory(Memory):
         self._seen[-1] = 0
 
     def check_state_values(self, state: Mapping[str, torch.Tensor], name: str) -> None:
+        """Refuses counts outside [0, K], heads outside [0, K), head != count below K, non-finite rewards."""
         count, head = state["count"], state["head"]
         check_count_range(name, count, self.buffer_size)
         if ((head < 0) | (head >= self.buffer_size)).any():
@@ -540,6 +550,7 @@ class EmaMemory(Memory):
         self._count = torch.zeros(num_rows, dtype=torch.int64, device=device)  # [R]
 
     def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> Fold:
+        """Folds the batch into the moving averages, exactly as one reward at a time (see ``Memory.fold``)."""
         decay, compute = self.decay, self._compute_dtype
         groups = group_by_prompt(prompt_ids, self._num_prompts + 1)
         sorted_ids, start = groups.sorted_ids, groups.start  # [N], [N]
@@ -578,6 +589,7 @@ class EmaMemory(Memory):
         return Fold(count, mean, var.sqrt(), sorted_rewards, None, own, groups)
 
     def counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Rewards each given prompt has seen (see ``Memory.counts``)."""
         return self._count.index_select(0, prompt_ids)  # pragma: no mutate (1-D: dim 0 is dim -1)
 
     def snapshot(self, prompt_ids: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -595,15 +607,18 @@ class EmaMemory(Memory):
         return {name: tensor[prompt_ids] for name, tensor in state.items()}
 
     def stats_from_snapshot(self, snapshot: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+        """Moving means and stds (sqrt of the variance); NaN for prompts never seen."""
         count = snapshot["count"]
         seen = count > 0
         std = snapshot["var"].to(self._compute_dtype).sqrt().to(self._dtype)
         return torch.where(seen, snapshot["mean"], float("nan")), torch.where(seen, std, float("nan")), count.clone()
 
     def state_tensors(self) -> Dict[str, torch.Tensor]:
+        """``mean`` [P], ``var`` [P] and ``count`` [P]: views of rows [0, P) of the live state."""
         return {"mean": self._mean[:-1], "var": self._var[:-1], "count": self._count[:-1]}
 
     def check_state_values(self, state: Mapping[str, torch.Tensor], name: str) -> None:
+        """Refuses negative counts, non-finite means or variances, and negative variances."""
         check_count_range(name, state["count"])
         if not (torch.isfinite(state["mean"]).all() and torch.isfinite(state["var"]).all()):
             raise ValueError(f"{name} state 'mean' and 'var' must be finite")

@@ -36,6 +36,27 @@ def mean_std(values: Sequence[float]) -> Tuple[float, float]:
     return mean, math.sqrt(variance)
 
 
+def ema_fold(moments: Dict[Hashable, list], prompt: Hashable, reward: float, decay: float) -> None:
+    """Folds one reward into a prompt's moving mean, variance and count, in place.
+
+    The first reward of a prompt sets mean = r, var = 0, count = 1; after
+    that d = r - mean; mean += (1 - decay) * d; var = decay * (var + (1 -
+    decay) * d * d); count += 1.
+
+    Args:
+        moments: prompt to [mean, var, count], updated in place.
+        prompt: the reward's prompt.
+        reward: the reward.
+        decay: weight kept by the old statistics, in (0, 1).
+    """
+    if prompt not in moments:
+        moments[prompt] = [reward, 0.0, 1]
+        return
+    mean, var, count = moments[prompt]
+    delta = reward - mean
+    moments[prompt] = [mean + (1 - decay) * delta, decay * (var + (1 - decay) * delta * delta), count + 1]
+
+
 def _checked_batch(prompts, rewards) -> Tuple[list, List[float]]:
     prompts, rewards = _as_list(prompts), [float(r) for r in _as_list(rewards)]
     if len(prompts) != len(rewards):
@@ -131,16 +152,7 @@ class ReferenceEmaStatTracker:
         if not prompts:
             return []
         for prompt, reward in zip(prompts, rewards):
-            if prompt not in self.moments:
-                self.moments[prompt] = [reward, 0.0, 1]
-                continue
-            mean, var, count = self.moments[prompt]
-            delta = reward - mean
-            self.moments[prompt] = [
-                mean + (1 - self.decay) * delta,
-                self.decay * (var + (1 - self.decay) * delta * delta),
-                count + 1,
-            ]
+            ema_fold(self.moments, prompt, reward, self.decay)
         batch_mean, batch_std = mean_std(rewards)
         advantages = []
         for prompt, reward in zip(prompts, rewards):
@@ -389,16 +401,7 @@ class ReferenceAdvantageTracker:
             buffer.extend(values)
             return (len(buffer), *mean_variance(buffer))
         for reward in values:
-            if prompt not in self.moments:
-                self.moments[prompt] = [reward, 0.0, 1]
-                continue
-            mean, var, count = self.moments[prompt]
-            delta = reward - mean
-            self.moments[prompt] = [
-                mean + (1 - self.decay) * delta,
-                self.decay * (var + (1 - self.decay) * delta * delta),
-                count + 1,
-            ]
+            ema_fold(self.moments, prompt, reward, self.decay)
         mean, var, count = self.moments[prompt]
         return count, mean, var
 
