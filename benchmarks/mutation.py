@@ -113,6 +113,7 @@ EXCLUDED_MODULES = ("reference.py",)
 #: Run per mutant in this order (fast, broad ones first: -x stops at the first failure). Missing ones are skipped.
 TEST_FILES = (
     "tests/test_batch_tracker.py",
+    "tests/test_advantage_tracker.py",
     "tests/test_prompt_index.py",
     "tests/test_ops.py",
     "tests/test_buffer_tracker.py",
