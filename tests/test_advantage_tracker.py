@@ -17,7 +17,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import pytest
 import torch
 
-from rail_interview.stat_tracking import AdvantageTracker
+from rail_interview.stat_tracking import AdvantageTracker, presets
 from rail_interview.stat_tracking.reference import (
     ReferenceAdvantageTracker,
     ReferenceBufferStatTracker,
@@ -326,3 +326,96 @@ def test_invalid_samples_get_exactly_zero_with_eps_zero(memory, scale):
     advantages = tracker.update(torch.tensor([0, 0, 1, 1]), torch.tensor([1.0, 2.0, 5.0, 7.0]),
                                 torch.tensor([True, True, False, False]))
     assert advantages[2:].tolist() == [0.0, 0.0] and torch.isfinite(advantages).all()
+
+
+# -- Options, defaults and refusals of the tensor tracker and the presets -----------------------------------------
+
+
+def test_tracker_defaults_and_read_only_options():
+    tracker = AdvantageTracker(3, "buffer")
+    assert tracker.state_dict()["rewards"].shape == (3, 32)  # buffer_size 32
+    assert tracker.check_values is True
+    assert (tracker.memory, tracker.baseline, tracker.scale, tracker.ddof, tracker.min_count, tracker.fallback,
+            tracker.nan_rewards) == ("buffer", "prompt_mean", "prompt_std", 0, 2, "batch", "refuse")
+
+
+@pytest.mark.parametrize("make, options", [
+    (lambda: presets.ddpo(3), ("buffer", "prompt_mean", "prompt_std", 0, 16, "batch", "refuse")),
+    (lambda: presets.trl_grpo(3), ("none", "prompt_mean", "prompt_std", 1, 2, "zero", "invalid")),
+    (lambda: presets.verl_grpo(3), ("none", "prompt_mean", "prompt_std", 1, 2, "raw", "refuse")),
+    (lambda: presets.verl_rloo(3), ("none", "leave_one_out", "none", 0, 2, "raw", "refuse")),
+    (lambda: presets.flow_grpo(3), ("none", "prompt_mean", "batch_std", 0, 2, "zero", "refuse")),
+], ids=["ddpo", "trl_grpo", "verl_grpo", "verl_rloo", "flow_grpo"])
+def test_preset_defaults(make, options):
+    tracker = make()
+    assert tracker.check_values is True and tracker.dtype == torch.float32
+    assert (tracker.memory, tracker.baseline, tracker.scale, tracker.ddof, tracker.min_count, tracker.fallback,
+            tracker.nan_rewards) == options
+    if tracker.memory == "buffer":
+        assert tracker.state_dict()["rewards"].shape == (3, 32)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(ddof=2), "ddof must be 0 or 1, got 2"),
+    (dict(ddof=True), "ddof must be 0 or 1, got True"),
+    (dict(ddof=1, min_count=1), r"min_count must be at least ddof \+ 1 = 2: a std with ddof=1 needs 2 rewards; got 1"),
+    (dict(baseline="leave_one_out", min_count=1), "leave_one_out needs min_count >= 2"),
+    (dict(baseline="median"), "baseline must be one of 'prompt_mean', 'leave_one_out', 'batch_mean'; got 'median'"),
+    (dict(scale="mad"), "scale must be one of"),
+    (dict(fallback="skip"), "fallback must be one of"),
+    (dict(nan_rewards="zero"), "nan_rewards must be one of"),
+    (dict(memory="lstm"), "memory must be one of 'none', 'buffer', 'ema'; got 'lstm'"),
+    (dict(memory="ema", decay=True), "decay must lie in"),
+    (dict(memory="ema", decay=1.0), "decay must lie in"),
+    (dict(memory="buffer", buffer_size=0), "buffer_size must be a positive int"),
+], ids=lambda value: str(value) if isinstance(value, dict) else "")
+def test_tracker_refuses_bad_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        AdvantageTracker(3, **options)
+
+
+def test_empty_batch_report_is_empty():
+    report = AdvantageTracker(3, "buffer").update_with_report(torch.tensor([], dtype=torch.int64), torch.tensor([]))
+    assert all(field.shape == (0,) for field in report[:4]) and report.zero_variance_fraction.item() == 0.0
+
+
+@pytest.mark.parametrize("memory", ["none", "buffer", "ema"])
+def test_report_counts_only_prompts_with_valid_samples(memory):
+    # Prompt 2's samples are all invalid (their shared rewards of 0 are not a zero-variance group of the batch).
+    tracker = AdvantageTracker(4, memory, fallback="zero")
+    report = tracker.update_with_report(torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([1.0, 1.0, 2.0, 3.0, 5.0, 5.0]),
+                                        torch.tensor([True, True, True, True, False, False]))
+    assert report.zero_variance.tolist() == [True, True, False, False, False, False]
+    assert report.zero_variance_fraction.item() == 0.5  # 1 of the 2 prompts with valid samples
+
+
+@pytest.mark.parametrize("fallback", ["raw", "zero"])
+def test_invalid_samples_stay_zero_when_rewards_are_pushed_out_within_a_batch(fallback):
+    # More rows than samples (the batch-rows fold), a prompt seen more than K times (its earliest rewards go to the
+    # scratch slot), and invalid samples: the scratch slot must not be their row's, whose mean must stay 0.
+    tracker = AdvantageTracker(20, "buffer", buffer_size=2, min_count=2, fallback=fallback)
+    ids, rewards = torch.tensor([3, 3, 3, 3, 5, 5, 7]), torch.tensor([9.0, 8.0, 7.0, 6.0, 4.0, 4.0, 1.0])
+    valid = torch.tensor([True, True, True, True, False, False, True])
+    for _ in range(3):
+        advantages = tracker.update(ids, rewards, valid)
+        assert advantages[4:6].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("grouping", ["search", "counts", "scans"])
+@pytest.mark.parametrize("memory", ["none", "buffer", "ema"])
+def test_invalid_samples_under_every_grouping_algorithm(memory, grouping):
+    # Invalid samples take the spare row, id P: every grouping algorithm must count P + 1 rows.
+    from rail_interview.stat_tracking import ops
+
+    generator = random.Random(3)
+    reference = ReferenceAdvantageTracker(memory, buffer_size=3, decay=0.6, fallback="batch")
+    tracker = AdvantageTracker(4, memory, buffer_size=3, decay=0.6, fallback="batch", dtype=torch.float64)
+    with ops.forced_algorithms(grouping=grouping, group_stats="sorted"):
+        for _ in range(5):
+            prompts = [generator.randrange(4) for _ in range(9)]
+            rewards = [generator.gauss(0.0, 1.0) for _ in range(9)]
+            valid = [generator.random() < 0.7 for _ in range(9)]
+            expected = reference.update(prompts, rewards, valid)
+            got = tracker.update(torch.tensor(prompts), torch.tensor(rewards, dtype=torch.float64),
+                                 torch.tensor(valid))
+            assert got.tolist() == pytest.approx(expected, abs=1e-9)

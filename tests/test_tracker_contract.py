@@ -11,7 +11,15 @@ from typing import Callable, Dict
 import pytest
 import torch
 
-from rail_interview.stat_tracking import BatchStatTracker, BufferStatTracker, EmaStatTracker, StatTracker, ops, presets
+from rail_interview.stat_tracking import (
+    BatchStatTracker,
+    BufferStatTracker,
+    EmaStatTracker,
+    StatTracker,
+    memory,
+    ops,
+    presets,
+)
 from rail_interview.stat_tracking.buffer import masked_row_mean_std
 
 TrackerFactory = Callable[..., StatTracker]
@@ -458,11 +466,27 @@ def test_count_out_of_range_names_the_range():
         ema.load_state_dict({**ema.state_dict(), "count": torch.tensor([-1, 0])})
 
 
+CPU = torch.device("cpu")
+#: A batch, ddof and own_weight passed to ``Memory.fold`` by position.
+FOLD_ARGS = (torch.tensor([0, 1]), torch.tensor([1.0, 2.0]), 0, False)
+
 KEYWORD_ONLY = {
     "buffer": lambda: BufferStatTracker(6, 4, 2, 1e-6),
     "ema": lambda: EmaStatTracker(6, 0.7, 2, 1e-6),
     "batch": lambda: BatchStatTracker(6, 1e-7),
     "masked_row_mean_std": lambda: masked_row_mean_std(torch.zeros(1, 2), torch.tensor([1]), True),
+    "ddpo": lambda: presets.ddpo(6, 32, 16, torch.float32),
+    "trl_grpo": lambda: presets.trl_grpo(6, "group", torch.float32),
+    "verl_grpo": lambda: presets.verl_grpo(6, True, torch.float32),
+    "verl_rloo": lambda: presets.verl_rloo(6, torch.float32),
+    "flow_grpo": lambda: presets.flow_grpo(6, True, torch.float32),
+    "no_memory": lambda: memory.NoMemory(3, torch.float32, CPU),
+    "buffer_memory": lambda: memory.BufferMemory(3, 4, torch.float32, CPU),
+    "ema_memory": lambda: memory.EmaMemory(3, 0.5, torch.float32, CPU),
+    "make_memory": lambda: memory.make_memory("none", 3, 4, 0.5, torch.float32, CPU),
+    "no_memory.fold": lambda: memory.NoMemory(3, dtype=torch.float32, device=CPU).fold(*FOLD_ARGS),
+    "buffer_memory.fold": lambda: memory.BufferMemory(3, 4, dtype=torch.float32, device=CPU).fold(*FOLD_ARGS),
+    "ema_memory.fold": lambda: memory.EmaMemory(3, 0.5, dtype=torch.float32, device=CPU).fold(*FOLD_ARGS),
 }
 
 

