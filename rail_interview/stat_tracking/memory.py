@@ -127,7 +127,9 @@ class Memory(abc.ABC):
         self._compute_dtype = compute_dtype(dtype)
 
     @abc.abstractmethod  # pragma: no mutate (every memory implements it)
-    def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> Fold:
+    def fold(  # pragma: no mutate (abstract: the subclasses' signatures are tested)
+        self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool
+    ) -> Fold:
         """Takes in a batch and returns its prompts' statistics, the batch included.
 
         No Python loop over prompts or samples and no host sync.
@@ -559,7 +561,7 @@ class EmaMemory(Memory):
     def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> Fold:
         """Folds the batch into the moving averages, exactly as one reward at a time (see ``Memory.fold``)."""
         decay, compute = self.decay, self._compute_dtype
-        groups = group_by_prompt(prompt_ids, self._num_prompts + 1)  # the spare row's id P included
+        groups = group_by_prompt(prompt_ids, self._num_prompts + 1)  # id P included; pragma: no mutate (+2: unused)
         sorted_ids, start = groups.sorted_ids, groups.start  # [N], [N]
         sorted_rewards = rewards.index_select(0, groups.order)  # [N]; pragma: no mutate (1-D: dim 0 is dim -1)
 

@@ -352,7 +352,7 @@ class AdvantageTracker(StatTracker):
             advantages: ``dtype`` [N].
             fallback: bool [N], samples whose prompt fell back, or None if none can.
         """
-        num_rows = self._num_prompts + 1
+        num_rows = self._num_prompts + 1  # pragma: no mutate (+2: an unused row, never present)
         # A copy: the report must not change when the caller reuses its mask.
         valid = torch.ones_like(prompt_ids, dtype=torch.bool) if valid is None else valid.clone()
         # A group is all equal when no reward differs from one of them (any one:
