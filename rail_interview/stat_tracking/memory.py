@@ -194,6 +194,17 @@ class Memory(abc.ABC):
         for name, tensor in self.state_tensors().items():
             tensor.copy_(state[name])
 
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Forgets everything some rows hold, as if they had never seen a reward.
+
+        No host sync. The default does nothing (a memory without state).
+
+        Args:
+            rows: int64 [M], rows in [0, P]; repeats are allowed, and row P
+                (the spare row) may pad the list.
+        """
+        del rows
+
     def check_state_values(self, state: Mapping[str, torch.Tensor], name: str) -> None:
         """Raises ValueError if a candidate state breaks the memory's invariants.
 
@@ -455,6 +466,11 @@ class BufferMemory(Memory):
         weight = pushed_out.logical_not() / count.to(compute) if own_weight else None  # [N]
         return Fold(count, mean, std, sorted_rewards, None, weight, groups)
 
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Empties some rows' buffers: no reward seen, every slot 0 (see ``Memory.reset_rows``)."""
+        self._seen.index_fill_(0, rows, 0)
+        self._live_buffer().index_fill_(0, rows, 0)
+
     def counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Rewards in each given prompt's buffer, min(seen, K) (see ``Memory.counts``)."""
         return self._seen.index_select(0, prompt_ids).clamp_max(self.buffer_size)  # pragma: no mutate (1-D)
@@ -597,6 +613,11 @@ class EmaMemory(Memory):
             size = count.to(compute)  # [N]
             var = var * size / (size - ddof)
         return Fold(count, mean, var.sqrt(), sorted_rewards, None, own, groups)
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Zeroes some rows' mean, variance and count (see ``Memory.reset_rows``)."""
+        for state in (self._mean, self._var, self._count):
+            state.index_fill_(0, rows, 0)
 
     def counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Rewards each given prompt has seen (see ``Memory.counts``)."""

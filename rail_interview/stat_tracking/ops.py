@@ -4,7 +4,7 @@ Everything here is sync-free and loop-free, on any device, so that a
 tracker's ``update`` built from it can be compiled with
 ``torch.compile(fullgraph=True)`` and captured in a CUDA graph.
 
-**Algorithm choices.** Three operations have more than one algorithm, with
+**Algorithm choices.** Five operations have more than one algorithm, with
 identical results (up to float rounding where noted), because the fastest
 one depends on the batch size or the device:
 
@@ -22,6 +22,9 @@ batch_stats     ``"one_pass"``, ``"two_pass"``          two_pass from
 group_stats     ``"dense"``, ``"sorted"``               dense on a CPU when the rows
                                                         (P + 1) are at most N, else
                                                         sorted
+eviction        ``"topk"``, ``"queue"``                 queue on a CPU outside
+                                                        torch.compile, else topk
+                                                        (``keys.KeyTable``)
 =============== ======================================= ==============================
 
 A path that only one device or one size takes is an untested path unless it
@@ -51,6 +54,7 @@ ALGORITHMS: Dict[str, Tuple[str, ...]] = {
     "segment_sum": ("index_add", "segment_reduce"),
     "batch_stats": ("one_pass", "two_pass"),
     "group_stats": ("dense", "sorted"),
+    "eviction": ("topk", "queue"),
 }
 
 #: From this batch size on, ``group_by_prompt`` finds group boundaries in
@@ -103,6 +107,16 @@ def forced_algorithms(**choices: Optional[str]) -> Iterator[None]:
     finally:
         _forced.clear()
         _forced.update(before)
+
+
+def forced_algorithm(operation: str, default: str) -> str:
+    """The algorithm forced for ``operation`` by ``forced_algorithms``, else ``default``.
+
+    Args:
+        operation: a key of ``ALGORITHMS``.
+        default: the algorithm to use when none is forced.
+    """
+    return _forced.get(operation, default)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

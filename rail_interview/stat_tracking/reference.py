@@ -230,6 +230,17 @@ class ReferenceAdvantageTracker:
        prompt's mean in fallback), divided by the prompt's std + eps
        (``"prompt_std"``), by B_s + eps (``"batch_std"``) or by 1 (``"none"``).
 
+    With a ``capacity`` (the specification of ``keys="hashed"``), memory is
+    an LRU-ordered dict: before step 2, the batch's keys (those with a
+    valid sample) are ordered by their last valid occurrence and moved to
+    the most recent end, after every earlier key; if there are more than
+    ``capacity`` of them, only the last ``capacity`` are; the others
+    *overflow*. Then the least recent keys are evicted (their memory
+    forgotten) until at most ``capacity`` remain. An overflow key's samples
+    get the fallback's advantage (as a prompt with no statistics: from the
+    reward, B_m and B_s) and count as fallen back; they still form a group
+    for ``zero_variance``.
+
     Args:
         memory: ``"none"``, ``"buffer"`` or ``"ema"``.
         buffer_size: K, rewards kept per prompt (``memory="buffer"``).
@@ -245,6 +256,8 @@ class ReferenceAdvantageTracker:
             ``min_count``.
         nan_rewards: ``"refuse"`` (a NaN reward raises) or ``"invalid"`` (a
             NaN reward marks its sample invalid).
+        capacity: the most keys remembered (least recently seen out
+            first), or None for no limit.
 
     Raises:
         ValueError: if an option is unknown or out of range, if
@@ -270,6 +283,7 @@ class ReferenceAdvantageTracker:
         min_count: int = 2,
         fallback: str = "batch",
         nan_rewards: str = "refuse",
+        capacity: Optional[int] = None,
     ) -> None:
         choices = dict(
             memory=(memory, ("none", "buffer", "ema")),
@@ -296,6 +310,9 @@ class ReferenceAdvantageTracker:
         self.min_count, self.fallback, self.nan_rewards = min_count, fallback, nan_rewards
         self.buffers: Dict[Hashable, Deque[float]] = {}  # memory="buffer": prompt -> its last K rewards
         self.moments: Dict[Hashable, List[float]] = {}  # memory="ema": prompt -> [mean, var, count]
+        self.capacity = capacity
+        # With a capacity: the keys remembered, least recently seen first.
+        self.recent: "collections.OrderedDict[Hashable, None]" = collections.OrderedDict()
 
     def update(
         self,
@@ -350,9 +367,13 @@ class ReferenceAdvantageTracker:
             if valid[i]:
                 groups.setdefault(prompt, []).append(i)
 
+        overflow = self._see(prompts, valid) if self.capacity is not None else set()
         prompt_stats: Dict[Hashable, Tuple[int, float, float]] = {}  # prompt -> (n, m, v)
         weights: Dict[int, float] = {}  # valid sample -> weight of its reward in its prompt's mean
         for prompt, samples in groups.items():
+            if prompt in overflow:
+                prompt_stats[prompt] = (0, math.nan, math.nan)
+                continue
             values = [rewards[i] for i in samples]
             prompt_stats[prompt] = self._fold(prompt, values)
             weights.update(zip(samples, self._weights(prompt_stats[prompt][0], len(values))))
@@ -391,6 +412,27 @@ class ReferenceAdvantageTracker:
         zero_variance = [valid[i] and equal[prompt] for i, prompt in enumerate(prompts)]
         fraction = sum(equal.values()) / len(equal) if equal else 0.0
         return ReferenceUpdateReport(advantages, valid, fallback, zero_variance, fraction)
+
+    def _see(self, prompts: list, valid: List[bool]) -> set:
+        """Moves the batch's keys to the recent end and evicts the oldest; returns the overflow keys."""
+        last = {prompt: i for i, (prompt, ok) in enumerate(zip(prompts, valid)) if ok}
+        batch = sorted(last, key=last.get)  # least recently seen first
+        overflow = set(batch[:max(0, len(batch) - self.capacity)])
+        kept = batch[len(overflow):]
+        for prompt in kept:
+            self.recent.pop(prompt, None)
+        while self.recent and len(self.recent) + len(kept) > self.capacity:
+            self._forget(self.recent.popitem(last=False)[0])
+        for prompt in kept:
+            self.recent[prompt] = None
+        for prompt in overflow:
+            self._forget(prompt)
+        return overflow
+
+    def _forget(self, prompt: Hashable) -> None:
+        """Drops a prompt's memory."""
+        self.buffers.pop(prompt, None)
+        self.moments.pop(prompt, None)
 
     def _fold(self, prompt: Hashable, values: List[float]) -> Tuple[int, float, float]:
         """Writes one prompt's valid rewards into memory; returns its (count, mean, variance)."""

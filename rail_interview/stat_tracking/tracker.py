@@ -38,6 +38,7 @@ from rail_interview.stat_tracking.base import (
     UpdateReport,
     check_positive_int,
 )
+from rail_interview.stat_tracking.keys import KeyTable
 from rail_interview.stat_tracking.memory import Fold, Memory, make_memory
 from rail_interview.stat_tracking.ops import batch_mean_std, cast
 
@@ -46,6 +47,7 @@ BASELINES = ("prompt_mean", "leave_one_out", "batch_mean")
 SCALES = ("prompt_std", "batch_std", "none")
 FALLBACKS = ("batch", "raw", "zero")
 NAN_REWARDS = ("refuse", "invalid")
+KEYS = ("ids", "hashed")
 
 
 def _check_choice(name: str, value: object, choices: Tuple[str, ...]) -> None:
@@ -77,6 +79,20 @@ class AdvantageTracker(StatTracker):
        (``"batch_std"``) or 1 (``"none"``).
     5. Invalid samples (``valid`` False, or NaN rewards with
        ``nan_rewards="invalid"``) get advantage 0 and change no state.
+
+    **Keys.** With ``keys="ids"`` prompts are ids in [0, P). With
+    ``keys="hashed"`` they are any int64 keys (``prompt_keys``,
+    ``token_keys``) in ``update``, ``stats`` and ``fallback_mask``: a
+    ``KeyTable`` of P rows on the device maps them to memory rows, and when
+    a batch brings new keys to a full table the least recently seen keys
+    are evicted, their rows reset, so that a prompt that comes back starts
+    over with the fallback. A batch with more than P distinct keys keeps
+    the P seen last in it; the others' samples overflow: they get the
+    fallback's advantage (computed from their own reward, as for a prompt
+    with no statistics), count as fallen back in the report, and are
+    forgotten. The table's ``keys``, ``last_seen`` and ``clock`` join the
+    state dict; ``stats()`` without keys then reports rows, and
+    ``table_keys()`` says which key each row holds.
 
     ``update`` is built from tensor ops: no Python loop over prompts or
     samples and no host sync (with ``check_values`` off), so it can be
@@ -112,7 +128,10 @@ class AdvantageTracker(StatTracker):
         check_values: check ids and rewards in ``update`` (a host sync on a
             GPU); see ``StatTracker``.
         process_group: share statistics across ``torch.distributed`` ranks;
-            see ``StatTracker``.
+            see ``StatTracker``. With hashed keys the ranks need no
+            collective beyond the tracker's own gather: each updates its
+            table with the same gathered batch.
+        keys: ``"ids"`` or ``"hashed"`` (see above).
 
     Raises:
         ValueError: if an option is unknown or out of range, or the options
@@ -146,9 +165,11 @@ class AdvantageTracker(StatTracker):
         dtype: torch.dtype = torch.float32,
         check_values: bool = True,
         process_group: Optional["torch.distributed.ProcessGroup"] = None,
+        keys: str = "ids",
     ) -> None:
         super().__init__(num_prompts, eps=eps, device=device, dtype=dtype, check_values=check_values,
                          process_group=process_group)
+        _check_choice("keys", keys, KEYS)
         _check_choice("baseline", baseline, BASELINES)
         _check_choice("scale", scale, SCALES)
         _check_choice("fallback", fallback, FALLBACKS)
@@ -178,6 +199,9 @@ class AdvantageTracker(StatTracker):
         self._needs_fold = not (memory == "none" and baseline == "batch_mean"  # pragma: no mutate (speed only)
                                 and scale != "prompt_std" and min_count <= 1)  # pragma: no mutate (speed only)
         self._needs_batch = baseline == "batch_mean" or scale == "batch_std" or fallback == "batch"
+        self._keys = keys
+        # A tracker that keeps nothing per prompt needs no table, only to accept any key.
+        self._table = KeyTable(num_prompts, device=self._device) if keys == "hashed" and self._needs_fold else None
         # Invalid samples sit in row P with reward 0, whose mean is 0 in every
         # memory, so their advantage is 0 / scale, exactly 0, unless the batch's
         # mean enters it (a batch baseline or fallback) or the scale can be 0
@@ -222,6 +246,33 @@ class AdvantageTracker(StatTracker):
         """``"refuse"`` or ``"invalid"``: what a NaN reward is."""
         return self._nan_rewards
 
+    @property
+    def keys(self) -> str:
+        """``"ids"`` (ids in [0, P)) or ``"hashed"`` (any int64 keys, through a ``KeyTable``)."""
+        return self._keys
+
+    def table_keys(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """With hashed keys, the key each row holds: the rows of ``stats()`` without keys.
+
+        Returns:
+            int64 [P] keys and bool [P], True for rows that hold a key
+            (rows never used, or a tracker that keeps nothing per prompt:
+            False).
+
+        Raises:
+            ValueError: if the tracker takes ids.
+        """
+        if self._keys != "hashed":
+            raise ValueError("table_keys needs keys='hashed'; with ids, row i is prompt i")
+        if self._table is None:
+            return (torch.zeros(self._num_prompts, dtype=torch.int64, device=self._device),
+                    torch.zeros(self._num_prompts, dtype=torch.bool, device=self._device))
+        return self._table.keys()
+
+    def _check_id_range(self, prompt_ids: torch.Tensor) -> None:
+        if self._keys == "ids":
+            super()._check_id_range(prompt_ids)
+
     def update_with_report(
         self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor] = None
     ) -> UpdateReport:
@@ -263,9 +314,21 @@ class AdvantageTracker(StatTracker):
                 if report else advantages
         rewards = cast(rewards, self._compute_dtype)  # [N], float32 for 16-bit dtypes
         if valid is not None:
-            # Invalid samples go to the spare row P with reward 0: no mask needed past here.
-            prompt_ids = torch.where(valid, prompt_ids, self._num_prompts)  # [N]
             rewards = torch.where(valid, rewards, 0)  # [N]
+        groups = overflow = None
+        in_memory = valid  # samples that go into a row of the memory
+        if self._table is not None:
+            assignment = self._table.assign(prompt_ids, valid)
+            self._memory.reset_rows(assignment.fresh)
+            prompt_ids, overflow, groups = assignment.rows, assignment.overflow, assignment.group
+            in_memory = ~overflow if valid is None else valid & ~overflow
+        memory_rewards = rewards
+        if in_memory is not None:
+            # Invalid (and overflow) samples go to the spare row P with reward 0:
+            # no mask needed past here.
+            prompt_ids = torch.where(in_memory, prompt_ids, self._num_prompts)  # [N]
+            if overflow is not None:
+                memory_rewards = torch.where(in_memory, rewards, 0)  # [N]
         batch_mean = batch_std = None
         if self._needs_batch:
             batch_mean, batch_std = batch_mean_std(rewards, valid, ddof=self._ddof)
@@ -275,15 +338,46 @@ class AdvantageTracker(StatTracker):
                 advantages = advantages / (batch_std + self._eps)
             fallback = None
         else:
-            fold = self._memory.fold(prompt_ids, rewards, ddof=self._ddof,
+            fold = self._memory.fold(prompt_ids, memory_rewards, ddof=self._ddof,
                                      own_weight=self._baseline == "leave_one_out")
             advantages, fallback = self._estimate(fold, batch_mean, batch_std, report)
+        if overflow is not None:
+            # Keys beyond the table's rows: the fallback, from their own rewards.
+            advantages = torch.where(overflow, self._fallback_advantages(rewards, batch_mean, batch_std), advantages)
+            fallback = None if fallback is None else fallback | overflow
         if valid is not None and self._mask_invalid:
             advantages = torch.where(valid, advantages, 0)
         advantages = cast(advantages, self._dtype)
         if not report:
             return advantages
-        return self._report(prompt_ids, rewards, valid, advantages, fallback)
+        if groups is None:
+            return self._report(prompt_ids, self._num_prompts + 1, memory_rewards, valid, advantages, fallback)
+        return self._report(groups, len(groups) + 1, rewards, valid, advantages, fallback)
+
+    def _fallback_advantages(
+        self, rewards: torch.Tensor, batch_mean: Optional[torch.Tensor], batch_std: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """The advantage of every sample as if its prompt had no statistics: the fallback's.
+
+        Args:
+            rewards: float [N] in the compute dtype.
+            batch_mean: scalar, the valid samples' mean, or None if unused.
+            batch_std: scalar, their std, or None if unused.
+
+        Returns:
+            float [N]: (r - center) / scale with the fallback's center (B_m for
+            ``"batch"``, 0 for ``"raw"``) and the estimator's scale (the
+            fallback's std + eps, B_s + eps or 1), or 0 for ``"zero"``.
+        """
+        if self._fallback == "zero":
+            return torch.zeros_like(rewards)
+        center, spread = (batch_mean, batch_std) if self._fallback == "batch" else (0.0, 1.0)
+        numerator = rewards - center
+        if self._scale == "prompt_std":
+            return numerator / (spread + self._eps)
+        if self._scale == "batch_std":
+            return numerator / (batch_std + self._eps)
+        return numerator
 
     def _estimate(
         self, fold: Fold, batch_mean: Optional[torch.Tensor], batch_std: Optional[torch.Tensor], report: bool
@@ -338,21 +432,23 @@ class AdvantageTracker(StatTracker):
     def _report(
         self,
         prompt_ids: torch.Tensor,
+        num_rows: int,
         rewards: torch.Tensor,
         valid: Optional[torch.Tensor],
         advantages: torch.Tensor,
         fallback: Optional[torch.Tensor],
     ) -> UpdateReport:
-        """Builds the ``UpdateReport`` of a batch, in O(N + P) tensor ops.
+        """Builds the ``UpdateReport`` of a batch, in O(N + R) tensor ops.
 
         Args:
-            prompt_ids: int64 [N], invalid samples already mapped to row P.
+            prompt_ids: int64 [N], each sample's group in [0, R - 1); invalid
+                samples in the spare group R - 1.
+            num_rows: R, the groups, the spare one included.
             rewards: float [N], invalid samples' set to 0.
             valid: bool [N] or None.
             advantages: ``dtype`` [N].
             fallback: bool [N], samples whose prompt fell back, or None if none can.
         """
-        num_rows = self._num_prompts + 1  # pragma: no mutate (+2: an unused row, never present)
         # A copy: the report must not change when the caller reuses its mask.
         valid = torch.ones_like(prompt_ids, dtype=torch.bool) if valid is None else valid.clone()
         # A group is all equal when no reward differs from one of them (any one:
@@ -374,21 +470,33 @@ class AdvantageTracker(StatTracker):
     def _fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         if not self._needs_fold:
             return torch.ones_like(prompt_ids, dtype=torch.bool)
-        return self._memory.counts(prompt_ids) < self._min_count
+        if self._table is None:
+            return self._memory.counts(prompt_ids) < self._min_count
+        rows = self._table.lookup(prompt_ids)  # [N], -1 for keys not in the table
+        counts = self._memory.counts(rows.clamp_min(0))
+        return (rows < 0) | (counts < self._min_count)
 
     def stats_snapshot(self, prompt_ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Returns the raw memory behind ``stats`` for some prompts (may alias the state).
 
         Args:
-            prompt_ids: int64 [M] on ``device``, or None for all P prompts.
+            prompt_ids: int64 [M] on ``device`` (keys, with hashed keys), or
+                None for all P prompts (rows, with hashed keys).
 
         Returns:
             Tensors by name, each with the prompt dimension [M] (or [P]) first:
             ``{"rewards": [M, K], "count": [M]}`` for a buffer,
             ``{"mean", "var", "count"}`` for an EMA, ``{"count"}`` (zeros)
-            without memory.
+            without memory. A key not in the table gets count 0 (and zero
+            rewards).
         """
-        return self._memory.snapshot(prompt_ids)
+        if self._table is None or prompt_ids is None:
+            return self._memory.snapshot(prompt_ids)
+        rows = self._table.lookup(prompt_ids)  # [M], -1 for keys not in the table
+        absent = rows < 0
+        snapshot = self._memory.snapshot(rows.clamp_min(0))
+        return {name: torch.where(absent.view(-1, *[1] * (tensor.ndim - 1)), 0, tensor)
+                for name, tensor in snapshot.items()}
 
     def stats_from_snapshot(self, snapshot: Mapping[str, torch.Tensor]) -> TrackerStats:
         """Computes ``stats`` from snapshots, stacked along any leading dimensions.
@@ -406,10 +514,17 @@ class AdvantageTracker(StatTracker):
         return TrackerStats(mean=mean, std=std, count=count, fallback=fallback)
 
     def _state_tensors(self) -> Dict[str, torch.Tensor]:
-        return self._memory.state_tensors()
+        state = self._memory.state_tensors()
+        if self._table is not None:
+            state.update(self._table.state_tensors())
+        return state
 
     def _assign_state(self, state: Mapping[str, torch.Tensor]) -> None:
         self._memory.assign_state(state)
+        if self._table is not None:
+            self._table.load(state)
 
     def _check_state_values(self, state: Mapping[str, torch.Tensor]) -> None:
         self._memory.check_state_values(state, type(self).__name__)
+        if self._table is not None:
+            self._table.check_state_values(state, type(self).__name__)
