@@ -6,9 +6,12 @@ rewards of the same prompt, or of the whole batch until a prompt has enough.
 ``AdvantageTracker`` composes any memory (none, a ring buffer, an EMA) with
 any estimator of the GRPO family; ``presets`` names the combinations that
 reproduce public trainers (DDPO, TRL, verl, flow_grpo).
-Prompt ids are integers in [0, num_prompts); all state lives in fixed-shape
-tensors on the tracker's device. This package does not depend on the toy
-problem and can be dropped into any trainer.
+Prompts are integer ids in [0, num_prompts), or, with ``keys="hashed"``, any
+int64 keys (``prompt_keys`` for strings, ``token_keys`` for token ids) that a
+fixed-size LRU table maps to rows. All state lives in fixed-shape tensors on
+the tracker's device. This package depends on torch alone (not on the toy
+problem, absl, ml_collections or matplotlib) and can be dropped into any
+trainer; ``ddpo_compat`` is a drop-in for ddpo-pytorch's tracker.
 
 Dimensions used in docstrings: N samples in a batch, P prompts, K buffer slots.
 """
@@ -18,6 +21,7 @@ from rail_interview.stat_tracking.base import StatTracker, TrackerStats, UpdateR
 from rail_interview.stat_tracking.batch import BatchStatTracker
 from rail_interview.stat_tracking.buffer import BufferStatTracker
 from rail_interview.stat_tracking.ema import EmaStatTracker
+from rail_interview.stat_tracking.keys import KeyTable, prompt_keys, token_keys
 from rail_interview.stat_tracking.prompt_index import PromptIndex, PromptIndexFullError
 from rail_interview.stat_tracking.recording import (
     PromptStatsLog,
@@ -33,6 +37,7 @@ __all__ = [
     "BatchStatTracker",
     "BufferStatTracker",
     "EmaStatTracker",
+    "KeyTable",
     "PromptIndex",
     "PromptIndexFullError",
     "PromptStatsLog",
@@ -44,6 +49,8 @@ __all__ = [
     "UpdateReport",
     "load_prompt_stats",
     "presets",
+    "prompt_keys",
+    "token_keys",
     "truncate_prompt_stats",
     "resolve_device",
 ]

@@ -30,6 +30,8 @@ class BatchStatTracker(AdvantageTracker):
         check_values: see ``StatTracker``.
         process_group: share statistics across ``torch.distributed`` ranks;
             see ``StatTracker``.
+        keys: ``"ids"`` (ids in [0, P)) or ``"hashed"`` (any int64 keys, an
+            LRU table of P rows; see ``AdvantageTracker``).
 
     Example:
         >>> tracker = BatchStatTracker(num_prompts=2)
@@ -46,8 +48,10 @@ class BatchStatTracker(AdvantageTracker):
         dtype: torch.dtype = torch.float32,
         check_values: bool = True,
         process_group: Optional["torch.distributed.ProcessGroup"] = None,
+        keys: str = "ids",
     ) -> None:
         super().__init__(
             num_prompts, "none", baseline="batch_mean", scale="batch_std", ddof=0, eps=eps, min_count=1,
             fallback="batch", device=device, dtype=dtype, check_values=check_values, process_group=process_group,
+            keys=keys,
         )

@@ -57,6 +57,8 @@ class BufferStatTracker(AdvantageTracker):
             ``StatTracker``.
         process_group: share statistics across ``torch.distributed`` ranks;
             see ``StatTracker``.
+        keys: ``"ids"`` (ids in [0, P)) or ``"hashed"`` (any int64 keys, an
+            LRU table of P rows; see ``AdvantageTracker``).
 
     Raises:
         ValueError: if ``buffer_size`` or another argument is out of range.
@@ -81,11 +83,12 @@ class BufferStatTracker(AdvantageTracker):
         dtype: torch.dtype = torch.float32,
         check_values: bool = True,
         process_group: Optional["torch.distributed.ProcessGroup"] = None,
+        keys: str = "ids",
     ) -> None:
         super().__init__(
             num_prompts, "buffer", buffer_size=buffer_size, baseline="prompt_mean", scale="prompt_std", ddof=0,
             eps=eps, min_count=min_count, fallback="batch", device=device, dtype=dtype,
-            check_values=check_values, process_group=process_group,
+            check_values=check_values, process_group=process_group, keys=keys,
         )
         if buffer_size < min_count:
             warnings.warn(

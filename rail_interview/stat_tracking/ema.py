@@ -64,6 +64,8 @@ class EmaStatTracker(AdvantageTracker):
             ``StatTracker``.
         process_group: share statistics across ``torch.distributed`` ranks;
             see ``StatTracker``.
+        keys: ``"ids"`` (ids in [0, P)) or ``"hashed"`` (any int64 keys, an
+            LRU table of P rows; see ``AdvantageTracker``).
 
     Raises:
         ValueError: if ``decay`` is not in (0, 1) or another argument is out
@@ -91,11 +93,12 @@ class EmaStatTracker(AdvantageTracker):
         dtype: torch.dtype = torch.float32,
         check_values: bool = True,
         process_group: Optional["torch.distributed.ProcessGroup"] = None,
+        keys: str = "ids",
     ) -> None:
         super().__init__(
             num_prompts, "ema", decay=decay, baseline="prompt_mean", scale="prompt_std", ddof=0, eps=eps,
             min_count=min_count, fallback="batch", device=device, dtype=dtype, check_values=check_values,
-            process_group=process_group,
+            process_group=process_group, keys=keys,
         )
 
     @property

@@ -1,0 +1,373 @@
+"""Prompt keys and hashed trackers: key functions, the LRU key table, trackers with keys="hashed".
+
+The table is compared with an ``OrderedDict`` LRU, and hashed trackers with
+``ReferenceAdvantageTracker(capacity=...)`` (an LRU-ordered dict of deques or
+EMAs) on streams whose prompts drift, so that keys come, go and come back;
+both eviction algorithms must give the same state bit for bit.
+"""
+
+import collections
+import hashlib
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rail_interview.stat_tracking import AdvantageTracker, BatchStatTracker, BufferStatTracker, PromptIndex, presets
+from rail_interview.stat_tracking.keys import KeyTable, mix64, prompt_keys, token_keys
+from rail_interview.stat_tracking.ops import forced_algorithms
+from rail_interview.stat_tracking.reference import ReferenceAdvantageTracker
+
+MASK64 = (1 << 64) - 1
+EVICTIONS = ("topk", "queue")
+
+
+def _mix_python(value: int) -> int:
+    """splitmix64's finalizer on Python ints: the specification of mix64."""
+    value &= MASK64
+    value ^= value >> 30
+    value = (value * 0xBF58476D1CE4E5B9) & MASK64
+    value ^= value >> 27
+    value = (value * 0x94D049BB133111EB) & MASK64
+    value ^= value >> 31
+    return value - (1 << 64) if value >> 63 else value
+
+
+def _unmix_python(value: int) -> int:
+    """The inverse of ``_mix_python``: a key whose mixed value is ``value``."""
+    def unshift(word: int, bits: int) -> int:
+        result = word
+        for _ in range(64 // bits + 1):
+            result = word ^ (result >> bits)
+        return result
+
+    value &= MASK64
+    value = unshift(value, 31)
+    value = (value * pow(0x94D049BB133111EB, -1, 1 << 64)) & MASK64
+    value = unshift(value, 27)
+    value = (value * pow(0xBF58476D1CE4E5B9, -1, 1 << 64)) & MASK64
+    value = unshift(value, 30)
+    return value - (1 << 64) if value >> 63 else value
+
+
+def _drifting_keys(rng: random.Random, base: int, spread: int, size: int) -> list:
+    """Keys around a moving base, far from 0 and from each other's bits."""
+    return [rng.randint(base, base + spread) * 7919 - 10**15 for _ in range(size)]
+
+
+# --- key functions -----------------------------------------------------------------------------
+
+
+def test_mix64_is_splitmix64_with_twos_complement_wraparound():
+    rng = random.Random(0)
+    values = [0, 1, -1, 2**63 - 1, -(2**63)] + [rng.randint(-(2**63), 2**63 - 1) for _ in range(200)]
+    got = mix64(torch.tensor(values)).tolist()
+    assert got == [_mix_python(v) for v in values]
+    assert [_unmix_python(v) for v in got] == values
+
+
+def test_prompt_keys_are_blake2b_and_ignore_pythonhashseed():
+    prompts = ["a cat", "a dog", "", "naïve café", "a cat"]
+    expected = [int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "little", signed=True)
+                for p in prompts]
+    assert prompt_keys(prompts).tolist() == expected
+    assert prompt_keys(prompts).dtype == torch.int64
+    script = ("from rail_interview.stat_tracking import prompt_keys; "
+              "print(prompt_keys(['a cat', 'a dog', 'naïve café']).tolist())")
+    outputs = set()
+    for seed in ("1", "2", "random"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        outputs.add(subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True,
+                                   text=True).stdout)
+    assert len(outputs) == 1
+    assert outputs.pop().strip() == str(prompt_keys(["a cat", "a dog", "naïve café"]).tolist())
+
+
+def test_prompt_keys_inputs():
+    assert prompt_keys([]).shape == (0,)
+    assert prompt_keys(iter(["x"])).shape == (1,)
+    with pytest.raises(TypeError, match="single string"):
+        prompt_keys("a cat")
+    with pytest.raises(TypeError, match="must be strings, got int"):
+        prompt_keys(["a", 3])
+
+
+def test_token_keys_ignore_padding_and_see_order():
+    plain = token_keys(torch.tensor([[5, 6, 7]]))
+    right = token_keys(torch.tensor([[5, 6, 7, 0, 0]]), torch.tensor([[1, 1, 1, 0, 0]]))
+    left = token_keys(torch.tensor([[9, 9, 5, 6, 7]]), torch.tensor([[False, False, True, True, True]]))
+    assert plain.item() == right.item() == left.item()
+    others = token_keys(torch.tensor([[7, 6, 5], [5, 6, 8], [5, 6, 7]]), torch.tensor([[1, 1, 1]] * 2 + [[1, 1, 0]]))
+    assert len(set(others.tolist()) | {plain.item()}) == 4
+    # Pinned, so that a change of the hash (or of integer wrap-around) shows.
+    assert plain.item() == -5193616730892468060
+    assert token_keys(torch.zeros(0, 4, dtype=torch.int32)).shape == (0,)
+
+
+def test_token_keys_collide_rarely_on_many_sequences():
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50, (20000, 6), generator=generator)
+    mask = torch.rand(20000, 6, generator=generator) < 0.8
+    keys = token_keys(tokens, mask)
+    sequences = {tuple(t[m].tolist()) for t, m in zip(tokens, mask)}
+    assert len(set(keys.tolist())) == len(sequences)
+
+
+def test_token_keys_compile_without_graph_breaks():
+    compiled = torch.compile(token_keys, fullgraph=True, backend="eager")
+    tokens = torch.randint(0, 100, (8, 5))
+    mask = torch.rand(8, 5) < 0.7
+    assert torch.equal(compiled(tokens, mask), token_keys(tokens, mask))
+
+
+@pytest.mark.parametrize(
+    "tokens, mask, error, message",
+    [
+        (torch.zeros(2, 3), None, TypeError, "integer tensor"),
+        ([[1, 2]], None, TypeError, "integer tensor, got list"),
+        (torch.zeros(3, dtype=torch.int64), None, ValueError, "2-D"),
+        (torch.zeros(2, 3, dtype=torch.int64), torch.ones(2, 3), TypeError, "integer or bool"),
+        (torch.zeros(2, 3, dtype=torch.int64), torch.ones(2, 4, dtype=torch.bool), ValueError, "shape"),
+    ],
+)
+def test_token_keys_refuse_bad_input(tokens, mask, error, message):
+    with pytest.raises(error, match=message):
+        token_keys(tokens, mask)
+
+
+# --- the key table -----------------------------------------------------------------------------
+
+
+class _LruSpec:
+    """The table's semantics on an OrderedDict: the P keys seen last, by last valid occurrence."""
+
+    def __init__(self, capacity):
+        self.capacity, self.keys = capacity, collections.OrderedDict()
+
+    def see(self, keys, valid):
+        last = {key: i for i, (key, ok) in enumerate(zip(keys, valid)) if ok}
+        batch = sorted(last, key=last.get)
+        kept = batch[-self.capacity:]
+        for key in kept:
+            self.keys.pop(key, None)
+        while self.keys and len(self.keys) + len(kept) > self.capacity:
+            self.keys.popitem(last=False)
+        for key in kept:
+            self.keys[key] = None
+        return set(batch) - set(kept)
+
+
+@pytest.mark.parametrize("eviction", EVICTIONS)
+@pytest.mark.parametrize("capacity", [1, 2, 3, 7, 40])
+def test_table_holds_the_keys_seen_last(eviction, capacity):
+    for seed in range(4):
+        rng = random.Random(seed)
+        table, spec, base = KeyTable(capacity), _LruSpec(capacity), 0
+        for step in range(40):
+            base += rng.choice([0, 1, 3, capacity])
+            keys = _drifting_keys(rng, base, capacity + 4, rng.randint(1, 3 * capacity + 2))
+            valid = [rng.random() > 0.15 for _ in keys]
+            with forced_algorithms(eviction=eviction):
+                assignment = table.assign(torch.tensor(keys), torch.tensor(valid))
+            overflow = spec.see(keys, valid)
+            held, used = table.keys()
+            assert set(held[used].tolist()) == set(spec.keys), (seed, step)
+            rows = assignment.rows.tolist()
+            for key, ok, row, over in zip(keys, valid, rows, assignment.overflow.tolist()):
+                assert over == (ok and key in overflow)
+                assert (row == capacity) == (not ok or key in overflow)
+            # Equal keys share a row; rows of distinct kept keys differ.
+            by_key = {}
+            for key, ok, row in zip(keys, valid, rows):
+                if ok and key not in overflow:
+                    assert by_key.setdefault(key, row) == row
+            assert len(set(by_key.values())) == len(by_key)
+            found = table.lookup(torch.tensor(list(spec.keys) + [123456789]))
+            assert found[-1] == -1 and (found[:-1] >= 0).all()
+            assert torch.equal(found[:-1], torch.tensor([by_key.get(k, -2) for k in spec.keys]).where(
+                torch.tensor([k in by_key for k in spec.keys]), found[:-1]))
+        assert int(table.index_overflows) == 0
+
+
+def test_eviction_algorithms_give_the_same_state():
+    rng = random.Random(3)
+    tables = {eviction: KeyTable(50) for eviction in EVICTIONS}
+    base = 0
+    for _ in range(60):
+        base += rng.choice([0, 5, 20])
+        keys = torch.tensor(_drifting_keys(rng, base, 70, rng.randint(1, 90)))
+        for eviction, table in tables.items():
+            with forced_algorithms(eviction=eviction):
+                table.assign(keys)
+    states = [table.state_tensors() for table in tables.values()]
+    assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])
+    assert torch.equal(tables["topk"]._row_key, tables["queue"]._row_key)  # the same rows, too
+
+
+def test_a_full_bucket_forgets_the_key_after_its_update():
+    table = KeyTable(64)  # 256 index slots: 8 buckets of 32
+    shift = 64 - 3
+    # 33 keys whose mixed values share bucket 5 (top 3 bits), built by inverting mix64.
+    keys = [_unmix_python(((5 - 4) << shift) + i) for i in range(33)]
+    assignment = table.assign(torch.tensor(keys))
+    assert not assignment.overflow.any() and len(set(assignment.rows.tolist())) == 33
+    assert int(table.index_overflows) == 1
+    found = table.lookup(torch.tensor(keys))
+    assert int((found < 0).sum()) == 1  # the last of the bucket, in mixed order
+    assert found[-1] == -1
+
+
+# --- hashed trackers ---------------------------------------------------------------------------
+
+ESTIMATORS = [
+    dict(),
+    dict(fallback="raw", ddof=1, min_count=2),
+    dict(fallback="zero", baseline="leave_one_out", scale="none"),
+    dict(scale="batch_std", min_count=3),
+    dict(baseline="batch_mean", fallback="raw"),
+]
+
+
+@pytest.mark.parametrize("eviction", EVICTIONS)
+@pytest.mark.parametrize("memory", ["none", "buffer", "ema"])
+@pytest.mark.parametrize("capacity", [1, 3, 6])
+def test_hashed_tracker_matches_the_lru_reference_on_drifting_streams(memory, capacity, eviction):
+    for seed, options in enumerate(ESTIMATORS):
+        rng = random.Random(seed)
+        tracker = AdvantageTracker(capacity, memory, keys="hashed", buffer_size=4, dtype=torch.float64, **options)
+        reference = ReferenceAdvantageTracker(memory, capacity=capacity, buffer_size=4, **options)
+        base = 0
+        for step in range(25):
+            base += rng.choice([0, 1, 2, 5])
+            keys = _drifting_keys(rng, base, capacity + 3, rng.randint(1, 12))
+            rewards = [rng.choice([0.0, 1.0, rng.gauss(0, 1)]) for _ in keys]
+            valid = [rng.random() > 0.15 for _ in keys]
+            with forced_algorithms(eviction=eviction):
+                got = tracker.update_with_report(torch.tensor(keys), torch.tensor(rewards, dtype=torch.float64),
+                                                 torch.tensor(valid))
+            want = reference.update_with_report(keys, rewards, valid)
+            where = (options, step)
+            torch.testing.assert_close(got.advantages, torch.tensor(want.advantages, dtype=torch.float64),
+                                       rtol=1e-9, atol=1e-9, msg=str(where))
+            assert got.fallback.tolist() == want.fallback, where
+            assert got.zero_variance.tolist() == want.zero_variance, where
+            assert float(got.zero_variance_fraction) == pytest.approx(want.zero_variance_fraction)
+            held, used = tracker.table_keys()
+            assert set(held[used].tolist()) == set(reference.recent), where
+            remembered = reference.stats()
+            if remembered:
+                stats = tracker.stats(torch.tensor(list(remembered)))
+                assert stats.count.tolist() == [count for _, _, count in remembered.values()], where
+                torch.testing.assert_close(stats.mean, torch.tensor([m for m, _, _ in remembered.values()],
+                                                                    dtype=torch.float64), msg=str(where))
+
+
+@pytest.mark.parametrize("make", [
+    lambda keys: presets.ddpo(30, buffer_size=8, min_count=3, keys=keys),
+    lambda keys: presets.trl_grpo(30, keys=keys),
+    lambda keys: presets.verl_rloo(30, memory="ema", keys=keys),
+    lambda keys: BufferStatTracker(30, 8, 3, keys=keys),
+])
+def test_hashed_tracker_with_room_for_every_prompt_equals_the_id_tracker(make):
+    rng = random.Random(1)
+    prompts = [f"prompt {i}" for i in range(30)]
+    hashed, by_id, index = make("hashed"), make("ids"), PromptIndex(30)
+    for _ in range(20):
+        batch = [rng.choice(prompts[:rng.randint(1, 30)]) for _ in range(rng.randint(1, 40))]
+        rewards = torch.randn(len(batch), generator=torch.Generator().manual_seed(rng.randint(0, 99)))
+        expected = by_id.update(index.ids(batch), rewards)
+        torch.testing.assert_close(hashed.update(prompt_keys(batch), rewards), expected, rtol=0, atol=0)
+    seen = [p for p in prompts if p in index]
+    got, want = hashed.stats(prompt_keys(seen)), by_id.stats(index.ids(seen))
+    for name in ("mean", "std", "count", "fallback"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(hashed.fallback_mask(prompt_keys(seen)), by_id.fallback_mask(index.ids(seen)))
+
+
+def test_overflow_keys_get_the_fallback_and_are_forgotten():
+    tracker = AdvantageTracker(2, "buffer", keys="hashed", min_count=1, fallback="batch", eps=1e-6)
+    keys = torch.tensor([10, 11, 12, 12, 13])  # four distinct keys, two rows: 10 and 11 overflow
+    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 9.0])
+    report = tracker.update_with_report(keys, rewards)
+    batch_mean, batch_std = rewards.mean(), rewards.std(unbiased=False)
+    torch.testing.assert_close(report.advantages[:2], (rewards[:2] - batch_mean) / (batch_std + 1e-6))
+    torch.testing.assert_close(report.advantages[2:], torch.tensor([-1.0, 1.0, 0.0]) / (1 + 1e-6))
+    assert report.fallback.tolist() == [True, True, False, False, False]
+    assert report.zero_variance.tolist() == [True, True, False, False, True]
+    assert tracker.stats(keys).count.tolist() == [0, 0, 2, 2, 1]
+    assert tracker.fallback_mask(keys).tolist() == [True, True, False, False, False]
+
+
+@pytest.mark.parametrize("memory", ["none", "buffer", "ema"])
+def test_hashed_update_compiles_without_graph_breaks(memory):
+    eager = AdvantageTracker(5, memory, keys="hashed", check_values=False, buffer_size=4)
+    compiled_tracker = AdvantageTracker(5, memory, keys="hashed", check_values=False, buffer_size=4)
+    compiled = torch.compile(compiled_tracker.update_with_report, fullgraph=True, backend="eager")
+    rng = random.Random(0)
+    for step in range(6):
+        keys = torch.tensor(_drifting_keys(rng, 2 * step, 8, 12))
+        rewards = torch.randn(12, generator=torch.Generator().manual_seed(step))
+        valid = torch.rand(12, generator=torch.Generator().manual_seed(step + 9)) < 0.9
+        want, got = eager.update_with_report(keys, rewards, valid), compiled(keys, rewards, valid)
+        for name in got._fields:
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0)
+    for name, value in eager.state_dict().items():
+        assert torch.equal(compiled_tracker.state_dict()[name], value), name
+
+
+def test_state_dict_round_trip_is_exact_and_bad_states_are_refused():
+    rng = random.Random(2)
+    tracker = presets.ddpo(8, buffer_size=4, min_count=2, keys="hashed")
+    for step in range(12):
+        tracker.update(torch.tensor(_drifting_keys(rng, step, 12, 10)), torch.randn(10))
+    state = tracker.state_dict()
+    assert {"keys", "last_seen", "clock", "rewards", "count", "head"} == set(state)
+    copy = presets.ddpo(8, buffer_size=4, min_count=2, keys="hashed")
+    copy.load_state_dict(state)
+    for name, value in copy.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    for step in range(12, 24):  # both continue identically, evictions included
+        keys, rewards = torch.tensor(_drifting_keys(rng, step, 12, 10)), torch.randn(10)
+        assert torch.equal(copy.update(keys, rewards), tracker.update(keys, rewards))
+    for name, value in copy.state_dict().items():
+        assert torch.equal(value, tracker.state_dict()[name]), name
+
+    before = copy.state_dict()
+    used = int((before["last_seen"] >= 0).nonzero()[0])
+    other = int((before["last_seen"] >= 0).nonzero()[1])
+    bad = {
+        "one key in two rows": {"keys": before["keys"].clone().index_fill_(0, torch.tensor([other]),
+                                                                           int(before["keys"][used]))},
+        "'last_seen' must lie": {"last_seen": before["last_seen"].clone().fill_(int(before["clock"]))},
+        "must differ": {"last_seen": before["last_seen"].clone().index_fill_(0, torch.tensor([other]),
+                                                                             int(before["last_seen"][used]))},
+        "'clock' must be >= 0": {"clock": torch.tensor(-1)},
+    }
+    for message, change in bad.items():
+        with pytest.raises(ValueError, match=message):
+            copy.load_state_dict({**before, **change})
+        for name, value in copy.state_dict().items():
+            assert torch.equal(value, before[name]), (message, name)
+
+
+def test_keys_option_is_checked_and_hashed_keys_take_any_int64():
+    with pytest.raises(ValueError, match="keys must be one of 'ids', 'hashed'"):
+        AdvantageTracker(4, keys="strings")
+    tracker = AdvantageTracker(4, "ema", keys="hashed")
+    keys = torch.tensor([-(2**63), 2**63 - 1, -5, 10**18])
+    tracker.update(keys, torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert tracker.keys == "hashed"
+    assert tracker.stats(keys).count.tolist() == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match=r"lie in \[0, 4\)"):
+        AdvantageTracker(4, "ema").update(keys, torch.ones(4))
+    with pytest.raises(ValueError, match="needs keys='hashed'"):
+        AdvantageTracker(4, "ema").table_keys()
+    absent = tracker.stats(torch.tensor([7, 8]))
+    assert absent.count.tolist() == [0, 0] and absent.mean.isnan().all() and absent.fallback.all()
+    # A tracker that keeps nothing per prompt takes any key and needs no table.
+    batch = BatchStatTracker(3, keys="hashed")
+    batch.update(keys, torch.ones(4))
+    assert not batch.table_keys()[1].any()
