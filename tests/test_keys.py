@@ -22,7 +22,7 @@ from rail_interview.stat_tracking.ops import forced_algorithms
 from rail_interview.stat_tracking.reference import ReferenceAdvantageTracker
 
 MASK64 = (1 << 64) - 1
-EVICTIONS = ("topk", "queue")
+EVICTIONS = ("fixed", "dynamic")
 
 
 def _mix_python(value: int) -> int:
@@ -170,7 +170,7 @@ def test_table_holds_the_keys_seen_last(eviction, capacity):
             base += rng.choice([0, 1, 3, capacity])
             keys = _drifting_keys(rng, base, capacity + 4, rng.randint(1, 3 * capacity + 2))
             valid = [rng.random() > 0.15 for _ in keys]
-            with forced_algorithms(eviction=eviction):
+            with forced_algorithms(key_table=eviction):
                 assignment = table.assign(torch.tensor(keys), torch.tensor(valid))
             overflow = spec.see(keys, valid)
             held, used = table.keys()
@@ -200,24 +200,28 @@ def test_eviction_algorithms_give_the_same_state():
         base += rng.choice([0, 5, 20])
         keys = torch.tensor(_drifting_keys(rng, base, 70, rng.randint(1, 90)))
         for eviction, table in tables.items():
-            with forced_algorithms(eviction=eviction):
+            with forced_algorithms(key_table=eviction):
                 table.assign(keys)
     states = [table.state_tensors() for table in tables.values()]
     assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])
-    assert torch.equal(tables["topk"]._row_key, tables["queue"]._row_key)  # the same rows, too
+    assert torch.equal(tables["fixed"]._row_key, tables["dynamic"]._row_key)  # the same rows, too
 
 
 def test_a_full_bucket_forgets_the_key_after_its_update():
-    table = KeyTable(64)  # 256 index slots: 8 buckets of 32
-    shift = 64 - 3
-    # 33 keys whose mixed values share bucket 5 (top 3 bits), built by inverting mix64.
-    keys = [_unmix_python(((5 - 4) << shift) + i) for i in range(33)]
+    table = KeyTable(64)  # 256 index slots: 32 buckets of 8
+    width, buckets, shift = KeyTable.BUCKET_SLOTS, 32, 64 - 5
+    assert table._num_buckets == buckets
+    # Nine keys whose two buckets are both bucket 5 (top and bottom bits), built by inverting mix64.
+    keys = [_unmix_python(((5 - buckets // 2) << shift) + (i << 16) + 5) for i in range(width + 1)]
     assignment = table.assign(torch.tensor(keys))
-    assert not assignment.overflow.any() and len(set(assignment.rows.tolist())) == 33
+    assert not assignment.overflow.any() and len(set(assignment.rows.tolist())) == width + 1
     assert int(table.index_overflows) == 1
     found = table.lookup(torch.tensor(keys))
-    assert int((found < 0).sum()) == 1  # the last of the bucket, in mixed order
+    assert int((found < 0).sum()) == 1  # the last in mixed order
     assert found[-1] == -1
+    # Forgotten: it comes back as a new key, with a fresh row, and is counted again.
+    again = table.assign(torch.tensor(keys[-1:]))
+    assert int(table.index_overflows) == 2 and again.fresh.numel() == 1
 
 
 # --- hashed trackers ---------------------------------------------------------------------------
@@ -245,7 +249,7 @@ def test_hashed_tracker_matches_the_lru_reference_on_drifting_streams(memory, ca
             keys = _drifting_keys(rng, base, capacity + 3, rng.randint(1, 12))
             rewards = [rng.choice([0.0, 1.0, rng.gauss(0, 1)]) for _ in keys]
             valid = [rng.random() > 0.15 for _ in keys]
-            with forced_algorithms(eviction=eviction):
+            with forced_algorithms(key_table=eviction):
                 got = tracker.update_with_report(torch.tensor(keys), torch.tensor(rewards, dtype=torch.float64),
                                                  torch.tensor(valid))
             want = reference.update_with_report(keys, rewards, valid)

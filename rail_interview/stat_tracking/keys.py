@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import sys
-from typing import Dict, Mapping, NamedTuple, Optional, Sequence
+from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -194,26 +194,31 @@ class KeyAssignment(NamedTuple):
         fresh: int64 [F], rows given to keys new to the table, whose
             statistics must start over; P pads it (reset the spare row too,
             or skip it).
-        group: int64 [N], each sample's key as an index in [0, N) into the
-            batch's distinct keys (samples with equal keys share it), or N
-            for an invalid sample.
+        group: int64 [N], each sample's key as a group index in
+            [0, num_groups - 1): samples share it exactly when they share a
+            key; invalid samples get num_groups - 1.
+        num_groups: the groups, the invalid samples' one included: N + 1
+            (groups index the batch's distinct keys) or P + 1 (groups are
+            rows, when no key overflows).
     """
 
     rows: torch.Tensor
     overflow: torch.Tensor
     fresh: torch.Tensor
     group: torch.Tensor
+    num_groups: int
 
 
 class KeyTable:
     """Maps any int64 keys to P rows, evicting the least recently seen keys when full.
 
-    **Semantics** (``ReferenceKeyTable`` in ``reference.py`` is the plain
-    version the tests compare with). Each key holds a row while it is among
-    the P keys seen most recently. Recency is by sample: an update of N
-    samples orders its keys by their last occurrence in the batch, after
-    every key of earlier updates. So after each update the table holds the
-    P most recently seen distinct keys (fewer until P have been seen):
+    **Semantics** (``ReferenceAdvantageTracker(capacity=...)`` in
+    ``reference.py`` is the plain version the tests compare with). Each key
+    holds a row while it is among the P keys seen most recently. Recency is
+    by sample: an update of N samples orders its keys by their last
+    occurrence in the batch, after every key of earlier updates. So after
+    each update the table holds the P most recently seen distinct keys
+    (fewer until P have been seen):
 
     * a key already in the table keeps its row;
     * a key new to the table takes the row of the least recently seen key
@@ -228,29 +233,34 @@ class KeyTable:
     refresh a key.
 
     **Hash index.** Rows are found through an index of 2**k >= 4 P slots in
-    buckets of W = ``BUCKET_SLOTS``, keyed by ``mix64(key)``. A key whose
-    bucket already holds W keys cannot be indexed: it keeps its row for
-    this update and is forgotten after it, as if evicted. With at most P
-    keys in at least P / 8 buckets (mean load 8 of 32) that has a chance
-    below 1e-10 per new key (about 3e-4 over ten million new keys); the
-    table counts it in ``index_overflows``.
+    buckets of W = ``BUCKET_SLOTS``; each key has two buckets (the top and
+    the bottom bits of ``mix64(key)``) and enters the one with more room
+    (two-choice hashing, Azar et al. 1999), so that buckets fill evenly
+    around the mean load of at most 2. A key whose two buckets are both
+    full cannot be indexed: it keeps its row for this update and is
+    forgotten after it, as if evicted; ``index_overflows`` counts it (it
+    stayed 0 in every test and benchmark, ten million keys included).
 
-    **Speed.** An update costs O(N log N) (a sort of the batch's keys) plus
-    the choice of rows to evict. Two algorithms give the same rows (see
-    ``ops.forced_algorithms(eviction=...)``):
+    **Algorithms** (``ops.forced_algorithms(key_table=...)``; both give the
+    same rows, bit for bit):
 
-    * ``"topk"``: the oldest rows by ``torch.topk`` over all P rows, every
-      update: O(P), no host sync and fixed shapes (on CUDA, and whenever
-      torch.compile traces the update);
-    * ``"queue"``: a queue of the oldest rows, sorted once by that same
-      top-k and then consumed, rebuilt when it runs out: O(N) per update
-      plus an occasional O(P) rebuild. It reads a few counts back to
-      decide, free on a CPU, so it is the CPU default outside torch.compile.
+    * ``"fixed"``: fixed shapes and no host sync, for CUDA graphs and
+      torch.compile: every step works on all N samples, and the rows to
+      evict come from ``torch.topk`` over all P rows' stamps, O(P). Used on
+      CUDA and whenever torch.compile traces the update.
+    * ``"dynamic"``: reads counts back to the host, which costs nothing on
+      a CPU, and works only on the batch's distinct keys and its new ones;
+      the rows to evict come from a queue of the oldest rows (sorted once by
+      that same top-k, then consumed; rebuilt when it runs out), O(1) per
+      evicted key plus an occasional O(P) rebuild. The CPU default outside
+      torch.compile.
 
     State, on ``device``: ``keys`` int64 [P] (the key in each row),
     ``last_seen`` int64 [P] (the clock value when the key was last seen,
     -1 for an unused row) and ``clock`` int64 [] (samples seen so far). The
-    hash index and the queue are rebuilt from them on load.
+    hash index and the queue are rebuilt from them on load. Memory: about
+    88 to 152 bytes per row (the index 64 to 128, as 4 P rounds up to a
+    power of two; the rows 24), and the queue up to 16 more.
 
     Args:
         capacity: P, the rows.
@@ -267,7 +277,7 @@ class KeyTable:
     """
 
     #: Slots per bucket of the hash index.
-    BUCKET_SLOTS = 32
+    BUCKET_SLOTS = 8
 
     def __init__(self, capacity: int, *, device: Device = None) -> None:
         check_positive_int("capacity", capacity)
@@ -275,19 +285,25 @@ class KeyTable:
         self._device = device = resolve_device(device)
         num_slots = max(2 * self.BUCKET_SLOTS, 1 << (4 * capacity - 1).bit_length())
         self._num_slots = num_slots
-        self._num_buckets = num_slots // self.BUCKET_SLOTS
-        # Bucket = the top bits of mix64(key), so sorting by it sorts by bucket.
-        self._bucket_shift = 64 - (self._num_buckets.bit_length() - 1)
+        self._num_buckets = num_buckets = num_slots // self.BUCKET_SLOTS
+        # A key's two buckets: the top and the bottom bits of mix64(key).
+        self._bucket_shift = 64 - (num_buckets.bit_length() - 1)
+        # An empty slot holds its bucket's sentinel: a key whose two buckets are
+        # both the next one, which no probe of this bucket can ask for. (One
+        # more for the scratch slot.)
+        following = torch.arange(1, num_buckets + 2, device=device) % num_buckets  # [B + 1]
+        top = (following - num_buckets // 2) * (1 << (self._bucket_shift - 1)) * 2
+        self._sentinel = _unmix64(top + following)  # [B + 1]
         rows = capacity + 1  # row P: a scratch row for masked writes
         self._row_key = torch.zeros(rows, dtype=torch.int64, device=device)  # [P + 1]
         # Unused rows are older than any key: stamps -P .. -1 (oldest first), then >= 0.
         self._row_stamp = torch.arange(-capacity, 1, dtype=torch.int64, device=device)  # [P + 1]
         self._row_slot = torch.full((rows,), num_slots, dtype=torch.int64, device=device)  # [P + 1]
-        self._slot_key = torch.zeros(num_slots + 1, dtype=torch.int64, device=device)  # slot S: scratch
-        self._slot_row = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=device)  # -1: empty
+        self._slot_key = self._sentinel.repeat_interleave(self.BUCKET_SLOTS)[:num_slots + 1].clone()  # [S + 1]
+        self._slot_row = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=device)  # [S + 1], -1: empty
         self._clock = torch.zeros((), dtype=torch.int64, device=device)
         self._index_overflows = torch.zeros((), dtype=torch.int64, device=device)
-        # The eviction queue (algorithm "queue"): rows by increasing stamp, as
+        # The eviction queue (algorithm "dynamic"): rows by increasing stamp, as
         # they were when it was built, consumed from _queue_head.
         self._queue_rows = torch.zeros(0, dtype=torch.int64, device=device)
         self._queue_stamps = torch.zeros(0, dtype=torch.int64, device=device)
@@ -303,17 +319,27 @@ class KeyTable:
         """int64 scalar: keys that found their index bucket full (see the class docstring)."""
         return self._index_overflows
 
-    def _bucket(self, mixed: torch.Tensor) -> torch.Tensor:
-        """The index bucket of mixed keys: their top bits, so increasing with ``mixed``."""
-        return (mixed >> self._bucket_shift) + self._num_buckets // 2
+    def _buckets(self, mixed: torch.Tensor) -> torch.Tensor:
+        """int64 [M, 2]: the two index buckets of mixed keys [M] (their top and bottom bits)."""
+        return torch.stack([(mixed >> self._bucket_shift) + self._num_buckets // 2,
+                            mixed & (self._num_buckets - 1)], 1)
+
+    def _bucket_view(self, table: torch.Tensor) -> torch.Tensor:
+        """[B, W]: a slot table (without its scratch slot) as one row per bucket."""
+        return table[:-1].view(self._num_buckets, self.BUCKET_SLOTS)
 
     def _probe(self, mixed: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Rows of keys in the index, -1 where absent (int64 [M] in, [M] out)."""
-        slots = self._bucket(mixed).mul_(self.BUCKET_SLOTS).unsqueeze(1) + torch.arange(
-            self.BUCKET_SLOTS, device=self._device)  # [M, W]
-        rows = self._slot_row[slots]  # [M, W]
-        match = (self._slot_key[slots] == keys.unsqueeze(1)) & (rows >= 0)  # [M, W]
-        return torch.where(match, rows, -1).amax(1)  # [M]
+        width = self.BUCKET_SLOTS
+        buckets = self._buckets(mixed)  # [M, 2]
+        slot_keys = self._bucket_view(self._slot_key).index_select(0, buckets.view(-1))  # [2M, W]
+        match = slot_keys.view(-1, 2 * width) == keys.unsqueeze(1)  # [M, 2W]
+        column = torch.where(match, torch.arange(2 * width, device=self._device), -1).amax(1)  # [M]
+        found = column >= 0
+        column = column.clamp_min_(0)
+        second = column >= width
+        slot = torch.where(second, buckets[:, 1], buckets[:, 0]).mul_(width).add_(column - second * width)  # [M]
+        return torch.where(found, self._slot_row.index_select(0, slot), -1)
 
     def lookup(self, keys: torch.Tensor) -> torch.Tensor:
         """Rows of keys in the table, changing nothing.
@@ -328,20 +354,21 @@ class KeyTable:
             return keys.clone()
         return self._probe(mix64(keys), keys)
 
-    def keys(self) -> "tuple[torch.Tensor, torch.Tensor]":
+    def keys(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The key in each row, and which rows hold one.
 
         Returns:
             int64 [P] keys (0 in unused rows) and bool [P], True for rows
             that hold a key; new tensors.
         """
-        return self._row_key[:-1].clone(), self._row_stamp[:-1] >= 0
+        used = self._row_stamp[:-1] >= 0
+        return torch.where(used, self._row_key[:-1], 0), used
 
     def assign(self, keys: torch.Tensor, valid: Optional[torch.Tensor] = None) -> KeyAssignment:
         """Gives each sample's key a row, new keys evicting the least recently seen.
 
-        No Python loop over samples or keys; with the ``"topk"`` algorithm no
-        host sync either, and fixed shapes.
+        No Python loop over samples or keys; with the ``"fixed"`` algorithm
+        no host sync either, and fixed shapes.
 
         Args:
             keys: int64 [N], N >= 1, on ``device``.
@@ -352,6 +379,9 @@ class KeyTable:
             The ``KeyAssignment``.
         """
         num_samples, capacity, device = keys.shape[0], self._capacity, self._device
+        dynamic = _table_algorithm(device) == "dynamic"
+        if dynamic and num_samples <= capacity:
+            return self._assign_unsorted(keys, valid)
         position = torch.arange(num_samples, device=device)  # [N]
         # 1. The batch's distinct keys, sorted by mixed key (hence by bucket).
         mixed = mix64(keys)  # [N]
@@ -360,75 +390,156 @@ class KeyTable:
         first[1:] = sorted_mixed[1:] != sorted_mixed[:-1]
         sorted_group = first.cumsum(0).sub_(1)  # [N], distinct key index, in sorted order
         group = torch.empty_like(sorted_group).scatter_(0, order, sorted_group)  # [N], batch order
-        # Per distinct key g in [0, N) (entries past the number of keys are padding):
-        group_mixed = torch.zeros_like(mixed).scatter_(0, sorted_group, sorted_mixed)  # [N]
-        group_key = torch.zeros_like(keys).scatter_(0, group, keys)  # [N]
+        # Per distinct key, [G]: G = N (fixed shapes; entries past the keys pad) or their number.
+        size = int(sorted_group[-1]) + 1 if dynamic else num_samples
+        group_mixed = mixed.new_zeros(size).scatter_(0, sorted_group, sorted_mixed)  # [G]
+        group_key = keys.new_zeros(size).scatter_(0, group, keys)  # [G]
         seen_at = position if valid is None else torch.where(valid, position, -1)  # [N]
-        last = torch.full_like(position, -1).scatter_reduce_(0, group, seen_at, "amax")  # [N], -1: not seen
-        seen = last >= 0  # [N], keys this update sees
+        last = position.new_full((size,), -1).scatter_reduce_(0, group, seen_at, "amax")  # [G], -1: unseen
+        seen = last >= 0  # [G], keys this update sees
         # 2. Recency: the batch's keys are newer than every earlier one, by last occurrence.
-        before = self._clock.clone()  # stamps of this update are >= before
-        stamp = before + last  # [N]
+        before = self._clock.clone()  # this update's stamps are >= before
+        stamp = before + last  # [G]
         self._clock.add_(num_samples)
-        # Keys with P or more keys seen after them in this batch overflow.
-        is_last = torch.zeros(num_samples + 1, dtype=torch.int64, device=device)  # [N + 1]
-        is_last.scatter_(0, torch.where(seen, last, num_samples), 1)
-        newer = is_last[:-1].flip(0).cumsum(0).flip(0) - is_last[:-1]  # [N], later last occurrences
-        kept = seen & (newer.index_select(0, last.clamp_min(0)) < capacity)  # [N]
+        kept = seen if dynamic and size <= capacity else seen & self._within_capacity(last, seen, num_samples)
         # 3. Keys already in the table keep their rows (kept ones get the new stamp).
-        found_row = self._probe(group_mixed, group_key)  # [N]
-        hit = kept & (found_row >= 0)  # [N]
-        write_at(self._row_stamp, torch.where(hit, found_row, capacity), stamp)
-        new = kept & (found_row < 0)  # [N]
-        # 4. New keys take the oldest rows, in the order of their mixed keys.
-        new_rank = new.cumsum(0).sub_(1)  # [N], among new keys
-        victims = self._oldest_rows(new.sum(), min(num_samples, capacity), before)  # [V], increasing stamp
-        row = torch.where(hit, found_row, capacity)  # [N]
-        victim = victims.index_select(0, new_rank.clamp(0, victims.shape[0] - 1))  # [N]
-        victim = torch.where(new, victim, capacity)  # [N]
-        row = torch.where(new, victim, row)
-        # 5. Evicted keys leave the index; new keys enter it.
-        write_at(self._slot_row, self._row_slot.index_select(0, victim), torch.full_like(victim, -1))
-        # Buckets of the distinct keys, non-decreasing (padding entries past them: the last + 1).
-        padding = position > sorted_group[-1]  # [N]
-        bucket = torch.where(padding, self._num_buckets, self._bucket(group_mixed))  # [N]
-        slot = self._free_slots(bucket, new, new_rank)  # [N], num_slots where none
-        write_at(self._slot_key, slot, group_key)
-        write_at(self._slot_row, slot, torch.where(slot < self._num_slots, victim, -1))
-        write_at(self._row_slot, victim, slot)
-        write_at(self._row_key, victim, group_key)
-        write_at(self._row_stamp, victim, stamp)
-        self._index_overflows.add_((new & (slot == self._num_slots)).sum())
-        # 6. Per sample.
+        found_row = self._probe(group_mixed, group_key)  # [G]
+        hit = kept & (found_row >= 0)  # [G]
+        row = torch.where(hit, found_row, capacity)  # [G]
+        write_at(self._row_stamp, row, stamp)
+        new = kept & (found_row < 0)  # [G]
+        # 4. New keys take the oldest rows, in increasing mixed key; then they enter the index.
+        if dynamic:
+            placed = new.nonzero().squeeze(1)  # [M]
+            fresh = self._queued_rows(placed.shape[0], before)  # [M]
+            row.index_put_((placed,), fresh)
+            self._place(group_mixed.index_select(0, placed), group_key.index_select(0, placed), fresh,
+                        stamp.index_select(0, placed), None)
+        else:
+            rank = new.cumsum(0).sub_(1)  # [G], among the new keys
+            oldest = torch.topk(self._row_stamp[:-1], min(num_samples, capacity), largest=False).indices  # [V]
+            fresh = torch.where(new, oldest.index_select(0, rank.clamp(0, oldest.shape[0] - 1)), capacity)  # [G]
+            row = torch.where(new, fresh, row)
+            self._place(group_mixed, group_key, fresh, stamp, new)
+        # 5. Per sample.
         sample_row = row.index_select(0, group)  # [N]
-        sample_seen = seen.index_select(0, group) if valid is None else valid  # [N]
-        overflow = sample_seen & (sample_row == capacity)  # [N]
+        overflow = sample_row == capacity  # [N]
         if valid is not None:
+            overflow &= valid
             sample_row = torch.where(valid, sample_row, capacity)
             group = torch.where(valid, group, num_samples)
-        return KeyAssignment(sample_row, overflow, victim, group)
+        return KeyAssignment(sample_row, overflow, fresh, group, num_samples + 1)
 
-    def _oldest_rows(self, needed: torch.Tensor, most: int, before: torch.Tensor) -> torch.Tensor:
-        """The rows of least stamp, oldest first: at least the ``needed`` oldest.
+    def _assign_unsorted(self, keys: torch.Tensor, valid: Optional[torch.Tensor]) -> KeyAssignment:
+        """``assign`` for N <= P (no key can overflow), with host-read counts: no sort of the batch.
+
+        Every sample probes the index; found keys take their stamp by a max
+        over their samples' positions; only the samples whose key is new are
+        sorted, to give each new key one row (the same rows, in the same
+        order, as ``assign``'s sorted path).
+        """
+        num_samples, capacity, device = keys.shape[0], self._capacity, self._device
+        position = torch.arange(num_samples, device=device)  # [N]
+        mixed = mix64(keys)  # [N]
+        found_row = self._probe(mixed, keys)  # [N], -1 where new
+        counted = found_row >= 0 if valid is None else valid & (found_row >= 0)  # [N]
+        row = torch.where(counted, found_row, capacity)  # [N]
+        before = self._clock.clone()  # this update's stamps are >= before
+        self._row_stamp.scatter_reduce_(0, row, before + position, "amax")
+        self._clock.add_(num_samples)
+        new_samples = (found_row < 0) if valid is None else valid & (found_row < 0)  # [N]
+        placed = new_samples.nonzero().squeeze(1)  # [M'], host-sized
+        fresh = placed[:0]
+        if placed.shape[0]:
+            sorted_mixed, order = torch.sort(mixed.index_select(0, placed), stable=True)  # [M']
+            at = placed.index_select(0, order)  # [M'], batch positions in sorted order
+            first = torch.ones_like(at, dtype=torch.bool)
+            first[1:] = sorted_mixed[1:] != sorted_mixed[:-1]
+            new_group = first.cumsum(0).sub_(1)  # [M'], the new key's index
+            num_new = int(new_group[-1]) + 1
+            last = at.new_full((num_new,), -1).scatter_reduce_(0, new_group, at, "amax")  # [U]
+            fresh = self._queued_rows(num_new, before)  # [U]
+            self._place(sorted_mixed[first], keys.index_select(0, at[first]), fresh, before + last, None)
+            row.index_put_((at,), fresh.index_select(0, new_group))
+        return KeyAssignment(row, torch.zeros_like(counted), fresh, row, capacity + 1)
+
+    def _within_capacity(self, last: torch.Tensor, seen: torch.Tensor, num_samples: int) -> torch.Tensor:
+        """bool [G]: keys with fewer than P of the batch's keys last seen after them.
 
         Args:
-            needed: int64 scalar, the rows wanted (at most ``most``).
-            most: a bound on ``needed`` known on the host.
+            last: int64 [G], each key's last valid position in the batch.
+            seen: bool [G], keys with a valid sample.
+            num_samples: N.
+        """
+        is_last = last.new_zeros(num_samples + 1)  # [N + 1], 1 at each key's last occurrence
+        is_last.scatter_(0, torch.where(seen, last, num_samples), 1)
+        later = is_last[:-1].flip(0).cumsum(0).flip(0) - is_last[:-1]  # [N], keys last seen after
+        return later.index_select(0, last.clamp_min(0)) < self._capacity
+
+    def _place(
+        self,
+        mixed: torch.Tensor,
+        keys: torch.Tensor,
+        rows: torch.Tensor,
+        stamps: torch.Tensor,
+        new: Optional[torch.Tensor],
+    ) -> None:
+        """Gives keys their rows: the rows' old keys leave the index, the keys enter it.
+
+        Each key goes to the less loaded of its two buckets (two-choice
+        hashing: the fullest bucket stays near the mean load), the first on
+        a tie; keys that pick one bucket take its free slots in their order.
+
+        Args:
+            mixed: int64 [M], the keys' ``mix64``.
+            keys: int64 [M].
+            rows: int64 [M], each key's row (P where not ``new``).
+            stamps: int64 [M], each key's stamp.
+            new: bool [M], the keys to place, or None for all.
+        """
+        width, num_buckets = self.BUCKET_SLOTS, self._num_buckets
+        old_slot = self._row_slot.index_select(0, rows)  # [M]
+        write_at(self._slot_key, old_slot, self._sentinel.index_select(0, old_slot // width))
+        write_at(self._slot_row, old_slot, torch.full_like(old_slot, -1))
+        buckets = self._buckets(mixed)  # [M, 2]
+        free = self._bucket_view(self._slot_row).index_select(0, buckets.view(-1)).view(-1, 2, width) < 0
+        room = free.sum(2)  # [M, 2]
+        pick = room[:, 1] > room[:, 0]  # [M], the second bucket has more room
+        bucket = torch.where(pick, buckets[:, 1], buckets[:, 0])  # [M]
+        free = torch.where(pick.view(-1, 1), free[:, 1], free[:, 0])  # [M, W]
+        if new is not None:
+            bucket = torch.where(new, bucket, num_buckets)
+        # Rank among the keys that picked the same bucket, in their order.
+        sorted_bucket, order = torch.sort(bucket, stable=True)  # [M]
+        start = torch.searchsorted(sorted_bucket, sorted_bucket)  # [M]
+        rank = torch.empty_like(start).scatter_(0, order, torch.arange(len(order), device=self._device) - start)
+        choice = free & (free.cumsum(1) == rank.unsqueeze(1) + 1)  # [M, W], at most one True
+        column = torch.where(choice, torch.arange(width, device=self._device), -1).amax(1)  # [M]
+        placed = (column >= 0) & (bucket < num_buckets)  # [M]
+        slot = torch.where(placed, bucket * width + column, self._num_slots)  # [M]
+        write_at(self._slot_key, slot, torch.where(placed, keys, self._sentinel[-1]))
+        write_at(self._slot_row, slot, torch.where(placed, rows, -1))
+        write_at(self._row_slot, rows, slot)
+        write_at(self._row_key, rows, keys)
+        write_at(self._row_stamp, rows, stamps)
+        self._index_overflows.add_((~placed & (bucket < num_buckets)).sum())
+
+    def _queued_rows(self, wanted: int, before: torch.Tensor) -> torch.Tensor:
+        """The ``wanted`` rows of least stamp, oldest first, from the queue (rebuilt if it runs out).
+
+        Args:
+            wanted: how many rows.
             before: int64 scalar, the clock when this update began: rows
                 with a stamp from it on were seen by this update.
 
         Returns:
-            int64 [V] rows in increasing stamp; its first ``needed`` entries
-            are the ``needed`` rows of least stamp.
+            int64 [wanted] rows.
         """
-        if _eviction_algorithm(self._device) == "topk":
-            return torch.topk(self._row_stamp[:-1], most, largest=False, sorted=True).indices
-        wanted = int(needed)  # a CPU tensor: reading it costs no sync
         if wanted == 0:
-            return torch.zeros(1, dtype=torch.int64, device=self._device)
+            return self._queue_rows[:0]
         rows = self._take_from_queue(wanted)
         if rows is None:
-            size = min(self._capacity, max(16 * most, 4096))
+            size = min(self._capacity, max(16 * wanted, 4096))
             stamps, rows = torch.topk(self._row_stamp[:-1], size, largest=False, sorted=True)
             # Only rows this update has not seen: every row left out must be
             # newer than every row kept, and this update's stamps interleave.
@@ -445,46 +556,17 @@ class KeyTable:
         row outside the queue was newer then, and a row only ever gets newer.
         """
         entries = self._queue_rows[self._queue_head:]
-        if entries.shape[0] < wanted:
-            return None
         stamps = self._queue_stamps[self._queue_head:]
         # Stale entries (rows seen since) are skipped: look a little past the
         # wanted count first, then at the whole rest.
         for length in (min(entries.shape[0], 2 * wanted + 64), entries.shape[0]):
             unchanged = self._row_stamp.index_select(0, entries[:length]) == stamps[:length]
             count = unchanged.cumsum(0)
-            if int(count[-1]) >= wanted:
+            if length and int(count[-1]) >= wanted:
                 end = int(torch.searchsorted(count, wanted)) + 1  # one past the wanted-th unchanged entry
                 self._queue_head += end
                 return entries[:end][unchanged[:end]]
         return None
-
-    def _free_slots(self, bucket: torch.Tensor, new: torch.Tensor, new_rank: torch.Tensor) -> torch.Tensor:
-        """Index slots for new keys: the r-th free slot of its bucket for the r-th new key there.
-
-        Args:
-            bucket: int64 [N], non-decreasing: the bucket of each new key,
-                any value (up to ``num_buckets``) for the others.
-            new: bool [N], the keys to place.
-            new_rank: int64 [N], each new key's rank among the new keys.
-
-        Returns:
-            int64 [N], a free slot for each new key, or the scratch slot
-            ``num_slots`` for the others and for keys whose bucket is full.
-        """
-        width = self.BUCKET_SLOTS
-        # Rank within the bucket: new keys before this one, less those before the bucket.
-        earlier = new_rank + 1 - new.long()  # [N], new keys before this entry
-        start = torch.searchsorted(bucket, bucket)  # [N], the bucket's first entry
-        rank = earlier - earlier.index_select(0, start)  # [N]
-        bucket = bucket.clamp_max(self._num_buckets - 1)
-        slots = bucket.mul(width).unsqueeze(1) + torch.arange(width, device=self._device)  # [N, W]
-        free = self._slot_row[slots] < 0  # [N, W]
-        free_rank = free.cumsum(1).sub_(1)  # [N, W]
-        choice = free & (free_rank == rank.unsqueeze(1))  # [N, W], at most one True
-        found = choice.any(1) & new  # [N]
-        slot = slots.gather(1, choice.long().argmax(1, keepdim=True)).squeeze(1)  # [N]
-        return torch.where(found, slot, self._num_slots)
 
     def reset(self) -> None:
         """Forgets every key."""
@@ -492,24 +574,14 @@ class KeyTable:
         self._row_stamp.copy_(torch.arange(-self._capacity, 1, device=self._device))
         self._row_slot.fill_(self._num_slots)
         self._slot_row.fill_(-1)
-        self._slot_key.zero_()
+        self._slot_key.copy_(self._sentinel.repeat_interleave(self.BUCKET_SLOTS)[:self._num_slots + 1])
         self._clock.zero_()
         self._index_overflows.zero_()
-        self._clear_queue()
-
-    def _clear_queue(self) -> None:
-        self._queue_rows = self._queue_rows[:0]
-        self._queue_stamps = self._queue_stamps[:0]
-        self._queue_head = 0
+        self._queue_rows, self._queue_stamps, self._queue_head = self._queue_rows[:0], self._queue_stamps[:0], 0
 
     def state_tensors(self) -> Dict[str, torch.Tensor]:
         """``keys`` [P], ``last_seen`` [P] (-1 for unused rows) and ``clock`` [], as new tensors."""
-        stamp = self._row_stamp[:-1]
-        return {
-            "keys": torch.where(stamp >= 0, self._row_key[:-1], 0),
-            "last_seen": stamp.clamp_min(-1),
-            "clock": self._clock.clone(),
-        }
+        return {"keys": self.keys()[0], "last_seen": self._row_stamp[:-1].clamp_min(-1), "clock": self._clock.clone()}
 
     def check_state_values(self, state: Mapping[str, torch.Tensor], name: str) -> None:
         """Raises ValueError unless a candidate state is one a table could reach.
@@ -537,31 +609,35 @@ class KeyTable:
         """
         keys = state["keys"].to(self._device)
         last_seen = state["last_seen"].to(self._device)
-        used = last_seen >= 0
-        position = torch.arange(self._capacity, device=self._device)
         self.reset()
         self._clock.copy_(state["clock"])
-        self._row_key[:-1].copy_(torch.where(used, keys, 0))
-        # Unused rows stay older than every key, in row order.
-        self._row_stamp[:-1].copy_(torch.where(used, last_seen, position - self._capacity))
-        if not bool(used.any()):
-            return
-        mixed = mix64(keys)
-        # Index the keys in increasing mixed order, as assign does.
-        sorted_mixed, order = torch.sort(torch.where(used, mixed, torch.iinfo(torch.int64).max), stable=True)
-        new = used.index_select(0, order)
-        rank = new.cumsum(0).sub_(1)
-        slot = self._free_slots(self._bucket(sorted_mixed), new, rank)
-        row = order
-        write_at(self._slot_key, slot, keys.index_select(0, order))
-        write_at(self._slot_row, slot, torch.where(slot < self._num_slots, row, -1))
-        write_at(self._row_slot, torch.where(new, row, self._capacity), slot)
-        self._index_overflows.add_((new & (slot == self._num_slots)).sum())
+        rows = (last_seen >= 0).nonzero().squeeze(1)  # [M]
+        mixed = mix64(keys.index_select(0, rows))
+        sorted_mixed, order = torch.sort(mixed)  # distinct: mix64 is a bijection
+        rows = rows.index_select(0, order)
+        self._place(sorted_mixed, keys.index_select(0, rows), rows, last_seen.index_select(0, rows), None)
 
 
-def _eviction_algorithm(device: torch.device) -> str:
-    """``"topk"`` on CUDA and under torch.compile (where ``"queue"`` cannot run), else
-    ``"queue"`` unless forced."""
+def _unxorshift(value: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverts ``value ^ (value >>> bits)`` (a logical shift) on int64 words."""
+    result = value
+    for _ in range(64 // bits + 1):
+        result = value ^ _shift_right(result, bits)
+    return result
+
+
+def _unmix64(value: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``mix64``: the words whose mix is ``value``."""
+    value = _unxorshift(value, 31)
+    value = value * _signed(pow(_MIX_2 % (1 << 64), -1, 1 << 64))
+    value = _unxorshift(value, 27)
+    value = value * _signed(pow(_MIX_1 % (1 << 64), -1, 1 << 64))
+    return _unxorshift(value, 30)
+
+
+def _table_algorithm(device: torch.device) -> str:
+    """``"fixed"`` on CUDA and under torch.compile (where ``"dynamic"`` cannot run), else
+    ``"dynamic"`` unless forced."""
     if is_compiling() or device.type != "cpu":
-        return "topk"
-    return forced_algorithm("eviction", "queue")
+        return "fixed"
+    return forced_algorithm("key_table", "dynamic")

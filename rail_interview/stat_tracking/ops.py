@@ -22,8 +22,8 @@ batch_stats     ``"one_pass"``, ``"two_pass"``          two_pass from
 group_stats     ``"dense"``, ``"sorted"``               dense on a CPU when the rows
                                                         (P + 1) are at most N, else
                                                         sorted
-eviction        ``"topk"``, ``"queue"``                 queue on a CPU outside
-                                                        torch.compile, else topk
+key_table       ``"fixed"``, ``"dynamic"``              dynamic on a CPU outside
+                                                        torch.compile, else fixed
                                                         (``keys.KeyTable``)
 =============== ======================================= ==============================
 
@@ -54,7 +54,7 @@ ALGORITHMS: Dict[str, Tuple[str, ...]] = {
     "segment_sum": ("index_add", "segment_reduce"),
     "batch_stats": ("one_pass", "two_pass"),
     "group_stats": ("dense", "sorted"),
-    "eviction": ("topk", "queue"),
+    "key_table": ("fixed", "dynamic"),
 }
 
 #: From this batch size on, ``group_by_prompt`` finds group boundaries in

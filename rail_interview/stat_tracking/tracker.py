@@ -321,6 +321,7 @@ class AdvantageTracker(StatTracker):
             assignment = self._table.assign(prompt_ids, valid)
             self._memory.reset_rows(assignment.fresh)
             prompt_ids, overflow, groups = assignment.rows, assignment.overflow, assignment.group
+            num_groups = assignment.num_groups
             in_memory = ~overflow if valid is None else valid & ~overflow
         memory_rewards = rewards
         if in_memory is not None:
@@ -352,7 +353,7 @@ class AdvantageTracker(StatTracker):
             return advantages
         if groups is None:
             return self._report(prompt_ids, self._num_prompts + 1, memory_rewards, valid, advantages, fallback)
-        return self._report(groups, len(groups) + 1, rewards, valid, advantages, fallback)
+        return self._report(groups, num_groups, rewards, valid, advantages, fallback)
 
     def _fallback_advantages(
         self, rewards: torch.Tensor, batch_mean: Optional[torch.Tensor], batch_std: Optional[torch.Tensor]
