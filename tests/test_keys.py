@@ -375,3 +375,10 @@ def test_keys_option_is_checked_and_hashed_keys_take_any_int64():
     batch = BatchStatTracker(3, keys="hashed")
     batch.update(keys, torch.ones(4))
     assert not batch.table_keys()[1].any()
+
+
+def test_the_library_imports_none_of_the_training_extras():
+    script = ("import sys, rail_interview.stat_tracking, rail_interview.stat_tracking.presets; "
+              "print(sorted(m for m in ('absl', 'ml_collections', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]"

@@ -3,14 +3,17 @@
 Every rank's state must equal a single-process tracker's fed the concatenated
 batches in rank order, and each rank's advantages its slice of that tracker's;
 a refused input on one rank raises on every rank, with the state unchanged.
+With hashed keys each rank brings its own strings and no index collective is
+needed.
 """
 
+import random
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from rail_interview.stat_tracking import BatchStatTracker, BufferStatTracker, EmaStatTracker, presets
+from rail_interview.stat_tracking import BatchStatTracker, BufferStatTracker, EmaStatTracker, presets, prompt_keys
 from spawned_ranks import run_ranks
 
 WORLD_SIZE = 2
@@ -72,3 +75,34 @@ def _scenarios(rank: int) -> None:
 
 def test_two_gloo_ranks_match_one_process_and_agree_on_refusals(tmp_path):
     run_ranks(_scenarios, WORLD_SIZE, str(tmp_path / "init"), timeout=60)
+
+
+def _hashed_scenario(rank: int) -> None:
+    """Each rank brings its own prompt strings; the tables agree with no index collective."""
+    group = dist.group.WORLD
+    make = lambda **kw: presets.ddpo(4, buffer_size=3, min_count=2, keys="hashed", **kw)  # noqa: E731
+    shared, single = make(process_group=group), make()
+    rng = random.Random(5)  # the same stream on every rank
+    for step in range(10):
+        # Rank r draws from its own prompts, which drift: 4 rows cannot hold them all, so keys are evicted.
+        batches = [[f"rank {r} prompt {rng.randint(step // 2, step // 2 + 2)}" for _ in range(3)]
+                   for r in range(WORLD_SIZE)]
+        rewards = torch.tensor([[rng.gauss(0, 1) for _ in range(3)] for _ in range(WORLD_SIZE)])
+        expected = single.update(prompt_keys(sum(batches, [])), rewards.view(-1))
+        got = shared.update(prompt_keys(batches[rank]), rewards[rank])
+        torch.testing.assert_close(got, expected[rank * 3:(rank + 1) * 3])
+    for key, value in single.state_dict().items():
+        assert torch.equal(shared.state_dict()[key], value), key
+    assert int(single.state_dict()["clock"]) == 60
+    held, used = shared.table_keys()
+    assert int(used.sum()) == 4
+    gathered = [None] * WORLD_SIZE
+    dist.all_gather_object(gathered, sorted(held[used].tolist()))
+    assert gathered[0] == gathered[1]
+    # An early prompt of each rank was evicted and starts over with the fallback.
+    early = prompt_keys([f"rank {r} prompt 0" for r in range(WORLD_SIZE)])
+    assert shared.stats(early).count.tolist() == [0, 0]
+
+
+def test_two_gloo_ranks_with_hashed_string_keys_agree_through_evictions(tmp_path):
+    run_ranks(_hashed_scenario, WORLD_SIZE, str(tmp_path / "init"), timeout=60)
