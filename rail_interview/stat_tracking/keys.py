@@ -190,10 +190,11 @@ class KeyAssignment(NamedTuple):
             for samples that are invalid or overflow.
         overflow: bool [N], valid samples whose key got no row: the batch
             brought more distinct keys than the table holds, and this key
-            was not among the P seen last (see ``KeyTable``).
+            was not among the P seen last (see ``KeyTable``); or None when
+            no key can overflow (N <= P).
         fresh: int64 [F], rows given to keys new to the table, whose
-            statistics must start over; P pads it (reset the spare row too,
-            or skip it).
+            statistics must start over; P may pad it (reset the spare row
+            too, or skip it).
         group: int64 [N], each sample's key as a group index in
             [0, num_groups - 1): samples share it exactly when they share a
             key; invalid samples get num_groups - 1.
@@ -461,7 +462,7 @@ class KeyTable:
             fresh = self._queued_rows(num_new, before)  # [U]
             self._place(sorted_mixed[first], keys.index_select(0, at[first]), fresh, before + last, None)
             row.index_put_((at,), fresh.index_select(0, new_group))
-        return KeyAssignment(row, torch.zeros_like(counted), fresh, row, capacity + 1)
+        return KeyAssignment(row, None, fresh, row, capacity + 1)
 
     def _within_capacity(self, last: torch.Tensor, seen: torch.Tensor, num_samples: int) -> torch.Tensor:
         """bool [G]: keys with fewer than P of the batch's keys last seen after them.

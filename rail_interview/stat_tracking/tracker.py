@@ -319,10 +319,12 @@ class AdvantageTracker(StatTracker):
         in_memory = valid  # samples that go into a row of the memory
         if self._table is not None:
             assignment = self._table.assign(prompt_ids, valid)
-            self._memory.reset_rows(assignment.fresh)
+            if assignment.fresh.shape[0]:  # pragma: no mutate (resetting no row is a no-op)
+                self._memory.reset_rows(assignment.fresh)
             prompt_ids, overflow, groups = assignment.rows, assignment.overflow, assignment.group
             num_groups = assignment.num_groups
-            in_memory = ~overflow if valid is None else valid & ~overflow
+            if overflow is not None:
+                in_memory = ~overflow if valid is None else valid & ~overflow
         memory_rewards = rewards
         if in_memory is not None:
             # Invalid (and overflow) samples go to the spare row P with reward 0:
