@@ -92,7 +92,7 @@ def _state_bytes(tracker) -> int:
     total = sum(t.numel() * t.element_size() for t in tracker.state_dict().values())
     table = getattr(tracker, "_table", None)
     if table is not None:
-        total += sum(t.numel() * t.element_size() for t in (table._slot_key, table._slot_row, table._row_slot,
+        total += sum(t.numel() * t.element_size() for t in (table._index, table._row_slot,
                                                             table._row_stamp, table._queue_rows, table._queue_stamps))
     return total
 

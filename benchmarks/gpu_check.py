@@ -10,7 +10,8 @@ Every check runs even when another fails; the report is rewritten after each
 check, so a machine taken back half-way still leaves the checks done so far.
 The checks, in the order they run (names as in the report):
 
-* ``sync_free/<tracker>/<N>x<P>x<K>``: each tracker (buffer, ema, batch, trl_grpo, rloo_buffer) at a
+* ``sync_free/<tracker>/<N>x<P>x<K>``: each tracker (buffer, ema, batch, trl_grpo, rloo_buffer, and the
+  hashed-key hashed_buffer and hashed_grpo) at a
   small and a large size, built with ``check_values=False`` and warmed up,
   then updated under ``torch.cuda.set_sync_debug_mode("error")``: any host
   sync in ``update`` is an error, with the algorithms CUDA picks by itself
@@ -210,6 +211,14 @@ TRACKERS: Dict[str, Callable[[int, int, torch.device], StatTracker]] = {
     "rloo_buffer": lambda num_prompts, buffer_size, device: presets.verl_rloo(
         num_prompts, memory="buffer", buffer_size=buffer_size, min_count=max(2, min(16, buffer_size // 2)),
         fallback="batch", device=device, check_values=False),
+    # Hashed keys: the LRU key table's fixed-shape path (top-k eviction). The
+    # ids in [0, P) are keys like any others; half the table's rows, so that
+    # keys are evicted and batches can overflow.
+    "hashed_buffer": lambda num_prompts, buffer_size, device: BufferStatTracker(
+        max(1, num_prompts // 2), buffer_size, max(1, min(16, buffer_size // 2)), device=device,
+        check_values=False, keys="hashed"),
+    "hashed_grpo": lambda num_prompts, buffer_size, device: presets.trl_grpo(
+        max(1, num_prompts // 2), memory="ema", device=device, check_values=False, keys="hashed"),
 }
 
 

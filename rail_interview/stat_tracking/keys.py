@@ -300,8 +300,10 @@ class KeyTable:
         # Unused rows are older than any key: stamps -P .. -1 (oldest first), then >= 0.
         self._row_stamp = torch.arange(-capacity, 1, dtype=torch.int64, device=device)  # [P + 1]
         self._row_slot = torch.full((rows,), num_slots, dtype=torch.int64, device=device)  # [P + 1]
-        self._slot_key = self._sentinel.repeat_interleave(self.BUCKET_SLOTS)[:num_slots + 1].clone()  # [S + 1]
-        self._slot_row = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=device)  # [S + 1], -1: empty
+        # Each bucket's W keys, then their W rows (-1: empty), side by side so that
+        # one gather of a bucket reads both; bucket B holds the scratch slot S.
+        self._index = torch.empty(num_buckets + 1, 2, self.BUCKET_SLOTS, dtype=torch.int64, device=device)
+        self._clear_index()
         self._clock = torch.zeros((), dtype=torch.int64, device=device)
         self._index_overflows = torch.zeros((), dtype=torch.int64, device=device)
         # The eviction queue (algorithm "dynamic"): rows by increasing stamp, as
@@ -325,22 +327,31 @@ class KeyTable:
         return torch.stack([(mixed >> self._bucket_shift) + self._num_buckets // 2,
                             mixed & (self._num_buckets - 1)], 1)
 
-    def _bucket_view(self, table: torch.Tensor) -> torch.Tensor:
-        """[B, W]: a slot table (without its scratch slot) as one row per bucket."""
-        return table[:-1].view(self._num_buckets, self.BUCKET_SLOTS)
+    def _clear_index(self) -> None:
+        """Empties every slot: its bucket's sentinel key, row -1."""
+        self._index[:, 0].copy_(self._sentinel.unsqueeze(1).expand(-1, self.BUCKET_SLOTS))
+        self._index[:, 1].fill_(-1)
+
+    def _gather_buckets(self, buckets: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
+        """The keys and rows of each key's two buckets: int64 [M, 2] in, two int64 [M, 2, W] out."""
+        block = self._index.view(self._num_buckets + 1, -1).index_select(0, buckets.view(-1))  # [2M, 2W]
+        block = block.view(-1, 2, 2, self.BUCKET_SLOTS)  # [M, choice, keys or rows, W]
+        return block[:, :, 0], block[:, :, 1]
+
+    def _write_slots(self, slot: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor) -> None:
+        """Writes keys and rows into index slots [M] (int64 [M] each)."""
+        width = self.BUCKET_SLOTS
+        position = slot + (slot // width) * width  # [M], the key's place in the flat index
+        flat = self._index.view(-1)
+        write_at(flat, position, keys)
+        write_at(flat, position + width, rows)
 
     def _probe(self, mixed: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Rows of keys in the index, -1 where absent (int64 [M] in, [M] out)."""
-        width = self.BUCKET_SLOTS
-        buckets = self._buckets(mixed)  # [M, 2]
-        slot_keys = self._bucket_view(self._slot_key).index_select(0, buckets.view(-1))  # [2M, W]
-        match = slot_keys.view(-1, 2 * width) == keys.unsqueeze(1)  # [M, 2W]
-        column = torch.where(match, torch.arange(2 * width, device=self._device), -1).amax(1)  # [M]
-        found = column >= 0
-        column = column.clamp_min_(0)
-        second = column >= width
-        slot = torch.where(second, buckets[:, 1], buckets[:, 0]).mul_(width).add_(column - second * width)  # [M]
-        return torch.where(found, self._slot_row.index_select(0, slot), -1)
+        slot_keys, slot_rows = self._gather_buckets(self._buckets(mixed))  # [M, 2, W] each
+        match = slot_keys.reshape(-1, 2 * self.BUCKET_SLOTS) == keys.unsqueeze(1)  # [M, 2W]
+        # At most one slot matches; an empty slot's row is -1, so the max is the row or -1.
+        return torch.where(match, slot_rows.reshape(match.shape), -1).amax(1)
 
     def lookup(self, keys: torch.Tensor) -> torch.Tensor:
         """Rows of keys in the table, changing nothing.
@@ -500,10 +511,9 @@ class KeyTable:
         """
         width, num_buckets = self.BUCKET_SLOTS, self._num_buckets
         old_slot = self._row_slot.index_select(0, rows)  # [M]
-        write_at(self._slot_key, old_slot, self._sentinel.index_select(0, old_slot // width))
-        write_at(self._slot_row, old_slot, torch.full_like(old_slot, -1))
+        self._write_slots(old_slot, self._sentinel.index_select(0, old_slot // width), torch.full_like(old_slot, -1))
         buckets = self._buckets(mixed)  # [M, 2]
-        free = self._bucket_view(self._slot_row).index_select(0, buckets.view(-1)).view(-1, 2, width) < 0
+        free = self._gather_buckets(buckets)[1] < 0  # [M, 2, W]
         room = free.sum(2)  # [M, 2]
         pick = room[:, 1] > room[:, 0]  # [M], the second bucket has more room
         bucket = torch.where(pick, buckets[:, 1], buckets[:, 0])  # [M]
@@ -518,8 +528,7 @@ class KeyTable:
         column = torch.where(choice, torch.arange(width, device=self._device), -1).amax(1)  # [M]
         placed = (column >= 0) & (bucket < num_buckets)  # [M]
         slot = torch.where(placed, bucket * width + column, self._num_slots)  # [M]
-        write_at(self._slot_key, slot, torch.where(placed, keys, self._sentinel[-1]))
-        write_at(self._slot_row, slot, torch.where(placed, rows, -1))
+        self._write_slots(slot, torch.where(placed, keys, self._sentinel[-1]), torch.where(placed, rows, -1))
         write_at(self._row_slot, rows, slot)
         write_at(self._row_key, rows, keys)
         write_at(self._row_stamp, rows, stamps)
@@ -574,8 +583,7 @@ class KeyTable:
         self._row_key.zero_()
         self._row_stamp.copy_(torch.arange(-self._capacity, 1, device=self._device))
         self._row_slot.fill_(self._num_slots)
-        self._slot_row.fill_(-1)
-        self._slot_key.copy_(self._sentinel.repeat_interleave(self.BUCKET_SLOTS)[:self._num_slots + 1])
+        self._clear_index()
         self._clock.zero_()
         self._index_overflows.zero_()
         self._queue_rows, self._queue_stamps, self._queue_head = self._queue_rows[:0], self._queue_stamps[:0], 0
