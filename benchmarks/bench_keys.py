@@ -18,7 +18,8 @@ Three measurements:
    million keys through 1 million rows of a K = 32 buffer, N = 4096): every
    key is new, so every update evicts N keys. Time per update (median and
    the mean, which includes the occasional rebuild of the eviction queue)
-   and memory (the state's bytes, and the process's peak RSS).
+   and memory (the bytes of the tracker's state and of its key table, and
+   the process's peak RSS).
 3. **Key functions**: ``prompt_keys`` of 4096 strings and ``token_keys`` of
    a [4096, 77] token batch.
 """
@@ -88,13 +89,13 @@ def grid(rounds: int) -> List[dict]:
 
 
 def _state_bytes(tracker) -> int:
-    """Bytes of the tracker's state tensors and of its key table's index."""
-    total = sum(t.numel() * t.element_size() for t in tracker.state_dict().values())
-    table = getattr(tracker, "_table", None)
+    """Bytes the tracker keeps: its memory's state and, with hashed keys, its key table's tensors."""
+    tensors = list(tracker._memory.state_tensors().values())  # pylint: disable=protected-access
+    table = tracker._table  # pylint: disable=protected-access
     if table is not None:
-        total += sum(t.numel() * t.element_size() for t in (table._index, table._row_slot,
-                                                            table._row_stamp, table._queue_rows, table._queue_stamps))
-    return total
+        tensors += [table._index, table._row_key, table._row_stamp, table._row_slot, table._clock,
+                    table._queue_rows, table._queue_stamps]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def stream(num_keys: int, num_rows: int, num_samples: int) -> dict:
