@@ -121,6 +121,8 @@ TEST_FILES = (
     "tests/test_tracker_contract.py",
     "tests/test_recording.py",
     "tests/test_presets.py",
+    "tests/test_keys.py",
+    "tests/test_ddpo_compat.py",
 )
 #: Further tracker tests, picked up as they are added.
 TEST_GLOB = "tests/test_*tracker*.py"
