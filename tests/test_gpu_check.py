@@ -12,7 +12,8 @@ import torch
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "benchmarks" / "gpu_check.py"
 
-TRACKER_CASES = [f"{kind}/{size}" for kind in ("buffer", "ema", "batch", "trl_grpo", "rloo_buffer")
+TRACKER_CASES = [f"{kind}/{size}" for kind in ("buffer", "ema", "batch", "trl_grpo", "rloo_buffer", "hashed_buffer",
+                                                "hashed_grpo")
                  for size in ("64x8x4", "300x50x8")]
 NEEDS_CUDA = [f"sync_free/{case}" for case in TRACKER_CASES] + [f"cuda_graph/{case}" for case in TRACKER_CASES] \
     + ["cuda_tests"]
