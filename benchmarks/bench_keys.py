@@ -138,7 +138,8 @@ def key_functions() -> dict:
 
 def markdown(results: dict) -> str:
     """The results as the Markdown tables the README quotes."""
-    lines = ["| tracker | N | P | K | ids (ms) | hashed (ms) | hashed / ids |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| tracker | N | P | K | ids (ms) | hashed (ms) | hashed / ids |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in results["grid"]:
         lines.append(f"| {row['tracker']} | {row['N']:,} | {row['P']:,} | {row['K']} | {row['ids_ms']:.3f} | "
                      f"{row['hashed_ms']:.3f} | {row['ratio']:.2f} |")

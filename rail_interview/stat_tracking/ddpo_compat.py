@@ -89,7 +89,9 @@ class PerPromptStatTracker:
         """The ``AdvantageTracker`` behind this object (hashed keys), e.g. for ``state_dict``."""
         return self._tracker
 
-    def update(self, prompts: Union[Sequence[str], np.ndarray], rewards: Union[Sequence[float], np.ndarray]) -> np.ndarray:
+    def update(
+        self, prompts: Union[Sequence[str], np.ndarray], rewards: Union[Sequence[float], np.ndarray]
+    ) -> np.ndarray:
         """Adds a batch of rewards and returns its advantages, as ddpo-pytorch's ``update``.
 
         Args:

@@ -407,7 +407,7 @@ class KeyTable:
         if dynamic and num_samples <= capacity:
             return self._assign_unsorted(keys, valid)
         position = torch.arange(num_samples, device=device)  # [N]
-        # 1. The batch's distinct keys, sorted by mixed key (hence by bucket).
+        # 1. The batch's distinct keys, in increasing mixed key.
         mixed = mix64(keys)  # [N]
         sorted_mixed, order = torch.sort(mixed, stable=True)  # [N]
         first = torch.ones(num_samples, dtype=torch.bool, device=device)  # [N]
