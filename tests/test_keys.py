@@ -384,3 +384,20 @@ def test_the_library_imports_none_of_the_training_extras():
               "print(sorted(m for m in ('absl', 'ml_collections', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("algorithm", EVICTIONS)
+def test_keys_past_a_crowded_first_bucket_are_found_in_their_second(algorithm):
+    table = KeyTable(64)  # 32 buckets of 8
+    shift = 64 - 5
+    # Eight keys whose first bucket is 5 and whose second buckets differ. A batch places its keys
+    # by the loads before it: six fill bucket 5, and the two of the next batch spill to their second.
+    keys = torch.tensor([_unmix_python(((5 - 16) << shift) + (i << 16) + 10 + i) for i in range(8)])
+    with forced_algorithms(key_table=algorithm):
+        rows = torch.cat([table.assign(keys[:6]).rows, table.assign(keys[6:]).rows])
+        assert table._index[5, 1].ge(0).sum() == KeyTable.FIRST_BUCKET_LOAD
+        assert [int(table._index[10 + i, 1].ge(0).sum()) for i in (6, 7)] == [1, 1]
+        again = table.assign(keys.flip(0))  # all found, none new
+    assert again.fresh.numel() == 0 or (again.fresh == 64).all()
+    assert torch.equal(again.rows, rows.flip(0))
+    assert torch.equal(table.lookup(keys), rows)
