@@ -17,16 +17,15 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=setuptools.find_packages(include=["rail_interview", "rail_interview.*"]),
-    # The library (rail_interview.stat_tracking) needs torch alone. Unpinned so
-    # that users keep the torch build (CPU or CUDA) they already have.
-    install_requires=["torch>=2.1"],
+    # The library (rail_interview.stat_tracking) needs torch, unpinned so that
+    # users keep the torch build (CPU or CUDA) they already have, and numpy,
+    # in which the stats recorder writes its .npz chunks (and the ddpo-pytorch
+    # drop-in takes and returns arrays).
+    install_requires=["torch>=2.1", "numpy"],
     extras_require={
         # The toy problem's training, its config files and its plots (scripts/).
         "train": ["absl-py", "ml_collections", "matplotlib"],
-        # stat_tracking.ddpo_compat takes and returns numpy arrays, as ddpo-pytorch does.
-        "ddpo": ["numpy"],
-        # hypothesis draws the random update sequences of tests/test_tracker_matrix.py;
-        # numpy runs the transcriptions of other systems in tests/system_references.py.
-        "test": ["pytest", "hypothesis", "numpy"],
+        # hypothesis draws the random update sequences of tests/test_tracker_matrix.py.
+        "test": ["pytest", "hypothesis"],
     },
 )

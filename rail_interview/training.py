@@ -14,6 +14,14 @@ with tiny configs. Each call writes a new run directory under ``logdir``:
         stats/        per-prompt tracker statistics, every
                       ``config.stats_log.every`` epochs (see
                       ``rail_interview.stat_tracking.recording``)
+        checkpoint.pt the state to resume from (``checkpointing``)
+        train_time.json  loop seconds up to the checkpoint, so that a
+                      resumed run's summary times the whole run
+
+A resume is a transaction: everything it needs (the config's compatibility,
+the checkpoint on every rank, metrics.csv and the stats log) is checked
+before anything is written, and every rank ends with the same error if any
+check fails; then the files are rewritten, each atomically.
 
 Per-epoch metrics stay on the device and are read back every
 ``config.log_every`` epochs, so the loop syncs with the host once per chunk,
@@ -24,13 +32,16 @@ from __future__ import annotations
 
 import csv
 import datetime
+import glob
 import json
 import logging
+import math
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import ml_collections
+import numpy as np
 import torch
 
 from rail_interview import checkpointing, configs, distributed, stat_tracking
@@ -44,8 +55,21 @@ METRIC_NAMES = ("reward_mean", "reward_std", "fallback_frac")
 #: Subdirectory of a run that holds the per-prompt stats log.
 STATS_DIR = "stats"
 
-#: final_reward averages the batch-mean reward over this many last epochs.
+#: final_reward averages the batch-mean reward over this many last epochs (all of them in a shorter run).
 FINAL_REWARD_EPOCHS = 10
+
+#: Loop seconds up to the latest checkpoint, beside it in the run directory.
+TRAIN_TIME_FILE = "train_time.json"
+
+#: The config fields a resumed run may change: none of them changes what the
+#: run computes (epochs, parameters, metrics), only how long it runs, how
+#: often it writes, or how fast.
+RESUMABLE_FIELDS = ("num_epochs", "log_every", "checkpoint_every", "num_threads", "stats_log.every",
+                    "stat_tracking.check_values")
+
+
+class ConfigError(ValueError):
+    """A config value training cannot use, or a change a resume may not make; the message names the field."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,14 +82,14 @@ def resolve_device(name: str) -> torch.device:
         The device.
 
     Raises:
-        ValueError: for another name, or "cuda" without a GPU.
+        ConfigError: for another name, or "cuda" without a GPU.
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name not in ("cpu", "cuda"):
-        raise ValueError(f"config.device must be 'auto', 'cpu' or 'cuda', got {name!r}")
+        raise ConfigError(f"config.device must be 'auto', 'cpu' or 'cuda', got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("config.device is 'cuda' but torch sees no CUDA device")
+        raise ConfigError("config.device is 'cuda' but torch sees no CUDA device: use 'auto' or 'cpu'")
     return stat_tracking.resolve_device(name)
 
 
@@ -131,16 +155,16 @@ def build_tracker(
         The tracker.
 
     Raises:
-        ValueError: for an unknown method, memory or fallback, or a memory
+        ConfigError: for an unknown method, memory or fallback, or a memory
             other than "none" with a method that is not of the GRPO family.
     """
     common = dict(device=device, check_values=config.check_values, process_group=process_group)
     memory = config.get("memory", "none")
     if memory not in MEMORIES:
-        raise ValueError(f"unknown config.stat_tracking.memory {memory!r}; choose from "
+        raise ConfigError(f"unknown config.stat_tracking.memory {memory!r}; choose from "
                          f"{', '.join(map(repr, MEMORIES))}")
     if config.method not in METHODS:
-        raise ValueError(f"unknown config.stat_tracking.method {config.method!r}; choose from "
+        raise ConfigError(f"unknown config.stat_tracking.method {config.method!r}; choose from "
                          f"{', '.join(map(repr, METHODS))}")
     if config.method in GRPO_FAMILY:
         preset, options = GRPO_FAMILY[config.method]
@@ -152,11 +176,11 @@ def build_tracker(
             options.update(min_count=config.min_count)
         fallback = config.get("fallback", "zero")
         if fallback not in FALLBACKS:
-            raise ValueError(f"unknown config.stat_tracking.fallback {fallback!r}; choose from "
+            raise ConfigError(f"unknown config.stat_tracking.fallback {fallback!r}; choose from "
                              f"{', '.join(map(repr, FALLBACKS))}")
         return getattr(stat_tracking.presets, preset)(num_prompts, fallback=fallback, **options, **common)
     if memory != "none":
-        raise ValueError(
+        raise ConfigError(
             f"config.stat_tracking.memory={memory!r} applies to the GRPO family "
             f"({', '.join(map(repr, GRPO_FAMILY))}); method {config.method!r} has its own: leave memory 'none'"
         )
@@ -218,9 +242,7 @@ def create_run_dir(logdir: str, name: str) -> str:
 
 
 def _write_json(path: str, payload: Dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
+    _write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def load_run_config(run_dir: str, overrides: Optional[Dict[str, Any]] = None) -> ml_collections.ConfigDict:
@@ -278,32 +300,138 @@ class _MetricsFile:
         with open(self.path, "a", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows([first_epoch + i, *values] for i, values in enumerate(rows))
 
-    def truncate(self, epoch: int) -> None:
-        """Drops the rows of ``epoch`` and later (written after the checkpoint a run resumes from)."""
-        with open(self.path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-        kept = [rows[0]] + [row for row in rows[1:] if int(row[0]) < epoch]
+    def rows_before(self, epoch: int) -> List[List[str]]:
+        """The header and the rows of epochs 0 .. ``epoch - 1``, checked; what follows them is ignored.
+
+        A run killed while appending may leave a partial last line; rows past
+        the checkpoint are recomputed anyway, so only the ones before
+        ``epoch`` must be whole.
+
+        Raises:
+            checkpointing.CheckpointError: if the file is missing, or a row
+                before ``epoch`` is missing or malformed (the message names
+                the file and the first bad epoch).
+        """
+        try:
+            with open(self.path, newline="", encoding="utf-8") as f:
+                rows = list(csv.reader(f))
+        except OSError as error:
+            raise checkpointing.CheckpointError(f"cannot read {self.path}: {error}") from error
+        header = ["epoch", *METRIC_NAMES]
+        if not rows or rows[0] != header:
+            raise checkpointing.CheckpointError(f"{self.path} does not start with the header {','.join(header)}")
+        for expected, row in enumerate(rows[1:epoch + 1]):
+            try:
+                whole = len(row) == len(header) and int(row[0]) == expected and all(
+                    math.isfinite(float(value)) or value == "nan" for value in row[1:])
+            except ValueError:
+                whole = False
+            if not whole:
+                raise checkpointing.CheckpointError(
+                    f"{self.path} is damaged at epoch {expected} (row {row}), before the checkpoint's epoch "
+                    f"{epoch}: those metrics cannot be recomputed from the checkpoint. Restore the file, or "
+                    "start a new run")
+        if len(rows) - 1 < epoch:
+            raise checkpointing.CheckpointError(
+                f"{self.path} holds epochs 0 to {len(rows) - 2} only, but the checkpoint is at epoch {epoch}: "
+                "the rows in between are lost and cannot be recomputed. Restore the file, or start a new run")
+        return rows[:epoch + 1]
+
+    def rewrite(self, rows: List[List[str]]) -> None:
+        """Replaces the file with ``rows`` (the header first), atomically."""
         temporary = self.path + ".tmp"
         with open(temporary, "w", newline="", encoding="utf-8") as f:
-            csv.writer(f).writerows(kept)
+            csv.writer(f).writerows(rows)
         os.replace(temporary, self.path)
 
-    def final_reward(self) -> float:
-        """Mean batch-mean reward over the last ``FINAL_REWARD_EPOCHS`` rows."""
+    def final_reward(self) -> Tuple[float, int]:
+        """Mean batch-mean reward over the last ``FINAL_REWARD_EPOCHS`` rows (fewer in a shorter run), and their number."""
         with open(self.path, newline="", encoding="utf-8") as f:
             rewards = [float(row["reward_mean"]) for row in csv.DictReader(f)][-FINAL_REWARD_EPOCHS:]
-        return sum(rewards) / len(rewards)
+        return sum(rewards) / len(rewards), len(rewards)
 
 
-def _validate(config: ml_collections.ConfigDict) -> None:
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks every value training reads, before any work, with messages that name the field.
+
+    Args:
+        config: a training config (``configs/default.py``).
+
+    Raises:
+        ConfigError: naming the first field with a value training cannot
+            use, and the values it can.
+    """
+    def number(name: str, value: Any, low: float, *, integer: bool, inclusive: bool = True) -> None:
+        kind = "an int" if integer else "a number"
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
+                or not math.isfinite(value) or value < low or (not inclusive and value == low):
+            bound = f">= {low}" if inclusive else f"> {low}"
+            raise ConfigError(f"config.{name} must be {kind} {bound}, got {value!r}")
+
     for name in ("num_epochs", "log_every", "sample_batch_size"):
-        if config[name] < 1:
-            raise ValueError(f"config.{name} must be positive, got {config[name]}")
-    if config.checkpoint_every < 0 or config.checkpoint_every % config.log_every:
-        raise ValueError(
+        number(name, config[name], 1, integer=True)
+    number("checkpoint_every", config.checkpoint_every, 0, integer=True)
+    if config.checkpoint_every % config.log_every:
+        raise ConfigError(
             f"config.checkpoint_every ({config.checkpoint_every}) must be 0 or a multiple of config.log_every "
             f"({config.log_every}), so that checkpoints fall where metrics are written"
         )
+    number("num_threads", config.get("num_threads", 0), 0, integer=True)
+    number("learning_rate", config.learning_rate, 0, integer=False, inclusive=False)
+    number("stats_log.every", config.stats_log.every, 0, integer=True)
+    number("stats_log.max_prompts", config.stats_log.max_prompts, 1, integer=True)
+    number("problem.num_prompts", config.problem.num_prompts, 1, integer=True)
+    number("problem.num_params", config.problem.num_params, 1, integer=True)
+    tracking = config.stat_tracking
+    number("stat_tracking.buffer_size", tracking.buffer_size, 1, integer=True)
+    number("stat_tracking.min_count", tracking.min_count, 1, integer=True)
+    decay = tracking.ema_decay
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
+        raise ConfigError(f"config.stat_tracking.ema_decay must lie in (0, 1), got {decay!r}")
+    for name, value, choices in (("method", tracking.method, METHODS),
+                                 ("memory", tracking.get("memory", "none"), MEMORIES),
+                                 ("fallback", tracking.get("fallback", "zero"), FALLBACKS)):
+        if value not in choices:
+            raise ConfigError(f"unknown config.stat_tracking.{name} {value!r}; choose from "
+                              f"{', '.join(map(repr, choices))}")
+    if tracking.get("memory", "none") != "none" and tracking.method not in GRPO_FAMILY:
+        raise ConfigError(
+            f"config.stat_tracking.memory={tracking.memory!r} applies to the GRPO family "
+            f"({', '.join(map(repr, GRPO_FAMILY))}); method {tracking.method!r} has its own: leave memory 'none'")
+    resolve_device(config.device)
+
+
+def _flatten(config: Any, prefix: str = "") -> Dict[str, Any]:
+    """A config (or its JSON dict) as dotted field names to values."""
+    items = config.items() if hasattr(config, "items") else []
+    flat: Dict[str, Any] = {}
+    for name, value in items:
+        if hasattr(value, "items"):
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def check_resume_config(saved: Dict[str, Any], config: ml_collections.ConfigDict) -> None:
+    """Refuses a resume whose config changes a field other than ``RESUMABLE_FIELDS``.
+
+    Args:
+        saved: the run's config.json, as a dict.
+        config: the config the resume would run with.
+
+    Raises:
+        ConfigError: naming the first changed field, its two values and the
+            fields a resume may change.
+    """
+    before, after = _flatten(saved), _flatten(json.loads(config.to_json()))
+    for name in sorted(set(before) | set(after)):
+        if name in RESUMABLE_FIELDS or before.get(name) == after.get(name):
+            continue
+        raise ConfigError(
+            f"a resume cannot change config.{name} ({before.get(name, 'absent')!r} -> {after.get(name, 'absent')!r}): "
+            f"the checkpoint was made with the run's own value. A resume may change only "
+            f"{', '.join(RESUMABLE_FIELDS)}; start a new run to change the rest")
 
 
 def train(
@@ -334,16 +462,24 @@ def train(
 
     Returns:
         The summary also written to ``summary.json``: ``final_reward`` (mean of
-        the batch-mean reward over the last 10 epochs), ``method``, ``seed``,
-        ``num_epochs``, ``world_size``, ``train_seconds`` (wall-clock of this
-        call's training loop), ``epochs_per_second``, ``device`` and
-        ``run_dir``.
+        the batch-mean reward over the last ``final_reward_epochs`` epochs,
+        10 or all of a shorter run), ``method``, ``seed``, ``num_epochs``,
+        ``world_size``, ``train_seconds`` (wall-clock of the training loop
+        over ``timed_epochs`` epochs: every epoch of the run, the ones before
+        a resume included, unless the run directory lost its
+        train_time.json), ``epochs_per_second``, ``resumed_at_epoch`` (0 for
+        a run that started here), ``device`` and ``run_dir``.
 
     Raises:
-        ValueError: for an invalid config.
-        checkpointing.CheckpointError: if ``resume`` finds no usable checkpoint.
+        ConfigError: for an invalid config, or a resume that changes a field
+            it may not (every rank raises it).
+        checkpointing.CheckpointError: if ``resume`` finds no usable
+            checkpoint on some rank, or a damaged metrics.csv or stats log
+            (every rank raises it; nothing was written).
     """
-    _validate(config)
+    validate_config(config)
+    if config.get("num_threads", 0):
+        torch.set_num_threads(config.num_threads)
     context = distributed.current_context()
     device = resolve_device(config.device)
     if device.type == "cuda" and context.world_size > 1:
@@ -366,45 +502,72 @@ def train(
         # keep runs reproducible and ranks' parameters identical.
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-    start_epoch = 0
+    start_epoch, elapsed, timed_from = 0, 0.0, 0
+    num_recorded = min(problem.num_prompts, config.stats_log.max_prompts)
+    recorded_names = problem.prompt_names[:num_recorded]
     if resume:
         run_dir = logdir
-        checkpoint = checkpointing.load_checkpoint(
-            os.path.join(run_dir, checkpointing.CHECKPOINT_FILE), ["epoch", "params", "tracker", "generators"]
-        )
-        _restore(checkpoint, policy, tracker, sampler, context)
-        start_epoch = checkpoint["epoch"]
-        if start_epoch > config.num_epochs:
-            raise checkpointing.CheckpointError(
-                f"the checkpoint is at epoch {start_epoch}, past config.num_epochs = {config.num_epochs}: "
-                "resume with a num_epochs at least that large"
+        # First the config: may this resume change what it changes?
+        failure = None
+        if context.is_main:
+            try:
+                _check_run_config(run_dir, config)
+            except (checkpointing.CheckpointError, ConfigError) as error:
+                failure = error
+        _agree(context, failure, "checking the config", main_only=True)
+        # Every rank loads the checkpoint; all of them agree on the outcome
+        # before anything is written, so that no rank waits for a failed one.
+        failure = None
+        try:
+            checkpoint = checkpointing.load_checkpoint(
+                os.path.join(run_dir, checkpointing.CHECKPOINT_FILE), ["epoch", "params", "tracker", "generators"]
             )
+            _restore(checkpoint, policy, tracker, sampler, context)
+            start_epoch = checkpoint["epoch"]
+            if start_epoch > config.num_epochs:
+                raise checkpointing.CheckpointError(
+                    f"the checkpoint is at epoch {start_epoch}, past config.num_epochs = {config.num_epochs}: "
+                    "resume with a num_epochs at least that large"
+                )
+        except (checkpointing.CheckpointError, ConfigError) as error:
+            failure = error
+        _agree(context, failure, "loading the checkpoint")
+        # Rank 0 checks the run directory (config, metrics, stats log), still writing nothing.
+        plan, failure = None, None
+        if context.is_main:
+            try:
+                plan = _plan_resume(run_dir, config, start_epoch, recorded_names)
+            except (checkpointing.CheckpointError, ConfigError) as error:
+                failure = error
+        _agree(context, failure, "checking the run directory", main_only=True)
+        if plan is not None:
+            elapsed, timed_from = plan["elapsed"], plan["timed_from"]
     elif context.is_main:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = create_run_dir(logdir, f"{stamp}_{method_name(config.stat_tracking)}_seed{config.seed}")
     else:
         run_dir = ""
     run_dir = context.broadcast_object(run_dir)
+    elapsed, timed_from = context.broadcast_object((elapsed, timed_from))
 
     metrics = _MetricsFile(os.path.join(run_dir, "metrics.csv"))
     recorder = None
     if context.is_main:
         stats_dir = os.path.join(run_dir, STATS_DIR)
-        if resume and os.path.isdir(stats_dir):  # first: the one step here that can refuse
-            stat_tracking.truncate_prompt_stats(stats_dir, start_epoch)
-        with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json(indent=2) + "\n")
-        if resume:
-            metrics.truncate(start_epoch)
+        if resume:  # all checked: now write, each file atomically
+            for path in plan["stale_chunks"]:
+                os.remove(path)
+            _write_text(os.path.join(run_dir, "config.json"), config.to_json(indent=2) + "\n")
+            metrics.rewrite(plan["metrics_rows"])
         else:
+            _write_text(os.path.join(run_dir, "config.json"), config.to_json(indent=2) + "\n")
             metrics.create()
         if config.stats_log.every > 0:
-            num_recorded = min(problem.num_prompts, config.stats_log.max_prompts)
             recorder = stat_tracking.PromptStatsRecorder(
                 stats_dir,
                 tracker,
                 torch.arange(num_recorded),
-                prompt_names=problem.prompt_names[:num_recorded],
+                prompt_names=recorded_names,
                 every=config.stats_log.every,
                 chunk_size=-(-config.log_every // config.stats_log.every),  # flush about as often as metrics
                 append=resume,
@@ -449,25 +612,178 @@ def train(
             if recorder is not None:
                 recorder.flush()
             _save(run_dir, epoch + 1, policy, tracker, sampler, context)
-    train_seconds = time.perf_counter() - start
+            if context.is_main:
+                _write_text(os.path.join(run_dir, TRAIN_TIME_FILE), json.dumps(
+                    {"epoch": epoch + 1, "train_seconds": elapsed + time.perf_counter() - start,
+                     "timed_from": timed_from}) + "\n")
+    loop_seconds = time.perf_counter() - start
 
     summary = None
     if context.is_main:
+        final_reward, final_epochs = metrics.final_reward()
+        train_seconds = elapsed + loop_seconds
         summary = {
-            "final_reward": metrics.final_reward(),
+            "final_reward": final_reward,
+            "final_reward_epochs": final_epochs,
             "method": config.stat_tracking.method,
             "seed": config.seed,
             "num_epochs": config.num_epochs,
             "world_size": context.world_size,
             "train_seconds": train_seconds,
-            "epochs_per_second": (config.num_epochs - start_epoch) / max(train_seconds, 1e-9),
+            "timed_epochs": config.num_epochs - timed_from,
+            "epochs_per_second": (config.num_epochs - timed_from) / max(train_seconds, 1e-9),
+            "resumed_at_epoch": start_epoch,
             "device": str(device),
             "run_dir": run_dir,
         }
         _write_json(os.path.join(run_dir, "summary.json"), summary)
-        logger.info("final_reward %.2f (mean of the last %d epochs), loop %.3f s", summary["final_reward"],
-                    FINAL_REWARD_EPOCHS, train_seconds)
+        logger.info("final_reward %.2f (mean of the last %d epochs), loop %.3f s", final_reward, final_epochs,
+                    train_seconds)
     return context.broadcast_object(summary)
+
+
+def _write_text(path: str, text: str) -> None:
+    """Writes a file atomically: a temporary file, then a rename over ``path``."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(temporary, path)
+
+
+def _agree(context: distributed.DistributedContext, failure: Optional[Exception], what: str, *,
+           main_only: bool = False) -> None:
+    """Raises on every rank if ``failure`` happened on any (one small collective), else returns.
+
+    Args:
+        context: the job.
+        failure: this rank's ConfigError or CheckpointError, or None.
+        what: the step, for the message.
+        main_only: only rank 0 ran the step; the others pass None.
+
+    Raises:
+        ConfigError or checkpointing.CheckpointError: the failure's type and
+            message, on every rank, with the failing ranks named when there
+            are several processes.
+    """
+    outcome = None if failure is None else (type(failure).__name__, str(failure))
+    outcomes = [outcome] if context.world_size == 1 else (
+        [context.broadcast_object(outcome)] if main_only else context.gather_objects(outcome))
+    failed = [(rank, result) for rank, result in enumerate(outcomes) if result is not None]
+    if not failed:
+        return
+    kind, message = failed[0][1]
+    error_type = ConfigError if kind == "ConfigError" else checkpointing.CheckpointError
+    if context.world_size > 1:
+        ranks = [0] if main_only else [rank for rank, _ in failed]
+        message = f"{message} (while {what}, on rank(s) {ranks} of {context.world_size})"
+    if failure is not None and context.world_size == 1:
+        raise failure
+    raise error_type(message)
+
+
+def _check_run_config(run_dir: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses a resume whose config changes what the run computes (see ``check_resume_config``).
+
+    Raises:
+        ConfigError: naming the changed field.
+        checkpointing.CheckpointError: if the run's config.json cannot be read.
+    """
+    config_path = os.path.join(run_dir, "config.json")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as error:
+        raise checkpointing.CheckpointError(f"cannot read {config_path}: {error}") from error
+    check_resume_config(saved, config)
+
+
+def _plan_resume(run_dir: str, config: ml_collections.ConfigDict, epoch: int,
+                 recorded_names: List[str]) -> Dict[str, Any]:
+    """Checks that a run directory can resume at ``epoch``, and says what to rewrite; writes nothing.
+
+    Args:
+        run_dir: the run directory.
+        config: the config the resume runs with.
+        epoch: the checkpoint's epoch.
+        recorded_names: the prompt names the stats log records.
+
+    Returns:
+        ``metrics_rows`` (metrics.csv's header and rows before ``epoch``),
+        ``stale_chunks`` (stats chunk files from ``epoch`` on, and partial
+        writes, to delete), ``elapsed`` (loop seconds before ``epoch``
+        since epoch ``timed_from``, as train_time.json says; 0 and ``epoch``
+        where it does not).
+
+    Raises:
+        checkpointing.CheckpointError: if metrics.csv or the stats log is
+            missing or damaged where the resume needs it; the message names
+            the file.
+    """
+    metrics_rows = _MetricsFile(os.path.join(run_dir, "metrics.csv")).rows_before(epoch)
+    stale_chunks = _check_stats_log(os.path.join(run_dir, STATS_DIR), epoch, recorded_names,
+                                    config.stats_log.every > 0)
+    elapsed, timed_from = 0.0, epoch
+    try:
+        with open(os.path.join(run_dir, TRAIN_TIME_FILE), encoding="utf-8") as f:
+            timing = json.load(f)
+        if timing.get("epoch") == epoch:
+            elapsed, timed_from = float(timing["train_seconds"]), int(timing.get("timed_from", 0))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # the time before the checkpoint is unknown: the summary times the epochs after it
+    return {"metrics_rows": metrics_rows, "stale_chunks": stale_chunks, "elapsed": elapsed, "timed_from": timed_from}
+
+
+def _check_stats_log(directory: str, epoch: int, recorded_names: List[str], appending: bool) -> List[str]:
+    """Checks a run's stats log for a resume at ``epoch``; returns the files to delete.
+
+    Chunks that start at ``epoch`` or later are recomputed, so they are
+    deleted whatever their state, with partial writes (``.tmp``). Chunks
+    before it must be whole: they cannot be recomputed.
+
+    Raises:
+        checkpointing.CheckpointError: naming a chunk before ``epoch`` that
+            cannot be read or that spans ``epoch``, or a prompts file that
+            records other prompts than the resume would append.
+    """
+    if not os.path.isdir(directory):
+        return []
+    stale = []
+    for path in sorted(glob.glob(os.path.join(directory, stat_tracking.recording.CHUNK_PATTERN + "*"))):
+        name = os.path.basename(path)
+        if path.endswith(".tmp"):
+            stale.append(path)
+            continue
+        try:
+            first = int(name[len("chunk_"):-len(".npz")])
+        except ValueError:
+            continue  # not a chunk of the recorder's
+        if first >= epoch:
+            stale.append(path)
+            continue
+        try:
+            with np.load(path) as data:
+                last = int(data["step"][-1])
+        except Exception as error:  # np.load raises several types for a damaged file
+            raise checkpointing.CheckpointError(
+                f"stats chunk {path} cannot be read ({type(error).__name__}: {error}); it holds epochs before the "
+                f"checkpoint's epoch {epoch}, which cannot be recomputed. Restore it, or delete {directory} to "
+                "resume without the log's past (the log then starts at the checkpoint)") from error
+        if last >= epoch:
+            raise checkpointing.CheckpointError(
+                f"stats chunk {path} holds epochs {first} to {last}, across the checkpoint's epoch {epoch}; "
+                f"delete {directory} to resume without the log's past")
+    prompts_path = os.path.join(directory, stat_tracking.recording.PROMPTS_FILE)
+    kept = [p for p in glob.glob(os.path.join(directory, stat_tracking.recording.CHUNK_PATTERN)) if p not in stale]
+    if appending and kept:
+        try:
+            with open(prompts_path, encoding="utf-8") as f:
+                names = json.load(f)["prompt_names"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise checkpointing.CheckpointError(f"cannot read {prompts_path}: {error}") from error
+        if names != list(recorded_names):
+            raise checkpointing.CheckpointError(
+                f"the stats log in {directory} records other prompts ({prompts_path}) than this run's problem")
+    return stale
 
 
 def _save(run_dir: str, next_epoch: int, policy: GaussianPolicy, tracker: stat_tracking.StatTracker,

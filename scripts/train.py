@@ -11,17 +11,29 @@ Usage:
 The config is locked: a mistyped override such as ``--config.num_epoch=5`` is
 an error. Each run writes a new directory under ``--logdir``. With
 ``--resume``, ``--logdir`` is a run directory: the run continues from its
-latest checkpoint, with its own config plus the overrides given here.
+latest checkpoint, with its own config plus the overrides given here, which
+may change only ``training.RESUMABLE_FIELDS`` (num_epochs and the cadences).
+A mistake in the config or the run directory ends with a one-line error.
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rail_interview import configs, distributed, training
+from rail_interview import checkpointing, configs, distributed, training
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", configs.DEFAULT_CONFIG_PATH, "Training config file.", lock_config=True
-)
+try:
+    # config_flags reads the --config.* overrides from sys.argv here, so a
+    # mistyped field fails now: say so in one line, not a traceback.
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", configs.DEFAULT_CONFIG_PATH, "Training config file.", lock_config=True
+    )
+except (KeyError, AttributeError) as _error:
+    while _error.args and isinstance(_error.args[0], BaseException):  # AttributeError(KeyError(message))
+        _error = _error.args[0]
+    _message = _error.args[0] if _error.args and isinstance(_error.args[0], str) else str(_error)
+    sys.exit(f"train.py: error: no such config field: {' '.join(_message.split())}")
 _LOGDIR = flags.DEFINE_string("logdir", "logs", "Parent directory of the run directory this run creates; "
                                "with --resume, the run directory to continue.")
 _RESUME = flags.DEFINE_bool("resume", False, "Continue the run in --logdir from its latest checkpoint.")
@@ -36,14 +48,20 @@ def main(argv: list) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
-    if _RESUME.value:
-        overrides = config_flags.get_override_values(flags.FLAGS["config"])
-        config = training.load_run_config(_LOGDIR.value, overrides)
+    try:
+        if _RESUME.value:
+            overrides = config_flags.get_override_values(flags.FLAGS["config"])
+            config = training.load_run_config(_LOGDIR.value, overrides)
+        training.validate_config(config)
+    except (training.ConfigError, checkpointing.CheckpointError, FileNotFoundError, KeyError) as error:
+        sys.exit(f"train.py: error: {' '.join(str(error).split())}")
     context = distributed.init_from_environment(config.device)
     if not context.is_main:
         logging.set_verbosity(logging.WARNING)
     try:
         summary = training.train(config, _LOGDIR.value, resume=_RESUME.value)
+    except (training.ConfigError, checkpointing.CheckpointError) as error:
+        sys.exit(f"train.py: error: {error}")
     finally:
         distributed.shutdown()
     if not context.is_main:

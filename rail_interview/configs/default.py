@@ -43,6 +43,11 @@ def get_config() -> ml_collections.ConfigDict:
     # `train.py --logdir=<run_dir> --resume` can continue the run exactly.
     # 0: only at the end. Must be a multiple of log_every.
     config.checkpoint_every = 500
+    # CPU threads torch may use (torch.set_num_threads); 0 leaves torch's
+    # default (one per core). The default problem's tensors are a few hundred
+    # elements, too small to split: one thread is fastest, and it keeps the
+    # loop fast when other processes share the cores (measured in the README).
+    config.num_threads = 1
 
     ###### Per-prompt stats log ######
     # Each recorded epoch writes, for each recorded prompt, the tracker's mean,

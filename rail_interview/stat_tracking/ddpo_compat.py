@@ -14,8 +14,7 @@ trainer changes one import line::
 
 Behind it, ``prompt_keys`` hashes the strings and ``presets.ddpo(...,
 keys="hashed")`` computes the advantages with ddpo-pytorch's semantics (see
-``presets.ddpo``), on any device. This module needs numpy (as the trainer it
-replaces does): ``pip install "rail_interview[ddpo]"``.
+``presets.ddpo``), on any device.
 """
 
 from __future__ import annotations
