@@ -103,13 +103,21 @@ def test_corrupt_missing_and_unsafe_checkpoints_are_refused(config, tmp_path):
 
 
 def test_checkpoint_of_another_config_is_refused(config, tmp_path):
-    run_dir = _train(config, tmp_path, 20)["run_dir"]
+    run_dir = _train(config, tmp_path / "run", 20)["run_dir"]
+    # A resume that changes the config is refused by the field's name, before the checkpoint is read.
     bigger = training.load_run_config(run_dir, {"problem.num_params": 64, "num_epochs": 40})
-    with pytest.raises(checkpointing.CheckpointError, match="parameters of shape"):
+    with pytest.raises(training.ConfigError, match=r"cannot change config\.problem\.num_params \(32 -> 64\)"):
         training.train(bigger, run_dir, resume=True)
-    other_method = training.load_run_config(run_dir, {"stat_tracking.method": "ema", "num_epochs": 40})
-    with pytest.raises(checkpointing.CheckpointError, match="does not fit this run's tracker"):
-        training.train(other_method, run_dir, resume=True)
+    # A checkpoint brought from a run of another config is refused by what does not fit.
+    for name, value, message in (("problem.num_params", 64, "parameters of shape"),
+                                 ("stat_tracking.method", "ema", "does not fit this run's tracker")):
+        other = config.copy_and_resolve_references()
+        section, field = name.split(".")
+        other[section][field] = value
+        other_dir = _train(other, tmp_path / f"other_{field}", 20)["run_dir"]
+        shutil.copy(os.path.join(other_dir, "checkpoint.pt"), os.path.join(run_dir, "checkpoint.pt"))
+        with pytest.raises(checkpointing.CheckpointError, match=message):
+            training.train(training.load_run_config(run_dir, {"num_epochs": 40}), run_dir, resume=True)
 
 
 def test_checkpoint_every_must_align_with_metric_flushes(config, tmp_path):
