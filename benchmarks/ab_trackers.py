@@ -80,7 +80,8 @@ def main(argv):
             trackers = []
             for module in (old, new):
                 cls = getattr(module, _TRACKER.value)
-                tracker = cls(num_prompts, 32, 16) if _TRACKER.value == "BufferStatTracker" else cls(num_prompts, 0.9, 16)
+                buffer = _TRACKER.value == "BufferStatTracker"
+                tracker = cls(num_prompts, 32, 16) if buffer else cls(num_prompts, 0.9, 16)
                 for _ in range(3):
                     tracker.update(ids, rewards)
                 trackers.append(tracker)

@@ -1,8 +1,8 @@
 """Times hashed prompt keys: the key table against plain ids, an unbounded stream, the key functions.
 
 Usage:
-    python benchmarks/bench_keys.py                 # CPU, one thread; writes benchmarks/results/keys_cpu.{json,md}
-    python benchmarks/bench_keys.py --stream_keys=200000 --out=/tmp/keys   # a quick look
+    python benchmarks/bench_keys.py --out=benchmarks/results/keys_cpu   # CPU, one thread; the committed results
+    python benchmarks/bench_keys.py --stream_keys=200000                 # a quick look, into a temporary directory
 
 Three measurements:
 
@@ -30,6 +30,7 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, List
 
@@ -43,8 +44,8 @@ flags.DEFINE_integer("rounds", 5, "Rounds of the grid, taking turns over the tra
 flags.DEFINE_integer("stream_keys", 10_000_000, "Distinct keys in the stream.")
 flags.DEFINE_integer("stream_rows", 1_000_000, "Rows of the table the stream goes through.")
 flags.DEFINE_integer("stream_batch", 4096, "N, samples per update of the stream.")
-flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "keys_cpu"),
-                    "Path prefix of the .json and .md results.")
+flags.DEFINE_string("out", None, "Path prefix of the .json and .md results; by default keys_cpu in a fresh temporary "
+                    "directory. The committed results: --out=benchmarks/results/keys_cpu.")
 
 GRID = [(256, 64, 32), (32768, 4096, 32), (4096, 1_000, 32), (4096, 1_000_000, 32)]
 TRACKERS: Dict[str, Callable] = {
@@ -163,13 +164,15 @@ def main(argv: List[str]) -> None:
                    torch=torch.__version__, threads=torch.get_num_threads(), grid=grid(FLAGS.rounds),
                    key_functions=key_functions(),
                    stream=stream(FLAGS.stream_keys, FLAGS.stream_rows, FLAGS.stream_batch))
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out + ".json", "w", encoding="utf-8") as file:
+    out = FLAGS.out or os.path.join(tempfile.mkdtemp(prefix="rail_interview_keys_"), "keys_cpu")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".json", "w", encoding="utf-8") as file:
         json.dump(results, file, indent=1)
     table = markdown(results)
-    with open(FLAGS.out + ".md", "w", encoding="utf-8") as file:
+    with open(out + ".md", "w", encoding="utf-8") as file:
         file.write(table)
     print(table)
+    print(f"Wrote {out}.json and {out}.md")
 
 
 if __name__ == "__main__":

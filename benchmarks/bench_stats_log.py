@@ -3,16 +3,19 @@
 Usage:
     python benchmarks/bench_stats_log.py                      # default run, every method
     python benchmarks/bench_stats_log.py --repeats=9 --methods=buffer
+    python benchmarks/bench_stats_log.py --verbose            # also every run's progress lines
 
 Trains the default config with the stats log off and on, alternating, and
 reports the median training-loop wall-clock of each and the overhead. Runs go
-to a temporary directory that is deleted afterwards.
+to a temporary directory that is deleted afterwards; their progress lines
+(training.py's logging at INFO) are hidden unless --verbose, or an explicit
+--verbosity, asks for them.
 """
 
 import statistics
 import tempfile
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rail_interview import configs, training
@@ -20,6 +23,7 @@ from rail_interview import configs, training
 _CONFIG = config_flags.DEFINE_config_file("config", configs.DEFAULT_CONFIG_PATH, "Base config.", lock_config=True)
 _METHODS = flags.DEFINE_list("methods", ["batch", "buffer", "ema"], "Stat-tracking methods to measure.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Runs per method and setting; medians are reported.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show every training run's progress lines (logging at INFO).")
 
 
 def main(argv):
@@ -30,6 +34,8 @@ def main(argv):
     """
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not _VERBOSE.value and not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # train() logs its progress at INFO
     base = _CONFIG.value
     every = base.stats_log.every or 1
     print(f"stats log every {every} epoch(s), up to {base.stats_log.max_prompts} prompts; "

@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/bench_trackers.py                    # CPU, one thread, the full grid
+    python benchmarks/bench_trackers.py --out=benchmarks/results   # the same, into the committed results
     python benchmarks/bench_trackers.py --grid=headline --compile
     python benchmarks/bench_trackers.py --device=cuda      # CUDA events and CUDA-graph replay too
 
@@ -22,7 +23,9 @@ Each tracker is timed in ``--rounds`` rounds that take turns over all
 trackers, each round a median over many runs (CPU: torch.utils.benchmark;
 CUDA: CUDA events); the median over rounds is reported, so that a slow spell
 of a shared machine does not land on one tracker only. Prints a Markdown table and writes JSON with the machine, torch
-version and thread count to benchmarks/results/.
+version and thread count to --out: a fresh temporary directory unless
+--out names one (``--out=benchmarks/results`` regenerates the committed
+results), printed at the end.
 """
 
 import datetime
@@ -32,7 +35,8 @@ import platform
 import re
 import statistics
 import sys
-from typing import Callable, Dict, List, Optional, Tuple
+import tempfile
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -65,8 +69,8 @@ _MIN_RUN_TIME = flags.DEFINE_float("min_run_time", 0.4, "Seconds of timed runs p
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of timing over all trackers; the median over rounds is reported.")
 _COMPILE = flags.DEFINE_bool("compile", False, "Also time torch.compile(update) of the buffer tracker.")
 _BASELINES = flags.DEFINE_bool("baselines", True, "Time the ddpo and reference dict trackers too.")
-_OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-                           "Directory for the JSON results; empty to write none.")
+_OUT = flags.DEFINE_string("out", None, "Directory for the JSON results (default: a fresh temporary directory; "
+                           "--out=benchmarks/results regenerates the committed ones); empty to write none.")
 
 def min_count_for(buffer_size: int) -> int:
     """min_count used with a buffer of K slots: 16, or K / 2 for small buffers."""
@@ -209,7 +213,8 @@ def run_case(num_samples: int, num_prompts: int, buffer_size: int, device: torch
         compiled(*on_device)  # compile outside the timed region
         calls["buffer_compiled_ms"] = (lambda: compiled(*on_device)), timer
     if device.type == "cuda":
-        graphed = BufferStatTracker(num_prompts, buffer_size, min_count_for(buffer_size), device=device, check_values=False)
+        graphed = BufferStatTracker(num_prompts, buffer_size, min_count_for(buffer_size), device=device,
+                                    check_values=False)
         calls["buffer_graph_ms"] = _graphed_update(graphed, *on_device), timer
     if _BASELINES.value:
         ddpo = DdpoStyleStatTracker(buffer_size, min_count_for(buffer_size))
@@ -303,10 +308,11 @@ def main(argv):
         print(f"  N={num_samples} P={num_prompts} K={buffer_size}: "
               + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if k.endswith("_ms")), flush=True)
     print(format_table(rows))
-    if _OUT.value:
-        os.makedirs(_OUT.value, exist_ok=True)
+    if _OUT.value != "":
+        out = tempfile.mkdtemp(prefix="rail_interview_bench_trackers_") if _OUT.value is None else _OUT.value
+        os.makedirs(out, exist_ok=True)
         tag = re.sub(r"[^a-z0-9]+", "-", str(machine.get("gpu", device.type)).lower()).strip("-")
-        path = os.path.join(_OUT.value, f"trackers_{tag}_{_GRID.value}.json")
+        path = os.path.join(out, f"trackers_{tag}_{_GRID.value}.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump({"date": datetime.date.today().isoformat(), "grid": _GRID.value, "machine": machine,
                        "command": " ".join(sys.argv), "results": rows}, f, indent=2)

@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/bench_train.py                  # CPU, default and large sizes
     python benchmarks/bench_train.py --config.device=cuda
+    python benchmarks/bench_train.py --verbose        # also every run's progress lines
 
 For each size it trains with the batch, buffer and EMA trackers, and with the
 DDPO-style dict tracker run on the host (benchmarks/baselines.py), the way
@@ -10,7 +11,9 @@ the original trainer did, and prints epochs per second of the training loop
 (median of --repeats runs). The stats log is off and the only checkpoint is
 the final one, to time tracking alone.
 Sizes: "default" (64 prompts, batch 256) and "large" (100,000 prompts,
-batch 65,536, 2**20 parameters).
+batch 65,536, 2**20 parameters). The runs go to a temporary directory that
+is deleted afterwards, and their progress lines (training.py's logging at
+INFO) are hidden unless --verbose, or an explicit --verbosity, asks for them.
 """
 
 import os
@@ -18,7 +21,7 @@ import statistics
 import sys
 import tempfile
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rail_interview import configs, training
@@ -31,6 +34,7 @@ _SIZES = flags.DEFINE_list("sizes", ["default", "large"], "Sizes to run: default
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Runs per method and size; the median is reported.")
 _EPOCHS = flags.DEFINE_list("epochs", ["1000", "20"], "Epochs per run for each size, in --sizes order.")
 _DICT_EPOCHS = flags.DEFINE_list("dict_epochs", ["1000", "2"], "Epochs for the slow dict tracker, per size.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show every training run's progress lines (logging at INFO).")
 
 SIZES = {
     "default": {},
@@ -46,6 +50,8 @@ def main(argv):
     """
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not _VERBOSE.value and not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # train() logs its progress at INFO
     print("| size | method | epochs | epochs per second | loop s |")
     print("| --- | --- | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as logdir:

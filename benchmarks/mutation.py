@@ -129,8 +129,8 @@ TEST_GLOB = "tests/test_*tracker*.py"
 #: Subprocess tests of scripts/plot_stats.py; see the docstring.
 DESELECT = "not plot_script"
 #: Imported once by the fork server; a missing one is imported by each child instead.
-PRELOAD = ("torch", "torch._dynamo", "numpy", "matplotlib", "matplotlib.pyplot", "ml_collections", "absl.app", "absl.flags",
-           "hypothesis", "hypothesis.strategies", "pytest")
+PRELOAD = ("torch", "torch._dynamo", "numpy", "matplotlib", "matplotlib.pyplot", "ml_collections", "absl.app",
+           "absl.flags", "hypothesis", "hypothesis.strategies", "pytest")
 #: The client finds its copy's fork server through this environment variable.
 SERVER_ENV = "RAIL_MUTATION_SERVER"
 _EXIT_MARKER = "\n__rail_mutation_exit__ "

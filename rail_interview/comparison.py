@@ -6,8 +6,11 @@ A *setting* is a name plus config overrides, for example
 processes), then ``summarize`` reduces the runs to one row per setting, and
 ``write_markdown``, ``write_csv`` and ``plot_curves`` write the results.
 ``method_settings`` turns method names such as ``"buffer"`` or
-``"rloo+ema"`` into settings. ``scripts/compare.py`` is the command-line
-front end.
+``"rloo+ema"`` into settings, after ``check_sweep`` (with
+``parse_buffer_sizes`` and ``parse_ema_decays``) has checked them, and
+``check_settings`` builds every setting's tracker once, so that a bad
+setting fails before any training. ``scripts/compare.py`` is the
+command-line front end.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import csv
 import dataclasses
 import itertools
 import logging
+import math
 import multiprocessing
 import os
 import statistics
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import ml_collections
 
@@ -44,6 +48,127 @@ class Setting:
 
     name: str
     overrides: Mapping[str, Any]
+
+
+def parse_method(name: str) -> Tuple[str, str]:
+    """Splits a method name into its ``config.stat_tracking`` method and memory.
+
+    Args:
+        name: ``batch``, ``buffer``, ``ema``, a GRPO-family method (``grpo``,
+            ``dr_grpo``, ``rloo``), or ``METHOD+buffer`` or ``METHOD+ema``
+            with METHOD of the GRPO family.
+
+    Returns:
+        (method, memory), memory one of "none", "buffer" and "ema":
+        ``"buffer"`` gives ("buffer", "buffer"), ``"batch"`` ("batch",
+        "none"), ``"rloo+ema"`` ("rloo", "ema").
+
+    Raises:
+        ValueError: for an unknown method or memory.
+    """
+    method, _, memory = name.partition("+")
+    grpo = method in training.GRPO_FAMILY
+    if method not in training.METHODS or (memory and not grpo) or memory not in ("", "buffer", "ema"):
+        raise ValueError(
+            f"unknown method {name!r}: choose from {', '.join(training.METHODS)}, or METHOD+buffer or "
+            f"METHOD+ema with METHOD one of {', '.join(training.GRPO_FAMILY)}"
+        )
+    return method, memory or (method if method in ("buffer", "ema") else "none")
+
+
+def parse_buffer_sizes(values: Sequence[Union[str, int]]) -> List[int]:
+    """Parses and checks buffer sizes to sweep.
+
+    Args:
+        values: sizes, as integers or strings (a command line's).
+
+    Returns:
+        The sizes as integers, in order.
+
+    Raises:
+        ValueError: for a size that is not a whole number >= 1, or one listed twice.
+    """
+    sizes = []
+    for value in values:
+        try:
+            size = int(value) if isinstance(value, str) else value
+        except ValueError:
+            size = None
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"buffer sizes must be whole numbers >= 1, got {value!r}")
+        if size in sizes:
+            raise ValueError(f"buffer size {size} is listed twice")
+        sizes.append(size)
+    return sizes
+
+
+def parse_ema_decays(values: Sequence[Union[str, float]]) -> List[float]:
+    """Parses and checks EMA decays to sweep.
+
+    Args:
+        values: decays, as numbers or strings (a command line's).
+
+    Returns:
+        The decays as floats, in order.
+
+    Raises:
+        ValueError: for a decay outside the open interval (0, 1), or two
+            decays that would share a setting name (as ``{decay:g}`` writes them).
+    """
+    decays = []
+    for value in values:
+        try:
+            decay = float(value)
+        except (TypeError, ValueError):
+            decay = math.nan
+        if isinstance(value, bool) or not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decays must be numbers in the open interval (0, 1), got {value!r}")
+        if any(f"{decay:g}" == f"{d:g}" for d in decays):
+            raise ValueError(f"EMA decay {decay:g} is listed twice")
+        decays.append(decay)
+    return decays
+
+
+def check_sweep(
+    methods: Sequence[str],
+    buffer_sizes: Sequence[Union[str, int]] = (),
+    ema_decays: Sequence[Union[str, float]] = (),
+) -> None:
+    """Checks the arguments of ``method_settings`` before any setting is built.
+
+    Args:
+        methods: method names, see ``parse_method``; at least one, none twice.
+        buffer_sizes: buffer sizes to sweep, see ``parse_buffer_sizes``; only
+            with a method that has a buffer memory (``buffer`` or
+            METHOD+buffer), and at least 2 with a GRPO-family one, whose
+            min_count is at least 2.
+        ema_decays: decays to sweep, see ``parse_ema_decays``; only with a
+            method that has an EMA memory (``ema`` or METHOD+ema).
+
+    Raises:
+        ValueError: naming the argument at fault (``methods``,
+            ``buffer_sizes`` or ``ema_decays``) and what it allows.
+    """
+    if not methods:
+        raise ValueError(f"methods is empty: name at least one of {', '.join(training.METHODS)}, or METHOD+buffer "
+                         f"or METHOD+ema")
+    memories: Dict[str, List[str]] = {}
+    for i, name in enumerate(methods):
+        method, memory = parse_method(name)
+        if name in methods[:i]:
+            raise ValueError(f"method {name!r} is listed twice in methods")
+        memories.setdefault(memory, []).append(name)
+    sizes, decays = parse_buffer_sizes(buffer_sizes), parse_ema_decays(ema_decays)
+    if sizes and "buffer" not in memories:
+        raise ValueError("buffer_sizes sweeps buffer memories, but methods has none: add 'buffer' or METHOD+buffer "
+                         "to methods, or leave buffer_sizes out")
+    if decays and "ema" not in memories:
+        raise ValueError("ema_decays sweeps EMA memories, but methods has none: add 'ema' or METHOD+ema to methods, "
+                         "or leave ema_decays out")
+    grpo_buffers = [name for name in memories.get("buffer", []) if name != "buffer"]
+    if grpo_buffers and sizes and min(sizes) < 2:
+        raise ValueError(f"buffer_sizes must be >= 2 with {grpo_buffers[0]!r} (the GRPO family needs 2 rewards per "
+                         f"prompt, min_count 2), got {min(sizes)}")
 
 
 def method_settings(
@@ -83,19 +208,17 @@ def method_settings(
         The settings, in the order of ``methods``.
 
     Raises:
-        ValueError: for an unknown method or memory.
+        ValueError: for anything ``check_sweep`` refuses: an unknown method
+            or memory, a repeated method, size or decay, a size or decay out
+            of range, or a sweep that no method uses.
     """
+    check_sweep(methods, buffer_sizes, ema_decays)
+    buffer_sizes, ema_decays = parse_buffer_sizes(buffer_sizes), parse_ema_decays(ema_decays)
     tracking = config.stat_tracking
     settings = []
     for name in methods:
-        method, _, memory = name.partition("+")
+        method, memory = parse_method(name)
         grpo = method in training.GRPO_FAMILY
-        if method not in training.METHODS or (memory and not grpo) or memory not in ("", "buffer", "ema"):
-            raise ValueError(
-                f"unknown method {name!r}: choose from {', '.join(training.METHODS)}, or METHOD+buffer or "
-                f"METHOD+ema with METHOD one of {', '.join(training.GRPO_FAMILY)}"
-            )
-        memory = memory or (method if method in ("buffer", "ema") else "none")
         base = {"stat_tracking.method": method}
         if grpo:
             base["stat_tracking.memory"] = memory
@@ -172,6 +295,42 @@ def _run_one(config_dict: Dict[str, Any], logdir: str, setting: str) -> RunResul
                      summary["run_dir"])
 
 
+def check_settings(base_config: ml_collections.ConfigDict, settings: Sequence[Setting]) -> None:
+    """Builds every setting's config and tracker once, here, so that a bad setting fails before any training.
+
+    A setting that would only fail inside a worker process of
+    ``run_comparison`` (an unknown config field, any value
+    ``training.validate_config`` refuses, a min_count the tracker refuses,
+    a CUDA device that is not there) fails here instead, with the
+    setting's name. The trackers are built on the CPU
+    for one prompt: this checks their arguments, not the problem's size.
+
+    Args:
+        base_config: the config every setting starts from.
+        settings: what to compare.
+
+    Raises:
+        ValueError: if there is no setting, if setting names repeat, or for
+            the first setting whose config or tracker is refused, naming it.
+    """
+    import torch  # pylint: disable=import-outside-toplevel
+
+    names = [s.name for s in settings]
+    if not names:
+        raise ValueError("there is no setting to compare")
+    if len(set(names)) != len(names):
+        raise ValueError(f"setting names must be distinct, got {names}")
+    for setting in settings:
+        try:
+            config = apply_overrides(base_config, setting.overrides)
+            training.validate_config(config)
+            training.build_tracker(config.stat_tracking, num_prompts=1, device=torch.device("cpu"))
+        except KeyError as error:
+            raise ValueError(f"setting {setting.name!r}: {error.args[0] if error.args else error}") from error
+        except ValueError as error:
+            raise ValueError(f"setting {setting.name!r}: {error}") from error
+
+
 def run_comparison(
     base_config: ml_collections.ConfigDict,
     settings: Sequence[Setting],
@@ -194,12 +353,11 @@ def run_comparison(
         ``seeds``.
 
     Raises:
-        ValueError: if setting names repeat.
-        KeyError: if an override names a field the config lacks.
+        ValueError: before any training, for what ``check_settings``
+            refuses: no setting, repeated setting names, an override naming
+            a field the config lacks, a setting whose tracker is refused.
     """
-    names = [s.name for s in settings]
-    if len(set(names)) != len(names):
-        raise ValueError(f"setting names must be distinct, got {names}")
+    check_settings(base_config, settings)
     jobs = []
     for setting in settings:
         config = apply_overrides(base_config, setting.overrides)
@@ -297,7 +455,8 @@ def plot_curves(results: Sequence[RunResult], path: str, *, smoothing: int = 10)
         path: the PNG file to write.
         smoothing: each seed's curve is first averaged over this many epochs
             (a trailing window), so that the bands show seed-to-seed spread
-            rather than epoch-to-epoch noise.
+            rather than epoch-to-epoch noise; fewer when the shortest run
+            has fewer epochs.
     """
     import matplotlib  # pylint: disable=import-outside-toplevel
 
@@ -319,6 +478,7 @@ def plot_curves(results: Sequence[RunResult], path: str, *, smoothing: int = 10)
     if not sweeps:
         references = []
 
+    smoothing = max(1, min([smoothing] + [len(r.rewards) for r in results]))  # a window no longer than a run
     window = np.ones(smoothing) / smoothing
 
     def draw(ax, name: str, color, style: str = "-") -> None:

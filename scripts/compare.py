@@ -10,41 +10,133 @@ dr_grpo+ema,rloo,rloo+buffer,rloo+ema --out=docs/results/grpo
 Methods: batch, buffer, ema, and the GRPO family grpo, dr_grpo, rloo, each
 alone (memory "none") or with a memory as METHOD+buffer or METHOD+ema
 (config.stat_tracking.memory). --buffer_sizes and --ema_decays sweep every
-buffer and every EMA setting, the GRPO family's included.
+buffer and every EMA setting, the GRPO family's included; each needs a
+method with that memory.
 
 Writes into --out: results.md (median and spread of final_reward per
 setting), results.csv (one row per run) and curves.png (learning curves,
-median over seeds with a band). Runs go to --logdir and use all CPU cores.
+median over seeds with a band). Without --out that is a fresh temporary
+directory, printed at the end: the committed results under docs/results/
+change only when --out names them. Runs go to --logdir and use all CPU cores.
 Any training config field can be overridden as in train.py, for example
 --config.num_epochs=300.
+
+Every flag, and every setting's tracker, is checked before any training: a
+mistake ends with a one-line error that names the flag and what it allows.
 """
 
+import math
 import os
+import re
+import sys
+import tempfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rail_interview import comparison, configs
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", configs.DEFAULT_CONFIG_PATH, "Base training config.", lock_config=True
-)
+try:
+    # config_flags applies the --config.* overrides here, so a mistyped field fails now: one line, no traceback.
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", configs.DEFAULT_CONFIG_PATH, "Base training config.", lock_config=True
+    )
+except (KeyError, AttributeError) as _error:
+    while _error.args and isinstance(_error.args[0], BaseException):  # AttributeError(KeyError(message))
+        _error = _error.args[0]
+    _message = _error.args[0] if _error.args and isinstance(_error.args[0], str) else str(_error)
+    sys.exit(f"compare.py: error: no such config field: {' '.join(_message.split())}")
 _METHODS = flags.DEFINE_list(
     "methods", ["batch", "buffer", "ema"], "Methods to compare: batch, buffer, ema, grpo, dr_grpo, rloo; "
     "METHOD+buffer or METHOD+ema for a GRPO-family METHOD with that memory."
 )
 _BUFFER_SIZES = flags.DEFINE_list(
-    "buffer_sizes", [], "Buffer sizes to sweep for 'buffer' and METHOD+buffer (default: the config's). min_count is "
-    "min(config min_count, buffer_size // 2), so that small buffers still switch on."
+    "buffer_sizes", [], "Buffer sizes (whole numbers >= 1) to sweep for 'buffer' and METHOD+buffer, which --methods "
+    "must name (default: the config's). min_count is min(config min_count, buffer_size // 2), so that small buffers "
+    "still switch on."
 )
 _EMA_DECAYS = flags.DEFINE_list(
-    "ema_decays", [], "EMA decays to sweep for 'ema' and METHOD+ema (default: the config's)."
+    "ema_decays", [], "EMA decays, in (0, 1), to sweep for 'ema' and METHOD+ema, which --methods must name "
+    "(default: the config's)."
 )
-_SEEDS = flags.DEFINE_integer("seeds", 5, "Run seeds 0 .. seeds-1 for every setting.")
-_OUT = flags.DEFINE_string("out", "logs/compare", "Directory for results.md, results.csv and curves.png.")
+_SEEDS = flags.DEFINE_integer("seeds", 5, "Run seeds 0 .. seeds-1 for every setting; at least 1.")
+_OUT = flags.DEFINE_string("out", None, "Directory for results.md, results.csv and curves.png (default: a fresh "
+                           "temporary directory, printed at the end).")
 _LOGDIR = flags.DEFINE_string("logdir", "logs/compare/runs", "Parent directory of the individual runs.")
-_WORKERS = flags.DEFINE_integer("workers", None, "Worker processes (default: one per CPU core).")
+_WORKERS = flags.DEFINE_integer("workers", None, "Worker processes, at least 1 (default: one per CPU core).")
 _BAD_THRESHOLD = flags.DEFINE_float("bad_threshold", -20.0, "final_reward below this counts as a bad run.")
+
+
+def _validator(check):
+    """Wraps ``check``, which raises ValueError, as an absl validator that raises flags.ValidationError."""
+
+    def validate(value):
+        try:
+            check(value)
+        except ValueError as error:
+            raise flags.ValidationError(_flag_names(error)) from error
+        return True
+
+    return validate
+
+
+def _flag_names(error):
+    """The error's message on one line, with comparison's argument names written as this script's flags."""
+    return re.sub(r"(?<![-\w])(methods|buffer_sizes|ema_decays)\b", r"--\1", " ".join(str(error).split()))
+
+
+def _check_at_least_one(value):
+    """Refuses an integer below 1; None (the default) passes."""
+    if value is not None and value < 1:
+        raise ValueError(f"must be an integer >= 1, got {value}")
+
+
+def _check_directory(value):
+    """Refuses an empty path or one that exists and is not a directory; None (the default) passes."""
+    if value is None:
+        return
+    if not value:
+        raise ValueError("must name a directory")
+    if os.path.exists(value) and not os.path.isdir(value):
+        raise ValueError(f"must be a directory, but {value!r} is a file")
+
+
+def _check_threshold(value):
+    """Refuses NaN, below which no run would ever count."""
+    if math.isnan(value):
+        raise ValueError("must be a number, got nan")
+
+
+def _check_sweep(values):
+    """The cross-flag checks of comparison.check_sweep: a sweep needs a method with its memory."""
+    return _validator(lambda _: comparison.check_sweep(values["methods"], values["buffer_sizes"],
+                                                       values["ema_decays"]))(None)
+
+
+def _check_settings(values):
+    """Builds every setting's config and tracker once, so that a bad setting fails before any training."""
+    config = flags.FLAGS["config"].value  # parsed, with its --config.* overrides, before any validator runs
+    try:
+        settings = comparison.method_settings(config, values["methods"], values["buffer_sizes"],
+                                              values["ema_decays"])
+        comparison.check_settings(config, settings)
+    except ValueError as error:
+        raise flags.ValidationError(f"{_flag_names(error)} (check the --config.* overrides)") from error
+    return True
+
+
+# absl checks these in this order when it parses the flags, before main, and stops at the first that fails.
+flags.register_validator("methods", _validator(comparison.check_sweep))
+flags.register_validator("buffer_sizes", _validator(comparison.parse_buffer_sizes))
+flags.register_validator("ema_decays", _validator(comparison.parse_ema_decays))
+flags.register_validator("seeds", _validator(_check_at_least_one))
+flags.register_validator("workers", _validator(_check_at_least_one))
+flags.register_validator("bad_threshold", _validator(_check_threshold))
+flags.register_validator("out", _validator(_check_directory))
+flags.register_validator("logdir", _validator(lambda value: _check_directory(value or "")))
+flags.register_multi_flags_validator(["methods", "buffer_sizes", "ema_decays"], _check_sweep)
+# Not on "config": absl would print the whole config in the error line.
+flags.register_multi_flags_validator(["methods", "buffer_sizes", "ema_decays"], _check_settings)
 
 
 def build_settings(config, methods, buffer_sizes, ema_decays):
@@ -62,11 +154,11 @@ def build_settings(config, methods, buffer_sizes, ema_decays):
         A list of comparison.Setting.
 
     Raises:
-        app.UsageError: for an unknown method.
+        app.UsageError: for anything ``comparison.method_settings`` refuses (the flag validators refuse it first).
     """
     try:
-        return comparison.method_settings(config, methods, [int(s) for s in buffer_sizes],
-                                          [float(d) for d in ema_decays])
+        return comparison.method_settings(config, methods, comparison.parse_buffer_sizes(buffer_sizes),
+                                          comparison.parse_ema_decays(ema_decays))
     except ValueError as error:
         raise app.UsageError(str(error)) from error
 
@@ -84,15 +176,19 @@ def main(argv):
     results = comparison.run_comparison(
         _CONFIG.value, settings, range(_SEEDS.value), _LOGDIR.value, num_workers=_WORKERS.value
     )
-    os.makedirs(_OUT.value, exist_ok=True)
+    if _OUT.value is None:
+        out = tempfile.mkdtemp(prefix="rail_interview_compare_")
+    else:
+        out = _OUT.value
+        os.makedirs(out, exist_ok=True)
     summaries = comparison.summarize(results, bad_threshold=_BAD_THRESHOLD.value)
     table = comparison.format_markdown(summaries, bad_threshold=_BAD_THRESHOLD.value)
-    with open(os.path.join(_OUT.value, "results.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write(table)
-    comparison.write_csv(results, os.path.join(_OUT.value, "results.csv"))
-    comparison.plot_curves(results, os.path.join(_OUT.value, "curves.png"))
+    comparison.write_csv(results, os.path.join(out, "results.csv"))
+    comparison.plot_curves(results, os.path.join(out, "curves.png"))
     print(table)
-    print(f"Wrote results.md, results.csv and curves.png to {_OUT.value}")
+    print(f"Wrote results.md, results.csv and curves.png to {out}")
 
 
 if __name__ == "__main__":

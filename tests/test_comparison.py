@@ -116,3 +116,83 @@ def test_compare_script_runs_the_grpo_family(tmp_path):
         capture_output=True, text=True, timeout=600,
     )
     assert refused.returncode != 0 and "unknown method 'buffer+ema'" in refused.stderr
+
+
+@pytest.mark.parametrize("bad", ["0", "-4", "2.5", "abc", "", 0, -1, 2.5, True])
+def test_parse_buffer_sizes_refuses_anything_but_whole_numbers_from_one(bad):
+    assert comparison.parse_buffer_sizes(["2", 64, "4"]) == [2, 64, 4]
+    with pytest.raises(ValueError, match=r"buffer sizes must be whole numbers >= 1, got"):
+        comparison.parse_buffer_sizes(["4", bad])
+
+
+@pytest.mark.parametrize("bad", ["0", "1", "1.5", "-0.1", "nan", "inf", "abc", "", 0.0, 1.0, 1.5, True])
+def test_parse_ema_decays_refuses_anything_outside_the_open_unit_interval(bad):
+    assert comparison.parse_ema_decays(["0.5", 0.99, "1e-3"]) == [0.5, 0.99, 0.001]
+    with pytest.raises(ValueError, match=r"EMA decays must be numbers in the open interval \(0, 1\), got"):
+        comparison.parse_ema_decays(["0.5", bad])
+
+
+def test_parse_sweeps_refuse_repeats_that_would_share_a_setting_name():
+    with pytest.raises(ValueError, match="buffer size 4 is listed twice"):
+        comparison.parse_buffer_sizes(["4", "8", "04"])
+    with pytest.raises(ValueError, match="EMA decay 0.5 is listed twice"):
+        comparison.parse_ema_decays(["0.5", "0.50"])
+
+
+@pytest.mark.parametrize("methods,buffer_sizes,ema_decays,message", [
+    ([], [], [], "methods is empty: name at least one of"),
+    (["batch", "ema", "batch"], [], [], "method 'batch' is listed twice in methods"),
+    (["buffer+ema"], [], [], "unknown method 'buffer\\+ema'"),
+    (["batch", "ema", "grpo"], [4], [], "buffer_sizes sweeps buffer memories, but methods has none: add 'buffer' or "
+                                        "METHOD\\+buffer"),
+    (["batch", "buffer", "rloo"], [], [0.5], "ema_decays sweeps EMA memories, but methods has none: add 'ema' or "
+                                             "METHOD\\+ema"),
+    (["buffer", "rloo+buffer"], [1, 4], [], "buffer_sizes must be >= 2 with 'rloo\\+buffer'"),
+    (["ema"], [], ["1.5"], "open interval \\(0, 1\\)"),
+])
+def test_check_sweep_refuses_what_would_be_ignored_or_fail_later(methods, buffer_sizes, ema_decays, message):
+    with pytest.raises(ValueError, match=message):
+        comparison.check_sweep(methods, buffer_sizes, ema_decays)
+    with pytest.raises(ValueError, match=message):  # method_settings checks first too
+        comparison.method_settings(default.get_config(), methods, buffer_sizes, ema_decays)
+
+
+def test_check_sweep_accepts_sweeps_of_the_grpo_family_memories_alone():
+    comparison.check_sweep(["rloo+buffer", "grpo+ema"], [2, 8], [0.5])
+    comparison.check_sweep(["buffer"], [1])  # the tracker's own buffer works with one slot (min_count 1)
+    names = [s.name for s in comparison.method_settings(default.get_config(), ["rloo+buffer", "grpo+ema"], [2], [0.5])]
+    assert names == ["rloo+buffer K=2 m=2", "grpo+ema 0.5"]
+
+
+def test_check_settings_and_run_comparison_refuse_a_bad_setting_before_starting_any_worker(monkeypatch, tmp_path):
+    config = default.get_config()
+    config.device = "cpu"
+    good = comparison.Setting("ema 0.5", {"stat_tracking.method": "ema", "stat_tracking.ema_decay": 0.5})
+    comparison.check_settings(config, [good])
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("run_comparison started a worker pool for settings it should have refused")
+
+    monkeypatch.setattr(comparison.concurrent.futures, "ProcessPoolExecutor", no_pool)
+    cases = [
+        ([good, comparison.Setting("ema 1.5", {"stat_tracking.method": "ema", "stat_tracking.ema_decay": 1.5})],
+         r"setting 'ema 1.5': config.stat_tracking.ema_decay must lie in \(0, 1\)"),
+        ([comparison.Setting("grpo", {"stat_tracking.method": "grpo", "stat_tracking.fallback": "rawx"})],
+         "setting 'grpo': unknown config.stat_tracking.fallback 'rawx'"),
+        ([comparison.Setting("typo", {"stat_tracking.bufer_size": 3})], "setting 'typo': .*stat_tracking.bufer_size"),
+        ([good, good], "setting names must be distinct"),
+        ([], "there is no setting to compare"),
+    ]
+    for settings, message in cases:
+        with pytest.raises(ValueError, match=message):
+            comparison.check_settings(config, settings)
+        with pytest.raises(ValueError, match=message):
+            comparison.run_comparison(config, settings, [0], str(tmp_path / "runs"), num_workers=1)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_plot_curves_of_runs_shorter_than_the_smoothing_window(tmp_path):
+    results = [comparison.RunResult("a", seed, -1.0, 0.5, [-3.0, -2.0, -1.0, -1.5, -1.0], f"/runs/a{seed}")
+               for seed in range(2)] + [_result("b", 0, -50.0)]  # 5 epochs, and 20
+    comparison.plot_curves(results, str(tmp_path / "c.png"), smoothing=10)
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
