@@ -401,3 +401,14 @@ def test_keys_past_a_crowded_first_bucket_are_found_in_their_second(algorithm):
     assert again.fresh.numel() == 0 or (again.fresh == 64).all()
     assert torch.equal(again.rows, rows.flip(0))
     assert torch.equal(table.lookup(keys), rows)
+
+
+@pytest.mark.parametrize("algorithm", EVICTIONS)
+def test_batches_that_replace_every_key_fit_the_index(algorithm):
+    table = KeyTable(512)  # each batch brings 512 new keys for 512 rows: every bucket refilled at once
+    with forced_algorithms(key_table=algorithm):
+        for step in range(20):
+            keys = torch.arange(step * 512, (step + 1) * 512) * 7919 + 13
+            table.assign(keys)
+            assert torch.equal(table.lookup(keys).sort().values, torch.arange(512))
+    assert int(table.index_overflows) == 0

@@ -236,11 +236,12 @@ class KeyTable:
     **Hash index.** Rows are found through an index of 2**k >= 4 P slots in
     buckets of W = ``BUCKET_SLOTS``; each key has two buckets (the top and
     the bottom bits of ``mix64(key)``) and enters the first while it holds
-    fewer than ``FIRST_BUCKET_LOAD`` keys, else the one with more room
-    (two-choice hashing, Azar et al. 1999, tilted to the first bucket): the
-    mean load is at most 2 of 8, so a lookup almost always reads one bucket
-    (on a CPU only the keys not found there read their second), and the
-    second choice keeps the fullest bucket near the mean. A key whose two buckets are both
+    fewer than ``FIRST_BUCKET_LOAD`` keys, else the second, else the rest of
+    the first (two-choice hashing, Azar et al. 1999, tilted to the first
+    bucket; the keys of one batch are placed in rounds that see each other):
+    the mean load is at most 2 of 8, so a lookup almost always reads one
+    bucket (on a CPU only the keys not found there read their second), and
+    the second choice keeps the fullest bucket near the mean. A key whose two buckets are both
     full cannot be indexed: it keeps its row for this update and is
     forgotten after it, as if evicted; ``index_overflows`` counts it (it
     stayed 0 in every test and benchmark, ten million keys included).
@@ -342,6 +343,10 @@ class KeyTable:
         block = self._index.view(self._num_buckets + 1, -1).index_select(0, buckets.reshape(-1))  # [C M, 2W]
         block = block.view(buckets.shape[0], buckets.shape[1], 2, self.BUCKET_SLOTS)  # [M, C, keys or rows, W]
         return block[:, :, 0], block[:, :, 1]
+
+    def _bucket_view_rows(self, buckets: torch.Tensor) -> torch.Tensor:
+        """The rows of buckets, int64 [M] in, int64 [M, W] out (-1 for an empty slot)."""
+        return self._index[:, 1].index_select(0, buckets)
 
     def _write_slots(self, slot: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor) -> None:
         """Writes keys and rows into index slots [M] (int64 [M] each)."""
@@ -513,9 +518,10 @@ class KeyTable:
     ) -> None:
         """Gives keys their rows: the rows' old keys leave the index, the keys enter it.
 
-        Each key goes to the less loaded of its two buckets (two-choice
-        hashing: the fullest bucket stays near the mean load), the first on
-        a tie; keys that pick one bucket take its free slots in their order.
+        Keys fill their first bucket up to ``FIRST_BUCKET_LOAD`` keys, then
+        their second, then the rest of their first, in three rounds that
+        each see the slots taken before; keys of one bucket in one round take
+        its free slots in their order.
 
         Args:
             mixed: int64 [M], the keys' ``mix64``.
@@ -528,28 +534,31 @@ class KeyTable:
         old_slot = self._row_slot.index_select(0, rows)  # [M]
         self._write_slots(old_slot, self._sentinel.index_select(0, old_slot // width), torch.full_like(old_slot, -1))
         buckets = self._buckets(mixed)  # [M, 2]
-        free = self._gather_buckets(buckets)[1] < 0  # [M, 2, W]
-        room = free.sum(2)  # [M, 2]
-        # The first bucket while it has room to spare, so that most keys are
-        # found there with one read; past that, the bucket with more room.
-        pick = (room[:, 0] <= self.BUCKET_SLOTS - self.FIRST_BUCKET_LOAD) & (room[:, 1] > room[:, 0])  # [M]
-        bucket = torch.where(pick, buckets[:, 1], buckets[:, 0])  # [M]
-        free = torch.where(pick.view(-1, 1), free[:, 1], free[:, 0])  # [M, W]
-        if new is not None:
-            bucket = torch.where(new, bucket, num_buckets)
-        # Rank among the keys that picked the same bucket, in their order.
-        sorted_bucket, order = torch.sort(bucket, stable=True)  # [M]
-        start = torch.searchsorted(sorted_bucket, sorted_bucket)  # [M]
-        rank = torch.empty_like(start).scatter_(0, order, torch.arange(len(order), device=self._device) - start)
-        choice = free & (free.cumsum(1) == rank.unsqueeze(1) + 1)  # [M, W], at most one True
-        column = torch.where(choice, torch.arange(width, device=self._device), -1).amax(1)  # [M]
-        placed = (column >= 0) & (bucket < num_buckets)  # [M]
-        slot = torch.where(placed, bucket * width + column, self._num_slots)  # [M]
-        self._write_slots(slot, torch.where(placed, keys, self._sentinel[-1]), torch.where(placed, rows, -1))
+        pending = torch.ones_like(keys, dtype=torch.bool) if new is None else new.clone()  # [M]
+        slot = torch.full_like(keys, self._num_slots)  # [M]
+        position = torch.arange(keys.shape[0], device=self._device)  # [M]
+        columns = torch.arange(width, device=self._device)  # [W]
+        # Three rounds, each seeing the slots the rounds before took: the first
+        # bucket up to FIRST_BUCKET_LOAD keys (so that most keys are found
+        # there with one read), then the second bucket, then the first one full.
+        for choice, limit in ((0, self.FIRST_BUCKET_LOAD), (1, width), (0, width)):
+            bucket = torch.where(pending, buckets[:, choice], num_buckets)  # [M], B: not placed in this round
+            free = self._bucket_view_rows(bucket.clamp_max(num_buckets - 1)) < 0  # [M, W]
+            # Rank among this round's keys of the same bucket, in their order.
+            sorted_bucket, order = torch.sort(bucket, stable=True)  # [M]
+            start = torch.searchsorted(sorted_bucket, sorted_bucket)  # [M]
+            rank = torch.empty_like(start).scatter_(0, order, position - start)  # [M]
+            fits = pending & (width - free.sum(1) + rank < limit)  # [M]
+            pick = free & (free.cumsum(1) == rank.unsqueeze(1) + 1)  # [M, W], at most one True
+            column = torch.where(pick, columns, -1).amax(1)  # [M]
+            taken = torch.where(fits, bucket * width + column, self._num_slots)  # [M]
+            self._write_slots(taken, torch.where(fits, keys, self._sentinel[-1]), torch.where(fits, rows, -1))
+            slot = torch.where(fits, taken, slot)
+            pending &= ~fits
         write_at(self._row_slot, rows, slot)
         write_at(self._row_key, rows, keys)
         write_at(self._row_stamp, rows, stamps)
-        self._index_overflows.add_((~placed & (bucket < num_buckets)).sum())
+        self._index_overflows.add_(pending.sum())
 
     def _queued_rows(self, wanted: int, before: torch.Tensor) -> torch.Tensor:
         """The ``wanted`` rows of least stamp, oldest first, from the queue (rebuilt if it runs out).
