@@ -10,8 +10,9 @@ DDPO-style dict tracker run on the host (benchmarks/baselines.py), the way
 the original trainer did, and prints epochs per second of the training loop
 (median of --repeats runs). The stats log is off and the only checkpoint is
 the final one, to time tracking alone.
-Sizes: "default" (64 prompts, batch 256) and "large" (100,000 prompts,
-batch 65,536, 2**20 parameters). The runs go to a temporary directory that
+Sizes: "default" (64 prompts, batch 256, the config's one thread) and
+"large" (100,000 prompts, batch 65,536, 2**20 parameters, one thread per
+core). The runs go to a temporary directory that
 is deleted afterwards, and their progress lines (training.py's logging at
 INFO) are hidden unless --verbose, or an explicit --verbosity, asks for them.
 """
@@ -38,7 +39,13 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Show every training run's progre
 
 SIZES = {
     "default": {},
-    "large": {"problem.num_prompts": 100_000, "problem.num_params": 2**20, "sample_batch_size": 65_536},
+    # Tensors of 65,536 samples split well across threads: one per core.
+    "large": {
+        "problem.num_prompts": 100_000,
+        "problem.num_params": 2**20,
+        "sample_batch_size": 65_536,
+        "num_threads": os.cpu_count() or 1,
+    },
 }
 
 
@@ -66,15 +73,20 @@ def main(argv):
                 for _ in range(_REPEATS.value):
                     tracker = None
                     if method.startswith("dict"):
-                        tracker = HostDictStatTracker(config.problem.num_prompts, config.stat_tracking.buffer_size,
-                                                      config.stat_tracking.min_count,
-                                                      device=training.resolve_device(config.device))
+                        tracker = HostDictStatTracker(
+                            config.problem.num_prompts,
+                            config.stat_tracking.buffer_size,
+                            config.stat_tracking.min_count,
+                            device=training.resolve_device(config.device),
+                        )
                     else:
                         config.stat_tracking.method = method
                     runs.append(training.train(config, logdir, tracker=tracker)["train_seconds"])
                 seconds = statistics.median(runs)
-                print(f"| {size} | {method} | {config.num_epochs} | {config.num_epochs / seconds:,.1f} | "
-                      f"{seconds:.3f} |", flush=True)
+                print(
+                    f"| {size} | {method} | {config.num_epochs} | {config.num_epochs / seconds:,.1f} | {seconds:.3f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
