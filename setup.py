@@ -25,7 +25,8 @@ setuptools.setup(
     extras_require={
         # The toy problem's training, its config files and its plots (scripts/).
         "train": ["absl-py", "ml_collections", "matplotlib"],
-        # hypothesis draws the random update sequences of tests/test_tracker_matrix.py.
-        "test": ["pytest", "hypothesis"],
+        # hypothesis draws the random update sequences of tests/test_tracker_matrix.py;
+        # ruff checks style and formatting (ruff.toml) before the tests run.
+        "test": ["pytest", "hypothesis", "ruff"],
     },
 )

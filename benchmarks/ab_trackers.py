@@ -33,8 +33,9 @@ OLD_PACKAGE = "rail_interview_at_rev"
 CASES: List[Tuple[int, int]] = [(256, 64), (4096, 1_000), (4096, 1_000_000), (32768, 4096)]
 
 _REV = flags.DEFINE_string("rev", "HEAD", "Git revision to compare the working tree against.")
-_TRACKER = flags.DEFINE_enum("tracker", "BufferStatTracker", ["BufferStatTracker", "EmaStatTracker"],
-                             "Which tracker to time.")
+_TRACKER = flags.DEFINE_enum(
+    "tracker", "BufferStatTracker", ["BufferStatTracker", "EmaStatTracker"], "Which tracker to time."
+)
 _ROUNDS = flags.DEFINE_integer("rounds", 7, "Alternating rounds; the median over rounds is reported.")
 _MIN_RUN_TIME = flags.DEFINE_float("min_run_time", 0.15, "Seconds of timed runs per version, case and round.")
 
@@ -71,8 +72,10 @@ def main(argv):
     new = importlib.import_module(f"{PACKAGE}.stat_tracking")
     with tempfile.TemporaryDirectory() as directory:
         old = import_revision(_REV.value, directory)
-        print(f"{_TRACKER.value}: {_REV.value} (old) against the working tree (new), one thread, "
-              f"medians over {_ROUNDS.value} alternating rounds")
+        print(
+            f"{_TRACKER.value}: {_REV.value} (old) against the working tree (new), one thread, "
+            f"medians over {_ROUNDS.value} alternating rounds"
+        )
         for num_samples, num_prompts in CASES:
             generator = torch.Generator().manual_seed(0)
             ids = torch.randint(num_prompts, (num_samples,), generator=generator)
@@ -90,13 +93,17 @@ def main(argv):
             for _ in range(_ROUNDS.value):
                 for version, tracker in enumerate(trackers):
                     timer = torch.utils.benchmark.Timer(
-                        stmt="update(ids, rewards)", num_threads=1,
+                        stmt="update(ids, rewards)",
+                        num_threads=1,
                         globals={"update": tracker.update, "ids": ids, "rewards": rewards},
                     )
                     times[version].append(1e3 * timer.blocked_autorange(min_run_time=_MIN_RUN_TIME.value).median)
             old_ms, new_ms = (statistics.median(t) for t in times)
-            print(f"  N={num_samples:>6} P={num_prompts:>9}: old {old_ms:.3f} ms, new {new_ms:.3f} ms, "
-                  f"new / old {new_ms / old_ms:.2f}", flush=True)
+            print(
+                f"  N={num_samples:>6} P={num_prompts:>9}: old {old_ms:.3f} ms, new {new_ms:.3f} ms, "
+                f"new / old {new_ms / old_ms:.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

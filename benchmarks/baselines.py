@@ -140,8 +140,13 @@ class HostDictStatTracker(StatTracker):
         return {}
 
 
-def python_loop_grpo(prompt_ids: torch.Tensor, rewards: torch.Tensor, eps: float = 1e-6, norm_by_std: bool = True,
-                     leave_one_out: bool = False) -> torch.Tensor:
+def python_loop_grpo(
+    prompt_ids: torch.Tensor,
+    rewards: torch.Tensor,
+    eps: float = 1e-6,
+    norm_by_std: bool = True,
+    leave_one_out: bool = False,
+) -> torch.Tensor:
     """GRPO group advantages with a Python loop, as verl and TRL-era trainers write them.
 
     The ids are read to the host once (verl keeps them there as a NumPy array
@@ -190,8 +195,14 @@ def python_loop_grpo(prompt_ids: torch.Tensor, rewards: torch.Tensor, eps: float
     return scores
 
 
-def index_add_grpo(prompt_ids: torch.Tensor, rewards: torch.Tensor, eps: float = 1e-6, norm_by_std: bool = True,
-                   leave_one_out: bool = False, num_groups: Optional[int] = None) -> torch.Tensor:
+def index_add_grpo(
+    prompt_ids: torch.Tensor,
+    rewards: torch.Tensor,
+    eps: float = 1e-6,
+    norm_by_std: bool = True,
+    leave_one_out: bool = False,
+    num_groups: Optional[int] = None,
+) -> torch.Tensor:
     """GRPO group advantages, vectorised with ``index_add_``: ``python_loop_grpo``'s twin.
 
     Group counts, sums and sums of squared deviations from the group mean

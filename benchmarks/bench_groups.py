@@ -106,28 +106,50 @@ def methods() -> List[Method]:
         Method("python_loop_grpo", lambda p: python_loop_grpo, grpo_loop),
         Method("index_add_grpo (reads P)", lambda p: index_add_grpo, grpo_loop),
         Method("index_add_grpo (P given)", lambda p: functools.partial(index_add_grpo, num_groups=p), grpo_loop),
-        Method("presets.trl_grpo(group)",
-               lambda p: presets.trl_grpo(p, scale_rewards="group", check_values=False).update,
-               functools.partial(python_loop_grpo, eps=1e-4)),
-        Method("presets.trl_grpo(batch)",
-               lambda p: presets.trl_grpo(p, scale_rewards="batch", check_values=False).update,
-               functools.partial(_loop_over_batch_std, ddof=1, eps=1e-4)),
-        Method("presets.trl_grpo(none)",
-               lambda p: presets.trl_grpo(p, scale_rewards="none", check_values=False).update,
-               functools.partial(python_loop_grpo, norm_by_std=False)),
+        Method(
+            "presets.trl_grpo(group)",
+            lambda p: presets.trl_grpo(p, scale_rewards="group", check_values=False).update,
+            functools.partial(python_loop_grpo, eps=1e-4),
+        ),
+        Method(
+            "presets.trl_grpo(batch)",
+            lambda p: presets.trl_grpo(p, scale_rewards="batch", check_values=False).update,
+            functools.partial(_loop_over_batch_std, ddof=1, eps=1e-4),
+        ),
+        Method(
+            "presets.trl_grpo(none)",
+            lambda p: presets.trl_grpo(p, scale_rewards="none", check_values=False).update,
+            functools.partial(python_loop_grpo, norm_by_std=False),
+        ),
         Method("presets.verl_grpo", lambda p: presets.verl_grpo(p, check_values=False).update, grpo_loop),
-        Method("presets.verl_rloo", lambda p: presets.verl_rloo(p, check_values=False).update,
-               functools.partial(python_loop_grpo, leave_one_out=True)),
-        Method("presets.flow_grpo", lambda p: presets.flow_grpo(p, check_values=False).update,
-               functools.partial(_loop_over_batch_std, ddof=0, eps=1e-4)),
-        Method("AdvantageTracker(buffer, K=32, GRPO)",
-               lambda p: AdvantageTracker(p, "buffer", buffer_size=32, baseline="prompt_mean", scale="prompt_std",
-                                          ddof=1, check_values=False).update,
-               grpo_loop),
-        Method("AdvantageTracker(ema, decay=0.7, GRPO)",
-               lambda p: AdvantageTracker(p, "ema", decay=0.7, baseline="prompt_mean", scale="prompt_std",
-                                          ddof=1, check_values=False).update,
-               None),
+        Method(
+            "presets.verl_rloo",
+            lambda p: presets.verl_rloo(p, check_values=False).update,
+            functools.partial(python_loop_grpo, leave_one_out=True),
+        ),
+        Method(
+            "presets.flow_grpo",
+            lambda p: presets.flow_grpo(p, check_values=False).update,
+            functools.partial(_loop_over_batch_std, ddof=0, eps=1e-4),
+        ),
+        Method(
+            "AdvantageTracker(buffer, K=32, GRPO)",
+            lambda p: (
+                AdvantageTracker(
+                    p, "buffer", buffer_size=32, baseline="prompt_mean", scale="prompt_std", ddof=1, check_values=False
+                ).update
+            ),
+            grpo_loop,
+        ),
+        Method(
+            "AdvantageTracker(ema, decay=0.7, GRPO)",
+            lambda p: (
+                AdvantageTracker(
+                    p, "ema", decay=0.7, baseline="prompt_mean", scale="prompt_std", ddof=1, check_values=False
+                ).update
+            ),
+            None,
+        ),
     ]
 
 
@@ -172,8 +194,11 @@ def check_method(method: Method, num_samples: int, group_size: int) -> Tuple[Dic
         max_diff = (first[0] - method.expected(*batches[0])).abs().max().item()
     ids, rewards = batches[0]
     call = lambda: update(ids, rewards)  # noqa: E731
-    figures = {"syncs": count_syncs(call), "bitwise": all(torch.equal(a, b) for a, b in zip(first, second)),
-               "max_diff": max_diff}
+    figures = {
+        "syncs": count_syncs(call),
+        "bitwise": all(torch.equal(a, b) for a, b in zip(first, second)),
+        "max_diff": max_diff,
+    }
     return figures, call
 
 
@@ -212,10 +237,18 @@ def run_benchmark(sizes: List[Tuple[int, int]], min_run_time: float, rounds: int
         calls = []
         for method in methods():
             figures, call = check_method(method, num_samples, group_size)
-            rows.append({"N": num_samples, "G": group_size, "P": num_samples // group_size, "method": method.name,
-                         **figures, "rounds_ms": []})
+            rows.append(
+                {
+                    "N": num_samples,
+                    "G": group_size,
+                    "P": num_samples // group_size,
+                    "method": method.name,
+                    **figures,
+                    "rounds_ms": [],
+                }
+            )
             calls.append(call)
-        size_rows = rows[-len(calls):]
+        size_rows = rows[-len(calls) :]
         for _ in range(rounds):
             for row, call in zip(size_rows, calls):
                 row["rounds_ms"].append(time_call(call, min_run_time))
@@ -234,8 +267,18 @@ def format_table(rows: List[Dict[str, object]]) -> str:
     Returns:
         The table.
     """
-    header = ["N", "G", "P", "method", "ms / update", "loop / this", "this / index_add", "host syncs / update",
-              "bitwise run to run", f"max abs diff vs loop (<= {TOLERANCE:g})"]
+    header = [
+        "N",
+        "G",
+        "P",
+        "method",
+        "ms / update",
+        "loop / this",
+        "this / index_add",
+        "host syncs / update",
+        "bitwise run to run",
+        f"max abs diff vs loop (<= {TOLERANCE:g})",
+    ]
     lines = ["| " + " | ".join(header) + " |", "| ---: | ---: | ---: | :--- |" + " ---: |" * 4 + " :---: | ---: |"]
     baseline_ms = {(row["N"], row["method"]): row["ms"] for row in rows}
     for row in rows:
@@ -243,9 +286,18 @@ def format_table(rows: List[Dict[str, object]]) -> str:
         index_add_ms = baseline_ms[(row["N"], "index_add_grpo (reads P)")]
         diff = row["max_diff"]
         diff_cell = "n/a" if diff is None else f"{diff:.1e} {'ok' if diff <= TOLERANCE else 'DIFFERS'}"
-        cells = [f"{row['N']:,}", str(row["G"]), f"{row['P']:,}", row["method"], f"{row['ms']:.4g}",
-                 f"{loop_ms / row['ms']:.1f}x", f"{row['ms'] / index_add_ms:.2f}", str(row["syncs"]),
-                 "yes" if row["bitwise"] else "NO", diff_cell]
+        cells = [
+            f"{row['N']:,}",
+            str(row["G"]),
+            f"{row['P']:,}",
+            row["method"],
+            f"{row['ms']:.4g}",
+            f"{loop_ms / row['ms']:.1f}x",
+            f"{row['ms'] / index_add_ms:.2f}",
+            str(row["syncs"]),
+            "yes" if row["bitwise"] else "NO",
+            diff_cell,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -260,8 +312,10 @@ def main(argv: List[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     torch.set_num_threads(1)
     min_run_time = min(_MIN_RUN_TIME.value, 0.01) if _QUICK.value else _MIN_RUN_TIME.value
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"1 thread, device cpu")
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"1 thread, device cpu"
+    )
     print(machine)
     rounds = 1 if _QUICK.value else _ROUNDS.value
     rows = run_benchmark(SIZES["quick" if _QUICK.value else "full"], min_run_time, rounds)
@@ -270,9 +324,11 @@ def main(argv: List[str]) -> None:
     if _OUT.value:
         command = " ".join(["python", os.path.relpath(sys.argv[0])] + sys.argv[1:])
         with open(_OUT.value, "w", encoding="utf-8") as f:
-            f.write(f"# GRPO group advantages, one update (CPU)\n\n{datetime.date.today().isoformat()}, {machine}, "
-                    f"median over {rounds} round(s) of {min_run_time:g} s or more per method.\n"
-                    f"Command: `{command}`\n\n{table}\n")
+            f.write(
+                f"# GRPO group advantages, one update (CPU)\n\n{datetime.date.today().isoformat()}, {machine}, "
+                f"median over {rounds} round(s) of {min_run_time:g} s or more per method.\n"
+                f"Command: `{command}`\n\n{table}\n"
+            )
         print(f"Wrote {_OUT.value}")
 
 

@@ -44,8 +44,12 @@ flags.DEFINE_integer("rounds", 5, "Rounds of the grid, taking turns over the tra
 flags.DEFINE_integer("stream_keys", 10_000_000, "Distinct keys in the stream.")
 flags.DEFINE_integer("stream_rows", 1_000_000, "Rows of the table the stream goes through.")
 flags.DEFINE_integer("stream_batch", 4096, "N, samples per update of the stream.")
-flags.DEFINE_string("out", None, "Path prefix of the .json and .md results; by default keys_cpu in a fresh temporary "
-                    "directory. The committed results: --out=benchmarks/results/keys_cpu.")
+flags.DEFINE_string(
+    "out",
+    None,
+    "Path prefix of the .json and .md results; by default keys_cpu in a fresh temporary "
+    "directory. The committed results: --out=benchmarks/results/keys_cpu.",
+)
 
 GRID = [(256, 64, 32), (32768, 4096, 32), (4096, 1_000, 32), (4096, 1_000_000, 32)]
 TRACKERS: Dict[str, Callable] = {
@@ -82,10 +86,23 @@ def grid(rounds: int) -> List[dict]:
                 times["ids"].append(_median_ms(lambda: by_id.update(ids, rewards)))
                 times["hashed"].append(_median_ms(lambda: hashed.update(keys, rewards)))
             ids_ms, hashed_ms = statistics.median(times["ids"]), statistics.median(times["hashed"])
-            rows.append(dict(tracker=name, N=num_samples, P=num_prompts, K=buffer_size, ids_ms=ids_ms,
-                             hashed_ms=hashed_ms, ratio=hashed_ms / ids_ms, rounds=times))
-            print(f"{name:7s} N={num_samples:6d} P={num_prompts:8d}: ids {ids_ms:.3f} ms, hashed {hashed_ms:.3f} ms, "
-                  f"ratio {hashed_ms / ids_ms:.2f}", flush=True)
+            rows.append(
+                dict(
+                    tracker=name,
+                    N=num_samples,
+                    P=num_prompts,
+                    K=buffer_size,
+                    ids_ms=ids_ms,
+                    hashed_ms=hashed_ms,
+                    ratio=hashed_ms / ids_ms,
+                    rounds=times,
+                )
+            )
+            print(
+                f"{name:7s} N={num_samples:6d} P={num_prompts:8d}: ids {ids_ms:.3f} ms, hashed {hashed_ms:.3f} ms, "
+                f"ratio {hashed_ms / ids_ms:.2f}",
+                flush=True,
+            )
     return rows
 
 
@@ -94,8 +111,15 @@ def _state_bytes(tracker) -> int:
     tensors = list(tracker._memory.state_tensors().values())  # pylint: disable=protected-access
     table = tracker._table  # pylint: disable=protected-access
     if table is not None:
-        tensors += [table._index, table._row_key, table._row_stamp, table._row_slot, table._clock,
-                    table._queue_rows, table._queue_stamps]
+        tensors += [
+            table._index,
+            table._row_key,
+            table._row_stamp,
+            table._row_slot,
+            table._clock,
+            table._queue_rows,
+            table._queue_stamps,
+        ]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -114,13 +138,23 @@ def stream(num_keys: int, num_rows: int, num_samples: int) -> dict:
     assert int(tracker._table.index_overflows) == 0
     held, used = tracker.table_keys()
     assert int(used.sum()) == num_rows and int(held[used].max()) == (start + num_samples - 1) * 7919 + 13
-    result = dict(keys=num_keys, rows=num_rows, N=num_samples, updates=len(times),
-                  median_ms=statistics.median(times) * 1e3, mean_ms=statistics.mean(times) * 1e3,
-                  max_ms=max(times) * 1e3, state_bytes=_state_bytes(tracker), id_state_bytes=_state_bytes(by_id),
-                  peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    print(f"stream: {result['updates']} updates, median {result['median_ms']:.2f} ms, mean {result['mean_ms']:.2f} ms, "
-          f"state {result['state_bytes'] / 2**20:.0f} MiB (ids: {result['id_state_bytes'] / 2**20:.0f} MiB)",
-          flush=True)
+    result = dict(
+        keys=num_keys,
+        rows=num_rows,
+        N=num_samples,
+        updates=len(times),
+        median_ms=statistics.median(times) * 1e3,
+        mean_ms=statistics.mean(times) * 1e3,
+        max_ms=max(times) * 1e3,
+        state_bytes=_state_bytes(tracker),
+        id_state_bytes=_state_bytes(by_id),
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    )
+    print(
+        f"stream: {result['updates']} updates, median {result['median_ms']:.2f} ms, mean {result['mean_ms']:.2f} ms, "
+        f"state {result['state_bytes'] / 2**20:.0f} MiB (ids: {result['id_state_bytes'] / 2**20:.0f} MiB)",
+        flush=True,
+    )
     return result
 
 
@@ -130,29 +164,45 @@ def key_functions() -> dict:
     generator = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, 49408, (4096, 77), generator=generator)
     mask = torch.arange(77) < torch.randint(5, 77, (4096, 1), generator=generator)
-    result = dict(prompt_keys_ms=_median_ms(lambda: prompt_keys(prompts)),
-                  token_keys_ms=_median_ms(lambda: token_keys(tokens, mask)))
-    print(f"prompt_keys(4096 strings) {result['prompt_keys_ms']:.2f} ms, "
-          f"token_keys([4096, 77]) {result['token_keys_ms']:.2f} ms", flush=True)
+    result = dict(
+        prompt_keys_ms=_median_ms(lambda: prompt_keys(prompts)),
+        token_keys_ms=_median_ms(lambda: token_keys(tokens, mask)),
+    )
+    print(
+        f"prompt_keys(4096 strings) {result['prompt_keys_ms']:.2f} ms, "
+        f"token_keys([4096, 77]) {result['token_keys_ms']:.2f} ms",
+        flush=True,
+    )
     return result
 
 
 def markdown(results: dict) -> str:
     """The results as the Markdown tables the README quotes."""
-    lines = ["| tracker | N | P | K | ids (ms) | hashed (ms) | hashed / ids |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| tracker | N | P | K | ids (ms) | hashed (ms) | hashed / ids |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for row in results["grid"]:
-        lines.append(f"| {row['tracker']} | {row['N']:,} | {row['P']:,} | {row['K']} | {row['ids_ms']:.3f} | "
-                     f"{row['hashed_ms']:.3f} | {row['ratio']:.2f} |")
+        lines.append(
+            f"| {row['tracker']} | {row['N']:,} | {row['P']:,} | {row['K']} | {row['ids_ms']:.3f} | "
+            f"{row['hashed_ms']:.3f} | {row['ratio']:.2f} |"
+        )
     s = results["stream"]
-    lines += ["", "| stream | updates | median (ms) | mean (ms) | max (ms) | state (MiB) | id tracker's state (MiB) "
-              "| peak RSS (MiB) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-              f"| {s['keys']:,} keys through {s['rows']:,} rows, N = {s['N']} | {s['updates']:,} | "
-              f"{s['median_ms']:.2f} | {s['mean_ms']:.2f} | {s['max_ms']:.1f} | {s['state_bytes'] / 2**20:.0f} | "
-              f"{s['id_state_bytes'] / 2**20:.0f} | {s['peak_rss_bytes'] / 2**20:.0f} |"]
+    lines += [
+        "",
+        "| stream | updates | median (ms) | mean (ms) | max (ms) | state (MiB) | id tracker's state (MiB) "
+        "| peak RSS (MiB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| {s['keys']:,} keys through {s['rows']:,} rows, N = {s['N']} | {s['updates']:,} | "
+        f"{s['median_ms']:.2f} | {s['mean_ms']:.2f} | {s['max_ms']:.1f} | {s['state_bytes'] / 2**20:.0f} | "
+        f"{s['id_state_bytes'] / 2**20:.0f} | {s['peak_rss_bytes'] / 2**20:.0f} |",
+    ]
     k = results["key_functions"]
-    lines += ["", f"`prompt_keys` of 4096 strings: {k['prompt_keys_ms']:.2f} ms; "
-              f"`token_keys` of [4096, 77] tokens: {k['token_keys_ms']:.2f} ms."]
+    lines += [
+        "",
+        f"`prompt_keys` of 4096 strings: {k['prompt_keys_ms']:.2f} ms; "
+        f"`token_keys` of [4096, 77] tokens: {k['token_keys_ms']:.2f} ms.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -160,10 +210,16 @@ def main(argv: List[str]) -> None:
     """Runs the three measurements and writes the results."""
     del argv
     torch.set_num_threads(1)
-    results = dict(machine=platform.platform(), processor=platform.processor(), python=sys.version.split()[0],
-                   torch=torch.__version__, threads=torch.get_num_threads(), grid=grid(FLAGS.rounds),
-                   key_functions=key_functions(),
-                   stream=stream(FLAGS.stream_keys, FLAGS.stream_rows, FLAGS.stream_batch))
+    results = dict(
+        machine=platform.platform(),
+        processor=platform.processor(),
+        python=sys.version.split()[0],
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        grid=grid(FLAGS.rounds),
+        key_functions=key_functions(),
+        stream=stream(FLAGS.stream_keys, FLAGS.stream_rows, FLAGS.stream_batch),
+    )
     out = FLAGS.out or os.path.join(tempfile.mkdtemp(prefix="rail_interview_keys_"), "keys_cpu")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out + ".json", "w", encoding="utf-8") as file:

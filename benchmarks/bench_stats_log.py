@@ -38,8 +38,10 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # train() logs its progress at INFO
     base = _CONFIG.value
     every = base.stats_log.every or 1
-    print(f"stats log every {every} epoch(s), up to {base.stats_log.max_prompts} prompts; "
-          f"{base.num_epochs} epochs, medians of {_REPEATS.value} runs")
+    print(
+        f"stats log every {every} epoch(s), up to {base.stats_log.max_prompts} prompts; "
+        f"{base.num_epochs} epochs, medians of {_REPEATS.value} runs"
+    )
     print("| method | loop s, log off | loop s, log on | overhead |")
     print("| --- | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as logdir:

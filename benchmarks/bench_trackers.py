@@ -69,8 +69,13 @@ _MIN_RUN_TIME = flags.DEFINE_float("min_run_time", 0.4, "Seconds of timed runs p
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of timing over all trackers; the median over rounds is reported.")
 _COMPILE = flags.DEFINE_bool("compile", False, "Also time torch.compile(update) of the buffer tracker.")
 _BASELINES = flags.DEFINE_bool("baselines", True, "Time the ddpo and reference dict trackers too.")
-_OUT = flags.DEFINE_string("out", None, "Directory for the JSON results (default: a fresh temporary directory; "
-                           "--out=benchmarks/results regenerates the committed ones); empty to write none.")
+_OUT = flags.DEFINE_string(
+    "out",
+    None,
+    "Directory for the JSON results (default: a fresh temporary directory; "
+    "--out=benchmarks/results regenerates the committed ones); empty to write none.",
+)
+
 
 def min_count_for(buffer_size: int) -> int:
     """min_count used with a buffer of K slots: 16, or K / 2 for small buffers."""
@@ -105,11 +110,15 @@ def check_agreement(num_samples: int, num_prompts: int, buffer_size: int, device
         ids, rewards = _batch(num_samples, num_prompts, seed)
         expected = np.asarray(reference.update(ids.tolist(), rewards.tolist()))
         np.testing.assert_allclose(ddpo.update(ids.numpy(), rewards.numpy()), expected, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(buffer.update(ids.to(device), rewards.to(device)).cpu().numpy(), expected,
-                                   rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(ema.update(ids.to(device), rewards.to(device)).cpu().numpy(),
-                                   np.asarray(ema_reference.update(ids.tolist(), rewards.tolist())),
-                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            buffer.update(ids.to(device), rewards.to(device)).cpu().numpy(), expected, rtol=1e-4, atol=1e-4
+        )
+        np.testing.assert_allclose(
+            ema.update(ids.to(device), rewards.to(device)).cpu().numpy(),
+            np.asarray(ema_reference.update(ids.tolist(), rewards.tolist())),
+            rtol=1e-4,
+            atol=1e-4,
+        )
 
 
 def time_cpu(fn: Callable[[], object], threads: int, min_run_time: float) -> float:
@@ -190,8 +199,11 @@ def run_case(num_samples: int, num_prompts: int, buffer_size: int, device: torch
     ids, rewards = _batch(num_samples, num_prompts, seed=10)
     on_device = ids.to(device), rewards.to(device)
     min_run_time = _MIN_RUN_TIME.value
-    timer = ((lambda fn: time_cuda(fn, min_run_time)) if device.type == "cuda"
-             else (lambda fn: time_cpu(fn, _THREADS.value, min_run_time)))
+    timer = (
+        (lambda fn: time_cuda(fn, min_run_time))
+        if device.type == "cuda"
+        else (lambda fn: time_cpu(fn, _THREADS.value, min_run_time))
+    )
     result: Dict[str, object] = {"N": num_samples, "P": num_prompts, "K": buffer_size}
 
     def warmed(tracker):
@@ -207,14 +219,16 @@ def run_case(num_samples: int, num_prompts: int, buffer_size: int, device: torch
     ema = warmed(EmaStatTracker(num_prompts, 0.9, min_count_for(buffer_size), device=device))
     calls["ema_ms"] = (lambda: ema.update(*on_device)), timer
     if _COMPILE.value:
-        compiled_tracker = warmed(BufferStatTracker(num_prompts, buffer_size, min_count_for(buffer_size), device=device,
-                                                    check_values=False))
+        compiled_tracker = warmed(
+            BufferStatTracker(num_prompts, buffer_size, min_count_for(buffer_size), device=device, check_values=False)
+        )
         compiled = torch.compile(compiled_tracker.update, fullgraph=True, dynamic=False)
         compiled(*on_device)  # compile outside the timed region
         calls["buffer_compiled_ms"] = (lambda: compiled(*on_device)), timer
     if device.type == "cuda":
-        graphed = BufferStatTracker(num_prompts, buffer_size, min_count_for(buffer_size), device=device,
-                                    check_values=False)
+        graphed = BufferStatTracker(
+            num_prompts, buffer_size, min_count_for(buffer_size), device=device, check_values=False
+        )
         calls["buffer_graph_ms"] = _graphed_update(graphed, *on_device), timer
     if _BASELINES.value:
         ddpo = DdpoStyleStatTracker(buffer_size, min_count_for(buffer_size))
@@ -258,8 +272,20 @@ def format_table(rows: List[Dict[str, object]]) -> str:
     Returns:
         The table.
     """
-    columns = [c for c in ("ddpo_ms", "reference_ms", "buffer_ms", "ema_ms", "buffer_compiled_ms",
-                           "buffer_graph_ms", "state_mb", "update_peak_extra_mb") if c in rows[0]]
+    columns = [
+        c
+        for c in (
+            "ddpo_ms",
+            "reference_ms",
+            "buffer_ms",
+            "ema_ms",
+            "buffer_compiled_ms",
+            "buffer_graph_ms",
+            "state_mb",
+            "update_peak_extra_mb",
+        )
+        if c in rows[0]
+    ]
     header = ["N", "P", "K"] + [c.replace("_ms", " ms").replace("_mb", " MB").replace("_", " ") for c in columns]
     ratios = [("ddpo_ms", "buffer_ms"), ("reference_ms", "buffer_ms"), ("ddpo_ms", "ema_ms")]
     ratios = [r for r in ratios if r[0] in rows[0]]
@@ -300,13 +326,18 @@ def main(argv):
     torch.set_num_threads(_THREADS.value)
     device = torch.empty(0, device=_DEVICE.value).device
     machine = _machine(device)
-    print(f"{machine['gpu'] if 'gpu' in machine else machine['processor']}, torch {torch.__version__}, "
-          f"{_THREADS.value} thread(s), device {device}")
+    print(
+        f"{machine['gpu'] if 'gpu' in machine else machine['processor']}, torch {torch.__version__}, "
+        f"{_THREADS.value} thread(s), device {device}"
+    )
     rows = []
     for num_samples, num_prompts, buffer_size in GRIDS[_GRID.value]:
         rows.append(run_case(num_samples, num_prompts, buffer_size, device))
-        print(f"  N={num_samples} P={num_prompts} K={buffer_size}: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if k.endswith("_ms")), flush=True)
+        print(
+            f"  N={num_samples} P={num_prompts} K={buffer_size}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if k.endswith("_ms")),
+            flush=True,
+        )
     print(format_table(rows))
     if _OUT.value != "":
         out = tempfile.mkdtemp(prefix="rail_interview_bench_trackers_") if _OUT.value is None else _OUT.value
@@ -314,8 +345,17 @@ def main(argv):
         tag = re.sub(r"[^a-z0-9]+", "-", str(machine.get("gpu", device.type)).lower()).strip("-")
         path = os.path.join(out, f"trackers_{tag}_{_GRID.value}.json")
         with open(path, "w", encoding="utf-8") as f:
-            json.dump({"date": datetime.date.today().isoformat(), "grid": _GRID.value, "machine": machine,
-                       "command": " ".join(sys.argv), "results": rows}, f, indent=2)
+            json.dump(
+                {
+                    "date": datetime.date.today().isoformat(),
+                    "grid": _GRID.value,
+                    "machine": machine,
+                    "command": " ".join(sys.argv),
+                    "results": rows,
+                },
+                f,
+                indent=2,
+            )
         print(f"Wrote {path}")
 
 

@@ -106,15 +106,18 @@ CUDA_TESTS_MARK = "skipif(reason='needs a CUDA device')"
 FULL_TRAINING_EPOCHS = 1000
 FINAL_REWARD_FLOOR = -20.0
 
-_DEVICE = flags.DEFINE_enum("device", None, ["cuda", "cpu"],
-                            "Device to check; unset means cuda. cpu is a dry run of the same code.")
+_DEVICE = flags.DEFINE_enum(
+    "device", None, ["cuda", "cpu"], "Device to check; unset means cuda. cpu is a dry run of the same code."
+)
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny tracker sizes, 20 training epochs and the quick benchmark grid.")
 _CHECKS = flags.DEFINE_list("checks", list(CHECK_GROUPS), f"Check groups to run, from: {', '.join(CHECK_GROUPS)}.")
-flags.register_validator("checks", lambda groups: set(groups) <= set(CHECK_GROUPS),
-                         f"--checks takes names from: {', '.join(CHECK_GROUPS)}")
+flags.register_validator(
+    "checks", lambda groups: set(groups) <= set(CHECK_GROUPS), f"--checks takes names from: {', '.join(CHECK_GROUPS)}"
+)
 _TIMEOUT = flags.DEFINE_integer("timeout", 300, "Seconds each subprocess (pytest, train.py, benchmark) may run.")
-_OUT = flags.DEFINE_string("out", os.path.join(REPO_ROOT, "benchmarks", "results"),
-                           "Directory for the report and the benchmark's JSON.")
+_OUT = flags.DEFINE_string(
+    "out", os.path.join(REPO_ROOT, "benchmarks", "results"), "Directory for the report and the benchmark's JSON."
+)
 
 
 class CheckFailed(Exception):
@@ -178,8 +181,13 @@ def run_check(name: str, check: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
     finally:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.set_sync_debug_mode("default")
-    return {"name": name, "passed": passed, "reason": reason, "seconds": round(time.perf_counter() - start, 3),
-            "details": details}
+    return {
+        "name": name,
+        "passed": passed,
+        "reason": reason,
+        "seconds": round(time.perf_counter() - start, 3),
+        "details": details,
+    }
 
 
 def _tail(text: str, lines: int = 30, chars: int = 4000) -> str:
@@ -199,31 +207,46 @@ def _display(command: List[str]) -> str:
 #: Tracker factories by name; every one is built with check_values=False, the sync-free hot path.
 TRACKERS: Dict[str, Callable[[int, int, torch.device], StatTracker]] = {
     "buffer": lambda num_prompts, buffer_size, device: BufferStatTracker(
-        num_prompts, buffer_size, max(1, min(16, buffer_size // 2)), device=device, check_values=False),
+        num_prompts, buffer_size, max(1, min(16, buffer_size // 2)), device=device, check_values=False
+    ),
     "ema": lambda num_prompts, buffer_size, device: EmaStatTracker(
-        num_prompts, 0.7, max(1, min(16, buffer_size // 2)), device=device, check_values=False),
-    "batch": lambda num_prompts, buffer_size, device: BatchStatTracker(
-        num_prompts, device=device, check_values=False),
+        num_prompts, 0.7, max(1, min(16, buffer_size // 2)), device=device, check_values=False
+    ),
+    "batch": lambda num_prompts, buffer_size, device: BatchStatTracker(num_prompts, device=device, check_values=False),
     # The GRPO family: TRL's in-batch GRPO (NaN as unscorable, the spare row
     # for invalid samples) and RLOO over a buffer.
     "trl_grpo": lambda num_prompts, buffer_size, device: presets.trl_grpo(
-        num_prompts, device=device, check_values=False),
+        num_prompts, device=device, check_values=False
+    ),
     "rloo_buffer": lambda num_prompts, buffer_size, device: presets.verl_rloo(
-        num_prompts, memory="buffer", buffer_size=buffer_size, min_count=max(2, min(16, buffer_size // 2)),
-        fallback="batch", device=device, check_values=False),
+        num_prompts,
+        memory="buffer",
+        buffer_size=buffer_size,
+        min_count=max(2, min(16, buffer_size // 2)),
+        fallback="batch",
+        device=device,
+        check_values=False,
+    ),
     # Hashed keys: the LRU key table's fixed-shape path (top-k eviction). The
     # ids in [0, P) are keys like any others; half the table's rows, so that
     # keys are evicted and batches can overflow.
     "hashed_buffer": lambda num_prompts, buffer_size, device: BufferStatTracker(
-        max(1, num_prompts // 2), buffer_size, max(1, min(16, buffer_size // 2)), device=device,
-        check_values=False, keys="hashed"),
+        max(1, num_prompts // 2),
+        buffer_size,
+        max(1, min(16, buffer_size // 2)),
+        device=device,
+        check_values=False,
+        keys="hashed",
+    ),
     "hashed_grpo": lambda num_prompts, buffer_size, device: presets.trl_grpo(
-        max(1, num_prompts // 2), memory="ema", device=device, check_values=False, keys="hashed"),
+        max(1, num_prompts // 2), memory="ema", device=device, check_values=False, keys="hashed"
+    ),
 }
 
 
-def random_batches(num_batches: int, num_samples: int, num_prompts: int, *, seed: int,
-                   device: torch.device) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+def random_batches(
+    num_batches: int, num_samples: int, num_prompts: int, *, seed: int, device: torch.device
+) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """Draws batches uniformly over the prompts, on the host, then moves them.
 
     Args:
@@ -271,8 +294,9 @@ def check_sync_free(kind: str, size: Tuple[int, int, int], device: torch.device)
     batches = random_batches(6, num_samples, num_prompts, seed=0, device=device)
     for ids, rewards in batches[:3]:  # warm-up: partly full buffers, lazy CUDA initialisation done
         tracker.update(ids, rewards)
-    choices = [{}] + [{operation: algorithm} for operation, algorithms in ops.ALGORITHMS.items()
-                      for algorithm in algorithms]
+    choices = [{}] + [
+        {operation: algorithm} for operation, algorithms in ops.ALGORITHMS.items() for algorithm in algorithms
+    ]
     outcomes: Dict[str, str] = {}
     for choice in choices:
         label = ",".join(f"{op}={algo}" for op, algo in choice.items()) or "automatic"
@@ -292,8 +316,10 @@ def check_sync_free(kind: str, size: Tuple[int, int, int], device: torch.device)
         finite = all(bool(torch.isfinite(a).all()) for a in advantages)
         outcomes[label] = "ok" if finite else "an advantage is not finite"
     if device.type != "cuda":
-        raise CheckSkipped("needs CUDA (torch.cuda.set_sync_debug_mode); the same updates ran on cpu without it",
-                           {"updates_run": len(choices) * (len(batches) - 3), "algorithms": outcomes})
+        raise CheckSkipped(
+            "needs CUDA (torch.cuda.set_sync_debug_mode); the same updates ran on cpu without it",
+            {"updates_run": len(choices) * (len(batches) - 3), "algorithms": outcomes},
+        )
     failed = {label: outcome for label, outcome in outcomes.items() if outcome != "ok"}
     if failed:
         raise CheckFailed(f"not sync-free or not finite: {failed}", {"algorithms": outcomes})
@@ -363,9 +389,12 @@ def check_cuda_graph(kind: str, size: Tuple[int, int, int], device: torch.device
     for name, tensor in eager_state.items():
         torch.testing.assert_close(graphed_state[name], tensor, msg=lambda m, n=name: f"state {n!r}: {m}")
         bitwise = bitwise and torch.equal(graphed_state[name], tensor)
-    return {"replays": len(batches), "bitwise_equal": bitwise,
-            "eager_update_ms": _cuda_ms(lambda: eager.update(static_ids, static_rewards)),
-            "graph_replay_ms": _cuda_ms(graph.replay)}
+    return {
+        "replays": len(batches),
+        "bitwise_equal": bitwise,
+        "eager_update_ms": _cuda_ms(lambda: eager.update(static_ids, static_rewards)),
+        "graph_replay_ms": _cuda_ms(graph.replay),
+    }
 
 
 def check_determinism(kind: str, size: Tuple[int, int, int], device: torch.device) -> Dict[str, Any]:
@@ -393,8 +422,9 @@ def check_determinism(kind: str, size: Tuple[int, int, int], device: torch.devic
     (first_advantages, first_state), (second_advantages, second_state) = runs
     for step, (a, b) in enumerate(zip(first_advantages, second_advantages)):
         if not torch.equal(a, b):
-            raise CheckFailed(f"advantages of batch {step} differ between two runs, by up to "
-                              f"{(a - b).abs().max().item():.3g}")
+            raise CheckFailed(
+                f"advantages of batch {step} differ between two runs, by up to {(a - b).abs().max().item():.3g}"
+            )
     for name, tensor in first_state.items():
         if not torch.equal(tensor, second_state[name]):
             raise CheckFailed(f"state {name!r} differs between two runs")
@@ -402,6 +432,7 @@ def check_determinism(kind: str, size: Tuple[int, int, int], device: torch.devic
 
 
 # ---------------------------------------------------------------- subprocesses
+
 
 def _run(command: List[str], device: torch.device) -> Tuple[str, float]:
     """Runs a command from the repository root and returns its output.
@@ -422,8 +453,9 @@ def _run(command: List[str], device: torch.device) -> Tuple[str, float]:
     start = time.perf_counter()
     details: Dict[str, Any] = {"command": _display(command)}
     try:
-        result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                                timeout=_TIMEOUT.value, check=False)
+        result = subprocess.run(
+            command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=_TIMEOUT.value, check=False
+        )
     except subprocess.TimeoutExpired as error:
         partial = (error.stdout or b"") + (error.stderr or b"")
         details["output_tail"] = _tail(partial.decode(errors="replace") if isinstance(partial, bytes) else partial)
@@ -448,18 +480,36 @@ def check_cuda_tests(device: torch.device) -> Dict[str, Any]:
         CheckFailed: when pytest fails, finds no CUDA test, or skips one on CUDA.
         CheckSkipped: on a CPU, when every CUDA test skipped.
     """
-    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", CUDA_TESTS_MARK,
-               os.path.join(REPO_ROOT, "tests")]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-rs",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        CUDA_TESTS_MARK,
+        os.path.join(REPO_ROOT, "tests"),
+    ]
     try:
         output, _ = _run(command, device)
     except CheckFailed as failure:
         if "exit status 5" in str(failure):  # pytest: no test collected
             raise CheckFailed(f"no test in tests/ is marked {CUDA_TESTS_MARK}", failure.details) from None
         raise
-    summary = next((line.strip("= ") for line in reversed(output.splitlines())
-                    if re.search(r"\d+ (passed|failed|skipped|deselected|errors?)", line)), "")
-    counts = {word.rstrip("s"): int(number) for number, word in
-              re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed)", summary)}
+    summary = next(
+        (
+            line.strip("= ")
+            for line in reversed(output.splitlines())
+            if re.search(r"\d+ (passed|failed|skipped|deselected|errors?)", line)
+        ),
+        "",
+    )
+    counts = {
+        word.rstrip("s"): int(number)
+        for number, word in re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed)", summary)
+    }
     details = {"command": _display(command), "summary": summary, "counts": counts}
     if device.type != "cuda":
         raise CheckSkipped(f"needs CUDA: the {counts.get('skipped', 0)} CUDA tests skipped on cpu", details)
@@ -504,9 +554,14 @@ def check_train(method: str, device: torch.device, num_epochs: int) -> Dict[str,
     summaries, outputs = [], []
     with tempfile.TemporaryDirectory() as logdir:
         for run in range(2):
-            command = [sys.executable, os.path.join(REPO_ROOT, "scripts", "train.py"),
-                       f"--config.device={device.type}", f"--config.stat_tracking.method={method}",
-                       f"--config.num_epochs={num_epochs}", f"--logdir={os.path.join(logdir, str(run))}"]
+            command = [
+                sys.executable,
+                os.path.join(REPO_ROOT, "scripts", "train.py"),
+                f"--config.device={device.type}",
+                f"--config.stat_tracking.method={method}",
+                f"--config.num_epochs={num_epochs}",
+                f"--logdir={os.path.join(logdir, str(run))}",
+            ]
             _, wall_seconds = _run(command, device)
             (run_name,) = os.listdir(os.path.join(logdir, str(run)))
             run_dir = os.path.join(logdir, str(run), run_name)
@@ -514,16 +569,18 @@ def check_train(method: str, device: torch.device, num_epochs: int) -> Dict[str,
                 summaries.append(dict(json.load(f), wall_seconds=wall_seconds))
             outputs.append(_run_outputs(run_dir))
     first = summaries[0]
-    details = {key: first[key] for key in ("final_reward", "train_seconds", "epochs_per_second", "wall_seconds",
-                                           "device")}
+    details = {
+        key: first[key] for key in ("final_reward", "train_seconds", "epochs_per_second", "wall_seconds", "device")
+    }
     details["second_train_seconds"] = summaries[1]["train_seconds"]
     details["command"] = _display(command[:-1])
     if not first["device"].startswith(device.type):
         raise CheckFailed(f"trained on {first['device']}, not {device.type}", details)
     if not math.isfinite(first["final_reward"]):
         raise CheckFailed(f"final_reward is {first['final_reward']}", details)
-    differing = sorted(path for path in outputs[0].keys() | outputs[1].keys()
-                       if outputs[0].get(path) != outputs[1].get(path))
+    differing = sorted(
+        path for path in outputs[0].keys() | outputs[1].keys() if outputs[0].get(path) != outputs[1].get(path)
+    )
     details["reproducible"] = not differing
     if differing:
         raise CheckFailed(f"two runs with one seed wrote different {', '.join(differing[:3])}", details)
@@ -549,19 +606,28 @@ def check_bench(device: torch.device, out_dir: str, quick: bool) -> Dict[str, An
             tracker agrees with the reference first) or writes no JSON.
     """
     grid = ["--grid=quick", "--rounds=1", "--min_run_time=0.01"] if quick else ["--grid=headline", "--rounds=3"]
-    command = [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "bench_trackers.py"),
-               f"--device={device.type}", f"--out={out_dir}", *grid]
+    command = [
+        sys.executable,
+        os.path.join(REPO_ROOT, "benchmarks", "bench_trackers.py"),
+        f"--device={device.type}",
+        f"--out={out_dir}",
+        *grid,
+    ]
     output, _ = _run(command, device)
     written = re.findall(r"^Wrote (.+\.json)$", output, flags=re.MULTILINE)
     if not written:
         raise CheckFailed("the benchmark wrote no JSON", {"output_tail": _tail(output)})
     with open(written[-1], encoding="utf-8") as f:
         results = json.load(f)["results"]
-    return {"command": _display(command), "json": written[-1],
-            "ms_per_update": [{key: value for key, value in row.items() if key != "rounds"} for row in results]}
+    return {
+        "command": _display(command),
+        "json": written[-1],
+        "ms_per_update": [{key: value for key, value in row.items() if key != "rounds"} for row in results],
+    }
 
 
 # ---------------------------------------------------------------- report
+
 
 def describe_device(device: torch.device) -> Dict[str, Any]:
     """The device's type, name and, on CUDA, capability and memory.
@@ -575,12 +641,17 @@ def describe_device(device: torch.device) -> Dict[str, Any]:
     if device.type != "cuda":
         return {"type": "cpu", "name": platform.processor() or platform.machine()}
     properties = torch.cuda.get_device_properties(device)
-    return {"type": "cuda", "name": properties.name, "capability": f"{properties.major}.{properties.minor}",
-            "memory_gib": round(properties.total_memory / 2**30, 1)}
+    return {
+        "type": "cuda",
+        "name": properties.name,
+        "capability": f"{properties.major}.{properties.minor}",
+        "memory_gib": round(properties.total_memory / 2**30, 1),
+    }
 
 
-def planned_checks(device: torch.device, groups: List[str], quick: bool,
-                   out_dir: str) -> List[Tuple[str, Callable[[], Dict[str, Any]]]]:
+def planned_checks(
+    device: torch.device, groups: List[str], quick: bool, out_dir: str
+) -> List[Tuple[str, Callable[[], Dict[str, Any]]]]:
     """The checks of the chosen groups, by name, in the order they run.
 
     Args:
@@ -600,14 +671,19 @@ def planned_checks(device: torch.device, groups: List[str], quick: bool,
         if group in per_tracker:
             for kind in TRACKERS:
                 for size in TRACKER_SIZES[quick]:
-                    checks.append((f"{group}/{kind}/{'x'.join(map(str, size))}",
-                                   lambda f=per_tracker[group], k=kind, s=size: f(k, s, device)))
+                    checks.append(
+                        (
+                            f"{group}/{kind}/{'x'.join(map(str, size))}",
+                            lambda f=per_tracker[group], k=kind, s=size: f(k, s, device),
+                        )
+                    )
         elif group == "cuda_tests":
             checks.append(("cuda_tests", lambda: check_cuda_tests(device)))
         elif group == "train":
             for method in METHODS:
-                checks.append((f"train/{method}",
-                               lambda m=method: check_train(m, device, 20 if quick else FULL_TRAINING_EPOCHS)))
+                checks.append(
+                    (f"train/{method}", lambda m=method: check_train(m, device, 20 if quick else FULL_TRAINING_EPOCHS))
+                )
         else:
             checks.append(("bench_trackers", lambda: check_bench(device, out_dir, quick)))
     return checks
@@ -629,9 +705,12 @@ def main(argv: List[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _DEVICE.value != "cpu" and not torch.cuda.is_available():
-        print(f"gpu_check: no CUDA device available (torch {torch.__version__}, CUDA build "
-              f"{torch.version.cuda or 'none'}); for a dry run on the CPU: "
-              f"python benchmarks/gpu_check.py --device=cpu --quick --out=/tmp/gpu_check", file=sys.stderr)
+        print(
+            f"gpu_check: no CUDA device available (torch {torch.__version__}, CUDA build "
+            f"{torch.version.cuda or 'none'}); for a dry run on the CPU: "
+            f"python benchmarks/gpu_check.py --device=cpu --quick --out=/tmp/gpu_check",
+            file=sys.stderr,
+        )
         return 2
     device = torch.empty(0, device=_DEVICE.value or "cuda").device
     device_info = describe_device(device)
@@ -650,8 +729,11 @@ def main(argv: List[str]) -> int:
         "complete": False,
         "checks": [],
     }
-    print(f"gpu_check on {device_info['name']} ({device}), torch {torch.__version__}, CUDA {torch.version.cuda}; "
-          f"report: {path}", flush=True)
+    print(
+        f"gpu_check on {device_info['name']} ({device}), torch {torch.__version__}, CUDA {torch.version.cuda}; "
+        f"report: {path}",
+        flush=True,
+    )
     start = time.perf_counter()
     for name, check in planned_checks(device, _CHECKS.value, _QUICK.value, _OUT.value):
         entry = run_check(name, check)
@@ -662,12 +744,17 @@ def main(argv: List[str]) -> int:
     report["complete"] = True
     report["seconds"] = round(time.perf_counter() - start, 1)
     outcomes = [entry["passed"] for entry in report["checks"]]
-    report["counts"] = {"passed": outcomes.count(True), "failed": outcomes.count(False),
-                        "skipped": outcomes.count(None)}
+    report["counts"] = {
+        "passed": outcomes.count(True),
+        "failed": outcomes.count(False),
+        "skipped": outcomes.count(None),
+    }
     with open(path, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
-    print(f"{report['counts']['passed']} passed, {report['counts']['failed']} failed, "
-          f"{report['counts']['skipped']} skipped in {report['seconds']} s; wrote {path}")
+    print(
+        f"{report['counts']['passed']} passed, {report['counts']['failed']} failed, "
+        f"{report['counts']['skipped']} skipped in {report['seconds']} s; wrote {path}"
+    )
     return 1 if report["counts"]["failed"] else 0
 
 

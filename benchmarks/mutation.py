@@ -129,8 +129,19 @@ TEST_GLOB = "tests/test_*tracker*.py"
 #: Subprocess tests of scripts/plot_stats.py; see the docstring.
 DESELECT = "not plot_script"
 #: Imported once by the fork server; a missing one is imported by each child instead.
-PRELOAD = ("torch", "torch._dynamo", "numpy", "matplotlib", "matplotlib.pyplot", "ml_collections", "absl.app",
-           "absl.flags", "hypothesis", "hypothesis.strategies", "pytest")
+PRELOAD = (
+    "torch",
+    "torch._dynamo",
+    "numpy",
+    "matplotlib",
+    "matplotlib.pyplot",
+    "ml_collections",
+    "absl.app",
+    "absl.flags",
+    "hypothesis",
+    "hypothesis.strategies",
+    "pytest",
+)
 #: The client finds its copy's fork server through this environment variable.
 SERVER_ENV = "RAIL_MUTATION_SERVER"
 _EXIT_MARKER = "\n__rail_mutation_exit__ "
@@ -138,11 +149,34 @@ _FALLBACK_NOTE = "[mutation.py: fork server unavailable, running python -m pytes
 
 #: Binary, comparison and unary operator replacements that run; cosmic-ray's other ones are filtered out.
 KEPT_REPLACEMENTS = {
-    "ReplaceBinaryOperator": ("Add_Sub", "Sub_Add", "Mul_Div", "Div_Mul", "FloorDiv_Div", "Mod_FloorDiv",
-                              "Pow_Mul", "BitOr_BitAnd", "BitAnd_BitOr", "BitXor_BitOr", "LShift_RShift",
-                              "RShift_LShift"),
-    "ReplaceComparisonOperator": ("Eq_NotEq", "NotEq_Eq", "Lt_LtE", "Lt_GtE", "LtE_Lt", "LtE_Gt", "Gt_GtE",
-                                  "Gt_LtE", "GtE_Gt", "GtE_Lt", "Is_IsNot", "IsNot_Is"),
+    "ReplaceBinaryOperator": (
+        "Add_Sub",
+        "Sub_Add",
+        "Mul_Div",
+        "Div_Mul",
+        "FloorDiv_Div",
+        "Mod_FloorDiv",
+        "Pow_Mul",
+        "BitOr_BitAnd",
+        "BitAnd_BitOr",
+        "BitXor_BitOr",
+        "LShift_RShift",
+        "RShift_LShift",
+    ),
+    "ReplaceComparisonOperator": (
+        "Eq_NotEq",
+        "NotEq_Eq",
+        "Lt_LtE",
+        "Lt_GtE",
+        "LtE_Lt",
+        "LtE_Gt",
+        "Gt_GtE",
+        "Gt_LtE",
+        "GtE_Gt",
+        "GtE_Lt",
+        "Is_IsNot",
+        "IsNot_Is",
+    ),
     "ReplaceUnaryOperator": ("UAdd_USub", "USub_UAdd", "Delete_Not", "Delete_Invert"),
 }
 #: cosmic-ray's HTTP client gives up on a worker after 300 s.
@@ -181,8 +215,9 @@ def select_modules(tree: pathlib.Path, names: Optional[Sequence[str]] = None) ->
     """
     package = tree / PACKAGE_DIR
     if names is None:
-        return sorted(path.relative_to(tree).as_posix() for path in package.glob("*.py")
-                      if path.name not in EXCLUDED_MODULES)
+        return sorted(
+            path.relative_to(tree).as_posix() for path in package.glob("*.py") if path.name not in EXCLUDED_MODULES
+        )
     modules = []
     for name in names:
         path = package / name if "/" not in name else tree / name
@@ -201,15 +236,20 @@ def select_tests(tree: pathlib.Path, extra: Sequence[str] = ()) -> List[str]:
     return list(dict.fromkeys(tests))
 
 
-_IMPORTS_STAT_TRACKING = re.compile(r"^\s*(import|from)\s+rail_interview\.stat_tracking\b"
-                                    r"|^\s*from\s+rail_interview\s+import\s[^\n]*\bstat_tracking\b", re.M)
+_IMPORTS_STAT_TRACKING = re.compile(
+    r"^\s*(import|from)\s+rail_interview\.stat_tracking\b"
+    r"|^\s*from\s+rail_interview\s+import\s[^\n]*\bstat_tracking\b",
+    re.M,
+)
 
 
 def unselected_tests(tree: pathlib.Path, tests: Sequence[str]) -> List[str]:
     """Test files that import stat_tracking but are not run per mutant."""
-    return sorted(path.relative_to(tree).as_posix() for path in tree.glob("tests/test_*.py")
-                  if path.relative_to(tree).as_posix() not in tests
-                  and _IMPORTS_STAT_TRACKING.search(path.read_text()))
+    return sorted(
+        path.relative_to(tree).as_posix()
+        for path in tree.glob("tests/test_*.py")
+        if path.relative_to(tree).as_posix() not in tests and _IMPORTS_STAT_TRACKING.search(path.read_text())
+    )
 
 
 def pytest_args(tests: Sequence[str], deselect: Optional[str] = DESELECT, node_ids: Sequence[str] = ()) -> List[str]:
@@ -248,8 +288,13 @@ def _toml_value(value) -> str:
     return json.dumps(value)
 
 
-def build_config(modules: Sequence[str], command: Sequence[str], timeout: float, worker_urls: Sequence[str],
-                 exclude_operators: Sequence[str]) -> str:
+def build_config(
+    modules: Sequence[str],
+    command: Sequence[str],
+    timeout: float,
+    worker_urls: Sequence[str],
+    exclude_operators: Sequence[str],
+) -> str:
     """The cosmic-ray configuration (TOML).
 
     Args:
@@ -290,8 +335,9 @@ def copy_tree(destination: pathlib.Path, rev: Optional[str]) -> None:
             tree as it is, uncommitted and untracked (not ignored) files included.
     """
     if rev is not None:
-        archive = subprocess.run(["git", "archive", "--format=tar", rev], cwd=REPO_ROOT, check=True,
-                                 capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "archive", "--format=tar", rev], cwd=REPO_ROOT, check=True, capture_output=True
+        ).stdout
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(destination, filter="data")
@@ -299,16 +345,21 @@ def copy_tree(destination: pathlib.Path, rev: Optional[str]) -> None:
                 tar.extractall(destination)
         return
     if (REPO_ROOT / ".git").exists():
-        listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                                 cwd=REPO_ROOT, check=True, capture_output=True).stdout
+        listing = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO_ROOT,
+            check=True,
+            capture_output=True,
+        ).stdout
         for name in filter(None, listing.decode().split("\0")):
             source = REPO_ROOT / name
             if source.is_file():  # a tracked file deleted in the working tree is not copied
                 (destination / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, destination / name)
         return
-    ignore = shutil.ignore_patterns(".git", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", "venv", ".venv",
-                                    "build", "dist", "logs")
+    ignore = shutil.ignore_patterns(
+        ".git", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", "venv", ".venv", "build", "dist", "logs"
+    )
     shutil.copytree(REPO_ROOT, destination, ignore=ignore, dirs_exist_ok=True)
 
 
@@ -348,6 +399,7 @@ def _run_child(connection: socket.socket, request: Dict) -> None:
         sys.path.insert(0, request["cwd"])  # as `python -m pytest` does
         sys.argv = ["pytest", *request["args"]]
         import pytest  # pylint: disable=import-outside-toplevel
+
         code = int(pytest.main(list(request["args"])))
     except BaseException:  # pylint: disable=broad-except
         traceback.print_exc()
@@ -526,8 +578,14 @@ def baseline(tree: pathlib.Path, command: Sequence[str], env: Dict[str, str], ou
     Raises:
         RuntimeError: the copy's package is not the one imported, or a test fails.
     """
-    where = subprocess.run([sys.executable, "-c", "import rail_interview.stat_tracking as m; print(m.__file__)"],
-                           cwd=tree, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    where = subprocess.run(
+        [sys.executable, "-c", "import rail_interview.stat_tracking as m; print(m.__file__)"],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     if not pathlib.Path(where).resolve().is_relative_to(tree.resolve()):
         raise RuntimeError(f"the copy imports rail_interview from {where}, not from {tree}")
     start = time.perf_counter()
@@ -535,8 +593,10 @@ def baseline(tree: pathlib.Path, command: Sequence[str], env: Dict[str, str], ou
     seconds = time.perf_counter() - start
     (out / "baseline.txt").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
-        raise RuntimeError(f"the unmutated tests fail in the copy (exit {result.returncode}): fix them or leave "
-                           f"them out with --deselect; see {out / 'baseline.txt'}:\n{result.stdout[-3000:]}")
+        raise RuntimeError(
+            f"the unmutated tests fail in the copy (exit {result.returncode}): fix them or leave "
+            f"them out with --deselect; see {out / 'baseline.txt'}:\n{result.stdout[-3000:]}"
+        )
     if _FALLBACK_NOTE in result.stdout:
         raise RuntimeError(f"the fork server did not answer; see the server logs in {out}")
     return seconds
@@ -546,8 +606,9 @@ def _progress(session: pathlib.Path, total: int, start: float, done: threading.E
     while not done.wait(every):
         try:
             with contextlib.closing(sqlite3.connect(f"file:{session}?mode=ro", uri=True, timeout=5)) as db:
-                finished = db.execute("SELECT count(*) FROM work_results WHERE upper(worker_outcome) != 'SKIPPED'"
-                                      ).fetchone()[0]
+                finished = db.execute(
+                    "SELECT count(*) FROM work_results WHERE upper(worker_outcome) != 'SKIPPED'"
+                ).fetchone()[0]
         except sqlite3.Error:
             continue
         elapsed = time.perf_counter() - start
@@ -558,14 +619,17 @@ def _progress(session: pathlib.Path, total: int, start: float, done: threading.E
 def load_results(session: pathlib.Path):
     """Reads a session: ``(pending job count, [(mutation, result)])`` with one mutation per work item."""
     from cosmic_ray.work_db import WorkDB, use_db  # pylint: disable=import-outside-toplevel
+
     with use_db(str(session), WorkDB.Mode.open) as db:
         pending = len(db.pending_work_items)
         return pending, [(item.mutations[0], result) for item, result in db.completed_work_items]
 
 
 #: A +line of a diff where NumberReplacer turned a dimension 0 into -1: the same dimension of a 1-D tensor.
-_DIM_ZERO_TO_LAST = re.compile(r"(shape\[ -1\]|\bdim= -1\b|\.(index_\w+|gather|scatter\w*|size|cumsum|cumprod|sum|mean|"
-                               r"amax|amin|narrow|select|flip|unsqueeze|squeeze|argsort|sort|softmax|split)\( -1\b)")
+_DIM_ZERO_TO_LAST = re.compile(
+    r"(shape\[ -1\]|\bdim= -1\b|\.(index_\w+|gather|scatter\w*|size|cumsum|cumprod|sum|mean|"
+    r"amax|amin|narrow|select|flip|unsqueeze|squeeze|argsort|sort|softmax|split)\( -1\b)"
+)
 
 
 def likely_equivalent(operator: str, diff: Optional[str]) -> Optional[str]:
@@ -592,6 +656,7 @@ def summarize(pending: int, completed) -> Dict:
     Returns:
         A JSON-able dict; "killed_share" is killed / (killed + survived).
     """
+
     def empty():
         """A counter of killed and survived mutants, both at 0."""
         return collections.Counter(killed=0, survived=0)
@@ -627,12 +692,28 @@ def summarize(pending: int, completed) -> Dict:
         "killed_share": share(overall),
         "per_module": {name: dict(c, share=share(c)) for name, c in sorted(per_module.items())},
         "per_operator": {name: dict(c, share=share(c)) for name, c in sorted(per_operator.items())},
-        "survivors": [{"module": str(m.module_path), "line": m.start_pos[0], "operator": m.operator_name,
-                       "occurrence": m.occurrence, "function": m.definition_name,
-                       "note": likely_equivalent(m.operator_name, r.diff), "diff": r.diff}
-                      for m, r in survivors],
-        "broken": [{"module": str(m.module_path), "line": m.start_pos[0], "operator": m.operator_name,
-                    "outcome": r.worker_outcome.value, "output": (r.output or "")[-1000:]} for m, r in broken],
+        "survivors": [
+            {
+                "module": str(m.module_path),
+                "line": m.start_pos[0],
+                "operator": m.operator_name,
+                "occurrence": m.occurrence,
+                "function": m.definition_name,
+                "note": likely_equivalent(m.operator_name, r.diff),
+                "diff": r.diff,
+            }
+            for m, r in survivors
+        ],
+        "broken": [
+            {
+                "module": str(m.module_path),
+                "line": m.start_pos[0],
+                "operator": m.operator_name,
+                "outcome": r.worker_outcome.value,
+                "output": (r.output or "")[-1000:],
+            }
+            for m, r in broken
+        ],
     }
 
 
@@ -644,8 +725,10 @@ def seconds_by_outcome(files: Sequence[pathlib.Path]) -> Dict[str, Dict[str, flo
             for line in path.read_text().splitlines():
                 record = json.loads(line)
                 seconds[str(record["outcome"])].append(record["seconds"])
-    return {outcome: {"count": len(values), "mean": sum(values) / len(values), "total": sum(values)}
-            for outcome, values in sorted(seconds.items())}
+    return {
+        outcome: {"count": len(values), "mean": sum(values) / len(values), "total": sum(values)}
+        for outcome, values in sorted(seconds.items())
+    }
 
 
 _COUNT_LABELS = {
@@ -669,7 +752,8 @@ def format_report(summary: Dict, timing: Dict) -> str:
         "",
         f"Killed share: **{_percent(summary['killed_share'])}** "
         f"({counts['killed']} killed, {counts['survived']} survived"
-        + "".join(f", {counts[k]} {label}" for k, label in _COUNT_LABELS.items() if counts.get(k)) + ")",
+        + "".join(f", {counts[k]} {label}" for k, label in _COUNT_LABELS.items() if counts.get(k))
+        + ")",
         "",
         f"Code: {timing['rev']}; modules: {', '.join(timing['modules'])}",
         f"Operators: {timing['operators']}",
@@ -678,52 +762,91 @@ def format_report(summary: Dict, timing: Dict) -> str:
         f"{timing['workers']} workers; {timing['mutants_run']} mutants in {timing['wall_s'] / 60:.1f} min "
         f"({timing['wall_s_per_mutant']:.2f} s of wall time per mutant, "
         f"{timing['worker_s_per_mutant']:.2f} s per mutant per worker)",
-        "Seconds per mutant by outcome: " + (", ".join(
-            f"{outcome} {t['mean']:.1f} s (x{t['count']})" for outcome, t in timing["seconds_by_outcome"].items())
-            or "-"),
+        "Seconds per mutant by outcome: "
+        + (
+            ", ".join(
+                f"{outcome} {t['mean']:.1f} s (x{t['count']})" for outcome, t in timing["seconds_by_outcome"].items()
+            )
+            or "-"
+        ),
         "",
         "| module | killed | survived | share |",
         "| --- | --- | --- | --- |",
     ]
-    lines += [f"| {name} | {c['killed']} | {c['survived']} | {_percent(c['share'])} |"
-              for name, c in summary["per_module"].items()]
+    lines += [
+        f"| {name} | {c['killed']} | {c['survived']} | {_percent(c['share'])} |"
+        for name, c in summary["per_module"].items()
+    ]
     lines += ["", "| operator | killed | survived | share |", "| --- | --- | --- | --- |"]
-    lines += [f"| {name} | {c['killed']} | {c['survived']} | {_percent(c['share'])} |"
-              for name, c in summary["per_operator"].items()]
+    lines += [
+        f"| {name} | {c['killed']} | {c['survived']} | {_percent(c['share'])} |"
+        for name, c in summary["per_operator"].items()
+    ]
     noted = sum(1 for survivor in summary["survivors"] if survivor["note"])
     lines += ["", f"## Survivors ({len(summary['survivors'])}, {noted} of them noted as likely equivalent)", ""]
     for survivor in summary["survivors"]:
         note = f" -- {survivor['note']}" if survivor["note"] else ""
-        lines += [f"### {survivor['module']}:{survivor['line']} {survivor['operator']} "
-                  f"(occurrence {survivor['occurrence']}, in {survivor['function']}){note}", "", "```diff",
-                  (survivor["diff"] or "").strip(), "```", ""]
+        lines += [
+            f"### {survivor['module']}:{survivor['line']} {survivor['operator']} "
+            f"(occurrence {survivor['occurrence']}, in {survivor['function']}){note}",
+            "",
+            "```diff",
+            (survivor["diff"] or "").strip(),
+            "```",
+            "",
+        ]
     if summary["broken"]:
         lines += [f"## Incompetent or abnormal ({len(summary['broken'])}): the machinery failed, not the tests", ""]
         for item in summary["broken"]:
-            lines += [f"### {item['module']}:{item['line']} {item['operator']} ({item['outcome']})", "", "```",
-                      item["output"].strip(), "```", ""]
+            lines += [
+                f"### {item['module']}:{item['line']} {item['operator']} ({item['outcome']})",
+                "",
+                "```",
+                item["output"].strip(),
+                "```",
+                "",
+            ]
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parses the command line (see ``--help``)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
-                                     epilog="Needs `pip install cosmic-ray`; the module docstring says more.")
-    parser.add_argument("--out", type=pathlib.Path, default=None,
-                        help="directory for report.md, summary.json, the session and logs (default: a new temp dir)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n", 1)[0],
+        epilog="Needs `pip install cosmic-ray`; the module docstring says more.",
+    )
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=None,
+        help="directory for report.md, summary.json, the session and logs (default: a new temp dir)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="mutants tested at once, one copy each (default 2)")
-    parser.add_argument("--modules", nargs="+", default=None,
-                        help="modules to mutate: names under stat_tracking (batch.py) or paths from the root "
-                             "(default: all but reference.py)")
+    parser.add_argument(
+        "--modules",
+        nargs="+",
+        default=None,
+        help="modules to mutate: names under stat_tracking (batch.py) or paths from the root "
+        "(default: all but reference.py)",
+    )
     parser.add_argument("--rev", default=None, help="test this git revision (default: the working tree as it is)")
-    parser.add_argument("--all-operators", action="store_true",
-                        help="every cosmic-ray replacement (about 3 times the mutants)")
+    parser.add_argument(
+        "--all-operators", action="store_true", help="every cosmic-ray replacement (about 3 times the mutants)"
+    )
     parser.add_argument("--extra-tests", nargs="+", default=[], help="more test paths, e.g. tests/test_distributed.py")
-    parser.add_argument("--deselect", action="append", default=[], metavar="NODE_ID",
-                        help="leave out a test that fails on the unmutated code (repeatable; say why in the report)")
-    parser.add_argument("--timeout", type=float, default=None,
-                        help=f"seconds per mutant (default: 4 x the unmutated run, in [{MIN_TIMEOUT:.0f}, "
-                             f"{MAX_TIMEOUT:.0f}])")
+    parser.add_argument(
+        "--deselect",
+        action="append",
+        default=[],
+        metavar="NODE_ID",
+        help="leave out a test that fails on the unmutated code (repeatable; say why in the report)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help=f"seconds per mutant (default: 4 x the unmutated run, in [{MIN_TIMEOUT:.0f}, {MAX_TIMEOUT:.0f}])",
+    )
     parser.add_argument("--no-fork-server", action="store_true", help="start python -m pytest for every mutant")
     parser.add_argument("--count-only", action="store_true", help="count the mutants and stop before running them")
     parser.add_argument("--keep-scratch", action="store_true", help="keep the copies of the tree")
@@ -736,8 +859,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def _start(command: Sequence[str], tree: pathlib.Path, env: Dict[str, str], log: pathlib.Path) -> subprocess.Popen:
     with open(log, "w") as handle:
-        return subprocess.Popen(list(command), cwd=tree, env=env, stdin=subprocess.DEVNULL, stdout=handle,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            list(command), cwd=tree, env=env, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT
+        )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -785,8 +909,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for i, (tree, sock, env) in enumerate(zip(trees, sockets, envs)):
                 log = out / f"server{i}.log"
                 servers.append(_start([sys.executable, runner, "_serve", str(sock)], tree, env, log))
-                _wait_until(lambda s=sock: s.exists() and _accepts(str(s), socket.AF_UNIX), servers[-1],
-                            f"fork server {i}", log)
+                _wait_until(
+                    lambda s=sock: s.exists() and _accepts(str(s), socket.AF_UNIX), servers[-1], f"fork server {i}", log
+                )
         baseline_s = baseline(trees[0], command, envs[0], out)
         timeout = args.timeout or min(MAX_TIMEOUT, max(MIN_TIMEOUT, 4 * baseline_s))
         print(f"unmutated tests pass in {baseline_s:.1f} s; per-mutant timeout {timeout:.0f} s")
@@ -800,8 +925,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _cosmic_ray(str(session), str(config), cwd=trees[0], module="cosmic_ray.tools.filters.operators_filter")
         _cosmic_ray(str(session), cwd=trees[0], module="cosmic_ray.tools.filters.pragma_no_mutate")
         pending, _ = load_results(session)
-        print(f"{pending} mutants in {len(modules)} module(s) ({'all' if args.all_operators else 'restricted'} "
-              f"operators); if every one survived: {pending * baseline_s / args.workers / 60:.0f} min")
+        print(
+            f"{pending} mutants in {len(modules)} module(s) ({'all' if args.all_operators else 'restricted'} "
+            f"operators); if every one survived: {pending * baseline_s / args.workers / 60:.0f} min"
+        )
         if args.count_only:
             return 0
 
@@ -814,8 +941,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         start = time.perf_counter()
         done = threading.Event()
-        threading.Thread(target=_progress, args=(session, pending, start, done, args.progress_every),
-                         daemon=True).start()
+        threading.Thread(
+            target=_progress, args=(session, pending, start, done, args.progress_every), daemon=True
+        ).start()
         try:
             _cosmic_ray("exec", str(config), str(session), cwd=trees[0])
         finally:
@@ -826,12 +954,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         summary = summarize(left, completed)
         ran = max(1, pending - left)
         timing = {
-            "rev": args.rev or "the working tree", "modules": modules,
-            "operators": "all cosmic-ray operators" if args.all_operators else
-                         "restricted (benchmarks/mutation.py: KEPT_REPLACEMENTS)",
-            "test_command": shlex.join(command), "baseline_s": baseline_s, "timeout_s": timeout,
-            "workers": args.workers, "mutants_run": pending - left, "wall_s": wall_s,
-            "wall_s_per_mutant": wall_s / ran, "worker_s_per_mutant": wall_s * args.workers / ran,
+            "rev": args.rev or "the working tree",
+            "modules": modules,
+            "operators": "all cosmic-ray operators"
+            if args.all_operators
+            else "restricted (benchmarks/mutation.py: KEPT_REPLACEMENTS)",
+            "test_command": shlex.join(command),
+            "baseline_s": baseline_s,
+            "timeout_s": timeout,
+            "workers": args.workers,
+            "mutants_run": pending - left,
+            "wall_s": wall_s,
+            "wall_s_per_mutant": wall_s / ran,
+            "worker_s_per_mutant": wall_s * args.workers / ran,
             "seconds_by_outcome": seconds_by_outcome(times),
         }
         report = format_report(summary, timing)

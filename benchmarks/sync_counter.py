@@ -44,11 +44,32 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 #: Torch functions and Tensor methods that always read values back, by name.
-READ_BACK_NAMES = frozenset({
-    "item", "tolist", "numpy", "__array__", "__bool__", "__int__", "__float__", "__complex__", "__index__",
-    "__format__", "__repr__", "__str__", "__contains__", "equal", "allclose", "is_nonzero",
-    "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "bincount",
-})
+READ_BACK_NAMES = frozenset(
+    {
+        "item",
+        "tolist",
+        "numpy",
+        "__array__",
+        "__bool__",
+        "__int__",
+        "__float__",
+        "__complex__",
+        "__index__",
+        "__format__",
+        "__repr__",
+        "__str__",
+        "__contains__",
+        "equal",
+        "allclose",
+        "is_nonzero",
+        "nonzero",
+        "argwhere",
+        "masked_select",
+        "unique",
+        "unique_consecutive",
+        "bincount",
+    }
+)
 
 
 def _has_bool_mask(index: Any) -> bool:
@@ -109,8 +130,13 @@ class SyncCounter(TorchFunctionMode):
         self.count = 0
         self.calls: collections.Counter = collections.Counter()
 
-    def __torch_function__(self, func: Callable[..., Any], types: Tuple[type, ...], args: Tuple[Any, ...] = (),
-                           kwargs: Optional[Dict[str, Any]] = None) -> Any:
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Tuple[type, ...],
+        args: Tuple[Any, ...] = (),
+        kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if _reads_back(name, args, kwargs):

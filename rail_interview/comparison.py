@@ -150,8 +150,9 @@ def check_sweep(
             ``buffer_sizes`` or ``ema_decays``) and what it allows.
     """
     if not methods:
-        raise ValueError(f"methods is empty: name at least one of {', '.join(training.METHODS)}, or METHOD+buffer "
-                         f"or METHOD+ema")
+        raise ValueError(
+            f"methods is empty: name at least one of {', '.join(training.METHODS)}, or METHOD+buffer or METHOD+ema"
+        )
     memories: Dict[str, List[str]] = {}
     for i, name in enumerate(methods):
         method, memory = parse_method(name)
@@ -160,15 +161,21 @@ def check_sweep(
         memories.setdefault(memory, []).append(name)
     sizes, decays = parse_buffer_sizes(buffer_sizes), parse_ema_decays(ema_decays)
     if sizes and "buffer" not in memories:
-        raise ValueError("buffer_sizes sweeps buffer memories, but methods has none: add 'buffer' or METHOD+buffer "
-                         "to methods, or leave buffer_sizes out")
+        raise ValueError(
+            "buffer_sizes sweeps buffer memories, but methods has none: add 'buffer' or METHOD+buffer "
+            "to methods, or leave buffer_sizes out"
+        )
     if decays and "ema" not in memories:
-        raise ValueError("ema_decays sweeps EMA memories, but methods has none: add 'ema' or METHOD+ema to methods, "
-                         "or leave ema_decays out")
+        raise ValueError(
+            "ema_decays sweeps EMA memories, but methods has none: add 'ema' or METHOD+ema to methods, "
+            "or leave ema_decays out"
+        )
     grpo_buffers = [name for name in memories.get("buffer", []) if name != "buffer"]
     if grpo_buffers and sizes and min(sizes) < 2:
-        raise ValueError(f"buffer_sizes must be >= 2 with {grpo_buffers[0]!r} (the GRPO family needs 2 rewards per "
-                         f"prompt, min_count 2), got {min(sizes)}")
+        raise ValueError(
+            f"buffer_sizes must be >= 2 with {grpo_buffers[0]!r} (the GRPO family needs 2 rewards per "
+            f"prompt, min_count 2), got {min(sizes)}"
+        )
 
 
 def method_settings(
@@ -225,10 +232,12 @@ def method_settings(
         if memory == "buffer":
             for size in buffer_sizes or [tracking.buffer_size]:
                 min_count = min(tracking.min_count, max(2 if grpo else 1, size // 2))
-                settings.append(Setting(
-                    f"{name} K={size} m={min_count}",
-                    {**base, "stat_tracking.buffer_size": size, "stat_tracking.min_count": min_count},
-                ))
+                settings.append(
+                    Setting(
+                        f"{name} K={size} m={min_count}",
+                        {**base, "stat_tracking.buffer_size": size, "stat_tracking.min_count": min_count},
+                    )
+                )
         elif memory == "ema":
             for decay in ema_decays or [tracking.ema_decay]:
                 settings.append(Setting(f"{name} {decay:g}", {**base, "stat_tracking.ema_decay": decay}))
@@ -291,8 +300,9 @@ def _run_one(config_dict: Dict[str, Any], logdir: str, setting: str) -> RunResul
     summary = training.train(config, logdir)
     with open(os.path.join(summary["run_dir"], "metrics.csv"), newline="", encoding="utf-8") as f:
         rewards = [float(row["reward_mean"]) for row in csv.DictReader(f)]
-    return RunResult(setting, config.seed, summary["final_reward"], summary["train_seconds"], rewards,
-                     summary["run_dir"])
+    return RunResult(
+        setting, config.seed, summary["final_reward"], summary["train_seconds"], rewards, summary["run_dir"]
+    )
 
 
 def check_settings(base_config: ml_collections.ConfigDict, settings: Sequence[Setting]) -> None:
@@ -372,8 +382,15 @@ def run_comparison(
         for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
             result = future.result()
             results[futures[future]] = result
-            logger.info("[%d/%d] %-14s seed %d: final_reward %8.2f (loop %.2f s)", done, len(jobs),
-                        result.setting, result.seed, result.final_reward, result.train_seconds)
+            logger.info(
+                "[%d/%d] %-14s seed %d: final_reward %8.2f (loop %.2f s)",
+                done,
+                len(jobs),
+                result.setting,
+                result.seed,
+                result.final_reward,
+                result.train_seconds,
+            )
     return [results[i] for i in range(len(jobs))]
 
 
@@ -393,15 +410,17 @@ def summarize(results: Sequence[RunResult], *, bad_threshold: float = -20.0) -> 
     summaries = []
     for name, runs in by_setting.items():
         finals = [r.final_reward for r in runs]
-        summaries.append(SettingSummary(
-            setting=name,
-            num_runs=len(runs),
-            median=statistics.median(finals),
-            best=max(finals),
-            worst=min(finals),
-            num_bad=sum(f < bad_threshold for f in finals),
-            median_seconds=statistics.median(r.train_seconds for r in runs),
-        ))
+        summaries.append(
+            SettingSummary(
+                setting=name,
+                num_runs=len(runs),
+                median=statistics.median(finals),
+                best=max(finals),
+                worst=min(finals),
+                num_bad=sum(f < bad_threshold for f in finals),
+                median_seconds=statistics.median(r.train_seconds for r in runs),
+            )
+        )
     return summaries
 
 
@@ -420,8 +439,10 @@ def format_markdown(summaries: Sequence[SettingSummary], *, bad_threshold: float
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in summaries:
-        lines.append(f"| {s.setting} | {s.median:.2f} | {s.best:.2f} | {s.worst:.2f} | "
-                     f"{s.num_bad}/{s.num_runs} | {s.median_seconds:.2f} |")
+        lines.append(
+            f"| {s.setting} | {s.median:.2f} | {s.best:.2f} | {s.worst:.2f} | "
+            f"{s.num_bad}/{s.num_runs} | {s.median_seconds:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -486,15 +507,20 @@ def plot_curves(results: Sequence[RunResult], path: str, *, smoothing: int = 10)
         length = min(len(c) for c in curves[name])
         smoothed = np.stack([np.convolve(c[:length], window, mode="valid") for c in curves[name]])  # [seeds, E']
         epochs = np.arange(smoothing, length + 1)
-        ax.plot(epochs, np.median(smoothed, axis=0), style, color=color, lw=1.6,
-                label=f"{name} ({len(curves[name])} seeds)")
+        ax.plot(
+            epochs, np.median(smoothed, axis=0), style, color=color, lw=1.6, label=f"{name} ({len(curves[name])} seeds)"
+        )
         ax.fill_between(epochs, smoothed.min(axis=0), smoothed.max(axis=0), color=color, alpha=0.13)
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5.5), squeeze=False,
-                             sharey=True, constrained_layout=True)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(7.5 * len(panels), 5.5), squeeze=False, sharey=True, constrained_layout=True
+    )
     for ax, names in zip(axes[0], panels):
-        colors = (plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(names))) if sweeps
-                  else [f"C{i}" for i in range(len(names))])
+        colors = (
+            plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(names)))
+            if sweeps
+            else [f"C{i}" for i in range(len(names))]
+        )
         for name, color in zip(names, colors):
             draw(ax, name, color)
         for name, style in zip(references, itertools.cycle(("--", ":", "-."))):

@@ -53,8 +53,9 @@ class DistributedContext:
             return tensors
         gathered = []
         for tensor in tensors:
-            out = torch.empty((self.world_size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype,
-                              device=tensor.device)
+            out = torch.empty(
+                (self.world_size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device
+            )
             all_gather_single(out, tensor.contiguous(), group=self.group)
             gathered.append(out)
         return tuple(gathered)

@@ -166,9 +166,12 @@ def metrics_notes(runs: Sequence[RunLog]) -> List[str]:
     Returns:
         The lines, empty when every run has its metrics.
     """
-    return [f"note: {run.run_dir!r} has no {METRICS_FILE} (a stats log written by PromptStatsRecorder): "
-            "its batch-mean reward curve is left out, its per-prompt panels are drawn" for run in runs
-            if run.reward_mean is None]
+    return [
+        f"note: {run.run_dir!r} has no {METRICS_FILE} (a stats log written by PromptStatsRecorder): "
+        "its batch-mean reward curve is left out, its per-prompt panels are drawn"
+        for run in runs
+        if run.reward_mean is None
+    ]
 
 
 def _problem_differences(a: RunLog, b: RunLog) -> List[str]:
@@ -178,8 +181,11 @@ def _problem_differences(a: RunLog, b: RunLog) -> List[str]:
         for field in PROBLEM_FIELDS:
             left, right = a.config.get(field), b.config.get(field)
             if isinstance(left, dict) and isinstance(right, dict):
-                differences += [f"problem.{key} {left.get(key)} vs {right.get(key)}"
-                                for key in sorted(set(left) | set(right)) if left.get(key) != right.get(key)]
+                differences += [
+                    f"problem.{key} {left.get(key)} vs {right.get(key)}"
+                    for key in sorted(set(left) | set(right))
+                    if left.get(key) != right.get(key)
+                ]
             elif left != right:
                 differences.append(f"{field} {left} vs {right}")
     name_of = [dict(zip(run.stats.prompt_ids.tolist(), run.stats.prompt_names)) for run in (a, b)]
@@ -187,14 +193,18 @@ def _problem_differences(a: RunLog, b: RunLog) -> List[str]:
     renamed = [pid for pid in name_of[0] if pid in name_of[1] and name_of[0][pid] != name_of[1][pid]]
     if renamed:
         pid = renamed[0]
-        differences.append(f"{len(renamed)} of {len(set(name_of[0]) & set(name_of[1]))} shared prompt ids name "
-                           f"other prompts, id {pid} is {name_of[0][pid]!r} in the first and {name_of[1][pid]!r} "
-                           "in the second")
+        differences.append(
+            f"{len(renamed)} of {len(set(name_of[0]) & set(name_of[1]))} shared prompt ids name "
+            f"other prompts, id {pid} is {name_of[0][pid]!r} in the first and {name_of[1][pid]!r} "
+            "in the second"
+        )
     moved = [name for name in id_of[0] if name in id_of[1] and id_of[0][name] != id_of[1][name]]
     if moved:
         name = moved[0]
-        differences.append(f"{len(moved)} shared prompt names have other ids, {name!r} is id {id_of[0][name]} "
-                           f"in the first and {id_of[1][name]} in the second")
+        differences.append(
+            f"{len(moved)} shared prompt names have other ids, {name!r} is id {id_of[0][name]} "
+            f"in the first and {id_of[1][name]} in the second"
+        )
     return differences
 
 
@@ -275,8 +285,10 @@ def choose_prompts(
         return [column_of[p] for p in prompts]
     columns = [i for i, name in enumerate(log.prompt_names) if name in allowed]
     if not columns:
-        raise KeyError("no prompt to draw: " + ("the stats log records none" if among is None
-                                                 else "no prompt is recorded by every run"))
+        raise KeyError(
+            "no prompt to draw: "
+            + ("the stats log records none" if among is None else "no prompt is recorded by every run")
+        )
     if len(columns) > max_prompts:
         columns = sorted(random.Random(seed).sample(columns, max_prompts))
     return columns
@@ -384,13 +396,15 @@ def plot_prompt_stats(runs: Sequence[RunLog], columns: Sequence[int], path: str)
         ax.grid(True, alpha=0.3)
         ax.tick_params(labelsize=7)
     _symlog_axis(axes[0][0], low)
-    for ax in axes.flat[len(prompt_ids):]:
+    for ax in axes.flat[len(prompt_ids) :]:
         ax.set_visible(False)
     for ax in axes[-1]:
         ax.set_xlabel("epoch", fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel("reward", fontsize=8)
-    bottom.suptitle("Per prompt: tracked mean (line) +- std (band), batch rewards (dots); "
-                    "grey: still on batch statistics", fontsize=10)
+    bottom.suptitle(
+        "Per prompt: tracked mean (line) +- std (band), batch rewards (dots); grey: still on batch statistics",
+        fontsize=10,
+    )
     fig.savefig(path, dpi=80)
     plt.close(fig)

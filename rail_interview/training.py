@@ -64,8 +64,14 @@ TRAIN_TIME_FILE = "train_time.json"
 #: The config fields a resumed run may change: none of them changes what the
 #: run computes (epochs, parameters, metrics), only how long it runs, how
 #: often it writes, or how fast.
-RESUMABLE_FIELDS = ("num_epochs", "log_every", "checkpoint_every", "num_threads", "stats_log.every",
-                    "stat_tracking.check_values")
+RESUMABLE_FIELDS = (
+    "num_epochs",
+    "log_every",
+    "checkpoint_every",
+    "num_threads",
+    "stats_log.every",
+    "stat_tracking.check_values",
+)
 
 
 class ConfigError(ValueError):
@@ -161,11 +167,13 @@ def build_tracker(
     common = dict(device=device, check_values=config.check_values, process_group=process_group)
     memory = config.get("memory", "none")
     if memory not in MEMORIES:
-        raise ConfigError(f"unknown config.stat_tracking.memory {memory!r}; choose from "
-                         f"{', '.join(map(repr, MEMORIES))}")
+        raise ConfigError(
+            f"unknown config.stat_tracking.memory {memory!r}; choose from {', '.join(map(repr, MEMORIES))}"
+        )
     if config.method not in METHODS:
-        raise ConfigError(f"unknown config.stat_tracking.method {config.method!r}; choose from "
-                         f"{', '.join(map(repr, METHODS))}")
+        raise ConfigError(
+            f"unknown config.stat_tracking.method {config.method!r}; choose from {', '.join(map(repr, METHODS))}"
+        )
     if config.method in GRPO_FAMILY:
         preset, options = GRPO_FAMILY[config.method]
         if memory == "buffer":
@@ -176,8 +184,9 @@ def build_tracker(
             options.update(min_count=config.min_count)
         fallback = config.get("fallback", "zero")
         if fallback not in FALLBACKS:
-            raise ConfigError(f"unknown config.stat_tracking.fallback {fallback!r}; choose from "
-                             f"{', '.join(map(repr, FALLBACKS))}")
+            raise ConfigError(
+                f"unknown config.stat_tracking.fallback {fallback!r}; choose from {', '.join(map(repr, FALLBACKS))}"
+            )
         return getattr(stat_tracking.presets, preset)(num_prompts, fallback=fallback, **options, **common)
     if memory != "none":
         raise ConfigError(
@@ -190,9 +199,7 @@ def build_tracker(
         return stat_tracking.BufferStatTracker(
             num_prompts, buffer_size=config.buffer_size, min_count=config.min_count, **common
         )
-    return stat_tracking.EmaStatTracker(
-        num_prompts, decay=config.ema_decay, min_count=config.min_count, **common
-    )
+    return stat_tracking.EmaStatTracker(num_prompts, decay=config.ema_decay, min_count=config.min_count, **common)
 
 
 def fallback_mask(tracker: stat_tracking.StatTracker, prompt_ids: torch.Tensor) -> torch.Tensor:
@@ -270,8 +277,9 @@ def load_run_config(run_dir: str, overrides: Optional[Dict[str, Any]] = None) ->
     return configs.apply_overrides(config, overrides or {})
 
 
-def _sampling_generator(config: ml_collections.ConfigDict, generator: torch.Generator,
-                        context: distributed.DistributedContext) -> torch.Generator:
+def _sampling_generator(
+    config: ml_collections.ConfigDict, generator: torch.Generator, context: distributed.DistributedContext
+) -> torch.Generator:
     """The generator a rank samples prompts and answers with.
 
     Rank 0 keeps drawing from the instance's generator, so a single process
@@ -320,22 +328,27 @@ class _MetricsFile:
         header = ["epoch", *METRIC_NAMES]
         if not rows or rows[0] != header:
             raise checkpointing.CheckpointError(f"{self.path} does not start with the header {','.join(header)}")
-        for expected, row in enumerate(rows[1:epoch + 1]):
+        for expected, row in enumerate(rows[1 : epoch + 1]):
             try:
-                whole = len(row) == len(header) and int(row[0]) == expected and all(
-                    math.isfinite(float(value)) or value == "nan" for value in row[1:])
+                whole = (
+                    len(row) == len(header)
+                    and int(row[0]) == expected
+                    and all(math.isfinite(float(value)) or value == "nan" for value in row[1:])
+                )
             except ValueError:
                 whole = False
             if not whole:
                 raise checkpointing.CheckpointError(
                     f"{self.path} is damaged at epoch {expected} (row {row}), before the checkpoint's epoch "
                     f"{epoch}: those metrics cannot be recomputed from the checkpoint. Restore the file, or "
-                    "start a new run")
+                    "start a new run"
+                )
         if len(rows) - 1 < epoch:
             raise checkpointing.CheckpointError(
                 f"{self.path} holds epochs 0 to {len(rows) - 2} only, but the checkpoint is at epoch {epoch}: "
-                "the rows in between are lost and cannot be recomputed. Restore the file, or start a new run")
-        return rows[:epoch + 1]
+                "the rows in between are lost and cannot be recomputed. Restore the file, or start a new run"
+            )
+        return rows[: epoch + 1]
 
     def rewrite(self, rows: List[List[str]]) -> None:
         """Replaces the file with ``rows`` (the header first), atomically."""
@@ -345,7 +358,7 @@ class _MetricsFile:
         os.replace(temporary, self.path)
 
     def final_reward(self) -> Tuple[float, int]:
-        """Mean batch-mean reward over the last ``FINAL_REWARD_EPOCHS`` rows (fewer in a shorter run), and their number."""
+        """Mean batch-mean reward over the last ``FINAL_REWARD_EPOCHS`` rows (fewer in a shorter run), and how many."""
         with open(self.path, newline="", encoding="utf-8") as f:
             rewards = [float(row["reward_mean"]) for row in csv.DictReader(f)][-FINAL_REWARD_EPOCHS:]
         return sum(rewards) / len(rewards), len(rewards)
@@ -361,10 +374,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         ConfigError: naming the first field with a value training cannot
             use, and the values it can.
     """
+
     def number(name: str, value: Any, low: float, *, integer: bool, inclusive: bool = True) -> None:
         kind = "an int" if integer else "a number"
-        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
-                or not math.isfinite(value) or value < low or (not inclusive and value == low):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int if integer else (int, float))
+            or not math.isfinite(value)
+            or value < low
+            or (not inclusive and value == low)
+        ):
             bound = f">= {low}" if inclusive else f"> {low}"
             raise ConfigError(f"config.{name} must be {kind} {bound}, got {value!r}")
 
@@ -388,16 +407,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     decay = tracking.ema_decay
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
         raise ConfigError(f"config.stat_tracking.ema_decay must lie in (0, 1), got {decay!r}")
-    for name, value, choices in (("method", tracking.method, METHODS),
-                                 ("memory", tracking.get("memory", "none"), MEMORIES),
-                                 ("fallback", tracking.get("fallback", "zero"), FALLBACKS)):
+    for name, value, choices in (
+        ("method", tracking.method, METHODS),
+        ("memory", tracking.get("memory", "none"), MEMORIES),
+        ("fallback", tracking.get("fallback", "zero"), FALLBACKS),
+    ):
         if value not in choices:
-            raise ConfigError(f"unknown config.stat_tracking.{name} {value!r}; choose from "
-                              f"{', '.join(map(repr, choices))}")
+            raise ConfigError(
+                f"unknown config.stat_tracking.{name} {value!r}; choose from {', '.join(map(repr, choices))}"
+            )
     if tracking.get("memory", "none") != "none" and tracking.method not in GRPO_FAMILY:
         raise ConfigError(
             f"config.stat_tracking.memory={tracking.memory!r} applies to the GRPO family "
-            f"({', '.join(map(repr, GRPO_FAMILY))}); method {tracking.method!r} has its own: leave memory 'none'")
+            f"({', '.join(map(repr, GRPO_FAMILY))}); method {tracking.method!r} has its own: leave memory 'none'"
+        )
     resolve_device(config.device)
 
 
@@ -431,7 +454,8 @@ def check_resume_config(saved: Dict[str, Any], config: ml_collections.ConfigDict
         raise ConfigError(
             f"a resume cannot change config.{name} ({before.get(name, 'absent')!r} -> {after.get(name, 'absent')!r}): "
             f"the checkpoint was made with the run's own value. A resume may change only "
-            f"{', '.join(RESUMABLE_FIELDS)}; start a new run to change the rest")
+            f"{', '.join(RESUMABLE_FIELDS)}; start a new run to change the rest"
+        )
 
 
 def train(
@@ -492,8 +516,9 @@ def train(
     )
     sampler = _sampling_generator(config, generator, context)
     if tracker is None:
-        tracker = build_tracker(config.stat_tracking, num_prompts=problem.num_prompts, device=device,
-                                process_group=context.group)
+        tracker = build_tracker(
+            config.stat_tracking, num_prompts=problem.num_prompts, device=device, process_group=context.group
+        )
     elif context.world_size > 1 and tracker.process_group is None:
         raise ValueError("under torchrun, a tracker passed to train() needs process_group= so that ranks agree")
     if device.type == "cuda":
@@ -572,8 +597,13 @@ def train(
                 chunk_size=-(-config.log_every // config.stats_log.every),  # flush about as often as metrics
                 append=resume,
             )
-        logger.info("Run directory: %s (device %s, %d process(es)%s)", run_dir, device, context.world_size,
-                    f", resuming at epoch {start_epoch}" if resume else "")
+        logger.info(
+            "Run directory: %s (device %s, %d process(es)%s)",
+            run_dir,
+            device,
+            context.world_size,
+            f", resuming at epoch {start_epoch}" if resume else "",
+        )
 
     chunk = torch.empty((config.log_every, len(METRIC_NAMES)), device=device)  # [log_every, M]
     chunk_first = start_epoch  # first epoch held in `chunk`; a resumed run may start mid-chunk
@@ -604,7 +634,11 @@ def train(
                 now = time.perf_counter()
                 logger.info(
                     "epoch %5d/%d  reward %8.2f +- %6.2f  fallback %.2f  %7.0f epochs/s",
-                    epoch + 1, config.num_epochs, rows[-1][0], rows[-1][1], rows[-1][2],
+                    epoch + 1,
+                    config.num_epochs,
+                    rows[-1][0],
+                    rows[-1][1],
+                    rows[-1][2],
                     (row + 1) / (now - chunk_start),
                 )
                 chunk_start = now
@@ -613,9 +647,17 @@ def train(
                 recorder.flush()
             _save(run_dir, epoch + 1, policy, tracker, sampler, context)
             if context.is_main:
-                _write_text(os.path.join(run_dir, TRAIN_TIME_FILE), json.dumps(
-                    {"epoch": epoch + 1, "train_seconds": elapsed + time.perf_counter() - start,
-                     "timed_from": timed_from}) + "\n")
+                _write_text(
+                    os.path.join(run_dir, TRAIN_TIME_FILE),
+                    json.dumps(
+                        {
+                            "epoch": epoch + 1,
+                            "train_seconds": elapsed + time.perf_counter() - start,
+                            "timed_from": timed_from,
+                        }
+                    )
+                    + "\n",
+                )
     loop_seconds = time.perf_counter() - start
 
     summary = None
@@ -637,8 +679,9 @@ def train(
             "run_dir": run_dir,
         }
         _write_json(os.path.join(run_dir, "summary.json"), summary)
-        logger.info("final_reward %.2f (mean of the last %d epochs), loop %.3f s", final_reward, final_epochs,
-                    train_seconds)
+        logger.info(
+            "final_reward %.2f (mean of the last %d epochs), loop %.3f s", final_reward, final_epochs, train_seconds
+        )
     return context.broadcast_object(summary)
 
 
@@ -650,8 +693,9 @@ def _write_text(path: str, text: str) -> None:
     os.replace(temporary, path)
 
 
-def _agree(context: distributed.DistributedContext, failure: Optional[Exception], what: str, *,
-           main_only: bool = False) -> None:
+def _agree(
+    context: distributed.DistributedContext, failure: Optional[Exception], what: str, *, main_only: bool = False
+) -> None:
     """Raises on every rank if ``failure`` happened on any (one small collective), else returns.
 
     Args:
@@ -666,8 +710,11 @@ def _agree(context: distributed.DistributedContext, failure: Optional[Exception]
             are several processes.
     """
     outcome = None if failure is None else (type(failure).__name__, str(failure))
-    outcomes = [outcome] if context.world_size == 1 else (
-        [context.broadcast_object(outcome)] if main_only else context.gather_objects(outcome))
+    outcomes = (
+        [outcome]
+        if context.world_size == 1
+        else ([context.broadcast_object(outcome)] if main_only else context.gather_objects(outcome))
+    )
     failed = [(rank, result) for rank, result in enumerate(outcomes) if result is not None]
     if not failed:
         return
@@ -697,8 +744,9 @@ def _check_run_config(run_dir: str, config: ml_collections.ConfigDict) -> None:
     check_resume_config(saved, config)
 
 
-def _plan_resume(run_dir: str, config: ml_collections.ConfigDict, epoch: int,
-                 recorded_names: List[str]) -> Dict[str, Any]:
+def _plan_resume(
+    run_dir: str, config: ml_collections.ConfigDict, epoch: int, recorded_names: List[str]
+) -> Dict[str, Any]:
     """Checks that a run directory can resume at ``epoch``, and says what to rewrite; writes nothing.
 
     Args:
@@ -720,8 +768,7 @@ def _plan_resume(run_dir: str, config: ml_collections.ConfigDict, epoch: int,
             the file.
     """
     metrics_rows = _MetricsFile(os.path.join(run_dir, "metrics.csv")).rows_before(epoch)
-    stale_chunks = _check_stats_log(os.path.join(run_dir, STATS_DIR), epoch, recorded_names,
-                                    config.stats_log.every > 0)
+    stale_chunks = _check_stats_log(os.path.join(run_dir, STATS_DIR), epoch, recorded_names, config.stats_log.every > 0)
     elapsed, timed_from = 0.0, epoch
     try:
         with open(os.path.join(run_dir, TRAIN_TIME_FILE), encoding="utf-8") as f:
@@ -754,7 +801,7 @@ def _check_stats_log(directory: str, epoch: int, recorded_names: List[str], appe
             stale.append(path)
             continue
         try:
-            first = int(name[len("chunk_"):-len(".npz")])
+            first = int(name[len("chunk_") : -len(".npz")])
         except ValueError:
             continue  # not a chunk of the recorder's
         if first >= epoch:
@@ -767,11 +814,13 @@ def _check_stats_log(directory: str, epoch: int, recorded_names: List[str], appe
             raise checkpointing.CheckpointError(
                 f"stats chunk {path} cannot be read ({type(error).__name__}: {error}); it holds epochs before the "
                 f"checkpoint's epoch {epoch}, which cannot be recomputed. Restore it, or delete {directory} to "
-                "resume without the log's past (the log then starts at the checkpoint)") from error
+                "resume without the log's past (the log then starts at the checkpoint)"
+            ) from error
         if last >= epoch:
             raise checkpointing.CheckpointError(
                 f"stats chunk {path} holds epochs {first} to {last}, across the checkpoint's epoch {epoch}; "
-                f"delete {directory} to resume without the log's past")
+                f"delete {directory} to resume without the log's past"
+            )
     prompts_path = os.path.join(directory, stat_tracking.recording.PROMPTS_FILE)
     kept = [p for p in glob.glob(os.path.join(directory, stat_tracking.recording.CHUNK_PATTERN)) if p not in stale]
     if appending and kept:
@@ -782,12 +831,19 @@ def _check_stats_log(directory: str, epoch: int, recorded_names: List[str], appe
             raise checkpointing.CheckpointError(f"cannot read {prompts_path}: {error}") from error
         if names != list(recorded_names):
             raise checkpointing.CheckpointError(
-                f"the stats log in {directory} records other prompts ({prompts_path}) than this run's problem")
+                f"the stats log in {directory} records other prompts ({prompts_path}) than this run's problem"
+            )
     return stale
 
 
-def _save(run_dir: str, next_epoch: int, policy: GaussianPolicy, tracker: stat_tracking.StatTracker,
-          sampler: torch.Generator, context: distributed.DistributedContext) -> None:
+def _save(
+    run_dir: str,
+    next_epoch: int,
+    policy: GaussianPolicy,
+    tracker: stat_tracking.StatTracker,
+    sampler: torch.Generator,
+    context: distributed.DistributedContext,
+) -> None:
     """Writes the checkpoint to resume at ``next_epoch`` (rank 0 writes, every rank joins)."""
     # Every rank's sampling generator: rank 0's is also the instance generator.
     generator_states = context.gather_objects(sampler.get_state())
@@ -805,8 +861,13 @@ def _save(run_dir: str, next_epoch: int, policy: GaussianPolicy, tracker: stat_t
     )
 
 
-def _restore(checkpoint: Dict[str, Any], policy: GaussianPolicy, tracker: stat_tracking.StatTracker,
-             sampler: torch.Generator, context: distributed.DistributedContext) -> None:
+def _restore(
+    checkpoint: Dict[str, Any],
+    policy: GaussianPolicy,
+    tracker: stat_tracking.StatTracker,
+    sampler: torch.Generator,
+    context: distributed.DistributedContext,
+) -> None:
     """Loads a checkpoint's parameters, tracker state and this rank's generator state."""
     where = "checkpoint"
     if checkpoint.get("world_size", 1) != context.world_size:

@@ -47,21 +47,29 @@ except (KeyError, AttributeError) as _error:
     _message = _error.args[0] if _error.args and isinstance(_error.args[0], str) else str(_error)
     sys.exit(f"compare.py: error: no such config field: {' '.join(_message.split())}")
 _METHODS = flags.DEFINE_list(
-    "methods", ["batch", "buffer", "ema"], "Methods to compare: batch, buffer, ema, grpo, dr_grpo, rloo; "
-    "METHOD+buffer or METHOD+ema for a GRPO-family METHOD with that memory."
+    "methods",
+    ["batch", "buffer", "ema"],
+    "Methods to compare: batch, buffer, ema, grpo, dr_grpo, rloo; "
+    "METHOD+buffer or METHOD+ema for a GRPO-family METHOD with that memory.",
 )
 _BUFFER_SIZES = flags.DEFINE_list(
-    "buffer_sizes", [], "Buffer sizes (whole numbers >= 1) to sweep for 'buffer' and METHOD+buffer, which --methods "
+    "buffer_sizes",
+    [],
+    "Buffer sizes (whole numbers >= 1) to sweep for 'buffer' and METHOD+buffer, which --methods "
     "must name (default: the config's). min_count is min(config min_count, buffer_size // 2), so that small buffers "
-    "still switch on."
+    "still switch on.",
 )
 _EMA_DECAYS = flags.DEFINE_list(
-    "ema_decays", [], "EMA decays, in (0, 1), to sweep for 'ema' and METHOD+ema, which --methods must name "
-    "(default: the config's)."
+    "ema_decays",
+    [],
+    "EMA decays, in (0, 1), to sweep for 'ema' and METHOD+ema, which --methods must name (default: the config's).",
 )
 _SEEDS = flags.DEFINE_integer("seeds", 5, "Run seeds 0 .. seeds-1 for every setting; at least 1.")
-_OUT = flags.DEFINE_string("out", None, "Directory for results.md, results.csv and curves.png (default: a fresh "
-                           "temporary directory, printed at the end).")
+_OUT = flags.DEFINE_string(
+    "out",
+    None,
+    "Directory for results.md, results.csv and curves.png (default: a fresh temporary directory, printed at the end).",
+)
 _LOGDIR = flags.DEFINE_string("logdir", "logs/compare/runs", "Parent directory of the individual runs.")
 _WORKERS = flags.DEFINE_integer("workers", None, "Worker processes, at least 1 (default: one per CPU core).")
 _BAD_THRESHOLD = flags.DEFINE_float("bad_threshold", -20.0, "final_reward below this counts as a bad run.")
@@ -109,16 +117,16 @@ def _check_threshold(value):
 
 def _check_sweep(values):
     """The cross-flag checks of comparison.check_sweep: a sweep needs a method with its memory."""
-    return _validator(lambda _: comparison.check_sweep(values["methods"], values["buffer_sizes"],
-                                                       values["ema_decays"]))(None)
+    return _validator(
+        lambda _: comparison.check_sweep(values["methods"], values["buffer_sizes"], values["ema_decays"])
+    )(None)
 
 
 def _check_settings(values):
     """Builds every setting's config and tracker once, so that a bad setting fails before any training."""
     config = flags.FLAGS["config"].value  # parsed, with its --config.* overrides, before any validator runs
     try:
-        settings = comparison.method_settings(config, values["methods"], values["buffer_sizes"],
-                                              values["ema_decays"])
+        settings = comparison.method_settings(config, values["methods"], values["buffer_sizes"], values["ema_decays"])
         comparison.check_settings(config, settings)
     except ValueError as error:
         raise flags.ValidationError(f"{_flag_names(error)} (check the --config.* overrides)") from error
@@ -157,8 +165,9 @@ def build_settings(config, methods, buffer_sizes, ema_decays):
         app.UsageError: for anything ``comparison.method_settings`` refuses (the flag validators refuse it first).
     """
     try:
-        return comparison.method_settings(config, methods, comparison.parse_buffer_sizes(buffer_sizes),
-                                          comparison.parse_ema_decays(ema_decays))
+        return comparison.method_settings(
+            config, methods, comparison.parse_buffer_sizes(buffer_sizes), comparison.parse_ema_decays(ema_decays)
+        )
     except ValueError as error:
         raise app.UsageError(str(error)) from error
 

@@ -20,8 +20,9 @@ from absl import app, flags
 
 from rail_interview import stats_plots
 
-_LOGDIR = flags.DEFINE_list("logdir", None, "Run directory or PromptStatsRecorder directory, or several separated "
-                            "by commas to overlay them.")
+_LOGDIR = flags.DEFINE_list(
+    "logdir", None, "Run directory or PromptStatsRecorder directory, or several separated by commas to overlay them."
+)
 _OUT = flags.DEFINE_string("out", None, "Directory for the PNG (default: the first --logdir).")
 _PROMPTS = flags.DEFINE_list("prompts", [], "Prompt names or ids to draw (default: all recorded, or a sample).")
 _MAX_PROMPTS = flags.DEFINE_integer("max_prompts", 64, "Panels to draw at most when --prompts is not given.")
@@ -40,8 +41,13 @@ def main(argv):
     try:
         runs = [stats_plots.load_run(run_dir) for run_dir in _LOGDIR.value]
         stats_plots.check_same_problem(runs)
-        columns = stats_plots.choose_prompts(runs[0].stats, _PROMPTS.value, max_prompts=_MAX_PROMPTS.value,
-                                             seed=_SEED.value, among=stats_plots.common_prompt_names(runs))
+        columns = stats_plots.choose_prompts(
+            runs[0].stats,
+            _PROMPTS.value,
+            max_prompts=_MAX_PROMPTS.value,
+            seed=_SEED.value,
+            among=stats_plots.common_prompt_names(runs),
+        )
     except (FileNotFoundError, KeyError, stats_plots.RunMismatchError) as error:
         sys.exit(f"error: {error.args[0] if isinstance(error, KeyError) and error.args else error}")
     for note in stats_plots.metrics_notes(runs):

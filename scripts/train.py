@@ -34,8 +34,11 @@ except (KeyError, AttributeError) as _error:
         _error = _error.args[0]
     _message = _error.args[0] if _error.args and isinstance(_error.args[0], str) else str(_error)
     sys.exit(f"train.py: error: no such config field: {' '.join(_message.split())}")
-_LOGDIR = flags.DEFINE_string("logdir", "logs", "Parent directory of the run directory this run creates; "
-                               "with --resume, the run directory to continue.")
+_LOGDIR = flags.DEFINE_string(
+    "logdir",
+    "logs",
+    "Parent directory of the run directory this run creates; with --resume, the run directory to continue.",
+)
 _RESUME = flags.DEFINE_bool("resume", False, "Continue the run in --logdir from its latest checkpoint.")
 
 
@@ -66,8 +69,11 @@ def main(argv: list) -> None:
         distributed.shutdown()
     if not context.is_main:
         return
-    print(f"final_reward {summary['final_reward']:.2f}  ({training.method_name(config.stat_tracking)}, seed {summary['seed']}, "
-          f"loop {summary['train_seconds']:.2f} s)  ->  {summary['run_dir']}")
+    method = training.method_name(config.stat_tracking)
+    print(
+        f"final_reward {summary['final_reward']:.2f}  ({method}, seed {summary['seed']}, "
+        f"loop {summary['train_seconds']:.2f} s)  ->  {summary['run_dir']}"
+    )
 
 
 if __name__ == "__main__":

@@ -12,8 +12,13 @@ import torch.multiprocessing as mp
 def _rank_main(rank: int, world_size: int, init_file: str, body: Callable, args: Sequence, failures) -> None:
     """One rank: joins the gloo group, runs ``body(rank, *args)``, reports a failure, leaves the group."""
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=60))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=60),
+        )
         body(rank, *args)
         # Every rank done communicating before any tears the group down: a rank
         # that destroys its group while a peer still reads from it can abort
@@ -39,8 +44,10 @@ def run_ranks(body: Callable, world_size: int, init_file: str, args: Sequence = 
     """
     context = mp.get_context("spawn")
     failures = context.SimpleQueue()
-    processes = [context.Process(target=_rank_main, args=(rank, world_size, init_file, body, tuple(args), failures))
-                 for rank in range(world_size)]
+    processes = [
+        context.Process(target=_rank_main, args=(rank, world_size, init_file, body, tuple(args), failures))
+        for rank in range(world_size)
+    ]
     for process in processes:
         process.start()
     for process in processes:

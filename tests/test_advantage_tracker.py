@@ -85,8 +85,7 @@ def test_hand_computed_buffer_case():
     ids, rewards = ["a", "a", "a", "b"], [1.0, 2.0, 4.0, 10.0]
     assert _rounded(tracker.update(ids, rewards)) == [-2.0, -1.0, 1.0, 1.6471]
     # Leave-one-out: 1 is no longer in the buffer (weight 0): 1 - 3; the others: 2 - 4 and 4 - 2.
-    tracker = ReferenceAdvantageTracker("buffer", buffer_size=2, baseline="leave_one_out", scale="none",
-                                        fallback="raw")
+    tracker = ReferenceAdvantageTracker("buffer", buffer_size=2, baseline="leave_one_out", scale="none", fallback="raw")
     assert _rounded(tracker.update(ids, rewards)) == [-2.0, -2.0, 2.0, 10.0]
 
 
@@ -205,8 +204,11 @@ def test_leave_one_out_is_the_reward_minus_the_mean_of_the_others(memory):
                 weight = moved.moments[prompt][0] - mean
                 others = (mean - weight * reward) / (1 - weight)
             else:
-                kept = list(tracker.buffers[prompt]) if kind == "buffer" else [
-                    r for p, r, v in zip(prompts, rewards, report.valid) if p == prompt and v]
+                kept = (
+                    list(tracker.buffers[prompt])
+                    if kind == "buffer"
+                    else [r for p, r, v in zip(prompts, rewards, report.valid) if p == prompt and v]
+                )
                 same_batch = [j for j, (p, v) in enumerate(zip(prompts, report.valid)) if p == prompt and v]
                 rank_from_end = len(same_batch) - same_batch.index(i)  # 1 for the prompt's last valid sample
                 if rank_from_end <= len(kept):  # reward i is still among the kept rewards
@@ -239,8 +241,11 @@ def _advantage_tracker_class():
 
 def _tensors(step: Step, dtype: torch.dtype = torch.float64):
     prompts, rewards, valid = step
-    return (torch.tensor(prompts, dtype=torch.int64), torch.tensor(rewards, dtype=dtype),
-            None if valid is None else torch.tensor(valid, dtype=torch.bool))
+    return (
+        torch.tensor(prompts, dtype=torch.int64),
+        torch.tensor(rewards, dtype=dtype),
+        None if valid is None else torch.tensor(valid, dtype=torch.bool),
+    )
 
 
 def _assert_report_matches(report, expected, label: str) -> None:
@@ -266,8 +271,13 @@ def _check_sequence(memory: str, options: Dict[str, object], steps: List[Step]) 
         else:
             advantages = tracker.update(*_tensors(step))
         assert advantages.dtype == torch.float64 and advantages.shape == (len(step[0]),), label
-        torch.testing.assert_close(advantages, torch.tensor(expected.advantages, dtype=torch.float64),
-                                   rtol=1e-9, atol=1e-9, msg=lambda default: f"{label}\n{default}")
+        torch.testing.assert_close(
+            advantages,
+            torch.tensor(expected.advantages, dtype=torch.float64),
+            rtol=1e-9,
+            atol=1e-9,
+            msg=lambda default: f"{label}\n{default}",
+        )
 
 
 @pytest.mark.parametrize("baseline", BASELINES)
@@ -294,15 +304,18 @@ def test_tensor_tracker_invalid_samples_get_zero_and_leave_state_unchanged(memor
         is_valid = [(valid is None or valid[i]) and not math.isnan(r) for i, r in enumerate(rewards)]
         kept = [i for i, v in enumerate(is_valid) if v]
         advantages = masked.update(*_tensors((prompts, rewards, valid)))
-        expected = absent.update(torch.tensor([prompts[i] for i in kept], dtype=torch.int64),
-                                 torch.tensor([rewards[i] for i in kept], dtype=torch.float64))
+        expected = absent.update(
+            torch.tensor([prompts[i] for i in kept], dtype=torch.int64),
+            torch.tensor([rewards[i] for i in kept], dtype=torch.float64),
+        )
         torch.testing.assert_close(advantages[kept], expected, rtol=1e-12, atol=1e-12, msg=f"step {number}")
         assert advantages[[not v for v in is_valid]].eq(0).all(), f"step {number}"
         torch.testing.assert_close(masked.state_dict(), absent.state_dict(), rtol=1e-12, atol=1e-12)
     # A batch with no valid sample changes nothing at all.
     before = copy.deepcopy(masked.state_dict())
-    report = masked.update_with_report(torch.tensor([0, 1, 1]), torch.tensor([NAN, 2.0, 3.0], dtype=torch.float64),
-                                       torch.tensor([True, False, False]))
+    report = masked.update_with_report(
+        torch.tensor([0, 1, 1]), torch.tensor([NAN, 2.0, 3.0], dtype=torch.float64), torch.tensor([True, False, False])
+    )
     assert report.advantages.tolist() == [0.0, 0.0, 0.0] and not report.valid.any() and not report.fallback.any()
     assert float(report.zero_variance_fraction) == 0.0
     after = masked.state_dict()
@@ -323,8 +336,9 @@ def test_tensor_tracker_empty_batch(memory):
 def test_invalid_samples_get_exactly_zero_with_eps_zero(memory, scale):
     # The spare row of invalid samples has std 0: with eps 0 they must still get 0, not 0 / 0.
     tracker = AdvantageTracker(3, memory, scale=scale, eps=0.0, fallback="zero", min_count=2)
-    advantages = tracker.update(torch.tensor([0, 0, 1, 1]), torch.tensor([1.0, 2.0, 5.0, 7.0]),
-                                torch.tensor([True, True, False, False]))
+    advantages = tracker.update(
+        torch.tensor([0, 0, 1, 1]), torch.tensor([1.0, 2.0, 5.0, 7.0]), torch.tensor([True, True, False, False])
+    )
     assert advantages[2:].tolist() == [0.0, 0.0] and torch.isfinite(advantages).all()
 
 
@@ -335,40 +349,65 @@ def test_tracker_defaults_and_read_only_options():
     tracker = AdvantageTracker(3, "buffer")
     assert tracker.state_dict()["rewards"].shape == (3, 32)  # buffer_size 32
     assert tracker.check_values is True
-    assert (tracker.memory, tracker.baseline, tracker.scale, tracker.ddof, tracker.min_count, tracker.fallback,
-            tracker.nan_rewards) == ("buffer", "prompt_mean", "prompt_std", 0, 2, "batch", "refuse")
+    assert (
+        tracker.memory,
+        tracker.baseline,
+        tracker.scale,
+        tracker.ddof,
+        tracker.min_count,
+        tracker.fallback,
+        tracker.nan_rewards,
+    ) == ("buffer", "prompt_mean", "prompt_std", 0, 2, "batch", "refuse")
 
 
-@pytest.mark.parametrize("make, options", [
-    (lambda: presets.ddpo(3), ("buffer", "prompt_mean", "prompt_std", 0, 16, "batch", "refuse")),
-    (lambda: presets.trl_grpo(3), ("none", "prompt_mean", "prompt_std", 1, 2, "zero", "invalid")),
-    (lambda: presets.verl_grpo(3), ("none", "prompt_mean", "prompt_std", 1, 2, "raw", "refuse")),
-    (lambda: presets.verl_rloo(3), ("none", "leave_one_out", "none", 0, 2, "raw", "refuse")),
-    (lambda: presets.flow_grpo(3), ("none", "prompt_mean", "batch_std", 0, 2, "zero", "refuse")),
-], ids=["ddpo", "trl_grpo", "verl_grpo", "verl_rloo", "flow_grpo"])
+@pytest.mark.parametrize(
+    "make, options",
+    [
+        (lambda: presets.ddpo(3), ("buffer", "prompt_mean", "prompt_std", 0, 16, "batch", "refuse")),
+        (lambda: presets.trl_grpo(3), ("none", "prompt_mean", "prompt_std", 1, 2, "zero", "invalid")),
+        (lambda: presets.verl_grpo(3), ("none", "prompt_mean", "prompt_std", 1, 2, "raw", "refuse")),
+        (lambda: presets.verl_rloo(3), ("none", "leave_one_out", "none", 0, 2, "raw", "refuse")),
+        (lambda: presets.flow_grpo(3), ("none", "prompt_mean", "batch_std", 0, 2, "zero", "refuse")),
+    ],
+    ids=["ddpo", "trl_grpo", "verl_grpo", "verl_rloo", "flow_grpo"],
+)
 def test_preset_defaults(make, options):
     tracker = make()
     assert tracker.check_values is True and tracker.dtype == torch.float32
-    assert (tracker.memory, tracker.baseline, tracker.scale, tracker.ddof, tracker.min_count, tracker.fallback,
-            tracker.nan_rewards) == options
+    assert (
+        tracker.memory,
+        tracker.baseline,
+        tracker.scale,
+        tracker.ddof,
+        tracker.min_count,
+        tracker.fallback,
+        tracker.nan_rewards,
+    ) == options
     if tracker.memory == "buffer":
         assert tracker.state_dict()["rewards"].shape == (3, 32)
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(ddof=2), "ddof must be 0 or 1, got 2"),
-    (dict(ddof=True), "ddof must be 0 or 1, got True"),
-    (dict(ddof=1, min_count=1), r"min_count must be at least ddof \+ 1 = 2: a std with ddof=1 needs 2 rewards; got 1"),
-    (dict(baseline="leave_one_out", min_count=1), "leave_one_out needs min_count >= 2"),
-    (dict(baseline="median"), "baseline must be one of 'prompt_mean', 'leave_one_out', 'batch_mean'; got 'median'"),
-    (dict(scale="mad"), "scale must be one of"),
-    (dict(fallback="skip"), "fallback must be one of"),
-    (dict(nan_rewards="zero"), "nan_rewards must be one of"),
-    (dict(memory="lstm"), "memory must be one of 'none', 'buffer', 'ema'; got 'lstm'"),
-    (dict(memory="ema", decay=True), "decay must lie in"),
-    (dict(memory="ema", decay=1.0), "decay must lie in"),
-    (dict(memory="buffer", buffer_size=0), "buffer_size must be a positive int"),
-], ids=lambda value: str(value) if isinstance(value, dict) else "")
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(ddof=2), "ddof must be 0 or 1, got 2"),
+        (dict(ddof=True), "ddof must be 0 or 1, got True"),
+        (
+            dict(ddof=1, min_count=1),
+            r"min_count must be at least ddof \+ 1 = 2: a std with ddof=1 needs 2 rewards; got 1",
+        ),
+        (dict(baseline="leave_one_out", min_count=1), "leave_one_out needs min_count >= 2"),
+        (dict(baseline="median"), "baseline must be one of 'prompt_mean', 'leave_one_out', 'batch_mean'; got 'median'"),
+        (dict(scale="mad"), "scale must be one of"),
+        (dict(fallback="skip"), "fallback must be one of"),
+        (dict(nan_rewards="zero"), "nan_rewards must be one of"),
+        (dict(memory="lstm"), "memory must be one of 'none', 'buffer', 'ema'; got 'lstm'"),
+        (dict(memory="ema", decay=True), "decay must lie in"),
+        (dict(memory="ema", decay=1.0), "decay must lie in"),
+        (dict(memory="buffer", buffer_size=0), "buffer_size must be a positive int"),
+    ],
+    ids=lambda value: str(value) if isinstance(value, dict) else "",
+)
 def test_tracker_refuses_bad_options(options, message):
     with pytest.raises(ValueError, match=message):
         AdvantageTracker(3, **options)
@@ -383,8 +422,11 @@ def test_empty_batch_report_is_empty():
 def test_report_counts_only_prompts_with_valid_samples(memory):
     # Prompt 2's samples are all invalid (their shared rewards of 0 are not a zero-variance group of the batch).
     tracker = AdvantageTracker(4, memory, fallback="zero")
-    report = tracker.update_with_report(torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([1.0, 1.0, 2.0, 3.0, 5.0, 5.0]),
-                                        torch.tensor([True, True, True, True, False, False]))
+    report = tracker.update_with_report(
+        torch.tensor([0, 0, 1, 1, 2, 2]),
+        torch.tensor([1.0, 1.0, 2.0, 3.0, 5.0, 5.0]),
+        torch.tensor([True, True, True, True, False, False]),
+    )
     assert report.zero_variance.tolist() == [True, True, False, False, False, False]
     assert report.zero_variance_fraction.item() == 0.5  # 1 of the 2 prompts with valid samples
 
@@ -418,6 +460,5 @@ def test_invalid_samples_under_every_grouping_algorithm(memory, grouping):
             rewards = [generator.gauss(0.0, 1.0) for _ in range(9)]
             valid = [generator.random() < 0.7 for _ in range(9)]
             expected = reference.update(prompts, rewards, valid)
-            got = tracker.update(torch.tensor(prompts), torch.tensor(rewards, dtype=torch.float64),
-                                 torch.tensor(valid))
+            got = tracker.update(torch.tensor(prompts), torch.tensor(rewards, dtype=torch.float64), torch.tensor(valid))
             assert got.tolist() == pytest.approx(expected, abs=1e-9)

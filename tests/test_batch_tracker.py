@@ -63,8 +63,9 @@ def test_value_checks_can_be_switched_off():
     assert out.isnan().all()
 
 
-@pytest.mark.parametrize("kwargs", [dict(num_prompts=0), dict(num_prompts=2, eps=-1.0),
-                                    dict(num_prompts=2, dtype=torch.int64)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(num_prompts=0), dict(num_prompts=2, eps=-1.0), dict(num_prompts=2, dtype=torch.int64)]
+)
 def test_bad_constructor_arguments(kwargs):
     with pytest.raises(ValueError):
         BatchStatTracker(**kwargs)

@@ -17,8 +17,9 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(script, *args):
-    return subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / script), *args],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / script), *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def test_bench_trackers_quick_grid(tmp_path):
@@ -87,9 +88,18 @@ def test_ab_trackers_times_an_older_revision_against_the_working_tree():
     rev = _first_revision_with_ab_trackers()
     rounds = 2
     result = subprocess.run(
-        [sys.executable, "-c", _SPY, str(REPO_ROOT / "benchmarks" / "ab_trackers.py"), f"--rev={rev}",
-         f"--rounds={rounds}", "--min_run_time=0.01"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-c",
+            _SPY,
+            str(REPO_ROOT / "benchmarks" / "ab_trackers.py"),
+            f"--rev={rev}",
+            f"--rounds={rounds}",
+            "--min_run_time=0.01",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     assert f"BufferStatTracker: {rev} (old) against the working tree (new)" in result.stdout
@@ -103,14 +113,17 @@ def test_ab_trackers_times_an_older_revision_against_the_working_tree():
     assert [name for name, *_ in timed] == [old_module, new_module] * (len(cases) * rounds)
     # The old side runs the revision's source (renamed), the new side the working tree's.
     old_path = old_module.replace("rail_interview_at_rev", "rail_interview").replace(".", "/") + ".py"
-    old_source = subprocess.run(["git", "show", f"{rev}:{old_path}"], cwd=REPO_ROOT, capture_output=True,
-                                check=True).stdout.decode().replace("rail_interview", "rail_interview_at_rev")
+    old_source = (
+        subprocess.run(["git", "show", f"{rev}:{old_path}"], cwd=REPO_ROOT, capture_output=True, check=True)
+        .stdout.decode()
+        .replace("rail_interview", "rail_interview_at_rev")
+    )
     new_source = pathlib.Path(importlib.import_module(new_module).__file__).read_bytes()
     assert {digest for _, digest, _ in timed[0::2]} == {hashlib.sha256(old_source.encode()).hexdigest()}
     assert {digest for _, digest, _ in timed[1::2]} == {hashlib.sha256(new_source).hexdigest()}
     # Each line reports the medians over rounds of what was timed, and their ratio.
     for case, (*_, old_ms, new_ms, ratio) in enumerate(cases):
-        medians = [float(seconds) for *_, seconds in timed[case * rounds * 2:(case + 1) * rounds * 2]]
+        medians = [float(seconds) for *_, seconds in timed[case * rounds * 2 : (case + 1) * rounds * 2]]
         expected_old, expected_new = (1e3 * statistics.median(medians[side::2]) for side in (0, 1))
         assert float(old_ms) == pytest.approx(expected_old, abs=6e-4)
         assert float(new_ms) == pytest.approx(expected_new, abs=6e-4)
@@ -149,7 +162,7 @@ def sync_counter():
 _HAND_IDS = [1, 0, 2, 1, 0, 1]
 _HAND_REWARDS = [2.0, 1.0, 5.0, 4.0, 3.0, 9.0]
 _HAND_CASES = {
-    "grpo": ({}, [-3 / 13 ** 0.5, -1 / 2 ** 0.5, 5 / (1 + 1e-6), -1 / 13 ** 0.5, 1 / 2 ** 0.5, 4 / 13 ** 0.5]),
+    "grpo": ({}, [-3 / 13**0.5, -1 / 2**0.5, 5 / (1 + 1e-6), -1 / 13**0.5, 1 / 2**0.5, 4 / 13**0.5]),
     "dr_grpo": ({"norm_by_std": False}, [-3.0, -1.0, 5.0, -1.0, 1.0, 4.0]),
     "rloo": ({"leave_one_out": True}, [-4.5, -2.0, 5.0, -1.5, 2.0, 6.0]),
 }
@@ -172,12 +185,13 @@ def test_grpo_baselines_agree(baselines, dtype, num_samples, num_prompts, kwargs
     generator = torch.Generator().manual_seed(num_samples)
     ids = torch.randint(num_prompts, (num_samples,), generator=generator)  # uneven groups, singletons, gaps
     rewards = (torch.randn(num_samples, generator=generator) * 3 + 1).to(dtype)
-    rewards[:num_samples // 4] = rewards[0]  # some zero-variance groups
+    rewards[: num_samples // 4] = rewards[0]  # some zero-variance groups
     expected = baselines.python_loop_grpo(ids, rewards, **kwargs)
     assert expected.dtype == dtype
     for num_groups in (None, num_prompts):
-        torch.testing.assert_close(baselines.index_add_grpo(ids, rewards, num_groups=num_groups, **kwargs), expected,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            baselines.index_add_grpo(ids, rewards, num_groups=num_groups, **kwargs), expected, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_sync_counter_counts_host_reads(sync_counter, baselines):

@@ -167,8 +167,11 @@ def test_loaded_state_resumes_writing_at_head():
     # A full buffer's state is (count == K, head): the next reward must
     # overwrite the slot at head, the oldest one.
     tracker = BufferStatTracker(num_prompts=1, buffer_size=3, min_count=1, dtype=torch.float64)
-    state = {"rewards": torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64), "count": torch.tensor([3]),
-             "head": torch.tensor([1])}
+    state = {
+        "rewards": torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64),
+        "count": torch.tensor([3]),
+        "head": torch.tensor([1]),
+    }
     tracker.load_state_dict(state)
     tracker.update(torch.tensor([0]), torch.tensor([7.0], dtype=torch.float64))
     after = tracker.state_dict()
@@ -198,8 +201,10 @@ def test_float16_buffer_sums_rows_in_float32():
     # K = 128 overflowed from rewards of about 600 on.
     tracker = BufferStatTracker(1, buffer_size=128, min_count=2, dtype=torch.float16)
     rewards = torch.cat([torch.full((64,), 600.0), torch.full((64,), 602.0)])
-    torch.testing.assert_close(tracker.update(torch.zeros(128, dtype=torch.int64), rewards),
-                               torch.cat([-torch.ones(64), torch.ones(64)]).half())
+    torch.testing.assert_close(
+        tracker.update(torch.zeros(128, dtype=torch.int64), rewards),
+        torch.cat([-torch.ones(64), torch.ones(64)]).half(),
+    )
     stats = tracker.stats()
     assert stats.mean.tolist() == [601.0] and stats.std.tolist() == [1.0]
 
@@ -257,8 +262,10 @@ def test_slot_arithmetic_in_int64_gives_what_int32_gives(monkeypatch):
     import rail_interview.stat_tracking.memory as memory_module
 
     generator = torch.Generator().manual_seed(0)
-    batches = [(torch.randint(5, (size,), generator=generator), torch.randn(size, generator=generator))
-               for size in (8, 20, 7, 30)]
+    batches = [
+        (torch.randint(5, (size,), generator=generator), torch.randn(size, generator=generator))
+        for size in (8, 20, 7, 30)
+    ]
     narrow = BufferStatTracker(num_prompts=5, buffer_size=3, min_count=2)
     expected = [narrow.update(ids, rewards) for ids, rewards in batches]
     monkeypatch.setattr(memory_module, "MAX_INT32_SLOTS", 0)

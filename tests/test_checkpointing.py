@@ -43,13 +43,16 @@ def _assert_same_run(first: str, second: str) -> None:
 def test_resumed_run_equals_a_straight_run_bit_for_bit(config, tmp_path):
     straight = _train(config, tmp_path / "straight", 100)
     first = _train(config, tmp_path / "resumed", 60)
-    resumed = _train(training.load_run_config(first["run_dir"], {"num_epochs": 100}), first["run_dir"], 100,
-                     resume=True)
+    resumed = _train(
+        training.load_run_config(first["run_dir"], {"num_epochs": 100}), first["run_dir"], 100, resume=True
+    )
     assert resumed["run_dir"] == first["run_dir"]
     assert resumed["final_reward"] == straight["final_reward"]
     _assert_same_run(straight["run_dir"], resumed["run_dir"])
-    params = [checkpointing.load_checkpoint(os.path.join(s["run_dir"], "checkpoint.pt"), ["params"])["params"]
-              for s in (straight, resumed)]
+    params = [
+        checkpointing.load_checkpoint(os.path.join(s["run_dir"], "checkpoint.pt"), ["params"])["params"]
+        for s in (straight, resumed)
+    ]
     assert torch.equal(params[0], params[1])
 
 
@@ -109,8 +112,10 @@ def test_checkpoint_of_another_config_is_refused(config, tmp_path):
     with pytest.raises(training.ConfigError, match=r"cannot change config\.problem\.num_params \(32 -> 64\)"):
         training.train(bigger, run_dir, resume=True)
     # A checkpoint brought from a run of another config is refused by what does not fit.
-    for name, value, message in (("problem.num_params", 64, "parameters of shape"),
-                                 ("stat_tracking.method", "ema", "does not fit this run's tracker")):
+    for name, value, message in (
+        ("problem.num_params", 64, "parameters of shape"),
+        ("stat_tracking.method", "ema", "does not fit this run's tracker"),
+    ):
         other = config.copy_and_resolve_references()
         section, field = name.split(".")
         other[section][field] = value
@@ -128,8 +133,12 @@ def test_checkpoint_every_must_align_with_metric_flushes(config, tmp_path):
 
 def test_resume_from_the_command_line(tmp_path):
     def run(*args):
-        result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "train.py"), *args],
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr
         return result
 
@@ -140,8 +149,11 @@ def test_resume_from_the_command_line(tmp_path):
     run(f"--logdir={resumed_dir}", "--resume", "--config.num_epochs=30")  # seed 4 comes from the run's config
     (straight_dir,) = (tmp_path / "a").iterdir()
     assert filecmp.cmp(straight_dir / "metrics.csv", resumed_dir / "metrics.csv", shallow=False)
-    missing = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "train.py"),
-                              f"--logdir={tmp_path / 'nowhere'}", "--resume"], capture_output=True, text=True)
+    missing = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), f"--logdir={tmp_path / 'nowhere'}", "--resume"],
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode != 0 and "holds no config.json" in missing.stderr
 
 
@@ -151,9 +163,13 @@ def test_resume_from_a_final_checkpoint_between_metric_flushes(config, tmp_path)
     run_dir = _train(config, tmp_path / "short", 15)["run_dir"]
     resumed = _train(training.load_run_config(run_dir), run_dir, 30, resume=True)
     assert resumed["final_reward"] == straight["final_reward"]
-    assert filecmp.cmp(os.path.join(straight["run_dir"], "metrics.csv"), os.path.join(run_dir, "metrics.csv"),
-                       shallow=False)
-    a, b = load_prompt_stats(os.path.join(straight["run_dir"], "stats")), load_prompt_stats(os.path.join(run_dir, "stats"))
+    assert filecmp.cmp(
+        os.path.join(straight["run_dir"], "metrics.csv"), os.path.join(run_dir, "metrics.csv"), shallow=False
+    )
+    a, b = (
+        load_prompt_stats(os.path.join(straight["run_dir"], "stats")),
+        load_prompt_stats(os.path.join(run_dir, "stats")),
+    )
     np.testing.assert_array_equal(a.step, b.step)
     np.testing.assert_array_equal(a.mean, b.mean)
 

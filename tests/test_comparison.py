@@ -25,21 +25,40 @@ def test_apply_overrides_copies_and_refuses_unknown_fields():
 def test_method_settings_name_the_grpo_family_with_its_memory():
     config = default.get_config()
     settings = comparison.method_settings(
-        config, ["batch", "buffer", "ema", "grpo", "dr_grpo+buffer", "rloo+ema"], buffer_sizes=[4],
-        ema_decays=[0.5, 0.9])
+        config,
+        ["batch", "buffer", "ema", "grpo", "dr_grpo+buffer", "rloo+ema"],
+        buffer_sizes=[4],
+        ema_decays=[0.5, 0.9],
+    )
     assert [s.name for s in settings] == [
-        "batch", "buffer K=4 m=2", "ema 0.5", "ema 0.9", "grpo", "dr_grpo+buffer K=4 m=2", "rloo+ema 0.5",
-        "rloo+ema 0.9"]
+        "batch",
+        "buffer K=4 m=2",
+        "ema 0.5",
+        "ema 0.9",
+        "grpo",
+        "dr_grpo+buffer K=4 m=2",
+        "rloo+ema 0.5",
+        "rloo+ema 0.9",
+    ]
     by_name = {s.name: dict(s.overrides) for s in settings}
     assert by_name["batch"] == {"stat_tracking.method": "batch"}  # the existing methods keep their overrides
-    assert by_name["buffer K=4 m=2"] == {"stat_tracking.method": "buffer", "stat_tracking.buffer_size": 4,
-                                         "stat_tracking.min_count": 2}
+    assert by_name["buffer K=4 m=2"] == {
+        "stat_tracking.method": "buffer",
+        "stat_tracking.buffer_size": 4,
+        "stat_tracking.min_count": 2,
+    }
     assert by_name["grpo"] == {"stat_tracking.method": "grpo", "stat_tracking.memory": "none"}
     assert by_name["dr_grpo+buffer K=4 m=2"] == {
-        "stat_tracking.method": "dr_grpo", "stat_tracking.memory": "buffer", "stat_tracking.buffer_size": 4,
-        "stat_tracking.min_count": 2}
-    assert by_name["rloo+ema 0.9"] == {"stat_tracking.method": "rloo", "stat_tracking.memory": "ema",
-                                       "stat_tracking.ema_decay": 0.9}
+        "stat_tracking.method": "dr_grpo",
+        "stat_tracking.memory": "buffer",
+        "stat_tracking.buffer_size": 4,
+        "stat_tracking.min_count": 2,
+    }
+    assert by_name["rloo+ema 0.9"] == {
+        "stat_tracking.method": "rloo",
+        "stat_tracking.memory": "ema",
+        "stat_tracking.ema_decay": 0.9,
+    }
     # Defaults: the config's K, min_count and decay; the GRPO family needs min_count >= 2.
     names = [s.name for s in comparison.method_settings(config, ["grpo+buffer", "rloo+ema"])]
     assert names == ["grpo+buffer K=32 m=16", "rloo+ema 0.7"]
@@ -70,7 +89,10 @@ def test_write_csv_and_plot(tmp_path):
     with open(tmp_path / "r.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["setting"], int(r["seed"]), float(r["final_reward"])) for r in rows] == [
-        ("a", 0, -1.0), ("a", 1, -3.0), ("b", 0, -50.0)]
+        ("a", 0, -1.0),
+        ("a", 1, -3.0),
+        ("b", 0, -50.0),
+    ]
     comparison.plot_curves(results, str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -78,12 +100,24 @@ def test_write_csv_and_plot(tmp_path):
 def test_compare_script_end_to_end(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "compare.py"), "--methods=batch,buffer,ema",
-         "--buffer_sizes=4,8", "--ema_decays=0.5", "--seeds=2", "--workers=2", f"--out={out}",
-         f"--logdir={tmp_path / 'runs'}",
-         "--config.num_epochs=15", "--config.problem.num_prompts=8", "--config.sample_batch_size=32",
-         "--config.device=cpu"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "compare.py"),
+            "--methods=batch,buffer,ema",
+            "--buffer_sizes=4,8",
+            "--ema_decays=0.5",
+            "--seeds=2",
+            "--workers=2",
+            f"--out={out}",
+            f"--logdir={tmp_path / 'runs'}",
+            "--config.num_epochs=15",
+            "--config.problem.num_prompts=8",
+            "--config.sample_batch_size=32",
+            "--config.device=cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["curves.png", "results.csv", "results.md"]
@@ -98,22 +132,38 @@ def test_compare_script_end_to_end(tmp_path):
 def test_compare_script_runs_the_grpo_family(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "compare.py"),
-         "--methods=batch,grpo,rloo+buffer,dr_grpo+ema", "--seeds=1", "--workers=2", f"--out={out}",
-         f"--logdir={tmp_path / 'runs'}",
-         "--config.num_epochs=15", "--config.problem.num_prompts=8", "--config.sample_batch_size=32",
-         "--config.device=cpu"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "compare.py"),
+            "--methods=batch,grpo,rloo+buffer,dr_grpo+ema",
+            "--seeds=1",
+            "--workers=2",
+            f"--out={out}",
+            f"--logdir={tmp_path / 'runs'}",
+            "--config.num_epochs=15",
+            "--config.problem.num_prompts=8",
+            "--config.sample_batch_size=32",
+            "--config.device=cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     table = (out / "results.md").read_text()
     for name in ("batch", "grpo", "rloo+buffer K=32 m=16", "dr_grpo+ema 0.7"):
         assert f"| {name} |" in table
     assert sorted(p.name.split("_", 1)[1] for p in (tmp_path / "runs").iterdir()) == [
-        "batch_seed0", "dr_grpo+ema_seed0", "grpo_seed0", "rloo+buffer_seed0"]
+        "batch_seed0",
+        "dr_grpo+ema_seed0",
+        "grpo_seed0",
+        "rloo+buffer_seed0",
+    ]
     refused = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "compare.py"), "--methods=buffer+ema", f"--out={out}"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert refused.returncode != 0 and "unknown method 'buffer+ema'" in refused.stderr
 
@@ -139,17 +189,28 @@ def test_parse_sweeps_refuse_repeats_that_would_share_a_setting_name():
         comparison.parse_ema_decays(["0.5", "0.50"])
 
 
-@pytest.mark.parametrize("methods,buffer_sizes,ema_decays,message", [
-    ([], [], [], "methods is empty: name at least one of"),
-    (["batch", "ema", "batch"], [], [], "method 'batch' is listed twice in methods"),
-    (["buffer+ema"], [], [], "unknown method 'buffer\\+ema'"),
-    (["batch", "ema", "grpo"], [4], [], "buffer_sizes sweeps buffer memories, but methods has none: add 'buffer' or "
-                                        "METHOD\\+buffer"),
-    (["batch", "buffer", "rloo"], [], [0.5], "ema_decays sweeps EMA memories, but methods has none: add 'ema' or "
-                                             "METHOD\\+ema"),
-    (["buffer", "rloo+buffer"], [1, 4], [], "buffer_sizes must be >= 2 with 'rloo\\+buffer'"),
-    (["ema"], [], ["1.5"], "open interval \\(0, 1\\)"),
-])
+@pytest.mark.parametrize(
+    "methods,buffer_sizes,ema_decays,message",
+    [
+        ([], [], [], "methods is empty: name at least one of"),
+        (["batch", "ema", "batch"], [], [], "method 'batch' is listed twice in methods"),
+        (["buffer+ema"], [], [], "unknown method 'buffer\\+ema'"),
+        (
+            ["batch", "ema", "grpo"],
+            [4],
+            [],
+            "buffer_sizes sweeps buffer memories, but methods has none: add 'buffer' or METHOD\\+buffer",
+        ),
+        (
+            ["batch", "buffer", "rloo"],
+            [],
+            [0.5],
+            "ema_decays sweeps EMA memories, but methods has none: add 'ema' or METHOD\\+ema",
+        ),
+        (["buffer", "rloo+buffer"], [1, 4], [], "buffer_sizes must be >= 2 with 'rloo\\+buffer'"),
+        (["ema"], [], ["1.5"], "open interval \\(0, 1\\)"),
+    ],
+)
 def test_check_sweep_refuses_what_would_be_ignored_or_fail_later(methods, buffer_sizes, ema_decays, message):
     with pytest.raises(ValueError, match=message):
         comparison.check_sweep(methods, buffer_sizes, ema_decays)
@@ -175,10 +236,14 @@ def test_check_settings_and_run_comparison_refuse_a_bad_setting_before_starting_
 
     monkeypatch.setattr(comparison.concurrent.futures, "ProcessPoolExecutor", no_pool)
     cases = [
-        ([good, comparison.Setting("ema 1.5", {"stat_tracking.method": "ema", "stat_tracking.ema_decay": 1.5})],
-         r"setting 'ema 1.5': config.stat_tracking.ema_decay must lie in \(0, 1\)"),
-        ([comparison.Setting("grpo", {"stat_tracking.method": "grpo", "stat_tracking.fallback": "rawx"})],
-         "setting 'grpo': unknown config.stat_tracking.fallback 'rawx'"),
+        (
+            [good, comparison.Setting("ema 1.5", {"stat_tracking.method": "ema", "stat_tracking.ema_decay": 1.5})],
+            r"setting 'ema 1.5': config.stat_tracking.ema_decay must lie in \(0, 1\)",
+        ),
+        (
+            [comparison.Setting("grpo", {"stat_tracking.method": "grpo", "stat_tracking.fallback": "rawx"})],
+            "setting 'grpo': unknown config.stat_tracking.fallback 'rawx'",
+        ),
         ([comparison.Setting("typo", {"stat_tracking.bufer_size": 3})], "setting 'typo': .*stat_tracking.bufer_size"),
         ([good, good], "setting names must be distinct"),
         ([], "there is no setting to compare"),
@@ -192,7 +257,9 @@ def test_check_settings_and_run_comparison_refuse_a_bad_setting_before_starting_
 
 
 def test_plot_curves_of_runs_shorter_than_the_smoothing_window(tmp_path):
-    results = [comparison.RunResult("a", seed, -1.0, 0.5, [-3.0, -2.0, -1.0, -1.5, -1.0], f"/runs/a{seed}")
-               for seed in range(2)] + [_result("b", 0, -50.0)]  # 5 epochs, and 20
+    results = [
+        comparison.RunResult("a", seed, -1.0, 0.5, [-3.0, -2.0, -1.0, -1.5, -1.0], f"/runs/a{seed}")
+        for seed in range(2)
+    ] + [_result("b", 0, -50.0)]  # 5 epochs, and 20
     comparison.plot_curves(results, str(tmp_path / "c.png"), smoothing=10)
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -98,9 +98,19 @@ def test_torchrun_trains_on_two_cpu_processes(tmp_path):
 
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "train.py")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", script, f"--logdir={tmp_path}",
-         "--config.num_epochs=50", "--config.device=cpu"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            script,
+            f"--logdir={tmp_path}",
+            "--config.num_epochs=50",
+            "--config.device=cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()

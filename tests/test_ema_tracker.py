@@ -91,7 +91,7 @@ def test_same_rewards_in_one_batch_or_in_many_give_the_same_state():
     rewards = torch.tensor([5.0, -1.0, 7.0, 6.0, 3.0, 2.0, 10.0], dtype=torch.float64)
     one_batch.update(ids, rewards)
     for i in range(len(ids)):
-        many.update(ids[i:i + 1], rewards[i:i + 1])
+        many.update(ids[i : i + 1], rewards[i : i + 1])
     for name, tensor in one_batch.state_dict().items():
         torch.testing.assert_close(tensor, many.state_dict()[name], rtol=1e-12, atol=1e-12)
 
@@ -193,7 +193,10 @@ def test_default_decay_is_the_one_the_readme_recommends():
 def test_state_with_zero_or_small_variance_is_accepted():
     # The variance check refuses negative values only.
     tracker = EmaStatTracker(num_prompts=3, min_count=2)
-    state = {"mean": torch.tensor([1.0, 2.0, 3.0]), "var": torch.tensor([0.0, 0.25, 4.0]),
-             "count": torch.tensor([1, 5, 9])}
+    state = {
+        "mean": torch.tensor([1.0, 2.0, 3.0]),
+        "var": torch.tensor([0.0, 0.25, 4.0]),
+        "count": torch.tensor([1, 5, 9]),
+    }
     tracker.load_state_dict(state)
     assert tracker.stats().std.tolist() == [0.0, 0.5, 2.0]

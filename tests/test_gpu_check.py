@@ -12,18 +12,26 @@ import torch
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "benchmarks" / "gpu_check.py"
 
-TRACKER_CASES = [f"{kind}/{size}" for kind in ("buffer", "ema", "batch", "trl_grpo", "rloo_buffer", "hashed_buffer",
-                                                "hashed_grpo")
-                 for size in ("64x8x4", "300x50x8")]
-NEEDS_CUDA = [f"sync_free/{case}" for case in TRACKER_CASES] + [f"cuda_graph/{case}" for case in TRACKER_CASES] \
-    + ["cuda_tests"]
-RUNS_ON_CPU = [f"determinism/{case}" for case in TRACKER_CASES] + ["train/batch", "train/buffer", "train/ema",
-                                                                   "bench_trackers"]
+TRACKER_CASES = [
+    f"{kind}/{size}"
+    for kind in ("buffer", "ema", "batch", "trl_grpo", "rloo_buffer", "hashed_buffer", "hashed_grpo")
+    for size in ("64x8x4", "300x50x8")
+]
+NEEDS_CUDA = (
+    [f"sync_free/{case}" for case in TRACKER_CASES] + [f"cuda_graph/{case}" for case in TRACKER_CASES] + ["cuda_tests"]
+)
+RUNS_ON_CPU = [f"determinism/{case}" for case in TRACKER_CASES] + [
+    "train/batch",
+    "train/buffer",
+    "train/ema",
+    "bench_trackers",
+]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=600, check=False)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False
+    )
 
 
 def test_dry_run_on_cpu_reports_every_check(tmp_path):
@@ -57,8 +65,10 @@ def test_a_failing_check_does_not_stop_the_others(tmp_path):
     assert result.returncode == 1
     report = json.loads((tmp_path / "gpu_check_cpu.json").read_text())
     outcomes = {entry["name"]: (entry["passed"], entry["reason"]) for entry in report["checks"]}
-    assert outcomes == {**{f"determinism/{case}": (True, None) for case in TRACKER_CASES},
-                        **{f"train/{m}": (False, "timed out after 0 s") for m in ("batch", "buffer", "ema")}}
+    assert outcomes == {
+        **{f"determinism/{case}": (True, None) for case in TRACKER_CASES},
+        **{f"train/{m}": (False, "timed out after 0 s") for m in ("batch", "buffer", "ema")},
+    }
     assert report["complete"] and report["counts"] == {"passed": len(TRACKER_CASES), "failed": 3, "skipped": 0}
 
 

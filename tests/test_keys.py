@@ -38,6 +38,7 @@ def _mix_python(value: int) -> int:
 
 def _unmix_python(value: int) -> int:
     """The inverse of ``_mix_python``: a key whose mixed value is ``value``."""
+
     def unshift(word: int, bits: int) -> int:
         result = word
         for _ in range(64 // bits + 1):
@@ -71,17 +72,21 @@ def test_mix64_is_splitmix64_with_twos_complement_wraparound():
 
 def test_prompt_keys_are_blake2b_and_ignore_pythonhashseed():
     prompts = ["a cat", "a dog", "", "naïve café", "a cat"]
-    expected = [int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "little", signed=True)
-                for p in prompts]
+    expected = [
+        int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "little", signed=True) for p in prompts
+    ]
     assert prompt_keys(prompts).tolist() == expected
     assert prompt_keys(prompts).dtype == torch.int64
-    script = ("from rail_interview.stat_tracking import prompt_keys; "
-              "print(prompt_keys(['a cat', 'a dog', 'naïve café']).tolist())")
+    script = (
+        "from rail_interview.stat_tracking import prompt_keys; "
+        "print(prompt_keys(['a cat', 'a dog', 'naïve café']).tolist())"
+    )
     outputs = set()
     for seed in ("1", "2", "random"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        outputs.add(subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True,
-                                   text=True).stdout)
+        outputs.add(
+            subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True, text=True).stdout
+        )
     assert len(outputs) == 1
     assert outputs.pop().strip() == str(prompt_keys(["a cat", "a dog", "naïve café"]).tolist())
 
@@ -150,7 +155,7 @@ class _LruSpec:
     def see(self, keys, valid):
         last = {key: i for i, (key, ok) in enumerate(zip(keys, valid)) if ok}
         batch = sorted(last, key=last.get)
-        kept = batch[-self.capacity:]
+        kept = batch[-self.capacity :]
         for key in kept:
             self.keys.pop(key, None)
         while self.keys and len(self.keys) + len(kept) > self.capacity:
@@ -189,8 +194,12 @@ def test_table_holds_the_keys_seen_last(eviction, capacity):
             assert len(set(by_key.values())) == len(by_key)
             found = table.lookup(torch.tensor(list(spec.keys) + [123456789]))
             assert found[-1] == -1 and (found[:-1] >= 0).all()
-            assert torch.equal(found[:-1], torch.tensor([by_key.get(k, -2) for k in spec.keys]).where(
-                torch.tensor([k in by_key for k in spec.keys]), found[:-1]))
+            assert torch.equal(
+                found[:-1],
+                torch.tensor([by_key.get(k, -2) for k in spec.keys]).where(
+                    torch.tensor([k in by_key for k in spec.keys]), found[:-1]
+                ),
+            )
         assert int(table.index_overflows) == 0
 
 
@@ -252,12 +261,14 @@ def test_hashed_tracker_matches_the_lru_reference_on_drifting_streams(memory, ca
             rewards = [rng.choice([0.0, 1.0, rng.gauss(0, 1)]) for _ in keys]
             valid = [rng.random() > 0.15 for _ in keys]
             with forced_algorithms(key_table=eviction):
-                got = tracker.update_with_report(torch.tensor(keys), torch.tensor(rewards, dtype=torch.float64),
-                                                 torch.tensor(valid))
+                got = tracker.update_with_report(
+                    torch.tensor(keys), torch.tensor(rewards, dtype=torch.float64), torch.tensor(valid)
+                )
             want = reference.update_with_report(keys, rewards, valid)
             where = (options, step)
-            torch.testing.assert_close(got.advantages, torch.tensor(want.advantages, dtype=torch.float64),
-                                       rtol=1e-9, atol=1e-9, msg=str(where))
+            torch.testing.assert_close(
+                got.advantages, torch.tensor(want.advantages, dtype=torch.float64), rtol=1e-9, atol=1e-9, msg=str(where)
+            )
             assert got.fallback.tolist() == want.fallback, where
             assert got.zero_variance.tolist() == want.zero_variance, where
             assert float(got.zero_variance_fraction) == pytest.approx(want.zero_variance_fraction)
@@ -267,22 +278,28 @@ def test_hashed_tracker_matches_the_lru_reference_on_drifting_streams(memory, ca
             if remembered:
                 stats = tracker.stats(torch.tensor(list(remembered)))
                 assert stats.count.tolist() == [count for _, _, count in remembered.values()], where
-                torch.testing.assert_close(stats.mean, torch.tensor([m for m, _, _ in remembered.values()],
-                                                                    dtype=torch.float64), msg=str(where))
+                torch.testing.assert_close(
+                    stats.mean,
+                    torch.tensor([m for m, _, _ in remembered.values()], dtype=torch.float64),
+                    msg=str(where),
+                )
 
 
-@pytest.mark.parametrize("make", [
-    lambda keys: presets.ddpo(30, buffer_size=8, min_count=3, keys=keys),
-    lambda keys: presets.trl_grpo(30, keys=keys),
-    lambda keys: presets.verl_rloo(30, memory="ema", keys=keys),
-    lambda keys: BufferStatTracker(30, 8, 3, keys=keys),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda keys: presets.ddpo(30, buffer_size=8, min_count=3, keys=keys),
+        lambda keys: presets.trl_grpo(30, keys=keys),
+        lambda keys: presets.verl_rloo(30, memory="ema", keys=keys),
+        lambda keys: BufferStatTracker(30, 8, 3, keys=keys),
+    ],
+)
 def test_hashed_tracker_with_room_for_every_prompt_equals_the_id_tracker(make):
     rng = random.Random(1)
     prompts = [f"prompt {i}" for i in range(30)]
     hashed, by_id, index = make("hashed"), make("ids"), PromptIndex(30)
     for _ in range(20):
-        batch = [rng.choice(prompts[:rng.randint(1, 30)]) for _ in range(rng.randint(1, 40))]
+        batch = [rng.choice(prompts[: rng.randint(1, 30)]) for _ in range(rng.randint(1, 40))]
         rewards = torch.randn(len(batch), generator=torch.Generator().manual_seed(rng.randint(0, 99)))
         expected = by_id.update(index.ids(batch), rewards)
         torch.testing.assert_close(hashed.update(prompt_keys(batch), rewards), expected, rtol=0, atol=0)
@@ -345,11 +362,15 @@ def test_state_dict_round_trip_is_exact_and_bad_states_are_refused():
     used = int((before["last_seen"] >= 0).nonzero()[0])
     other = int((before["last_seen"] >= 0).nonzero()[1])
     bad = {
-        "one key in two rows": {"keys": before["keys"].clone().index_fill_(0, torch.tensor([other]),
-                                                                           int(before["keys"][used]))},
+        "one key in two rows": {
+            "keys": before["keys"].clone().index_fill_(0, torch.tensor([other]), int(before["keys"][used]))
+        },
         "'last_seen' must lie": {"last_seen": before["last_seen"].clone().fill_(int(before["clock"]))},
-        "must differ": {"last_seen": before["last_seen"].clone().index_fill_(0, torch.tensor([other]),
-                                                                             int(before["last_seen"][used]))},
+        "must differ": {
+            "last_seen": before["last_seen"]
+            .clone()
+            .index_fill_(0, torch.tensor([other]), int(before["last_seen"][used]))
+        },
         "'clock' must be >= 0": {"clock": torch.tensor(-1)},
     }
     for message, change in bad.items():
@@ -380,8 +401,10 @@ def test_keys_option_is_checked_and_hashed_keys_take_any_int64():
 
 
 def test_the_library_imports_none_of_the_training_extras():
-    script = ("import sys, rail_interview.stat_tracking, rail_interview.stat_tracking.presets; "
-              "print(sorted(m for m in ('absl', 'ml_collections', 'matplotlib') if m in sys.modules))")
+    script = (
+        "import sys, rail_interview.stat_tracking, rail_interview.stat_tracking.presets; "
+        "print(sorted(m for m in ('absl', 'ml_collections', 'matplotlib') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]"
 

@@ -37,17 +37,21 @@ def test_config_is_toml_with_the_modules_tests_and_workers(mutation):
     assert tests[0] == "rail_interview/stat_tracking" and "tests/test_buffer_tracker.py" in tests
     assert "tests/test_distributed.py" not in tests
     assert "tests/test_distributed.py" in mutation.unselected_tests(REPO_ROOT, tests)
-    command = mutation.mutant_test_command(sys.executable, mutation.pytest_args(tests, node_ids=["tests/x.py::y"]),
-                                           runner=None)
-    text = mutation.build_config(modules, command, 60.0, ["http://127.0.0.1:1", "http://127.0.0.1:2"],
-                                 mutation.excluded_operator_patterns())
+    command = mutation.mutant_test_command(
+        sys.executable, mutation.pytest_args(tests, node_ids=["tests/x.py::y"]), runner=None
+    )
+    text = mutation.build_config(
+        modules, command, 60.0, ["http://127.0.0.1:1", "http://127.0.0.1:2"], mutation.excluded_operator_patterns()
+    )
     config = tomllib.loads(text)["cosmic-ray"]
     assert config["module-path"] == modules and config["timeout"] == 60.0
     assert shlex.split(config["test-command"]) == command
     assert command[command.index("-k") + 1] == "not plot_script" and "-x" in command
     assert command[command.index("--deselect") + 1] == "tests/x.py::y"
-    assert config["distributor"] == {"name": "http", "http": {"worker-urls": ["http://127.0.0.1:1",
-                                                                             "http://127.0.0.1:2"]}}
+    assert config["distributor"] == {
+        "name": "http",
+        "http": {"worker-urls": ["http://127.0.0.1:1", "http://127.0.0.1:2"]},
+    }
 
 
 def test_operator_filter_keeps_one_replacement_per_binary_operator(mutation):
@@ -79,8 +83,14 @@ def test_fork_server_runs_pytest_in_the_callers_directory_and_returns_its_exit_c
     env = {**os.environ, "RAIL_MUTATION_SERVER": str(sock)}
 
     def client(*args):
-        return subprocess.run([sys.executable, str(SCRIPT), "_pytest", "-q", "-p", "no:cacheprovider", *args],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, str(SCRIPT), "_pytest", "-q", "-p", "no:cacheprovider", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     server = subprocess.Popen([sys.executable, "-c", serve, str(sock)])
     try:

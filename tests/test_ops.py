@@ -36,10 +36,17 @@ def test_every_grouping_algorithm_finds_the_groups(algorithm, num_samples, num_p
     assert torch.equal(groups.position, torch.arange(num_samples))
 
 
-@pytest.mark.parametrize("num_samples, num_prompts, expected", [
-    (100, 50, "search"), (2047, 50, "search"), (2048, 50, "counts"), (2048, 2048, "counts"), (2048, 2049, "scans"),
-    (2048, None, "scans"),
-])
+@pytest.mark.parametrize(
+    "num_samples, num_prompts, expected",
+    [
+        (100, 50, "search"),
+        (2047, 50, "search"),
+        (2048, 50, "counts"),
+        (2048, 2048, "counts"),
+        (2048, 2049, "scans"),
+        (2048, None, "scans"),
+    ],
+)
 def test_automatic_grouping_choice_by_size(num_samples, num_prompts, expected):
     # Forced "counts" needs num_prompts; without it, the scans stand in.
     assert ops._grouping_algorithm(num_samples, num_prompts, torch.device("cpu")) == expected

@@ -29,8 +29,9 @@ def _train(config, logdir, **fields):
 def _own_trainer_log(directory, *, num_prompts=8, prompt_ids=(0, 1, 2, 3), prompt_names=None, num_steps=10):
     """Records a stats log with PromptStatsRecorder as one's own trainer would: no metrics.csv, no config.json."""
     tracker = EmaStatTracker(num_prompts=num_prompts, decay=0.5, min_count=2)
-    recorder = PromptStatsRecorder(str(directory), tracker, torch.tensor(prompt_ids), prompt_names=prompt_names,
-                                   chunk_size=4)
+    recorder = PromptStatsRecorder(
+        str(directory), tracker, torch.tensor(prompt_ids), prompt_names=prompt_names, chunk_size=4
+    )
     generator = torch.Generator().manual_seed(0)
     for step in range(num_steps):
         ids = torch.randint(num_prompts, (16,), generator=generator)
@@ -47,8 +48,12 @@ def _names(run_dir):
 
 
 def _plot(*args):
-    return subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "plot_stats.py"), *args],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "plot_stats.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _one_line_error(result):

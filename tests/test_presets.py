@@ -67,25 +67,35 @@ class Preset:
 
 PRESETS: Dict[str, Preset] = {
     "ddpo_K4_min3": Preset(
-        "ddpo", dict(buffer_size=4, min_count=3),
+        "ddpo",
+        dict(buffer_size=4, min_count=3),
         dict(memory="buffer", buffer_size=4, min_count=3, eps=1e-6, fallback="batch"),
         lambda: DdpoPerPromptStatTracker(4, 3),
     ),
     "ddpo_K3_min1": Preset(
-        "ddpo", dict(buffer_size=3, min_count=1),
+        "ddpo",
+        dict(buffer_size=3, min_count=1),
         dict(memory="buffer", buffer_size=3, min_count=1, eps=1e-6, fallback="batch"),
         lambda: DdpoPerPromptStatTracker(3, 1),
     ),
     "ddpo_default": Preset(
-        "ddpo", {},
+        "ddpo",
+        {},
         dict(memory="buffer", buffer_size=32, min_count=16, eps=1e-6, fallback="batch"),
         lambda: DdpoPerPromptStatTracker(32, 16),
     ),
     **{
         f"trl_grpo_{scale}": Preset(
-            "trl_grpo", dict(scale_rewards=scale),
-            dict(scale={"group": "prompt_std", "batch": "batch_std", "none": "none"}[scale], ddof=1, eps=1e-4,
-                 min_count=2, fallback="zero", nan_rewards="invalid"),
+            "trl_grpo",
+            dict(scale_rewards=scale),
+            dict(
+                scale={"group": "prompt_std", "batch": "batch_std", "none": "none"}[scale],
+                ddof=1,
+                eps=1e-4,
+                min_count=2,
+                fallback="zero",
+                nan_rewards="invalid",
+            ),
             lambda scale=scale: _Stateless(trl_grpo_advantages, scale_rewards=scale),
             nan_rewards=True,
         )
@@ -93,20 +103,23 @@ PRESETS: Dict[str, Preset] = {
     },
     **{
         f"verl_grpo_std_{norm}": Preset(
-            "verl_grpo", dict(norm_adv_by_std=norm),
+            "verl_grpo",
+            dict(norm_adv_by_std=norm),
             dict(scale="prompt_std" if norm else "none", ddof=1, eps=1e-6, min_count=2, fallback="raw"),
             lambda norm=norm: _Stateless(verl_grpo_advantages, norm_adv_by_std_in_grpo=norm),
         )
         for norm in (True, False)
     },
     "verl_rloo": Preset(
-        "verl_rloo", {},
+        "verl_rloo",
+        {},
         dict(baseline="leave_one_out", scale="none", min_count=2, fallback="raw"),
         lambda: _Stateless(verl_rloo_advantages),
     ),
     **{
         f"flow_grpo_global_{global_std}": Preset(
-            "flow_grpo", dict(global_std=global_std),
+            "flow_grpo",
+            dict(global_std=global_std),
             dict(scale="batch_std" if global_std else "prompt_std", ddof=0, eps=1e-4, min_count=2, fallback="zero"),
             lambda global_std=global_std: _ClearedEveryUpdate(global_std),
         )
@@ -145,16 +158,24 @@ def _batches(seed: int, nan: bool) -> List[Batch]:
     return [
         _random_batch(rng, size, nan=nan, layout=layout, pass_fail=pass_fail)
         for size, layout, pass_fail in [
-            (1, "contiguous", False), (12, "contiguous", True), (9, "interleaved", False),
-            (16, "shuffled", True), (20, "shuffled", False), (2, "interleaved", True), (13, "interleaved", False),
+            (1, "contiguous", False),
+            (12, "contiguous", True),
+            (9, "interleaved", False),
+            (16, "shuffled", True),
+            (20, "shuffled", False),
+            (2, "interleaved", True),
+            (13, "interleaved", False),
         ]
     ]
 
 
 def _assert_close(got, want, *, atol: float = 1e-9, rtol: float = 1e-9, message: str = "") -> None:
     torch.testing.assert_close(
-        torch.as_tensor(np.asarray(got, dtype=np.float64)), torch.as_tensor(np.asarray(want, dtype=np.float64)),
-        atol=atol, rtol=rtol, msg=lambda default: f"{message}\n{default}",
+        torch.as_tensor(np.asarray(got, dtype=np.float64)),
+        torch.as_tensor(np.asarray(want, dtype=np.float64)),
+        atol=atol,
+        rtol=rtol,
+        msg=lambda default: f"{message}\n{default}",
     )
 
 
@@ -167,8 +188,11 @@ def test_reference_with_preset_options_matches_the_system(name):
     for seed in range(3):
         reference, system = ReferenceAdvantageTracker(**preset.reference), preset.system()
         for step, (ids, rewards) in enumerate(_batches(seed, nan=preset.nan_rewards)):
-            _assert_close(reference.update(ids, rewards), system.update(ids, rewards),
-                          message=f"seed {seed}, step {step}: {ids} {rewards}")
+            _assert_close(
+                reference.update(ids, rewards),
+                system.update(ids, rewards),
+                message=f"seed {seed}, step {step}: {ids} {rewards}",
+            )
 
 
 @hypothesis.settings(max_examples=80, deadline=None, derandomize=True)
@@ -221,8 +245,13 @@ def test_tensor_preset_matches_the_system(name, dtype, atol):
         advantages = tracker.update(b_ids, b_rewards)
         assert advantages.dtype == dtype and advantages.shape == b_ids.shape
         # The system sees the rewards as the tracker's dtype holds them.
-        _assert_close(advantages, system.update(ids, b_rewards.double().tolist()), atol=atol, rtol=atol,
-                      message=f"step {step}: {ids} {rewards}")
+        _assert_close(
+            advantages,
+            system.update(ids, b_rewards.double().tolist()),
+            atol=atol,
+            rtol=atol,
+            message=f"step {step}: {ids} {rewards}",
+        )
 
 
 @pytest.mark.parametrize("name", sorted(name for name, preset in PRESETS.items() if preset.function != "ddpo"))
@@ -258,7 +287,8 @@ def test_compiled_preset_update_matches_eager(name):
     for step in range(3):  # one shape: one compilation
         ids, rewards = _random_batch(rng, 12, nan=PRESETS[name].nan_rewards, layout="shuffled", pass_fail=step == 1)
         b_ids, b_rewards = _tensors(ids, rewards, torch.float32)
-        _assert_close(compiled(b_ids, b_rewards), eager.update(b_ids, b_rewards), atol=1e-6, rtol=1e-6,
-                      message=f"step {step}")
+        _assert_close(
+            compiled(b_ids, b_rewards), eager.update(b_ids, b_rewards), atol=1e-6, rtol=1e-6, message=f"step {step}"
+        )
     for (key, want), (_, got) in zip(sorted(eager.state_dict().items()), sorted(compiled_tracker.state_dict().items())):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6, msg=key)

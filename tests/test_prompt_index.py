@@ -9,7 +9,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rail_interview.stat_tracking import BufferStatTracker, PromptIndex, PromptIndexFullError, ReferenceBufferStatTracker
+from rail_interview.stat_tracking import (
+    BufferStatTracker,
+    PromptIndex,
+    PromptIndexFullError,
+    ReferenceBufferStatTracker,
+)
 
 
 def test_ids_are_stable_and_first_come_first_served():

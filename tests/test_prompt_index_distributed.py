@@ -43,8 +43,10 @@ def _matches_one_process(rank: int, group: dist.ProcessGroup) -> None:
     generator = torch.Generator().manual_seed(0)  # the same stream on every rank
     for prompts_by_rank in BATCHES:
         # Rank 0's rewards are about 1, rank 1's about 100.
-        rewards_by_rank = [scale * (1 + 0.3 * torch.randn(len(prompts), generator=generator, dtype=torch.float64))
-                           for scale, prompts in zip([1.0, 100.0], prompts_by_rank)]
+        rewards_by_rank = [
+            scale * (1 + 0.3 * torch.randn(len(prompts), generator=generator, dtype=torch.float64))
+            for scale, prompts in zip([1.0, 100.0], prompts_by_rank)
+        ]
         single_ids = single_index.ids(prompts_by_rank[0] + prompts_by_rank[1])
         expected = single_tracker.update(single_ids, torch.cat(rewards_by_rank))
         ids = index.ids(prompts_by_rank[rank])

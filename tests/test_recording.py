@@ -37,11 +37,15 @@ def _drive(tracker, recorder, num_steps, seed=0):
     return expected, batches
 
 
-@pytest.mark.parametrize("make_tracker", [
-    lambda: BufferStatTracker(num_prompts=6, buffer_size=4, min_count=3),
-    lambda: EmaStatTracker(num_prompts=6, decay=0.6, min_count=3),
-    lambda: BatchStatTracker(num_prompts=6),
-], ids=["buffer", "ema", "batch"])
+@pytest.mark.parametrize(
+    "make_tracker",
+    [
+        lambda: BufferStatTracker(num_prompts=6, buffer_size=4, min_count=3),
+        lambda: EmaStatTracker(num_prompts=6, decay=0.6, min_count=3),
+        lambda: BatchStatTracker(num_prompts=6),
+    ],
+    ids=["buffer", "ema", "batch"],
+)
 @pytest.mark.parametrize("recorded", [None, [4, 1, 5]], ids=["all", "subset"])
 def test_round_trip_what_was_recorded_is_what_loads(tmp_path, make_tracker, recorded):
     tracker = make_tracker()
@@ -192,8 +196,12 @@ def test_choose_prompts_by_name_id_or_sample(tiny_config, tmp_path):
 
 
 def _plot(*args):
-    return subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "plot_stats.py"), *args],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "plot_stats.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_plot_script_writes_the_png_for_one_and_for_two_runs(tiny_config, tmp_path):

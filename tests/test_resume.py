@@ -62,7 +62,9 @@ def _snapshot(run_dir):
 def test_a_refused_resume_writes_nothing_and_names_the_field(config, tmp_path):
     run_dir = _train(config, tmp_path, 40)["run_dir"]
     before = _snapshot(run_dir)
-    with pytest.raises(training.ConfigError, match=r"cannot change config\.seed \(0 -> 3\).*may change only num_epochs"):
+    with pytest.raises(
+        training.ConfigError, match=r"cannot change config\.seed \(0 -> 3\).*may change only num_epochs"
+    ):
         _resume(run_dir, seed=3, num_epochs=60)
     assert _snapshot(run_dir) == before  # config.json still says seed 0 and 40 epochs
     assert _resume(run_dir, num_epochs=60)["num_epochs"] == 60  # a plain resume goes on
@@ -70,13 +72,18 @@ def test_a_refused_resume_writes_nothing_and_names_the_field(config, tmp_path):
 
 def test_a_resume_that_changes_the_problem_is_refused_with_the_stats_log_off(config, tmp_path):
     run_dir = _train(config, tmp_path, 40, **{"stats_log.every": 0})["run_dir"]
-    for field, value in (("seed", 3), ("learning_rate", 0.5), ("stat_tracking.method", "ema"),
-                         ("problem.num_prompts", 9)):
+    for field, value in (
+        ("seed", 3),
+        ("learning_rate", 0.5),
+        ("stat_tracking.method", "ema"),
+        ("problem.num_prompts", 9),
+    ):
         with pytest.raises(training.ConfigError, match=rf"cannot change config\.{field.replace('.', '[.]')}"):
             _resume(run_dir, num_epochs=60, **{field: value})
     # What cannot change the result may change.
-    summary = _resume(run_dir, num_epochs=60, log_every=20, checkpoint_every=40, num_threads=2,
-                      **{"stats_log.every": 2})
+    summary = _resume(
+        run_dir, num_epochs=60, log_every=20, checkpoint_every=40, num_threads=2, **{"stats_log.every": 2}
+    )
     assert summary["num_epochs"] == 60 and summary["resumed_at_epoch"] == 40
 
 
@@ -99,7 +106,9 @@ def test_a_damaged_stats_chunk_before_the_checkpoint_is_named_and_one_after_it_i
         f.write(b"PK\x03\x04 truncated")
     _set_checkpoint(config, run_dir, tmp_path, 40)
     before = _snapshot(run_dir)
-    with pytest.raises(checkpointing.CheckpointError, match=rf"stats chunk .*{os.path.basename(chunks[0])} cannot be read"):
+    with pytest.raises(
+        checkpointing.CheckpointError, match=rf"stats chunk .*{os.path.basename(chunks[0])} cannot be read"
+    ):
         _resume(run_dir, num_epochs=60)
     assert _snapshot(run_dir) == before
 
@@ -140,8 +149,9 @@ def _set_checkpoint(config, run_dir, tmp_path, epoch):
 
 
 def _assert_same_files(first, second):
-    for name in ["metrics.csv", "checkpoint.pt"] + [os.path.join("stats", os.path.basename(p)) for p in
-                                                    glob.glob(os.path.join(first, "stats", "*"))]:
+    for name in ["metrics.csv", "checkpoint.pt"] + [
+        os.path.join("stats", os.path.basename(p)) for p in glob.glob(os.path.join(first, "stats", "*"))
+    ]:
         assert filecmp.cmp(os.path.join(first, name), os.path.join(second, name), shallow=False), name
     assert sorted(os.listdir(os.path.join(first, "stats"))) == sorted(os.listdir(os.path.join(second, "stats")))
 
@@ -173,19 +183,27 @@ def test_the_thread_setting_is_applied(config, tmp_path):
     assert training.configs.get_config().num_threads == 1 if hasattr(training.configs, "get_config") else True
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.num_epoch=5", 'no such config field: \'num_epoch\' Did you mean "num_epochs"'),
-    ("--config.checkpoint_every=250", "config.checkpoint_every (250) must be 0 or a multiple of config.log_every"),
-    ("--config.stat_tracking.method=foo", "unknown config.stat_tracking.method 'foo'; choose from 'buffer'"),
-    ("--config.stat_tracking.ema_decay=1.5", "config.stat_tracking.ema_decay must lie in (0, 1), got 1.5"),
-    ("--config.num_threads=-1", "config.num_threads must be an int >= 0, got -1"),
-    ("--config.device=cuda", "config.device is 'cuda' but torch sees no CUDA device"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.num_epoch=5", "no such config field: 'num_epoch' Did you mean \"num_epochs\""),
+        ("--config.checkpoint_every=250", "config.checkpoint_every (250) must be 0 or a multiple of config.log_every"),
+        ("--config.stat_tracking.method=foo", "unknown config.stat_tracking.method 'foo'; choose from 'buffer'"),
+        ("--config.stat_tracking.ema_decay=1.5", "config.stat_tracking.ema_decay must lie in (0, 1), got 1.5"),
+        ("--config.num_threads=-1", "config.num_threads must be an int >= 0, got -1"),
+        ("--config.device=cuda", "config.device is 'cuda' but torch sees no CUDA device"),
+    ],
+)
 def test_train_script_states_config_mistakes_in_one_line(override, message, tmp_path):
     if "cuda" in override and torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    result = subprocess.run([sys.executable, str(SCRIPT), override, f"--logdir={tmp_path}"], capture_output=True,
-                            text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), override, f"--logdir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "\\n" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"train.py: error: {message}"] or message in result.stderr
@@ -202,12 +220,16 @@ def _failing_load_on_rank_one(rank, logdir):
     config.problem.num_prompts, config.problem.num_params, config.sample_batch_size = 8, 32, 16
     run_dir = training.train(config, logdir)["run_dir"]
     if rank == 1:
+
         def unreadable(path, required):
             raise checkpointing.CheckpointError(f"checkpoint {path} is corrupt or not plain data: simulated")
+
         checkpointing.load_checkpoint = unreadable
     config.num_epochs = 30
-    with pytest.raises(checkpointing.CheckpointError,
-                       match=r"corrupt or not plain data: simulated \(while loading the checkpoint, on rank\(s\) \[1\]"):
+    with pytest.raises(
+        checkpointing.CheckpointError,
+        match=r"corrupt or not plain data: simulated \(while loading the checkpoint, on rank\(s\) \[1\]",
+    ):
         training.train(config, run_dir, resume=True)
     dist.barrier()
 
@@ -217,8 +239,16 @@ def test_a_checkpoint_unreadable_on_one_rank_fails_every_rank_with_the_same_erro
 
 
 def _train_command(*args):
-    return [sys.executable, str(SCRIPT), "--config.device=cpu", "--config.num_epochs=8000", "--config.log_every=50",
-            "--config.checkpoint_every=500", "--config.stats_log.every=2", *args]
+    return [
+        sys.executable,
+        str(SCRIPT),
+        "--config.device=cpu",
+        "--config.num_epochs=8000",
+        "--config.log_every=50",
+        "--config.checkpoint_every=500",
+        "--config.stats_log.every=2",
+        *args,
+    ]
 
 
 def _epochs_logged(run_dirs):

@@ -19,8 +19,14 @@ def _draw(seed: int, num_prompts: int = 64, num_params: int = 1024):
 def test_same_seed_same_instance_and_samples():
     a, b = _draw(0), _draw(0)
     assert a[0].prompt_names == b[0].prompt_names
-    for x, y in [(a[0].slots, b[0].slots), (a[0].sigmas, b[0].sigmas), (a[0].labels, b[0].labels),
-                 (a[1].params, b[1].params), (a[2], b[2]), (a[3], b[3])]:
+    for x, y in [
+        (a[0].slots, b[0].slots),
+        (a[0].sigmas, b[0].sigmas),
+        (a[0].labels, b[0].labels),
+        (a[1].params, b[1].params),
+        (a[2], b[2]),
+        (a[3], b[3]),
+    ]:
         assert torch.equal(x, y)
 
 
@@ -138,6 +144,13 @@ def test_everything_lives_on_the_generator_device():
     problem, policy = make_toy_problem(num_prompts=8, num_params=16, generator=generator)
     ids = problem.sample_prompt_ids(32, generator)
     samples = policy.sample(ids, generator)
-    for tensor in (problem.slots, problem.sigmas, problem.labels, policy.params, ids, samples,
-                   problem.rewards(ids, samples)):
+    for tensor in (
+        problem.slots,
+        problem.sigmas,
+        problem.labels,
+        policy.params,
+        ids,
+        samples,
+        problem.rewards(ids, samples),
+    ):
         assert tensor.device.type == "cuda"

@@ -30,8 +30,9 @@ TRACKERS: Dict[str, TrackerFactory] = {
     "ema": lambda **kw: EmaStatTracker(num_prompts=6, decay=0.7, min_count=2, **kw),
     # The GRPO family with memory: leave-one-out over an EMA, GRPO over a buffer.
     "rloo_ema": lambda **kw: presets.verl_rloo(6, memory="ema", decay=0.6, fallback="batch", **kw),
-    "grpo_buffer": lambda **kw: presets.verl_grpo(6, memory="buffer", buffer_size=4, min_count=3, fallback="zero",
-                                                  **kw),
+    "grpo_buffer": lambda **kw: presets.verl_grpo(
+        6, memory="buffer", buffer_size=4, min_count=3, fallback="zero", **kw
+    ),
 }
 #: Every tracker, the stateless ones included (the batch baseline, in-batch GRPO).
 ALL_TRACKERS: Dict[str, TrackerFactory] = {
@@ -93,25 +94,59 @@ BAD_INPUTS = [
     ("negative id", lambda: (torch.tensor([-1, 0]), torch.tensor([1.0, 2.0])), ValueError, r"\[0, 6\)"),
     ("nan reward", lambda: (torch.tensor([0, 1]), torch.tensor([1.0, float("nan")])), ValueError, "finite"),
     ("inf reward", lambda: (torch.tensor([0, 1]), torch.tensor([float("-inf"), 1.0])), ValueError, "finite"),
-    ("other device", lambda: (torch.tensor([0, 1], device="meta"), torch.tensor([1.0, 2.0], device="meta")),
-     ValueError, "device"),
-    ("ids on another device", lambda: (torch.tensor([0, 1], device="meta"), torch.tensor([1.0, 2.0])),
-     ValueError, "device"),
-    ("rewards on another device", lambda: (torch.tensor([0, 1]), torch.tensor([1.0, 2.0], device="meta")),
-     ValueError, "device"),
+    (
+        "other device",
+        lambda: (torch.tensor([0, 1], device="meta"), torch.tensor([1.0, 2.0], device="meta")),
+        ValueError,
+        "device",
+    ),
+    (
+        "ids on another device",
+        lambda: (torch.tensor([0, 1], device="meta"), torch.tensor([1.0, 2.0])),
+        ValueError,
+        "device",
+    ),
+    (
+        "rewards on another device",
+        lambda: (torch.tensor([0, 1]), torch.tensor([1.0, 2.0], device="meta")),
+        ValueError,
+        "device",
+    ),
     ("bool ids", lambda: (torch.tensor([True, False]), torch.tensor([1.0, 2.0])), TypeError, "integer"),
     ("complex ids", lambda: (torch.tensor([0j, 1j]), torch.tensor([1.0, 2.0])), TypeError, "integer"),
-    ("one nan among many", lambda: (torch.tensor([0, 1, 2]), torch.tensor([1.0, float("nan"), 3.0])),
-     ValueError, "got 1 NaN or infinite"),
-    ("overflows float32", lambda: (torch.tensor([0, 1]), torch.tensor([1e39, 1.0], dtype=torch.float64)),
-     ValueError, "finite in torch.float32"),
+    (
+        "one nan among many",
+        lambda: (torch.tensor([0, 1, 2]), torch.tensor([1.0, float("nan"), 3.0])),
+        ValueError,
+        "got 1 NaN or infinite",
+    ),
+    (
+        "overflows float32",
+        lambda: (torch.tensor([0, 1]), torch.tensor([1e39, 1.0], dtype=torch.float64)),
+        ValueError,
+        "finite in torch.float32",
+    ),
     ("inf and -inf", lambda: (torch.tensor([0, 1]), torch.tensor([float("inf"), float("-inf")])), ValueError, "finite"),
 ]
 
 # Checks that cost no host sync, and so stay on with check_values=False.
-ALWAYS_CHECKED = [case for case in BAD_INPUTS if case[0] in
-                  ("not tensors", "lengths differ", "not 1-D", "float ids", "bool rewards", "other device",
-                   "ids on another device", "rewards on another device", "bool ids", "complex ids")]
+ALWAYS_CHECKED = [
+    case
+    for case in BAD_INPUTS
+    if case[0]
+    in (
+        "not tensors",
+        "lengths differ",
+        "not 1-D",
+        "float ids",
+        "bool rewards",
+        "other device",
+        "ids on another device",
+        "rewards on another device",
+        "bool ids",
+        "complex ids",
+    )
+]
 
 
 @pytest.mark.parametrize("name, inputs, error, match", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
@@ -291,8 +326,9 @@ BAD_IDS = [
 
 @pytest.mark.parametrize("method", ["stats", "fallback_mask"])
 @pytest.mark.parametrize("name, ids, error, match", BAD_IDS, ids=[case[0] for case in BAD_IDS])
-def test_ids_of_stats_and_fallback_mask_are_checked_alike_by_every_tracker(make_any_tracker, method, name, ids,
-                                                                           error, match):
+def test_ids_of_stats_and_fallback_mask_are_checked_alike_by_every_tracker(
+    make_any_tracker, method, name, ids, error, match
+):
     tracker = make_any_tracker()
     with pytest.raises(error, match=match):
         getattr(tracker, method)(ids())
@@ -331,8 +367,10 @@ def test_cuda_update_never_syncs_with_the_host(make_any_tracker):
 def test_cuda_graph_replay_matches_eager(make_any_tracker):
     batch_size = 16
     generator = torch.Generator().manual_seed(6)
-    batches = [(torch.randint(6, (batch_size,), generator=generator),
-                torch.randn(batch_size, generator=generator) * 10) for _ in range(8)]
+    batches = [
+        (torch.randint(6, (batch_size,), generator=generator), torch.randn(batch_size, generator=generator) * 10)
+        for _ in range(8)
+    ]
     eager = make_any_tracker(device="cuda", check_values=False)
     graphed = make_any_tracker(device="cuda", check_values=False)
     static_ids = torch.zeros(batch_size, dtype=torch.int64, device="cuda")
@@ -387,8 +425,10 @@ def test_defaults_are_the_documented_ones():
         assert tracker.process_group is None
 
 
-@pytest.mark.parametrize("eps, accepted", [(0, True), (0.0, True), (1e-3, True), (-1e-9, False), (True, False),
-                                           ("1e-6", False), (float("nan"), False)])
+@pytest.mark.parametrize(
+    "eps, accepted",
+    [(0, True), (0.0, True), (1e-3, True), (-1e-9, False), (True, False), ("1e-6", False), (float("nan"), False)],
+)
 def test_eps_must_be_a_non_negative_number(make_any_tracker, eps, accepted):
     if accepted:
         assert make_any_tracker(eps=eps).eps == eps
@@ -403,11 +443,14 @@ def test_one_sample_with_a_bad_id_is_refused(make_any_tracker):
         tracker.update(torch.tensor([6]), torch.tensor([1.0]))
 
 
-@pytest.mark.parametrize("missing", ["_update", "stats_snapshot", "stats_from_snapshot", "_fallback_mask",
-                                     "_state_tensors"])
+@pytest.mark.parametrize(
+    "missing", ["_update", "stats_snapshot", "stats_from_snapshot", "_fallback_mask", "_state_tensors"]
+)
 def test_a_tracker_must_implement_every_abstract_method(missing):
-    methods = {name: lambda self, *args: None for name in
-               ("_update", "stats_snapshot", "stats_from_snapshot", "_fallback_mask", "_state_tensors")}
+    methods = {
+        name: lambda self, *args: None
+        for name in ("_update", "stats_snapshot", "stats_from_snapshot", "_fallback_mask", "_state_tensors")
+    }
     del methods[missing]
     incomplete = type("Incomplete", (StatTracker,), methods)
     with pytest.raises(TypeError, match=missing):
@@ -516,11 +559,14 @@ def test_a_buffer_smaller_than_min_count_warns_at_the_callers_line_and_an_equal_
         BufferStatTracker(num_prompts=2, buffer_size=4, min_count=4)
 
 
-@pytest.mark.parametrize("valid, error, match", [
-    (torch.tensor([1, 0, 1]), TypeError, "valid must be a bool tensor or None, got torch.int64"),
-    ([True, False, True], TypeError, "valid must be a bool tensor or None, got list"),
-    (torch.tensor([True, False]), ValueError, r"valid must have the shape of prompt_ids \(3,\)"),
-])
+@pytest.mark.parametrize(
+    "valid, error, match",
+    [
+        (torch.tensor([1, 0, 1]), TypeError, "valid must be a bool tensor or None, got torch.int64"),
+        ([True, False, True], TypeError, "valid must be a bool tensor or None, got list"),
+        (torch.tensor([True, False]), ValueError, r"valid must have the shape of prompt_ids \(3,\)"),
+    ],
+)
 def test_a_bad_valid_mask_raises_and_leaves_state_untouched(make_any_tracker, valid, error, match):
     tracker = _warmed_up(make_any_tracker)
     before = tracker.state_dict()

@@ -85,12 +85,13 @@ def _hashed_scenario(rank: int) -> None:
     rng = random.Random(5)  # the same stream on every rank
     for step in range(10):
         # Rank r draws from its own prompts, which drift: 4 rows cannot hold them all, so keys are evicted.
-        batches = [[f"rank {r} prompt {rng.randint(step // 2, step // 2 + 2)}" for _ in range(3)]
-                   for r in range(WORLD_SIZE)]
+        batches = [
+            [f"rank {r} prompt {rng.randint(step // 2, step // 2 + 2)}" for _ in range(3)] for r in range(WORLD_SIZE)
+        ]
         rewards = torch.tensor([[rng.gauss(0, 1) for _ in range(3)] for _ in range(WORLD_SIZE)])
         expected = single.update(prompt_keys(sum(batches, [])), rewards.view(-1))
         got = shared.update(prompt_keys(batches[rank]), rewards[rank])
-        torch.testing.assert_close(got, expected[rank * 3:(rank + 1) * 3])
+        torch.testing.assert_close(got, expected[rank * 3 : (rank + 1) * 3])
     for key, value in single.state_dict().items():
         assert torch.equal(shared.state_dict()[key], value), key
     assert int(single.state_dict()["clock"]) == 60

@@ -72,8 +72,9 @@ class _ReferenceBatch:
 
 def _reference_from(tracker: StatTracker):
     """A plain reference tracker holding exactly the tracker's current state (in float64)."""
-    state = {name: tensor.double() if tensor.is_floating_point() else tensor
-             for name, tensor in tracker.state_dict().items()}
+    state = {
+        name: tensor.double() if tensor.is_floating_point() else tensor for name, tensor in tracker.state_dict().items()
+    }
     if isinstance(tracker, BufferStatTracker):
         reference = ReferenceBufferStatTracker(tracker.buffer_size, tracker.min_count, eps=tracker.eps)
         for prompt in range(tracker.num_prompts):
@@ -179,8 +180,15 @@ def _cases(num_prompts: int, buffer_size: int, dtype: torch.dtype, seed: int):
         "huge_offset": [(ids(n), _scale_for(dtype, 1e7) + noise(n)) for n in sizes],
         "constant": [(ids(n), torch.full((n,), 3.7, dtype=torch.float64)) for n in sizes],
         "one_prompt": [(torch.zeros(n, dtype=torch.int64), noise(n) * 3 + 1) for n in (1, many, 2)],
-        "repeated_more_than_K": [(torch.cat([ids(5), torch.full((many,), num_prompts - 1)])[torch.randperm(
-            5 + many, generator=generator)], noise(5 + many) * 100) for _ in range(3)],
+        "repeated_more_than_K": [
+            (
+                torch.cat([ids(5), torch.full((many,), num_prompts - 1)])[
+                    torch.randperm(5 + many, generator=generator)
+                ],
+                noise(5 + many) * 100,
+            )
+            for _ in range(3)
+        ],
         "spread_near_sqrt_eps": [(ids(n), 5 + 1e-3 * noise(n)) for n in sizes],
         # Prompts whose spreads differ by orders of magnitude, the widest
         # sorted first: an error that scales with other prompts' rewards shows.

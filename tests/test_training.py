@@ -163,16 +163,26 @@ def test_per_prompt_methods_beat_the_batch_baseline(default_runs, method):
 
 def test_unknown_method_and_device_are_refused(tiny_config, tmp_path):
     tiny_config.stat_tracking.method = "nope"
-    with pytest.raises(ValueError, match="unknown config.stat_tracking.method 'nope'; choose from 'buffer', "
-                                         "'ema', 'batch', 'grpo', 'dr_grpo', 'rloo'"):
+    with pytest.raises(
+        ValueError,
+        match="unknown config.stat_tracking.method 'nope'; choose from 'buffer', "
+        "'ema', 'batch', 'grpo', 'dr_grpo', 'rloo'",
+    ):
         training.train(tiny_config, str(tmp_path))
     with pytest.raises(ValueError, match="config.device"):
         training.resolve_device("tpu")
 
 
-@pytest.mark.parametrize("method, memory", [
-    ("grpo", "none"), ("dr_grpo", "none"), ("rloo", "none"), ("grpo", "buffer"), ("rloo", "ema"),
-])
+@pytest.mark.parametrize(
+    "method, memory",
+    [
+        ("grpo", "none"),
+        ("dr_grpo", "none"),
+        ("rloo", "none"),
+        ("grpo", "buffer"),
+        ("rloo", "ema"),
+    ],
+)
 def test_grpo_family_methods_train(tiny_config, tmp_path, method, memory):
     tiny_config.stat_tracking.method, tiny_config.stat_tracking.memory = method, memory
     summary = training.train(tiny_config, str(tmp_path))
@@ -191,11 +201,22 @@ def test_grpo_family_trackers_are_the_presets():
     config.method, config.memory = "dr_grpo", "none"
     tracker = training.build_tracker(config, num_prompts=4, device=torch.device("cpu"))
     assert (tracker.memory, tracker.baseline, tracker.scale, tracker.ddof, tracker.min_count, tracker.fallback) == (
-        "none", "prompt_mean", "none", 1, 2, "zero")
+        "none",
+        "prompt_mean",
+        "none",
+        1,
+        2,
+        "zero",
+    )
     config.method, config.memory, config.fallback = "rloo", "ema", "batch"
     tracker = training.build_tracker(config, num_prompts=4, device=torch.device("cpu"))
     assert (tracker.memory, tracker.baseline, tracker.scale, tracker.min_count, tracker.fallback) == (
-        "ema", "leave_one_out", "none", config.min_count, "batch")
+        "ema",
+        "leave_one_out",
+        "none",
+        config.min_count,
+        "batch",
+    )
     config.fallback = "median"
     with pytest.raises(ValueError, match="unknown config.stat_tracking.fallback 'median'; choose from 'zero'"):
         training.build_tracker(config, num_prompts=4, device=torch.device("cpu"))
@@ -234,7 +255,11 @@ def _run_script(*args: str, cwd: pathlib.Path, threads: int = 0) -> subprocess.C
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     return subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=300, env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
 
 

@@ -122,8 +122,13 @@ class UpdateReport(NamedTuple):
         Args:
             samples: the samples to keep, such as one rank's part of a gathered batch.
         """
-        return UpdateReport(self.advantages[samples], self.valid[samples], self.fallback[samples],
-                            self.zero_variance[samples], self.zero_variance_fraction)
+        return UpdateReport(
+            self.advantages[samples],
+            self.valid[samples],
+            self.fallback[samples],
+            self.zero_variance[samples],
+            self.zero_variance_fraction,
+        )
 
 
 def resolve_device(device: Device) -> torch.device:
@@ -297,8 +302,9 @@ class StatTracker(abc.ABC):
             # One small collective (and host sync) for the verdict: every rank's
             # batch size (-1 for a rank whose input was refused) and whether it
             # passed a valid mask.
-            verdict = torch.tensor([-1 if error is not None else len(prompt_ids), valid is not None],
-                                   device=self._device)
+            verdict = torch.tensor(
+                [-1 if error is not None else len(prompt_ids), valid is not None], device=self._device
+            )
             verdicts = torch.empty(2 * world_size, dtype=verdict.dtype, device=self._device)
             all_gather_single(verdicts, verdict, group=group)
             sizes_list, masked = verdicts[0::2].tolist(), verdicts[1::2].tolist()
@@ -310,8 +316,10 @@ class StatTracker(abc.ABC):
             if len(set(sizes_list)) > 1:
                 raise ValueError(f"local batches must have the same size on every rank, got sizes {sizes_list}")
             if len(set(masked)) > 1:
-                raise ValueError(f"valid must be passed on every rank or on none; ranks that passed it: "
-                                 f"{[r for r, m in enumerate(masked) if m]}")
+                raise ValueError(
+                    f"valid must be passed on every rank or on none; ranks that passed it: "
+                    f"{[r for r, m in enumerate(masked) if m]}"
+                )
         num_local = len(prompt_ids)
         gathered = []
         for local in (prompt_ids, rewards) if valid is None else (prompt_ids, rewards, valid):
@@ -643,4 +651,6 @@ def check_count_range(name: str, count: torch.Tensor, high: Optional[int] = None
     """
     if count.numel() and (count.min() < 0 or (high is not None and count.max() > high)):
         bound = f"[0, {high}]" if high is not None else ">= 0"
-        raise ValueError(f"{name} state 'count' must lie in {bound}, got values from {int(count.min())} to {int(count.max())}")
+        raise ValueError(
+            f"{name} state 'count' must lie in {bound}, got values from {int(count.min())} to {int(count.max())}"
+        )

@@ -51,7 +51,17 @@ class BatchStatTracker(AdvantageTracker):
         keys: str = "ids",
     ) -> None:
         super().__init__(
-            num_prompts, "none", baseline="batch_mean", scale="batch_std", ddof=0, eps=eps, min_count=1,
-            fallback="batch", device=device, dtype=dtype, check_values=check_values, process_group=process_group,
+            num_prompts,
+            "none",
+            baseline="batch_mean",
+            scale="batch_std",
+            ddof=0,
+            eps=eps,
+            min_count=1,
+            fallback="batch",
+            device=device,
+            dtype=dtype,
+            check_values=check_values,
+            process_group=process_group,
             keys=keys,
         )

@@ -86,9 +86,20 @@ class BufferStatTracker(AdvantageTracker):
         keys: str = "ids",
     ) -> None:
         super().__init__(
-            num_prompts, "buffer", buffer_size=buffer_size, baseline="prompt_mean", scale="prompt_std", ddof=0,
-            eps=eps, min_count=min_count, fallback="batch", device=device, dtype=dtype,
-            check_values=check_values, process_group=process_group, keys=keys,
+            num_prompts,
+            "buffer",
+            buffer_size=buffer_size,
+            baseline="prompt_mean",
+            scale="prompt_std",
+            ddof=0,
+            eps=eps,
+            min_count=min_count,
+            fallback="batch",
+            device=device,
+            dtype=dtype,
+            check_values=check_values,
+            process_group=process_group,
+            keys=keys,
         )
         if buffer_size < min_count:
             warnings.warn(

@@ -107,8 +107,10 @@ class PerPromptStatTracker:
         texts = [str(prompt) for prompt in np.asarray(prompts).reshape(-1).tolist()]
         rewards = np.asarray(rewards)
         if rewards.shape != (len(texts),):
-            raise ValueError(f"prompts and rewards must be 1-D of one length, got {len(texts)} prompts and rewards "
-                             f"of shape {rewards.shape}")
+            raise ValueError(
+                f"prompts and rewards must be 1-D of one length, got {len(texts)} prompts and rewards "
+                f"of shape {rewards.shape}"
+            )
         keys = prompt_keys(texts, device=self._tracker.device)
         self._prompts.update(zip(keys.tolist(), texts))
         values = torch.as_tensor(rewards.astype(np.float64), device=self._tracker.device)
@@ -129,8 +131,9 @@ class PerPromptStatTracker:
         rows = used.nonzero().squeeze(1)
         return {
             self._prompts[key]: {"mean": mean, "std": std, "count": count}
-            for key, mean, std, count in zip(keys[rows].tolist(), stats.mean[rows].tolist(),
-                                             stats.std[rows].tolist(), stats.count[rows].tolist())
+            for key, mean, std, count in zip(
+                keys[rows].tolist(), stats.mean[rows].tolist(), stats.std[rows].tolist(), stats.count[rows].tolist()
+            )
         }
 
     def _forget_evicted(self) -> None:

@@ -96,9 +96,20 @@ class EmaStatTracker(AdvantageTracker):
         keys: str = "ids",
     ) -> None:
         super().__init__(
-            num_prompts, "ema", decay=decay, baseline="prompt_mean", scale="prompt_std", ddof=0, eps=eps,
-            min_count=min_count, fallback="batch", device=device, dtype=dtype, check_values=check_values,
-            process_group=process_group, keys=keys,
+            num_prompts,
+            "ema",
+            decay=decay,
+            baseline="prompt_mean",
+            scale="prompt_std",
+            ddof=0,
+            eps=eps,
+            min_count=min_count,
+            fallback="batch",
+            device=device,
+            dtype=dtype,
+            check_values=check_values,
+            process_group=process_group,
+            keys=keys,
         )
 
     @property

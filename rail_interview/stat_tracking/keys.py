@@ -165,8 +165,11 @@ def token_keys(token_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] =
     if attention_mask is None:
         keep = torch.ones_like(tokens, dtype=torch.bool)
     else:
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype.is_floating_point \
-                or attention_mask.dtype.is_complex:
+        if (
+            not isinstance(attention_mask, torch.Tensor)
+            or attention_mask.dtype.is_floating_point
+            or attention_mask.dtype.is_complex
+        ):
             kind = attention_mask.dtype if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
             raise TypeError(f"attention_mask must be an integer or bool tensor, got {kind}")
         if attention_mask.shape != token_ids.shape or attention_mask.device != token_ids.device:
@@ -330,8 +333,7 @@ class KeyTable:
 
     def _buckets(self, mixed: torch.Tensor) -> torch.Tensor:
         """int64 [M, 2]: the two index buckets of mixed keys [M] (their top and bottom bits)."""
-        return torch.stack([(mixed >> self._bucket_shift) + self._num_buckets // 2,
-                            mixed & (self._num_buckets - 1)], 1)
+        return torch.stack([(mixed >> self._bucket_shift) + self._num_buckets // 2, mixed & (self._num_buckets - 1)], 1)
 
     def _clear_index(self) -> None:
         """Empties every slot: its bucket's sentinel key, row -1."""
@@ -442,8 +444,13 @@ class KeyTable:
             placed = new.nonzero().squeeze(1)  # [M]
             fresh = self._queued_rows(placed.shape[0], before)  # [M]
             row.index_put_((placed,), fresh)
-            self._place(group_mixed.index_select(0, placed), group_key.index_select(0, placed), fresh,
-                        stamp.index_select(0, placed), None)
+            self._place(
+                group_mixed.index_select(0, placed),
+                group_key.index_select(0, placed),
+                fresh,
+                stamp.index_select(0, placed),
+                None,
+            )
         else:
             rank = new.cumsum(0).sub_(1)  # [G], among the new keys
             oldest = torch.topk(self._row_stamp[:-1], min(num_samples, capacity), largest=False).indices  # [V]
@@ -591,8 +598,8 @@ class KeyTable:
         queue was built are the oldest rows of the table, in order: every
         row outside the queue was newer then, and a row only ever gets newer.
         """
-        entries = self._queue_rows[self._queue_head:]
-        stamps = self._queue_stamps[self._queue_head:]
+        entries = self._queue_rows[self._queue_head :]
+        stamps = self._queue_stamps[self._queue_head :]
         # Stale entries (rows seen since) are skipped: look a little past the
         # wanted count first, then at the whole rest.
         for length in (min(entries.shape[0], 2 * wanted + 64), entries.shape[0]):

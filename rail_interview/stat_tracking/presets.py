@@ -78,10 +78,23 @@ def ddpo(
     Returns:
         The tracker.
     """
-    return _build(num_prompts, dict(
-        memory="buffer", buffer_size=buffer_size, baseline="prompt_mean", scale="prompt_std", ddof=0, eps=1e-6,
-        min_count=min_count, fallback="batch", dtype=dtype, device=device, check_values=check_values,
-    ), options)
+    return _build(
+        num_prompts,
+        dict(
+            memory="buffer",
+            buffer_size=buffer_size,
+            baseline="prompt_mean",
+            scale="prompt_std",
+            ddof=0,
+            eps=1e-6,
+            min_count=min_count,
+            fallback="batch",
+            dtype=dtype,
+            device=device,
+            check_values=check_values,
+        ),
+        options,
+    )
 
 
 def trl_grpo(
@@ -126,10 +139,23 @@ def trl_grpo(
     """
     if scale_rewards not in _TRL_SCALES:
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none'; got {scale_rewards!r}")
-    return _build(num_prompts, dict(
-        memory="none", baseline="prompt_mean", scale=_TRL_SCALES[scale_rewards], ddof=1, eps=1e-4, min_count=2,
-        fallback="zero", nan_rewards="invalid", dtype=dtype, device=device, check_values=check_values,
-    ), options)
+    return _build(
+        num_prompts,
+        dict(
+            memory="none",
+            baseline="prompt_mean",
+            scale=_TRL_SCALES[scale_rewards],
+            ddof=1,
+            eps=1e-4,
+            min_count=2,
+            fallback="zero",
+            nan_rewards="invalid",
+            dtype=dtype,
+            device=device,
+            check_values=check_values,
+        ),
+        options,
+    )
 
 
 def verl_grpo(
@@ -166,10 +192,22 @@ def verl_grpo(
     Returns:
         The tracker.
     """
-    return _build(num_prompts, dict(
-        memory="none", baseline="prompt_mean", scale="prompt_std" if norm_adv_by_std else "none", ddof=1,
-        eps=1e-6, min_count=2, fallback="raw", dtype=dtype, device=device, check_values=check_values,
-    ), options)
+    return _build(
+        num_prompts,
+        dict(
+            memory="none",
+            baseline="prompt_mean",
+            scale="prompt_std" if norm_adv_by_std else "none",
+            ddof=1,
+            eps=1e-6,
+            min_count=2,
+            fallback="raw",
+            dtype=dtype,
+            device=device,
+            check_values=check_values,
+        ),
+        options,
+    )
 
 
 def verl_rloo(
@@ -197,11 +235,22 @@ def verl_rloo(
     Returns:
         The tracker.
     """
-    return _build(num_prompts, dict(
-        # ddof only shapes a std, which RLOO does not use.
-        memory="none", baseline="leave_one_out", scale="none", ddof=0, min_count=2, fallback="raw",  # pragma: no mutate
-        dtype=dtype, device=device, check_values=check_values,
-    ), options)
+    return _build(
+        num_prompts,
+        dict(
+            # ddof only shapes a std, which RLOO does not use.
+            memory="none",
+            baseline="leave_one_out",
+            scale="none",
+            ddof=0,
+            min_count=2,
+            fallback="raw",  # pragma: no mutate
+            dtype=dtype,
+            device=device,
+            check_values=check_values,
+        ),
+        options,
+    )
 
 
 def flow_grpo(
@@ -232,7 +281,19 @@ def flow_grpo(
     Returns:
         The tracker.
     """
-    return _build(num_prompts, dict(
-        memory="none", baseline="prompt_mean", scale="batch_std" if global_std else "prompt_std", ddof=0,
-        eps=1e-4, min_count=2, fallback="zero", dtype=dtype, device=device, check_values=check_values,
-    ), options)
+    return _build(
+        num_prompts,
+        dict(
+            memory="none",
+            baseline="prompt_mean",
+            scale="batch_std" if global_std else "prompt_std",
+            ddof=0,
+            eps=1e-4,
+            min_count=2,
+            fallback="zero",
+            dtype=dtype,
+            device=device,
+            check_values=check_values,
+        ),
+        options,
+    )

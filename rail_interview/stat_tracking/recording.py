@@ -104,8 +104,9 @@ class PromptStatsRecorder:
         check_positive_int("every", every)
         check_positive_int("chunk_size", chunk_size)
         if prompt_ids.ndim != 1 or not is_integer_dtype(prompt_ids.dtype):
-            raise ValueError(f"prompt_ids must be a 1-D integer tensor, got {prompt_ids.dtype} "
-                             f"of shape {tuple(prompt_ids.shape)}")
+            raise ValueError(
+                f"prompt_ids must be a 1-D integer tensor, got {prompt_ids.dtype} of shape {tuple(prompt_ids.shape)}"
+            )
         ids = prompt_ids.tolist()
         if len(set(ids)) != len(ids):
             raise ValueError("prompt_ids must not repeat a prompt")
@@ -169,8 +170,9 @@ class PromptStatsRecorder:
         row = len(self._steps)
         for name, tensor in self._tracker.stats_snapshot(self._stats_ids).items():
             if name not in self._snapshots:
-                self._snapshots[name] = torch.empty((self._chunk_size, *tensor.shape), dtype=tensor.dtype,
-                                                    device=tensor.device)
+                self._snapshots[name] = torch.empty(
+                    (self._chunk_size, *tensor.shape), dtype=tensor.dtype, device=tensor.device
+                )
             self._snapshots[name][row].copy_(tensor)
         column = prompt_ids if self._slot_of_prompt is None else self._slot_of_prompt[prompt_ids]  # [N]
         batch = self._batch[row]  # [2, M + 1], zeroed at the last flush
@@ -231,7 +233,7 @@ def truncate_prompt_stats(directory: str, step: int) -> None:
         if path.endswith(".tmp"):
             os.remove(path)
             continue
-        first = int(os.path.basename(path)[len("chunk_"):-len(".npz")])
+        first = int(os.path.basename(path)[len("chunk_") : -len(".npz")])
         if first >= step:
             os.remove(path)
             continue

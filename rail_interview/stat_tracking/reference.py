@@ -417,8 +417,8 @@ class ReferenceAdvantageTracker:
         """Moves the batch's keys to the recent end and evicts the oldest; returns the overflow keys."""
         last = {prompt: i for i, (prompt, ok) in enumerate(zip(prompts, valid)) if ok}
         batch = sorted(last, key=last.get)  # least recently seen first
-        overflow = set(batch[:max(0, len(batch) - self.capacity)])
-        kept = batch[len(overflow):]
+        overflow = set(batch[: max(0, len(batch) - self.capacity)])
+        kept = batch[len(overflow) :]
         for prompt in kept:
             self.recent.pop(prompt, None)
         while self.recent and len(self.recent) + len(kept) > self.capacity:
@@ -455,7 +455,8 @@ class ReferenceAdvantageTracker:
             return [1.0 / count if j >= batch_count - self.buffer_size else 0.0 for j in range(batch_count)]
         first_ever = count == batch_count  # the prompt had no reward before this batch
         return [
-            self.decay ** (batch_count - 1) if first_ever and j == 0
+            self.decay ** (batch_count - 1)
+            if first_ever and j == 0
             else (1 - self.decay) * self.decay ** (batch_count - 1 - j)
             for j in range(batch_count)
         ]

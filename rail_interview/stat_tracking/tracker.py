@@ -167,8 +167,9 @@ class AdvantageTracker(StatTracker):
         process_group: Optional["torch.distributed.ProcessGroup"] = None,
         keys: str = "ids",
     ) -> None:
-        super().__init__(num_prompts, eps=eps, device=device, dtype=dtype, check_values=check_values,
-                         process_group=process_group)
+        super().__init__(
+            num_prompts, eps=eps, device=device, dtype=dtype, check_values=check_values, process_group=process_group
+        )
         _check_choice("keys", keys, KEYS)
         _check_choice("baseline", baseline, BASELINES)
         _check_choice("scale", scale, SCALES)
@@ -178,12 +179,15 @@ class AdvantageTracker(StatTracker):
             raise ValueError(f"ddof must be 0 or 1, got {ddof!r}")
         check_positive_int("min_count", min_count)
         if min_count < ddof + 1:
-            raise ValueError(f"min_count must be at least ddof + 1 = {ddof + 1}: a std with ddof={ddof} needs "
-                             f"{ddof + 1} rewards; got {min_count}")
+            raise ValueError(
+                f"min_count must be at least ddof + 1 = {ddof + 1}: a std with ddof={ddof} needs "
+                f"{ddof + 1} rewards; got {min_count}"
+            )
         if baseline == "leave_one_out" and min_count < 2:
             raise ValueError(f"leave_one_out needs min_count >= 2 (a lone reward has no others); got {min_count}")
-        self._memory: Memory = make_memory(memory, num_prompts, buffer_size=buffer_size, decay=decay,
-                                           dtype=dtype, device=self._device)
+        self._memory: Memory = make_memory(
+            memory, num_prompts, buffer_size=buffer_size, decay=decay, dtype=dtype, device=self._device
+        )
         if memory != "none" and scale == "prompt_std" and min_count < 2:
             warnings.warn(
                 f"min_count={min_count}: a prompt's own statistics are used from its first reward, when its "
@@ -196,8 +200,12 @@ class AdvantageTracker(StatTracker):
         # With a batch baseline and no prompt std, and no prompt that can fall
         # back, an in-batch tracker needs no per-prompt statistics at all.
         # (Speed only: the fold would give the same advantages.)
-        self._needs_fold = not (memory == "none" and baseline == "batch_mean"  # pragma: no mutate (speed only)
-                                and scale != "prompt_std" and min_count <= 1)  # pragma: no mutate (speed only)
+        self._needs_fold = not (
+            memory == "none"
+            and baseline == "batch_mean"  # pragma: no mutate (speed only)
+            and scale != "prompt_std"
+            and min_count <= 1
+        )  # pragma: no mutate (speed only)
         self._needs_batch = baseline == "batch_mean" or scale == "batch_std" or fallback == "batch"
         self._keys = keys
         # A tracker that keeps nothing per prompt needs no table, only to accept any key.
@@ -206,8 +214,9 @@ class AdvantageTracker(StatTracker):
         # memory, so their advantage is 0 / scale, exactly 0, unless the batch's
         # mean enters it (a batch baseline or fallback) or the scale can be 0
         # (a std with eps 0): only then are they masked at the end.
-        self._mask_invalid = (baseline == "batch_mean" or fallback == "batch"
-                              or (scale != "none" and self._eps == 0))  # pragma: no mutate (masking more is exact)
+        self._mask_invalid = (
+            baseline == "batch_mean" or fallback == "batch" or (scale != "none" and self._eps == 0)
+        )  # pragma: no mutate (masking more is exact)
 
     # Options, read-only: changing one would change what the state means.
 
@@ -265,8 +274,10 @@ class AdvantageTracker(StatTracker):
         if self._keys != "hashed":
             raise ValueError("table_keys needs keys='hashed'; with ids, row i is prompt i")
         if self._table is None:
-            return (torch.zeros(self._num_prompts, dtype=torch.int64, device=self._device),
-                    torch.zeros(self._num_prompts, dtype=torch.bool, device=self._device))
+            return (
+                torch.zeros(self._num_prompts, dtype=torch.int64, device=self._device),
+                torch.zeros(self._num_prompts, dtype=torch.bool, device=self._device),
+            )
         return self._table.keys()
 
     def _check_id_range(self, prompt_ids: torch.Tensor) -> None:
@@ -298,8 +309,10 @@ class AdvantageTracker(StatTracker):
         if self._nan_rewards == "refuse":
             super()._check_reward_values(rewards)
         elif torch.isinf(rewards).any():
-            raise ValueError(f"rewards must not be infinite in {self._dtype} (NaN marks an unscorable sample), "
-                             f"got {int(torch.isinf(rewards).sum())} infinite value(s)")
+            raise ValueError(
+                f"rewards must not be infinite in {self._dtype} (NaN marks an unscorable sample), "
+                f"got {int(torch.isinf(rewards).sum())} infinite value(s)"
+            )
 
     def _update(
         self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor], report: bool
@@ -310,8 +323,11 @@ class AdvantageTracker(StatTracker):
         if prompt_ids.shape[0] == 0:  # pragma: no mutate (shapes only: nothing to compute)
             empty = torch.zeros(0, dtype=torch.bool, device=self._device)
             advantages = rewards.clone()
-            return UpdateReport(advantages, empty, empty, empty, torch.zeros((), device=self._device)) \
-                if report else advantages
+            return (
+                UpdateReport(advantages, empty, empty, empty, torch.zeros((), device=self._device))
+                if report
+                else advantages
+            )
         rewards = cast(rewards, self._compute_dtype)  # [N], float32 for 16-bit dtypes
         if valid is not None:
             rewards = torch.where(valid, rewards, 0)  # [N]
@@ -341,8 +357,9 @@ class AdvantageTracker(StatTracker):
                 advantages = advantages / (batch_std + self._eps)
             fallback = None
         else:
-            fold = self._memory.fold(prompt_ids, memory_rewards, ddof=self._ddof,
-                                     own_weight=self._baseline == "leave_one_out")
+            fold = self._memory.fold(
+                prompt_ids, memory_rewards, ddof=self._ddof, own_weight=self._baseline == "leave_one_out"
+            )
             advantages, fallback = self._estimate(fold, batch_mean, batch_std, report)
         if overflow is not None:
             # Keys beyond the table's rows: the fallback, from their own rewards.
@@ -404,8 +421,11 @@ class AdvantageTracker(StatTracker):
         else:
             fallback_mean, fallback_std = 0.0, 1.0
         baseline, fallback = self._baseline, self._fallback
-        wants_own_sample = (report or baseline == "leave_one_out"  # pragma: no mutate (computing more is harmless)
-                            or (fold.deviation is not None and fallback == "raw"))  # pragma: no mutate (as above)
+        wants_own_sample = (
+            report
+            or baseline == "leave_one_out"  # pragma: no mutate (computing more is harmless)
+            or (fold.deviation is not None and fallback == "raw")
+        )  # pragma: no mutate (as above)
         own_sample = fold.per_sample(own) if wants_own_sample else None  # [N]
         # The numerator, reward - center, from the memory's deviations where it has them.
         if baseline == "batch_mean":
@@ -498,8 +518,9 @@ class AdvantageTracker(StatTracker):
         rows = self._table.lookup(prompt_ids)  # [M], -1 for keys not in the table
         absent = rows < 0
         snapshot = self._memory.snapshot(rows.clamp_min(0))
-        return {name: torch.where(absent.view(-1, *[1] * (tensor.ndim - 1)), 0, tensor)
-                for name, tensor in snapshot.items()}
+        return {
+            name: torch.where(absent.view(-1, *[1] * (tensor.ndim - 1)), 0, tensor) for name, tensor in snapshot.items()
+        }
 
     def stats_from_snapshot(self, snapshot: Mapping[str, torch.Tensor]) -> TrackerStats:
         """Computes ``stats`` from snapshots, stacked along any leading dimensions.
