@@ -444,13 +444,14 @@ class KeyTable:
             placed = new.nonzero().squeeze(1)  # [M]
             fresh = self._queued_rows(placed.shape[0], before)  # [M]
             row.index_put_((placed,), fresh)
-            self._place(
-                group_mixed.index_select(0, placed),
-                group_key.index_select(0, placed),
-                fresh,
-                stamp.index_select(0, placed),
-                None,
-            )
+            if placed.shape[0]:  # pragma: no mutate (placing no key is a no-op)
+                self._place(
+                    group_mixed.index_select(0, placed),
+                    group_key.index_select(0, placed),
+                    fresh,
+                    stamp.index_select(0, placed),
+                    None,
+                )
         else:
             rank = new.cumsum(0).sub_(1)  # [G], among the new keys
             oldest = torch.topk(self._row_stamp[:-1], min(num_samples, capacity), largest=False).indices  # [V]
