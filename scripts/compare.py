@@ -28,24 +28,13 @@ mistake ends with a one-line error that names the flag and what it allows.
 import math
 import os
 import re
-import sys
 import tempfile
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from rail_interview import comparison, configs
 
-try:
-    # config_flags applies the --config.* overrides here, so a mistyped field fails now: one line, no traceback.
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", configs.DEFAULT_CONFIG_PATH, "Base training config.", lock_config=True
-    )
-except (KeyError, AttributeError) as _error:
-    while _error.args and isinstance(_error.args[0], BaseException):  # AttributeError(KeyError(message))
-        _error = _error.args[0]
-    _message = _error.args[0] if _error.args and isinstance(_error.args[0], str) else str(_error)
-    sys.exit(f"compare.py: error: no such config field: {' '.join(_message.split())}")
+_CONFIG = configs.define_config_flag("compare.py", "Base training config.")
 _METHODS = flags.DEFINE_list(
     "methods",
     ["batch", "buffer", "ema"],

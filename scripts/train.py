@@ -23,17 +23,7 @@ from ml_collections import config_flags
 
 from rail_interview import checkpointing, configs, distributed, training
 
-try:
-    # config_flags reads the --config.* overrides from sys.argv here, so a
-    # mistyped field fails now: say so in one line, not a traceback.
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", configs.DEFAULT_CONFIG_PATH, "Training config file.", lock_config=True
-    )
-except (KeyError, AttributeError) as _error:
-    while _error.args and isinstance(_error.args[0], BaseException):  # AttributeError(KeyError(message))
-        _error = _error.args[0]
-    _message = _error.args[0] if _error.args and isinstance(_error.args[0], str) else str(_error)
-    sys.exit(f"train.py: error: no such config field: {' '.join(_message.split())}")
+_CONFIG = configs.define_config_flag("train.py", "Training config file.")
 _LOGDIR = flags.DEFINE_string(
     "logdir",
     "logs",

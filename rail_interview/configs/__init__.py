@@ -4,9 +4,11 @@ Each module defines ``get_config()``; pass its path with ``--config=``.
 """
 
 import pathlib
+import sys
 from typing import Any, Mapping
 
 import ml_collections
+from ml_collections import config_flags
 
 #: Path of the default config file, the one ``scripts/train.py`` uses unless
 #: told otherwise.
@@ -36,3 +38,28 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
             raise KeyError(f"config has no field {path!r}")
         node[leaf] = value
     return config
+
+
+def define_config_flag(script: str, help_text: str) -> Any:
+    """Defines ``--config`` (the default config file, locked) for a script, in one line on a mistyped field.
+
+    ``config_flags`` applies the ``--config.*`` overrides of ``sys.argv``
+    while it defines the flag, so a mistyped field fails here, with an
+    ml_collections traceback whose message holds a literal newline. This
+    ends the process with one line instead: ``<script>: error: no such
+    config field: 'num_epoch' Did you mean "num_epochs" ...``.
+
+    Args:
+        script: the script's name, for the message.
+        help_text: the flag's help.
+
+    Returns:
+        The flag holder (its ``.value`` is the config).
+    """
+    try:
+        return config_flags.DEFINE_config_file("config", DEFAULT_CONFIG_PATH, help_text, lock_config=True)
+    except (KeyError, AttributeError) as error:
+        while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError(message))
+            error = error.args[0]
+        message = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+        sys.exit(f"{script}: error: no such config field: {' '.join(message.split())}")
