@@ -1,0 +1,274 @@
+"""A second toy problem: pass/fail rewards, small groups, parameters shared between prompts.
+
+Reinforcement learning with verifiable rewards scores each answer pass or
+fail, and GRPO-style trainers sample G answers for each of B prompts per
+step. This problem has both, and a policy whose parameters all prompts share,
+so that a prompt's pass rate moves while it is not sampled and per-prompt
+memory can go stale (the first toy problem's prompts mostly own their slot).
+
+* **Prompts**: P prompts, each with a feature vector ``x_p`` (D floats), a
+  hidden target ``label_p`` and a sampling std ``sigma_p``.
+* **Policy**: one weight vector ``w`` (D floats), shared. For prompt p it
+  answers ``Normal(x_p . w, sigma_p)``.
+* **Reward**: 1 (pass) when the answer lands within ``tolerance`` of the
+  label, else 0 (fail). The pass probability is known in closed form,
+  ``Phi((label - m + tol) / sigma) - Phi((label - m - tol) / sigma)`` with
+  ``m = x_p . w`` (``pass_probability``), so a run can be measured against
+  the truth, not only against its noisy rewards.
+* **Difficulty**: sigmas spread over [``min_sigma``, ``max_sigma``), so
+  prompts differ in the best pass rate they can reach,
+  ``2 Phi(tol / sigma) - 1``, and labels lie far from the initial answers
+  (0), so that most prompts start with pass rates near 0.
+* **Ceiling, reachable**: labels are ``x_p . w_star`` for a hidden
+  ``w_star``, so one weight vector puts every prompt's mean on its label at
+  once: ``ceiling()`` is the mean of the prompts' best pass rates, and the
+  policy can reach it.
+* **Update**: REINFORCE, as the first problem's: each sample proposes
+  ``advantage * (answer - m) * x_p`` (the Gaussian score scaled by
+  ``sigma**2``), averaged over the batch and scaled by the learning rate.
+
+Every random draw comes from one ``torch.Generator``: one seed, one instance
+and one run, bit for bit. This module is the problem alone; the training
+loop and the study that compare GRPO with per-prompt memory on it come next
+(R2 5/5).
+
+Dimensions: P prompts, D features, B prompts per step, G samples per prompt,
+N = B * G samples per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import List, Tuple
+
+import torch
+
+from rail_interview.toy_problem import make_prompt_names
+
+
+def _normal_cdf(value: torch.Tensor) -> torch.Tensor:
+    """The standard normal distribution function, elementwise."""
+    return 0.5 * (1.0 + torch.erf(value / math.sqrt(2.0)))
+
+
+@dataclasses.dataclass
+class PassFailProblem:
+    """One instance of the pass/fail problem: prompts, their features, labels and sigmas.
+
+    Build one with ``PassFailProblem.create``; only the policy changes during
+    training.
+
+    Attributes:
+        prompt_names: P readable names; prompt id i is ``prompt_names[i]``.
+        features: float32 [P, D], each prompt's feature vector.
+        labels: float32 [P], each prompt's hidden target, ``features @ w_star``.
+        sigmas: float32 [P], each prompt's sampling std.
+        tolerance: an answer within this distance of the label passes.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> problem = PassFailProblem.create(num_prompts=8, num_features=4, generator=g)
+        >>> problem.features.shape, problem.sigmas.shape, problem.tolerance
+        (torch.Size([8, 4]), torch.Size([8]), 1.0)
+    """
+
+    prompt_names: List[str]
+    features: torch.Tensor
+    labels: torch.Tensor
+    sigmas: torch.Tensor
+    tolerance: float
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        num_prompts: int,
+        num_features: int,
+        generator: torch.Generator,
+        device: torch.device = torch.device("cpu"),
+        tolerance: float = 1.0,
+        min_sigma: float = 0.5,
+        max_sigma: float = 3.0,
+        label_scale: float = 8.0,
+    ) -> "PassFailProblem":
+        """Draws a problem instance.
+
+        Features are standard normal divided by sqrt(D), so ``x_p . w`` has
+        the scale of ``w``'s entries; ``w_star`` is normal with std
+        ``label_scale``, so labels are of that size while the policy starts
+        at 0.
+
+        Args:
+            num_prompts: P.
+            num_features: D, the policy's parameters; with D < P prompts
+                must share them.
+            generator: the run's generator, on ``device``.
+            device: where the tensors live.
+            tolerance: half-width of the passing window around a label.
+            min_sigma: smallest sampling std.
+            max_sigma: sampling stds are uniform in [min_sigma, max_sigma).
+            label_scale: std of ``w_star``'s entries.
+
+        Returns:
+            The instance.
+
+        Raises:
+            ValueError: if a size is not positive, or the stds, tolerance or
+                label scale are out of range.
+        """
+        if num_prompts < 1 or num_features < 1:
+            raise ValueError(f"num_prompts and num_features must be positive, got {num_prompts} and {num_features}")
+        if not 0 < min_sigma <= max_sigma or tolerance <= 0 or label_scale <= 0:
+            raise ValueError(
+                "need 0 < min_sigma <= max_sigma, tolerance > 0 and label_scale > 0, got "
+                f"{min_sigma}, {max_sigma}, {tolerance} and {label_scale}"
+            )
+        name_generator = torch.Generator().manual_seed(
+            int(torch.randint(2**62, (1,), generator=generator, device=device))
+        )
+        names = make_prompt_names(num_prompts, name_generator)
+        features = torch.randn(num_prompts, num_features, generator=generator, device=device) / math.sqrt(num_features)
+        target = torch.randn(num_features, generator=generator, device=device) * label_scale  # [D], w_star
+        spread = torch.rand(num_prompts, generator=generator, device=device)
+        return cls(
+            prompt_names=names,
+            features=features,
+            labels=features @ target,
+            sigmas=min_sigma + (max_sigma - min_sigma) * spread,
+            tolerance=float(tolerance),
+        )
+
+    @property
+    def num_prompts(self) -> int:
+        """P, the number of prompts."""
+        return len(self.prompt_names)
+
+    def sample_groups(self, num_groups: int, group_size: int, generator: torch.Generator) -> torch.Tensor:
+        """Draws B distinct prompts and repeats each G times, as GRPO trainers sample.
+
+        Args:
+            num_groups: B, at most P.
+            group_size: G.
+            generator: the run's generator, on the problem's device.
+
+        Returns:
+            int64 [B * G], prompt ids, each prompt's G samples contiguous.
+
+        Raises:
+            ValueError: if B is not in [1, P] or G < 1.
+        """
+        if not 1 <= num_groups <= self.num_prompts or group_size < 1:
+            raise ValueError(
+                f"need 1 <= num_groups <= {self.num_prompts} and group_size >= 1, got {num_groups} and {group_size}"
+            )
+        chosen = torch.randperm(self.num_prompts, generator=generator, device=self.labels.device)[:num_groups]
+        return chosen.repeat_interleave(group_size)
+
+    def rewards(self, prompt_ids: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+        """Scores answers: 1.0 within ``tolerance`` of the label, else 0.0.
+
+        Args:
+            prompt_ids: int64 [N].
+            answers: float32 [N].
+
+        Returns:
+            float32 [N] of 0.0 and 1.0.
+        """
+        return ((answers - self.labels[prompt_ids]).abs() < self.tolerance).float()
+
+    def pass_probability(self, means: torch.Tensor, prompt_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The probability that an answer passes, given the policy's means.
+
+        Args:
+            means: float32 [M], the policy's mean answer for each prompt.
+            prompt_ids: int64 [M], the prompts, or None for all P in order.
+
+        Returns:
+            float32 [M] in [0, 1].
+        """
+        ids = torch.arange(self.num_prompts, device=self.labels.device) if prompt_ids is None else prompt_ids
+        gap, sigma = self.labels[ids] - means, self.sigmas[ids]
+        return _normal_cdf((gap + self.tolerance) / sigma) - _normal_cdf((gap - self.tolerance) / sigma)
+
+    def best_pass_probability(self) -> torch.Tensor:
+        """float32 [P]: each prompt's pass probability with its mean on its label, ``2 Phi(tol / sigma) - 1``."""
+        return self.pass_probability(self.labels)
+
+    def ceiling(self) -> float:
+        """The mean pass rate over prompts that one weight vector (``w_star``) reaches."""
+        return float(self.best_pass_probability().mean())
+
+
+class SharedLinearPolicy:
+    """The policy: one weight vector shared by every prompt, answering ``Normal(x_p . w, sigma_p)``.
+
+    Args:
+        problem: the instance, for each prompt's features and sigma.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> problem = PassFailProblem.create(num_prompts=6, num_features=3, generator=g)
+        >>> policy = SharedLinearPolicy(problem)
+        >>> ids = problem.sample_groups(2, 4, g)
+        >>> rewards = problem.rewards(ids, policy.sample(ids, g))
+        >>> ids.shape, sorted(set(rewards.tolist())) <= [0.0, 1.0]
+        (torch.Size([8]), True)
+    """
+
+    def __init__(self, problem: PassFailProblem) -> None:
+        self.features = problem.features
+        self.sigmas = problem.sigmas
+        self.weights = torch.zeros(problem.features.shape[1], device=problem.features.device)  # [D], starts at 0
+
+    def means(self, prompt_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 [M]: the mean answer for prompts [M] (or all P)."""
+        features = self.features if prompt_ids is None else self.features[prompt_ids]
+        return features @ self.weights
+
+    def sample(self, prompt_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Draws one answer per sample.
+
+        Args:
+            prompt_ids: int64 [N].
+            generator: the run's generator.
+
+        Returns:
+            float32 [N], ``x_p . w + sigma_p * noise``.
+        """
+        noise = torch.randn(prompt_ids.shape, generator=generator, device=self.weights.device)  # [N]
+        return torch.addcmul(self.means(prompt_ids), self.sigmas[prompt_ids], noise)
+
+    def update(
+        self, prompt_ids: torch.Tensor, answers: torch.Tensor, advantages: torch.Tensor, learning_rate: float = 1.0
+    ) -> None:
+        """Takes one REINFORCE step, in place: ``w += lr * mean(advantage * (answer - m) * x)``.
+
+        Args:
+            prompt_ids: int64 [N], the prompts that were sampled.
+            answers: float32 [N], what the policy answered.
+            advantages: float32 [N], from a stat tracker.
+            learning_rate: step size.
+        """
+        steps = advantages * (answers - self.means(prompt_ids))  # [N]
+        self.weights.add_(steps @ self.features[prompt_ids], alpha=learning_rate / max(len(prompt_ids), 1))
+
+
+def make_pass_fail_problem(
+    *, num_prompts: int, num_features: int, generator: torch.Generator, **options: float
+) -> Tuple[PassFailProblem, SharedLinearPolicy]:
+    """Draws a problem instance and a policy at its start (weights 0).
+
+    Args:
+        num_prompts: P.
+        num_features: D.
+        generator: the run's generator; its device is where everything lives.
+        **options: ``PassFailProblem.create``'s keywords (tolerance, sigmas, label scale).
+
+    Returns:
+        The problem and its policy.
+    """
+    problem = PassFailProblem.create(
+        num_prompts=num_prompts, num_features=num_features, generator=generator, device=generator.device, **options
+    )
+    return problem, SharedLinearPolicy(problem)
