@@ -1,0 +1,202 @@
+"""The training loop on the pass/fail problem: one run, its learning curve and its summary.
+
+``train_pass_fail(PassFailRun(...))`` trains ``pass_fail_problem``'s shared
+linear policy as a GRPO-style trainer would: each step samples G answers
+for each of B distinct prompts, scores them pass or fail, turns rewards into
+advantages with a tracker of the GRPO family (with or without per-prompt
+memory), and takes one REINFORCE step. It records the policy's true mean
+pass rate after every step (from the closed-form pass probability, not the
+noisy rewards), the share of the step's groups whose rewards are all equal
+(zero variance: no signal for in-batch GRPO) and the samples spent.
+
+Variants, for the study of where memory pays (R2 5/5):
+
+* ``method``: ``"grpo"`` (``presets.verl_grpo``: group mean and sample
+  std), ``"dr_grpo"`` (no std) or ``"rloo"`` (leave-one-out mean);
+  ``memory``: ``"none"`` (the group alone), ``"buffer"`` or ``"ema"``
+  (the prompt's recent rewards across steps, the group included).
+* ``dynamic_sampling``: DAPO's alternative to memory. Groups whose rewards
+  are all equal are dropped and more groups are drawn, up to
+  ``max_resample`` times B, until B groups with signal fill the step; the
+  samples drawn are all counted as spent.
+
+Dimensions: B groups (prompts) per step, G samples per group, N = B * G.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List
+
+import torch
+
+from rail_interview.pass_fail_problem import make_pass_fail_problem
+from rail_interview.stat_tracking import AdvantageTracker, presets
+
+#: Estimators: the preset and its keywords.
+METHODS = {
+    "grpo": ("verl_grpo", {}),
+    "dr_grpo": ("verl_grpo", {"norm_adv_by_std": False}),
+    "rloo": ("verl_rloo", {}),
+}
+MEMORIES = ("none", "buffer", "ema")
+
+
+@dataclasses.dataclass(frozen=True)
+class PassFailRun:
+    """The settings of one run.
+
+    Attributes:
+        method: ``"grpo"``, ``"dr_grpo"`` or ``"rloo"``.
+        memory: ``"none"``, ``"buffer"`` or ``"ema"``.
+        group_size: G, samples per prompt per step.
+        num_groups: B, prompts per step.
+        num_prompts: P; a prompt is revisited about every P / B steps.
+        num_features: D, the shared weights.
+        learning_rate: the REINFORCE step size.
+        num_steps: policy updates.
+        seed: the one generator's seed: problem, answers and sampling.
+        buffer_size: K, with ``memory="buffer"``.
+        ema_decay: with ``memory="ema"``.
+        min_count: rewards a prompt's memory needs before its own statistics
+            are used (with a memory); below it, the group's advantage is 0.
+        dynamic_sampling: drop zero-variance groups and draw more (DAPO).
+        max_resample: with ``dynamic_sampling``, the most groups drawn per
+            step, as a multiple of B.
+    """
+
+    method: str = "grpo"
+    memory: str = "none"
+    group_size: int = 4
+    num_groups: int = 16
+    num_prompts: int = 64
+    num_features: int = 8
+    learning_rate: float = 5.0
+    num_steps: int = 300
+    seed: int = 0
+    buffer_size: int = 32
+    ema_decay: float = 0.9
+    min_count: int = 4
+    dynamic_sampling: bool = False
+    max_resample: int = 4
+
+
+def build_tracker(run: PassFailRun) -> AdvantageTracker:
+    """The run's tracker: its method's preset, with its memory.
+
+    Args:
+        run: the settings.
+
+    Returns:
+        The tracker, over ``num_prompts`` prompt ids.
+
+    Raises:
+        ValueError: for an unknown method or memory.
+    """
+    if run.method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {run.method!r}")
+    if run.memory not in MEMORIES:
+        raise ValueError(f"memory must be one of {', '.join(map(repr, MEMORIES))}; got {run.memory!r}")
+    preset, options = METHODS[run.method]
+    options = dict(options)
+    if run.memory == "buffer":
+        options.update(memory="buffer", buffer_size=run.buffer_size, min_count=run.min_count)
+    elif run.memory == "ema":
+        options.update(memory="ema", decay=run.ema_decay, min_count=run.min_count)
+    return getattr(presets, preset)(run.num_prompts, fallback="zero", check_values=False, **options)
+
+
+def _draw(problem, policy, run: PassFailRun, generator: torch.Generator):
+    """One step's samples: ids, answers and rewards [N], and the groups drawn, the zero-variance ones included."""
+    ids = problem.sample_groups(run.num_groups, run.group_size, generator)
+    answers = policy.sample(ids, generator)
+    rewards = problem.rewards(ids, answers)
+    if not run.dynamic_sampling:
+        return ids, answers, rewards, run.num_groups
+    kept_ids, kept_answers, kept_rewards, drawn = [], [], [], 0
+    while True:
+        grouped = rewards.view(-1, run.group_size)
+        signal = grouped.amax(1) != grouped.amin(1)  # [B], groups with a pass and a fail
+        keep = signal.repeat_interleave(run.group_size)
+        kept_ids.append(ids[keep])
+        kept_answers.append(answers[keep])
+        kept_rewards.append(rewards[keep])
+        drawn += run.num_groups
+        if (
+            sum(len(k) for k in kept_ids) >= run.num_groups * run.group_size
+            or drawn >= run.max_resample * run.num_groups
+        ):
+            break
+        ids = problem.sample_groups(run.num_groups, run.group_size, generator)
+        answers = policy.sample(ids, generator)
+        rewards = problem.rewards(ids, answers)
+    size = run.num_groups * run.group_size
+    ids, answers, rewards = (torch.cat(parts)[:size] for parts in (kept_ids, kept_answers, kept_rewards))
+    return ids, answers, rewards, drawn
+
+
+def train_pass_fail(run: PassFailRun) -> Dict[str, Any]:
+    """Trains one run and returns its learning curve and summary.
+
+    Args:
+        run: the settings.
+
+    Returns:
+        ``pass_rate`` (float list [num_steps + 1], the true mean pass rate
+        over prompts, before the first step and after each),
+        ``zero_variance`` (float list [num_steps], the share of each step's
+        drawn groups with all rewards equal), ``samples`` (int list
+        [num_steps], samples drawn per step), ``ceiling`` (the best mean
+        pass rate one weight vector reaches) and ``settings``.
+    """
+    generator = torch.Generator().manual_seed(run.seed)
+    problem, policy = make_pass_fail_problem(
+        num_prompts=run.num_prompts, num_features=run.num_features, generator=generator
+    )
+    tracker = build_tracker(run)
+    pass_rate = [float(problem.pass_probability(policy.means()).mean())]
+    zero_variance: List[float] = []
+    samples: List[int] = []
+    for _ in range(run.num_steps):
+        ids, answers, rewards, drawn = _draw(problem, policy, run, generator)
+        if len(ids):
+            report = tracker.update_with_report(ids, rewards)
+            policy.update(ids, answers, report.advantages, learning_rate=run.learning_rate)
+        zero_variance.append(
+            1.0 - len(ids) / (drawn * run.group_size) if run.dynamic_sampling else float(report.zero_variance_fraction)
+        )
+        samples.append(drawn * run.group_size)
+        pass_rate.append(float(problem.pass_probability(policy.means()).mean()))
+    return {
+        "pass_rate": pass_rate,
+        "zero_variance": zero_variance,
+        "samples": samples,
+        "ceiling": problem.ceiling(),
+        "settings": dataclasses.asdict(run),
+    }
+
+
+def summarize(result: Dict[str, Any], *, threshold: float = 0.75) -> Dict[str, float]:
+    """The metrics a comparison reads off a run.
+
+    Args:
+        result: as ``train_pass_fail`` returns it.
+        threshold: a fraction of the ceiling.
+
+    Returns:
+        ``area`` (mean pass rate over the steps, as a fraction of the
+        ceiling: the area under the curve), ``final`` (the last pass rate,
+        as a fraction of the ceiling), ``steps_to_threshold`` (the first step
+        whose pass rate reaches ``threshold`` of the ceiling, or inf),
+        ``zero_variance`` (the mean share of zero-variance groups) and
+        ``samples`` (samples spent in all).
+    """
+    ceiling, curve = result["ceiling"], result["pass_rate"][1:]
+    reached = [step for step, rate in enumerate(curve, 1) if rate >= threshold * ceiling]
+    return {
+        "area": sum(curve) / len(curve) / ceiling,
+        "final": curve[-1] / ceiling,
+        "steps_to_threshold": float(reached[0]) if reached else float("inf"),
+        "zero_variance": sum(result["zero_variance"]) / len(result["zero_variance"]),
+        "samples": float(sum(result["samples"])),
+    }

@@ -1,0 +1,57 @@
+"""The pass/fail training loop: reproducible runs, learning, dynamic sampling and the summary's metrics."""
+
+import math
+
+import pytest
+
+from rail_interview.pass_fail_training import PassFailRun, build_tracker, summarize, train_pass_fail
+
+
+def test_one_seed_one_run():
+    run = PassFailRun(num_steps=40)
+    assert train_pass_fail(run) == train_pass_fail(run)
+    assert train_pass_fail(run)["pass_rate"] != train_pass_fail(PassFailRun(num_steps=40, seed=1))["pass_rate"]
+
+
+@pytest.mark.parametrize("method", ["grpo", "dr_grpo", "rloo"])
+@pytest.mark.parametrize("memory", ["none", "buffer", "ema"])
+def test_every_estimator_and_memory_learns(method, memory):
+    learning_rate = 5.0 if method == "grpo" else 10.0
+    result = train_pass_fail(PassFailRun(method=method, memory=memory, num_steps=300, learning_rate=learning_rate))
+    start, ceiling = result["pass_rate"][0], result["ceiling"]
+    assert max(result["pass_rate"]) > start + 0.3 * (ceiling - start), (method, memory)
+    assert len(result["pass_rate"]) == 301 and len(result["zero_variance"]) == 300
+    assert all(samples == 64 for samples in result["samples"])
+
+
+def test_small_groups_have_many_zero_variance_groups():
+    small = summarize(train_pass_fail(PassFailRun(group_size=2, num_groups=32, num_steps=60)))
+    large = summarize(train_pass_fail(PassFailRun(group_size=16, num_groups=4, num_steps=60)))
+    assert small["zero_variance"] > large["zero_variance"] > 0
+
+
+def test_dynamic_sampling_spends_more_samples_on_groups_with_signal():
+    result = train_pass_fail(PassFailRun(dynamic_sampling=True, num_steps=60))
+    assert all(64 <= samples <= 4 * 64 for samples in result["samples"]) and sum(result["samples"]) > 60 * 64
+    assert 0 < summarize(result)["zero_variance"] < 1
+
+
+def test_summary_metrics():
+    result = {
+        "pass_rate": [0.0, 0.2, 0.4, 0.4],
+        "zero_variance": [0.5, 0.25, 0.0],
+        "samples": [8, 8, 16],
+        "ceiling": 0.5,
+    }
+    metrics = summarize(result, threshold=0.75)
+    assert metrics["area"] == pytest.approx((0.2 + 0.4 + 0.4) / 3 / 0.5)
+    assert metrics["final"] == pytest.approx(0.8) and metrics["steps_to_threshold"] == 2
+    assert metrics["zero_variance"] == pytest.approx(0.25) and metrics["samples"] == 32
+    assert math.isinf(summarize(result, threshold=0.9)["steps_to_threshold"])
+
+
+def test_unknown_settings_are_refused():
+    with pytest.raises(ValueError, match="method must be one of"):
+        build_tracker(PassFailRun(method="ppo"))
+    with pytest.raises(ValueError, match="memory must be one of"):
+        build_tracker(PassFailRun(memory="lstm"))
