@@ -19,6 +19,13 @@ Variants, for the study of where memory pays (R2 5/5):
   are all equal are dropped and more groups are drawn, up to
   ``max_resample`` times B, until B groups with signal fill the step; the
   samples drawn are all counted as spent.
+* ``ablation``, to name the mechanism by which memory helps:
+  ``"zero_variance_only"``: the memory's advantages for zero-variance
+  groups only, the group's own (in-batch) advantages elsewhere;
+  ``"group_mean_memory_std"``: the group's mean as the baseline, the
+  memory's std (ddof 1) as the scale (0 below ``min_count``);
+  ``"oracle"``: the true pass probability p as the baseline and, for
+  ``"grpo"``, sqrt(p (1 - p)) as the scale: what a perfect memory would give.
 
 Dimensions: B groups (prompts) per step, G samples per group, N = B * G.
 """
@@ -40,6 +47,7 @@ METHODS = {
     "rloo": ("verl_rloo", {}),
 }
 MEMORIES = ("none", "buffer", "ema")
+ABLATIONS = ("none", "zero_variance_only", "group_mean_memory_std", "oracle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +71,8 @@ class PassFailRun:
         dynamic_sampling: drop zero-variance groups and draw more (DAPO).
         max_resample: with ``dynamic_sampling``, the most groups drawn per
             step, as a multiple of B.
+        ablation: ``"none"`` or one of ``ABLATIONS`` (see the module
+            docstring); the first two need a memory.
     """
 
     method: str = "grpo"
@@ -79,6 +89,7 @@ class PassFailRun:
     min_count: int = 4
     dynamic_sampling: bool = False
     max_resample: int = 4
+    ablation: str = "none"
 
 
 def build_tracker(run: PassFailRun) -> AdvantageTracker:
@@ -104,6 +115,31 @@ def build_tracker(run: PassFailRun) -> AdvantageTracker:
     elif run.memory == "ema":
         options.update(memory="ema", decay=run.ema_decay, min_count=run.min_count)
     return getattr(presets, preset)(run.num_prompts, fallback="zero", check_values=False, **options)
+
+
+def _advantages(run: PassFailRun, trackers, problem, policy, ids: torch.Tensor, rewards: torch.Tensor):
+    """One step's advantages [N] and the share of zero-variance groups, by the run's estimator or ablation."""
+    tracker, group = trackers
+    if run.ablation == "oracle":
+        passing = problem.pass_probability(policy.means(ids), ids)  # [N], p
+        numerator = rewards - passing
+        if run.method == "grpo":
+            numerator = numerator / (torch.sqrt(passing * (1 - passing)) + 1e-6)
+        return numerator, group.update_with_report(ids, rewards).zero_variance_fraction
+    report = tracker.update_with_report(ids, rewards)
+    if run.ablation == "none":
+        return report.advantages, report.zero_variance_fraction
+    in_batch = group.update_with_report(ids, rewards)
+    if run.ablation == "zero_variance_only":
+        advantages = torch.where(in_batch.zero_variance, report.advantages, in_batch.advantages)
+        return advantages, report.zero_variance_fraction
+    stats = tracker.stats(ids)  # after the update: the batch included
+    count = stats.count.float()
+    std = stats.std * torch.sqrt(count / (count - 1).clamp_min(1))  # ddof 1, as the group's std
+    total = torch.zeros(run.num_prompts).index_add_(0, ids, rewards)
+    size = torch.zeros(run.num_prompts).index_add_(0, ids, torch.ones_like(rewards))
+    deviation = rewards - (total / size.clamp_min(1))[ids]  # from the group's mean
+    return torch.where(count >= run.min_count, deviation / (std + 1e-6), 0.0), report.zero_variance_fraction
 
 
 def _draw(problem, policy, run: PassFailRun, generator: torch.Generator):
@@ -153,18 +189,22 @@ def train_pass_fail(run: PassFailRun) -> Dict[str, Any]:
     problem, policy = make_pass_fail_problem(
         num_prompts=run.num_prompts, num_features=run.num_features, generator=generator
     )
-    tracker = build_tracker(run)
+    if run.ablation not in ABLATIONS:
+        raise ValueError(f"ablation must be one of {', '.join(map(repr, ABLATIONS))}; got {run.ablation!r}")
+    if run.ablation in ("zero_variance_only", "group_mean_memory_std") and run.memory == "none":
+        raise ValueError(f"ablation {run.ablation!r} needs a memory ('buffer' or 'ema')")
+    # The run's tracker, and the same estimator without memory (for the ablations).
+    trackers = (build_tracker(run), build_tracker(dataclasses.replace(run, memory="none")))
     pass_rate = [float(problem.pass_probability(policy.means()).mean())]
     zero_variance: List[float] = []
     samples: List[int] = []
     for _ in range(run.num_steps):
         ids, answers, rewards, drawn = _draw(problem, policy, run, generator)
+        fraction = 0.0
         if len(ids):
-            report = tracker.update_with_report(ids, rewards)
-            policy.update(ids, answers, report.advantages, learning_rate=run.learning_rate)
-        zero_variance.append(
-            1.0 - len(ids) / (drawn * run.group_size) if run.dynamic_sampling else float(report.zero_variance_fraction)
-        )
+            advantages, fraction = _advantages(run, trackers, problem, policy, ids, rewards)
+            policy.update(ids, answers, advantages, learning_rate=run.learning_rate)
+        zero_variance.append(1.0 - len(ids) / (drawn * run.group_size) if run.dynamic_sampling else float(fraction))
         samples.append(drawn * run.group_size)
         pass_rate.append(float(problem.pass_probability(policy.means()).mean()))
     return {

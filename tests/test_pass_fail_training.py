@@ -55,3 +55,21 @@ def test_unknown_settings_are_refused():
         build_tracker(PassFailRun(method="ppo"))
     with pytest.raises(ValueError, match="memory must be one of"):
         build_tracker(PassFailRun(memory="lstm"))
+
+
+@pytest.mark.parametrize(
+    "ablation, memory",
+    [("zero_variance_only", "buffer"), ("group_mean_memory_std", "ema"), ("oracle", "none")],
+)
+def test_every_ablation_runs_and_learns(ablation, memory):
+    result = train_pass_fail(PassFailRun(ablation=ablation, memory=memory, num_steps=300, learning_rate=5.0))
+    start, ceiling = result["pass_rate"][0], result["ceiling"]
+    assert max(result["pass_rate"]) > start + 0.3 * (ceiling - start)
+    assert 0 <= summarize(result)["zero_variance"] < 1
+
+
+def test_ablations_are_checked():
+    with pytest.raises(ValueError, match="ablation must be one of"):
+        train_pass_fail(PassFailRun(ablation="magic", num_steps=1))
+    with pytest.raises(ValueError, match="needs a memory"):
+        train_pass_fail(PassFailRun(ablation="zero_variance_only", num_steps=1))
