@@ -376,6 +376,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """
 
     def number(name: str, value: Any, low: float, *, integer: bool, inclusive: bool = True) -> None:
+        """Raises ConfigError unless ``config.<name>`` is a finite int (or number) >= ``low`` (> if not inclusive)."""
         kind = "an int" if integer else "a number"
         if (
             isinstance(value, bool)

@@ -68,6 +68,7 @@ def _validator(check):
     """Wraps ``check``, which raises ValueError, as an absl validator that raises flags.ValidationError."""
 
     def validate(value):
+        """True if ``check`` accepts ``value``; else flags.ValidationError with its message."""
         try:
             check(value)
         except ValueError as error:
