@@ -138,7 +138,7 @@ def run_study(
             base_rate = best[(reference, cell.group_size)] if label == "best" else SHARED_LEARNING_RATE
             base = runs[(reference, cell.group_size, base_rate)]
             metrics = [summarize(results[s]) for s in seeds]
-            wins = sum(summarize(results[s])["area"] > summarize(base[s])["area"] for s in seeds)
+            wins = sum(m["area"] > summarize(base[s])["area"] for m, s in zip(metrics, seeds))
             rows.append(
                 {
                     "cell": cell.name,
@@ -154,60 +154,40 @@ def run_study(
                     "sweep": {r: statistics.median(sweep[(cell.name, cell.group_size, r)]) for r in LEARNING_RATES},
                 }
             )
-    curves = {
-        (c.name, c.group_size): [
-            statistics.median(
-                runs[(c.name, c.group_size, best[(c.name, c.group_size)])][s]["pass_rate"][step]
-                / runs[(c.name, c.group_size, best[(c.name, c.group_size)])][s]["ceiling"]
-                for s in seeds
-            )
-            for step in range(c.run.num_steps + 1)
+    curves = {}
+    for cell in all_cells:
+        results = runs[(cell.name, cell.group_size, best[(cell.name, cell.group_size)])]
+        curves[(cell.name, cell.group_size)] = [
+            statistics.median(results[s]["pass_rate"][step] / results[s]["ceiling"] for s in seeds)
+            for step in range(cell.run.num_steps + 1)
         ]
-        for c in all_cells
-    }
     os.makedirs(out, exist_ok=True)
     _write(out, rows, curves, seeds)
     return {"rows": rows, "curves": curves}
+
+
+#: The columns of results.csv before the sweep's, each a key of a row.
+_COLUMNS = (
+    "cell",
+    "G",
+    "rate",
+    "learning_rate",
+    "area",
+    "final",
+    "steps_to_75",
+    "zero_variance",
+    "samples",
+    "wins_vs_grpo",
+)
 
 
 def _write(out: str, rows: List[Dict[str, Any]], curves, seeds: List[int]) -> None:
     """results.csv, results.md and curves.png."""
     with open(os.path.join(out, "results.csv"), "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(
-            [
-                "cell",
-                "G",
-                "rate",
-                "learning_rate",
-                "area",
-                "final",
-                "steps_to_75",
-                "zero_variance",
-                "samples",
-                "wins_vs_grpo",
-            ]
-            + [f"sweep_{r}" for r in LEARNING_RATES]
-        )
+        writer.writerow(list(_COLUMNS) + [f"sweep_{r}" for r in LEARNING_RATES])
         for row in rows:
-            writer.writerow(
-                [
-                    row[k]
-                    for k in (
-                        "cell",
-                        "G",
-                        "rate",
-                        "learning_rate",
-                        "area",
-                        "final",
-                        "steps_to_75",
-                        "zero_variance",
-                        "samples",
-                        "wins_vs_grpo",
-                    )
-                ]
-                + [row["sweep"][r] for r in LEARNING_RATES]
-            )
+            writer.writerow([row[name] for name in _COLUMNS] + [row["sweep"][r] for r in LEARNING_RATES])
     lines = [
         f"Medians over {len(seeds)} seeds. area: mean pass rate over the steps, as a fraction of the ceiling; "
         "final: the last step's; steps to 75%: of the ceiling; wins: seeds where the area beats in-batch GRPO's "
