@@ -28,9 +28,12 @@ memory can go stale (the first toy problem's prompts mostly own their slot).
   ``sigma**2``), averaged over the batch and scaled by the learning rate.
 
 Every random draw comes from one ``torch.Generator``: one seed, one instance
-and one run, bit for bit. This module is the problem alone; the training
-loop and the study that compare GRPO with per-prompt memory on it come next
-(R2 5/5).
+and one run, bit for bit. ``training.train`` runs it when
+``config.problem.name == "pass_fail"`` (``configs/pass_fail.py``): a batch
+of N samples is N / G prompts, G samples each (``sample_prompt_ids``), and
+metrics.csv gains the true pass rate and the share of zero-variance groups
+(``metrics``). ``pass_fail_training`` and ``pass_fail_study`` run the same
+steps in process for the study of where memory pays.
 
 Dimensions: P prompts, D features, B prompts per step, G samples per prompt,
 N = B * G samples per step.
@@ -40,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 import torch
 
@@ -65,19 +68,26 @@ class PassFailProblem:
         labels: float32 [P], each prompt's hidden target, ``features @ w_star``.
         sigmas: float32 [P], each prompt's sampling std.
         tolerance: an answer within this distance of the label passes.
+        group_size: G, the samples ``sample_prompt_ids`` draws of each prompt.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
         >>> problem = PassFailProblem.create(num_prompts=8, num_features=4, generator=g)
         >>> problem.features.shape, problem.sigmas.shape, problem.tolerance
         (torch.Size([8, 4]), torch.Size([8]), 1.0)
+        >>> problem.sample_prompt_ids(8, g).view(2, 4).unique(dim=1).shape  # 2 prompts, 4 samples each
+        torch.Size([2, 1])
     """
+
+    #: The columns ``metrics`` adds to a run's metrics.csv.
+    metric_names = ("pass_rate", "zero_variance_frac")
 
     prompt_names: List[str]
     features: torch.Tensor
     labels: torch.Tensor
     sigmas: torch.Tensor
     tolerance: float
+    group_size: int = 4
 
     @classmethod
     def create(
@@ -91,6 +101,7 @@ class PassFailProblem:
         min_sigma: float = 0.5,
         max_sigma: float = 3.0,
         label_scale: float = 8.0,
+        group_size: int = 4,
     ) -> "PassFailProblem":
         """Draws a problem instance.
 
@@ -108,7 +119,9 @@ class PassFailProblem:
             tolerance: half-width of the passing window around a label.
             min_sigma: smallest sampling std.
             max_sigma: sampling stds are uniform in [min_sigma, max_sigma).
-            label_scale: std of ``w_star``'s entries.
+            label_scale: std of ``w_star``'s entries. Smaller puts labels
+                nearer the initial answers (0): higher starting pass rates.
+            group_size: G, samples per prompt in a batch.
 
         Returns:
             The instance.
@@ -117,8 +130,11 @@ class PassFailProblem:
             ValueError: if a size is not positive, or the stds, tolerance or
                 label scale are out of range.
         """
-        if num_prompts < 1 or num_features < 1:
-            raise ValueError(f"num_prompts and num_features must be positive, got {num_prompts} and {num_features}")
+        if num_prompts < 1 or num_features < 1 or group_size < 1:
+            raise ValueError(
+                "num_prompts, num_features and group_size must be positive, got "
+                f"{num_prompts}, {num_features} and {group_size}"
+            )
         if not 0 < min_sigma <= max_sigma or tolerance <= 0 or label_scale <= 0:
             raise ValueError(
                 "need 0 < min_sigma <= max_sigma, tolerance > 0 and label_scale > 0, got "
@@ -137,6 +153,7 @@ class PassFailProblem:
             labels=features @ target,
             sigmas=min_sigma + (max_sigma - min_sigma) * spread,
             tolerance=float(tolerance),
+            group_size=int(group_size),
         )
 
     @property
@@ -164,6 +181,40 @@ class PassFailProblem:
             )
         chosen = torch.randperm(self.num_prompts, generator=generator, device=self.labels.device)[:num_groups]
         return chosen.repeat_interleave(group_size)
+
+    def sample_prompt_ids(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """A training batch: ``batch_size / G`` distinct prompts, G samples each (``sample_groups``).
+
+        Args:
+            batch_size: N, a multiple of G with N / G <= P.
+            generator: the run's generator, on the problem's device.
+
+        Returns:
+            int64 [N], each prompt's G samples contiguous.
+
+        Raises:
+            ValueError: if N is not such a multiple.
+        """
+        if batch_size % self.group_size:
+            raise ValueError(f"the batch size {batch_size} is not a multiple of the group size {self.group_size}")
+        return self.sample_groups(batch_size // self.group_size, self.group_size, generator)
+
+    def metrics(self, policy: "SharedLinearPolicy", prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+        """The values of ``metric_names`` after a step, on the device (no host sync).
+
+        Args:
+            policy: the policy, after its update.
+            prompt_ids: int64 [N], the step's batch (every rank's, gathered),
+                groups of G contiguous samples.
+            rewards: float32 [N], their rewards.
+
+        Returns:
+            float32 [2]: the true mean pass rate over all P prompts, and the
+            share of the batch's groups whose rewards are all equal.
+        """
+        grouped = rewards.view(-1, self.group_size)  # [N / G, G]
+        zero_variance = (grouped.amax(1) == grouped.amin(1)).float().mean()
+        return torch.stack((self.pass_probability(policy.means()).mean(), zero_variance))
 
     def rewards(self, prompt_ids: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
         """Scores answers: 1.0 within ``tolerance`` of the label, else 0.0.
@@ -214,17 +265,20 @@ class SharedLinearPolicy:
         >>> rewards = problem.rewards(ids, policy.sample(ids, g))
         >>> ids.shape, sorted(set(rewards.tolist())) <= [0.0, 1.0]
         (torch.Size([8]), True)
+
+    Attributes:
+        params: float32 [D], the weights ``w``, starting at 0.
     """
 
     def __init__(self, problem: PassFailProblem) -> None:
         self.features = problem.features
         self.sigmas = problem.sigmas
-        self.weights = torch.zeros(problem.features.shape[1], device=problem.features.device)  # [D], starts at 0
+        self.params = torch.zeros(problem.features.shape[1], device=problem.features.device)  # [D], starts at 0
 
     def means(self, prompt_ids: torch.Tensor | None = None) -> torch.Tensor:
         """float32 [M]: the mean answer for prompts [M] (or all P)."""
         features = self.features if prompt_ids is None else self.features[prompt_ids]
-        return features @ self.weights
+        return features @ self.params
 
     def sample(self, prompt_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Draws one answer per sample.
@@ -236,7 +290,7 @@ class SharedLinearPolicy:
         Returns:
             float32 [N], ``x_p . w + sigma_p * noise``.
         """
-        noise = torch.randn(prompt_ids.shape, generator=generator, device=self.weights.device)  # [N]
+        noise = torch.randn(prompt_ids.shape, generator=generator, device=self.params.device)  # [N]
         return torch.addcmul(self.means(prompt_ids), self.sigmas[prompt_ids], noise)
 
     def update(
@@ -251,11 +305,11 @@ class SharedLinearPolicy:
             learning_rate: step size.
         """
         steps = advantages * (answers - self.means(prompt_ids))  # [N]
-        self.weights.add_(steps @ self.features[prompt_ids], alpha=learning_rate / max(len(prompt_ids), 1))
+        self.params.add_(steps @ self.features[prompt_ids], alpha=learning_rate / max(len(prompt_ids), 1))
 
 
 def make_pass_fail_problem(
-    *, num_prompts: int, num_features: int, generator: torch.Generator, **options: float
+    *, num_prompts: int, num_features: int, generator: torch.Generator, **options: Any
 ) -> Tuple[PassFailProblem, SharedLinearPolicy]:
     """Draws a problem instance and a policy at its start (weights 0).
 
@@ -263,7 +317,7 @@ def make_pass_fail_problem(
         num_prompts: P.
         num_features: D.
         generator: the run's generator; its device is where everything lives.
-        **options: ``PassFailProblem.create``'s keywords (tolerance, sigmas, label scale).
+        **options: ``PassFailProblem.create``'s keywords (tolerance, sigmas, label scale, group size).
 
     Returns:
         The problem and its policy.

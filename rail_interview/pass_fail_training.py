@@ -1,4 +1,4 @@
-"""The training loop on the pass/fail problem: one run, its learning curve and its summary.
+"""The pass/fail problem's steps in process: one run, its learning curve and its summary, with DAPO and ablations.
 
 ``train_pass_fail(PassFailRun(...))`` trains ``pass_fail_problem``'s shared
 linear policy as a GRPO-style trainer would: each step samples G answers
@@ -9,12 +9,15 @@ pass rate after every step (from the closed-form pass probability, not the
 noisy rewards), the share of the step's groups whose rewards are all equal
 (zero variance: no signal for in-batch GRPO) and the samples spent.
 
-Variants, for the study of where memory pays (R2 5/5):
+The estimator is ``method``: ``"grpo"`` (``presets.verl_grpo``: group mean
+and sample std), ``"dr_grpo"`` (no std) or ``"rloo"`` (leave-one-out
+mean), with ``memory``: ``"none"`` (the group alone), ``"buffer"`` or
+``"ema"`` (the prompt's recent rewards across steps, the group included).
+These are ``training.train``'s steps on ``configs/pass_fail.py``, bit for
+bit (``PassFailRun.from_config`` maps a config to a run, and a test holds
+the two to the same curve), without the run directory, checkpoint and logs
+that the study's thousands of short runs do not need. Beyond them:
 
-* ``method``: ``"grpo"`` (``presets.verl_grpo``: group mean and sample
-  std), ``"dr_grpo"`` (no std) or ``"rloo"`` (leave-one-out mean);
-  ``memory``: ``"none"`` (the group alone), ``"buffer"`` or ``"ema"``
-  (the prompt's recent rewards across steps, the group included).
 * ``dynamic_sampling``: DAPO's alternative to memory. Groups whose rewards
   are all equal are dropped and more groups are drawn, up to
   ``max_resample`` times B, until B groups with signal fill the step; the
@@ -35,18 +38,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List
 
+import ml_collections
 import torch
 
+from rail_interview import training
 from rail_interview.pass_fail_problem import make_pass_fail_problem
-from rail_interview.stat_tracking import AdvantageTracker, presets
+from rail_interview.stat_tracking import AdvantageTracker
 
-#: Estimators: the preset and its keywords.
-METHODS = {
-    "grpo": ("verl_grpo", {}),
-    "dr_grpo": ("verl_grpo", {"norm_adv_by_std": False}),
-    "rloo": ("verl_rloo", {}),
-}
-MEMORIES = ("none", "buffer", "ema")
+#: Estimators: the GRPO family of ``training.build_tracker``.
+METHODS = tuple(training.GRPO_FAMILY)
+MEMORIES = training.MEMORIES
 ABLATIONS = ("none", "zero_variance_only", "group_mean_memory_std", "oracle")
 
 
@@ -61,6 +62,10 @@ class PassFailRun:
         num_groups: B, prompts per step.
         num_prompts: P; a prompt is revisited about every P / B steps.
         num_features: D, the shared weights.
+        tolerance: an answer within this distance of the label passes.
+        min_sigma: the smallest sampling std of a prompt.
+        max_sigma: sampling stds are uniform in [min_sigma, max_sigma).
+        label_scale: how far labels lie from the initial answers.
         learning_rate: the REINFORCE step size.
         num_steps: policy updates.
         seed: the one generator's seed: problem, answers and sampling.
@@ -81,6 +86,10 @@ class PassFailRun:
     num_groups: int = 16
     num_prompts: int = 64
     num_features: int = 8
+    tolerance: float = 1.0
+    min_sigma: float = 0.5
+    max_sigma: float = 3.0
+    label_scale: float = 8.0
     learning_rate: float = 5.0
     num_steps: int = 300
     seed: int = 0
@@ -91,15 +100,60 @@ class PassFailRun:
     max_resample: int = 4
     ablation: str = "none"
 
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, **changes: Any) -> "PassFailRun":
+        """The run ``training.train`` makes of a pass/fail config (one process), with ``changes``.
+
+        Args:
+            config: a training config with ``problem.name == "pass_fail"``
+                (``configs/pass_fail.py``) and a method of the GRPO family.
+            **changes: fields to set besides (``dynamic_sampling``,
+                ``ablation``, ``learning_rate``, ...).
+
+        Returns:
+            The run.
+
+        Raises:
+            training.ConfigError: if ``training.validate_config`` refuses the
+                config, or it is not the pass/fail problem.
+        """
+        training.validate_config(config)
+        problem, tracking = config.problem, config.stat_tracking
+        if problem.get("name") != "pass_fail" or tracking.get("fallback", "zero") != "zero":
+            raise training.ConfigError(
+                "a PassFailRun is made of a config with problem.name 'pass_fail' and stat_tracking.fallback 'zero' "
+                f"(configs/pass_fail.py), got {problem.get('name')!r} and {tracking.get('fallback')!r}"
+            )
+        run = cls(
+            method=tracking.method,
+            memory=tracking.memory,
+            group_size=problem.group_size,
+            num_groups=config.sample_batch_size // problem.group_size,
+            num_prompts=problem.num_prompts,
+            num_features=problem.num_params,
+            tolerance=problem.tolerance,
+            min_sigma=problem.min_sigma,
+            max_sigma=problem.max_sigma,
+            label_scale=problem.label_scale,
+            learning_rate=config.learning_rate,
+            num_steps=config.num_epochs,
+            seed=config.seed,
+            buffer_size=tracking.buffer_size,
+            ema_decay=tracking.ema_decay,
+            min_count=tracking.min_count,
+        )
+        return dataclasses.replace(run, **changes)
+
 
 def build_tracker(run: PassFailRun) -> AdvantageTracker:
-    """The run's tracker: its method's preset, with its memory.
+    """The run's tracker, as ``training.build_tracker`` builds it: its method's preset, with its memory.
 
     Args:
         run: the settings.
 
     Returns:
-        The tracker, over ``num_prompts`` prompt ids.
+        The tracker, over ``num_prompts`` prompt ids, on the CPU, with
+        fallback "zero" (a prompt below its min_count gets advantage 0).
 
     Raises:
         ValueError: for an unknown method or memory.
@@ -108,38 +162,42 @@ def build_tracker(run: PassFailRun) -> AdvantageTracker:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {run.method!r}")
     if run.memory not in MEMORIES:
         raise ValueError(f"memory must be one of {', '.join(map(repr, MEMORIES))}; got {run.memory!r}")
-    preset, options = METHODS[run.method]
-    options = dict(options)
-    if run.memory == "buffer":
-        options.update(memory="buffer", buffer_size=run.buffer_size, min_count=run.min_count)
-    elif run.memory == "ema":
-        options.update(memory="ema", decay=run.ema_decay, min_count=run.min_count)
-    return getattr(presets, preset)(run.num_prompts, fallback="zero", check_values=False, **options)
+    config = ml_collections.ConfigDict(
+        {
+            "method": run.method,
+            "memory": run.memory,
+            "buffer_size": run.buffer_size,
+            "min_count": run.min_count,
+            "ema_decay": run.ema_decay,
+            "fallback": "zero",
+            "check_values": False,
+        }
+    )
+    return training.build_tracker(config, num_prompts=run.num_prompts, device=torch.device("cpu"))
 
 
-def _advantages(run: PassFailRun, trackers, problem, policy, ids: torch.Tensor, rewards: torch.Tensor):
-    """One step's advantages [N] and the share of zero-variance groups, by the run's estimator or ablation."""
+def _advantages(run: PassFailRun, trackers, problem, policy, ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    """One step's advantages [N], by the run's estimator or ablation."""
     tracker, group = trackers
     if run.ablation == "oracle":
         passing = problem.pass_probability(policy.means(ids), ids)  # [N], p
         numerator = rewards - passing
         if run.method == "grpo":
             numerator = numerator / (torch.sqrt(passing * (1 - passing)) + 1e-6)
-        return numerator, group.update_with_report(ids, rewards).zero_variance_fraction
-    report = tracker.update_with_report(ids, rewards)
+        return numerator
     if run.ablation == "none":
-        return report.advantages, report.zero_variance_fraction
+        return tracker.update(ids, rewards)
+    report = tracker.update_with_report(ids, rewards)
     in_batch = group.update_with_report(ids, rewards)
     if run.ablation == "zero_variance_only":
-        advantages = torch.where(in_batch.zero_variance, report.advantages, in_batch.advantages)
-        return advantages, report.zero_variance_fraction
+        return torch.where(in_batch.zero_variance, report.advantages, in_batch.advantages)
     stats = tracker.stats(ids)  # after the update: the batch included
     count = stats.count.float()
     std = stats.std * torch.sqrt(count / (count - 1).clamp_min(1))  # ddof 1, as the group's std
     total = torch.zeros(run.num_prompts).index_add_(0, ids, rewards)
     size = torch.zeros(run.num_prompts).index_add_(0, ids, torch.ones_like(rewards))
     deviation = rewards - (total / size.clamp_min(1))[ids]  # from the group's mean
-    return torch.where(count >= run.min_count, deviation / (std + 1e-6), 0.0), report.zero_variance_fraction
+    return torch.where(count >= run.min_count, deviation / (std + 1e-6), 0.0)
 
 
 def _draw(problem, policy, run: PassFailRun, generator: torch.Generator):
@@ -187,7 +245,14 @@ def train_pass_fail(run: PassFailRun) -> Dict[str, Any]:
     """
     generator = torch.Generator().manual_seed(run.seed)
     problem, policy = make_pass_fail_problem(
-        num_prompts=run.num_prompts, num_features=run.num_features, generator=generator
+        num_prompts=run.num_prompts,
+        num_features=run.num_features,
+        generator=generator,
+        group_size=run.group_size,
+        tolerance=run.tolerance,
+        min_sigma=run.min_sigma,
+        max_sigma=run.max_sigma,
+        label_scale=run.label_scale,
     )
     if run.ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {', '.join(map(repr, ABLATIONS))}; got {run.ablation!r}")
@@ -200,13 +265,13 @@ def train_pass_fail(run: PassFailRun) -> Dict[str, Any]:
     samples: List[int] = []
     for _ in range(run.num_steps):
         ids, answers, rewards, drawn = _draw(problem, policy, run, generator)
-        fraction = 0.0
         if len(ids):
-            advantages, fraction = _advantages(run, trackers, problem, policy, ids, rewards)
-            policy.update(ids, answers, advantages, learning_rate=run.learning_rate)
-        zero_variance.append(1.0 - len(ids) / (drawn * run.group_size) if run.dynamic_sampling else float(fraction))
+            policy.update(ids, answers, _advantages(run, trackers, problem, policy, ids, rewards), run.learning_rate)
+        # As training.train computes them: the pass rate after the step, the batch's zero-variance groups.
+        rate, fraction = problem.metrics(policy, ids, rewards).tolist()
+        zero_variance.append(1.0 - len(ids) / (drawn * run.group_size) if run.dynamic_sampling else fraction)
         samples.append(drawn * run.group_size)
-        pass_rate.append(float(problem.pass_probability(policy.means()).mean()))
+        pass_rate.append(rate)
     return {
         "pass_rate": pass_rate,
         "zero_variance": zero_variance,

@@ -214,6 +214,9 @@ class ToyProblem:
         (8, torch.Size([8]), torch.float32)
     """
 
+    #: The columns ``metrics`` adds to a run's metrics.csv: none, the rewards say it all.
+    metric_names = ()
+
     prompt_names: List[str]
     slots: torch.Tensor
     sigmas: torch.Tensor
@@ -284,6 +287,10 @@ class ToyProblem:
             int64 [N], prompt ids in [0, P).
         """
         return torch.randint(self.num_prompts, (batch_size,), generator=generator, device=self.slots.device)
+
+    def metrics(self, policy: "GaussianPolicy", prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+        """The values of ``metric_names`` after a step: float32 [0] on the problem's device."""
+        return torch.empty(0, device=self.labels.device)
 
     def rewards(self, prompt_ids: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
         """Scores samples: ``-|sample - label|``.

@@ -1,4 +1,4 @@
-"""The training loop on the toy problem: ``train(config, logdir) -> summary``.
+"""The training loop on a toy problem: ``train(config, logdir) -> summary``.
 
 ``scripts/train.py`` parses flags and calls ``train``; tests call it directly
 with tiny configs. Each call writes a new run directory under ``logdir``:
@@ -9,7 +9,9 @@ with tiny configs. Each call writes a new run directory under ``logdir``:
                       fallback_frac (fraction of samples whose prompt had
                       fewer than min_count rewards: normalised with
                       whole-batch statistics, or for the GRPO family without
-                      memory, given config.stat_tracking.fallback)
+                      memory, given config.stat_tracking.fallback), then the
+                      problem's own metrics (the pass/fail problem's
+                      pass_rate and zero_variance_frac)
         summary.json  final_reward, method, seed, train_seconds, ...
         stats/        per-prompt tracker statistics, every
                       ``config.stats_log.every`` epochs (see
@@ -17,6 +19,9 @@ with tiny configs. Each call writes a new run directory under ``logdir``:
         checkpoint.pt the state to resume from (``checkpointing``)
         train_time.json  loop seconds up to the checkpoint, so that a
                       resumed run's summary times the whole run
+
+``config.problem.name`` picks the problem (``rail_interview.problems``):
+the original task's "distance" problem or the "pass_fail" one.
 
 A resume is a transaction: everything it needs (the config's compatibility,
 the checkpoint on every rank, metrics.csv and the stats log) is checked
@@ -44,12 +49,12 @@ import ml_collections
 import numpy as np
 import torch
 
-from rail_interview import checkpointing, configs, distributed, stat_tracking
-from rail_interview.toy_problem import GaussianPolicy, make_toy_problem
+from rail_interview import checkpointing, configs, distributed, problems, stat_tracking
 
 logger = logging.getLogger(__name__)
 
-#: Columns of metrics.csv after "epoch", in the order of the metrics tensor.
+#: Columns of metrics.csv after "epoch", in the order of the metrics tensor;
+#: the problem's ``metric_names`` follow them.
 METRIC_NAMES = ("reward_mean", "reward_std", "fallback_frac")
 
 #: Subdirectory of a run that holds the per-prompt stats log.
@@ -293,15 +298,21 @@ def _sampling_generator(
 
 
 class _MetricsFile:
-    """metrics.csv of a run: appended to in chunks, truncated when a run resumes."""
+    """metrics.csv of a run: appended to in chunks, truncated when a run resumes.
 
-    def __init__(self, path: str) -> None:
+    Args:
+        path: the file.
+        names: the columns after "epoch".
+    """
+
+    def __init__(self, path: str, names: Tuple[str, ...] = METRIC_NAMES) -> None:
         self.path = path
+        self.names = tuple(names)
 
     def create(self) -> None:
         """Writes a new file holding only the header row."""
         with open(self.path, "w", newline="", encoding="utf-8") as f:
-            csv.writer(f).writerow(("epoch",) + METRIC_NAMES)
+            csv.writer(f).writerow(("epoch",) + self.names)
 
     def append(self, first_epoch: int, rows: List[List[float]]) -> None:
         """Appends rows for epochs ``first_epoch``, ``first_epoch + 1``, ..."""
@@ -325,7 +336,7 @@ class _MetricsFile:
                 rows = list(csv.reader(f))
         except OSError as error:
             raise checkpointing.CheckpointError(f"cannot read {self.path}: {error}") from error
-        header = ["epoch", *METRIC_NAMES]
+        header = ["epoch", *self.names]
         if not rows or rows[0] != header:
             raise checkpointing.CheckpointError(f"{self.path} does not start with the header {','.join(header)}")
         for expected, row in enumerate(rows[1 : epoch + 1]):
@@ -357,11 +368,11 @@ class _MetricsFile:
             csv.writer(f).writerows(rows)
         os.replace(temporary, self.path)
 
-    def final_reward(self) -> Tuple[float, int]:
-        """Mean batch-mean reward over the last ``FINAL_REWARD_EPOCHS`` rows (fewer in a shorter run), and how many."""
+    def final_means(self) -> Tuple[Dict[str, float], int]:
+        """Each column's mean over the last ``FINAL_REWARD_EPOCHS`` rows (fewer in a shorter run), and how many rows."""
         with open(self.path, newline="", encoding="utf-8") as f:
-            rewards = [float(row["reward_mean"]) for row in csv.DictReader(f)][-FINAL_REWARD_EPOCHS:]
-        return sum(rewards) / len(rewards), len(rewards)
+            rows = list(csv.DictReader(f))[-FINAL_REWARD_EPOCHS:]
+        return {name: sum(float(row[name]) for row in rows) / len(rows) for name in self.names}, len(rows)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -400,8 +411,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     number("learning_rate", config.learning_rate, 0, integer=False, inclusive=False)
     number("stats_log.every", config.stats_log.every, 0, integer=True)
     number("stats_log.max_prompts", config.stats_log.max_prompts, 1, integer=True)
-    number("problem.num_prompts", config.problem.num_prompts, 1, integer=True)
-    number("problem.num_params", config.problem.num_params, 1, integer=True)
+    try:
+        problems.check_config(config)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     tracking = config.stat_tracking
     number("stat_tracking.buffer_size", tracking.buffer_size, 1, integer=True)
     number("stat_tracking.min_count", tracking.min_count, 1, integer=True)
@@ -449,6 +462,7 @@ def check_resume_config(saved: Dict[str, Any], config: ml_collections.ConfigDict
             fields a resume may change.
     """
     before, after = _flatten(saved), _flatten(json.loads(config.to_json()))
+    before.setdefault("problem.name", "distance")  # runs written before the field existed
     for name in sorted(set(before) | set(after)):
         if name in RESUMABLE_FIELDS or before.get(name) == after.get(name):
             continue
@@ -466,7 +480,7 @@ def train(
     tracker: Optional[stat_tracking.StatTracker] = None,
     resume: bool = False,
 ) -> Dict[str, Any]:
-    """Trains the toy policy with the configured stat tracker.
+    """Trains the configured problem's policy with the configured stat tracker.
 
     Under ``torchrun`` (a default process group initialized, see
     ``rail_interview.distributed``), every rank samples its own prompts, the
@@ -488,7 +502,10 @@ def train(
     Returns:
         The summary also written to ``summary.json``: ``final_reward`` (mean of
         the batch-mean reward over the last ``final_reward_epochs`` epochs,
-        10 or all of a shorter run), ``method``, ``seed``, ``num_epochs``,
+        10 or all of a shorter run), ``final_<metric>`` for each of the
+        problem's metrics over the same epochs (``final_pass_rate`` and
+        ``final_zero_variance_frac`` on the pass/fail problem), ``problem``,
+        ``method``, ``seed``, ``num_epochs``,
         ``world_size``, ``train_seconds`` (wall-clock of the training loop
         over ``timed_epochs`` epochs: every epoch of the run, the ones before
         a resume included, unless the run directory lost its
@@ -510,11 +527,7 @@ def train(
     if device.type == "cuda" and context.world_size > 1:
         device = torch.device("cuda", context.local_rank)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    problem, policy = make_toy_problem(
-        num_prompts=config.problem.num_prompts,
-        num_params=config.problem.num_params,
-        generator=generator,
-    )
+    problem, policy = problems.make_problem(config, generator)
     sampler = _sampling_generator(config, generator, context)
     if tracker is None:
         tracker = build_tracker(
@@ -562,7 +575,9 @@ def train(
         plan, failure = None, None
         if context.is_main:
             try:
-                plan = _plan_resume(run_dir, config, start_epoch, recorded_names)
+                plan = _plan_resume(
+                    run_dir, config, start_epoch, recorded_names, METRIC_NAMES + tuple(problem.metric_names)
+                )
             except (checkpointing.CheckpointError, ConfigError) as error:
                 failure = error
         _agree(context, failure, "checking the run directory", main_only=True)
@@ -576,7 +591,8 @@ def train(
     run_dir = context.broadcast_object(run_dir)
     elapsed, timed_from = context.broadcast_object((elapsed, timed_from))
 
-    metrics = _MetricsFile(os.path.join(run_dir, "metrics.csv"))
+    metric_names = METRIC_NAMES + tuple(problem.metric_names)
+    metrics = _MetricsFile(os.path.join(run_dir, "metrics.csv"), metric_names)
     recorder = None
     if context.is_main:
         stats_dir = os.path.join(run_dir, STATS_DIR)
@@ -606,7 +622,7 @@ def train(
             f", resuming at epoch {start_epoch}" if resume else "",
         )
 
-    chunk = torch.empty((config.log_every, len(METRIC_NAMES)), device=device)  # [log_every, M]
+    chunk = torch.empty((config.log_every, len(metric_names)), device=device)  # [log_every, M]
     chunk_first = start_epoch  # first epoch held in `chunk`; a resumed run may start mid-chunk
     start = chunk_start = time.perf_counter()
     for epoch in range(start_epoch, config.num_epochs):
@@ -627,19 +643,25 @@ def train(
                 recorder.record(epoch, prompt_ids, rewards)
             reward_std, reward_mean = torch.std_mean(rewards, correction=0)
             row = epoch - chunk_first
-            chunk[row] = torch.stack((reward_mean, reward_std, fallback.float().mean()))
+            chunk[row] = torch.cat(
+                (
+                    torch.stack((reward_mean, reward_std, fallback.float().mean())),
+                    problem.metrics(policy, prompt_ids, rewards),
+                )
+            )
             if (epoch + 1) % config.log_every == 0 or last:
                 rows = chunk[: row + 1].tolist()  # the one host sync per chunk
                 metrics.append(chunk_first, rows)
                 chunk_first = epoch + 1
                 now = time.perf_counter()
                 logger.info(
-                    "epoch %5d/%d  reward %8.2f +- %6.2f  fallback %.2f  %7.0f epochs/s",
+                    "epoch %5d/%d  reward %8.2f +- %6.2f  fallback %.2f%s  %7.0f epochs/s",
                     epoch + 1,
                     config.num_epochs,
                     rows[-1][0],
                     rows[-1][1],
                     rows[-1][2],
+                    "".join(f"  {name} {value:.3f}" for name, value in zip(problem.metric_names, rows[-1][3:])),
                     (row + 1) / (now - chunk_start),
                 )
                 chunk_start = now
@@ -663,11 +685,14 @@ def train(
 
     summary = None
     if context.is_main:
-        final_reward, final_epochs = metrics.final_reward()
+        finals, final_epochs = metrics.final_means()
+        final_reward = finals["reward_mean"]
         train_seconds = elapsed + loop_seconds
         summary = {
             "final_reward": final_reward,
             "final_reward_epochs": final_epochs,
+            **{f"final_{name}": finals[name] for name in problem.metric_names},
+            "problem": problems.problem_name(config),
             "method": config.stat_tracking.method,
             "seed": config.seed,
             "num_epochs": config.num_epochs,
@@ -746,7 +771,11 @@ def _check_run_config(run_dir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def _plan_resume(
-    run_dir: str, config: ml_collections.ConfigDict, epoch: int, recorded_names: List[str]
+    run_dir: str,
+    config: ml_collections.ConfigDict,
+    epoch: int,
+    recorded_names: List[str],
+    metric_names: Tuple[str, ...] = METRIC_NAMES,
 ) -> Dict[str, Any]:
     """Checks that a run directory can resume at ``epoch``, and says what to rewrite; writes nothing.
 
@@ -755,6 +784,7 @@ def _plan_resume(
         config: the config the resume runs with.
         epoch: the checkpoint's epoch.
         recorded_names: the prompt names the stats log records.
+        metric_names: metrics.csv's columns after "epoch".
 
     Returns:
         ``metrics_rows`` (metrics.csv's header and rows before ``epoch``),
@@ -768,7 +798,7 @@ def _plan_resume(
             missing or damaged where the resume needs it; the message names
             the file.
     """
-    metrics_rows = _MetricsFile(os.path.join(run_dir, "metrics.csv")).rows_before(epoch)
+    metrics_rows = _MetricsFile(os.path.join(run_dir, "metrics.csv"), metric_names).rows_before(epoch)
     stale_chunks = _check_stats_log(os.path.join(run_dir, STATS_DIR), epoch, recorded_names, config.stats_log.every > 0)
     elapsed, timed_from = 0.0, epoch
     try:
@@ -840,7 +870,7 @@ def _check_stats_log(directory: str, epoch: int, recorded_names: List[str], appe
 def _save(
     run_dir: str,
     next_epoch: int,
-    policy: GaussianPolicy,
+    policy: Any,
     tracker: stat_tracking.StatTracker,
     sampler: torch.Generator,
     context: distributed.DistributedContext,
@@ -864,7 +894,7 @@ def _save(
 
 def _restore(
     checkpoint: Dict[str, Any],
-    policy: GaussianPolicy,
+    policy: Any,
     tracker: stat_tracking.StatTracker,
     sampler: torch.Generator,
     context: distributed.DistributedContext,

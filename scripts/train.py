@@ -1,7 +1,8 @@
-"""Trains the toy policy-gradient problem; see rail_interview/training.py.
+"""Trains a toy policy-gradient problem; see rail_interview/training.py.
 
 Usage:
     python scripts/train.py                                   # default config
+    python scripts/train.py --config=rail_interview/configs/pass_fail.py   # the pass/fail problem
     python scripts/train.py --config.stat_tracking.method=batch --config.seed=3
     python scripts/train.py --config.stat_tracking.method=rloo --config.stat_tracking.memory=ema
     python scripts/train.py --logdir=/tmp/runs --config.num_epochs=200
@@ -60,8 +61,13 @@ def main(argv: list) -> None:
     if not context.is_main:
         return
     method = training.method_name(config.stat_tracking)
+    finals = "".join(
+        f"  {name} {value:.3f}"
+        for name, value in summary.items()
+        if name.startswith("final_") and name != "final_reward_epochs" and name != "final_reward"
+    )
     print(
-        f"final_reward {summary['final_reward']:.2f}  ({method}, seed {summary['seed']}, "
+        f"final_reward {summary['final_reward']:.2f}{finals}  ({method}, seed {summary['seed']}, "
         f"loop {summary['train_seconds']:.2f} s)  ->  {summary['run_dir']}"
     )
 

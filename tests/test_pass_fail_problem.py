@@ -30,7 +30,7 @@ def test_groups_are_distinct_prompts_repeated_contiguously():
 
 def test_pass_probability_is_the_monte_carlo_pass_rate():
     problem, policy = _problem()
-    policy.weights.normal_(generator=torch.Generator().manual_seed(4)).mul_(6)
+    policy.params.normal_(generator=torch.Generator().manual_seed(4)).mul_(6)
     generator = torch.Generator().manual_seed(5)
     ids = torch.arange(problem.num_prompts).repeat(20_000)
     passed = problem.rewards(ids, policy.sample(ids, generator)).view(20_000, -1).mean(0)
@@ -47,7 +47,7 @@ def test_the_ceiling_is_reached_at_the_hidden_weights_and_prompts_start_far_belo
     best = problem.best_pass_probability()
     assert 0.2 < float(best.min()) < float(best.max()) < 0.95  # a spread of difficulty
     hidden = torch.linalg.lstsq(problem.features, problem.labels.unsqueeze(1)).solution.squeeze(1)
-    policy.weights.copy_(hidden)
+    policy.params.copy_(hidden)
     torch.testing.assert_close(problem.pass_probability(policy.means()), best, atol=1e-4, rtol=0)
 
 
@@ -83,4 +83,4 @@ def test_bad_sizes_are_refused():
         PassFailProblem.create(num_prompts=2, num_features=2, generator=torch.Generator(), min_sigma=2, max_sigma=1)
     assert SharedLinearPolicy(
         PassFailProblem.create(num_prompts=2, num_features=3, generator=torch.Generator())
-    ).weights.shape == (3,)
+    ).params.shape == (3,)

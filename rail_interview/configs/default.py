@@ -63,6 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     ###### Problem ######
     config.problem = ml_collections.ConfigDict()
+    # Which toy problem (rail_interview/problems.py): "distance", this one
+    # (reward -|answer - label|), or "pass_fail", whose fields are in
+    # configs/pass_fail.py (pass --config=rail_interview/configs/pass_fail.py).
+    config.problem.name = "distance"
     # P: number of distinct prompts.
     config.problem.num_prompts = 64
     # S: number of policy parameters; each prompt reads one of them, so with

@@ -1,0 +1,137 @@
+"""The training problems, by name: ``config.problem.name`` chooses one.
+
+* ``"distance"`` (``toy_problem``, ``configs/default.py``): the original
+  task's problem. Rewards ``-|answer - label|``, prompts drawn with
+  replacement, each reading one slot of the parameter vector.
+* ``"pass_fail"`` (``pass_fail_problem``, ``configs/pass_fail.py``):
+  rewards in {0, 1}, G samples of each of N / G distinct prompts per step
+  as GRPO trainers sample, one weight vector shared by all prompts.
+
+``training.train`` reaches a problem only through what both offer:
+
+* the problem: ``prompt_names`` and ``num_prompts``;
+  ``sample_prompt_ids(N, generator) -> int64 [N]``;
+  ``rewards(prompt_ids, answers) -> float32 [N]``; ``metric_names``, the
+  columns it adds to metrics.csv, and ``metrics(policy, prompt_ids,
+  rewards) -> float32 [len(metric_names)]``, computed on the device after
+  each step;
+* the policy: ``params`` (one float32 tensor, what a checkpoint saves),
+  ``sample(prompt_ids, generator) -> float32 [N]`` and ``update(prompt_ids,
+  answers, advantages, learning_rate)``.
+
+A new problem is a module with these, one entry in ``PROBLEMS``, its
+options in ``_OPTIONS`` and its checks in ``check_config``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Tuple
+
+import ml_collections
+import torch
+
+from rail_interview.pass_fail_problem import make_pass_fail_problem
+from rail_interview.toy_problem import make_toy_problem
+
+#: Problem names, the values ``config.problem.name`` may take.
+PROBLEMS = ("distance", "pass_fail")
+
+#: Each problem's fields of ``config.problem`` besides ``name``.
+_OPTIONS = {
+    "distance": ("num_prompts", "num_params"),
+    "pass_fail": (
+        "num_prompts",
+        "num_params",
+        "group_size",
+        "tolerance",
+        "min_sigma",
+        "max_sigma",
+        "label_scale",
+    ),
+}
+
+
+def problem_name(config: ml_collections.ConfigDict) -> str:
+    """The problem a config trains: ``config.problem.name``, or ``"distance"`` in configs written before it existed.
+
+    Args:
+        config: a training config.
+
+    Returns:
+        One of ``PROBLEMS`` (unchecked: ``check_config`` checks it).
+    """
+    return config.problem.get("name", "distance")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Checks ``config.problem`` and the batch size against it, with messages that name the field.
+
+    Args:
+        config: a training config.
+
+    Raises:
+        ValueError: naming the first field the problem cannot use, and what it allows.
+    """
+    name = problem_name(config)
+    if name not in PROBLEMS:
+        raise ValueError(f"unknown config.problem.name {name!r}; choose from {', '.join(map(repr, PROBLEMS))}")
+    problem = config.problem
+    for field in _OPTIONS[name]:
+        if field not in problem:
+            raise ValueError(f"config.problem.{field} is missing: problem {name!r} needs it")
+
+    def positive(field: str, value: Any, *, integer: bool) -> None:
+        """Raises unless ``value`` is a finite int (or number) > 0."""
+        kind = "an int" if integer else "a number"
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int if integer else (int, float))
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise ValueError(f"config.{field} must be {kind} > 0, got {value!r}")
+
+    positive("problem.num_prompts", problem.num_prompts, integer=True)
+    positive("problem.num_params", problem.num_params, integer=True)
+    if name == "pass_fail":
+        positive("problem.group_size", problem.group_size, integer=True)
+        for field in ("tolerance", "min_sigma", "max_sigma", "label_scale"):
+            positive(f"problem.{field}", problem[field], integer=False)
+        if problem.min_sigma > problem.max_sigma:
+            raise ValueError(
+                f"config.problem.min_sigma ({problem.min_sigma}) must be at most config.problem.max_sigma "
+                f"({problem.max_sigma})"
+            )
+        size, group = config.sample_batch_size, problem.group_size
+        if not isinstance(size, int) or size % group or size // group > problem.num_prompts:
+            raise ValueError(
+                f"config.sample_batch_size ({size!r}) must be a multiple of config.problem.group_size ({group}) "
+                f"with at most config.problem.num_prompts ({problem.num_prompts}) groups: each step samples "
+                "N / G distinct prompts, G times each"
+            )
+
+
+def make_problem(config: ml_collections.ConfigDict, generator: torch.Generator) -> Tuple[Any, Any]:
+    """Draws the configured problem's instance and its policy at the start.
+
+    Args:
+        config: a training config, checked by ``check_config``.
+        generator: the run's generator; its device is where everything lives.
+
+    Returns:
+        (problem, policy), as the module docstring describes them.
+    """
+    problem = config.problem
+    if problem_name(config) == "pass_fail":
+        return make_pass_fail_problem(
+            num_prompts=problem.num_prompts,
+            num_features=problem.num_params,
+            generator=generator,
+            group_size=problem.group_size,
+            tolerance=problem.tolerance,
+            min_sigma=problem.min_sigma,
+            max_sigma=problem.max_sigma,
+            label_scale=problem.label_scale,
+        )
+    return make_toy_problem(num_prompts=problem.num_prompts, num_params=problem.num_params, generator=generator)

@@ -1,0 +1,166 @@
+"""The pass/fail problem chosen in the config: train.py, resume, config checks, ranks, and the in-process runs."""
+
+import csv
+import filecmp
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from rail_interview import pass_fail_training, problems, training
+from rail_interview.configs import default, pass_fail
+from spawned_ranks import run_ranks
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG_PATH = REPO_ROOT / "rail_interview" / "configs" / "pass_fail.py"
+
+
+@pytest.fixture
+def config():
+    """The pass/fail config, shortened."""
+    config = pass_fail.get_config()
+    config.device, config.num_epochs, config.log_every, config.checkpoint_every = "cpu", 40, 10, 20
+    return config
+
+
+def _metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.csv"), newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_the_config_chooses_the_problem(config, tmp_path):
+    summary = training.train(config, str(tmp_path))
+    rows = _metrics(summary["run_dir"])
+    assert list(rows[0]) == ["epoch", "reward_mean", "reward_std", "fallback_frac", "pass_rate", "zero_variance_frac"]
+    assert {float(r["reward_mean"]) * config.sample_batch_size % 1 for r in rows} == {0.0}  # counts of passes
+    assert summary["problem"] == "pass_fail" and 0 < summary["final_pass_rate"] < 1
+    assert summary["final_zero_variance_frac"] == pytest.approx(
+        sum(float(r["zero_variance_frac"]) for r in rows[-10:]) / 10
+    )
+    assert problems.problem_name(default.get_config()) == "distance"
+
+
+@pytest.mark.parametrize("method", ["grpo", "dr_grpo", "rloo"])
+@pytest.mark.parametrize("memory", ["none", "buffer", "ema"])
+def test_train_and_the_in_process_run_give_the_same_curve(config, tmp_path, method, memory):
+    """The study's runs are train.py's runs: the same pass rates and zero-variance shares, bit for bit."""
+    config.stat_tracking.method, config.stat_tracking.memory = method, memory
+    config.problem.group_size, config.seed = 2, 3
+    rows = _metrics(training.train(config, str(tmp_path))["run_dir"])
+    result = pass_fail_training.train_pass_fail(pass_fail_training.PassFailRun.from_config(config))
+    assert [float(r["pass_rate"]) for r in rows] == result["pass_rate"][1:]
+    assert [float(r["zero_variance_frac"]) for r in rows] == result["zero_variance"]
+
+
+def test_from_config_takes_every_field_and_refuses_another_problem(config):
+    config.problem.label_scale, config.problem.tolerance, config.stat_tracking.buffer_size = 2.0, 0.5, 8
+    run = pass_fail_training.PassFailRun.from_config(config, dynamic_sampling=True)
+    assert (run.label_scale, run.tolerance, run.buffer_size, run.num_groups) == (2.0, 0.5, 8, 16)
+    assert run.dynamic_sampling and run.num_steps == config.num_epochs and run.memory == "buffer"
+    with pytest.raises(training.ConfigError, match="problem.name 'pass_fail'"):
+        pass_fail_training.PassFailRun.from_config(default.get_config())
+
+
+def test_a_pass_fail_run_resumes_byte_for_byte(config, tmp_path):
+    straight = training.train(config, str(tmp_path / "straight"))["run_dir"]
+    config.num_epochs = 20
+    run_dir = training.train(config, str(tmp_path / "resumed"))["run_dir"]
+    resumed = training.train(training.load_run_config(run_dir, {"num_epochs": 40}), run_dir, resume=True)
+    assert filecmp.cmp(os.path.join(straight, "metrics.csv"), os.path.join(resumed["run_dir"], "metrics.csv"), False)
+    assert (
+        resumed["final_pass_rate"] == json.loads(pathlib.Path(straight, "summary.json").read_text())["final_pass_rate"]
+    )
+
+
+def test_a_run_written_before_problem_name_existed_may_resume():
+    saved = json.loads(default.get_config().to_json())
+    del saved["problem"]["name"]
+    training.check_resume_config(saved, default.get_config())
+    other = default.get_config()
+    other.problem.name = "pass_fail"
+    with pytest.raises(training.ConfigError, match=r"config.problem.name \('distance' -> 'pass_fail'\)"):
+        training.check_resume_config(saved, other)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("problem.name", "maze", "unknown config.problem.name 'maze'; choose from 'distance', 'pass_fail'"),
+        ("sample_batch_size", 66, "config.sample_batch_size (66) must be a multiple of config.problem.group_size (4)"),
+        ("sample_batch_size", 512, "with at most config.problem.num_prompts (64) groups"),
+        ("problem.group_size", 0, "config.problem.group_size must be an int > 0, got 0"),
+        ("problem.min_sigma", 4.0, "config.problem.min_sigma (4.0) must be at most config.problem.max_sigma (3.0)"),
+        ("problem.label_scale", 0.0, "config.problem.label_scale must be a number > 0, got 0.0"),
+        ("problem.tolerance", float("nan"), "config.problem.tolerance must be a number > 0, got nan"),
+    ],
+)
+def test_pass_fail_config_mistakes_are_named(config, field, value, message):
+    *parents, leaf = field.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    with pytest.raises(training.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        training.validate_config(config)
+
+
+def test_a_problem_field_missing_is_named(config):
+    del config.problem["label_scale"]
+    with pytest.raises(training.ConfigError, match="config.problem.label_scale is missing: problem 'pass_fail'"):
+        training.validate_config(config)
+
+
+def test_train_script_runs_the_pass_fail_config(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "train.py"),
+            f"--config={CONFIG_PATH}",
+            "--config.num_epochs=20",
+            "--config.log_every=10",
+            "--config.checkpoint_every=0",
+            f"--logdir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pass_rate" in result.stderr and "final_pass_rate" in result.stdout
+    (run_dir,) = tmp_path.glob("*grpo+buffer_seed0")
+    assert json.loads((run_dir / "config.json").read_text())["problem"]["name"] == "pass_fail"
+
+
+WORLD_SIZE = 2
+
+
+def _two_ranks(rank, logdir):
+    config = pass_fail.get_config()
+    config.device, config.num_epochs, config.log_every, config.checkpoint_every = "cpu", 20, 10, 10
+    config.sample_batch_size = 32  # per rank: 8 groups of 4
+    params = []
+    save = training._save  # pylint: disable=protected-access
+
+    def spy(run_dir, next_epoch, policy, *args):
+        params.append(policy.params.clone())
+        save(run_dir, next_epoch, policy, *args)
+
+    training._save = spy  # pylint: disable=protected-access
+    summary = training.train(config, logdir)
+    gathered = [torch.empty_like(params[-1]) for _ in range(WORLD_SIZE)]
+    dist.all_gather(gathered, params[-1])
+    assert torch.equal(gathered[0], gathered[1]), "parameters differ across ranks"
+    if rank == 0:
+        rows = _metrics(summary["run_dir"])
+        assert len(rows) == 20 and all(0 <= float(r["zero_variance_frac"]) <= 1 for r in rows)
+
+
+def test_two_gloo_ranks_train_the_pass_fail_problem_in_step(tmp_path):
+    run_ranks(_two_ranks, WORLD_SIZE, str(tmp_path / "init"), (str(tmp_path / "runs"),), timeout=240)
