@@ -11,6 +11,11 @@ processes), then ``summarize`` reduces the runs to one row per setting, and
 ``check_settings`` builds every setting's tracker once, so that a bad
 setting fails before any training. ``scripts/compare.py`` is the
 command-line front end.
+
+It compares on whichever problem the base config names
+(``config.problem.name``): on the pass/fail problem the tables add the
+medians of its final metrics (the true pass rate, the share of
+zero-variance groups) and the curves use a linear axis.
 """
 
 from __future__ import annotations
@@ -257,6 +262,9 @@ class RunResult:
         train_seconds: wall-clock of the run's training loop.
         rewards: the batch-mean reward of every epoch.
         run_dir: where the run wrote its logs.
+        finals: the problem's own metrics, each a mean over the epochs
+            final_reward averages (``final_pass_rate`` of the summary as
+            ``{"pass_rate": ...}``); empty for the distance problem.
     """
 
     setting: str
@@ -265,6 +273,7 @@ class RunResult:
     train_seconds: float
     rewards: List[float]
     run_dir: str
+    finals: Dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -280,6 +289,7 @@ class SettingSummary:
         num_bad: runs with final_reward below ``bad_threshold`` (stalled or
             diverged).
         median_seconds: median training-loop wall-clock.
+        finals: the median over seeds of each of the problem's final metrics.
     """
 
     setting: str
@@ -289,6 +299,7 @@ class SettingSummary:
     worst: float
     num_bad: int
     median_seconds: float
+    finals: Dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _run_one(config_dict: Dict[str, Any], logdir: str, setting: str) -> RunResult:
@@ -300,8 +311,13 @@ def _run_one(config_dict: Dict[str, Any], logdir: str, setting: str) -> RunResul
     summary = training.train(config, logdir)
     with open(os.path.join(summary["run_dir"], "metrics.csv"), newline="", encoding="utf-8") as f:
         rewards = [float(row["reward_mean"]) for row in csv.DictReader(f)]
+    finals = {
+        name[len("final_") :]: value
+        for name, value in summary.items()
+        if name.startswith("final_") and name not in ("final_reward", "final_reward_epochs")
+    }
     return RunResult(
-        setting, config.seed, summary["final_reward"], summary["train_seconds"], rewards, summary["run_dir"]
+        setting, config.seed, summary["final_reward"], summary["train_seconds"], rewards, summary["run_dir"], finals
     )
 
 
@@ -419,6 +435,7 @@ def summarize(results: Sequence[RunResult], *, bad_threshold: float = -20.0) -> 
                 worst=min(finals),
                 num_bad=sum(f < bad_threshold for f in finals),
                 median_seconds=statistics.median(r.train_seconds for r in runs),
+                finals={name: statistics.median(r.finals[name] for r in runs) for name in runs[0].finals},
             )
         )
     return summaries
@@ -434,30 +451,37 @@ def format_markdown(summaries: Sequence[SettingSummary], *, bad_threshold: float
     Returns:
         The table, ending with a newline.
     """
+    extra = list(summaries[0].finals) if summaries else []
     lines = [
-        f"| setting | median final_reward | best | worst | runs below {bad_threshold:g} | median loop s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| setting | median final_reward | best | worst | runs below {bad_threshold:g} | median loop s |"
+        + "".join(f" median final {name} |" for name in extra),
+        "| --- | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(extra),
     ]
     for s in summaries:
         lines.append(
             f"| {s.setting} | {s.median:.2f} | {s.best:.2f} | {s.worst:.2f} | "
             f"{s.num_bad}/{s.num_runs} | {s.median_seconds:.2f} |"
+            + "".join(f" {s.finals[name]:.3f} |" for name in extra)
         )
     return "\n".join(lines) + "\n"
 
 
 def write_csv(results: Sequence[RunResult], path: str) -> None:
-    """Writes one row per run: setting, seed, final_reward, train_seconds, run_dir.
+    """Writes one row per run: setting, seed, final_reward, train_seconds, run_dir, then ``final_<metric>``.
 
     Args:
         results: runs, as returned by ``run_comparison``.
         path: the CSV file to write.
     """
+    extra = list(results[0].finals) if results else []
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["setting", "seed", "final_reward", "train_seconds", "run_dir"])
+        writer.writerow(["setting", "seed", "final_reward", "train_seconds", "run_dir"] + [f"final_{n}" for n in extra])
         for r in results:
-            writer.writerow([r.setting, r.seed, f"{r.final_reward:.4f}", f"{r.train_seconds:.4f}", r.run_dir])
+            writer.writerow(
+                [r.setting, r.seed, f"{r.final_reward:.4f}", f"{r.train_seconds:.4f}", r.run_dir]
+                + [f"{r.finals[name]:.4f}" for name in extra]
+            )
 
 
 def plot_curves(results: Sequence[RunResult], path: str, *, smoothing: int = 10) -> None:
@@ -470,6 +494,10 @@ def plot_curves(results: Sequence[RunResult], path: str, *, smoothing: int = 10)
     several memories) gets a panel, coloured in setting order, and the
     single-setting methods (such as "batch") are drawn in every panel as grey
     references, each in its own line style.
+
+    Rewards that are never negative (the pass/fail problem's, in [0, 1]) get
+    a linear axis; others a symlog axis, on which the distance problem's
+    rewards (-1000 to -1) and their early divergences both show.
 
     Args:
         results: runs, as returned by ``run_comparison``.
@@ -500,6 +528,7 @@ def plot_curves(results: Sequence[RunResult], path: str, *, smoothing: int = 10)
         references = []
 
     smoothing = max(1, min([smoothing] + [len(r.rewards) for r in results]))  # a window no longer than a run
+    linear = all(reward >= 0 for r in results for reward in r.rewards)
     window = np.ones(smoothing) / smoothing
 
     def draw(ax, name: str, color, style: str = "-") -> None:
@@ -525,14 +554,18 @@ def plot_curves(results: Sequence[RunResult], path: str, *, smoothing: int = 10)
             draw(ax, name, color)
         for name, style in zip(references, itertools.cycle(("--", ":", "-."))):
             draw(ax, name, "0.45", style)
-        ax.set_yscale("symlog", linthresh=1)
+        if not linear:
+            ax.set_yscale("symlog", linthresh=1)
         ax.set_xlabel("epoch")
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(loc="lower right", fontsize="small")
         if sweeps:
             ax.set_title(f"{names[0].split()[0].split('+')[0]} sweep")
-    label_symlog_rewards(axes[0][0], REWARD_TICKS)
-    axes[0][0].set_ylabel(f"batch-mean reward ({smoothing}-epoch average; symlog scale)")
+    if linear:
+        axes[0][0].set_ylabel(f"batch-mean reward ({smoothing}-epoch average)")
+    else:
+        label_symlog_rewards(axes[0][0], REWARD_TICKS)
+        axes[0][0].set_ylabel(f"batch-mean reward ({smoothing}-epoch average; symlog scale)")
     fig.suptitle("Learning curves: median over seeds, band from worst to best seed")
     fig.savefig(path, dpi=100)
     plt.close(fig)

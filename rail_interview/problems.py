@@ -37,6 +37,11 @@ from rail_interview.toy_problem import make_toy_problem
 #: Problem names, the values ``config.problem.name`` may take.
 PROBLEMS = ("distance", "pass_fail")
 
+#: A run whose final_reward is below this stalled or diverged (``scripts/compare.py``'s default
+#: ``--bad_threshold``): far from the distance problem's -1 to -5 at its best; a pass rate of 5%
+#: on the pass/fail problem, whose ceiling is about 0.6.
+BAD_FINAL_REWARD = {"distance": -20.0, "pass_fail": 0.05}
+
 #: Each problem's fields of ``config.problem`` besides ``name``.
 _OPTIONS = {
     "distance": ("num_prompts", "num_params"),

@@ -6,6 +6,14 @@ Usage (the README's results come from these):
         --ema_decays=0.1,0.3,0.5,0.7,0.8,0.9,0.95,0.98,0.99 --seeds=10 --out=docs/results/sweep
     python scripts/compare.py --methods=batch,buffer,ema,grpo,grpo+buffer,grpo+ema,dr_grpo,dr_grpo+buffer,\
 dr_grpo+ema,rloo,rloo+buffer,rloo+ema --out=docs/results/grpo
+    python scripts/compare.py --config=rail_interview/configs/pass_fail.py --seeds=10 \
+        --methods=grpo,grpo+buffer,grpo+ema,dr_grpo,dr_grpo+buffer,dr_grpo+ema,rloo,rloo+buffer,rloo+ema
+
+--config picks the problem (config.problem.name): the default config's
+distance problem, or configs/pass_fail.py's pass/fail problem, whose tables
+add the median final pass rate and share of zero-variance groups.
+(scripts/pass_fail_study.py adds to that comparison each method's own
+learning rate, seed-paired wins, group sizes, DAPO and ablations.)
 
 Methods: batch, buffer, ema, and the GRPO family grpo, dr_grpo, rloo, each
 alone (memory "none") or with a memory as METHOD+buffer or METHOD+ema
@@ -32,7 +40,7 @@ import tempfile
 
 from absl import app, flags, logging
 
-from rail_interview import comparison, configs
+from rail_interview import comparison, configs, problems
 
 _CONFIG = configs.define_config_flag("compare.py", "Base training config.")
 _METHODS = flags.DEFINE_list(
@@ -61,7 +69,11 @@ _OUT = flags.DEFINE_string(
 )
 _LOGDIR = flags.DEFINE_string("logdir", "logs/compare/runs", "Parent directory of the individual runs.")
 _WORKERS = flags.DEFINE_integer("workers", None, "Worker processes, at least 1 (default: one per CPU core).")
-_BAD_THRESHOLD = flags.DEFINE_float("bad_threshold", -20.0, "final_reward below this counts as a bad run.")
+_BAD_THRESHOLD = flags.DEFINE_float(
+    "bad_threshold",
+    None,
+    "final_reward below this counts as a bad run (default: the problem's, -20 for distance, 0.05 for pass_fail).",
+)
 
 
 def _validator(check):
@@ -100,8 +112,8 @@ def _check_directory(value):
 
 
 def _check_threshold(value):
-    """Refuses NaN, below which no run would ever count."""
-    if math.isnan(value):
+    """Refuses NaN, below which no run would ever count; None (the default) passes."""
+    if value is not None and math.isnan(value):
         raise ValueError("must be a number, got nan")
 
 
@@ -180,8 +192,11 @@ def main(argv):
     else:
         out = _OUT.value
         os.makedirs(out, exist_ok=True)
-    summaries = comparison.summarize(results, bad_threshold=_BAD_THRESHOLD.value)
-    table = comparison.format_markdown(summaries, bad_threshold=_BAD_THRESHOLD.value)
+    bad_threshold = _BAD_THRESHOLD.value
+    if bad_threshold is None:
+        bad_threshold = problems.BAD_FINAL_REWARD[problems.problem_name(_CONFIG.value)]
+    summaries = comparison.summarize(results, bad_threshold=bad_threshold)
+    table = comparison.format_markdown(summaries, bad_threshold=bad_threshold)
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write(table)
     comparison.write_csv(results, os.path.join(out, "results.csv"))

@@ -97,6 +97,57 @@ def test_write_csv_and_plot(tmp_path):
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_problem_metrics_reach_the_table_the_csv_and_a_linear_plot(tmp_path, monkeypatch):
+    results = [
+        comparison.RunResult("grpo", seed, final, 0.5, [0.1, final], "/r", {"pass_rate": 0.4 + seed / 10})
+        for seed, final in ((0, 0.3), (1, 0.5), (2, 0.01))
+    ]
+    (summary,) = comparison.summarize(results, bad_threshold=0.05)
+    assert summary.finals == {"pass_rate": pytest.approx(0.5)} and summary.num_bad == 1
+    table = comparison.format_markdown([summary], bad_threshold=0.05)
+    assert "runs below 0.05 | median loop s | median final pass_rate |" in table and "| 0.500 |" in table
+    comparison.write_csv(results, str(tmp_path / "r.csv"))
+    with open(tmp_path / "r.csv", newline="") as f:
+        assert [float(r["final_pass_rate"]) for r in csv.DictReader(f)] == [0.4, 0.5, 0.6]
+    scales = []
+    import matplotlib.axes  # pylint: disable=import-outside-toplevel
+
+    set_yscale = matplotlib.axes.Axes.set_yscale
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "set_yscale", lambda ax, v, **k: (scales.append(v), set_yscale(ax, v, **k))
+    )
+    comparison.plot_curves(results, str(tmp_path / "c.png"))
+    assert scales == []  # rewards in [0, 1]: linear
+    comparison.plot_curves([_result("a", 0, -3.0)], str(tmp_path / "d.png"))
+    assert scales and set(scales) == {"symlog"}
+
+
+def test_compare_script_on_the_pass_fail_problem(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "compare.py"),
+            f"--config={REPO_ROOT / 'rail_interview' / 'configs' / 'pass_fail.py'}",
+            "--methods=grpo,rloo+ema",
+            "--seeds=2",
+            "--workers=2",
+            f"--out={out}",
+            f"--logdir={tmp_path / 'runs'}",
+            "--config.num_epochs=20",
+            "--config.log_every=10",
+            "--config.checkpoint_every=0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    table = (out / "results.md").read_text()
+    assert "runs below 0.05" in table and "median final pass_rate | median final zero_variance_frac |" in table
+    assert "| grpo |" in table and "| rloo+ema 0.9 |" in table
+
+
 def test_compare_script_end_to_end(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
