@@ -1,17 +1,27 @@
 """The study of where memory pays on the pass/fail problem, behind ``scripts/pass_fail_study.py``.
 
-For each estimator (GRPO, Dr. GRPO, RLOO), memory (none, buffer, EMA) and
-group size G (with B = N / G prompts per step, N fixed), the learning rate
-is chosen from a sweep on *tuning* seeds (by median area under the
-pass-rate curve), then the cell is run on the *evaluation* seeds at that
-rate, and at one shared rate, the one a user would first try. Tuning and
-evaluation seeds differ, so the choice of rate does not flatter the
-figures reported. Every cell is compared seed by seed with in-batch GRPO
-(memory none) at its own best rate: the same seed draws the same problem.
+Every run starts from one training config (``configs/pass_fail.py`` with
+any overrides: ``PassFailRun.from_config``), so the study's runs are
+``train.py``'s runs on that config, bit for bit. What varies:
 
-Beside the grid: DAPO's dynamic sampling, the ablations of
-``pass_fail_training`` (G = 2 and 4, GRPO with a buffer), and a setting
-where prompts are revisited four times less often (P = 4 x the default).
+* **The grid**: each estimator (GRPO, Dr. GRPO, RLOO) with each memory
+  (none, buffer, EMA) at each group size G in ``GROUP_SIZES``, with
+  B = N / G prompts per step (N, the config's sample_batch_size, fixed),
+  and DAPO's dynamic sampling beside them.
+* **The ablations** of ``pass_fail_training`` (G = 2 and 4, GRPO with a
+  buffer) and the oracle baseline.
+* **The fragile points**: prompts revisited four times less often (P = 4 x
+  the config's), problems whose prompts start at higher pass rates (labels
+  nearer the starting answers: ``LABEL_SCALES``), and buffers shorter than
+  the group (K < G, which ``training.validate_config`` refuses).
+
+For each row the learning rate is chosen from ``LEARNING_RATES`` by median
+area under the pass-rate curve (``SCORE``: at equal samples) on *tuning* seeds, then the row is run on
+the *evaluation* seeds at that rate, and at the config's learning rate, the
+one a user would first try. Tuning and evaluation seeds differ, so the
+choice does not flatter the figures reported. Every row is compared seed by
+seed with its reference (in-batch GRPO on the same problem and G, at its
+own best rate): the same seed draws the same problem instance.
 
 Dimensions: N samples per step, G per prompt, B = N / G prompts.
 """
@@ -23,67 +33,129 @@ import csv
 import dataclasses
 import os
 import statistics
-from typing import Any, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import ml_collections
+
+from rail_interview import training
 from rail_interview.pass_fail_training import PassFailRun, summarize, train_pass_fail
 
-#: Samples per step; B = SAMPLES_PER_STEP // G.
-SAMPLES_PER_STEP = 64
 GROUP_SIZES = (2, 4, 8, 16)
 LEARNING_RATES = (2.5, 5.0, 10.0, 20.0, 40.0)
-SHARED_LEARNING_RATE = 5.0
 METHODS = ("grpo", "dr_grpo", "rloo")
 MEMORIES = ("none", "buffer", "ema")
+#: The label scales of the rows whose pass rates start higher (the config's, 8, starts them near 0).
+LABEL_SCALES = (4.0, 2.0, 1.0)
+#: What the learning rate is chosen by and rows are paired on: the area under the pass-rate curve
+#: over a run's first num_steps * N samples (``summarize``). It is the area per step for every row
+#: but DAPO's, which draws more samples per step and is judged at the same samples as the others.
+SCORE = "area_same_samples"
+#: The rows whose curves ``curves.png`` draws.
+PLOTTED = ("grpo", "grpo+buffer", "grpo+ema", "grpo dynamic sampling (DAPO)", "grpo, oracle baseline")
 
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One row of the study: a name and the settings every seed runs with (seed and learning rate aside)."""
+    """One row of the study.
+
+    Attributes:
+        name: the row's label; with ``group_size``, its key.
+        group_size: G.
+        run: the settings every seed runs with (seed and learning rate aside).
+        reference: the name of the row (at the same G) whose runs this one's
+            are paired with for the win counts: in-batch GRPO on the same problem.
+        block: which table the row belongs to (``"grid"``, ``"ablations"``,
+            ``"rare visits"``, ``"higher start"``, ``"short buffers"``).
+    """
 
     name: str
     group_size: int
     run: PassFailRun
+    reference: str = "grpo"
+    block: str = "grid"
 
 
-def cells(quick: bool = False, num_steps: int = 300) -> List[Cell]:
-    """The study's rows: the grid, DAPO, the ablations and the rarely revisited prompts.
+def _method_name(method: str, memory: str) -> str:
+    return method if memory == "none" else f"{method}+{memory}"
+
+
+def cells(config: ml_collections.ConfigDict, quick: bool = False) -> List[Cell]:
+    """The study's rows, built from a pass/fail training config.
 
     Args:
-        quick: G = 2 and 8 only, and GRPO's ablations at G = 2 only.
-        num_steps: policy updates per run.
+        config: ``configs/pass_fail.py``'s config, with any overrides: the
+            problem, N, the number of steps, K, the EMA decay and min_count.
+        quick: G = 2 and 8 only, one ablation size, and no fragile-point rows
+            but the rare visits.
 
     Returns:
         The cells.
+
+    Raises:
+        training.ConfigError: if the config is not a valid pass/fail config,
+            or N is not a multiple of every G of the grid with at most P groups.
     """
+    base = PassFailRun.from_config(config, memory="none", method="grpo")
+    batch = base.num_groups * base.group_size
+
+    def at(size: int, **changes: Any) -> PassFailRun:
+        """The base run at group size ``size`` (B = N / size), with ``changes``."""
+        return dataclasses.replace(base, group_size=size, num_groups=batch // size, **changes)
+
     sizes = (2, 8) if quick else GROUP_SIZES
+    if any(batch % size or batch // size > base.num_prompts for size in sizes):
+        raise training.ConfigError(
+            f"config.sample_batch_size ({batch}) must be a multiple of every group size of the study "
+            f"({', '.join(map(str, sizes))}) with at most config.problem.num_prompts ({base.num_prompts}) groups"
+        )
     rows = []
     for size in sizes:
-        base = PassFailRun(group_size=size, num_groups=SAMPLES_PER_STEP // size, num_steps=num_steps)
         for method in METHODS:
             for memory in MEMORIES:
-                name = method if memory == "none" else f"{method}+{memory}"
-                rows.append(Cell(name, size, dataclasses.replace(base, method=method, memory=memory)))
-        rows.append(Cell("grpo dynamic sampling (DAPO)", size, dataclasses.replace(base, dynamic_sampling=True)))
+                rows.append(Cell(_method_name(method, memory), size, at(size, method=method, memory=memory)))
+        rows.append(Cell("grpo dynamic sampling (DAPO)", size, at(size, dynamic_sampling=True)))
     for size in (2,) if quick else (2, 4):
-        base = PassFailRun(group_size=size, num_groups=SAMPLES_PER_STEP // size, memory="buffer", num_steps=num_steps)
         for ablation in ("zero_variance_only", "group_mean_memory_std"):
-            rows.append(Cell(f"grpo+buffer, ablation {ablation}", size, dataclasses.replace(base, ablation=ablation)))
-        rows.append(Cell("grpo, oracle baseline", size, dataclasses.replace(base, memory="none", ablation="oracle")))
-    # Prompts revisited four times less often: P = 256 instead of 64, at G = 4.
-    rare = PassFailRun(group_size=4, num_groups=SAMPLES_PER_STEP // 4, num_prompts=256, num_steps=num_steps)
+            rows.append(
+                Cell(
+                    f"grpo+buffer, ablation {ablation}",
+                    size,
+                    at(size, memory="buffer", ablation=ablation),
+                    "grpo",
+                    "ablations",
+                )
+            )
+        rows.append(Cell("grpo, oracle baseline", size, at(size, ablation="oracle"), "grpo", "ablations"))
+    rare = 4 * base.num_prompts
     for memory in MEMORIES:
-        name = "grpo" if memory == "none" else f"grpo+{memory}"
-        rows.append(Cell(f"{name}, P = 256", 4, dataclasses.replace(rare, memory=memory)))
+        name = f"{_method_name('grpo', memory)}, P = {rare}"
+        rows.append(Cell(name, 4, at(4, memory=memory, num_prompts=rare), f"grpo, P = {rare}", "rare visits"))
+    oracle = at(4, ablation="oracle", num_prompts=rare)
+    rows.append(Cell(f"grpo, oracle baseline, P = {rare}", 4, oracle, f"grpo, P = {rare}", "rare visits"))
+    if quick:
+        return rows
+    for scale in LABEL_SCALES:
+        for size in (2, 4):
+            for memory in MEMORIES:
+                name = f"{_method_name('grpo', memory)}, label_scale {scale:g}"
+                run = at(size, memory=memory, label_scale=scale)
+                rows.append(Cell(name, size, run, f"grpo, label_scale {scale:g}", "higher start"))
+    for size in (4, 8, 16):
+        short = size // 2
+        run = at(size, memory="buffer", buffer_size=short, min_count=min(base.min_count, short))
+        rows.append(Cell(f"grpo+buffer K={short}", size, run, "grpo", "short buffers"))
     return rows
 
 
 def _run(job: Tuple[Cell, float, int]) -> Tuple[str, int, float, int, Dict[str, Any]]:
+    """One run of a cell at a learning rate and seed; in a worker process."""
     cell, learning_rate, seed = job
     result = train_pass_fail(dataclasses.replace(cell.run, learning_rate=learning_rate, seed=seed))
     return cell.name, cell.group_size, learning_rate, seed, result
 
 
 def _map(jobs: Sequence[Tuple[Cell, float, int]], workers: int) -> List[Tuple[str, int, float, int, Dict[str, Any]]]:
+    """Runs the jobs, in ``workers`` processes when more than one."""
     if workers <= 1:
         return [_run(job) for job in jobs]
     with concurrent.futures.ProcessPoolExecutor(workers) as pool:
@@ -91,152 +163,210 @@ def _map(jobs: Sequence[Tuple[Cell, float, int]], workers: int) -> List[Tuple[st
 
 
 def run_study(
+    config: ml_collections.ConfigDict,
     out: str,
     *,
     seeds: Iterable[int],
     tuning_seeds: Iterable[int],
     workers: int = 1,
     quick: bool = False,
-    num_steps: int = 300,
+    learning_rates: Optional[Sequence[float]] = None,
 ) -> Dict[str, Any]:
     """Runs the study and writes results.md, results.csv and curves.png into ``out``.
 
     Args:
+        config: the pass/fail training config every run starts from; its
+            learning_rate is the shared one.
         out: the output directory, created if missing.
         seeds: evaluation seeds (reported).
         tuning_seeds: seeds of the learning-rate sweep (not reported as results).
         workers: processes.
         quick: a smaller grid (see ``cells``).
-        num_steps: policy updates per run.
+        learning_rates: the sweep; ``LEARNING_RATES`` by default.
 
     Returns:
-        ``rows`` (one dict per cell, as in results.csv) and ``curves``
-        (median pass-rate curve per (cell, G) at its chosen rate).
+        ``rows`` (one dict per cell and rate, as in results.csv) and
+        ``curves`` (median pass-rate curve, as a fraction of the ceiling,
+        per (cell, G) at its chosen rate).
     """
-    seeds, tuning_seeds, all_cells = list(seeds), list(tuning_seeds), cells(quick, num_steps)
-    sweep_jobs = [(cell, rate, seed) for cell in all_cells for rate in LEARNING_RATES for seed in tuning_seeds]
+    seeds, tuning_seeds, all_cells = list(seeds), list(tuning_seeds), cells(config, quick)
+    rates, shared = tuple(learning_rates or LEARNING_RATES), float(config.learning_rate)
+    sweep_jobs = [(cell, rate, seed) for cell in all_cells for rate in rates for seed in tuning_seeds]
     sweep: Dict[Tuple[str, int, float], List[float]] = {}
     for name, size, rate, _, result in _map(sweep_jobs, workers):
-        sweep.setdefault((name, size, rate), []).append(summarize(result)["area"])
+        sweep.setdefault((name, size, rate), []).append(summarize(result)[SCORE])
     best = {
-        (c.name, c.group_size): max(
-            LEARNING_RATES, key=lambda r, c=c: statistics.median(sweep[(c.name, c.group_size, r)])
-        )
+        (c.name, c.group_size): max(rates, key=lambda r, c=c: statistics.median(sweep[(c.name, c.group_size, r)]))
         for c in all_cells
     }
-    jobs = [(c, best[(c.name, c.group_size)], s) for c in all_cells for s in seeds]
-    jobs += [(c, SHARED_LEARNING_RATE, s) for c in all_cells for s in seeds]
-    runs: Dict[Tuple[str, int, float], Dict[int, Dict[str, Any]]] = {}
+    jobs = [(c, rate, s) for c in all_cells for rate in {best[(c.name, c.group_size)], shared} for s in seeds]
+    metrics: Dict[Tuple[str, int, float], Dict[int, Dict[str, float]]] = {}
+    curves_by_seed: Dict[Tuple[str, int, float], Dict[int, List[float]]] = {}
     for name, size, rate, seed, result in _map(jobs, workers):
-        runs.setdefault((name, size, rate), {})[seed] = result
+        metrics.setdefault((name, size, rate), {})[seed] = summarize(result)
+        curves_by_seed.setdefault((name, size, rate), {})[seed] = [p / result["ceiling"] for p in result["pass_rate"]]
     rows = []
     for cell in all_cells:
         key = (cell.name, cell.group_size)
-        reference = "grpo, P = 256" if cell.run.num_prompts != 64 else "grpo"
-        for label, rate in (("best", best[key]), ("shared", SHARED_LEARNING_RATE)):
-            results = runs[(cell.name, cell.group_size, rate)]
-            base_rate = best[(reference, cell.group_size)] if label == "best" else SHARED_LEARNING_RATE
-            base = runs[(reference, cell.group_size, base_rate)]
-            metrics = [summarize(results[s]) for s in seeds]
-            wins = sum(m["area"] > summarize(base[s])["area"] for m, s in zip(metrics, seeds))
-            rows.append(
-                {
-                    "cell": cell.name,
-                    "G": cell.group_size,
-                    "rate": label,
-                    "learning_rate": rate,
-                    "area": statistics.median(m["area"] for m in metrics),
-                    "final": statistics.median(m["final"] for m in metrics),
-                    "steps_to_75": statistics.median(m["steps_to_threshold"] for m in metrics),
-                    "zero_variance": statistics.median(m["zero_variance"] for m in metrics),
-                    "samples": statistics.median(m["samples"] for m in metrics),
-                    "wins_vs_grpo": f"{wins}/{len(seeds)}" if cell.name != reference else "",
-                    "sweep": {r: statistics.median(sweep[(cell.name, cell.group_size, r)]) for r in LEARNING_RATES},
-                }
-            )
+        for label, rate in (("best", best[key]), ("shared", shared)):
+            mine = metrics[(cell.name, cell.group_size, rate)]
+            reference_rate = best[(cell.reference, cell.group_size)] if label == "best" else shared
+            theirs = metrics[(cell.reference, cell.group_size, reference_rate)]
+            wins = sum(mine[s][SCORE] > theirs[s][SCORE] for s in seeds)
+            row = {"cell": cell.name, "block": cell.block, "G": cell.group_size, "rate": label, "learning_rate": rate}
+            for metric in (
+                "start",
+                "area",
+                "area_same_samples",
+                "final",
+                "steps_to_threshold",
+                "zero_variance",
+                "samples",
+            ):
+                row[metric] = statistics.median(mine[s][metric] for s in seeds)
+            row["area_gain"] = statistics.median(mine[s][SCORE] - theirs[s][SCORE] for s in seeds)
+            row["wins_vs_reference"] = f"{wins}/{len(seeds)}" if cell.name != cell.reference else ""
+            row["reference"] = cell.reference
+            row["sweep"] = {r: statistics.median(sweep[(cell.name, cell.group_size, r)]) for r in rates}
+            rows.append(row)
     curves = {}
     for cell in all_cells:
-        results = runs[(cell.name, cell.group_size, best[(cell.name, cell.group_size)])]
+        by_seed = curves_by_seed[(cell.name, cell.group_size, best[(cell.name, cell.group_size)])]
         curves[(cell.name, cell.group_size)] = [
-            statistics.median(results[s]["pass_rate"][step] / results[s]["ceiling"] for s in seeds)
-            for step in range(cell.run.num_steps + 1)
+            statistics.median(by_seed[s][step] for s in seeds) for step in range(cell.run.num_steps + 1)
         ]
     os.makedirs(out, exist_ok=True)
-    _write(out, rows, curves, seeds)
+    _write(out, rows, curves, seeds, tuning_seeds, rates, shared)
     return {"rows": rows, "curves": curves}
 
 
 #: The columns of results.csv before the sweep's, each a key of a row.
 _COLUMNS = (
+    "block",
     "cell",
     "G",
     "rate",
     "learning_rate",
+    "start",
     "area",
+    "area_same_samples",
     "final",
-    "steps_to_75",
+    "steps_to_threshold",
     "zero_variance",
     "samples",
-    "wins_vs_grpo",
+    "reference",
+    "area_gain",
+    "wins_vs_reference",
+)
+
+#: The tables of results.md: the block and its title.
+_BLOCKS = (
+    ("grid", "Every estimator and memory, by group size"),
+    ("ablations", "Ablations: which part of the memory helps"),
+    ("rare visits", "Prompts revisited four times less often"),
+    ("higher start", "Pass rates that start higher: labels nearer the starting answers (label_scale 8 above)"),
+    ("short buffers", "Buffers shorter than the group (K < G)"),
 )
 
 
-def _write(out: str, rows: List[Dict[str, Any]], curves, seeds: List[int]) -> None:
-    """results.csv, results.md and curves.png."""
+def _write(
+    out: str,
+    rows: List[Dict[str, Any]],
+    curves,
+    seeds: List[int],
+    tuning_seeds: List[int],
+    rates: Sequence[float],
+    shared: float,
+) -> None:
+    """Writes results.csv, results.md and curves.png."""
     with open(os.path.join(out, "results.csv"), "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(list(_COLUMNS) + [f"sweep_{r}" for r in LEARNING_RATES])
+        writer.writerow(list(_COLUMNS) + [f"sweep_{r:g}" for r in rates])
         for row in rows:
-            writer.writerow([row[name] for name in _COLUMNS] + [row["sweep"][r] for r in LEARNING_RATES])
+            writer.writerow([row[name] for name in _COLUMNS] + [row["sweep"][r] for r in rates])
     lines = [
-        f"Medians over {len(seeds)} seeds. area: mean pass rate over the steps, as a fraction of the ceiling; "
-        "final: the last step's; steps to 75%: of the ceiling; wins: seeds where the area beats in-batch GRPO's "
-        "(at its own best rate), same seed, same problem.",
+        f"Medians over {len(seeds)} evaluation seeds ({seeds[0]} to {seeds[-1]}); learning rates chosen on "
+        f"{len(tuning_seeds)} other seeds ({tuning_seeds[0]} to {tuning_seeds[-1]}). start: the pass rate before the "
+        "first step, as a fraction of the ceiling; area: the mean pass rate over "
+        "the steps, as a fraction of the ceiling; same samples: the same over the samples a run without dynamic "
+        "sampling draws (what the learning rate is chosen by and wins count; it differs from area only for DAPO); "
+        "final: the last step's; steps to 75%: of the ceiling; gain: the median of the seed-paired "
+        "differences in that area with the reference (in-batch GRPO on the same problem and G, at its own best "
+        "rate, or at the shared rate in the shared tables); wins: seeds where that area beats the reference's.",
         "",
     ]
-    for label, title in (("best", "Each at its own best learning rate"), ("shared", "All at learning rate 5")):
-        lines += [
-            f"### {title}",
-            "",
-            "| G | setting | lr | area | final | steps to 75% | zero-variance groups | samples | wins vs GRPO |",
-            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for row in (r for r in rows if r["rate"] == label):
-            lines.append(
-                f"| {row['G']} | {row['cell']} | {row['learning_rate']:g} | {row['area']:.3f} | "
-                f"{row['final']:.3f} | {row['steps_to_75']:g} | {row['zero_variance']:.2f} | "
-                f"{row['samples']:,.0f} | {row['wins_vs_grpo']} |"
-            )
-        lines.append("")
+    header = (
+        "| G | setting | lr | start | area | same samples | final | steps to 75% | zero-variance groups | samples | "
+        "gain | wins |"
+    )
+    for label, title in (
+        ("best", "each at its own best learning rate"),
+        ("shared", f"all at learning rate {shared:g}"),
+    ):
+        lines += [f"## {title[0].upper()}{title[1:]}", ""]
+        for block, block_title in _BLOCKS:
+            selected = [r for r in rows if r["rate"] == label and r["block"] == block]
+            if not selected:
+                continue
+            lines += [f"### {block_title}", "", header, "| ---: | --- |" + " ---: |" * 10]
+            for row in selected:
+                lines.append(
+                    f"| {row['G']} | {row['cell']} | {row['learning_rate']:g} | {row['start']:.3f} | "
+                    f"{row['area']:.3f} | {row['area_same_samples']:.3f} | {row['final']:.3f} | "
+                    f"{row['steps_to_threshold']:g} | {row['zero_variance']:.2f} | {row['samples']:,.0f} | "
+                    + (
+                        f"{row['area_gain']:+.3f} | {row['wins_vs_reference']} |"
+                        if row["wins_vs_reference"]
+                        else " | |"
+                    )
+                )
+            lines.append("")
     lines += [
-        "### Learning-rate sweep (median area on the tuning seeds)",
+        "## Learning-rate sweep (median area at equal samples on the tuning seeds)",
         "",
-        "| G | setting | " + " | ".join(f"lr {r:g}" for r in LEARNING_RATES) + " |",
-        "| ---: | --- | " + " | ".join("---:" for _ in LEARNING_RATES) + " |",
+        "| G | setting | " + " | ".join(f"lr {r:g}" for r in rates) + " |",
+        "| ---: | --- | " + " | ".join("---:" for _ in rates) + " |",
     ]
     for row in (r for r in rows if r["rate"] == "best"):
-        lines.append(
-            f"| {row['G']} | {row['cell']} | " + " | ".join(f"{row['sweep'][r]:.3f}" for r in LEARNING_RATES) + " |"
-        )
+        lines.append(f"| {row['G']} | {row['cell']} | " + " | ".join(f"{row['sweep'][r]:.3f}" for r in rates) + " |")
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
+    _plot(os.path.join(out, "curves.png"), curves)
+
+
+def _plot(path: str, curves: Dict[Tuple[str, int], List[float]]) -> None:
+    """curves.png: a panel per G of the grid, then the rare visits and a higher start at G = 2; one colour per row."""
     import matplotlib  # pylint: disable=import-outside-toplevel
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-    sizes = sorted({size for _, size in curves})
-    figure, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes), 3.6), sharey=True, squeeze=False)
-    shown = ("grpo", "grpo+buffer", "grpo+ema", "grpo dynamic sampling (DAPO)", "grpo, oracle baseline")
-    for axis, size in zip(axes[0], sizes):
-        for name in shown:
-            if (name, size) in curves:
-                axis.plot(curves[(name, size)], label=name, linewidth=1.2)
-        axis.set_title(f"G = {size}, B = {SAMPLES_PER_STEP // size}")
+    panels = [(f"G = {size}", size, "") for size in sorted({size for name, size in curves if name == "grpo"})]
+    panels += [
+        (f"G = 4, {suffix}", 4, f", {suffix}")
+        for suffix in sorted({name.split(", ")[-1] for name, _ in curves if name.startswith("grpo, P = ")})
+    ]
+    panels += [
+        (f"G = 2, label_scale {scale:g}", 2, f", label_scale {scale:g}")
+        for scale in LABEL_SCALES[:1]
+        if (f"grpo, label_scale {scale:g}", 2) in curves
+    ]
+    figure, axes = plt.subplots(
+        2, -(-len(panels) // 2), figsize=(4.2 * -(-len(panels) // 2), 7.2), sharey=True, squeeze=False
+    )
+    for axis, (title, size, suffix) in zip(axes.flat, panels):
+        for color, name in enumerate(PLOTTED):
+            if (name + suffix, size) in curves:
+                label = f"{name}, per step (more samples)" if "DAPO" in name else name
+                axis.plot(curves[(name + suffix, size)], label=label, color=f"C{color}", linewidth=1.2)
+        axis.set_title(title, fontsize=10)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-    axes[0][0].set_ylabel("pass rate / ceiling (median)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    for axis in axes.flat[len(panels) :]:
+        axis.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("pass rate / ceiling (median)")
+    axes.flat[0].legend(fontsize=7, loc="lower right")
     figure.tight_layout()
-    figure.savefig(os.path.join(out, "curves.png"), dpi=110)
+    figure.savefig(path, dpi=100)
     plt.close(figure)

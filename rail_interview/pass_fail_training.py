@@ -289,17 +289,29 @@ def summarize(result: Dict[str, Any], *, threshold: float = 0.75) -> Dict[str, f
         threshold: a fraction of the ceiling.
 
     Returns:
-        ``area`` (mean pass rate over the steps, as a fraction of the
-        ceiling: the area under the curve), ``final`` (the last pass rate,
-        as a fraction of the ceiling), ``steps_to_threshold`` (the first step
-        whose pass rate reaches ``threshold`` of the ceiling, or inf),
-        ``zero_variance`` (the mean share of zero-variance groups) and
-        ``samples`` (samples spent in all).
+        ``start`` (the pass rate before the first step, as a fraction of
+        the ceiling), ``area`` (mean pass rate over the steps, as a fraction
+        of the ceiling: the area under the curve), ``area_same_samples`` (the same
+        over the samples a run without dynamic sampling spends,
+        ``num_steps * N``: each step's pass rate weighs as many samples as
+        it drew, up to that budget; equal to ``area`` without dynamic
+        sampling, and the fair measure of DAPO, which draws more per step),
+        ``final`` (the last pass rate, as a fraction of the ceiling),
+        ``steps_to_threshold`` (the first step whose pass rate reaches
+        ``threshold`` of the ceiling, or inf), ``zero_variance`` (the mean
+        share of zero-variance groups) and ``samples`` (samples spent in all).
     """
     ceiling, curve = result["ceiling"], result["pass_rate"][1:]
     reached = [step for step, rate in enumerate(curve, 1) if rate >= threshold * ceiling]
+    budget = len(curve) * result["settings"]["num_groups"] * result["settings"]["group_size"]
+    weighted, spent = 0.0, 0
+    for rate, drawn in zip(curve, result["samples"]):
+        take = min(drawn, budget - spent)
+        weighted, spent = weighted + rate * take, spent + take
     return {
+        "start": result["pass_rate"][0] / ceiling,
         "area": sum(curve) / len(curve) / ceiling,
+        "area_same_samples": weighted / max(spent, 1) / ceiling,
         "final": curve[-1] / ceiling,
         "steps_to_threshold": float(reached[0]) if reached else float("inf"),
         "zero_variance": sum(result["zero_variance"]) / len(result["zero_variance"]),

@@ -70,7 +70,7 @@ def problem_name(config: ml_collections.ConfigDict) -> str:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Checks ``config.problem`` and the batch size against it, with messages that name the field.
+    """Checks ``config.problem``, and the batch size and buffer against it, with messages that name the field.
 
     Args:
         config: a training config.
@@ -114,6 +114,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 f"config.sample_batch_size ({size!r}) must be a multiple of config.problem.group_size ({group}) "
                 f"with at most config.problem.num_prompts ({problem.num_prompts}) groups: each step samples "
                 "N / G distinct prompts, G times each"
+            )
+        tracking = config.stat_tracking
+        uses_buffer = tracking.method == "buffer" or tracking.get("memory", "none") == "buffer"
+        if uses_buffer and tracking.buffer_size < group:
+            raise ValueError(
+                f"config.stat_tracking.buffer_size ({tracking.buffer_size}) must be at least "
+                f"config.problem.group_size ({group}): a shorter buffer keeps only the group's last rewards, and a "
+                "pass left out of a window of fails gets the advantage 1 / 1e-6 (the README's K < G rows collapse)"
             )
 
 

@@ -97,6 +97,11 @@ def test_a_run_written_before_problem_name_existed_may_resume():
         ("problem.min_sigma", 4.0, "config.problem.min_sigma (4.0) must be at most config.problem.max_sigma (3.0)"),
         ("problem.label_scale", 0.0, "config.problem.label_scale must be a number > 0, got 0.0"),
         ("problem.tolerance", float("nan"), "config.problem.tolerance must be a number > 0, got nan"),
+        (
+            "stat_tracking.buffer_size",
+            2,
+            "config.stat_tracking.buffer_size (2) must be at least config.problem.group_size (4)",
+        ),
     ],
 )
 def test_pass_fail_config_mistakes_are_named(config, field, value, message):

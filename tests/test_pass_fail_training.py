@@ -42,9 +42,14 @@ def test_summary_metrics():
         "zero_variance": [0.5, 0.25, 0.0],
         "samples": [8, 8, 16],
         "ceiling": 0.5,
+        "settings": {"num_groups": 4, "group_size": 2},
     }
     metrics = summarize(result, threshold=0.75)
     assert metrics["area"] == pytest.approx((0.2 + 0.4 + 0.4) / 3 / 0.5)
+    # 24 samples at 8 a step: the first two steps weigh 8 each, the third's 16 are cut to 8.
+    assert metrics["area_same_samples"] == pytest.approx(metrics["area"])
+    result["samples"] = [16, 16, 16]  # dynamic sampling: the budget is spent in the first 1.5 steps
+    assert summarize(result)["area_same_samples"] == pytest.approx((0.2 * 16 + 0.4 * 8) / 24 / 0.5)
     assert metrics["final"] == pytest.approx(0.8) and metrics["steps_to_threshold"] == 2
     assert metrics["zero_variance"] == pytest.approx(0.25) and metrics["samples"] == 32
     assert math.isinf(summarize(result, threshold=0.9)["steps_to_threshold"])

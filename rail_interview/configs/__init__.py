@@ -14,6 +14,9 @@ from ml_collections import config_flags
 #: told otherwise.
 DEFAULT_CONFIG_PATH = str(pathlib.Path(__file__).with_name("default.py"))
 
+#: Path of the pass/fail problem's config file, ``scripts/pass_fail_study.py``'s default.
+PASS_FAIL_CONFIG_PATH = str(pathlib.Path(__file__).with_name("pass_fail.py"))
+
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """Returns a copy of ``config`` with dotted-path overrides applied.
@@ -40,8 +43,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
     return config
 
 
-def define_config_flag(script: str, help_text: str) -> Any:
-    """Defines ``--config`` (the default config file, locked) for a script, in one line on a mistyped field.
+def define_config_flag(script: str, help_text: str, default_path: str = DEFAULT_CONFIG_PATH) -> Any:
+    """Defines ``--config`` (a config file, locked) for a script, in one line on a mistyped field.
 
     ``config_flags`` applies the ``--config.*`` overrides of ``sys.argv``
     while it defines the flag, so a mistyped field fails here, with an
@@ -52,12 +55,14 @@ def define_config_flag(script: str, help_text: str) -> Any:
     Args:
         script: the script's name, for the message.
         help_text: the flag's help.
+        default_path: the config file used without ``--config=``;
+            ``default.py`` unless given.
 
     Returns:
         The flag holder (its ``.value`` is the config).
     """
     try:
-        return config_flags.DEFINE_config_file("config", DEFAULT_CONFIG_PATH, help_text, lock_config=True)
+        return config_flags.DEFINE_config_file("config", default_path, help_text, lock_config=True)
     except (KeyError, AttributeError) as error:
         while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError(message))
             error = error.args[0]
