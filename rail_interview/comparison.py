@@ -416,9 +416,12 @@ def summarize(results: Sequence[RunResult], *, bad_threshold: float = -20.0) -> 
     Args:
         results: runs, as returned by ``run_comparison``.
         bad_threshold: a run whose final_reward is below this counts as bad.
+            The default is the distance problem's; pass
+            ``problems.BAD_FINAL_REWARD["pass_fail"]`` for the pass/fail one.
 
     Returns:
-        One summary per setting.
+        One summary per setting, with the median over seeds of each of the
+        problem's final metrics in ``finals``.
     """
     by_setting: Dict[str, List[RunResult]] = {}
     for result in results:

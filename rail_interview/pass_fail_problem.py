@@ -204,13 +204,15 @@ class PassFailProblem:
 
         Args:
             policy: the policy, after its update.
-            prompt_ids: int64 [N], the step's batch (every rank's, gathered),
-                groups of G contiguous samples.
-            rewards: float32 [N], their rewards.
+            prompt_ids: int64 [N], the step's batch (every rank's, gathered);
+                unused: the groups are read off the order, G contiguous
+                samples each, as ``sample_prompt_ids`` draws them.
+            rewards: float32 [N], their rewards, N a multiple of G.
 
         Returns:
             float32 [2]: the true mean pass rate over all P prompts, and the
-            share of the batch's groups whose rewards are all equal.
+            share of the batch's groups (blocks of G) whose rewards are all
+            equal; NaN for an empty batch.
         """
         grouped = rewards.view(-1, self.group_size)  # [N / G, G]
         zero_variance = (grouped.amax(1) == grouped.amin(1)).float().mean()

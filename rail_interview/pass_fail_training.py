@@ -115,14 +115,20 @@ class PassFailRun:
 
         Raises:
             training.ConfigError: if ``training.validate_config`` refuses the
-                config, or it is not the pass/fail problem.
+                config, or it is not the pass/fail problem with fallback
+                "zero" and a method of the GRPO family.
         """
         training.validate_config(config)
         problem, tracking = config.problem, config.stat_tracking
-        if problem.get("name") != "pass_fail" or tracking.get("fallback", "zero") != "zero":
+        if (
+            problem.get("name") != "pass_fail"
+            or tracking.get("fallback", "zero") != "zero"
+            or tracking.method not in METHODS
+        ):
             raise training.ConfigError(
-                "a PassFailRun is made of a config with problem.name 'pass_fail' and stat_tracking.fallback 'zero' "
-                f"(configs/pass_fail.py), got {problem.get('name')!r} and {tracking.get('fallback')!r}"
+                "a PassFailRun is made of a config with problem.name 'pass_fail', stat_tracking.fallback 'zero' "
+                f"and a stat_tracking.method of {', '.join(map(repr, METHODS))} (configs/pass_fail.py), got "
+                f"{problem.get('name')!r}, {tracking.get('fallback')!r} and {tracking.method!r}"
             )
         run = cls(
             method=tracking.method,
@@ -201,16 +207,23 @@ def _advantages(run: PassFailRun, trackers, problem, policy, ids: torch.Tensor, 
 
 
 def _draw(problem, policy, run: PassFailRun, generator: torch.Generator):
-    """One step's samples: ids, answers and rewards [N], and the groups drawn, the zero-variance ones included."""
+    """One step's samples: ids, answers and rewards [N], the groups drawn and how many of them had signal.
+
+    Without dynamic sampling the batch is B groups; "with signal" is then
+    not counted (None). With it, groups are drawn B at a time until B with
+    a pass and a fail are kept (the last draw's extra ones are dropped), or
+    ``max_resample * B`` have been drawn.
+    """
     ids = problem.sample_groups(run.num_groups, run.group_size, generator)
     answers = policy.sample(ids, generator)
     rewards = problem.rewards(ids, answers)
     if not run.dynamic_sampling:
-        return ids, answers, rewards, run.num_groups
-    kept_ids, kept_answers, kept_rewards, drawn = [], [], [], 0
+        return ids, answers, rewards, run.num_groups, None
+    kept_ids, kept_answers, kept_rewards, drawn, with_signal = [], [], [], 0, 0
     while True:
         grouped = rewards.view(-1, run.group_size)
         signal = grouped.amax(1) != grouped.amin(1)  # [B], groups with a pass and a fail
+        with_signal += int(signal.sum())
         keep = signal.repeat_interleave(run.group_size)
         kept_ids.append(ids[keep])
         kept_answers.append(answers[keep])
@@ -226,7 +239,7 @@ def _draw(problem, policy, run: PassFailRun, generator: torch.Generator):
         rewards = problem.rewards(ids, answers)
     size = run.num_groups * run.group_size
     ids, answers, rewards = (torch.cat(parts)[:size] for parts in (kept_ids, kept_answers, kept_rewards))
-    return ids, answers, rewards, drawn
+    return ids, answers, rewards, drawn, with_signal
 
 
 def train_pass_fail(run: PassFailRun) -> Dict[str, Any]:
@@ -264,12 +277,12 @@ def train_pass_fail(run: PassFailRun) -> Dict[str, Any]:
     zero_variance: List[float] = []
     samples: List[int] = []
     for _ in range(run.num_steps):
-        ids, answers, rewards, drawn = _draw(problem, policy, run, generator)
+        ids, answers, rewards, drawn, with_signal = _draw(problem, policy, run, generator)
         if len(ids):
             policy.update(ids, answers, _advantages(run, trackers, problem, policy, ids, rewards), run.learning_rate)
         # As training.train computes them: the pass rate after the step, the batch's zero-variance groups.
         rate, fraction = problem.metrics(policy, ids, rewards).tolist()
-        zero_variance.append(1.0 - len(ids) / (drawn * run.group_size) if run.dynamic_sampling else fraction)
+        zero_variance.append(1.0 - with_signal / drawn if run.dynamic_sampling else fraction)
         samples.append(drawn * run.group_size)
         pass_rate.append(rate)
     return {

@@ -69,14 +69,18 @@ def problem_name(config: ml_collections.ConfigDict) -> str:
     return config.problem.get("name", "distance")
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
+def check_config(config: ml_collections.ConfigDict, *, world_size: int = 1) -> None:
     """Checks ``config.problem``, and the batch size and buffer against it, with messages that name the field.
 
     Args:
-        config: a training config.
+        config: a training config, whose ``stat_tracking`` fields are
+            already checked (``training.validate_config`` calls this last).
+        world_size: processes that train together; each samples its own
+            batch of ``sample_batch_size``.
 
     Raises:
-        ValueError: naming the first field the problem cannot use, and what it allows.
+        ValueError: naming the first field the problem cannot use (or does
+            not have), and what it allows.
     """
     name = problem_name(config)
     if name not in PROBLEMS:
@@ -85,6 +89,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for field in _OPTIONS[name]:
         if field not in problem:
             raise ValueError(f"config.problem.{field} is missing: problem {name!r} needs it")
+    for field in problem:
+        if field != "name" and field not in _OPTIONS[name]:
+            raise ValueError(
+                f"config.problem.{field} is not a field of problem {name!r}, whose fields are "
+                f"{', '.join(_OPTIONS[name])}: was another problem meant?"
+            )
 
     def positive(field: str, value: Any, *, integer: bool) -> None:
         """Raises unless ``value`` is a finite int (or number) > 0."""
@@ -115,13 +125,21 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 f"with at most config.problem.num_prompts ({problem.num_prompts}) groups: each step samples "
                 "N / G distinct prompts, G times each"
             )
+        # A buffer shorter than a prompt's samples in one step keeps only the last of them; with a std
+        # to divide by, a pass left out of a window of fails gets the advantage 1 / 1e-6. Ranks draw
+        # their prompts independently, so one prompt can have world_size * G samples in a step.
         tracking = config.stat_tracking
-        uses_buffer = tracking.method == "buffer" or tracking.get("memory", "none") == "buffer"
-        if uses_buffer and tracking.buffer_size < group:
+        divides_by_std = tracking.method == "buffer" or (
+            tracking.method == "grpo" and tracking.get("memory", "none") == "buffer"
+        )
+        most = group * world_size
+        if divides_by_std and tracking.buffer_size < most:
+            ranks = f" x {world_size} processes" if world_size > 1 else ""
             raise ValueError(
                 f"config.stat_tracking.buffer_size ({tracking.buffer_size}) must be at least "
-                f"config.problem.group_size ({group}): a shorter buffer keeps only the group's last rewards, and a "
-                "pass left out of a window of fails gets the advantage 1 / 1e-6 (the README's K < G rows collapse)"
+                f"config.problem.group_size ({group}){ranks} = {most}, a prompt's most samples in one step: a "
+                "shorter buffer keeps only the last of them, and a pass left out of a window of fails gets the "
+                "advantage 1 / 1e-6 (the README's K < G rows collapse)"
             )
 
 

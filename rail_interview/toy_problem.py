@@ -289,7 +289,16 @@ class ToyProblem:
         return torch.randint(self.num_prompts, (batch_size,), generator=generator, device=self.slots.device)
 
     def metrics(self, policy: "GaussianPolicy", prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
-        """The values of ``metric_names`` after a step: float32 [0] on the problem's device."""
+        """The values of ``metric_names`` after a step: none on this problem.
+
+        Args:
+            policy: the policy, after its update (unused).
+            prompt_ids: int64 [N], the step's batch (unused).
+            rewards: float32 [N], its rewards (unused).
+
+        Returns:
+            float32 [0], on the problem's device.
+        """
         return torch.empty(0, device=self.labels.device)
 
     def rewards(self, prompt_ids: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:

@@ -278,8 +278,9 @@ def load_run_config(run_dir: str, overrides: Optional[Dict[str, Any]] = None) ->
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run_dir!r} holds no config.json: pass the run directory that train.py printed")
     with open(path, encoding="utf-8") as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    return configs.apply_overrides(config, overrides or {})
+        saved = json.load(f)
+    saved.get("problem", {}).setdefault("name", "distance")  # runs written before the field existed
+    return configs.apply_overrides(ml_collections.ConfigDict(saved), overrides or {})
 
 
 def _sampling_generator(
@@ -411,10 +412,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     number("learning_rate", config.learning_rate, 0, integer=False, inclusive=False)
     number("stats_log.every", config.stats_log.every, 0, integer=True)
     number("stats_log.max_prompts", config.stats_log.max_prompts, 1, integer=True)
-    try:
-        problems.check_config(config)
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
     tracking = config.stat_tracking
     number("stat_tracking.buffer_size", tracking.buffer_size, 1, integer=True)
     number("stat_tracking.min_count", tracking.min_count, 1, integer=True)
@@ -435,6 +432,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.stat_tracking.memory={tracking.memory!r} applies to the GRPO family "
             f"({', '.join(map(repr, GRPO_FAMILY))}); method {tracking.method!r} has its own: leave memory 'none'"
         )
+    try:
+        problems.check_config(config)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     resolve_device(config.device)
 
 
@@ -523,6 +524,10 @@ def train(
     if config.get("num_threads", 0):
         torch.set_num_threads(config.num_threads)
     context = distributed.current_context()
+    try:
+        problems.check_config(config, world_size=context.world_size)  # every rank raises the same error
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     device = resolve_device(config.device)
     if device.type == "cuda" and context.world_size > 1:
         device = torch.device("cuda", context.local_rank)

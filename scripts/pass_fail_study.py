@@ -32,7 +32,9 @@ _TUNING_SEEDS = flags.DEFINE_integer(
     "tuning_seeds", 10, "Seeds of the learning-rate sweep: 100 .. 100 + tuning_seeds - 1.", lower_bound=1
 )
 _WORKERS = flags.DEFINE_integer("workers", os.cpu_count() or 1, "Processes.", lower_bound=1)
-_QUICK = flags.DEFINE_bool("quick", False, "G = 2 and 8 only, fewer ablations and no easy or short-buffer rows.")
+_QUICK = flags.DEFINE_bool(
+    "quick", False, "G = 2 and 8 only, fewer ablations, and of the fragile points only the rare visits."
+)
 
 
 def main(argv):

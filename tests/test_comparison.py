@@ -173,6 +173,7 @@ def test_compare_script_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["curves.png", "results.csv", "results.md"]
     table = (out / "results.md").read_text()
+    assert "runs below -20 |" in table and "pass_rate" not in table  # the distance problem's threshold and columns
     for name in ("batch", "buffer K=4 m=2", "buffer K=8 m=4", "ema 0.5"):
         assert f"| {name} |" in table
     with open(out / "results.csv", newline="") as f:

@@ -77,6 +77,18 @@ def test_a_pass_fail_run_resumes_byte_for_byte(config, tmp_path):
     )
 
 
+def test_a_run_directory_written_before_problem_name_existed_resumes(tiny_config, tmp_path):
+    tiny_config.num_epochs = 14
+    run_dir = training.train(tiny_config, str(tmp_path))["run_dir"]
+    config_path = pathlib.Path(run_dir, "config.json")
+    saved = json.loads(config_path.read_text())
+    del saved["problem"]["name"]  # as this project wrote config.json before it had two problems
+    config_path.write_text(json.dumps(saved))
+    config = training.load_run_config(run_dir, {"num_epochs": 30})
+    assert config.problem.name == "distance"
+    assert training.train(config, run_dir, resume=True)["resumed_at_epoch"] == 14
+
+
 def test_a_run_written_before_problem_name_existed_may_resume():
     saved = json.loads(default.get_config().to_json())
     del saved["problem"]["name"]
@@ -111,6 +123,45 @@ def test_pass_fail_config_mistakes_are_named(config, field, value, message):
         node = node[part]
     node[leaf] = value
     with pytest.raises(training.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        training.validate_config(config)
+
+
+@pytest.mark.parametrize(
+    "method, memory, refused",
+    [
+        ("grpo", "buffer", True),  # divides by the buffer's std
+        ("buffer", "none", True),  # so does the project's buffer tracker
+        ("dr_grpo", "buffer", False),  # no std: a pass outside the window gets at most 1
+        ("rloo", "buffer", False),
+        ("grpo", "ema", False),  # buffer_size unused
+    ],
+)
+def test_a_buffer_shorter_than_the_group_is_refused_where_it_divides_by_a_std(config, method, memory, refused):
+    config.stat_tracking.method, config.stat_tracking.memory, config.stat_tracking.buffer_size = method, memory, 2
+    config.stat_tracking.min_count = 2
+    if refused:
+        with pytest.raises(training.ConfigError, match=r"buffer_size \(2\) must be at least"):
+            training.validate_config(config)
+    else:
+        training.validate_config(config)
+
+
+def test_with_several_processes_the_buffer_must_hold_every_rank_s_group(config):
+    config.stat_tracking.buffer_size = 4
+    training.validate_config(config)
+    with pytest.raises(ValueError, match=r"config.problem.group_size \(4\) x 2 processes = 8"):
+        problems.check_config(config, world_size=2)
+
+
+def test_a_field_of_the_other_problem_is_refused(config):
+    config.problem.name = "distance"
+    with pytest.raises(training.ConfigError, match="config.problem.group_size is not a field of problem 'distance'"):
+        training.validate_config(config)
+
+
+def test_a_tracker_field_of_the_wrong_type_is_named_before_the_problem_reads_it(config):
+    config.stat_tracking.buffer_size = None
+    with pytest.raises(training.ConfigError, match="config.stat_tracking.buffer_size must be an int"):
         training.validate_config(config)
 
 
@@ -158,6 +209,10 @@ def _two_ranks(rank, logdir):
         save(run_dir, next_epoch, policy, *args)
 
     training._save = spy  # pylint: disable=protected-access
+    config.stat_tracking.buffer_size = 4  # one group's worth: two ranks can draw the same prompt
+    with pytest.raises(training.ConfigError, match=r"x 2 processes = 8"):
+        training.train(config, logdir)
+    config.stat_tracking.buffer_size = 32
     summary = training.train(config, logdir)
     gathered = [torch.empty_like(params[-1]) for _ in range(WORLD_SIZE)]
     dist.all_gather(gathered, params[-1])

@@ -84,3 +84,13 @@ def test_bad_sizes_are_refused():
     assert SharedLinearPolicy(
         PassFailProblem.create(num_prompts=2, num_features=3, generator=torch.Generator())
     ).params.shape == (3,)
+
+
+def test_metrics_are_the_true_pass_rate_and_the_share_of_groups_without_signal():
+    problem, policy = _problem(group_size=4)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0])  # mixed, all pass, all fail
+    ids = torch.tensor([5] * 4 + [9] * 4 + [2] * 4)
+    pass_rate, zero_variance = problem.metrics(policy, ids, rewards).tolist()
+    assert zero_variance == pytest.approx(2 / 3)
+    assert pass_rate == float(problem.pass_probability(policy.means()).mean())
+    assert problem.metric_names == ("pass_rate", "zero_variance_frac")

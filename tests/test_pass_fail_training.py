@@ -3,7 +3,9 @@
 import math
 
 import pytest
+import torch
 
+from rail_interview.pass_fail_problem import PassFailProblem
 from rail_interview.pass_fail_training import PassFailRun, build_tracker, summarize, train_pass_fail
 
 
@@ -34,6 +36,18 @@ def test_dynamic_sampling_spends_more_samples_on_groups_with_signal():
     result = train_pass_fail(PassFailRun(dynamic_sampling=True, num_steps=60))
     assert all(64 <= samples <= 4 * 64 for samples in result["samples"]) and sum(result["samples"]) > 60 * 64
     assert 0 < summarize(result)["zero_variance"] < 1
+
+
+def test_dynamic_sampling_counts_the_groups_without_signal_it_drew(monkeypatch):
+    """Three groups in four have signal: two draws of B fill the step, and a quarter of the 2B drawn had none."""
+
+    def rewards(problem, ids, answers):
+        pattern = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0])  # G = 2: groups (1,0) (1,0) (1,0) (0,0)
+        return pattern.repeat(len(ids) // len(pattern))
+
+    monkeypatch.setattr(PassFailProblem, "rewards", rewards)
+    result = train_pass_fail(PassFailRun(dynamic_sampling=True, group_size=2, num_groups=32, num_steps=3))
+    assert result["samples"] == [128, 128, 128] and result["zero_variance"] == [0.25, 0.25, 0.25]
 
 
 def test_summary_metrics():
