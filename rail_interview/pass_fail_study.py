@@ -214,15 +214,7 @@ def run_study(
             theirs = metrics[(cell.reference, cell.group_size, reference_rate)]
             wins = sum(mine[s][SCORE] > theirs[s][SCORE] for s in seeds)
             row = {"cell": cell.name, "block": cell.block, "G": cell.group_size, "rate": label, "learning_rate": rate}
-            for metric in (
-                "start",
-                "area",
-                "area_same_samples",
-                "final",
-                "steps_to_threshold",
-                "zero_variance",
-                "samples",
-            ):
+            for metric in _MEDIANS:
                 row[metric] = statistics.median(mine[s][metric] for s in seeds)
             row["area_gain"] = statistics.median(mine[s][SCORE] - theirs[s][SCORE] for s in seeds)
             row["wins_vs_reference"] = f"{wins}/{len(seeds)}" if cell.name != cell.reference else ""
@@ -240,24 +232,11 @@ def run_study(
     return {"rows": rows, "curves": curves}
 
 
+#: The metrics of ``summarize`` a row reports, each as its median over the evaluation seeds.
+_MEDIANS = ("start", "area", "area_same_samples", "final", "steps_to_threshold", "zero_variance", "samples")
+
 #: The columns of results.csv before the sweep's, each a key of a row.
-_COLUMNS = (
-    "block",
-    "cell",
-    "G",
-    "rate",
-    "learning_rate",
-    "start",
-    "area",
-    "area_same_samples",
-    "final",
-    "steps_to_threshold",
-    "zero_variance",
-    "samples",
-    "reference",
-    "area_gain",
-    "wins_vs_reference",
-)
+_COLUMNS = ("block", "cell", "G", "rate", "learning_rate", *_MEDIANS, "reference", "area_gain", "wins_vs_reference")
 
 #: The tables of results.md: the block and its title.
 _BLOCKS = (
