@@ -27,11 +27,14 @@ The checks, in the order they run (names as in the report):
 * ``cuda_tests``: the tests in tests/ marked ``skipif(reason="needs a CUDA
   device")``, run by ``pytest -m "skipif(reason='needs a CUDA device')"`` in a
   subprocess (pytest 8.3 or later); a CUDA test skipped on CUDA is a failure.
-* ``train/<method>``: ``scripts/train.py --config.device=<device>`` for each
-  method (batch, buffer, ema), twice: records ``final_reward`` and times, and
-  checks that the two runs wrote identical ``metrics.csv`` and stats log, and
-  (with 1000 epochs or more) that the per-prompt methods reach a
-  ``final_reward`` above -20, which no CPU run at the defaults missed.
+* ``train/<run>``: ``scripts/train.py --config.device=<device>`` for each
+  method of the distance problem (batch, buffer, ema) and for the pass/fail
+  problem's config (GRPO with a buffer), twice: records ``final_reward`` and
+  times, and checks that the two runs wrote identical ``metrics.csv`` and
+  stats log, and (at full length) that the per-prompt runs reach their
+  floor: a ``final_reward`` above -20 on the distance problem after 1000
+  epochs, and above 0.05 on the pass/fail one after 300, which no CPU run
+  at the defaults missed.
 * ``bench_trackers``: ``benchmarks/bench_trackers.py --device=<device>``
   (headline grid; with --quick the quick grid), which writes its own JSON
   next to this report.
@@ -93,18 +96,23 @@ TRACKER_SIZES: Dict[bool, List[Tuple[int, int, int]]] = {
     True: [(64, 8, 4), (300, 50, 8)],
 }
 
-#: Training methods, as in config.stat_tracking.method.
-METHODS = ("batch", "buffer", "ema")
+#: Training runs, by name: train.py's flags beyond device, epochs and logdir; the number of
+#: epochs of a full-length run; and the final_reward a full-length run must exceed (None: no
+#: floor, as the batch baseline has none). No CPU run at the defaults fell below a floor.
+TRAINING_RUNS: Dict[str, Tuple[List[str], int, Optional[float]]] = {
+    "batch": (["--config.stat_tracking.method=batch"], 1000, None),
+    "buffer": (["--config.stat_tracking.method=buffer"], 1000, -20.0),
+    "ema": (["--config.stat_tracking.method=ema"], 1000, -20.0),
+    "pass_fail": ([f"--config={os.path.join(REPO_ROOT, 'rail_interview', 'configs', 'pass_fail.py')}"], 300, 0.05),
+}
 
 #: pytest -m expression that selects the CUDA tests: in tests/ they are marked
 #: ``pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")``
 #: (matching a mark's keyword arguments needs pytest 8.3 or later).
 CUDA_TESTS_MARK = "skipif(reason='needs a CUDA device')"
 
-#: With this many epochs or more, per-prompt methods must reach a final_reward above
-#: FINAL_REWARD_FLOOR: at the defaults no CPU run in the README's tables fell below it.
-FULL_TRAINING_EPOCHS = 1000
-FINAL_REWARD_FLOOR = -20.0
+#: Epochs of every training run with --quick (no floor is checked then).
+QUICK_TRAINING_EPOCHS = 20
 
 _DEVICE = flags.DEFINE_enum(
     "device", None, ["cuda", "cpu"], "Device to check; unset means cuda. cpu is a dry run of the same code."
@@ -532,13 +540,14 @@ def _run_outputs(run_dir: str) -> Dict[str, bytes]:
     return outputs
 
 
-def check_train(method: str, device: torch.device, num_epochs: int) -> Dict[str, Any]:
-    """Runs ``scripts/train.py`` twice with one method and compares the runs.
+def check_train(name: str, device: torch.device, quick: bool) -> Dict[str, Any]:
+    """Runs ``scripts/train.py`` twice as ``TRAINING_RUNS[name]`` says and compares the runs.
 
     Args:
-        method: ``config.stat_tracking.method``.
+        name: a key of ``TRAINING_RUNS``.
         device: ``config.device``.
-        num_epochs: ``config.num_epochs``.
+        quick: ``QUICK_TRAINING_EPOCHS`` epochs and no floor, instead of the
+            run's full length and floor.
 
     Returns:
         The first run's ``final_reward``, ``train_seconds`` (training loop),
@@ -548,17 +557,18 @@ def check_train(method: str, device: torch.device, num_epochs: int) -> Dict[str,
     Raises:
         CheckFailed: when a run fails, runs elsewhere than ``device``, ends with
             a non-finite final_reward, the two runs' metrics or stats log
-            differ, or (with FULL_TRAINING_EPOCHS or more) a per-prompt method
-            ends below FINAL_REWARD_FLOOR.
+            differ, or a full-length run ends below its floor.
     """
+    flags_, full_epochs, floor = TRAINING_RUNS[name]
+    num_epochs = QUICK_TRAINING_EPOCHS if quick else full_epochs
     summaries, outputs = [], []
     with tempfile.TemporaryDirectory() as logdir:
         for run in range(2):
             command = [
                 sys.executable,
                 os.path.join(REPO_ROOT, "scripts", "train.py"),
+                *flags_,
                 f"--config.device={device.type}",
-                f"--config.stat_tracking.method={method}",
                 f"--config.num_epochs={num_epochs}",
                 f"--logdir={os.path.join(logdir, str(run))}",
             ]
@@ -584,8 +594,8 @@ def check_train(method: str, device: torch.device, num_epochs: int) -> Dict[str,
     details["reproducible"] = not differing
     if differing:
         raise CheckFailed(f"two runs with one seed wrote different {', '.join(differing[:3])}", details)
-    if num_epochs >= FULL_TRAINING_EPOCHS and method != "batch" and first["final_reward"] < FINAL_REWARD_FLOOR:
-        raise CheckFailed(f"final_reward {first['final_reward']:.2f} is below {FINAL_REWARD_FLOOR}", details)
+    if not quick and floor is not None and first["final_reward"] < floor:
+        raise CheckFailed(f"final_reward {first['final_reward']:.2f} is below {floor}", details)
     return details
 
 
@@ -680,10 +690,8 @@ def planned_checks(
         elif group == "cuda_tests":
             checks.append(("cuda_tests", lambda: check_cuda_tests(device)))
         elif group == "train":
-            for method in METHODS:
-                checks.append(
-                    (f"train/{method}", lambda m=method: check_train(m, device, 20 if quick else FULL_TRAINING_EPOCHS))
-                )
+            for name in TRAINING_RUNS:
+                checks.append((f"train/{name}", lambda n=name: check_train(n, device, quick)))
         else:
             checks.append(("bench_trackers", lambda: check_bench(device, out_dir, quick)))
     return checks

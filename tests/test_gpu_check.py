@@ -24,6 +24,7 @@ RUNS_ON_CPU = [f"determinism/{case}" for case in TRACKER_CASES] + [
     "train/batch",
     "train/buffer",
     "train/ema",
+    "train/pass_fail",
     "bench_trackers",
 ]
 
@@ -50,7 +51,7 @@ def test_dry_run_on_cpu_reports_every_check(tmp_path):
     assert report["counts"] == {"passed": len(RUNS_ON_CPU), "failed": 0, "skipped": len(NEEDS_CUDA)}
     # The CUDA tests were found and skipped, not missed.
     assert checks["cuda_tests"]["details"]["counts"]["skipped"] > 0
-    for method in ("batch", "buffer", "ema"):
+    for method in ("batch", "buffer", "ema", "pass_fail"):
         details = checks[f"train/{method}"]["details"]
         assert math.isfinite(details["final_reward"]) and details["reproducible"] and details["device"] == "cpu"
     assert pathlib.Path(checks["bench_trackers"]["details"]["json"]) == tmp_path / "trackers_cpu_quick.json"
@@ -67,9 +68,9 @@ def test_a_failing_check_does_not_stop_the_others(tmp_path):
     outcomes = {entry["name"]: (entry["passed"], entry["reason"]) for entry in report["checks"]}
     assert outcomes == {
         **{f"determinism/{case}": (True, None) for case in TRACKER_CASES},
-        **{f"train/{m}": (False, "timed out after 0 s") for m in ("batch", "buffer", "ema")},
+        **{f"train/{m}": (False, "timed out after 0 s") for m in ("batch", "buffer", "ema", "pass_fail")},
     }
-    assert report["complete"] and report["counts"] == {"passed": len(TRACKER_CASES), "failed": 3, "skipped": 0}
+    assert report["complete"] and report["counts"] == {"passed": len(TRACKER_CASES), "failed": 4, "skipped": 0}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")

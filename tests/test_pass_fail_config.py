@@ -194,6 +194,13 @@ def test_train_script_runs_the_pass_fail_config(tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["problem"]["name"] == "pass_fail"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_pass_fail_problem_trains_on_cuda(config, tmp_path):
+    config.device = "cuda"
+    summary = training.train(config, str(tmp_path))
+    assert summary["device"].startswith("cuda") and 0 <= summary["final_pass_rate"] <= 1
+
+
 WORLD_SIZE = 2
 
 
