@@ -20,7 +20,7 @@ import json
 import math
 import os
 import random
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 import matplotlib.ticker
@@ -312,17 +312,22 @@ def label_symlog_rewards(ax, ticks: Sequence[float]) -> None:
     ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 
 
-def _symlog_axis(ax, low: float) -> None:
-    ax.set_yscale("symlog", linthresh=1)
-    ax.set_ylim(low, 0.5)
-    label_symlog_rewards(ax, REWARD_TICKS)
+def _reward_axis(ax, limits: Tuple[float, float], symlog: bool) -> None:
+    """Sets a reward axis's limits, on a labelled symlog scale or a linear one."""
+    if symlog:
+        ax.set_yscale("symlog", linthresh=1)
+    ax.set_ylim(*limits)
+    if symlog:
+        label_symlog_rewards(ax, REWARD_TICKS)
 
 
 def plot_prompt_stats(runs: Sequence[RunLog], columns: Sequence[int], path: str) -> None:
     """Draws the reward curve and a grid of per-prompt panels, and saves a PNG.
 
-    Each prompt's panel shares both axes with the others (a symlog reward
-    axis, so convergence near 0 stays visible next to starts near -200).
+    Each prompt's panel shares both axes with the others: a symlog reward
+    axis for rewards that go negative (the distance problem's: convergence
+    near 0 stays visible next to starts near -200), a linear one from 0 to 1
+    for rewards that never do (the pass/fail problem's).
     Epochs where the first run's prompt still used batch statistics are
     shaded grey. Runs without metrics.csv have no reward curve (only a
     legend entry).
@@ -354,8 +359,14 @@ def plot_prompt_stats(runs: Sequence[RunLog], columns: Sequence[int], path: str)
 
     finite = [run.stats.mean[:, per_run_columns[r]] for r, run in enumerate(runs)]
     curves = [run.reward_mean for run in runs if run.reward_mean is not None]
-    lowest = np.nanmin(np.concatenate([f.ravel() for f in finite] + curves + [np.array([-3.0])]))  # -3: no NaN
-    low = -(10 ** math.ceil(math.log10(-lowest * 1.2)))
+    values = np.concatenate([f.ravel() for f in finite] + curves)
+    values = values[np.isfinite(values)]
+    symlog = not values.size or values.min() < 0
+    if symlog:
+        lowest = min(values.min(initial=-3.0), -3.0)
+        limits = (-(10 ** math.ceil(math.log10(-lowest * 1.2))), 0.5)
+    else:  # pass/fail rewards, in [0, 1]
+        limits = (-0.05, max(1.05, 1.05 * values.max()))
 
     num_cols = math.ceil(math.sqrt(len(prompt_ids)))
     num_rows = math.ceil(len(prompt_ids) / num_cols)
@@ -371,7 +382,7 @@ def plot_prompt_stats(runs: Sequence[RunLog], columns: Sequence[int], path: str)
         else:
             ax.plot(run.epoch, run.reward_mean, color=color, lw=1.2, label=run.label)
     if curves:
-        _symlog_axis(ax, low)
+        _reward_axis(ax, limits, symlog)
         ax.set_xlabel("epoch")
         ax.set_ylabel("batch reward")
         ax.set_title("All prompts: batch-mean reward")
@@ -388,14 +399,14 @@ def plot_prompt_stats(runs: Sequence[RunLog], columns: Sequence[int], path: str)
             log, column = run.stats, per_run_columns[r][panel]
             mean, std = log.mean[:, column], log.std[:, column]
             if r == 0:
-                ax.fill_between(log.step, low, 0.5, where=log.fallback[:, column], color="0.88", lw=0, step="mid")
+                ax.fill_between(log.step, *limits, where=log.fallback[:, column], color="0.88", lw=0, step="mid")
             ax.plot(log.step, log.batch_reward_mean[:, column], ".", color=color, ms=1.5, alpha=0.35)
             ax.fill_between(log.step, mean - std, mean + std, color=color, alpha=0.25, lw=0)
             ax.plot(log.step, mean, color=color, lw=1.0)
         ax.set_title(f"{name} ({prompt})", fontsize=8)
         ax.grid(True, alpha=0.3)
         ax.tick_params(labelsize=7)
-    _symlog_axis(axes[0][0], low)
+    _reward_axis(axes[0][0], limits, symlog)
     for ax in axes.flat[len(prompt_ids) :]:
         ax.set_visible(False)
     for ax in axes[-1]:

@@ -231,3 +231,23 @@ def _two_ranks(rank, logdir):
 
 def test_two_gloo_ranks_train_the_pass_fail_problem_in_step(tmp_path):
     run_ranks(_two_ranks, WORLD_SIZE, str(tmp_path / "init"), (str(tmp_path / "runs"),), timeout=240)
+
+
+def test_stats_plots_use_a_linear_axis_for_pass_fail_rewards(config, tmp_path, monkeypatch):
+    import matplotlib.axes  # pylint: disable=import-outside-toplevel
+
+    from rail_interview import stats_plots  # pylint: disable=import-outside-toplevel
+
+    scales = []
+    set_yscale = matplotlib.axes.Axes.set_yscale
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "set_yscale", lambda ax, value, **kw: (scales.append(value), set_yscale(ax, value, **kw))
+    )
+    run = stats_plots.load_run(training.train(config, str(tmp_path / "runs"))["run_dir"])
+    stats_plots.plot_prompt_stats([run], [0, 1, 2], str(tmp_path / "pass_fail.png"))
+    assert scales == [] and (tmp_path / "pass_fail.png").stat().st_size > 0
+    distance = default.get_config()
+    distance.device, distance.num_epochs, distance.problem.num_prompts, distance.sample_batch_size = "cpu", 20, 8, 32
+    run = stats_plots.load_run(training.train(distance, str(tmp_path / "runs"))["run_dir"])
+    stats_plots.plot_prompt_stats([run], [0, 1], str(tmp_path / "distance.png"))
+    assert scales and set(scales) == {"symlog"}
