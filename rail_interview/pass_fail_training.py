@@ -21,7 +21,14 @@ that the study's thousands of short runs do not need. Beyond them:
 * ``dynamic_sampling``: DAPO's alternative to memory. Groups whose rewards
   are all equal are dropped and more groups are drawn, up to
   ``max_resample`` times B, until B groups with signal fill the step; the
-  samples drawn are all counted as spent.
+  samples drawn are all counted as spent. This is the group filter of
+  verl's DAPO recipe (``algorithm.filter_groups`` with metric ``acc``:
+  drop groups whose accuracy has std 0, generate again, keep the first B),
+  with B groups per generation (verl's ``gen_batch_size`` may be larger).
+  Where the cap is reached first, this trains on the groups it kept, where
+  verl's ``max_num_gen_batches`` raises an error; and a prompt may come
+  back in a later draw of the same step (its groups then merge, as the
+  tracker groups by prompt id).
 * ``ablation``, to name the mechanism by which memory helps:
   ``"zero_variance_only"``: the memory's advantages for zero-variance
   groups only, the group's own (in-batch) advantages elsewhere;
