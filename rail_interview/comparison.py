@@ -14,8 +14,9 @@ command-line front end.
 
 It compares on whichever problem the base config names
 (``config.problem.name``): on the pass/fail problem the tables add the
-medians of its final metrics (the true pass rate, the share of
-zero-variance groups) and the curves use a linear axis.
+medians of its metrics (the true pass rate and the share of zero-variance
+groups, each at the end and averaged over the run) and the curves use a
+linear axis.
 """
 
 from __future__ import annotations
@@ -262,9 +263,11 @@ class RunResult:
         train_seconds: wall-clock of the run's training loop.
         rewards: the batch-mean reward of every epoch.
         run_dir: where the run wrote its logs.
-        finals: the problem's own metrics, each a mean over the epochs
-            final_reward averages (``final_pass_rate`` of the summary as
-            ``{"pass_rate": ...}``); empty for the distance problem.
+        finals: the problem's own metrics, by their names in the run's
+            summary: ``final_<metric>`` (a mean over the epochs final_reward
+            averages) and ``mean_<metric>`` (over every epoch), such as
+            ``final_pass_rate`` and ``mean_pass_rate``; empty for the
+            distance problem.
     """
 
     setting: str
@@ -312,9 +315,9 @@ def _run_one(config_dict: Dict[str, Any], logdir: str, setting: str) -> RunResul
     with open(os.path.join(summary["run_dir"], "metrics.csv"), newline="", encoding="utf-8") as f:
         rewards = [float(row["reward_mean"]) for row in csv.DictReader(f)]
     finals = {
-        name[len("final_") :]: value
+        name: value
         for name, value in summary.items()
-        if name.startswith("final_") and name not in ("final_reward", "final_reward_epochs")
+        if name.startswith(("final_", "mean_")) and name not in ("final_reward", "final_reward_epochs")
     }
     return RunResult(
         setting, config.seed, summary["final_reward"], summary["train_seconds"], rewards, summary["run_dir"], finals
@@ -457,7 +460,7 @@ def format_markdown(summaries: Sequence[SettingSummary], *, bad_threshold: float
     extra = list(summaries[0].finals) if summaries else []
     lines = [
         f"| setting | median final_reward | best | worst | runs below {bad_threshold:g} | median loop s |"
-        + "".join(f" median final {name} |" for name in extra),
+        + "".join(f" median {name} |" for name in extra),
         "| --- | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(extra),
     ]
     for s in summaries:
@@ -470,7 +473,7 @@ def format_markdown(summaries: Sequence[SettingSummary], *, bad_threshold: float
 
 
 def write_csv(results: Sequence[RunResult], path: str) -> None:
-    """Writes one row per run: setting, seed, final_reward, train_seconds, run_dir, then ``final_<metric>``.
+    """Writes one row per run: setting, seed, final_reward, train_seconds, run_dir, then the problem's metrics.
 
     Args:
         results: runs, as returned by ``run_comparison``.
@@ -479,7 +482,7 @@ def write_csv(results: Sequence[RunResult], path: str) -> None:
     extra = list(results[0].finals) if results else []
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["setting", "seed", "final_reward", "train_seconds", "run_dir"] + [f"final_{n}" for n in extra])
+        writer.writerow(["setting", "seed", "final_reward", "train_seconds", "run_dir"] + extra)
         for r in results:
             writer.writerow(
                 [r.setting, r.seed, f"{r.final_reward:.4f}", f"{r.train_seconds:.4f}", r.run_dir]

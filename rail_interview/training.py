@@ -369,11 +369,21 @@ class _MetricsFile:
             csv.writer(f).writerows(rows)
         os.replace(temporary, self.path)
 
-    def final_means(self) -> Tuple[Dict[str, float], int]:
-        """Each column's mean over the last ``FINAL_REWARD_EPOCHS`` rows (fewer in a shorter run), and how many rows."""
+    def means(self) -> Tuple[Dict[str, float], Dict[str, float], int]:
+        """Each column's mean over the last ``FINAL_REWARD_EPOCHS`` rows (fewer in a shorter run) and over every row.
+
+        Returns:
+            The means over the last rows, the means over every row, and how
+            many rows the first average.
+        """
         with open(self.path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))[-FINAL_REWARD_EPOCHS:]
-        return {name: sum(float(row[name]) for row in rows) / len(rows) for name in self.names}, len(rows)
+            rows = list(csv.DictReader(f))
+        last = rows[-FINAL_REWARD_EPOCHS:]
+
+        def mean(name: str, chosen: List[Dict[str, str]]) -> float:
+            return sum(float(row[name]) for row in chosen) / len(chosen)
+
+        return {n: mean(n, last) for n in self.names}, {n: mean(n, rows) for n in self.names}, len(last)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -505,7 +515,9 @@ def train(
         the batch-mean reward over the last ``final_reward_epochs`` epochs,
         10 or all of a shorter run), ``final_<metric>`` for each of the
         problem's metrics over the same epochs (``final_pass_rate`` and
-        ``final_zero_variance_frac`` on the pass/fail problem), ``problem``,
+        ``final_zero_variance_frac`` on the pass/fail problem) and
+        ``mean_<metric>`` over every epoch of the run (``mean_pass_rate``,
+        the area under the pass-rate curve per epoch), ``problem``,
         ``method``, ``seed``, ``num_epochs``,
         ``world_size``, ``train_seconds`` (wall-clock of the training loop
         over ``timed_epochs`` epochs: every epoch of the run, the ones before
@@ -690,13 +702,14 @@ def train(
 
     summary = None
     if context.is_main:
-        finals, final_epochs = metrics.final_means()
+        finals, overall, final_epochs = metrics.means()
         final_reward = finals["reward_mean"]
         train_seconds = elapsed + loop_seconds
         summary = {
             "final_reward": final_reward,
             "final_reward_epochs": final_epochs,
             **{f"final_{name}": finals[name] for name in problem.metric_names},
+            **{f"mean_{name}": overall[name] for name in problem.metric_names},
             "problem": problems.problem_name(config),
             "method": config.stat_tracking.method,
             "seed": config.seed,

@@ -64,7 +64,7 @@ def main(argv: list) -> None:
     finals = "".join(
         f"  {name} {value:.3f}"
         for name, value in summary.items()
-        if name.startswith("final_") and name != "final_reward_epochs" and name != "final_reward"
+        if name.startswith(("final_", "mean_")) and name not in ("final_reward", "final_reward_epochs")
     )
     print(
         f"final_reward {summary['final_reward']:.2f}{finals}  ({method}, seed {summary['seed']}, "

@@ -42,6 +42,7 @@ def test_the_config_chooses_the_problem(config, tmp_path):
     assert summary["final_zero_variance_frac"] == pytest.approx(
         sum(float(r["zero_variance_frac"]) for r in rows[-10:]) / 10
     )
+    assert summary["mean_pass_rate"] == pytest.approx(sum(float(r["pass_rate"]) for r in rows) / len(rows))
     assert problems.problem_name(default.get_config()) == "distance"
 
 
