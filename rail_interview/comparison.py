@@ -292,7 +292,8 @@ class SettingSummary:
         num_bad: runs with final_reward below ``bad_threshold`` (stalled or
             diverged).
         median_seconds: median training-loop wall-clock.
-        finals: the median over seeds of each of the problem's final metrics.
+        finals: the median over seeds of each of the problem's metrics in
+            ``RunResult.finals`` (``final_<metric>`` and ``mean_<metric>``).
     """
 
     setting: str
@@ -424,7 +425,8 @@ def summarize(results: Sequence[RunResult], *, bad_threshold: float = -20.0) -> 
 
     Returns:
         One summary per setting, with the median over seeds of each of the
-        problem's final metrics in ``finals``.
+        problem's metrics (``final_<metric>`` and ``mean_<metric>``) in
+        ``finals``.
     """
     by_setting: Dict[str, List[RunResult]] = {}
     for result in results:

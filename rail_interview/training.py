@@ -374,7 +374,7 @@ class _MetricsFile:
 
         Returns:
             The means over the last rows, the means over every row, and how
-            many rows the first average.
+            many rows the first averages.
         """
         with open(self.path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))

@@ -7,11 +7,13 @@ Usage (the README's results come from these):
     python scripts/compare.py --methods=batch,buffer,ema,grpo,grpo+buffer,grpo+ema,dr_grpo,dr_grpo+buffer,\
 dr_grpo+ema,rloo,rloo+buffer,rloo+ema --out=docs/results/grpo
     python scripts/compare.py --config=rail_interview/configs/pass_fail.py --seeds=10 \
-        --methods=grpo,grpo+buffer,grpo+ema,dr_grpo,dr_grpo+buffer,dr_grpo+ema,rloo,rloo+buffer,rloo+ema
+        --methods=grpo,grpo+buffer,grpo+ema,dr_grpo,dr_grpo+buffer,dr_grpo+ema,rloo,rloo+buffer,rloo+ema \
+        --out=docs/results/pass_fail_compare
 
 --config picks the problem (config.problem.name): the default config's
 distance problem, or configs/pass_fail.py's pass/fail problem, whose tables
-add the median final pass rate and share of zero-variance groups.
+add the medians of its true pass rate and share of zero-variance groups, at
+the end and averaged over the run.
 (scripts/pass_fail_study.py adds to that comparison each method's own
 learning rate, seed-paired wins, group sizes, DAPO and ablations.)
 
@@ -72,7 +74,7 @@ _WORKERS = flags.DEFINE_integer("workers", None, "Worker processes, at least 1 (
 _BAD_THRESHOLD = flags.DEFINE_float(
     "bad_threshold",
     None,
-    "final_reward below this counts as a bad run (default: the problem's, -20 for distance, 0.05 for pass_fail).",
+    "final_reward below this counts as a bad run (default: the problem's, -20 for distance, 0.2 for pass_fail).",
 )
 
 

@@ -5,6 +5,7 @@ import math
 import pathlib
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -80,3 +81,33 @@ def test_without_a_gpu_it_says_so_in_one_line(tmp_path):
     (line,) = result.stderr.strip().splitlines()
     assert "no CUDA device available" in line and "--device=cpu" in line
     assert not list(tmp_path.iterdir())
+
+
+def test_a_full_length_training_run_is_held_to_its_floor():
+    """check_train's floor, which the --quick dry runs above skip: a run below it fails, and no floor passes."""
+    code = textwrap.dedent(
+        f"""
+        import importlib.util
+        import torch
+        from absl import flags
+        spec = importlib.util.spec_from_file_location("gpu_check", {str(SCRIPT)!r})
+        gpu_check = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(gpu_check)
+        flags.FLAGS(["gpu_check"])
+        tiny = ["--config.problem.num_prompts=8", "--config.sample_batch_size=32", "--config.log_every=5",
+                "--config.checkpoint_every=0"]
+        gpu_check.TRAINING_RUNS = {{"high": (tiny, 5, 1e9), "none": (tiny, 5, None)}}
+        try:
+            gpu_check.check_train("high", torch.device("cpu"), quick=False)
+        except gpu_check.CheckFailed as error:
+            print("high:", error)
+        print("none:", gpu_check.check_train("none", torch.device("cpu"), quick=False)["reproducible"])
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("high: final_reward ") and lines[0].endswith("is below 1000000000.0"), lines
+    assert lines[1] == "none: True"

@@ -3,6 +3,7 @@
 import csv
 import filecmp
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -42,7 +43,8 @@ def test_the_config_chooses_the_problem(config, tmp_path):
     assert summary["final_zero_variance_frac"] == pytest.approx(
         sum(float(r["zero_variance_frac"]) for r in rows[-10:]) / 10
     )
-    assert summary["mean_pass_rate"] == pytest.approx(sum(float(r["pass_rate"]) for r in rows) / len(rows))
+    for name in ("pass_rate", "zero_variance_frac"):
+        assert summary[f"mean_{name}"] == pytest.approx(sum(float(r[name]) for r in rows) / len(rows))
     assert problems.problem_name(default.get_config()) == "distance"
 
 
@@ -73,9 +75,9 @@ def test_a_pass_fail_run_resumes_byte_for_byte(config, tmp_path):
     run_dir = training.train(config, str(tmp_path / "resumed"))["run_dir"]
     resumed = training.train(training.load_run_config(run_dir, {"num_epochs": 40}), run_dir, resume=True)
     assert filecmp.cmp(os.path.join(straight, "metrics.csv"), os.path.join(resumed["run_dir"], "metrics.csv"), False)
-    assert (
-        resumed["final_pass_rate"] == json.loads(pathlib.Path(straight, "summary.json").read_text())["final_pass_rate"]
-    )
+    straight_summary = json.loads(pathlib.Path(straight, "summary.json").read_text())
+    for name in ("final_pass_rate", "mean_pass_rate", "mean_zero_variance_frac"):  # mean_*: rows before the resume too
+        assert resumed[name] == straight_summary[name]
 
 
 def test_a_run_directory_written_before_problem_name_existed_resumes(tiny_config, tmp_path):
@@ -235,20 +237,24 @@ def test_two_gloo_ranks_train_the_pass_fail_problem_in_step(tmp_path):
 
 
 def test_stats_plots_use_a_linear_axis_for_pass_fail_rewards(config, tmp_path, monkeypatch):
-    import matplotlib.axes  # pylint: disable=import-outside-toplevel
+    import matplotlib.figure  # pylint: disable=import-outside-toplevel
 
     from rail_interview import stats_plots  # pylint: disable=import-outside-toplevel
 
-    scales = []
-    set_yscale = matplotlib.axes.Axes.set_yscale
-    monkeypatch.setattr(
-        matplotlib.axes.Axes, "set_yscale", lambda ax, value, **kw: (scales.append(value), set_yscale(ax, value, **kw))
-    )
+    saved = []  # per saved figure: each visible Axes' (y scale, y limits) as drawn
+    savefig = matplotlib.figure.Figure.savefig
+
+    def spy(figure, *args, **kwargs):
+        saved.append({(ax.get_yscale(), ax.get_ylim()) for ax in figure.get_axes() if ax.get_visible()})
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
     run = stats_plots.load_run(training.train(config, str(tmp_path / "runs"))["run_dir"])
     stats_plots.plot_prompt_stats([run], [0, 1, 2], str(tmp_path / "pass_fail.png"))
-    assert scales == [] and (tmp_path / "pass_fail.png").stat().st_size > 0
+    assert saved[-1] == {("linear", (-0.05, 1.05))}  # the reward curve and every panel
     distance = default.get_config()
     distance.device, distance.num_epochs, distance.problem.num_prompts, distance.sample_batch_size = "cpu", 20, 8, 32
     run = stats_plots.load_run(training.train(distance, str(tmp_path / "runs"))["run_dir"])
     stats_plots.plot_prompt_stats([run], [0, 1], str(tmp_path / "distance.png"))
-    assert scales and set(scales) == {"symlog"}
+    ((scale, (low, high)),) = saved[-1]  # symlog, from a power of ten below the lowest reward to 0.5
+    assert scale == "symlog" and high == 0.5 and low <= -10 and math.log10(-low) == int(math.log10(-low))
