@@ -81,6 +81,9 @@ class PassFailProblem:
 
     #: The columns ``metrics`` adds to a run's metrics.csv.
     metric_names = ("pass_rate", "zero_variance_frac")
+    #: With several ranks, every rank draws a step's prompts with one generator seeded alike
+    #: and keeps its own slice, so that no prompt is in two ranks' batches (``sample_prompt_ids``).
+    shares_prompt_draws = True
 
     prompt_names: List[str]
     features: torch.Tensor
@@ -182,22 +185,40 @@ class PassFailProblem:
         chosen = torch.randperm(self.num_prompts, generator=generator, device=self.labels.device)[:num_groups]
         return chosen.repeat_interleave(group_size)
 
-    def sample_prompt_ids(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        """A training batch: ``batch_size / G`` distinct prompts, G samples each (``sample_groups``).
+    def sample_prompt_ids(
+        self, batch_size: int, generator: torch.Generator, *, rank: int = 0, world_size: int = 1
+    ) -> torch.Tensor:
+        """A rank's training batch: ``batch_size / G`` distinct prompts, G samples each.
+
+        One random order of the P prompts is drawn, and rank r takes its
+        prompts r * B to (r + 1) * B - 1 (B = N / G): with the same
+        generator state on every rank, the ranks' prompts are distinct, as a
+        data-parallel GRPO trainer shards its prompts. One process
+        (rank 0 of 1) draws exactly ``sample_groups(B, G)``.
 
         Args:
-            batch_size: N, a multiple of G with N / G <= P.
-            generator: the run's generator, on the problem's device.
+            batch_size: N, a multiple of G with world_size * N / G <= P.
+            generator: the generator of the step's prompt draws, on the
+                problem's device; in the same state on every rank.
+            rank: this process's rank.
+            world_size: processes that draw together.
 
         Returns:
             int64 [N], each prompt's G samples contiguous.
 
         Raises:
-            ValueError: if N is not such a multiple.
+            ValueError: if N is not such a multiple, or rank is not in [0, world_size).
         """
-        if batch_size % self.group_size:
-            raise ValueError(f"the batch size {batch_size} is not a multiple of the group size {self.group_size}")
-        return self.sample_groups(batch_size // self.group_size, self.group_size, generator)
+        groups = batch_size // self.group_size
+        if batch_size % self.group_size or not 1 <= groups * world_size <= self.num_prompts:
+            raise ValueError(
+                f"the batch size {batch_size} must be a multiple of the group size {self.group_size}, with at most "
+                f"{self.num_prompts} groups across {world_size} process(es)"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        order = torch.randperm(self.num_prompts, generator=generator, device=self.labels.device)
+        return order[rank * groups : (rank + 1) * groups].repeat_interleave(self.group_size)
 
     def metrics(self, policy: "SharedLinearPolicy", prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
         """The values of ``metric_names`` after a step, on the device (no host sync).

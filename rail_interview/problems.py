@@ -10,7 +10,10 @@
 ``training.train`` reaches a problem only through what both offer:
 
 * the problem: ``prompt_names`` and ``num_prompts``;
-  ``sample_prompt_ids(N, generator) -> int64 [N]``;
+  ``sample_prompt_ids(N, generator, rank=, world_size=) -> int64 [N]``,
+  with ``shares_prompt_draws`` saying whether the ranks draw with one
+  generator seeded alike and keep a slice each (the pass/fail problem's
+  distinct prompts) or each with its own (the distance problem's);
   ``rewards(prompt_ids, answers) -> float32 [N]``; ``metric_names``, the
   columns it adds to metrics.csv, and ``metrics(policy, prompt_ids,
   rewards) -> float32 [len(metric_names)]``, computed on the device after
@@ -78,7 +81,8 @@ def check_config(config: ml_collections.ConfigDict, *, world_size: int = 1) -> N
         config: a training config, whose ``stat_tracking`` fields are
             already checked (``training.validate_config`` calls this last).
         world_size: processes that train together; each samples its own
-            batch of ``sample_batch_size``.
+            batch of ``sample_batch_size``, the pass/fail problem's ranks
+            from distinct prompts.
 
     Raises:
         ValueError: naming the first field the problem cannot use (or does
@@ -121,27 +125,26 @@ def check_config(config: ml_collections.ConfigDict, *, world_size: int = 1) -> N
                 f"({problem.max_sigma})"
             )
         size, group = config.sample_batch_size, problem.group_size
-        if not isinstance(size, int) or size % group or size // group > problem.num_prompts:
+        if not isinstance(size, int) or size % group or size // group * world_size > problem.num_prompts:
+            ranks = f" across the {world_size} processes" if world_size > 1 else ""
             raise ValueError(
                 f"config.sample_batch_size ({size!r}) must be a multiple of config.problem.group_size ({group}) "
-                f"with at most config.problem.num_prompts ({problem.num_prompts}) groups: each step samples "
-                "N / G distinct prompts, G times each"
+                f"with at most config.problem.num_prompts ({problem.num_prompts}) groups{ranks}: each step "
+                "samples N / G distinct prompts, G times each"
             )
-        # A buffer shorter than a prompt's samples in one step keeps only the last of them; with a std
-        # to divide by, a pass left out of a window of fails gets the advantage 1 / 1e-6. Ranks draw
-        # their prompts independently, so one prompt can have world_size * G samples in a step.
+        # A buffer shorter than a prompt's samples in one step (G: the ranks' prompts are distinct)
+        # keeps only the last of them; with a std to divide by, a pass left out of a window of fails
+        # gets the advantage 1 / 1e-6.
         tracking = config.stat_tracking
         divides_by_std = tracking.method == "buffer" or (
             tracking.method == "grpo" and tracking.get("memory", "none") == "buffer"
         )
-        most = group * world_size
-        if divides_by_std and tracking.buffer_size < most:
-            ranks = f" x {world_size} processes" if world_size > 1 else ""
+        if divides_by_std and tracking.buffer_size < group:
             raise ValueError(
                 f"config.stat_tracking.buffer_size ({tracking.buffer_size}) must be at least "
-                f"config.problem.group_size ({group}){ranks} = {most}, a prompt's most samples in one step: a "
-                "shorter buffer keeps only the last of them, and a pass left out of a window of fails gets the "
-                "advantage 1 / 1e-6 (the README's K < G rows collapse)"
+                f"config.problem.group_size ({group}), a prompt's samples in one step: a shorter buffer keeps only "
+                "the last of them, and a pass left out of a window of fails gets the advantage 1 / 1e-6 (the "
+                "README's K < G rows collapse)"
             )
 
 

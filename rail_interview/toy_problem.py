@@ -216,6 +216,8 @@ class ToyProblem:
 
     #: The columns ``metrics`` adds to a run's metrics.csv: none, the rewards say it all.
     metric_names = ()
+    #: Each rank draws its prompts with its own generator (``sample_prompt_ids``).
+    shares_prompt_draws = False
 
     prompt_names: List[str]
     slots: torch.Tensor
@@ -276,12 +278,17 @@ class ToyProblem:
         """P, the number of prompts."""
         return len(self.prompt_names)
 
-    def sample_prompt_ids(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    def sample_prompt_ids(
+        self, batch_size: int, generator: torch.Generator, *, rank: int = 0, world_size: int = 1
+    ) -> torch.Tensor:
         """Draws a batch of prompts uniformly, with replacement.
 
         Args:
             batch_size: N.
-            generator: the run's generator, on the problem's device.
+            generator: the run's generator, on the problem's device; with
+                several ranks, each rank's own (so their draws differ).
+            rank: unused: prompts are drawn with replacement, on every rank alike.
+            world_size: unused.
 
         Returns:
             int64 [N], prompt ids in [0, P).

@@ -298,6 +298,24 @@ def _sampling_generator(
     return torch.Generator(device=generator.device).manual_seed(int(seeds[context.rank]))
 
 
+def _prompt_generator(
+    config: ml_collections.ConfigDict, problem: Any, sampler: torch.Generator, context: distributed.DistributedContext
+) -> torch.Generator:
+    """The generator a rank draws its prompt ids with.
+
+    Its ``sampler``, unless the problem draws a step's prompts for every rank
+    at once (``problem.shares_prompt_draws``: the pass/fail problem, whose
+    ranks must not share a prompt) and there are several ranks: then one
+    generator, seeded alike on every rank from the run's seed, of whose
+    draws each rank keeps its slice. One process is unchanged.
+    """
+    if context.world_size == 1 or not problem.shares_prompt_draws:
+        return sampler
+    seeds = torch.Generator().manual_seed(config.seed)
+    torch.randint(2**62, (context.world_size,), generator=seeds)  # the ranks' sampling seeds, as above
+    return torch.Generator(device=sampler.device).manual_seed(int(torch.randint(2**62, (1,), generator=seeds)))
+
+
 class _MetricsFile:
     """metrics.csv of a run: appended to in chunks, truncated when a run resumes.
 
@@ -546,6 +564,7 @@ def train(
     generator = torch.Generator(device=device).manual_seed(config.seed)
     problem, policy = problems.make_problem(config, generator)
     sampler = _sampling_generator(config, generator, context)
+    prompt_sampler = _prompt_generator(config, problem, sampler, context)
     if tracker is None:
         tracker = build_tracker(
             config.stat_tracking, num_prompts=problem.num_prompts, device=device, process_group=context.group
@@ -578,7 +597,7 @@ def train(
             checkpoint = checkpointing.load_checkpoint(
                 os.path.join(run_dir, checkpointing.CHECKPOINT_FILE), ["epoch", "params", "tracker", "generators"]
             )
-            _restore(checkpoint, policy, tracker, sampler, context)
+            _restore(checkpoint, policy, tracker, sampler, prompt_sampler, context)
             start_epoch = checkpoint["epoch"]
             if start_epoch > config.num_epochs:
                 raise checkpointing.CheckpointError(
@@ -643,7 +662,9 @@ def train(
     chunk_first = start_epoch  # first epoch held in `chunk`; a resumed run may start mid-chunk
     start = chunk_start = time.perf_counter()
     for epoch in range(start_epoch, config.num_epochs):
-        local_ids = problem.sample_prompt_ids(config.sample_batch_size, sampler)  # [N]
+        local_ids = problem.sample_prompt_ids(  # [N]
+            config.sample_batch_size, prompt_sampler, rank=context.rank, world_size=context.world_size
+        )
         local_samples = policy.sample(local_ids, sampler)  # [N]
         local_rewards = problem.rewards(local_ids, local_samples)  # [N]
         local_advantages = tracker.update(local_ids, local_rewards)  # [N]
@@ -685,7 +706,7 @@ def train(
         if last or (config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0):
             if recorder is not None:
                 recorder.flush()
-            _save(run_dir, epoch + 1, policy, tracker, sampler, context)
+            _save(run_dir, epoch + 1, policy, tracker, sampler, prompt_sampler, context)
             if context.is_main:
                 _write_text(
                     os.path.join(run_dir, TRAIN_TIME_FILE),
@@ -891,6 +912,7 @@ def _save(
     policy: Any,
     tracker: stat_tracking.StatTracker,
     sampler: torch.Generator,
+    prompt_sampler: torch.Generator,
     context: distributed.DistributedContext,
 ) -> None:
     """Writes the checkpoint to resume at ``next_epoch`` (rank 0 writes, every rank joins)."""
@@ -898,16 +920,16 @@ def _save(
     generator_states = context.gather_objects(sampler.get_state())
     if not context.is_main:
         return
-    checkpointing.save_checkpoint(
-        os.path.join(run_dir, checkpointing.CHECKPOINT_FILE),
-        {
-            "epoch": next_epoch,
-            "world_size": context.world_size,
-            "params": policy.params.cpu(),
-            "tracker": {name: tensor.cpu() for name, tensor in tracker.state_dict().items()},
-            "generators": generator_states,
-        },
-    )
+    state = {
+        "epoch": next_epoch,
+        "world_size": context.world_size,
+        "params": policy.params.cpu(),
+        "tracker": {name: tensor.cpu() for name, tensor in tracker.state_dict().items()},
+        "generators": generator_states,
+    }
+    if prompt_sampler is not sampler:  # the ranks' shared prompt generator, alike on every rank
+        state["prompt_generator"] = prompt_sampler.get_state()
+    checkpointing.save_checkpoint(os.path.join(run_dir, checkpointing.CHECKPOINT_FILE), state)
 
 
 def _restore(
@@ -915,9 +937,10 @@ def _restore(
     policy: Any,
     tracker: stat_tracking.StatTracker,
     sampler: torch.Generator,
+    prompt_sampler: torch.Generator,
     context: distributed.DistributedContext,
 ) -> None:
-    """Loads a checkpoint's parameters, tracker state and this rank's generator state."""
+    """Loads a checkpoint's parameters, tracker state and this rank's generator states."""
     where = "checkpoint"
     if checkpoint.get("world_size", 1) != context.world_size:
         raise checkpointing.CheckpointError(
@@ -934,5 +957,12 @@ def _restore(
         tracker.load_state_dict(checkpoint["tracker"])
     except (TypeError, ValueError) as error:
         raise checkpointing.CheckpointError(f"{where} does not fit this run's tracker: {error}") from error
+    if prompt_sampler is not sampler and not isinstance(checkpoint.get("prompt_generator"), torch.Tensor):
+        raise checkpointing.CheckpointError(
+            f"{where} holds no state of the ranks' shared prompt generator: it was written before the ranks of "
+            "this problem drew distinct prompts. Start a new run"
+        )
     policy.params.copy_(params)
     sampler.set_state(checkpoint["generators"][context.rank])
+    if prompt_sampler is not sampler:
+        prompt_sampler.set_state(checkpoint["prompt_generator"])

@@ -61,8 +61,8 @@ def _training(rank: int, logdir: str) -> None:
     drawn = []  # this rank's prompt ids, one [16] tensor per epoch
     sample_prompt_ids = ToyProblem.sample_prompt_ids
 
-    def spy_sampling(problem, batch_size, generator):
-        drawn.append(sample_prompt_ids(problem, batch_size, generator))
+    def spy_sampling(problem, batch_size, generator, **ranks):
+        drawn.append(sample_prompt_ids(problem, batch_size, generator, **ranks))
         return drawn[-1]
 
     ToyProblem.sample_prompt_ids = spy_sampling

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from rail_interview import pass_fail_training, problems, training
 from rail_interview.configs import default, pass_fail
+from rail_interview.pass_fail_problem import PassFailProblem
 from spawned_ranks import run_ranks
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -149,11 +150,12 @@ def test_a_buffer_shorter_than_the_group_is_refused_where_it_divides_by_a_std(co
         training.validate_config(config)
 
 
-def test_with_several_processes_the_buffer_must_hold_every_rank_s_group(config):
-    config.stat_tracking.buffer_size = 4
+def test_with_several_processes_every_rank_s_groups_need_prompts_of_their_own(config):
+    config.sample_batch_size, config.stat_tracking.buffer_size = 128, 4  # 32 groups of P = 64
     training.validate_config(config)
-    with pytest.raises(ValueError, match=r"config.problem.group_size \(4\) x 2 processes = 8"):
-        problems.check_config(config, world_size=2)
+    problems.check_config(config, world_size=2)
+    with pytest.raises(ValueError, match=r"at most config.problem.num_prompts \(64\) groups across the 3 processes"):
+        problems.check_config(config, world_size=3)
 
 
 def test_a_field_of_the_other_problem_is_refused(config):
@@ -211,28 +213,42 @@ def _two_ranks(rank, logdir):
     config = pass_fail.get_config()
     config.device, config.num_epochs, config.log_every, config.checkpoint_every = "cpu", 20, 10, 10
     config.sample_batch_size = 32  # per rank: 8 groups of 4
-    params = []
-    save = training._save  # pylint: disable=protected-access
+    config.stat_tracking.buffer_size = 4  # one group: enough, as no prompt is in two ranks' batches
+    params, drawn = [], []
+    save, sample_prompt_ids = training._save, PassFailProblem.sample_prompt_ids  # pylint: disable=protected-access
 
     def spy(run_dir, next_epoch, policy, *args):
         params.append(policy.params.clone())
         save(run_dir, next_epoch, policy, *args)
 
+    def spy_sampling(problem, batch_size, generator, **ranks):
+        drawn.append(sample_prompt_ids(problem, batch_size, generator, **ranks))
+        return drawn[-1]
+
     training._save = spy  # pylint: disable=protected-access
-    config.stat_tracking.buffer_size = 4  # one group's worth: two ranks can draw the same prompt
-    with pytest.raises(training.ConfigError, match=r"x 2 processes = 8"):
-        training.train(config, logdir)
-    config.stat_tracking.buffer_size = 32
-    summary = training.train(config, logdir)
+    PassFailProblem.sample_prompt_ids = spy_sampling
+    summary = training.train(config, os.path.join(logdir, "straight"))
     gathered = [torch.empty_like(params[-1]) for _ in range(WORLD_SIZE)]
     dist.all_gather(gathered, params[-1])
     assert torch.equal(gathered[0], gathered[1]), "parameters differ across ranks"
+    local_ids = torch.stack(drawn)  # [epochs, 32]
+    all_ids = [torch.empty_like(local_ids) for _ in range(WORLD_SIZE)]
+    dist.all_gather(all_ids, local_ids)
+    for step in range(20):  # a step's 16 groups are 16 distinct prompts, 8 on each rank
+        assert len(set(torch.cat([ids[step] for ids in all_ids]).tolist())) == 16
+    assert not torch.equal(all_ids[0], all_ids[1])
+
+    # Stopped at epoch 10 and resumed, the run is the straight one: the shared prompt draws resume too.
+    config.num_epochs = 10
+    run_dir = training.train(config, os.path.join(logdir, "resumed"))["run_dir"]
+    config.num_epochs = 20
+    resumed = training.train(config, run_dir, resume=True)
     if rank == 0:
         rows = _metrics(summary["run_dir"])
-        assert len(rows) == 20 and all(0 <= float(r["zero_variance_frac"]) <= 1 for r in rows)
+        assert len(rows) == 20 and rows == _metrics(resumed["run_dir"])
 
 
-def test_two_gloo_ranks_train_the_pass_fail_problem_in_step(tmp_path):
+def test_two_gloo_ranks_train_the_pass_fail_problem_on_distinct_prompts_and_resume(tmp_path):
     run_ranks(_two_ranks, WORLD_SIZE, str(tmp_path / "init"), (str(tmp_path / "runs"),), timeout=240)
 
 

@@ -94,3 +94,22 @@ def test_metrics_are_the_true_pass_rate_and_the_share_of_groups_without_signal()
     assert zero_variance == pytest.approx(2 / 3)
     assert pass_rate == float(problem.pass_probability(policy.means()).mean())
     assert problem.metric_names == ("pass_rate", "zero_variance_frac")
+
+
+def test_ranks_drawing_alike_get_distinct_prompts_and_one_process_draws_sample_groups():
+    problem, _ = _problem(group_size=4)
+    state = torch.Generator().manual_seed(7).get_state()
+
+    def draw(**ranks):
+        return problem.sample_prompt_ids(32, torch.Generator().set_state(state), **ranks)
+
+    alone, first, second = draw(), draw(rank=0, world_size=2), draw(rank=1, world_size=2)
+    assert torch.equal(alone, problem.sample_groups(8, 4, torch.Generator().set_state(state)))
+    assert torch.equal(first, alone)  # rank 0 keeps the first slice of the same order
+    assert not set(first.tolist()) & set(second.tolist()) and len(set(second.tolist())) == 8
+    with pytest.raises(ValueError, match="at most 64 groups across 9 process"):
+        draw(rank=0, world_size=9)
+    with pytest.raises(ValueError, match="rank 2 is not in"):
+        draw(rank=2, world_size=2)
+    with pytest.raises(ValueError, match="multiple of the group size 4"):
+        problem.sample_prompt_ids(30, torch.Generator())

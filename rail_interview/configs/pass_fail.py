@@ -71,8 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.stat_tracking.method = "grpo"
     config.stat_tracking.memory = "buffer"
     # A prompt's 32 last rewards: 8 visits at G = 4. With "grpo" (or method
-    # "buffer") it must be at least group_size times the processes: a
-    # prompt's most samples in one step.
+    # "buffer") it must be at least group_size, a prompt's samples in one
+    # step (the processes of a torchrun job draw distinct prompts).
     config.stat_tracking.buffer_size = 32
     # Rewards a prompt's memory needs before its statistics are used (one
     # visit at G = 4); below it, its samples get the fallback (0).
