@@ -331,6 +331,11 @@ class SharedLinearPolicy:
         self.params.add_(steps @ self.features[prompt_ids], alpha=learning_rate / max(len(prompt_ids), 1))
 
 
+#: ``PassFailProblem.create``'s options beyond the sizes, by the names that a training config's
+#: ``problem`` section and a ``pass_fail_training.PassFailRun`` give them too.
+PROBLEM_OPTIONS = ("group_size", "tolerance", "min_sigma", "max_sigma", "label_scale")
+
+
 def make_pass_fail_problem(
     *, num_prompts: int, num_features: int, generator: torch.Generator, **options: Any
 ) -> Tuple[PassFailProblem, SharedLinearPolicy]:

@@ -49,7 +49,7 @@ import ml_collections
 import torch
 
 from rail_interview import training
-from rail_interview.pass_fail_problem import make_pass_fail_problem
+from rail_interview.pass_fail_problem import PROBLEM_OPTIONS, make_pass_fail_problem
 from rail_interview.stat_tracking import AdvantageTracker
 
 #: Estimators: the GRPO family of ``training.build_tracker``.
@@ -268,11 +268,7 @@ def train_pass_fail(run: PassFailRun) -> Dict[str, Any]:
         num_prompts=run.num_prompts,
         num_features=run.num_features,
         generator=generator,
-        group_size=run.group_size,
-        tolerance=run.tolerance,
-        min_sigma=run.min_sigma,
-        max_sigma=run.max_sigma,
-        label_scale=run.label_scale,
+        **{option: getattr(run, option) for option in PROBLEM_OPTIONS},
     )
     if run.ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {', '.join(map(repr, ABLATIONS))}; got {run.ablation!r}")

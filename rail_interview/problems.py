@@ -34,7 +34,7 @@ from typing import Any, Tuple
 import ml_collections
 import torch
 
-from rail_interview.pass_fail_problem import make_pass_fail_problem
+from rail_interview.pass_fail_problem import PROBLEM_OPTIONS, make_pass_fail_problem
 from rail_interview.toy_problem import make_toy_problem
 
 #: Problem names, the values ``config.problem.name`` may take.
@@ -50,15 +50,7 @@ BAD_FINAL_REWARD = {"distance": -20.0, "pass_fail": 0.2}
 #: Each problem's fields of ``config.problem`` besides ``name``.
 _OPTIONS = {
     "distance": ("num_prompts", "num_params"),
-    "pass_fail": (
-        "num_prompts",
-        "num_params",
-        "group_size",
-        "tolerance",
-        "min_sigma",
-        "max_sigma",
-        "label_scale",
-    ),
+    "pass_fail": ("num_prompts", "num_params", *PROBLEM_OPTIONS),
 }
 
 
@@ -164,10 +156,6 @@ def make_problem(config: ml_collections.ConfigDict, generator: torch.Generator) 
             num_prompts=problem.num_prompts,
             num_features=problem.num_params,
             generator=generator,
-            group_size=problem.group_size,
-            tolerance=problem.tolerance,
-            min_sigma=problem.min_sigma,
-            max_sigma=problem.max_sigma,
-            label_scale=problem.label_scale,
+            **{option: problem[option] for option in PROBLEM_OPTIONS},
         )
     return make_toy_problem(num_prompts=problem.num_prompts, num_params=problem.num_params, generator=generator)

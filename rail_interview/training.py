@@ -399,6 +399,7 @@ class _MetricsFile:
         last = rows[-FINAL_REWARD_EPOCHS:]
 
         def mean(name: str, chosen: List[Dict[str, str]]) -> float:
+            """The mean of column ``name`` over the ``chosen`` rows."""
             return sum(float(row[name]) for row in chosen) / len(chosen)
 
         return {n: mean(n, last) for n in self.names}, {n: mean(n, rows) for n in self.names}, len(last)
