@@ -15,9 +15,11 @@ torchrun) is marked by the line just before its fence:
 with the reason in the brackets. Such a block is still compiled, so that its
 syntax stays right. Use the marker sparingly.
 
-Besides running the blocks, these tests check that relative links and images
-point to files (and headings) that exist, that docs/index.md lists every
-page, and that the README stays a front door of about 12 KB.
+A few blocks whose comments state values are also checked for them (CHECKS,
+keyed by page and a piece of the block's code). Besides running the blocks,
+these tests check that relative links and images point to files (and
+headings) that exist, that docs/index.md lists every page, and that the
+README stays a front door of about 12 KB.
 """
 
 from __future__ import annotations
@@ -96,20 +98,15 @@ def run_block(block: Block) -> dict:
     return namespace
 
 
-def block_containing(page: pathlib.Path, text: str) -> Block:
-    """The one Python block of ``page`` whose code contains ``text``."""
-    found = [b for b in code_blocks(page) if b.language == "python" and text in b.code]
-    assert len(found) == 1, f"{page.relative_to(ROOT)}: {len(found)} Python blocks contain {text!r}"
-    return found[0]
-
-
 @pytest.mark.parametrize("block", python_blocks())
 def test_python_block_runs(block: Block, tmp_path, monkeypatch):
     compile("\n" * (block.line - 1) + block.code, str(block.page), "exec")
     if block.skip_reason:
         pytest.skip(f"marked in the page: {block.skip_reason}")
     monkeypatch.chdir(tmp_path)
-    run_block(block)
+    namespace = run_block(block)
+    for check in checks_for(block):
+        check(namespace)
 
 
 def test_the_blocks_are_found():
@@ -181,31 +178,48 @@ def test_the_index_lists_every_page():
     assert index.resolve() in readme_links, "the README links docs/index.md"
 
 
-# What some blocks compute, checked beyond "it runs" (their comments state these values).
+# What some blocks compute, checked beyond "it runs" (their comments state these values), keyed by the
+# page and a piece of the block's code; test_python_block_runs applies them.
 
 
-def test_usage_example_gives_advantages_and_a_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    namespace = run_block(block_containing(DOCS / "usage.md", "PromptIndex(capacity=num_prompts)"))
+def check_usage_example(namespace: dict) -> None:
     assert namespace["advantages"].shape == (3,)
     assert namespace["checkpoint"]["prompts"] == {"prompts": ["a photo of a cat", "a photo of a dog"]}
 
 
-def test_grpo_family_example_gives_the_advantages_its_comment_states(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    namespace = run_block(block_containing(DOCS / "presets.md", "presets.verl_grpo(8)"))
-    torch.testing.assert_close(
-        namespace["advantages"], torch.tensor([0.7071, -0.7071, 0.0, 0.0, 0.3]), atol=1e-4, rtol=0
-    )
+def check_grpo_family_example(namespace: dict) -> None:
+    assert namespace["advantages"].tolist() == pytest.approx([0.7071, -0.7071, 0.0, 0.0, 0.3], abs=1e-4)
     report = namespace["report"]
     assert report.zero_variance.tolist() == [False, False, True, True, True]
     assert report.fallback.tolist() == [True] * 5  # min_count=4: every prompt starts on the batch's statistics
 
 
-def test_prompt_keys_example_keys_one_prompt_alike(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    namespace = run_block(block_containing(DOCS / "prompt_keys.md", "token_keys(token_ids, attention_mask)"))
+def check_prompt_keys_example(namespace: dict) -> None:
     assert namespace["keys"][0] == namespace["keys"][1]
     assert namespace["advantages"].shape == (2,)
     assert namespace["tracker"].stats(namespace["prompt_keys"](["a cat"])).count.tolist() == [2]
     assert torch.isfinite(namespace["advantages"]).all()
+
+
+def check_quick_start(namespace: dict) -> None:
+    assert namespace["advantages"].tolist() == pytest.approx([0.7071, -0.7071, -0.7071, 0.7071], abs=1e-3)
+    assert namespace["stats"].count.tolist() == [2]
+
+
+CHECKS = {
+    ("docs/usage.md", "PromptIndex(capacity=num_prompts)"): check_usage_example,
+    ("docs/presets.md", "presets.verl_grpo(8)"): check_grpo_family_example,
+    ("docs/prompt_keys.md", "token_keys(token_ids, attention_mask)"): check_prompt_keys_example,
+    ("README.md", "presets.trl_grpo(num_prompts=1024"): check_quick_start,
+}
+
+
+def checks_for(block: Block) -> list:
+    page = block.page.relative_to(ROOT).as_posix()
+    return [check for (name, text), check in CHECKS.items() if name == page and text in block.code]
+
+
+def test_every_check_finds_its_block():
+    for page, text in CHECKS:
+        found = [b for b in code_blocks(ROOT / page) if b.language == "python" and text in b.code]
+        assert len(found) == 1, f"{page}: {len(found)} Python blocks contain {text!r}"
