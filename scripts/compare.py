@@ -1,4 +1,4 @@
-"""Compares stat-tracking methods over several seeds; see rail_interview/comparison.py.
+"""Compares stat-tracking methods over several seeds; see rail_interview/studies/compare.py.
 
 Usage (the README's results come from these):
     python scripts/compare.py --methods=batch,buffer,ema --out=docs/results/methods
@@ -42,7 +42,8 @@ import tempfile
 
 from absl import app, flags, logging
 
-from rail_interview import comparison, configs, problems
+from rail_interview import configs, problems
+from rail_interview.studies import compare as comparison
 
 _CONFIG = configs.define_config_flag("compare.py", "Base training config.")
 _METHODS = flags.DEFINE_list(
@@ -196,7 +197,7 @@ def main(argv):
         os.makedirs(out, exist_ok=True)
     bad_threshold = _BAD_THRESHOLD.value
     if bad_threshold is None:
-        bad_threshold = problems.BAD_FINAL_REWARD[problems.problem_name(_CONFIG.value)]
+        bad_threshold = problems.bad_final_reward(problems.problem_name(_CONFIG.value))
     summaries = comparison.summarize(results, bad_threshold=bad_threshold)
     table = comparison.format_markdown(summaries, bad_threshold=bad_threshold)
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:

@@ -9,7 +9,7 @@ Every run starts from the training config (rail_interview/configs/pass_fail.py
 unless --config names another pass/fail config), so a study row is what
 `scripts/train.py --config=rail_interview/configs/pass_fail.py` with that
 row's method, memory and group size trains, bit for bit. See
-rail_interview/pass_fail_study.py for the rows and how each row's learning
+rail_interview/studies/pass_fail.py for the rows and how each row's learning
 rate is chosen (on tuning seeds, reported on other seeds).
 """
 
@@ -19,7 +19,8 @@ import tempfile
 
 from absl import app, flags
 
-from rail_interview import configs, pass_fail_study, training
+from rail_interview import configs, training
+from rail_interview.studies import pass_fail as pass_fail_study
 
 _CONFIG = configs.define_config_flag(
     "pass_fail_study.py", "Pass/fail training config every run starts from.", configs.PASS_FAIL_CONFIG_PATH

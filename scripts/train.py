@@ -1,4 +1,4 @@
-"""Trains a toy policy-gradient problem; see rail_interview/training.py.
+"""Trains a toy policy-gradient problem; see rail_interview/training/loop.py.
 
 Usage:
     python scripts/train.py                                   # default config

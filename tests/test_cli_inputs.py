@@ -45,7 +45,7 @@ BAD_COMPARE_ARGUMENTS = {
     "unknown_fallback": (
         ["--methods=grpo", "--config.stat_tracking.fallback=rawx"],
         "fallback",
-        "choose from 'zero', 'raw', 'batch'",
+        "fallback must be one of 'batch', 'raw', 'zero'; got 'rawx'",
     ),
     "unknown_config_field": (["--config.bogus=1"], "bogus", "no such config field"),
     "out_is_a_file": (["--out=/dev/null"], "--out", "must be a directory"),

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from rail_interview import comparison, configs
+from rail_interview import configs
 from rail_interview.configs import default
+from rail_interview.studies import compare as comparison
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -295,7 +296,7 @@ def test_check_settings_and_run_comparison_refuse_a_bad_setting_before_starting_
         ),
         (
             [comparison.Setting("grpo", {"stat_tracking.method": "grpo", "stat_tracking.fallback": "rawx"})],
-            "setting 'grpo': unknown config.stat_tracking.fallback 'rawx'",
+            "setting 'grpo': config.stat_tracking \\(method 'grpo'\\): fallback must be one of 'batch', 'raw', 'zero'",
         ),
         ([comparison.Setting("typo", {"stat_tracking.bufer_size": 3})], "setting 'typo': .*stat_tracking.bufer_size"),
         ([good, good], "setting names must be distinct"),

@@ -11,8 +11,9 @@ import torch.distributed as dist
 
 from rail_interview import distributed, training
 from rail_interview.configs import default
+from rail_interview.problems.distance import ToyProblem, make_toy_problem
 from rail_interview.stat_tracking import load_prompt_stats
-from rail_interview.toy_problem import ToyProblem, make_toy_problem
+from rail_interview.training.state import TrainingState, make_generators
 from spawned_ranks import run_ranks
 
 WORLD_SIZE = 2
@@ -25,7 +26,7 @@ def _first_draws(rank: int, world_size: int, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)  # every rank draws the same instance
     problem, policy = make_toy_problem(num_prompts=64, num_params=1024, generator=generator)
     context = distributed.DistributedContext(rank=rank, world_size=world_size)
-    sampler = training._sampling_generator(config, generator, context)  # pylint: disable=protected-access
+    sampler = make_generators(config.seed, generator, problem, context).answers
     ids = problem.sample_prompt_ids(256, sampler)
     return ids, policy.sample(ids, sampler)
 
@@ -51,13 +52,13 @@ def _training(rank: int, logdir: str) -> None:
     config.device, config.num_epochs, config.log_every, config.checkpoint_every = "cpu", 20, 10, 10
     config.problem.num_prompts, config.problem.num_params, config.sample_batch_size = 8, 32, 16
     final_params = []
-    save = training._save  # pylint: disable=protected-access
+    checkpoint = TrainingState.checkpoint
 
-    def spy(run_dir, next_epoch, policy, *args):
-        final_params.append(policy.params.clone())
-        save(run_dir, next_epoch, policy, *args)
+    def spy(state, next_epoch):
+        final_params.append(state.policy.params.clone())
+        return checkpoint(state, next_epoch)
 
-    training._save = spy  # pylint: disable=protected-access
+    TrainingState.checkpoint = spy
     drawn = []  # this rank's prompt ids, one [16] tensor per epoch
     sample_prompt_ids = ToyProblem.sample_prompt_ids
 

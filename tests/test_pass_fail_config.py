@@ -13,9 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rail_interview import pass_fail_training, problems, training
+from rail_interview import problems, training
 from rail_interview.configs import default, pass_fail
-from rail_interview.pass_fail_problem import PassFailProblem
+from rail_interview.problems.pass_fail import PassFailProblem
+from rail_interview.studies import pass_fail_runs
+from rail_interview.training.state import TrainingState
 from spawned_ranks import run_ranks
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -49,25 +51,23 @@ def test_the_config_chooses_the_problem(config, tmp_path):
     assert problems.problem_name(default.get_config()) == "distance"
 
 
-@pytest.mark.parametrize("method", ["grpo", "dr_grpo", "rloo"])
-@pytest.mark.parametrize("memory", ["none", "buffer", "ema"])
-def test_train_and_the_in_process_run_give_the_same_curve(config, tmp_path, method, memory):
-    """The study's runs are train.py's runs: the same pass rates and zero-variance shares, bit for bit."""
-    config.stat_tracking.method, config.stat_tracking.memory = method, memory
+def test_a_run_from_the_config_is_the_config_s_training_run(config, tmp_path):
+    """Both take training.step; from_config maps every field, so the curves agree bit for bit."""
+    config.stat_tracking.method, config.stat_tracking.memory = "rloo", "ema"
     config.problem.group_size, config.seed = 2, 3
     rows = _metrics(training.train(config, str(tmp_path))["run_dir"])
-    result = pass_fail_training.train_pass_fail(pass_fail_training.PassFailRun.from_config(config))
+    result = pass_fail_runs.train_pass_fail(pass_fail_runs.PassFailRun.from_config(config))
     assert [float(r["pass_rate"]) for r in rows] == result["pass_rate"][1:]
     assert [float(r["zero_variance_frac"]) for r in rows] == result["zero_variance"]
 
 
 def test_from_config_takes_every_field_and_refuses_another_problem(config):
     config.problem.label_scale, config.problem.tolerance, config.stat_tracking.buffer_size = 2.0, 0.5, 8
-    run = pass_fail_training.PassFailRun.from_config(config, dynamic_sampling=True)
+    run = pass_fail_runs.PassFailRun.from_config(config, dynamic_sampling=True)
     assert (run.label_scale, run.tolerance, run.buffer_size, run.num_groups) == (2.0, 0.5, 8, 16)
     assert run.dynamic_sampling and run.num_steps == config.num_epochs and run.memory == "buffer"
     with pytest.raises(training.ConfigError, match="problem.name 'pass_fail'"):
-        pass_fail_training.PassFailRun.from_config(default.get_config())
+        pass_fail_runs.PassFailRun.from_config(default.get_config())
 
 
 def test_a_pass_fail_run_resumes_byte_for_byte(config, tmp_path):
@@ -215,17 +215,17 @@ def _two_ranks(rank, logdir):
     config.sample_batch_size = 32  # per rank: 8 groups of 4
     config.stat_tracking.buffer_size = 4  # one group: enough, as no prompt is in two ranks' batches
     params, drawn = [], []
-    save, sample_prompt_ids = training._save, PassFailProblem.sample_prompt_ids  # pylint: disable=protected-access
+    checkpoint, sample_prompt_ids = TrainingState.checkpoint, PassFailProblem.sample_prompt_ids
 
-    def spy(run_dir, next_epoch, policy, *args):
-        params.append(policy.params.clone())
-        save(run_dir, next_epoch, policy, *args)
+    def spy(state, next_epoch):
+        params.append(state.policy.params.clone())
+        return checkpoint(state, next_epoch)
 
     def spy_sampling(problem, batch_size, generator, **ranks):
         drawn.append(sample_prompt_ids(problem, batch_size, generator, **ranks))
         return drawn[-1]
 
-    training._save = spy  # pylint: disable=protected-access
+    TrainingState.checkpoint = spy
     PassFailProblem.sample_prompt_ids = spy_sampling
     summary = training.train(config, os.path.join(logdir, "straight"))
     gathered = [torch.empty_like(params[-1]) for _ in range(WORLD_SIZE)]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rail_interview.pass_fail_problem import PassFailProblem, SharedLinearPolicy, make_pass_fail_problem
+from rail_interview.problems.pass_fail import PassFailProblem, SharedLinearPolicy, make_pass_fail_problem
 from rail_interview.stat_tracking import presets
 
 

@@ -5,8 +5,8 @@ import os
 import subprocess
 import sys
 
-from rail_interview import pass_fail_study
 from rail_interview.configs import pass_fail
+from rail_interview.studies import pass_fail as pass_fail_study
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

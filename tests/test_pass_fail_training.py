@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from rail_interview.pass_fail_problem import PassFailProblem
-from rail_interview.pass_fail_training import PassFailRun, build_tracker, summarize, train_pass_fail
+from rail_interview.problems.pass_fail import PassFailProblem
+from rail_interview.studies.pass_fail_runs import PassFailRun, build_tracker, summarize, train_pass_fail
 
 
 def test_one_seed_one_run():

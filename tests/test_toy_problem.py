@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rail_interview.toy_problem import GaussianPolicy, ToyProblem, make_prompt_names, make_toy_problem
+from rail_interview.problems.distance import GaussianPolicy, ToyProblem, make_prompt_names, make_toy_problem
 
 
 def _draw(seed: int, num_prompts: int = 64, num_params: int = 1024):

@@ -218,7 +218,10 @@ def test_grpo_family_trackers_are_the_presets():
         "batch",
     )
     config.fallback = "median"
-    with pytest.raises(ValueError, match="unknown config.stat_tracking.fallback 'median'; choose from 'zero'"):
+    with pytest.raises(
+        ValueError,
+        match=r"config.stat_tracking \(method 'rloo'\): fallback must be one of 'batch', 'raw', 'zero'; got 'median'",
+    ):
         training.build_tracker(config, num_prompts=4, device=torch.device("cpu"))
     # In-batch GRPO with fallback "raw": verl's advantages; a singleton (prompt 2) keeps its raw reward.
     config.method, config.memory, config.fallback = "grpo", "none", "raw"
@@ -234,12 +237,38 @@ def test_grpo_family_trackers_are_the_presets():
 
 def test_unknown_memory_and_memory_with_a_non_grpo_method_are_refused(tiny_config, tmp_path):
     tiny_config.stat_tracking.method, tiny_config.stat_tracking.memory = "grpo", "lstm"
-    with pytest.raises(ValueError, match="unknown config.stat_tracking.memory 'lstm'; choose from 'none', 'buffer'"):
+    with pytest.raises(ValueError, match="method 'grpo'\\): memory must be one of 'none', 'buffer', 'ema'; got 'lstm'"):
         training.train(tiny_config, str(tmp_path))
     tiny_config.stat_tracking.method, tiny_config.stat_tracking.memory = "buffer", "ema"
-    with pytest.raises(ValueError, match="applies to the GRPO family"):
+    with pytest.raises(ValueError, match="memory='ema' does not apply to method 'buffer'.*'grpo', 'dr_grpo', 'rloo'"):
         training.train(tiny_config, str(tmp_path))
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("method", ["buffer", "ema", "batch", "trl_grpo"])
+def test_a_fallback_is_refused_by_a_method_that_has_its_own(tiny_config, method):
+    """No option is silently ignored: "auto" (the method's own) is the only fallback these take from the config."""
+    tiny_config.stat_tracking.method, tiny_config.stat_tracking.fallback = method, "zero"
+    with pytest.raises(
+        training.ConfigError, match=f"fallback='zero' does not apply to method '{method}'.*leave it 'auto'"
+    ):
+        training.validate_config(tiny_config)
+    tiny_config.stat_tracking.fallback = "auto"
+    training.validate_config(tiny_config)
+
+
+def test_any_registered_preset_is_a_method_and_gets_the_fields_its_signature_names(tiny_config):
+    tiny_config.stat_tracking.method, tiny_config.stat_tracking.buffer_size = "ddpo", 8
+    tiny_config.stat_tracking.min_count = 4
+    tracker = training.build_tracker(tiny_config.stat_tracking, num_prompts=4, device=torch.device("cpu"))
+    assert (tracker.memory, tracker.buffer_size if hasattr(tracker, "buffer_size") else 8, tracker.min_count) == (
+        "buffer",
+        8,
+        4,
+    )
+    tiny_config.stat_tracking.method = "no_such_method"
+    with pytest.raises(training.ConfigError, match="unknown config.stat_tracking.method 'no_such_method'; choose from"):
+        training.validate_config(tiny_config)
 
 
 def test_default_config_matches_the_command_line_contract():

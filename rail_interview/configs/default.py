@@ -97,6 +97,9 @@ def get_config() -> ml_collections.ConfigDict:
     #   "rloo":    r - mean of the group's other rewards, no std
     #              (presets.verl_rloo).
     # A "group" is a prompt's samples in the batch (about N / P = 4 here).
+    # Any other name of the preset registry works too (presets.names(): "ddpo",
+    # "trl_grpo", ...); the fields below are passed to it where its signature
+    # names them (presets.parameters(method)).
     config.stat_tracking.method = "buffer"
     # GRPO family only (the other methods refuse anything but "none"): where a
     # prompt's group statistics come from.
@@ -106,13 +109,16 @@ def get_config() -> ml_collections.ConfigDict:
     #             `min_count` of them;
     #   "ema":    moving averages with `ema_decay`, and `min_count` rewards.
     config.stat_tracking.memory = "none"
-    # GRPO family only: what a prompt with too few rewards gets (here prompts
-    # are drawn with replacement, so some have one sample in a batch):
+    # GRPO family only (the other methods refuse anything but "auto"): what a
+    # prompt with too few rewards gets (here prompts are drawn with
+    # replacement, so some have one sample in a batch):
+    #   "auto":  the method's own: "zero" for the GRPO family, the whole
+    #            batch's statistics for "buffer" and "ema";
     #   "zero":  advantage 0, as TRL gives a group of one;
     #   "raw":   its raw reward, as verl gives a group of one. On this problem
     #            that diverges: raw rewards are about -75 at the start;
     #   "batch": the whole batch's mean and std, as "buffer" and "ema" do.
-    config.stat_tracking.fallback = "zero"
+    config.stat_tracking.fallback = "auto"
     # "buffer" (and memory "buffer"): rewards kept per prompt. The batch holds
     # about N / P = 4 samples of each prompt, so 32 covers about the last 8
     # epochs.

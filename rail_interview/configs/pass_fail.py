@@ -1,4 +1,4 @@
-"""The pass/fail problem (``rail_interview/pass_fail_problem.py``): rewards in {0, 1}, groups of G samples.
+"""The pass/fail problem (``rail_interview/problems/pass_fail.py``): rewards in {0, 1}, groups of G samples.
 
 Run it with:
 

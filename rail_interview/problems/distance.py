@@ -1,4 +1,4 @@
-"""The toy policy-gradient problem that the stat trackers are tested on.
+"""The "distance" problem, the original task's: answer each prompt with a hidden number.
 
 A "prompt" is a short text; the policy must learn to answer each prompt with a
 hidden number, its label. The policy is deliberately tiny so that the effect of
@@ -29,7 +29,10 @@ from __future__ import annotations
 import dataclasses
 from typing import List, Tuple
 
+import ml_collections
 import torch
+
+from rail_interview import problems
 
 # Word lists for readable prompt names such as "brave-otter". 64 x 64 = 4096
 # names; more prompts than that get a numeric suffix ("brave-otter-2").
@@ -406,3 +409,15 @@ def make_toy_problem(
         num_prompts=num_prompts, num_params=num_params, generator=generator, device=generator.device
     )
     return problem, GaussianPolicy(problem, generator=generator)
+
+
+def _make(config: ml_collections.ConfigDict, generator: torch.Generator) -> Tuple[ToyProblem, GaussianPolicy]:
+    """The problem and its policy from ``config.problem`` (``ProblemSpec.make``)."""
+    return make_toy_problem(num_prompts=config.num_prompts, num_params=config.num_params, generator=generator)
+
+
+#: The problem's entry in the registry. Its bad-run floor: -20 is far from the
+#: -1 to -5 that runs reach at best and from their starts near -100.
+SPEC = problems.register(
+    problems.ProblemSpec(name="distance", options=("num_prompts", "num_params"), make=_make, bad_final_reward=-20.0)
+)

@@ -32,7 +32,7 @@ and one run, bit for bit. ``training.train`` runs it when
 ``config.problem.name == "pass_fail"`` (``configs/pass_fail.py``): a batch
 of N samples is N / G prompts, G samples each (``sample_prompt_ids``), and
 metrics.csv gains the true pass rate and the share of zero-variance groups
-(``metrics``). ``pass_fail_training`` and ``pass_fail_study`` run the same
+(``metrics``). ``studies.pass_fail_runs`` and ``studies.pass_fail`` run the same
 steps in process for the study of where memory pays.
 
 Dimensions: P prompts, D features, B prompts per step, G samples per prompt,
@@ -45,9 +45,11 @@ import dataclasses
 import math
 from typing import Any, List, Tuple
 
+import ml_collections
 import torch
 
-from rail_interview.toy_problem import make_prompt_names
+from rail_interview import problems
+from rail_interview.problems.distance import make_prompt_names
 
 
 def _normal_cdf(value: torch.Tensor) -> torch.Tensor:
@@ -332,7 +334,7 @@ class SharedLinearPolicy:
 
 
 #: ``PassFailProblem.create``'s options beyond the sizes, by the names that a training config's
-#: ``problem`` section and a ``pass_fail_training.PassFailRun`` give them too.
+#: ``problem`` section and a ``studies.pass_fail_runs.PassFailRun`` give them too.
 PROBLEM_OPTIONS = ("group_size", "tolerance", "min_sigma", "max_sigma", "label_scale")
 
 
@@ -354,3 +356,53 @@ def make_pass_fail_problem(
         num_prompts=num_prompts, num_features=num_features, generator=generator, device=generator.device, **options
     )
     return problem, SharedLinearPolicy(problem)
+
+
+def _check(config: ml_collections.ConfigDict, world_size: int) -> None:
+    """Checks the problem's fields, and the batch size against the group size (``ProblemSpec.check``).
+
+    Raises:
+        ValueError: naming the first field the problem cannot use.
+    """
+    problem = config.problem
+    problems.check_positive("problem.group_size", problem.group_size, integer=True)
+    for field in ("tolerance", "min_sigma", "max_sigma", "label_scale"):
+        problems.check_positive(f"problem.{field}", problem[field], integer=False)
+    if problem.min_sigma > problem.max_sigma:
+        raise ValueError(
+            f"config.problem.min_sigma ({problem.min_sigma}) must be at most config.problem.max_sigma "
+            f"({problem.max_sigma})"
+        )
+    size, group = config.sample_batch_size, problem.group_size
+    if not isinstance(size, int) or size % group or size // group * world_size > problem.num_prompts:
+        ranks = f" across the {world_size} processes" if world_size > 1 else ""
+        raise ValueError(
+            f"config.sample_batch_size ({size!r}) must be a multiple of config.problem.group_size ({group}) "
+            f"with at most config.problem.num_prompts ({problem.num_prompts}) groups{ranks}: each step "
+            "samples N / G distinct prompts, G times each"
+        )
+
+
+def _make(config: ml_collections.ConfigDict, generator: torch.Generator) -> Tuple[PassFailProblem, SharedLinearPolicy]:
+    """The problem and its policy from ``config.problem`` (``ProblemSpec.make``)."""
+    return make_pass_fail_problem(
+        num_prompts=config.num_prompts,
+        num_features=config.num_params,
+        generator=generator,
+        **{option: config[option] for option in PROBLEM_OPTIONS},
+    )
+
+
+#: The problem's entry in the registry. Its bad-run floor: 0.2 is twice the mean
+#: pass rate runs start at (about 0.1) and 40% of a typical ceiling (0.44 to 0.54
+#: over seeds 0 to 9). A step draws G samples of each of its prompts.
+SPEC = problems.register(
+    problems.ProblemSpec(
+        name="pass_fail",
+        options=("num_prompts", "num_params", *PROBLEM_OPTIONS),
+        make=_make,
+        bad_final_reward=0.2,
+        check=_check,
+        samples_per_prompt=lambda config: config.problem.group_size,
+    )
+)

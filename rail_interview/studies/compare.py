@@ -36,6 +36,7 @@ import ml_collections
 
 from rail_interview import training
 from rail_interview.configs import apply_overrides
+from rail_interview.stat_tracking import presets
 
 logger = logging.getLogger(__name__)
 
@@ -57,29 +58,35 @@ class Setting:
 
 
 def parse_method(name: str) -> Tuple[str, str]:
-    """Splits a method name into its ``config.stat_tracking`` method and memory.
+    """Splits a method name into its ``config.stat_tracking`` method and the memory it sweeps.
 
     Args:
-        name: ``batch``, ``buffer``, ``ema``, a GRPO-family method (``grpo``,
-            ``dr_grpo``, ``rloo``), or ``METHOD+buffer`` or ``METHOD+ema``
-            with METHOD of the GRPO family.
+        name: a name of the preset registry (``batch``, ``buffer``, ``ema``,
+            ``grpo``, ``dr_grpo``, ``rloo``, ``ddpo``, ...), or
+            ``METHOD+buffer`` or ``METHOD+ema`` with METHOD one that takes a
+            memory (``training.config.memory_methods()``: the GRPO family).
 
     Returns:
-        (method, memory), memory one of "none", "buffer" and "ema":
-        ``"buffer"`` gives ("buffer", "buffer"), ``"batch"`` ("batch",
-        "none"), ``"rloo+ema"`` ("rloo", "ema").
+        (method, memory), memory one of "none", "buffer" and "ema": the
+        memory named after "+", or the method's own (a method whose preset
+        takes ``buffer_size`` keeps a buffer, one that takes ``decay`` an
+        EMA): ``"buffer"`` gives ("buffer", "buffer"), ``"batch"``
+        ("batch", "none"), ``"rloo+ema"`` ("rloo", "ema").
 
     Raises:
         ValueError: for an unknown method or memory.
     """
     method, _, memory = name.partition("+")
-    grpo = method in training.GRPO_FAMILY
-    if method not in training.METHODS or (memory and not grpo) or memory not in ("", "buffer", "ema"):
+    takes_memory = training.config.memory_methods()
+    if method not in presets.names() or (memory and method not in takes_memory) or memory not in ("", "buffer", "ema"):
         raise ValueError(
-            f"unknown method {name!r}: choose from {', '.join(training.METHODS)}, or METHOD+buffer or "
-            f"METHOD+ema with METHOD one of {', '.join(training.GRPO_FAMILY)}"
+            f"unknown method {name!r}: choose from {', '.join(presets.names())}, or METHOD+buffer or "
+            f"METHOD+ema with METHOD one of {', '.join(takes_memory)}"
         )
-    return method, memory or (method if method in ("buffer", "ema") else "none")
+    if memory or method in takes_memory:
+        return method, memory or "none"
+    parameters = presets.parameters(method)
+    return method, "buffer" if "buffer_size" in parameters else "ema" if "decay" in parameters else "none"
 
 
 def parse_buffer_sizes(values: Sequence[Union[str, int]]) -> List[int]:
@@ -157,7 +164,7 @@ def check_sweep(
     """
     if not methods:
         raise ValueError(
-            f"methods is empty: name at least one of {', '.join(training.METHODS)}, or METHOD+buffer or METHOD+ema"
+            f"methods is empty: name at least one of {', '.join(presets.names())}, or METHOD+buffer or METHOD+ema"
         )
     memories: Dict[str, List[str]] = {}
     for i, name in enumerate(methods):
@@ -176,7 +183,8 @@ def check_sweep(
             "ema_decays sweeps EMA memories, but methods has none: add 'ema' or METHOD+ema to methods, "
             "or leave ema_decays out"
         )
-    grpo_buffers = [name for name in memories.get("buffer", []) if name != "buffer"]
+    takes_memory = training.config.memory_methods()
+    grpo_buffers = [name for name in memories.get("buffer", []) if parse_method(name)[0] in takes_memory]
     if grpo_buffers and sizes and min(sizes) < 2:
         raise ValueError(
             f"buffer_sizes must be >= 2 with {grpo_buffers[0]!r} (the GRPO family needs 2 rewards per "
@@ -231,7 +239,7 @@ def method_settings(
     settings = []
     for name in methods:
         method, memory = parse_method(name)
-        grpo = method in training.GRPO_FAMILY
+        grpo = method in training.config.memory_methods()
         base = {"stat_tracking.method": method}
         if grpo:
             base["stat_tracking.memory"] = memory
@@ -421,7 +429,7 @@ def summarize(results: Sequence[RunResult], *, bad_threshold: float = -20.0) -> 
         results: runs, as returned by ``run_comparison``.
         bad_threshold: a run whose final_reward is below this counts as bad.
             The default is the distance problem's; pass
-            ``problems.BAD_FINAL_REWARD["pass_fail"]`` for the pass/fail one.
+            ``problems.bad_final_reward("pass_fail")`` for the pass/fail one.
 
     Returns:
         One summary per setting, with the median over seeds of each of the

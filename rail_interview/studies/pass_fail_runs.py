@@ -1,6 +1,6 @@
 """The pass/fail problem's steps in process: one run, its learning curve and its summary, with DAPO and ablations.
 
-``train_pass_fail(PassFailRun(...))`` trains ``pass_fail_problem``'s shared
+``train_pass_fail(PassFailRun(...))`` trains ``problems.pass_fail``'s shared
 linear policy as a GRPO-style trainer would: each step samples G answers
 for each of B distinct prompts, scores them pass or fail, turns rewards into
 advantages with a tracker of the GRPO family (with or without per-prompt
@@ -13,12 +13,13 @@ The estimator is ``method``: ``"grpo"`` (``presets.verl_grpo``: group mean
 and sample std), ``"dr_grpo"`` (no std) or ``"rloo"`` (leave-one-out
 mean), with ``memory``: ``"none"`` (the group alone), ``"buffer"`` or
 ``"ema"`` (the prompt's recent rewards across steps, the group included).
-These are ``training.train``'s steps on ``configs/pass_fail.py``, bit for
-bit (``PassFailRun.from_config`` maps a config to a run, and a test holds
-the two to the same curve), without the run directory, checkpoint and logs
-that the study's thousands of short runs do not need. Beyond them:
+Each step is ``training.step``, the one ``training.train`` takes, so a run
+is ``train()``'s run of the same config bit for bit
+(``PassFailRun.from_config`` maps a config to a run), without the run
+directory, checkpoint and logs that the study's thousands of short runs do
+not need. Beyond them, two hooks of the step:
 
-* ``dynamic_sampling``: DAPO's alternative to memory. Groups whose rewards
+* ``dynamic_sampling`` (``DynamicSampling``, a draw): DAPO's alternative to memory. Groups whose rewards
   are all equal are dropped and more groups are drawn, up to
   ``max_resample`` times B, until B groups with signal fill the step; the
   samples drawn are all counted as spent. This is the group filter of
@@ -29,7 +30,7 @@ that the study's thousands of short runs do not need. Beyond them:
   verl's ``max_num_gen_batches`` raises an error; and a prompt may come
   back in a later draw of the same step (its groups then merge, as the
   tracker groups by prompt id).
-* ``ablation``, to name the mechanism by which memory helps:
+* ``ablation`` (an estimate), to name the mechanism by which memory helps:
   ``"zero_variance_only"``: the memory's advantages for zero-variance
   groups only, the group's own (in-batch) advantages elsewhere;
   ``"group_mean_memory_std"``: the group's mean as the baseline, the
@@ -49,12 +50,19 @@ import ml_collections
 import torch
 
 from rail_interview import training
-from rail_interview.pass_fail_problem import PROBLEM_OPTIONS, make_pass_fail_problem
-from rail_interview.stat_tracking import AdvantageTracker
+from rail_interview.problems.pass_fail import (
+    PROBLEM_OPTIONS,
+    PassFailProblem,
+    SharedLinearPolicy,
+    make_pass_fail_problem,
+)
+from rail_interview.stat_tracking import AdvantageTracker, presets
+from rail_interview.training.state import Generators, TrainingState
+from rail_interview.training.step import Estimate, Samples, draw_samples, step, tracker_advantages
 
-#: Estimators: the GRPO family of ``training.build_tracker``.
-METHODS = tuple(training.GRPO_FAMILY)
-MEMORIES = training.MEMORIES
+#: Estimators: the registry's methods that take a memory (the GRPO family).
+METHODS = training.config.memory_methods()
+MEMORIES = training.config.MEMORIES
 ABLATIONS = ("none", "zero_variance_only", "group_mean_memory_std", "oracle")
 
 
@@ -123,18 +131,18 @@ class PassFailRun:
         Raises:
             training.ConfigError: if ``training.validate_config`` refuses the
                 config, or it is not the pass/fail problem with fallback
-                "zero" and a method of the GRPO family.
+                "auto" or "zero" and a method of the GRPO family.
         """
         training.validate_config(config)
         problem, tracking = config.problem, config.stat_tracking
         if (
             problem.get("name") != "pass_fail"
-            or tracking.get("fallback", "zero") != "zero"
+            or tracking.get("fallback", "auto") not in ("auto", "zero")
             or tracking.method not in METHODS
         ):
             raise training.ConfigError(
-                "a PassFailRun is made of a config with problem.name 'pass_fail', stat_tracking.fallback 'zero' "
-                f"and a stat_tracking.method of {', '.join(map(repr, METHODS))} (configs/pass_fail.py), got "
+                "a PassFailRun is made of a config with problem.name 'pass_fail', stat_tracking.fallback 'auto' or "
+                f"'zero' and a stat_tracking.method of {', '.join(map(repr, METHODS))} (configs/pass_fail.py), got "
                 f"{problem.get('name')!r}, {tracking.get('fallback')!r} and {tracking.method!r}"
             )
         run = cls(
@@ -175,82 +183,101 @@ def build_tracker(run: PassFailRun) -> AdvantageTracker:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {run.method!r}")
     if run.memory not in MEMORIES:
         raise ValueError(f"memory must be one of {', '.join(map(repr, MEMORIES))}; got {run.memory!r}")
-    config = ml_collections.ConfigDict(
-        {
-            "method": run.method,
-            "memory": run.memory,
-            "buffer_size": run.buffer_size,
-            "min_count": run.min_count,
-            "ema_decay": run.ema_decay,
-            "fallback": "zero",
-            "check_values": False,
-        }
+    return presets.get(
+        run.method,
+        run.num_prompts,
+        memory=run.memory,
+        buffer_size=run.buffer_size,
+        decay=run.ema_decay,
+        min_count=run.min_count,
+        fallback="zero",
+        device=torch.device("cpu"),
+        check_values=False,
     )
-    return training.build_tracker(config, num_prompts=run.num_prompts, device=torch.device("cpu"))
 
 
-def _advantages(run: PassFailRun, trackers, problem, policy, ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
-    """One step's advantages [N], by the run's estimator or ablation."""
-    tracker, group = trackers
-    if run.ablation == "oracle":
-        passing = problem.pass_probability(policy.means(ids), ids)  # [N], p
-        numerator = rewards - passing
-        if run.method == "grpo":
-            numerator = numerator / (torch.sqrt(passing * (1 - passing)) + 1e-6)
-        return numerator
-    if run.ablation == "none":
-        return tracker.update(ids, rewards)
-    report = tracker.update_with_report(ids, rewards)
-    in_batch = group.update_with_report(ids, rewards)
-    if run.ablation == "zero_variance_only":
-        return torch.where(in_batch.zero_variance, report.advantages, in_batch.advantages)
-    stats = tracker.stats(ids)  # after the update: the batch included
-    count = stats.count.float()
-    std = stats.std * torch.sqrt(count / (count - 1).clamp_min(1))  # ddof 1, as the group's std
-    total = torch.zeros(run.num_prompts).index_add_(0, ids, rewards)
-    size = torch.zeros(run.num_prompts).index_add_(0, ids, torch.ones_like(rewards))
-    deviation = rewards - (total / size.clamp_min(1))[ids]  # from the group's mean
-    return torch.where(count >= run.min_count, deviation / (std + 1e-6), 0.0)
+@dataclasses.dataclass(frozen=True)
+class DynamicSampling:
+    """DAPO's draw (a ``step`` hook): groups are drawn B at a time until B with a pass and a fail are kept.
 
+    The last draw's extra groups are dropped; after ``max_resample * B``
+    groups drawn, the step trains on the groups it kept (maybe none).
 
-def _draw(problem, policy, run: PassFailRun, generator: torch.Generator):
-    """One step's samples: ids, answers and rewards [N], the groups drawn and how many of them had signal.
-
-    Without dynamic sampling the batch is B groups; "with signal" is then
-    not counted (None). With it, groups are drawn B at a time until B with
-    a pass and a fail are kept (the last draw's extra ones are dropped), or
-    ``max_resample * B`` have been drawn.
+    Attributes:
+        num_groups: B.
+        group_size: G.
+        max_resample: the most groups drawn per step, as a multiple of B.
     """
-    ids = problem.sample_groups(run.num_groups, run.group_size, generator)
-    answers = policy.sample(ids, generator)
-    rewards = problem.rewards(ids, answers)
-    if not run.dynamic_sampling:
-        return ids, answers, rewards, run.num_groups, None
-    kept_ids, kept_answers, kept_rewards, drawn, with_signal = [], [], [], 0, 0
-    while True:
-        grouped = rewards.view(-1, run.group_size)
-        signal = grouped.amax(1) != grouped.amin(1)  # [B], groups with a pass and a fail
-        with_signal += int(signal.sum())
-        keep = signal.repeat_interleave(run.group_size)
-        kept_ids.append(ids[keep])
-        kept_answers.append(answers[keep])
-        kept_rewards.append(rewards[keep])
-        drawn += run.num_groups
-        if (
-            sum(len(k) for k in kept_ids) >= run.num_groups * run.group_size
-            or drawn >= run.max_resample * run.num_groups
-        ):
-            break
-        ids = problem.sample_groups(run.num_groups, run.group_size, generator)
-        answers = policy.sample(ids, generator)
-        rewards = problem.rewards(ids, answers)
-    size = run.num_groups * run.group_size
-    ids, answers, rewards = (torch.cat(parts)[:size] for parts in (kept_ids, kept_answers, kept_rewards))
-    return ids, answers, rewards, drawn, with_signal
+
+    num_groups: int
+    group_size: int
+    max_resample: int
+
+    def __call__(self, state: TrainingState, batch_size: int) -> Samples:
+        """Draws the step's samples (``training.step.Draw``), with the groups drawn and those with signal."""
+        kept: List[Samples] = []
+        drawn, with_signal = 0, 0
+        while True:
+            samples = draw_samples(state, batch_size)
+            grouped = samples.rewards.view(-1, self.group_size)
+            signal = grouped.amax(1) != grouped.amin(1)  # [B], groups with a pass and a fail
+            with_signal += int(signal.sum())
+            keep = signal.repeat_interleave(self.group_size)
+            kept.append(Samples(samples.prompt_ids[keep], samples.answers[keep], samples.rewards[keep]))
+            drawn += self.num_groups
+            if (
+                sum(len(part.prompt_ids) for part in kept) >= self.num_groups * self.group_size
+                or drawn >= self.max_resample * self.num_groups
+            ):
+                break
+        size = self.num_groups * self.group_size
+        ids, answers, rewards = (
+            torch.cat([getattr(part, name) for part in kept])[:size] for name in ("prompt_ids", "answers", "rewards")
+        )
+        return Samples(ids, answers, rewards, groups_drawn=drawn, groups_with_signal=with_signal)
+
+
+def _estimate(run: PassFailRun, problem: PassFailProblem, policy: SharedLinearPolicy) -> Estimate:
+    """The run's ``step`` hook from rewards to advantages: the tracker's, or an ablation's."""
+    if run.ablation == "none":
+        return tracker_advantages
+    if run.ablation == "oracle":
+
+        def oracle(tracker: AdvantageTracker, samples: Samples) -> torch.Tensor:
+            """The true pass probability p as the baseline and, for GRPO, sqrt(p (1 - p)) as the scale."""
+            passing = problem.pass_probability(policy.means(samples.prompt_ids), samples.prompt_ids)  # [N], p
+            numerator = samples.rewards - passing
+            if run.method == "grpo":
+                numerator = numerator / (torch.sqrt(passing * (1 - passing)) + 1e-6)
+            return numerator
+
+        return oracle
+    in_batch = build_tracker(dataclasses.replace(run, memory="none"))  # the same estimator without memory
+
+    def ablation(tracker: AdvantageTracker, samples: Samples) -> torch.Tensor:
+        """The memory's advantages mixed with the group's own (see the module docstring)."""
+        ids, rewards = samples.prompt_ids, samples.rewards
+        report = tracker.update_with_report(ids, rewards)
+        group = in_batch.update_with_report(ids, rewards)
+        if run.ablation == "zero_variance_only":
+            return torch.where(group.zero_variance, report.advantages, group.advantages)
+        stats = tracker.stats(ids)  # after the update: the batch included
+        count = stats.count.float()
+        std = stats.std * torch.sqrt(count / (count - 1).clamp_min(1))  # ddof 1, as the group's std
+        total = torch.zeros(run.num_prompts).index_add_(0, ids, rewards)
+        size = torch.zeros(run.num_prompts).index_add_(0, ids, torch.ones_like(rewards))
+        deviation = rewards - (total / size.clamp_min(1))[ids]  # from the group's mean
+        return torch.where(count >= run.min_count, deviation / (std + 1e-6), 0.0)
+
+    return ablation
 
 
 def train_pass_fail(run: PassFailRun) -> Dict[str, Any]:
     """Trains one run and returns its learning curve and summary.
+
+    Each step is ``training.step``, the step ``train()`` takes, with the
+    run's hooks: DAPO's draw (``DynamicSampling``) and the ablations'
+    advantages.
 
     Args:
         run: the settings.
@@ -262,7 +289,14 @@ def train_pass_fail(run: PassFailRun) -> Dict[str, Any]:
         drawn groups with all rewards equal), ``samples`` (int list
         [num_steps], samples drawn per step), ``ceiling`` (the best mean
         pass rate one weight vector reaches) and ``settings``.
+
+    Raises:
+        ValueError: for an unknown ablation, or one that needs a memory without one.
     """
+    if run.ablation not in ABLATIONS:
+        raise ValueError(f"ablation must be one of {', '.join(map(repr, ABLATIONS))}; got {run.ablation!r}")
+    if run.ablation in ("zero_variance_only", "group_mean_memory_std") and run.memory == "none":
+        raise ValueError(f"ablation {run.ablation!r} needs a memory ('buffer' or 'ema')")
     generator = torch.Generator().manual_seed(run.seed)
     problem, policy = make_pass_fail_problem(
         num_prompts=run.num_prompts,
@@ -270,22 +304,24 @@ def train_pass_fail(run: PassFailRun) -> Dict[str, Any]:
         generator=generator,
         **{option: getattr(run, option) for option in PROBLEM_OPTIONS},
     )
-    if run.ablation not in ABLATIONS:
-        raise ValueError(f"ablation must be one of {', '.join(map(repr, ABLATIONS))}; got {run.ablation!r}")
-    if run.ablation in ("zero_variance_only", "group_mean_memory_std") and run.memory == "none":
-        raise ValueError(f"ablation {run.ablation!r} needs a memory ('buffer' or 'ema')")
-    # The run's tracker, and the same estimator without memory (for the ablations).
-    trackers = (build_tracker(run), build_tracker(dataclasses.replace(run, memory="none")))
+    state = TrainingState(problem, policy, build_tracker(run), Generators(generator, generator))
+    draw = DynamicSampling(run.num_groups, run.group_size, run.max_resample) if run.dynamic_sampling else draw_samples
+    estimate = _estimate(run, problem, policy)
     pass_rate = [float(problem.pass_probability(policy.means()).mean())]
     zero_variance: List[float] = []
     samples: List[int] = []
     for _ in range(run.num_steps):
-        ids, answers, rewards, drawn, with_signal = _draw(problem, policy, run, generator)
-        if len(ids):
-            policy.update(ids, answers, _advantages(run, trackers, problem, policy, ids, rewards), run.learning_rate)
+        batch = step(
+            state,
+            batch_size=run.num_groups * run.group_size,
+            learning_rate=run.learning_rate,
+            draw=draw,
+            estimate=estimate,
+        )
         # As training.train computes them: the pass rate after the step, the batch's zero-variance groups.
-        rate, fraction = problem.metrics(policy, ids, rewards).tolist()
-        zero_variance.append(1.0 - with_signal / drawn if run.dynamic_sampling else fraction)
+        rate, fraction = problem.metrics(policy, batch.prompt_ids, batch.rewards).tolist()
+        drawn = batch.local.groups_drawn or run.num_groups
+        zero_variance.append(1.0 - batch.local.groups_with_signal / drawn if run.dynamic_sampling else fraction)
         samples.append(drawn * run.group_size)
         pass_rate.append(rate)
     return {

@@ -8,7 +8,7 @@ any overrides: ``PassFailRun.from_config``), so the study's runs are
   (none, buffer, EMA) at each group size G in ``GROUP_SIZES``, with
   B = N / G prompts per step (N, the config's sample_batch_size, fixed),
   and DAPO's dynamic sampling beside them.
-* **The ablations** of ``pass_fail_training`` (G = 2 and 4, GRPO with a
+* **The ablations** of ``pass_fail_runs`` (G = 2 and 4, GRPO with a
   buffer) and the oracle baseline.
 * **The fragile points**: prompts revisited four times less often (P = 4 x
   the config's), problems whose prompts start at higher pass rates (labels
@@ -38,12 +38,10 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import ml_collections
 
 from rail_interview import training
-from rail_interview.pass_fail_training import PassFailRun, summarize, train_pass_fail
+from rail_interview.studies.pass_fail_runs import MEMORIES, METHODS, PassFailRun, summarize, train_pass_fail
 
 GROUP_SIZES = (2, 4, 8, 16)
 LEARNING_RATES = (2.5, 5.0, 10.0, 20.0, 40.0)
-METHODS = ("grpo", "dr_grpo", "rloo")
-MEMORIES = ("none", "buffer", "ema")
 #: The label scales of the rows whose pass rates start higher (the config's, 8, starts them near 0).
 LABEL_SCALES = (4.0, 2.0, 1.0)
 #: What the learning rate is chosen by and rows are paired on: the area under the pass-rate curve

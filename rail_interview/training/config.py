@@ -1,0 +1,336 @@
+"""A training config checked once, before any work, and the tracker it names.
+
+``validate_config`` checks every field training reads, with messages that
+name the field. ``build_tracker`` builds the tracker of
+``config.stat_tracking`` from the preset registry
+(``rail_interview.stat_tracking.presets``): ``method`` is any registered
+preset name (``buffer``, ``ema``, ``batch``, ``grpo``, ``dr_grpo``,
+``rloo``, or a public trainer's: ``ddpo``, ``trl_grpo``, ...), and the
+section's other fields are passed to it where its signature names them (the
+signature is the schema). ``memory`` and ``fallback`` hold a neutral value
+(``"none"`` and ``"auto"``: the method's own) unless set; a method that
+has no such option refuses any other value, so that no option is silently
+ignored. ``buffer_size``, ``min_count`` and ``ema_decay`` are read by the
+methods that name them (``presets.parameters(method)``).
+
+A resume may change only ``RESUMABLE_FIELDS`` (``check_resume_config``);
+``load_run_config`` reads a run's own config back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import ml_collections
+import torch
+
+from rail_interview import configs, problems, stat_tracking
+from rail_interview.stat_tracking import presets
+
+#: The config fields a resumed run may change: none of them changes what the
+#: run computes (epochs, parameters, metrics), only how long it runs, how
+#: often it writes, or how fast.
+RESUMABLE_FIELDS = (
+    "num_epochs",
+    "log_every",
+    "checkpoint_every",
+    "num_threads",
+    "stats_log.every",
+    "stat_tracking.check_values",
+)
+
+#: ``config.stat_tracking``'s option fields, by the preset parameter each one sets.
+TRACKER_FIELDS = {
+    "memory": "memory",
+    "fallback": "fallback",
+    "buffer_size": "buffer_size",
+    "min_count": "min_count",
+    "ema_decay": "decay",
+}
+
+#: Option fields whose value means "the method's own": passed only when set
+#: otherwise, and refused by a method that has no such option.
+NEUTRAL_VALUES = {"memory": "none", "fallback": "auto"}
+
+
+#: The values of ``config.stat_tracking.memory``, for the methods that take one.
+MEMORIES = ("none", "buffer", "ema")
+
+
+def memory_methods() -> Tuple[str, ...]:
+    """The registry's methods that take ``config.stat_tracking.memory`` (the GRPO family: grpo, dr_grpo, rloo)."""
+    return tuple(name for name in presets.names() if "memory" in presets.parameters(name))
+
+
+class ConfigError(ValueError):
+    """A config value training cannot use, or a change a resume may not make; the message names the field."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turns the config's device name into a torch device.
+
+    Args:
+        name: "auto" (CUDA when available, else CPU), "cpu" or "cuda".
+
+    Returns:
+        The device.
+
+    Raises:
+        ConfigError: for another name, or "cuda" without a GPU.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"config.device must be 'auto', 'cpu' or 'cuda', got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config.device is 'cuda' but torch sees no CUDA device: use 'auto' or 'cpu'")
+    return stat_tracking.resolve_device(name)
+
+
+def method_name(config: ml_collections.ConfigDict) -> str:
+    """A run's method with its memory, as in run directory names: ``"buffer"``, ``"grpo"``, ``"rloo+ema"``.
+
+    Args:
+        config: the ``stat_tracking`` section of the training config.
+
+    Returns:
+        ``method``, followed by ``+memory`` where the memory is not ``"none"``.
+    """
+    memory = config.get("memory", "none")
+    return config.method if memory == "none" else f"{config.method}+{memory}"
+
+
+def tracker_options(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+    """The keywords that ``config.stat_tracking`` passes to its method's preset.
+
+    Args:
+        config: the ``stat_tracking`` section of the training config.
+
+    Returns:
+        ``{parameter: value}`` for each option field the preset names (see
+        the module docstring), ``ema_decay`` as ``decay``.
+
+    Raises:
+        ConfigError: for an unknown method, or a ``memory`` or ``fallback``
+            other than the neutral value for a method without that option.
+    """
+    if config.method not in presets.names():
+        raise ConfigError(
+            f"unknown config.stat_tracking.method {config.method!r}; choose from "
+            f"{', '.join(map(repr, presets.names()))}"
+        )
+    parameters = presets.parameters(config.method)
+    options = {}
+    for field, parameter in TRACKER_FIELDS.items():
+        value = config.get(field, NEUTRAL_VALUES.get(field))
+        if field in NEUTRAL_VALUES and value == NEUTRAL_VALUES[field]:
+            continue
+        if parameter in parameters:
+            options[parameter] = value
+        elif field in NEUTRAL_VALUES:
+            takes = [name for name, p in TRACKER_FIELDS.items() if p in parameters and name in NEUTRAL_VALUES]
+            raise ConfigError(
+                f"config.stat_tracking.{field}={value!r} does not apply to method {config.method!r}, which has "
+                f"its own; leave it {NEUTRAL_VALUES[field]!r} (methods that take it: "
+                f"{', '.join(repr(m) for m in presets.names() if parameter in presets.parameters(m))})"
+                + (f"; {config.method!r} takes {', '.join(takes)}" if takes else "")
+            )
+    return options
+
+
+def build_tracker(
+    config: ml_collections.ConfigDict,
+    *,
+    num_prompts: int,
+    device: torch.device,
+    process_group: Optional["torch.distributed.ProcessGroup"] = None,
+) -> stat_tracking.AdvantageTracker:
+    """Builds the tracker that ``config.method`` names, with the section's options (see the module docstring).
+
+    "buffer", "ema" and "batch" are this project's trackers; "grpo",
+    "dr_grpo" and "rloo" are verl's estimators, with an optional per-prompt
+    ``memory`` ("buffer" or "ema") and, below ``min_count`` rewards, the
+    ``fallback`` "zero" (TRL's rule for a group of one) unless set to "raw"
+    (verl's) or "batch" (DDPO's). ``presets`` documents each.
+
+    Args:
+        config: the ``stat_tracking`` section of the training config.
+        num_prompts: P.
+        device: where the tracker's state lives.
+        process_group: ranks that share the tracker's statistics, or None.
+
+    Returns:
+        The tracker.
+
+    Raises:
+        ConfigError: for an unknown method, an option it refuses, or an
+            option value out of range (the message names the field).
+    """
+    options = tracker_options(config)
+    try:
+        return presets.get(
+            config.method,
+            num_prompts,
+            **options,
+            device=device,
+            check_values=config.check_values,
+            process_group=process_group,
+        )
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"config.stat_tracking (method {config.method!r}): {error}") from error
+
+
+def _check_number(name: str, value: Any, low: float, *, integer: bool, inclusive: bool = True) -> None:
+    """Raises ConfigError unless ``config.<name>`` is a finite int (or number) >= ``low`` (> if not inclusive)."""
+    kind = "an int" if integer else "a number"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int if integer else (int, float))
+        or not math.isfinite(value)
+        or value < low
+        or (not inclusive and value == low)
+    ):
+        bound = f">= {low}" if inclusive else f"> {low}"
+        raise ConfigError(f"config.{name} must be {kind} {bound}, got {value!r}")
+
+
+def _check_tracker(config: ml_collections.ConfigDict, world_size: int) -> None:
+    """Checks ``config.stat_tracking``: its numbers, a trial build of its tracker, and its buffer against the problem.
+
+    A buffer shorter than a prompt's samples in one step (the pass/fail
+    problem's G: the ranks' prompts are distinct) keeps only the last of
+    them; with a std to divide by, a pass left out of a window of fails gets
+    the advantage 1 / 1e-6.
+
+    Raises:
+        ConfigError: naming the field.
+    """
+    tracking = config.stat_tracking
+    _check_number("stat_tracking.buffer_size", tracking.buffer_size, 1, integer=True)
+    _check_number("stat_tracking.min_count", tracking.min_count, 1, integer=True)
+    decay = tracking.ema_decay
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
+        raise ConfigError(f"config.stat_tracking.ema_decay must lie in (0, 1), got {decay!r}")
+    tracker = build_tracker(tracking, num_prompts=1, device=torch.device("cpu"))  # its options' own checks
+    samples = problems.get(problems.problem_name(config)).samples_per_prompt(config)
+    if tracker.memory == "buffer" and tracker.scale == "prompt_std" and samples and tracking.buffer_size < samples:
+        raise ConfigError(
+            f"config.stat_tracking.buffer_size ({tracking.buffer_size}) must be at least "
+            f"config.problem.group_size ({samples}), a prompt's samples in one step: a shorter buffer keeps only "
+            "the last of them, and a pass left out of a window of fails gets the advantage 1 / 1e-6 (the "
+            "pass/fail study's K < G rows collapse)"
+        )
+
+
+def validate_config(config: ml_collections.ConfigDict, *, world_size: int = 1) -> None:
+    """Checks every value training reads, before any work, with messages that name the field.
+
+    Args:
+        config: a training config (``configs/default.py``).
+        world_size: processes that train together (each samples its own batch).
+
+    Raises:
+        ConfigError: naming the first field with a value training cannot
+            use, and the values it can.
+    """
+    for name in ("num_epochs", "log_every", "sample_batch_size"):
+        _check_number(name, config[name], 1, integer=True)
+    _check_number("checkpoint_every", config.checkpoint_every, 0, integer=True)
+    if config.checkpoint_every % config.log_every:
+        raise ConfigError(
+            f"config.checkpoint_every ({config.checkpoint_every}) must be 0 or a multiple of config.log_every "
+            f"({config.log_every}), so that checkpoints fall where metrics are written"
+        )
+    _check_number("num_threads", config.get("num_threads", 0), 0, integer=True)
+    _check_number("learning_rate", config.learning_rate, 0, integer=False, inclusive=False)
+    _check_number("stats_log.every", config.stats_log.every, 0, integer=True)
+    _check_number("stats_log.max_prompts", config.stats_log.max_prompts, 1, integer=True)
+    try:
+        problems.check_config(config, world_size=world_size)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    _check_tracker(config, world_size)
+    resolve_device(config.device)
+
+
+def _flatten(config: Any, prefix: str = "") -> Dict[str, Any]:
+    """A config (or its JSON dict) as dotted field names to values."""
+    items = config.items() if hasattr(config, "items") else []
+    flat: Dict[str, Any] = {}
+    for name, value in items:
+        if hasattr(value, "items"):
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def upgrade_saved_config(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """A run's config.json as today's fields say it, for runs written by earlier versions.
+
+    Runs written before ``problem.name`` existed trained the distance
+    problem; runs written before ``stat_tracking.fallback`` took ``"auto"``
+    saved ``"zero"`` for every method, which only the GRPO family read.
+
+    Args:
+        saved: the parsed config.json; modified in place.
+
+    Returns:
+        ``saved``.
+    """
+    saved.setdefault("problem", {}).setdefault("name", "distance")
+    tracking = saved.get("stat_tracking", {})
+    if tracking.get("fallback") == "zero" and tracking.get("method") in ("buffer", "ema", "batch"):
+        tracking["fallback"] = NEUTRAL_VALUES["fallback"]
+    return saved
+
+
+def check_resume_config(saved: Dict[str, Any], config: ml_collections.ConfigDict) -> None:
+    """Refuses a resume whose config changes a field other than ``RESUMABLE_FIELDS``.
+
+    Args:
+        saved: the run's config.json, as a dict.
+        config: the config the resume would run with.
+
+    Raises:
+        ConfigError: naming the first changed field, its two values and the
+            fields a resume may change.
+    """
+    before = _flatten(upgrade_saved_config(json.loads(json.dumps(saved))))
+    after = _flatten(json.loads(config.to_json()))
+    for name in sorted(set(before) | set(after)):
+        if name in RESUMABLE_FIELDS or before.get(name) == after.get(name):
+            continue
+        raise ConfigError(
+            f"a resume cannot change config.{name} ({before.get(name, 'absent')!r} -> {after.get(name, 'absent')!r}): "
+            f"the checkpoint was made with the run's own value. A resume may change only "
+            f"{', '.join(RESUMABLE_FIELDS)}; start a new run to change the rest"
+        )
+
+
+def load_run_config(run_dir: str, overrides: Optional[Dict[str, Any]] = None) -> ml_collections.ConfigDict:
+    """Returns the config a run was started with, with ``overrides`` applied.
+
+    ``scripts/train.py --resume`` uses it: the run's own config.json, plus the
+    fields given on the command line (typically a larger ``num_epochs``).
+
+    Args:
+        run_dir: a run directory written by ``train``.
+        overrides: dotted field paths to values, e.g. ``{"num_epochs": 2000}``.
+
+    Returns:
+        The config.
+
+    Raises:
+        FileNotFoundError: if ``run_dir`` holds no config.json.
+        KeyError: if an override names a field the config lacks.
+    """
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run_dir!r} holds no config.json: pass the run directory that train.py printed")
+    with open(path, encoding="utf-8") as f:
+        saved = upgrade_saved_config(json.load(f))
+    return configs.apply_overrides(ml_collections.ConfigDict(saved), overrides or {})
