@@ -321,6 +321,62 @@ def _reward_axis(ax, limits: Tuple[float, float], symlog: bool) -> None:
         label_symlog_rewards(ax, REWARD_TICKS)
 
 
+def _matching_columns(runs: Sequence[RunLog], names: Sequence[str]) -> List[List[int]]:
+    """Each run's log column of each named prompt: [run][panel].
+
+    Raises:
+        RunMismatchError: if a run did not record one of the prompts.
+    """
+    per_run_columns: List[List[int]] = []
+    for run in runs:
+        where = {name: i for i, name in enumerate(run.stats.prompt_names)}
+        missing = [name for name in names if name not in where]
+        if missing:
+            raise RunMismatchError(f"run {run.run_dir!r} did not record prompts {missing[:5]}")
+        per_run_columns.append([where[name] for name in names])
+    return per_run_columns
+
+
+def _reward_limits(
+    runs: Sequence[RunLog], per_run_columns: List[List[int]], curves: List[np.ndarray]
+) -> Tuple[Tuple[float, float], bool]:
+    """The reward axis's limits over the drawn prompts' means and the reward curves, and whether it is symlog.
+
+    Rewards that go negative get a symlog axis from a power of ten below the
+    lowest to 0.5; rewards that never do (pass/fail, in [0, 1]) a linear one.
+    """
+    finite = [run.stats.mean[:, per_run_columns[r]] for r, run in enumerate(runs)]
+    values = np.concatenate([f.ravel() for f in finite] + curves)
+    values = values[np.isfinite(values)]
+    symlog = not values.size or values.min() < 0
+    if symlog:
+        lowest = min(values.min(initial=-3.0), -3.0)
+        return (-(10 ** math.ceil(math.log10(-lowest * 1.2))), 0.5), True
+    return (-0.05, max(1.05, 1.05 * values.max())), False
+
+
+def _draw_reward_curves(
+    ax, runs: Sequence[RunLog], colors: List[str], limits: Tuple[float, float], symlog: bool
+) -> None:
+    """Draws each run's batch-mean reward curve on ``ax`` (a legend entry alone for a run without metrics.csv)."""
+    for run, color in zip(runs, colors):
+        if run.reward_mean is None:
+            ax.plot([], [], color=color, lw=1.2, label=f"{run.label} (no {METRICS_FILE})")
+        else:
+            ax.plot(run.epoch, run.reward_mean, color=color, lw=1.2, label=run.label)
+    if any(run.reward_mean is not None for run in runs):
+        _reward_axis(ax, limits, symlog)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("batch reward")
+        ax.set_title("All prompts: batch-mean reward")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower right")
+    else:
+        ax.axis("off")
+        ax.set_title(f"All prompts: no batch-mean reward (no {METRICS_FILE})")
+        ax.legend(loc="center")
+
+
 def plot_prompt_stats(runs: Sequence[RunLog], columns: Sequence[int], path: str) -> None:
     """Draws the reward curve and a grid of per-prompt panels, and saves a PNG.
 
@@ -349,24 +405,9 @@ def plot_prompt_stats(runs: Sequence[RunLog], columns: Sequence[int], path: str)
     first = runs[0].stats
     names = [first.prompt_names[c] for c in columns]
     prompt_ids = [int(first.prompt_ids[c]) for c in columns]
-    per_run_columns: List[List[int]] = []  # [run][panel] -> column of that run's log
-    for run in runs:
-        where = {name: i for i, name in enumerate(run.stats.prompt_names)}
-        missing = [name for name in names if name not in where]
-        if missing:
-            raise RunMismatchError(f"run {run.run_dir!r} did not record prompts {missing[:5]}")
-        per_run_columns.append([where[name] for name in names])
-
-    finite = [run.stats.mean[:, per_run_columns[r]] for r, run in enumerate(runs)]
+    per_run_columns = _matching_columns(runs, names)
     curves = [run.reward_mean for run in runs if run.reward_mean is not None]
-    values = np.concatenate([f.ravel() for f in finite] + curves)
-    values = values[np.isfinite(values)]
-    symlog = not values.size or values.min() < 0
-    if symlog:
-        lowest = min(values.min(initial=-3.0), -3.0)
-        limits = (-(10 ** math.ceil(math.log10(-lowest * 1.2))), 0.5)
-    else:  # pass/fail rewards, in [0, 1]
-        limits = (-0.05, max(1.05, 1.05 * values.max()))
+    limits, symlog = _reward_limits(runs, per_run_columns, curves)
 
     num_cols = math.ceil(math.sqrt(len(prompt_ids)))
     num_rows = math.ceil(len(prompt_ids) / num_cols)
@@ -375,23 +416,7 @@ def plot_prompt_stats(runs: Sequence[RunLog], columns: Sequence[int], path: str)
     top, bottom = fig.subfigures(2, 1, height_ratios=[top_height, 2.0 * num_rows])
     colors = [f"C{i}" for i in range(len(runs))]
 
-    ax = top.subplots()
-    for run, color in zip(runs, colors):
-        if run.reward_mean is None:
-            ax.plot([], [], color=color, lw=1.2, label=f"{run.label} (no {METRICS_FILE})")
-        else:
-            ax.plot(run.epoch, run.reward_mean, color=color, lw=1.2, label=run.label)
-    if curves:
-        _reward_axis(ax, limits, symlog)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("batch reward")
-        ax.set_title("All prompts: batch-mean reward")
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right")
-    else:
-        ax.axis("off")
-        ax.set_title(f"All prompts: no batch-mean reward (no {METRICS_FILE})")
-        ax.legend(loc="center")
+    _draw_reward_curves(top.subplots(), runs, colors, limits, symlog)
 
     axes = bottom.subplots(num_rows, num_cols, sharex=True, sharey=True, squeeze=False)
     for panel, (ax, name, prompt) in enumerate(zip(axes.flat, names, prompt_ids)):

@@ -500,6 +500,22 @@ def write_csv(results: Sequence[RunResult], path: str) -> None:
             )
 
 
+def _panels(curves: Mapping[str, Any]) -> Tuple[List[List[str]], List[str], bool]:
+    """Groups settings into panels by method (the first word up to any "+"), as ``plot_curves`` describes.
+
+    Returns:
+        The panels (setting names each), the single-setting methods drawn as
+        references in every panel, and whether any method has a sweep.
+    """
+    families: Dict[str, List[str]] = {}
+    for name in curves:
+        families.setdefault(name.split()[0].split("+")[0], []).append(name)
+    sweeps = [names for names in families.values() if len(names) > 1]
+    if not sweeps:
+        return [[names[0] for names in families.values()]], [], False
+    return sweeps, [names[0] for names in families.values() if len(names) == 1], True
+
+
 def plot_curves(results: Sequence[RunResult], path: str, *, smoothing: int = 10) -> None:
     """Plots reward against epoch: per setting, the median over seeds and a min-max band.
 
@@ -534,22 +550,14 @@ def plot_curves(results: Sequence[RunResult], path: str, *, smoothing: int = 10)
     curves: Dict[str, List[List[float]]] = {}
     for r in results:
         curves.setdefault(r.setting, []).append(r.rewards)
-    families: Dict[str, List[str]] = {}
-    for name in curves:
-        families.setdefault(name.split()[0].split("+")[0], []).append(name)
-    sweeps = [names for names in families.values() if len(names) > 1]
-    references = [names[0] for names in families.values() if len(names) == 1]
-    panels = sweeps or [references]
-    if not sweeps:
-        references = []
-
+    panels, references, sweeps = _panels(curves)
     smoothing = max(1, min([smoothing] + [len(r.rewards) for r in results]))  # a window no longer than a run
     linear = all(reward >= 0 for r in results for reward in r.rewards)
-    window = np.ones(smoothing) / smoothing
 
     def draw(ax, name: str, color, style: str = "-") -> None:
         """Draws one setting's median curve and its min-max band on ``ax``."""
         length = min(len(c) for c in curves[name])
+        window = np.ones(smoothing) / smoothing
         smoothed = np.stack([np.convolve(c[:length], window, mode="valid") for c in curves[name]])  # [seeds, E']
         epochs = np.arange(smoothing, length + 1)
         ax.plot(
