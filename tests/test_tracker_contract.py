@@ -49,7 +49,10 @@ ALGORITHM_CHOICES = [
     dict(grouping="scans", segment_sum="segment_reduce", batch_stats="one_pass", group_stats="sorted"),
 ]
 
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+def cuda_only(test: Callable) -> Callable:
+    """Marks a CUDA test (``pytest -m cuda`` selects them; tests/test_cuda.py has more), skipped without CUDA."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 @pytest.fixture(params=sorted(TRACKERS))

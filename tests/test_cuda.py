@@ -1,0 +1,131 @@
+"""What only a GPU can check: every tracker and training on CUDA (``pytest -m cuda``).
+
+Every test here is marked ``cuda`` and skipped without a CUDA device, like
+the CUDA tests of tests/test_tracker_contract.py: CUDA results equal CPU
+results, ``update`` never syncs with the host, and a CUDA-graph replay equals
+eager, over the contract's trackers. This file runs those same three checks
+over the trackers the contract leaves out (presets and hashed keys), and
+adds what the contract does not check: no host sync under each algorithm
+``ops.forced_algorithms`` can force, two runs bit for bit identical, and
+training on CUDA. ``python benchmarks/gpu_check.py`` runs every test marked
+``cuda`` and the GPU benchmark, and writes a JSON report
+(docs/testing_tools.md).
+"""
+
+import pathlib
+from typing import Dict, List, Tuple
+
+import pytest
+import test_tracker_contract as contract
+import torch
+
+from rail_interview.stat_tracking import BufferStatTracker, ops, presets
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+#: The trackers the contract's CUDA tests do not build (P = 6 prompts, as there): the presets it
+#: leaves out, and hashed keys in a table of 4 rows, so that keys are evicted and batches overflow.
+MORE_TRACKERS: Dict[str, contract.TrackerFactory] = {
+    "ddpo": lambda **kw: presets.ddpo(6, buffer_size=4, min_count=2, **kw),
+    "trl_grpo": lambda **kw: presets.trl_grpo(6, **kw),
+    "verl_rloo": lambda **kw: presets.verl_rloo(6, **kw),
+    "hashed_buffer": lambda **kw: BufferStatTracker(num_prompts=4, buffer_size=4, min_count=2, keys="hashed", **kw),
+    "hashed_grpo": lambda **kw: presets.trl_grpo(4, memory="ema", keys="hashed", **kw),
+}
+#: Every tracker: the classic classes, each preset and hashed keys.
+EVERY_TRACKER: Dict[str, contract.TrackerFactory] = {**contract.ALL_TRACKERS, **MORE_TRACKERS}
+
+#: The contract's CUDA checks, each taking a tracker factory.
+CONTRACT_CHECKS = {
+    "matches_cpu": contract.test_cuda_matches_cpu,
+    "never_syncs": contract.test_cuda_update_never_syncs_with_the_host,
+    "graph_replay_matches_eager": contract.test_cuda_graph_replay_matches_eager,
+}
+
+#: Each algorithm ops can force, one at a time; key_table="dynamic" reads counts back to the host by
+#: design (the CPU default, never chosen on CUDA), so it is not held to being sync-free.
+FORCED_ALGORITHMS: List[Dict[str, str]] = [
+    {operation: algorithm}
+    for operation, algorithms in ops.ALGORITHMS.items()
+    for algorithm in algorithms
+    if (operation, algorithm) != ("key_table", "dynamic")
+]
+
+#: Training runs: (problem, stat_tracking.method or None for the config's own); the distance
+#: problem runs its default config, the pass/fail problem its own config (GRPO over a buffer).
+TRAINING_RUNS: List[Tuple[str, str]] = [
+    ("distance", "batch"),
+    ("distance", "buffer"),
+    ("distance", "ema"),
+    ("pass_fail", None),
+]
+
+
+def bad_final_reward(problem: str) -> float:
+    """The final reward below which a full-length run of ``problem`` stalled or diverged."""
+    from rail_interview import problems  # pylint: disable=import-outside-toplevel
+
+    if hasattr(problems, "bad_final_reward"):
+        return problems.bad_final_reward(problem)
+    return problems.BAD_FINAL_REWARD[problem]
+
+
+@pytest.mark.parametrize("check", sorted(CONTRACT_CHECKS))
+@pytest.mark.parametrize("name", sorted(MORE_TRACKERS))
+def test_the_contracts_cuda_checks_hold_for_presets_and_hashed_keys(name, check):
+    CONTRACT_CHECKS[check](MORE_TRACKERS[name])
+
+
+@pytest.mark.parametrize("choice", FORCED_ALGORITHMS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("name", sorted(EVERY_TRACKER))
+def test_update_never_syncs_under_each_forced_algorithm(name, choice):
+    with ops.forced_algorithms(**choice):
+        contract.test_cuda_update_never_syncs_with_the_host(EVERY_TRACKER[name])
+
+
+@pytest.mark.parametrize("num_samples", [16, 4096])
+@pytest.mark.parametrize("name", sorted(EVERY_TRACKER))
+def test_two_runs_are_identical_bit_for_bit(name, num_samples):
+    generator = torch.Generator().manual_seed(2)
+    batches = [
+        (torch.randint(6, (num_samples,), generator=generator), torch.randn(num_samples, generator=generator) * 10)
+        for _ in range(6)
+    ]
+    runs = []
+    for _ in range(2):
+        tracker = EVERY_TRACKER[name](device="cuda", check_values=False)
+        advantages = [tracker.update(ids.cuda(), rewards.cuda()) for ids, rewards in batches]
+        runs.append((advantages, tracker.state_dict()))
+    (first, first_state), (second, second_state) = runs
+    for step, (a, b) in enumerate(zip(first, second)):
+        assert torch.equal(a, b), f"advantages of batch {step} differ"
+    contract._assert_state_equal(first_state, second_state)  # pylint: disable=protected-access
+
+
+def _run_outputs(run_dir: pathlib.Path) -> Dict[str, bytes]:
+    """metrics.csv and every stats log file of a run, by path within the run."""
+    return {
+        path.relative_to(run_dir).as_posix(): path.read_bytes()
+        for path in sorted(run_dir.rglob("*"))
+        if path.is_file() and (path.name == "metrics.csv" or path.relative_to(run_dir).parts[0] == "stats")
+    }
+
+
+@pytest.mark.parametrize("problem, method", TRAINING_RUNS, ids=[f"{p}-{m or 'config'}" for p, m in TRAINING_RUNS])
+def test_training_on_cuda_is_reproducible_and_learns(problem, method, tmp_path):
+    from rail_interview import training  # pylint: disable=import-outside-toplevel
+    from rail_interview.configs import default, pass_fail  # pylint: disable=import-outside-toplevel
+
+    summaries, outputs = [], []
+    for run in range(2):
+        config = (pass_fail if problem == "pass_fail" else default).get_config()
+        config.device = "cuda"
+        if method is not None:
+            config.stat_tracking.method = method
+        summary = training.train(config, str(tmp_path / str(run)))
+        summaries.append(summary)
+        outputs.append(_run_outputs(pathlib.Path(summary["run_dir"])))
+    assert summaries[0]["device"].startswith("cuda")
+    assert "metrics.csv" in outputs[0] and outputs[0] == outputs[1], "two runs with one seed differ"
+    if method != "batch":  # the batch baseline has no floor: it is the run the others must beat
+        assert summaries[0]["final_reward"] > bad_final_reward(problem)
