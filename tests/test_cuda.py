@@ -13,7 +13,7 @@ training on CUDA. ``python benchmarks/gpu_check.py`` runs every test marked
 """
 
 import pathlib
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 import test_tracker_contract as contract
@@ -53,7 +53,7 @@ FORCED_ALGORITHMS: List[Dict[str, str]] = [
 
 #: Training runs: (problem, stat_tracking.method or None for the config's own); the distance
 #: problem runs its default config, the pass/fail problem its own config (GRPO over a buffer).
-TRAINING_RUNS: List[Tuple[str, str]] = [
+TRAINING_RUNS: List[Tuple[str, Optional[str]]] = [
     ("distance", "batch"),
     ("distance", "buffer"),
     ("distance", "ema"),
