@@ -11,7 +11,7 @@ CUDA-graph replay, determinism, training). Then
 against the reference before timing it. The report,
 ``<out>/gpu_check_<gpu-name>.json``, holds the device, the versions, every
 test's outcome and the benchmark's milliseconds per update
-(docs/testing_tools.md). It is written after the tests and again at the end.
+(docs/testing.md). It is written after the tests and again at the end.
 
 Exit status: 0 when every CUDA test passed (a CUDA test skipped on a GPU is a
 failure) and the benchmark ran, 1 otherwise, 2 without a CUDA device.

@@ -9,7 +9,7 @@ adds what the contract does not check: no host sync under each algorithm
 ``ops.forced_algorithms`` can force, two runs bit for bit identical, and
 training on CUDA. ``python benchmarks/gpu_check.py`` runs every test marked
 ``cuda`` and the GPU benchmark, and writes a JSON report
-(docs/testing_tools.md).
+(docs/testing.md).
 """
 
 import pathlib
