@@ -104,7 +104,12 @@ def test_python_block_runs(block: Block, tmp_path, monkeypatch):
     if block.skip_reason:
         pytest.skip(f"marked in the page: {block.skip_reason}")
     monkeypatch.chdir(tmp_path)
-    namespace = run_block(block)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        namespace = run_block(block)
+    finally:  # training.train sets both for its run; the rest of the suite keeps its own
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
     for check in checks_for(block):
         check(namespace)
 
