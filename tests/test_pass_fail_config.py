@@ -199,6 +199,7 @@ def test_train_script_runs_the_pass_fail_config(tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["problem"]["name"] == "pass_fail"
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_pass_fail_problem_trains_on_cuda(config, tmp_path):
     config.device = "cuda"

@@ -138,6 +138,7 @@ def test_expected_reward_at_the_optimum_matches_the_floor():
     assert reward == pytest.approx(-problem.sigmas[0].item() * math.sqrt(2 / math.pi), rel=0.02, abs=1e-3)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_everything_lives_on_the_generator_device():
     generator = torch.Generator(device="cuda").manual_seed(0)

@@ -315,6 +315,7 @@ def test_train_script_refuses_a_mistyped_override(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_train_on_cuda(tiny_config, tmp_path):
     tiny_config.device = "cuda"
