@@ -4,8 +4,9 @@ A tracker turns (prompt id, reward) pairs into advantages,
 ``(reward - mean) / (std + eps)``, with ``mean`` and ``std`` describing recent
 rewards of the same prompt, or of the whole batch until a prompt has enough.
 ``AdvantageTracker`` composes any memory (none, a ring buffer, an EMA) with
-any estimator of the GRPO family; ``presets`` names the combinations that
-reproduce public trainers (DDPO, TRL, verl, flow_grpo).
+any estimator of the GRPO family; ``presets`` is the registry of the
+combinations by name: those that reproduce public trainers (DDPO, TRL,
+verl, flow_grpo) and the training config's methods.
 Prompts are integer ids in [0, num_prompts), or, with ``keys="hashed"``, any
 int64 keys (``prompt_keys`` for strings, ``token_keys`` for token ids) that a
 fixed-size LRU table maps to rows. All state lives in fixed-shape tensors on
@@ -17,7 +18,6 @@ Dimensions used in docstrings: N samples in a batch, P prompts, K buffer slots.
 """
 
 from rail_interview.stat_tracking import presets
-from rail_interview.stat_tracking.base import StatTracker, TrackerStats, UpdateReport, resolve_device
 from rail_interview.stat_tracking.batch import BatchStatTracker
 from rail_interview.stat_tracking.buffer import BufferStatTracker
 from rail_interview.stat_tracking.ema import EmaStatTracker
@@ -31,6 +31,10 @@ from rail_interview.stat_tracking.recording import (
 )
 from rail_interview.stat_tracking.reference import ReferenceBufferStatTracker, ReferenceEmaStatTracker
 from rail_interview.stat_tracking.tracker import AdvantageTracker
+from rail_interview.stat_tracking.types import TrackerStats, UpdateReport, resolve_device
+
+#: The tracker interface, for type hints: ``AdvantageTracker`` is the one tracker class.
+StatTracker = AdvantageTracker
 
 __all__ = [
     "AdvantageTracker",

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
-from typing import Optional
+from typing import Any
 
-import torch
-
-from rail_interview.stat_tracking.base import Device
 from rail_interview.stat_tracking.memory import MAX_BUFFER_SIZE, masked_row_mean_std
-from rail_interview.stat_tracking.tracker import AdvantageTracker
+from rail_interview.stat_tracking.tracker import COMMON_OPTIONS, AdvantageTracker, only_options
+from rail_interview.stat_tracking.validation import warn_at_caller
 
 __all__ = ["BufferStatTracker", "MAX_BUFFER_SIZE", "masked_row_mean_std"]
 
@@ -42,70 +39,46 @@ class BufferStatTracker(AdvantageTracker):
     batch's samples, or the whole [P, K] buffer once when P <= N, which is
     then less work.
 
+    Signature: ``BufferStatTracker(num_prompts, buffer_size=32, min_count=16,
+    *, eps=1e-6, device=None, dtype=torch.float32, check_values=True,
+    process_group=None, keys="ids")``.
+
     Args:
         num_prompts: P, the number of distinct prompt ids.
         buffer_size: K, rewards kept per prompt, at most ``MAX_BUFFER_SIZE``.
         min_count: rewards a prompt needs before its own statistics are used.
             If larger than ``buffer_size`` they never are (a warning says so).
-        eps: added to the standard deviation before dividing.
-        device: where the state lives; inputs must be on it.
-        dtype: floating dtype of the buffer and of the advantages. Rewards
-            are stored in it; statistics are accumulated in float32 for
-            float16 and bfloat16 (see the ``base`` module for what each
-            dtype can represent).
-        check_values: check ids and rewards (a host sync on a GPU); see
-            ``StatTracker``.
-        process_group: share statistics across ``torch.distributed`` ranks;
-            see ``StatTracker``.
-        keys: ``"ids"`` (ids in [0, P)) or ``"hashed"`` (any int64 keys, an
-            LRU table of P rows; see ``AdvantageTracker``).
+        **options: keyword-only: ``eps`` (added to the standard deviation
+            before dividing, default 1e-6), ``device``, ``dtype`` (of the
+            buffer and the advantages: rewards are stored in it),
+            ``check_values``, ``process_group`` and ``keys``, as for
+            ``AdvantageTracker``.
 
     Raises:
         ValueError: if ``buffer_size`` or another argument is out of range.
 
     Example:
+        >>> import torch
         >>> tracker = BufferStatTracker(num_prompts=2, buffer_size=4, min_count=2)
         >>> ids = torch.tensor([0, 0, 1])
         >>> tracker.update(ids, torch.tensor([1.0, 3.0, 10.0]))  # prompt 1 falls back to the batch
         tensor([-1.0000,  1.0000,  1.3822])
         >>> tracker.stats().count
         tensor([2, 1])
+        >>> tracker
+        BufferStatTracker(num_prompts=2, buffer_size=4, min_count=2, eps=1e-06, keys='ids', dtype=torch.float32, \
+device=cpu)
     """
 
-    def __init__(
-        self,
-        num_prompts: int,
-        buffer_size: int = 32,
-        min_count: int = 16,
-        *,
-        eps: float = 1e-6,
-        device: Device = None,
-        dtype: torch.dtype = torch.float32,
-        check_values: bool = True,
-        process_group: Optional["torch.distributed.ProcessGroup"] = None,
-        keys: str = "ids",
-    ) -> None:
-        super().__init__(
-            num_prompts,
-            "buffer",
-            buffer_size=buffer_size,
-            baseline="prompt_mean",
-            scale="prompt_std",
-            ddof=0,
-            eps=eps,
-            min_count=min_count,
-            fallback="batch",
-            device=device,
-            dtype=dtype,
-            check_values=check_values,
-            process_group=process_group,
-            keys=keys,
-        )
+    _repr_options = ("num_prompts", "buffer_size", "min_count", "eps", "keys", "dtype", "device")
+
+    def __init__(self, num_prompts: int, buffer_size: int = 32, min_count: int = 16, **options: Any) -> None:
+        options = only_options(type(self).__name__, options, ("eps", *COMMON_OPTIONS))
+        super().__init__(num_prompts, "buffer", buffer_size=buffer_size, min_count=min_count, **options)
         if buffer_size < min_count:
-            warnings.warn(
+            warn_at_caller(
                 f"buffer_size {buffer_size} < min_count {min_count}: no prompt can ever reach min_count, "
-                "so every advantage will use whole-batch statistics",
-                stacklevel=2,
+                "so every advantage will use whole-batch statistics"
             )
 
     @property

@@ -24,9 +24,9 @@ from typing import Dict, Sequence, Union
 import numpy as np
 import torch
 
-from rail_interview.stat_tracking.base import Device
 from rail_interview.stat_tracking.keys import prompt_keys
 from rail_interview.stat_tracking.presets import ddpo
+from rail_interview.stat_tracking.types import Device
 
 __all__ = ["PerPromptStatTracker"]
 

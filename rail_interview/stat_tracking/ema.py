@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any
 
-import torch
-
-from rail_interview.stat_tracking.base import Device
-from rail_interview.stat_tracking.tracker import AdvantageTracker
+from rail_interview.stat_tracking.tracker import COMMON_OPTIONS, AdvantageTracker, only_options
 
 
 class EmaStatTracker(AdvantageTracker):
@@ -51,27 +48,25 @@ class EmaStatTracker(AdvantageTracker):
     State, allocated once on ``device``: ``mean`` [P], ``var`` [P] and
     ``count`` [P] (rewards seen, int64).
 
+    Signature: ``EmaStatTracker(num_prompts, decay=0.7, min_count=16, *,
+    eps=1e-6, device=None, dtype=torch.float32, check_values=True,
+    process_group=None, keys="ids")``.
+
     Args:
         num_prompts: P, the number of distinct prompt ids.
         decay: weight kept by the old statistics at each reward, in (0, 1).
-            The default, 0.7, is the best of the toy problem's sweep (see
-            the README).
         min_count: rewards a prompt needs before its own statistics are used.
-        eps: added to the standard deviation before dividing.
-        device: where the state lives; inputs must be on it.
-        dtype: floating dtype of the state and of the advantages.
-        check_values: check ids and rewards (a host sync on a GPU); see
-            ``StatTracker``.
-        process_group: share statistics across ``torch.distributed`` ranks;
-            see ``StatTracker``.
-        keys: ``"ids"`` (ids in [0, P)) or ``"hashed"`` (any int64 keys, an
-            LRU table of P rows; see ``AdvantageTracker``).
+        **options: keyword-only: ``eps`` (added to the standard deviation
+            before dividing, default 1e-6), ``device``, ``dtype`` (of the
+            state and the advantages), ``check_values``, ``process_group``
+            and ``keys``, as for ``AdvantageTracker``.
 
     Raises:
         ValueError: if ``decay`` is not in (0, 1) or another argument is out
             of range.
 
     Example:
+        >>> import torch
         >>> tracker = EmaStatTracker(num_prompts=2, decay=0.75, min_count=2)
         >>> # Prompt 0: mean 1 + 0.25 * 4 = 2, var 0.75 * (0.25 * 4**2) = 3.
         >>> # Prompt 1 falls back to the batch's mean and std.
@@ -80,37 +75,15 @@ class EmaStatTracker(AdvantageTracker):
         >>> stats = tracker.stats()
         >>> stats.mean, stats.std, stats.count
         (tensor([ 2., 10.]), tensor([1.7321, 0.0000]), tensor([2, 1]))
+        >>> tracker
+        EmaStatTracker(num_prompts=2, decay=0.75, min_count=2, eps=1e-06, keys='ids', dtype=torch.float32, device=cpu)
     """
 
-    def __init__(
-        self,
-        num_prompts: int,
-        decay: float = 0.7,
-        min_count: int = 16,
-        *,
-        eps: float = 1e-6,
-        device: Device = None,
-        dtype: torch.dtype = torch.float32,
-        check_values: bool = True,
-        process_group: Optional["torch.distributed.ProcessGroup"] = None,
-        keys: str = "ids",
-    ) -> None:
-        super().__init__(
-            num_prompts,
-            "ema",
-            decay=decay,
-            baseline="prompt_mean",
-            scale="prompt_std",
-            ddof=0,
-            eps=eps,
-            min_count=min_count,
-            fallback="batch",
-            device=device,
-            dtype=dtype,
-            check_values=check_values,
-            process_group=process_group,
-            keys=keys,
-        )
+    _repr_options = ("num_prompts", "decay", "min_count", "eps", "keys", "dtype", "device")
+
+    def __init__(self, num_prompts: int, decay: float = 0.7, min_count: int = 16, **options: Any) -> None:
+        options = only_options(type(self).__name__, options, ("eps", *COMMON_OPTIONS))
+        super().__init__(num_prompts, "ema", decay=decay, min_count=min_count, **options)
 
     @property
     def decay(self) -> float:

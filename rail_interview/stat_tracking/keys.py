@@ -10,8 +10,7 @@ every rank updates it with the same gathered batch).
 
 Two key functions, both stable across processes, runs and machines:
 
-* ``prompt_keys(strings)``: BLAKE2b of the UTF-8 text, on the host
-  (about 0.4 us per prompt).
+* ``prompt_keys(strings)``: BLAKE2b of the UTF-8 text, on the host.
 * ``token_keys(token_ids, attention_mask)``: a hash of the kept tokens, on
   the tensors' device with no host sync; padding, left or right, does not
   change the key.
@@ -39,8 +38,9 @@ from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from rail_interview.stat_tracking.base import Device, check_positive_int, is_integer_dtype, resolve_device
 from rail_interview.stat_tracking.ops import forced_algorithm, is_compiling, write_at
+from rail_interview.stat_tracking.types import Device, resolve_device
+from rail_interview.stat_tracking.validation import check_positive_int, is_integer_dtype
 
 __all__ = ["KeyTable", "KeyAssignment", "mix64", "prompt_keys", "token_keys"]
 

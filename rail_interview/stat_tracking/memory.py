@@ -1,10 +1,15 @@
 """What a tracker remembers of each prompt between updates: nothing, a ring buffer, or an EMA.
 
 A memory takes in a batch of (prompt id, reward) pairs and hands back, for
-each prompt of the batch, the statistics an estimator needs (a ``Fold``):
-how many rewards stand behind them, their mean and their std (with the
-estimator's ``ddof``), the current batch always included. ``AdvantageTracker`` turns those into
-advantages; the memory knows nothing of baselines, scales or fallbacks.
+each sample of the batch, the statistics of its prompt that an estimator
+needs (``SampleStats``): how many rewards stand behind them, the sample's
+deviation from their mean, and their std (with the estimator's ``ddof``),
+the current batch always included. The estimator
+(``functional.prompt_advantages``) turns those into advantages; the
+memory knows nothing of baselines, scales or fallbacks, and the estimator
+nothing of memories. Every memory computes a sample's deviation as its
+reward minus its prompt's mean in the compute dtype, one subtraction, so
+that no precision is lost to a later re-centring.
 
 * ``NoMemory``: this batch's rewards of the prompt only, as GRPO-style
   trainers use them. Keeps no state.
@@ -22,14 +27,12 @@ Dimensions: N samples in a batch, P prompts, R = P + 1 rows, K buffer slots.
 
 from __future__ import annotations
 
-import abc
-from typing import Dict, Mapping, NamedTuple, Optional, Tuple
+from typing import Dict, Mapping, Optional, Protocol, Tuple
 
 import torch
 
-from rail_interview.stat_tracking.base import Device, check_count_range, check_positive_int
 from rail_interview.stat_tracking.ops import (
-    PromptGroups,
+    add_at,
     cast,
     compute_dtype,
     group_by_prompt,
@@ -37,8 +40,11 @@ from rail_interview.stat_tracking.ops import (
     is_compiling,
     segment_sum,
     sort_ids,
+    take,
     write_at,
 )
+from rail_interview.stat_tracking.types import Device, SampleStats
+from rail_interview.stat_tracking.validation import check_count_range, check_positive_int
 
 #: The largest buffer_size: the row statistics count entries in float32,
 #: which holds every integer up to 2**24 exactly.
@@ -46,91 +52,22 @@ MAX_BUFFER_SIZE = 2**24
 
 #: Buffers with fewer slots (R * K + 1) than this index them in int32 while
 #: computing where a batch goes; larger ones in int64.
-MAX_INT32_SLOTS = 2**31  # pragma: no mutate (speed only below 2**31; int32 overflows above, on 8 GB buffers)
+MAX_INT32_SLOTS = 2**31  # pragma: no mutate (fork)
 
 
-class Fold(NamedTuple):
-    """The statistics a memory holds for the prompts of a batch, after taking it in.
+class Memory(Protocol):
+    """What a tracker needs of a memory: the interface ``NoMemory``, ``BufferMemory`` and ``EmaMemory`` share.
 
-    Statistics are per *row*: either one row per prompt (R = P + 1 rows,
-    ``row`` says which belongs to each sample) or one row per sample in
-    sorted order (``row`` is None). Per-sample tensors are in the *output
-    order*: batch order when ``groups`` is None, else the sorted order of
-    ``groups``, which ``to_batch_order`` undoes.
-
-    Attributes:
-        count: [R], the rewards behind each row's statistics: int64, or
-            integer-valued floats of the compute dtype.
-        mean: float [R] in the compute dtype, their mean.
-        std: float [R], their std with the ``ddof`` asked for (meaningless
-            where count <= ddof).
-        rewards: float [N], the batch's rewards in output order.
-        row: int64 [N], the row of each sample in output order, or None
-            when row i is sample i.
-        own_weight: float [N], the weight of each sample's own reward in its
-            row's mean (0 if the memory does not hold it), or None when not
-            asked for.
-        groups: the batch's grouping when the output order is sorted, else
-            None.
-        deviation: float [N], each sample's reward minus its row's mean, in
-            output order, where the memory computed it anyway; else None.
-    """
-
-    count: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
-    rewards: torch.Tensor
-    row: Optional[torch.Tensor]
-    own_weight: Optional[torch.Tensor]
-    groups: Optional[PromptGroups]
-    deviation: Optional[torch.Tensor] = None
-
-    def per_sample(self, values: torch.Tensor) -> torch.Tensor:
-        """Takes per-row values to per-sample values, in output order.
-
-        Args:
-            values: [R].
-
-        Returns:
-            [N].
-        """
-        return values if self.row is None else values.index_select(0, self.row)  # pragma: no mutate (1-D)
-
-    def to_batch_order(self, values: torch.Tensor) -> torch.Tensor:
-        """Puts per-sample values from output order into batch order.
-
-        Args:
-            values: [N] in output order.
-
-        Returns:
-            [N] in batch order.
-        """
-        return values if self.groups is None else self.groups.unsort(values)
-
-
-class Memory(abc.ABC):
-    """Per-prompt memory of rewards: the state of a tracker.
-
-    Args:
-        num_prompts: P; the memory keeps P + 1 rows, row P for invalid samples.
-        dtype: floating dtype of the state.
-        device: where the state lives (a resolved ``torch.device``).
+    Every memory keeps P + 1 rows, row P for invalid samples, and is built
+    from ``num_prompts`` and keyword-only ``dtype`` (of the state) and
+    ``device`` (a resolved ``torch.device``).
     """
 
     #: The name ``AdvantageTracker(memory=...)`` knows this memory by.
-    kind: str = ""
+    kind: str
 
-    def __init__(self, num_prompts: int, *, dtype: torch.dtype, device: torch.device) -> None:
-        self._num_prompts = num_prompts
-        self._dtype = dtype
-        self._device = device
-        self._compute_dtype = compute_dtype(dtype)
-
-    @abc.abstractmethod  # pragma: no mutate (every memory implements it)
-    def fold(  # pragma: no mutate (abstract: the subclasses' signatures are tested)
-        self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool
-    ) -> Fold:
-        """Takes in a batch and returns its prompts' statistics, the batch included.
+    def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> SampleStats:
+        """Takes in a batch and returns its samples' statistics, the batch included.
 
         No Python loop over prompts or samples and no host sync.
 
@@ -141,13 +78,12 @@ class Memory(abc.ABC):
             ddof: the std divides the sum of squared deviations by count -
                 ddof (for the EMA: its variance is scaled by count / (count
                 - ddof)).
-            own_weight: whether to compute ``Fold.own_weight``.
+            own_weight: whether to compute ``SampleStats.own_weight``.
 
         Returns:
-            The batch's ``Fold``.
+            The batch's ``SampleStats``.
         """
 
-    @abc.abstractmethod  # pragma: no mutate (every memory implements it)
     def counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Returns how many rewards stand behind each given prompt's statistics.
 
@@ -158,7 +94,6 @@ class Memory(abc.ABC):
             int64 [M].
         """
 
-    @abc.abstractmethod  # pragma: no mutate (every memory implements it)
     def snapshot(self, prompt_ids: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Returns the raw state behind some prompts' statistics (may alias the state).
 
@@ -169,7 +104,6 @@ class Memory(abc.ABC):
             Tensors by name, each with the prompt dimension [M] (or [P]) first.
         """
 
-    @abc.abstractmethod  # pragma: no mutate (every memory implements it)
     def stats_from_snapshot(self, snapshot: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, ...]:
         """Computes mean, population std and count from stacked snapshots.
 
@@ -181,7 +115,6 @@ class Memory(abc.ABC):
             and int64 [*B, M] count, all new tensors.
         """
 
-    @abc.abstractmethod  # pragma: no mutate (every memory implements it)
     def state_tensors(self) -> Dict[str, torch.Tensor]:
         """Returns the state of rows [0, P) by name: the live tensors, or views built from them."""
 
@@ -191,19 +124,14 @@ class Memory(abc.ABC):
         Args:
             state: tensors by name, of the shapes and dtypes of ``state_tensors``.
         """
-        for name, tensor in self.state_tensors().items():
-            tensor.copy_(state[name])
 
     def reset_rows(self, rows: torch.Tensor) -> None:
-        """Forgets everything some rows hold, as if they had never seen a reward.
-
-        No host sync. The default does nothing (a memory without state).
+        """Forgets everything some rows hold, as if they had never seen a reward (no host sync).
 
         Args:
             rows: int64 [M], rows in [0, P]; repeats are allowed, and row P
                 (the spare row) may pad the list.
         """
-        del rows
 
     def check_state_values(self, state: Mapping[str, torch.Tensor], name: str) -> None:
         """Raises ValueError if a candidate state breaks the memory's invariants.
@@ -212,11 +140,10 @@ class Memory(abc.ABC):
             state: tensors by name, of the right shapes and dtypes.
             name: the tracker's class name, for the messages.
         """
-        del state, name
 
 
-class NoMemory(Memory):
-    """No memory: a prompt's statistics are its valid rewards in this batch.
+class NoMemory:
+    """No memory: a prompt's statistics are its valid rewards in this batch (see ``Memory``).
 
     Two algorithms with the same results (``ops.forced_algorithms(group_stats=...)``):
     ``"dense"`` sums into one row per prompt with ``index_add_`` (no sort;
@@ -224,33 +151,41 @@ class NoMemory(Memory):
     ``"sorted"`` sums each prompt's group of the sorted batch with
     ``ops.segment_sum`` (deterministic on every device). Both take two
     passes: the mean, then squared deviations from it.
+
+    Args:
+        num_prompts: P.
+        dtype: floating dtype of the statistics reported.
+        device: where tensors are allocated.
     """
 
     kind = "none"
 
-    def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> Fold:
-        """The batch's groups alone: count, mean, std and each sample's deviation (see ``Memory.fold``)."""
-        num_rows = self._num_prompts + 1  # pragma: no mutate (a larger count only adds an unused row)
-        num_samples = prompt_ids.shape[0]  # pragma: no mutate (1-D: dim 0 is dim -1)
-        if group_stats_algorithm(num_samples, num_rows, rewards.device) == "sorted":  # pragma: no mutate (same sums)
+    def __init__(self, num_prompts: int, *, dtype: torch.dtype, device: torch.device) -> None:
+        self._num_prompts = num_prompts
+        self._dtype = dtype
+        self._device = device
+
+    def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> SampleStats:
+        """The batch's groups alone: count, deviation and std (see ``Memory.fold``)."""
+        num_rows = self._num_prompts + 1  # pragma: no mutate (spare)
+        if group_stats_algorithm(len(prompt_ids), num_rows, rewards.device) == "sorted":  # pragma: no mutate (fork)
             groups = group_by_prompt(prompt_ids, num_rows)
-            sorted_rewards = rewards.index_select(0, groups.order)  # [N]; pragma: no mutate (1-D)
+            sorted_rewards = take(rewards, groups.order)  # [N]
             size = groups.size.to(rewards.dtype)  # [N]
             mean = segment_sum(sorted_rewards, groups).div_(size)  # [N]
             deviation = sorted_rewards - mean  # [N]
             std = segment_sum(deviation.square(), groups).div_(size - ddof).sqrt_()  # [N]
             weight = size.reciprocal() if own_weight else None  # [N], 1 / n
-            return Fold(size, mean, std, sorted_rewards, None, weight, groups, deviation)
+            return SampleStats(sorted_rewards, size, deviation, std, weight, groups)
         # Dense rows: O(N + R) and no sort.
-        count = torch.zeros(num_rows, dtype=rewards.dtype, device=rewards.device)  # [R]
-        count.index_add_(0, prompt_ids, torch.ones_like(rewards))  # pragma: no mutate (1-D)
-        total = torch.zeros_like(count).index_add_(0, prompt_ids, rewards)  # [R]; pragma: no mutate (1-D)
-        mean = total.div_(count)  # [R], NaN for rows without samples
-        deviation = rewards - mean.index_select(0, prompt_ids)  # [N]; pragma: no mutate (1-D)
-        square_sum = torch.zeros_like(count).index_add_(0, prompt_ids, deviation.square())  # pragma: no mutate
-        weight = count.reciprocal().index_select(0, prompt_ids) if own_weight else None  # pragma: no mutate (1-D)
-        std = square_sum.div_(count - ddof).sqrt_()  # [R]
-        return Fold(count, mean, std, rewards, prompt_ids, weight, None, deviation)
+        count = add_at(
+            torch.zeros(num_rows, dtype=rewards.dtype, device=rewards.device), prompt_ids, torch.ones_like(rewards)
+        )
+        mean = add_at(torch.zeros_like(count), prompt_ids, rewards).div_(count)  # [R], NaN for rows without samples
+        deviation = rewards - take(mean, prompt_ids)  # [N]
+        std = add_at(torch.zeros_like(count), prompt_ids, deviation.square()).div_(count - ddof).sqrt_()  # [R]
+        weight = take(count.reciprocal(), prompt_ids) if own_weight else None  # [N]
+        return SampleStats(rewards, take(count, prompt_ids), deviation, take(std, prompt_ids), weight, None)
 
     def counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Zeros: nothing is remembered (see ``Memory.counts``)."""
@@ -277,6 +212,18 @@ class NoMemory(Memory):
     def state_tensors(self) -> Dict[str, torch.Tensor]:
         """No state: an empty dict."""
         return {}
+
+    def assign_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Nothing to assign: there is no state."""
+        del state
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Nothing to forget: there is no state."""
+        del rows
+
+    def check_state_values(self, state: Mapping[str, torch.Tensor], name: str) -> None:
+        """Accepts the (empty) state."""
+        del state, name
 
 
 def masked_row_mean_std(
@@ -329,12 +276,12 @@ def masked_row_mean_std(
     return mean, std
 
 
-class BufferMemory(Memory):
+class BufferMemory:
     """Each prompt's last K valid rewards, in a ring buffer (``deque(maxlen=K)`` semantics).
 
     Every reward of the batch is appended to its prompt's buffer in batch
-    order; a prompt seen more than K times in one batch keeps its last K.
-    State: ``rewards`` [P, K], ``count`` [P] (rewards stored, at most K) and
+    order; a prompt seen more than K times in one batch keeps its last K
+    (see ``Memory`` for the interface). State: ``rewards`` [P, K], ``count`` [P] (rewards stored, at most K) and
     ``head`` [P] (next write position); while a buffer is not full its
     rewards sit at [0, count) and head == count. Internally one int64
     counter per row, ``seen``, holds both: count = min(seen, K), head =
@@ -358,10 +305,11 @@ class BufferMemory(Memory):
     kind = "buffer"
 
     def __init__(self, num_prompts: int, buffer_size: int, *, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__(num_prompts, dtype=dtype, device=device)
         check_positive_int("buffer_size", buffer_size)
         if buffer_size > MAX_BUFFER_SIZE:
             raise ValueError(f"buffer_size must be at most {MAX_BUFFER_SIZE}, got {buffer_size}")
+        self._num_prompts, self._dtype, self._device = num_prompts, dtype, device
+        self._compute_dtype = compute_dtype(dtype)
         self.buffer_size = buffer_size
         num_rows = num_prompts + 1
         # The R * K buffer slots, then one scratch slot that takes the writes of
@@ -379,7 +327,7 @@ class BufferMemory(Memory):
     def _column(self, column: torch.Tensor) -> torch.Tensor:
         """``column % K`` in place, without an integer division when K is a power of two."""
         buffer_size = self.buffer_size
-        if buffer_size & (buffer_size - 1) == 0:  # pragma: no mutate (speed only: both sides give % K)
+        if buffer_size & (buffer_size - 1) == 0:  # pragma: no mutate (fork)
             return column.bitwise_and_(buffer_size - 1)
         return column.remainder_(buffer_size)
 
@@ -388,71 +336,75 @@ class BufferMemory(Memory):
 
         A write through one input (the slots) read through another that
         aliases it (the view kept from the constructor) makes inductor copy
-        the whole buffer. Eager, the kept view saves the 2 us that taking one
-        costs.
+        the whole buffer. Eager, the kept view saves taking one.
         """
-        if is_compiling():  # pragma: no mutate (speed only: both hold the same values)
+        if is_compiling():  # pragma: no mutate (fork)
             return self._slots[:-1].view(self._num_prompts + 1, self.buffer_size)
         return self._buffer
 
-    def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> Fold:
+    def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> SampleStats:
         """Appends the batch to the ring buffers, then reads their statistics (see ``Memory.fold``)."""
-        if self._num_prompts + 1 <= prompt_ids.shape[0]:  # pragma: no mutate (speed only: both give the same)
+        if self._num_prompts + 1 <= len(prompt_ids):  # pragma: no mutate (fork)
             return self._fold_all_rows(prompt_ids, rewards, ddof, own_weight)
         return self._fold_batch_rows(prompt_ids, rewards, ddof, own_weight)
 
-    def _fold_all_rows(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, ddof: int, own_weight: bool) -> Fold:
+    def _fold_all_rows(
+        self, prompt_ids: torch.Tensor, rewards: torch.Tensor, ddof: int, own_weight: bool
+    ) -> SampleStats:
         """``fold`` for R <= N: counts the batch per row and reads the whole buffer once."""
-        num_samples = prompt_ids.shape[0]  # pragma: no mutate (1-D: dim 0 is dim -1)
+        num_samples = len(prompt_ids)
         num_rows, buffer_size = self._num_prompts + 1, self.buffer_size
         scratch = num_rows * buffer_size
         device = prompt_ids.device
-        # Slot arithmetic in int32 when every slot index fits (half the memory
-        # traffic of int64: 0.44 ms against 0.49 ms for the write at N = 32768).
-        index_dtype = torch.int32 if scratch < MAX_INT32_SLOTS else torch.int64  # pragma: no mutate (speed only)
+        # Slot arithmetic in int32 when every slot index fits (half the memory traffic of int64).
+        index_dtype = torch.int32 if scratch < MAX_INT32_SLOTS else torch.int64  # pragma: no mutate (fork)
         batch_count = torch.zeros(num_rows, dtype=index_dtype, device=device)  # [R]
         # A one expanded to [N] is read in place of a fresh [N] tensor of ones.
         one = torch.ones(1, dtype=index_dtype, device=device).expand(num_samples)  # [N]
-        batch_count.index_add_(0, prompt_ids, one)  # pragma: no mutate (1-D: dim 0 is dim -1)
+        add_at(batch_count, prompt_ids, one)
         narrow_ids, order = sort_ids(prompt_ids, num_rows, dtype=index_dtype)  # [N]
         # Sorted sample i is its prompt's (i - start)-th of the batch, so it
         # goes to column (seen + i - start) % K: one [R] offset, one gather.
         # [R], one past each prompt's last sorted position.
-        end = batch_count.cumsum(0, dtype=index_dtype)  # pragma: no mutate (1-D: dim 0 is dim -1)
+        end = batch_count.cumsum(0, dtype=index_dtype)  # pragma: no mutate (dim)
         offset = self._column((self._seen - end).add_(batch_count)).to(index_dtype)  # [R], (seen - start) % K
         position = torch.arange(num_samples, dtype=index_dtype, device=device)  # [N]
-        column = offset.index_select(0, narrow_ids).add_(position)  # [N]; pragma: no mutate (1-D)
+        column = take(offset, narrow_ids).add_(position)  # [N]
         # Pushed out within the batch: K later samples of the same prompt, i < end - K.
-        pushed_out = position < end.sub_(buffer_size).index_select(0, narrow_ids)  # [N]; pragma: no mutate (1-D)
+        pushed_out = position < take(end.sub_(buffer_size), narrow_ids)  # [N]
         slot = self._column(column).add_(narrow_ids, alpha=buffer_size).masked_fill_(pushed_out, scratch)  # [N]
-        write_at(self._slots, slot.long(), rewards.index_select(0, order))  # pragma: no mutate (1-D)
+        write_at(self._slots, slot.long(), take(rewards, order))
         self._seen.add_(batch_count)
         count = self._seen.clamp_max(buffer_size)  # [R]
         buffer = self._live_buffer()
         rows = cast(buffer, self._compute_dtype)  # [R, K], the buffer itself unless 16-bit
         if rows is buffer:
-            if self._workspace is None:  # pragma: no mutate (memory only)
+            if self._workspace is None:  # pragma: no mutate (memory)
                 self._workspace = torch.empty_like(buffer)
             mean, std = masked_row_mean_std(rows, count, ddof=ddof, workspace=self._workspace)
         else:
-            mean, std = masked_row_mean_std(rows, count, ddof=ddof, overwrite=True)  # pragma: no mutate (memory only)
+            mean, std = masked_row_mean_std(rows, count, ddof=ddof, overwrite=True)  # pragma: no mutate (memory)
+        count = take(count, prompt_ids)  # [N]
         weight = None
         if own_weight:
-            kept = torch.empty_like(pushed_out).scatter_(0, order, pushed_out)  # [N], batch order; pragma: no mutate
-            kept = kept.logical_not_()
-            weight = kept / count.index_select(0, prompt_ids).to(rewards.dtype)  # pragma: no mutate (1-D)
-        return Fold(count, mean, std, rewards, prompt_ids, weight, None)
+            kept = torch.empty_like(pushed_out).scatter_(
+                0, order, pushed_out
+            )  # [N], batch order; pragma: no mutate (dim)
+            weight = kept.logical_not_() / count.to(rewards.dtype)
+        return SampleStats(rewards, count, rewards - take(mean, prompt_ids), take(std, prompt_ids), weight, None)
 
-    def _fold_batch_rows(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, ddof: int, own_weight: bool) -> Fold:
+    def _fold_batch_rows(
+        self, prompt_ids: torch.Tensor, rewards: torch.Tensor, ddof: int, own_weight: bool
+    ) -> SampleStats:
         """``fold`` for R > N: reads the [N, K] rows of the batch's samples, in sorted order."""
         num_rows, buffer_size = self._num_prompts + 1, self.buffer_size
         scratch = num_rows * buffer_size
         groups = group_by_prompt(prompt_ids, num_rows)
         sorted_ids = groups.sorted_ids  # [N]
-        sorted_rewards = rewards.index_select(0, groups.order)  # [N]; pragma: no mutate (1-D: dim 0 is dim -1)
+        sorted_rewards = take(rewards, groups.order)  # [N]
         # Rank r of a prompt's group goes to slot (seen + r) % K. Only its last
         # K samples stay; the earlier ones go to the scratch slot.
-        seen = self._seen.index_select(0, sorted_ids)  # [N]; pragma: no mutate (1-D: dim 0 is dim -1)
+        seen = take(self._seen, sorted_ids)  # [N]
         column = (seen + groups.position).sub_(groups.start)  # [N], rewards the prompt had seen before this one
         slot = self._column(column).add_(sorted_ids, alpha=buffer_size)  # [N]
         pushed_out = (groups.end - groups.position).gt(buffer_size)  # [N]
@@ -462,9 +414,9 @@ class BufferMemory(Memory):
         count = seen.clamp_max(buffer_size)  # [N]
         compute = self._compute_dtype
         rows = cast(self._live_buffer().index_select(0, sorted_ids), compute)  # [N, K], a copy
-        mean, std = masked_row_mean_std(rows, count, ddof=ddof, overwrite=True)  # pragma: no mutate (memory only)
+        mean, std = masked_row_mean_std(rows, count, ddof=ddof, overwrite=True)  # pragma: no mutate (memory)
         weight = pushed_out.logical_not() / count.to(compute) if own_weight else None  # [N]
-        return Fold(count, mean, std, sorted_rewards, None, weight, groups)
+        return SampleStats(sorted_rewards, count, sorted_rewards - mean, std, weight, groups)
 
     def reset_rows(self, rows: torch.Tensor) -> None:
         """Empties some rows' buffers: no reward seen, every slot 0 (see ``Memory.reset_rows``)."""
@@ -473,7 +425,7 @@ class BufferMemory(Memory):
 
     def counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Rewards in each given prompt's buffer, min(seen, K) (see ``Memory.counts``)."""
-        return self._seen.index_select(0, prompt_ids).clamp_max(self.buffer_size)  # pragma: no mutate (1-D)
+        return take(self._seen, prompt_ids).clamp_max(self.buffer_size)
 
     def snapshot(self, prompt_ids: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Returns the buffer rows and counts of some prompts (may alias the state).
@@ -510,13 +462,13 @@ class BufferMemory(Memory):
         # Slots past count hold 0 (masked_row_mean_std relies on it), whatever
         # the state dict holds there.
         position = torch.arange(self.buffer_size, device=self._device)  # [K]
-        stored = position < count.unsqueeze(-1)  # [P, K]; pragma: no mutate (1-D: -1 is 1)
+        stored = position < count.unsqueeze(-1)  # [P, K]; pragma: no mutate (dim)
         rewards = torch.where(stored, state["rewards"].to(self._device), 0)
         self._buffer[:-1].copy_(rewards)
         self._buffer[-1].zero_()
         # A full buffer has seen K + head rewards, as far as count and head can tell.
         self._seen[:-1].copy_(torch.where(count < self.buffer_size, count, self.buffer_size + head))
-        self._seen[-1] = 0  # pragma: no mutate (the spare row is never reported)
+        self._seen[-1] = 0  # pragma: no mutate (spare)
 
     def check_state_values(self, state: Mapping[str, torch.Tensor], name: str) -> None:
         """Refuses counts outside [0, K], heads outside [0, K), head != count below K, non-finite rewards."""
@@ -530,7 +482,7 @@ class BufferMemory(Memory):
             raise ValueError(f"{name} state 'rewards' must be finite")
 
 
-class EmaMemory(Memory):
+class EmaMemory:
     """Exponential moving averages of each prompt's mean and variance.
 
     Rewards are folded in one at a time, in batch order, per prompt:
@@ -564,30 +516,31 @@ class EmaMemory(Memory):
     kind = "ema"
 
     def __init__(self, num_prompts: int, decay: float, *, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__(num_prompts, dtype=dtype, device=device)
-        # A bool passes the range check only as True (= 1), which it refuses.
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:  # pragma: no mutate
+        # A bool is an int: True (1) and False (0) both fail the range check.
+        if not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
             raise ValueError(f"decay must lie in (0, 1), got {decay!r}")
+        self._num_prompts, self._dtype, self._device = num_prompts, dtype, device
+        self._compute_dtype = compute_dtype(dtype)
         self.decay = float(decay)
         num_rows = num_prompts + 1
         self._mean = torch.zeros(num_rows, dtype=dtype, device=device)  # [R]
         self._var = torch.zeros(num_rows, dtype=dtype, device=device)  # [R]
         self._count = torch.zeros(num_rows, dtype=torch.int64, device=device)  # [R]
 
-    def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> Fold:
+    def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> SampleStats:
         """Folds the batch into the moving averages, exactly as one reward at a time (see ``Memory.fold``)."""
         decay, compute = self.decay, self._compute_dtype
-        groups = group_by_prompt(prompt_ids, self._num_prompts + 1)  # id P included; pragma: no mutate (+2: unused)
+        groups = group_by_prompt(prompt_ids, self._num_prompts + 1)  # id P included; pragma: no mutate (spare)
         sorted_ids, start = groups.sorted_ids, groups.start  # [N], [N]
-        sorted_rewards = rewards.index_select(0, groups.order)  # [N]; pragma: no mutate (1-D: dim 0 is dim -1)
+        sorted_rewards = take(rewards, groups.order)  # [N]
 
         # A prompt seen for the first time starts from its first reward with
         # variance 0; folding that same reward in again then changes nothing.
-        old_count = self._count.index_select(0, sorted_ids)  # [N]; pragma: no mutate (1-D: dim 0 is dim -1)
+        old_count = take(self._count, sorted_ids)  # [N]
         unseen = old_count == 0  # [N]
-        first = sorted_rewards.index_select(0, start)  # [N]; pragma: no mutate (1-D: dim 0 is dim -1)
-        stored_mean = cast(self._mean.index_select(0, sorted_ids), compute)  # [N]; pragma: no mutate (1-D)
-        stored_var = cast(self._var.index_select(0, sorted_ids), compute)  # [N]; pragma: no mutate (1-D)
+        first = take(sorted_rewards, start)  # [N]
+        stored_mean = cast(take(self._mean, sorted_ids), compute)  # [N]
+        stored_var = cast(take(self._var, sorted_ids), compute)  # [N]
         old_mean = torch.where(unseen, first, stored_mean)  # [N]
         old_var = torch.where(unseen, 0.0, stored_var)  # [N]
 
@@ -612,7 +565,7 @@ class EmaMemory(Memory):
         if ddof:
             size = count.to(compute)  # [N]
             var = var * size / (size - ddof)
-        return Fold(count, mean, var.sqrt(), sorted_rewards, None, own, groups)
+        return SampleStats(sorted_rewards, count, sorted_rewards - mean, var.sqrt(), own, groups)
 
     def reset_rows(self, rows: torch.Tensor) -> None:
         """Zeroes some rows' mean, variance and count (see ``Memory.reset_rows``)."""
@@ -621,7 +574,7 @@ class EmaMemory(Memory):
 
     def counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Rewards each given prompt has seen (see ``Memory.counts``)."""
-        return self._count.index_select(0, prompt_ids)  # pragma: no mutate (1-D: dim 0 is dim -1)
+        return take(self._count, prompt_ids)
 
     def snapshot(self, prompt_ids: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Returns the moving mean, variance and count of some prompts (may alias the state).
@@ -647,6 +600,11 @@ class EmaMemory(Memory):
     def state_tensors(self) -> Dict[str, torch.Tensor]:
         """``mean`` [P], ``var`` [P] and ``count`` [P]: views of rows [0, P) of the live state."""
         return {"mean": self._mean[:-1], "var": self._var[:-1], "count": self._count[:-1]}
+
+    def assign_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copies a checked state into rows [0, P) of the live state (see ``Memory.assign_state``)."""
+        for name, tensor in self.state_tensors().items():
+            tensor.copy_(state[name])
 
     def check_state_values(self, state: Mapping[str, torch.Tensor], name: str) -> None:
         """Refuses negative counts, non-finite means or variances, and negative variances."""

@@ -37,6 +37,30 @@ forces each on CUDA under the sync-debug mode.
 accumulated in ``compute_dtype(dtype)``: float32 for the 16-bit dtypes (as
 PyTorch's own reductions under autocast do), the dtype itself otherwise.
 
+**Mutation notes.** Mutation testing (``benchmarks/cosmic-ray.toml``) skips
+a line marked ``# pragma: no mutate (tag)``. A line is marked only when
+every mutant of it is equivalent, a change no caller can observe; the tag
+names the reason:
+
+* ``dim``: a dim 0 of a 1-D tensor turned into -1, the same dim (or a 0
+  that -1 replaces as well, such as the floor below every group start in
+  ``group_by_prompt``). The package calls the 1-D helpers ``take`` and
+  ``add_at`` rather than spell ``dim=0`` at every site.
+* ``fork``: the condition of a fork between algorithms with identical
+  results (every fork of the table above, the power-of-two ``% K``, the
+  int16/int32 sort, eager ``scatter_`` against traced ``index_put_``):
+  flipping it changes speed, never a result; each side is tested by
+  forcing it.
+* ``spare``: the spare row P of invalid samples, or a scratch column,
+  made one larger: it is never reported.
+* ``empty``: a shortcut for an empty batch or an empty list, where the
+  general path gives the same (empty) result.
+* ``memory``: where a temporary lives (a workspace kept, a tensor
+  overwritten), never what it holds.
+* ``sync``: ``unsafe=True`` turned off: torch then validates the offsets
+  of ``segment_reduce`` with a host sync, and computes the same sums.
+* ``torch``: a fallback for older torch; this torch has both names.
+
 Dimensions: N samples in a batch, P prompts, K buffer slots per prompt.
 """
 
@@ -59,14 +83,11 @@ ALGORITHMS: Dict[str, Tuple[str, ...]] = {
 
 #: From this batch size on, ``group_by_prompt`` finds group boundaries in
 #: linear time; below it, with binary search (fewer ops, and at small sizes
-#: the op count is what costs). Measured on a CPU: 6 us against 39 us at
-#: N = 256, 1.3 ms against 0.24 ms at N = 32768.
+#: the op count is what costs).
 LINEAR_GROUPING_MIN_SAMPLES = 2048
 
 #: From this batch size on, ``batch_mean_std`` takes two passes (mean, then
 #: deviations) instead of ``torch.std_mean``: more ops, each much faster.
-#: Measured on a CPU: 4 us against 9 us at N = 256, 182 us against 16 us at
-#: N = 32768.
 TWO_PASS_BATCH_STATS_MIN_SAMPLES = 1024
 
 _forced: Dict[str, str] = {}
@@ -133,10 +154,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``tensor.to(dtype)``, without the dispatch a no-op ``to`` costs (about 1 us).
-
-    At the toy problem's batch size an update is about 40 small ops, so a
-    microsecond per call is measurable.
+    """``tensor.to(dtype)``, without the dispatch that a no-op ``to`` costs.
 
     Args:
         tensor: any tensor.
@@ -148,10 +166,37 @@ def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
+def take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[index]`` for 1-D ``values``, by ``index_select`` (no advanced-indexing overhead).
+
+    Args:
+        values: [R].
+        index: int64 [N], positions in [0, R).
+
+    Returns:
+        [N], a new tensor.
+    """
+    return values.index_select(0, index)  # pragma: no mutate (dim)
+
+
+def add_at(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``target[index] += values`` for 1-D ``target``, repeats adding up; in place.
+
+    Args:
+        target: [R], written in place.
+        index: int64 [N], positions in [0, R).
+        values: [N] of ``target``'s dtype.
+
+    Returns:
+        ``target``.
+    """
+    return target.index_add_(0, index, values)  # pragma: no mutate (dim)
+
+
 def is_compiling() -> bool:
     """True while torch.compile traces the caller (torch.compiler.is_compiling, torch >= 2.3)."""
     check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if check is None:  # torch < 2.3; pragma: no mutate (torch >= 2.3 has both)
+    if check is None:  # torch < 2.3; pragma: no mutate (torch)
         return torch._dynamo.is_compiling()  # pylint: disable=protected-access
     return check()
 
@@ -159,11 +204,10 @@ def is_compiling() -> bool:
 def write_at(state: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
     """Writes ``state[index] = values`` in place, the fastest way for the mode.
 
-    Eager, ``scatter_`` is the fastest write (2 to 3 times ``index_put_`` on
-    a CPU). Under torch.compile, inductor updates ``index_put_`` in place
-    but copies the whole state for ``scatter_`` (85 ms instead of 0.6 ms per
-    update of a 1,000,000-prompt buffer), so the traced code uses that. The
-    compiled tests (``backend="eager"``) run the traced branch on a CPU.
+    Eager, ``scatter_`` is the faster write. Under torch.compile, inductor
+    updates ``index_put_`` in place but copies the whole state for
+    ``scatter_``, so the traced code uses that. The compiled tests
+    (``backend="eager"``) run the traced branch on a CPU.
 
     Args:
         state: [S] tensor, written in place.
@@ -174,10 +218,10 @@ def write_at(state: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> 
         values: [M], converted to ``state``'s dtype.
     """
     values = cast(values, state.dtype)
-    if is_compiling():  # pragma: no mutate (speed only: both write the same)
+    if is_compiling():  # pragma: no mutate (fork)
         state.index_put_((index,), values)
     else:
-        state.scatter_(0, index, values)  # pragma: no mutate (1-D: dim 0 is dim -1)
+        state.scatter_(0, index, values)  # pragma: no mutate (dim)
 
 
 class PromptGroups(NamedTuple):
@@ -212,15 +256,14 @@ class PromptGroups(NamedTuple):
         Returns:
             [N] in batch order: ``result[order] == values``.
         """
-        return torch.empty_like(values).scatter_(0, self.order, values)  # pragma: no mutate (1-D)
+        return torch.empty_like(values).scatter_(0, self.order, values)  # pragma: no mutate (dim)
 
 
 #: The most prompts ids are sorted as int32 for, and counted for (a [P] tensor).
 MAX_INT32_PROMPTS = 2**31
 
 #: The most prompts ids are sorted as int16 for: torch's radix sort then takes
-#: two byte passes instead of four. Measured on a CPU at N = 32768: 167 us
-#: against 361 us (int32) and 797 us (int64).
+#: two byte passes instead of four.
 MAX_INT16_PROMPTS = 2**15
 
 
@@ -239,10 +282,10 @@ def sort_ids(
         ``dtype`` [N] sorted ids and int64 [N] ``order``, with
         ``sorted_ids == prompt_ids[order]`` and batch order kept among equal ids.
     """
-    if num_prompts is None or num_prompts > MAX_INT32_PROMPTS:  # pragma: no mutate (speed only)
+    if num_prompts is None or num_prompts > MAX_INT32_PROMPTS:  # pragma: no mutate (fork)
         sorted_ids, order = torch.sort(prompt_ids, stable=True)
     else:
-        narrow = torch.int16 if num_prompts <= MAX_INT16_PROMPTS else torch.int32  # pragma: no mutate (speed only)
+        narrow = torch.int16 if num_prompts <= MAX_INT16_PROMPTS else torch.int32  # pragma: no mutate (fork)
         sorted_ids, order = torch.sort(prompt_ids.to(narrow), stable=True)  # [N]
     return cast(sorted_ids, dtype), order
 
@@ -290,7 +333,7 @@ def group_by_prompt(prompt_ids: torch.Tensor, num_prompts: Optional[int] = None)
     device = prompt_ids.device
     algorithm = _grouping_algorithm(num_samples, num_prompts, device)
     position = torch.arange(num_samples, device=device)  # [N]
-    if algorithm == "search":  # pragma: no mutate (every algorithm finds the same groups)
+    if algorithm == "search":  # pragma: no mutate (fork)
         sorted_ids, order = torch.sort(prompt_ids, stable=True)  # [N]
         start = torch.searchsorted(sorted_ids, sorted_ids)  # [N]
         end = torch.searchsorted(sorted_ids, sorted_ids, right=True)  # [N]
@@ -298,15 +341,15 @@ def group_by_prompt(prompt_ids: torch.Tensor, num_prompts: Optional[int] = None)
     sorted_ids, order = sort_ids(prompt_ids, num_prompts)  # [N]
     if algorithm == "counts":
         count = torch.zeros(num_prompts, dtype=torch.int64, device=device)  # [P], samples of each prompt
-        count.index_add_(0, prompt_ids, torch.ones_like(prompt_ids))  # pragma: no mutate (1-D: dim 0 is dim -1)
-        end = count.cumsum(0).index_select(0, sorted_ids)  # [N]; pragma: no mutate (1-D: dim 0 is dim -1)
-        return PromptGroups(sorted_ids, order, end - count.index_select(0, sorted_ids), end, position)
+        add_at(count, prompt_ids, torch.ones_like(prompt_ids))
+        end = take(count.cumsum(0), sorted_ids)  # [N]; pragma: no mutate (dim)
+        return PromptGroups(sorted_ids, order, end - take(count, sorted_ids), end, position)
     first = torch.ones(num_samples, dtype=torch.bool, device=device)  # [N], first of its group
     first[1:] = sorted_ids[1:] != sorted_ids[:-1]
     last = torch.ones_like(first)  # [N], last of its group
     last[:-1] = first[1:]
     # [N], the latest group start at or before (position 0 always starts one).
-    start = torch.where(first, position, 0).cummax(0).values  # pragma: no mutate (1-D; a 0 below any start)
+    start = torch.where(first, position, 0).cummax(0).values  # pragma: no mutate (dim)
     end = torch.where(last, position + 1, num_samples).flip(0).cummin(0).values.flip(0)  # [N], earliest end after
     return PromptGroups(sorted_ids, order, start, end, position)
 
@@ -333,19 +376,24 @@ def segment_sum(values: torch.Tensor, groups: PromptGroups) -> torch.Tensor:
     Returns:
         float [N] of ``values.dtype``, the sum over the sample's group.
     """
-    default = "index_add" if values.device.type == "cpu" else "segment_reduce"  # pragma: no mutate (same sums)
-    if _forced.get("segment_sum", default) == "index_add":  # pragma: no mutate (same sums)
-        sums = torch.zeros_like(values).index_add_(0, groups.start, values)  # pragma: no mutate (1-D)
-        return sums.index_select(0, groups.start)  # pragma: no mutate (1-D: dim 0 is dim -1)
+    default = "index_add" if values.device.type == "cpu" else "segment_reduce"  # pragma: no mutate (fork)
+    if _forced.get("segment_sum", default) == "index_add":  # pragma: no mutate (fork)
+        return take(add_at(torch.zeros_like(values), groups.start, values), groups.start)
     # Segment i is empty unless i starts a group, then it spans the group:
     # offsets are i at a group's start and the group's end elsewhere.
     first = groups.start == groups.position  # [N]
     offsets = torch.cat([torch.where(first, groups.position, groups.end), groups.end[-1:]])  # [N + 1]
-    # unsafe=True skips torch's validation of the offsets, which reads them
-    # back to the host (a sync); they are valid by construction.
-    # [N], nonzero at group starts. unsafe=True only skips that host sync.
-    sums = torch.segment_reduce(values, "sum", offsets=offsets, unsafe=True, initial=0)  # pragma: no mutate
-    return sums.index_select(0, groups.start)  # pragma: no mutate (1-D: dim 0 is dim -1)
+    # [N], nonzero at group starts. unsafe=True skips torch's validation of
+    # the offsets, which reads them back to the host (a sync); they are valid
+    # by construction.
+    sums = torch.segment_reduce(
+        values,
+        "sum",
+        offsets=offsets,
+        initial=0,
+        unsafe=True,  # pragma: no mutate (sync)
+    )
+    return take(sums, groups.start)
 
 
 def group_stats_algorithm(num_samples: int, num_rows: int, device: torch.device) -> str:
@@ -355,8 +403,6 @@ def group_stats_algorithm(num_samples: int, num_rows: int, device: torch.device)
     O(N + R), and deterministic on a CPU, where it adds sequentially (on
     CUDA its float atomics are not). ``"sorted"`` sorts the batch and sums
     each group with ``segment_sum``: O(N log N), deterministic everywhere.
-    Measured on a CPU, in-batch GRPO at N = 512 (64 groups): 25 us dense
-    against 63 us sorted; at N = 32768 (2048 groups): 0.20 ms against 1.06 ms.
 
     Args:
         num_samples: N.

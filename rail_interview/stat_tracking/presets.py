@@ -1,41 +1,173 @@
-"""Trackers that reproduce public trainers' advantages exactly, by name.
+"""Trackers by name: the presets that reproduce public trainers, and the training vocabulary.
 
-Each preset is a function of ``num_prompts`` and keyword options that
-returns an ``AdvantageTracker`` whose ``update(prompt_ids, rewards)`` gives
-the advantages the named system gives for the same samples grouped by
-prompt id, whatever the order of the samples in the batch (groups need not
-be contiguous, nor of one size). Every preset takes ``dtype=``, ``device=``
-and ``check_values=``, and passes any other keyword to ``AdvantageTracker``:
-``trl_grpo(P, memory="buffer", buffer_size=32)`` is TRL's estimator over
-each prompt's last 32 rewards instead of its group alone.
+One registry: ``get(name, num_prompts, **overrides)`` builds the preset
+``name``, ``names()`` lists every name, and ``parameters(name)`` gives the
+named keyword parameters of a preset with their defaults: the schema a
+config section is checked against, so that no option is silently ignored.
+``register(name)`` adds a preset. Every preset takes ``num_prompts`` and the
+keyword-only ``dtype``, ``device``, ``check_values``, ``process_group`` and
+``keys`` (as for ``AdvantageTracker``), and returns an ``AdvantageTracker``.
 
-=================== ========== ================ ============ ===== ===== =========== ========
-preset              memory     baseline         scale        ddof  eps   min_count   fallback
-=================== ========== ================ ============ ===== ===== =========== ========
-``ddpo``            buffer     prompt_mean      prompt_std   0     1e-6  16          batch
-``trl_grpo``        none       prompt_mean      per option   1     1e-4  2           zero
-``verl_grpo``       none       prompt_mean      prompt_std   1     1e-6  2           raw
-``verl_rloo``       none       leave_one_out    none         0     --    2           raw
-``flow_grpo``       none       prompt_mean      batch_std    0     1e-4  2           zero
-=================== ========== ================ ============ ===== ===== =========== ========
+The public trainers' presets give the advantages the named system gives
+for the same samples grouped by prompt id, whatever the order of the
+samples in the batch (groups need not be contiguous, nor of one size), and
+pass any other keyword to ``AdvantageTracker``: ``trl_grpo(P,
+memory="buffer", buffer_size=32)`` is TRL's estimator over each prompt's
+last 32 rewards instead of its group alone. The training vocabulary
+(``config.stat_tracking.method``) has explicit options only.
 
-The tests compare each preset with a plain transcription of the system's
-code (``tests/system_references.py``) on random batches with singletons,
-zero-variance groups and interleaved groups, in float64 to 1e-9.
+=========== ======= ============= ========== ==== ==== ========= ======== ================================
+preset      memory  baseline      scale      ddof eps  min_count fallback matches
+=========== ======= ============= ========== ==== ==== ========= ======== ================================
+``ddpo``    buffer  prompt_mean   prompt_std 0    1e-6 16        batch    ddpo-pytorch ``PerPromptStatTracker``
+``trl_grpo`` none   prompt_mean   per option 1    1e-4 2         zero     TRL ``GRPOTrainer``
+``verl_grpo`` none  prompt_mean   prompt_std 1    1e-6 2         raw      verl ``compute_grpo_outcome_advantage``
+``verl_rloo`` none  leave_one_out none       0    --   2         raw      verl ``compute_rloo_outcome_advantage``
+``flow_grpo`` none  prompt_mean   batch_std  0    1e-4 2         zero     flow_grpo ``PerPromptStatTracker``
+``buffer``  buffer  prompt_mean   prompt_std 0    1e-6 16        batch    ddpo-pytorch (``BufferStatTracker``)
+``ema``     ema     prompt_mean   prompt_std 0    1e-6 16        batch    none: this package's EMA tracker
+``batch``   none    batch_mean    batch_std  0    1e-7 1         batch    none: whole-batch normalisation
+``grpo``    option  prompt_mean   prompt_std 1    1e-6 2 or 16   option   verl's GRPO, TRL's ``"group"``
+``dr_grpo`` option  prompt_mean   none       1    --   2 or 16   option   Dr. GRPO (verl, TRL's ``"none"``)
+``rloo``    option  leave_one_out none       0    --   2 or 16   option   verl's RLOO
+=========== ======= ============= ========== ==== ==== ========= ======== ================================
+
+``grpo``, ``dr_grpo`` and ``rloo`` are ``verl_grpo``,
+``verl_grpo(norm_adv_by_std=False)`` and ``verl_rloo`` with a choice of
+memory: without one (min_count 2, as verl) they are verl's estimators, and
+exactly verl's advantages with ``fallback="raw"``; their default fallback is
+``"zero"`` (TRL's rule for a group of one).
+
+The tests compare each public trainer's preset with a plain transcription
+of the system's code (``tests/system_references.py``) on random batches
+with singletons, zero-variance groups and interleaved groups, in float64
+to 1e-9.
+
+Example:
+    >>> from rail_interview.stat_tracking import presets
+    >>> presets.get("grpo", 4, memory="ema", decay=0.9)
+    AdvantageTracker(num_prompts=4, memory='ema', decay=0.9, baseline='prompt_mean', scale='prompt_std', ddof=1, \
+eps=1e-06, min_count=16, fallback='zero', nan_rewards='refuse', keys='ids', dtype=torch.float32, device=cpu)
+    >>> sorted(presets.parameters("ema"))
+    ['check_values', 'decay', 'device', 'dtype', 'keys', 'min_count', 'process_group']
 """
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
 
 import torch
 
-from rail_interview.stat_tracking.base import Device
+from rail_interview.stat_tracking.batch import BatchStatTracker
+from rail_interview.stat_tracking.buffer import BufferStatTracker
+from rail_interview.stat_tracking.ema import EmaStatTracker
 from rail_interview.stat_tracking.tracker import AdvantageTracker
+from rail_interview.stat_tracking.types import Device
 
-__all__ = ["ddpo", "flow_grpo", "trl_grpo", "verl_grpo", "verl_rloo"]
+__all__ = [
+    "batch",
+    "buffer",
+    "ddpo",
+    "dr_grpo",
+    "ema",
+    "flow_grpo",
+    "get",
+    "grpo",
+    "names",
+    "parameters",
+    "register",
+    "rloo",
+    "trl_grpo",
+    "verl_grpo",
+    "verl_rloo",
+]
 
+Preset = TypeVar("Preset", bound=Callable[..., AdvantageTracker])
+ProcessGroup = Optional["torch.distributed.ProcessGroup"]
+
+_PRESETS: Dict[str, Callable[..., AdvantageTracker]] = {}
 _TRL_SCALES = {"group": "prompt_std", "batch": "batch_std", "none": "none"}
+
+
+def register(name: str) -> Callable[[Preset], Preset]:
+    """Registers a function of ``(num_prompts, **options)`` as the preset ``name``.
+
+    Args:
+        name: the name ``get`` and a config know it by.
+
+    Returns:
+        A decorator that registers the function and returns it unchanged.
+
+    Raises:
+        ValueError: if ``name`` is already registered.
+    """
+
+    def decorate(build: Preset) -> Preset:
+        if name in _PRESETS:
+            raise ValueError(f"a preset named {name!r} is already registered")
+        _PRESETS[name] = build
+        return build
+
+    return decorate
+
+
+def names() -> Tuple[str, ...]:
+    """The registered presets' names, in registration order."""
+    return tuple(_PRESETS)
+
+
+def _lookup(name: str) -> Callable[..., AdvantageTracker]:
+    """The preset ``name``, or a ValueError naming the choices."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(map(repr, _PRESETS))}")
+    return _PRESETS[name]
+
+
+def get(name: str, num_prompts: int, **overrides: Any) -> AdvantageTracker:
+    """Builds the preset ``name`` over ``num_prompts`` prompts.
+
+    Args:
+        name: one of ``names()``.
+        num_prompts: P.
+        **overrides: keyword options of the preset (see ``parameters``).
+
+    Returns:
+        The tracker.
+
+    Raises:
+        ValueError: for an unknown name (naming the choices), or an option
+            out of range.
+        TypeError: for a keyword the preset does not take.
+    """
+    return _lookup(name)(num_prompts, **overrides)
+
+
+def parameters(name: str) -> Dict[str, Any]:
+    """The named keyword parameters of the preset ``name``, with their defaults.
+
+    ``num_prompts`` and a ``**options`` passthrough are left out: these are
+    the options a config may set for the preset.
+
+    Args:
+        name: one of ``names()``.
+
+    Returns:
+        Parameter name to default value, in signature order.
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    named = list(inspect.signature(_lookup(name)).parameters.values())[1:]
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {parameter.name: parameter.default for parameter in named if parameter.kind in kinds}
+
+
+def _common(
+    dtype: torch.dtype, device: Device, check_values: bool, process_group: ProcessGroup, keys: str
+) -> Dict[str, Any]:
+    """The keywords every preset passes on to its tracker unchanged."""
+    return dict(dtype=dtype, device=device, check_values=check_values, process_group=process_group, keys=keys)
 
 
 def _build(num_prompts: int, options: dict, overrides: dict) -> AdvantageTracker:
@@ -43,6 +175,7 @@ def _build(num_prompts: int, options: dict, overrides: dict) -> AdvantageTracker
     return AdvantageTracker(num_prompts, **{**options, **overrides})
 
 
+@register("ddpo")
 def ddpo(
     num_prompts: int,
     buffer_size: int = 32,
@@ -51,6 +184,8 @@ def ddpo(
     dtype: torch.dtype = torch.float32,
     device: Device = None,
     check_values: bool = True,
+    process_group: ProcessGroup = None,
+    keys: str = "ids",
     **options: Any,
 ) -> AdvantageTracker:
     """ddpo-pytorch's ``PerPromptStatTracker`` (``ddpo_pytorch/stat_tracking.py``).
@@ -70,9 +205,7 @@ def ddpo(
         num_prompts: P, ids in [0, P).
         buffer_size: K, rewards kept per prompt.
         min_count: rewards a prompt needs before its own statistics are used.
-        dtype: floating dtype of the state and the advantages.
-        device: where the state lives.
-        check_values: check ids and rewards in ``update`` (a host sync on a GPU).
+        dtype, device, check_values, process_group, keys: as for ``AdvantageTracker``.
         **options: other ``AdvantageTracker`` keywords.
 
     Returns:
@@ -89,14 +222,13 @@ def ddpo(
             eps=1e-6,
             min_count=min_count,
             fallback="batch",
-            dtype=dtype,
-            device=device,
-            check_values=check_values,
+            **_common(dtype, device, check_values, process_group, keys),
         ),
         options,
     )
 
 
+@register("trl_grpo")
 def trl_grpo(
     num_prompts: int,
     scale_rewards: str = "group",
@@ -104,6 +236,8 @@ def trl_grpo(
     dtype: torch.dtype = torch.float32,
     device: Device = None,
     check_values: bool = True,
+    process_group: ProcessGroup = None,
+    keys: str = "ids",
     **options: Any,
 ) -> AdvantageTracker:
     """TRL ``GRPOTrainer``'s advantages with one reward function (``_generate_and_score_completions``).
@@ -126,9 +260,7 @@ def trl_grpo(
     Args:
         num_prompts: P, ids in [0, P).
         scale_rewards: ``"group"``, ``"batch"`` or ``"none"``.
-        dtype: floating dtype of the advantages.
-        device: where the tracker lives.
-        check_values: check ids and rewards in ``update`` (a host sync on a GPU).
+        dtype, device, check_values, process_group, keys: as for ``AdvantageTracker``.
         **options: other ``AdvantageTracker`` keywords (``memory=...``, ...).
 
     Returns:
@@ -150,14 +282,13 @@ def trl_grpo(
             min_count=2,
             fallback="zero",
             nan_rewards="invalid",
-            dtype=dtype,
-            device=device,
-            check_values=check_values,
+            **_common(dtype, device, check_values, process_group, keys),
         ),
         options,
     )
 
 
+@register("verl_grpo")
 def verl_grpo(
     num_prompts: int,
     norm_adv_by_std: bool = True,
@@ -165,6 +296,8 @@ def verl_grpo(
     dtype: torch.dtype = torch.float32,
     device: Device = None,
     check_values: bool = True,
+    process_group: ProcessGroup = None,
+    keys: str = "ids",
     **options: Any,
 ) -> AdvantageTracker:
     """verl's ``compute_grpo_outcome_advantage`` (``verl/trainer/ppo/core_algos.py``).
@@ -184,9 +317,7 @@ def verl_grpo(
     Args:
         num_prompts: P, ids in [0, P).
         norm_adv_by_std: divide by the group's std (verl's ``norm_adv_by_std_in_grpo``).
-        dtype: floating dtype of the advantages.
-        device: where the tracker lives.
-        check_values: check ids and rewards in ``update`` (a host sync on a GPU).
+        dtype, device, check_values, process_group, keys: as for ``AdvantageTracker``.
         **options: other ``AdvantageTracker`` keywords.
 
     Returns:
@@ -202,20 +333,21 @@ def verl_grpo(
             eps=1e-6,
             min_count=2,
             fallback="raw",
-            dtype=dtype,
-            device=device,
-            check_values=check_values,
+            **_common(dtype, device, check_values, process_group, keys),
         ),
         options,
     )
 
 
+@register("verl_rloo")
 def verl_rloo(
     num_prompts: int,
     *,
     dtype: torch.dtype = torch.float32,
     device: Device = None,
     check_values: bool = True,
+    process_group: ProcessGroup = None,
+    keys: str = "ids",
     **options: Any,
 ) -> AdvantageTracker:
     """verl's ``compute_rloo_outcome_advantage`` (``verl/trainer/ppo/core_algos.py``).
@@ -227,9 +359,7 @@ def verl_rloo(
 
     Args:
         num_prompts: P, ids in [0, P).
-        dtype: floating dtype of the advantages.
-        device: where the tracker lives.
-        check_values: check ids and rewards in ``update`` (a host sync on a GPU).
+        dtype, device, check_values, process_group, keys: as for ``AdvantageTracker``.
         **options: other ``AdvantageTracker`` keywords.
 
     Returns:
@@ -244,15 +374,14 @@ def verl_rloo(
             scale="none",
             ddof=0,
             min_count=2,
-            fallback="raw",  # pragma: no mutate
-            dtype=dtype,
-            device=device,
-            check_values=check_values,
+            fallback="raw",
+            **_common(dtype, device, check_values, process_group, keys),
         ),
         options,
     )
 
 
+@register("flow_grpo")
 def flow_grpo(
     num_prompts: int,
     global_std: bool = True,
@@ -260,6 +389,8 @@ def flow_grpo(
     dtype: torch.dtype = torch.float32,
     device: Device = None,
     check_values: bool = True,
+    process_group: ProcessGroup = None,
+    keys: str = "ids",
     **options: Any,
 ) -> AdvantageTracker:
     """flow_grpo's ``PerPromptStatTracker`` (``flow_grpo/stat_tracking.py``), cleared after every update.
@@ -273,9 +404,7 @@ def flow_grpo(
     Args:
         num_prompts: P, ids in [0, P).
         global_std: scale by the batch's std instead of the group's.
-        dtype: floating dtype of the advantages.
-        device: where the tracker lives.
-        check_values: check ids and rewards in ``update`` (a host sync on a GPU).
+        dtype, device, check_values, process_group, keys: as for ``AdvantageTracker``.
         **options: other ``AdvantageTracker`` keywords.
 
     Returns:
@@ -291,9 +420,162 @@ def flow_grpo(
             eps=1e-4,
             min_count=2,
             fallback="zero",
-            dtype=dtype,
-            device=device,
-            check_values=check_values,
+            **_common(dtype, device, check_values, process_group, keys),
         ),
         options,
     )
+
+
+@register("buffer")
+def buffer(
+    num_prompts: int,
+    buffer_size: int = 32,
+    min_count: int = 16,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: Device = None,
+    check_values: bool = True,
+    process_group: ProcessGroup = None,
+    keys: str = "ids",
+) -> BufferStatTracker:
+    """``BufferStatTracker``: DDPO's per-prompt ring buffer, the training config's ``"buffer"``.
+
+    Args:
+        num_prompts: P.
+        buffer_size: K, rewards kept per prompt.
+        min_count: rewards a prompt needs before its own statistics are used.
+        dtype, device, check_values, process_group, keys: as for ``AdvantageTracker``.
+
+    Returns:
+        ``BufferStatTracker(num_prompts, buffer_size, min_count, ...)``.
+    """
+    return BufferStatTracker(
+        num_prompts, buffer_size, min_count, **_common(dtype, device, check_values, process_group, keys)
+    )
+
+
+@register("ema")
+def ema(
+    num_prompts: int,
+    decay: float = 0.7,
+    min_count: int = 16,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: Device = None,
+    check_values: bool = True,
+    process_group: ProcessGroup = None,
+    keys: str = "ids",
+) -> EmaStatTracker:
+    """``EmaStatTracker``: per-prompt moving averages, the training config's ``"ema"``.
+
+    Args:
+        num_prompts: P.
+        decay: weight kept by the old statistics at each reward, in (0, 1).
+        min_count: rewards a prompt needs before its own statistics are used.
+        dtype, device, check_values, process_group, keys: as for ``AdvantageTracker``.
+
+    Returns:
+        ``EmaStatTracker(num_prompts, decay, min_count, ...)``.
+    """
+    return EmaStatTracker(num_prompts, decay, min_count, **_common(dtype, device, check_values, process_group, keys))
+
+
+@register("batch")
+def batch(
+    num_prompts: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: Device = None,
+    check_values: bool = True,
+    process_group: ProcessGroup = None,
+    keys: str = "ids",
+) -> BatchStatTracker:
+    """``BatchStatTracker``: whole-batch normalisation, the training config's ``"batch"``.
+
+    Args:
+        num_prompts: P.
+        dtype, device, check_values, process_group, keys: as for ``AdvantageTracker``.
+
+    Returns:
+        ``BatchStatTracker(num_prompts, ...)``.
+    """
+    return BatchStatTracker(num_prompts, **_common(dtype, device, check_values, process_group, keys))
+
+
+def _grpo_family(name: str, build: Callable[..., AdvantageTracker], summary: str) -> Callable[..., AdvantageTracker]:
+    """Registers a GRPO-family method of the training config: ``build`` with a choice of memory.
+
+    Args:
+        name: the method's name.
+        build: the public preset it is, with its fixed keywords.
+        summary: the first line of its docstring.
+
+    Returns:
+        The registered preset.
+    """
+
+    def preset(
+        num_prompts: int,
+        *,
+        memory: str = "none",
+        buffer_size: int = 32,
+        decay: float = 0.7,
+        min_count: int = 16,
+        fallback: str = "zero",
+        dtype: torch.dtype = torch.float32,
+        device: Device = None,
+        check_values: bool = True,
+        process_group: ProcessGroup = None,
+        keys: str = "ids",
+    ) -> AdvantageTracker:
+        options: Dict[str, Any] = dict(memory=memory)
+        if memory == "buffer":
+            options.update(buffer_size=buffer_size, min_count=min_count)
+        elif memory == "ema":
+            options.update(decay=decay, min_count=min_count)
+        return build(
+            num_prompts, fallback=fallback, **options, **_common(dtype, device, check_values, process_group, keys)
+        )
+
+    preset.__name__ = preset.__qualname__ = name
+    preset.__doc__ = f"""{summary}
+
+    Args:
+        num_prompts: P.
+        memory: where a prompt's group statistics come from: ``"none"`` (its
+            samples in this batch, as verl and TRL), ``"buffer"`` (its last
+            ``buffer_size`` rewards) or ``"ema"`` (moving averages with
+            ``decay``); the batch is always included.
+        buffer_size: K, rewards kept per prompt with ``memory="buffer"``.
+        decay: weight kept by the old statistics with ``memory="ema"``.
+        min_count: rewards a prompt's memory needs; without memory a group
+            needs 2, as in verl.
+        fallback: what a prompt with too few rewards gets: ``"zero"`` (TRL's
+            rule for a group of one), ``"raw"`` (verl's: its raw reward) or
+            ``"batch"`` (DDPO's: the whole batch's statistics).
+        dtype, device, check_values, process_group, keys: as for ``AdvantageTracker``.
+
+    Returns:
+        The tracker.
+
+    Raises:
+        ValueError: for an unknown memory or fallback, or an option out of range.
+    """
+    return register(name)(preset)
+
+
+grpo = _grpo_family(
+    "grpo",
+    verl_grpo,
+    "GRPO: (r - group mean) / (group sample std + 1e-6), ``verl_grpo`` with a choice of memory.",
+)
+dr_grpo = _grpo_family(
+    "dr_grpo",
+    lambda num_prompts, **options: verl_grpo(num_prompts, norm_adv_by_std=False, **options),
+    "Dr. GRPO: r - group mean, ``verl_grpo(norm_adv_by_std=False)`` with a choice of memory.",
+)
+rloo = _grpo_family(
+    "rloo",
+    verl_rloo,
+    "RLOO: r - the mean of the group's other rewards, ``verl_rloo`` with a choice of memory.",
+)

@@ -9,7 +9,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from rail_interview.stat_tracking.base import Device, check_positive_int, resolve_device
+from rail_interview.stat_tracking.types import Device, resolve_device
+from rail_interview.stat_tracking.validation import check_positive_int
 
 
 class PromptIndexFullError(ValueError):

@@ -40,7 +40,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from rail_interview.stat_tracking.base import StatTracker, check_positive_int, is_integer_dtype
+from rail_interview.stat_tracking.tracker import AdvantageTracker
+from rail_interview.stat_tracking.validation import check_positive_int, is_integer_dtype
 
 PROMPTS_FILE = "prompts.json"
 CHUNK_PATTERN = "chunk_*.npz"
@@ -93,7 +94,7 @@ class PromptStatsRecorder:
     def __init__(
         self,
         directory: str,
-        tracker: StatTracker,
+        tracker: AdvantageTracker,
         prompt_ids: torch.Tensor,
         *,
         prompt_names: Optional[Sequence[str]] = None,

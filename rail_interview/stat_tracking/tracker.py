@@ -1,61 +1,132 @@
-"""One tracker, composed: a memory, per-prompt statistics, then an estimator.
+"""One tracker: keys to rows, a memory, then an estimator; the distributed gather wraps it all.
 
 ``AdvantageTracker`` is every tracker of this package. What differs between
 DDPO's per-prompt buffer, GRPO's in-batch groups, RLOO's leave-one-out
-baseline or Dr. GRPO's unscaled advantages is a choice of parts:
+baseline or Dr. GRPO's unscaled advantages is a choice of parts. Reading
+one ``update`` top to bottom:
 
-1. **Memory** (``memory.py``): what a prompt's statistics describe. ``"none"``:
-   its samples in this batch (GRPO); ``"buffer"``: its last K rewards
-   (DDPO); ``"ema"``: exponential moving averages. The current batch is
-   always included.
-2. **Statistics** per prompt of the batch: count n, mean m and population
-   std, from the memory; the batch's mean and std from the valid samples.
-3. **Estimator**: a baseline (the prompt's mean, leave-one-out, or the
-   batch's mean), a scale (the prompt's std, the batch's, or none), ``ddof``
-   and ``eps``, and what a prompt with fewer than ``min_count`` rewards gets
-   (the batch's statistics, its raw reward, or zero).
+1. **Checks** (``validation.py``): shapes, dtypes and devices, then (with
+   ``check_values``) id ranges and reward values. With a process group,
+   the batches of every rank are gathered first (``distributed.py``).
+2. **Rows**: with ``keys="ids"`` a prompt id is its row; with
+   ``keys="hashed"`` a ``KeyTable`` (``keys.py``) maps keys to rows.
+   Invalid samples go to the spare row P.
+3. **Memory** (``memory.py``): what a prompt's statistics describe.
+   ``"none"``: its samples in this batch (GRPO); ``"buffer"``: its last K
+   rewards (DDPO); ``"ema"``: exponential moving averages. The current
+   batch is always included. It hands the estimator one ``SampleStats``.
+4. **Estimator** (``functional.py``, pure functions): a baseline, a scale,
+   ``ddof``, ``eps`` and a fallback for prompts with fewer than
+   ``min_count`` rewards.
+5. **Report** (``functional.update_report``), for ``update_with_report``.
 
 A valid mask flows through all of it: invalid samples never enter memory
 or statistics and get advantage 0. ``presets`` names the combinations that
 reproduce public trainers; ``BufferStatTracker``, ``EmaStatTracker`` and
 ``BatchStatTracker`` are thin classes over this one.
 
-Dimensions: N samples in a batch, P prompts, R = P + 1 rows, K buffer slots.
+All state lives in fixed-shape tensors on the tracker's device, allocated
+once in the constructor and only ever modified in place, so that
+``update`` can be captured in a CUDA graph and ``load_state_dict`` keeps
+those captures valid.
+
+Dtypes: the state is kept in the tracker's ``dtype``; statistics are
+accumulated in ``ops.compute_dtype(dtype)`` (float32 for float16 and
+bfloat16), and advantages are computed there and returned in ``dtype``:
+
+* float32 and float64: rewards, and their deviations from a mean, up to
+  about 1e19 (float64: 1e154): their squares must fit the dtype. The mean
+  is exact to the dtype's rounding at the rewards' magnitude (about 1e-7
+  relative in float32), so a prompt whose spread is below about 1e-5 of its
+  rewards' magnitude needs float64.
+* bfloat16: float32's range, about 3 significant digits per stored value.
+* float16: rewards and stored statistics within +-65504, about 3
+  significant digits, and steps of 1 above 1024 (so rewards near 60000 are
+  rounded to multiples of 32 before anything is computed).
+
+Advantages larger than the dtype's range become +-inf (in float16, beyond
+65504: a spread below about 1e-5 of ``|reward - mean|``). Wherever the
+advantage fits the dtype it is finite.
+
+Dimensions: N samples in a batch, P prompts, R = P + 1 rows, K buffer
+slots, M prompts asked about.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from rail_interview.stat_tracking.base import (
-    Device,
-    StatTracker,
-    TrackerStats,
-    UpdateReport,
-    check_positive_int,
+from rail_interview.stat_tracking.distributed import gather_batch
+from rail_interview.stat_tracking.functional import (
+    BASELINES,
+    FALLBACKS,
+    SCALES,
+    batch_advantages,
+    fallback_advantages,
+    prompt_advantages,
+    update_report,
 )
 from rail_interview.stat_tracking.keys import KeyTable
-from rail_interview.stat_tracking.memory import Fold, Memory, make_memory
-from rail_interview.stat_tracking.ops import batch_mean_std, cast
+from rail_interview.stat_tracking.memory import Memory, make_memory
+from rail_interview.stat_tracking.ops import batch_mean_std, cast, compute_dtype
+from rail_interview.stat_tracking.types import Device, TrackerStats, UpdateReport, resolve_device
+from rail_interview.stat_tracking.validation import (
+    check_batch,
+    check_id_range,
+    check_prompt_ids,
+    check_rewards,
+    check_state_dict,
+    check_tracker_options,
+    convert_batch,
+    refuse_compiled_value_checks,
+    warn_at_caller,
+)
 
-#: The choices of each estimator option.
-BASELINES = ("prompt_mean", "leave_one_out", "batch_mean")
-SCALES = ("prompt_std", "batch_std", "none")
-FALLBACKS = ("batch", "raw", "zero")
+__all__ = ["AdvantageTracker", "BASELINES", "COMMON_OPTIONS", "FALLBACKS", "KEYS", "NAN_REWARDS", "SCALES"]
+
+#: The choices of the options that are not the estimator's.
 NAN_REWARDS = ("refuse", "invalid")
 KEYS = ("ids", "hashed")
 
+#: The keywords every tracker class and preset takes besides its own options:
+#: where the state lives and how inputs are checked, shared and keyed.
+COMMON_OPTIONS = ("dtype", "device", "check_values", "process_group", "keys")
 
-def _check_choice(name: str, value: object, choices: Tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+def only_options(kind: str, options: Mapping[str, Any], allowed: Tuple[str, ...]) -> Dict[str, Any]:
+    """The keyword options a thin tracker class passes on, refusing any it does not take.
+
+    Args:
+        kind: the class's name, for the message.
+        options: the keywords given.
+        allowed: the keywords it takes.
+
+    Returns:
+        ``options``, as a dict.
+
+    Raises:
+        TypeError: for a keyword not in ``allowed``, as Python does for a
+            function without it.
+    """
+    for name in options:
+        if name not in allowed:
+            raise TypeError(f"{kind}() got an unexpected keyword argument {name!r}; it takes {', '.join(allowed)}")
+    return dict(options)
 
 
-class AdvantageTracker(StatTracker):
+class _Rows(NamedTuple):
+    """Where each sample of a batch goes in memory, and the groups its report counts."""
+
+    rows: torch.Tensor  # int64 [N], in [0, P]; P for samples that stay out of memory
+    rewards: torch.Tensor  # float [N], what memory takes in: 0 for samples out of it
+    overflow: Optional[torch.Tensor]  # bool [N], hashed keys beyond the table's rows, or None
+    groups: Optional[torch.Tensor]  # int64 [N], each sample's key group (hashed keys), or None
+    num_groups: int  # the groups of ``groups``, or R
+
+
+class AdvantageTracker:
     """Turns rewards into advantages from a prompt's memory and an estimator of choice.
 
     For one ``update(prompt_ids, rewards, valid)``:
@@ -124,13 +195,21 @@ class AdvantageTracker(StatTracker):
         device: where the state lives; inputs must be on it.
         dtype: floating dtype of the state and of the advantages; statistics
             are accumulated in float32 for float16 and bfloat16 (see the
-            ``base`` module for what each dtype can represent).
-        check_values: check ids and rewards in ``update`` (a host sync on a
-            GPU); see ``StatTracker``.
-        process_group: share statistics across ``torch.distributed`` ranks;
-            see ``StatTracker``. With hashed keys the ranks need no
-            collective beyond the tracker's own gather: each updates its
-            table with the same gathered batch.
+            module docstring for what each dtype can represent).
+        check_values: if True, ``update`` checks that ids lie in [0, P) and
+            rewards are finite. On a GPU each check is a host sync; switch it
+            off (here or later, ``tracker.check_values = False``) for a
+            sync-free hot path once the inputs are trusted. Shapes, dtypes
+            and devices are always checked (that costs no sync).
+        process_group: a ``torch.distributed`` process group, or None for a
+            single process. With a group, every rank passes its local batch
+            to ``update``; the tracker all-gathers the batches in rank order,
+            updates identical state on every rank, and returns the local
+            samples' advantages. Local batches must have the same size on
+            every rank. Use gloo with a CPU tracker, NCCL with a CUDA one.
+            With hashed keys the ranks need no collective beyond the
+            tracker's own gather: each updates its table with the same
+            gathered batch.
         keys: ``"ids"`` or ``"hashed"`` (see above).
 
     Raises:
@@ -145,7 +224,13 @@ class AdvantageTracker(StatTracker):
         >>> report = tracker.update_with_report(torch.tensor([0, 0, 1]), torch.tensor([1.0, 1.0, 5.0]))
         >>> report.zero_variance, report.zero_variance_fraction
         (tensor([True, True, True]), tensor(1.))
+        >>> tracker
+        AdvantageTracker(num_prompts=2, memory='none', baseline='prompt_mean', scale='prompt_std', ddof=1, \
+eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype=torch.float32, device=cpu)
     """
+
+    #: The options ``repr`` shows, in order; None for every option of ``AdvantageTracker``.
+    _repr_options: Optional[Tuple[str, ...]] = None
 
     def __init__(
         self,
@@ -167,47 +252,38 @@ class AdvantageTracker(StatTracker):
         process_group: Optional["torch.distributed.ProcessGroup"] = None,
         keys: str = "ids",
     ) -> None:
-        super().__init__(
-            num_prompts, eps=eps, device=device, dtype=dtype, check_values=check_values, process_group=process_group
+        choices = dict(
+            keys=(keys, KEYS),
+            baseline=(baseline, BASELINES),
+            scale=(scale, SCALES),
+            fallback=(fallback, FALLBACKS),
+            nan_rewards=(nan_rewards, NAN_REWARDS),
         )
-        _check_choice("keys", keys, KEYS)
-        _check_choice("baseline", baseline, BASELINES)
-        _check_choice("scale", scale, SCALES)
-        _check_choice("fallback", fallback, FALLBACKS)
-        _check_choice("nan_rewards", nan_rewards, NAN_REWARDS)
-        if ddof not in (0, 1) or isinstance(ddof, bool):
-            raise ValueError(f"ddof must be 0 or 1, got {ddof!r}")
-        check_positive_int("min_count", min_count)
-        if min_count < ddof + 1:
-            raise ValueError(
-                f"min_count must be at least ddof + 1 = {ddof + 1}: a std with ddof={ddof} needs "
-                f"{ddof + 1} rewards; got {min_count}"
-            )
-        if baseline == "leave_one_out" and min_count < 2:
-            raise ValueError(f"leave_one_out needs min_count >= 2 (a lone reward has no others); got {min_count}")
+        check_tracker_options(
+            num_prompts, eps=eps, dtype=dtype, choices=choices, ddof=ddof, min_count=min_count, baseline=baseline
+        )
+        self._num_prompts, self._eps, self._dtype = num_prompts, float(eps), dtype
+        self._device = resolve_device(device)
+        self._compute_dtype = compute_dtype(dtype)  # what statistics accumulate in
+        self.check_values = check_values
+        self._process_group = process_group
         self._memory: Memory = make_memory(
             memory, num_prompts, buffer_size=buffer_size, decay=decay, dtype=dtype, device=self._device
         )
         if memory != "none" and scale == "prompt_std" and min_count < 2:
-            warnings.warn(
+            warn_at_caller(
                 f"min_count={min_count}: a prompt's own statistics are used from its first reward, when its "
                 "std is 0 or rests on one or two rewards, so advantages can reach |reward - mean| / eps "
-                "(about 1e6 times the reward spread; +-inf in float16). Use min_count >= 2, better 8 or more.",
-                stacklevel=3,
+                "(about 1e6 times the reward spread; +-inf in float16). Use min_count >= 2, better 8 or more."
             )
         self._baseline, self._scale, self._ddof = baseline, scale, ddof
-        self._min_count, self._fallback, self._nan_rewards = min_count, fallback, nan_rewards
+        self._min_count, self._fallback, self._nan_rewards, self._keys = min_count, fallback, nan_rewards, keys
         # With a batch baseline and no prompt std, and no prompt that can fall
         # back, an in-batch tracker needs no per-prompt statistics at all.
-        # (Speed only: the fold would give the same advantages.)
         self._needs_fold = not (
-            memory == "none"
-            and baseline == "batch_mean"  # pragma: no mutate (speed only)
-            and scale != "prompt_std"
-            and min_count <= 1
-        )  # pragma: no mutate (speed only)
+            memory == "none" and baseline == "batch_mean" and scale != "prompt_std" and min_count <= 1
+        )  # pragma: no mutate (fork)
         self._needs_batch = baseline == "batch_mean" or scale == "batch_std" or fallback == "batch"
-        self._keys = keys
         # A tracker that keeps nothing per prompt needs no table, only to accept any key.
         self._table = KeyTable(num_prompts, device=self._device) if keys == "hashed" and self._needs_fold else None
         # Invalid samples sit in row P with reward 0, whose mean is 0 in every
@@ -216,9 +292,34 @@ class AdvantageTracker(StatTracker):
         # (a std with eps 0): only then are they masked at the end.
         self._mask_invalid = (
             baseline == "batch_mean" or fallback == "batch" or (scale != "none" and self._eps == 0)
-        )  # pragma: no mutate (masking more is exact)
+        )  # pragma: no mutate (fork)
 
     # Options, read-only: changing one would change what the state means.
+
+    @property
+    def num_prompts(self) -> int:
+        """P, the number of prompt ids (or, with hashed keys, rows) the tracker holds."""
+        return self._num_prompts
+
+    @property
+    def eps(self) -> float:
+        """Added to the standard deviation before dividing."""
+        return self._eps
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the state; inputs must be on it."""
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the state and of the advantages."""
+        return self._dtype
+
+    @property
+    def process_group(self) -> Optional["torch.distributed.ProcessGroup"]:
+        """The process group whose ranks share this tracker's statistics, or None."""
+        return self._process_group
 
     @property
     def memory(self) -> str:
@@ -260,6 +361,22 @@ class AdvantageTracker(StatTracker):
         """``"ids"`` (ids in [0, P)) or ``"hashed"`` (any int64 keys, through a ``KeyTable``)."""
         return self._keys
 
+    def __repr__(self) -> str:
+        names = self._repr_options
+        if names is None:
+            own = {"buffer": ("buffer_size",), "ema": ("decay",)}.get(self.memory, ())
+            names = ("num_prompts", "memory", *own, "baseline", "scale", "ddof", "eps", "min_count", "fallback")
+            names += ("nan_rewards", "keys", "dtype", "device")
+        values = {
+            "buffer_size": getattr(self._memory, "buffer_size", None),
+            "decay": getattr(self._memory, "decay", None),
+        }
+        shown = (values[name] if name in values else getattr(self, name) for name in names)
+        fields = (
+            f"{name}={value if isinstance(value, torch.device) else repr(value)}" for name, value in zip(names, shown)
+        )
+        return f"{type(self).__name__}({', '.join(fields)})"
+
     def table_keys(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """With hashed keys, the key each row holds: the rows of ``stats()`` without keys.
 
@@ -280,9 +397,41 @@ class AdvantageTracker(StatTracker):
             )
         return self._table.keys()
 
-    def _check_id_range(self, prompt_ids: torch.Tensor) -> None:
-        if self._keys == "ids":
-            super()._check_id_range(prompt_ids)
+    # Updates.
+
+    def update(
+        self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Adds a batch of rewards to the statistics and returns its advantages.
+
+        Args:
+            prompt_ids: integer [N], the prompt id of each sample, in [0, P)
+                (any int64 keys with ``keys="hashed"``).
+            rewards: float or integer [N], the reward of each sample (integer
+                rewards are converted to ``dtype``, never truncated).
+            valid: bool [N], False for samples that must not count (never
+                enter memory or any statistic, and get advantage 0), or
+                None for all valid. With a process group, pass it on every
+                rank or on none.
+
+        Returns:
+            ``dtype`` [N], the advantage of each sample, on ``device``.
+
+        Raises:
+            TypeError: if an input is not a tensor, ids are not integers or
+                rewards are neither floating nor integer.
+            ValueError: if the inputs are not 1-D of one length, are on
+                another device, or (with ``check_values``) an id lies outside
+                [0, P) or a reward is not finite once converted to ``dtype``.
+                The state is then unchanged. Without ``check_values`` such
+                values are not caught: an id outside [0, P) is undefined
+                behaviour (an IndexError on a CPU, a device-side assert on
+                CUDA) and a NaN reward poisons its prompt's statistics
+                (unless the tracker takes NaN as unscorable:
+                ``nan_rewards="invalid"``). With a process group, see
+                ``distributed.gather_batch`` for how the ranks agree.
+        """
+        return self._dispatch(prompt_ids, rewards, valid, report=False)
 
     def update_with_report(
         self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor] = None
@@ -305,202 +454,163 @@ class AdvantageTracker(StatTracker):
         """
         return self._dispatch(prompt_ids, rewards, valid, report=True)
 
-    def _check_reward_values(self, rewards: torch.Tensor) -> None:
-        if self._nan_rewards == "refuse":
-            super()._check_reward_values(rewards)
-        elif torch.isinf(rewards).any():
-            raise ValueError(
-                f"rewards must not be infinite in {self._dtype} (NaN marks an unscorable sample), "
-                f"got {int(torch.isinf(rewards).sum())} infinite value(s)"
-            )
+    def _dispatch(
+        self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor], report: bool
+    ) -> Union[torch.Tensor, UpdateReport]:
+        """Validates, then runs ``_update`` here or on the batch gathered from every rank."""
+        if self._process_group is None:
+            return self._update(*self._validate_inputs(prompt_ids, rewards, valid), report)
+        *gathered, mine = gather_batch(
+            self._validate_inputs,
+            prompt_ids,
+            rewards,
+            valid,
+            group=self._process_group,
+            device=self._device,
+            check_values=self.check_values,
+        )
+        result = self._update(*gathered, report)  # [W * N]
+        return result.local(mine) if report else result[mine]
+
+    def _validate_inputs(
+        self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Checks the inputs of ``update`` and converts them to int64 ids and ``dtype`` rewards.
+
+        Raises:
+            TypeError, ValueError: as documented in ``update``.
+        """
+        check_batch(prompt_ids, rewards, valid, self._device)
+        if self.check_values:
+            refuse_compiled_value_checks(type(self).__name__, "update")
+        prompt_ids, rewards = convert_batch(prompt_ids, rewards, self._dtype)
+        if self.check_values and len(prompt_ids) > 0:
+            if self._keys == "ids":
+                check_id_range(prompt_ids, self._num_prompts)
+            check_rewards(rewards, nan_is_invalid=self._nan_rewards == "invalid", compute_dtype=self._compute_dtype)
+        return prompt_ids, rewards, valid
 
     def _update(
         self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor], report: bool
     ) -> Union[torch.Tensor, UpdateReport]:
+        """Does the work of ``update`` on validated inputs.
+
+        Args:
+            prompt_ids: int64 [N] on ``device``, in [0, P) (or keys).
+            rewards: ``dtype`` [N] on ``device``.
+            valid: bool [N] on ``device``, or None for all valid.
+            report: return an ``UpdateReport`` instead of the advantages.
+
+        Returns:
+            ``dtype`` [N], the advantages, or their ``UpdateReport``.
+        """
         if self._nan_rewards == "invalid":
             scorable = rewards == rewards  # [N], False exactly where NaN
             valid = scorable if valid is None else valid & scorable
-        if prompt_ids.shape[0] == 0:  # pragma: no mutate (shapes only: nothing to compute)
+        if len(prompt_ids) == 0:  # pragma: no mutate (empty)
             empty = torch.zeros(0, dtype=torch.bool, device=self._device)
             advantages = rewards.clone()
-            return (
-                UpdateReport(advantages, empty, empty, empty, torch.zeros((), device=self._device))
-                if report
-                else advantages
-            )
+            zero = torch.zeros((), device=self._device)
+            return UpdateReport(advantages, empty, empty, empty, zero) if report else advantages
         rewards = cast(rewards, self._compute_dtype)  # [N], float32 for 16-bit dtypes
         if valid is not None:
             rewards = torch.where(valid, rewards, 0)  # [N]
-        groups = overflow = None
-        in_memory = valid  # samples that go into a row of the memory
-        if self._table is not None:
-            assignment = self._table.assign(prompt_ids, valid)
-            if assignment.fresh.shape[0]:  # pragma: no mutate (resetting no row is a no-op)
-                self._memory.reset_rows(assignment.fresh)
-            prompt_ids, overflow, groups = assignment.rows, assignment.overflow, assignment.group
-            num_groups = assignment.num_groups
-            if overflow is not None:
-                in_memory = ~overflow if valid is None else valid & ~overflow
-        memory_rewards = rewards
-        if in_memory is not None:
-            # Invalid (and overflow) samples go to the spare row P with reward 0:
-            # no mask needed past here.
-            prompt_ids = torch.where(in_memory, prompt_ids, self._num_prompts)  # [N]
-            if overflow is not None:
-                memory_rewards = torch.where(in_memory, rewards, 0)  # [N]
+        rows = self._rows(prompt_ids, rewards, valid)
         batch_mean = batch_std = None
         if self._needs_batch:
             batch_mean, batch_std = batch_mean_std(rewards, valid, ddof=self._ddof)
+        options = dict(scale=self._scale, eps=self._eps, batch_mean=batch_mean, batch_std=batch_std)
+        fallback = None
         if not self._needs_fold:
-            advantages = rewards - batch_mean  # [N]
-            if self._scale == "batch_std":
-                advantages = advantages / (batch_std + self._eps)
-            fallback = None
+            advantages = batch_advantages(rewards, **options)
         else:
-            fold = self._memory.fold(
-                prompt_ids, memory_rewards, ddof=self._ddof, own_weight=self._baseline == "leave_one_out"
+            stats = self._memory.fold(
+                rows.rows, rows.rewards, ddof=self._ddof, own_weight=self._baseline == "leave_one_out"
             )
-            advantages, fallback = self._estimate(fold, batch_mean, batch_std, report)
-        if overflow is not None:
+            advantages, fallback = prompt_advantages(
+                stats,
+                baseline=self._baseline,
+                min_count=self._min_count,
+                fallback=self._fallback,
+                report=report,
+                **options,
+            )
+        if rows.overflow is not None:
             # Keys beyond the table's rows: the fallback, from their own rewards.
-            advantages = torch.where(overflow, self._fallback_advantages(rewards, batch_mean, batch_std), advantages)
-            fallback = None if fallback is None else fallback | overflow
+            overflowed = fallback_advantages(rewards, fallback=self._fallback, **options)
+            advantages = torch.where(rows.overflow, overflowed, advantages)
+            fallback = None if fallback is None else fallback | rows.overflow
         if valid is not None and self._mask_invalid:
             advantages = torch.where(valid, advantages, 0)
         advantages = cast(advantages, self._dtype)
         if not report:
             return advantages
-        if groups is None:
-            return self._report(prompt_ids, self._num_prompts + 1, memory_rewards, valid, advantages, fallback)
-        return self._report(groups, num_groups, rewards, valid, advantages, fallback)
+        if rows.groups is None:
+            return update_report(rows.rows, rows.num_groups, rows.rewards, valid, advantages, fallback)
+        return update_report(rows.groups, rows.num_groups, rewards, valid, advantages, fallback)
 
-    def _fallback_advantages(
-        self, rewards: torch.Tensor, batch_mean: Optional[torch.Tensor], batch_std: Optional[torch.Tensor]
-    ) -> torch.Tensor:
-        """The advantage of every sample as if its prompt had no statistics: the fallback's.
+    def _rows(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor]) -> _Rows:
+        """Maps a batch to memory rows: its ids, or its keys' rows in the table.
+
+        Invalid samples, and with hashed keys the samples of keys beyond the
+        table's rows (overflow), go to the spare row P with reward 0: no
+        mask is needed past here.
 
         Args:
-            rewards: float [N] in the compute dtype.
-            batch_mean: scalar, the valid samples' mean, or None if unused.
-            batch_std: scalar, their std, or None if unused.
+            prompt_ids: int64 [N], ids in [0, P) (or keys).
+            rewards: float [N] in the compute dtype, invalid samples' set to 0.
+            valid: bool [N], or None.
 
         Returns:
-            float [N]: (r - center) / scale with the fallback's center (B_m for
-            ``"batch"``, 0 for ``"raw"``) and the estimator's scale (the
-            fallback's std + eps, B_s + eps or 1), or 0 for ``"zero"``.
+            The rows, what memory takes in, and the groups the report counts.
         """
-        if self._fallback == "zero":
-            return torch.zeros_like(rewards)
-        center, spread = (batch_mean, batch_std) if self._fallback == "batch" else (0.0, 1.0)
-        numerator = rewards - center
-        if self._scale == "prompt_std":
-            return numerator / (spread + self._eps)
-        if self._scale == "batch_std":
-            return numerator / (batch_std + self._eps)
-        return numerator
+        overflow = groups = None
+        num_groups = self._num_prompts + 1
+        in_memory = valid  # samples that go into a row of the memory
+        if self._table is not None:
+            assignment = self._table.assign(prompt_ids, valid)
+            if len(assignment.fresh):  # pragma: no mutate (empty)
+                self._memory.reset_rows(assignment.fresh)
+            prompt_ids, overflow = assignment.rows, assignment.overflow
+            groups, num_groups = assignment.group, assignment.num_groups
+            if overflow is not None:
+                in_memory = ~overflow if valid is None else valid & ~overflow
+        if in_memory is not None:
+            prompt_ids = torch.where(in_memory, prompt_ids, self._num_prompts)  # [N]
+            if overflow is not None:
+                rewards = torch.where(in_memory, rewards, 0)  # [N]
+        return _Rows(prompt_ids, rewards, overflow, groups, num_groups)
 
-    def _estimate(
-        self, fold: Fold, batch_mean: Optional[torch.Tensor], batch_std: Optional[torch.Tensor], report: bool
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Applies the estimator to a memory's statistics.
+    # Statistics.
+
+    def stats(self, prompt_ids: Optional[torch.Tensor] = None) -> TrackerStats:
+        """Returns a copy of the per-prompt statistics (see ``TrackerStats``).
 
         Args:
-            fold: the memory's statistics of the batch.
-            batch_mean: scalar, the valid samples' mean, or None if unused.
-            batch_std: scalar, their std (with ``ddof``), or None if unused.
-            report: whether to say which samples fell back.
+            prompt_ids: integer [M] tensor on ``device``, the prompts to
+                report (keys, with hashed keys), or None for all P (rows,
+                with hashed keys). Asking for a few prompts costs O(M), not
+                O(P).
 
         Returns:
-            The advantages, float [N] in batch order in the compute dtype, and
-            bool [N], the samples whose prompt fell back (in batch order), or
-            None without ``report``.
+            TrackerStats of [M] (or [P]) tensors.
+
+        Raises:
+            TypeError, ValueError: if ``prompt_ids`` is not a 1-D integer
+                tensor on ``device``, or (with ``check_values``) an id lies
+                outside [0, P); as for ``update``'s ids.
         """
-        own = fold.count >= self._min_count  # [R]
-        if self._fallback == "batch":
-            fallback_mean, fallback_std = batch_mean, batch_std
-        else:
-            fallback_mean, fallback_std = 0.0, 1.0
-        baseline, fallback = self._baseline, self._fallback
-        wants_own_sample = (
-            report
-            or baseline == "leave_one_out"  # pragma: no mutate (computing more is harmless)
-            or (fold.deviation is not None and fallback == "raw")
-        )  # pragma: no mutate (as above)
-        own_sample = fold.per_sample(own) if wants_own_sample else None  # [N]
-        # The numerator, reward - center, from the memory's deviations where it has them.
-        if baseline == "batch_mean":
-            numerator = fold.rewards - fold.per_sample(torch.where(own, batch_mean, fallback_mean))  # [N]
-        elif fold.deviation is not None and fallback == "zero":
-            numerator = fold.deviation  # [N]; samples that fall back get an infinite scale below
-        elif fold.deviation is not None and fallback == "raw":
-            numerator = torch.where(own_sample, fold.deviation, fold.rewards)  # [N], raw: center 0
-        else:
-            numerator = fold.rewards - fold.per_sample(torch.where(own, fold.mean, fallback_mean))  # [N]
-        if baseline == "leave_one_out":
-            numerator = numerator / torch.where(own_sample, 1.0 - fold.own_weight, 1.0)
-        if self._scale == "prompt_std":
-            scale = torch.where(own, fold.std, fallback_std).add_(self._eps)  # [R]
-        elif self._scale == "batch_std":
-            scale = batch_std + self._eps  # scalar
-        else:
-            scale = None
-        if fallback == "zero":
-            # A finite numerator over an infinite scale: advantage 0.
-            scale = torch.where(own, 1.0 if scale is None else scale, math.inf)  # [R]
-        if scale is not None:
-            numerator = numerator.div_(fold.per_sample(scale)) if scale.ndim else numerator / scale
-        advantages = fold.to_batch_order(numerator)
-        return advantages, fold.to_batch_order(~own_sample) if report else None
-
-    def _report(
-        self,
-        prompt_ids: torch.Tensor,
-        num_rows: int,
-        rewards: torch.Tensor,
-        valid: Optional[torch.Tensor],
-        advantages: torch.Tensor,
-        fallback: Optional[torch.Tensor],
-    ) -> UpdateReport:
-        """Builds the ``UpdateReport`` of a batch, in O(N + R) tensor ops.
-
-        Args:
-            prompt_ids: int64 [N], each sample's group in [0, R - 1); invalid
-                samples in the spare group R - 1.
-            num_rows: R, the groups, the spare one included.
-            rewards: float [N], invalid samples' set to 0.
-            valid: bool [N] or None.
-            advantages: ``dtype`` [N].
-            fallback: bool [N], samples whose prompt fell back, or None if none can.
-        """
-        # A copy: the report must not change when the caller reuses its mask.
-        valid = torch.ones_like(prompt_ids, dtype=torch.bool) if valid is None else valid.clone()
-        # A group is all equal when no reward differs from one of them (any one:
-        # whichever the scatter keeps, the answer is the same).
-        reference = torch.zeros(num_rows, dtype=rewards.dtype, device=rewards.device)  # [R]
-        reference.scatter_(0, prompt_ids, rewards)  # pragma: no mutate (1-D: dim 0 is dim -1)
-        differs = rewards != reference.index_select(0, prompt_ids)  # [N]; pragma: no mutate (1-D)
-        differing = torch.zeros(num_rows, dtype=torch.int64, device=rewards.device)  # [R]
-        differing.index_add_(0, prompt_ids, differs.long())  # pragma: no mutate (1-D)
-        present = torch.zeros_like(differing).index_add_(0, prompt_ids, valid.long())  # [R]; pragma: no mutate (1-D)
-        present = present[:-1] > 0  # [P]
-        equal = differing == 0  # [R]
-        zero_variance = equal.index_select(0, prompt_ids) & valid  # [N]; pragma: no mutate (1-D)
-        groups = present.sum().clamp_min(1).float()
-        fraction = (equal[:-1] & present).sum().float() / groups
-        fallback = torch.zeros_like(valid) if fallback is None else fallback & valid
-        return UpdateReport(advantages, valid, fallback, zero_variance, fraction)
-
-    def _fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        if not self._needs_fold:
-            return torch.ones_like(prompt_ids, dtype=torch.bool)
-        if self._table is None:
-            return self._memory.counts(prompt_ids) < self._min_count
-        rows = self._table.lookup(prompt_ids)  # [N], -1 for keys not in the table
-        counts = self._memory.counts(rows.clamp_min(0))
-        return (rows < 0) | (counts < self._min_count)
+        if prompt_ids is not None:
+            prompt_ids = self._validate_prompt_ids(prompt_ids, "stats")
+        return self.stats_from_snapshot(self.stats_snapshot(prompt_ids))
 
     def stats_snapshot(self, prompt_ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """Returns the raw memory behind ``stats`` for some prompts (may alias the state).
+        """Returns the raw memory behind ``stats`` for some prompts, computing nothing.
+
+        This is the cheap half of ``stats``, for recording statistics every
+        step and computing them later for many steps at once (see
+        ``PromptStatsRecorder``). The tensors may alias the live state: copy
+        them before the next ``update``.
 
         Args:
             prompt_ids: int64 [M] on ``device`` (keys, with hashed keys), or
@@ -537,18 +647,97 @@ class AdvantageTracker(StatTracker):
         fallback = count < self._min_count if self._needs_fold else torch.ones_like(count, dtype=torch.bool)
         return TrackerStats(mean=mean, std=std, count=count, fallback=fallback)
 
+    def fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Tells which prompts hold too few rewards for their own statistics.
+
+        Called right after ``update(prompt_ids, rewards)`` of a tracker with
+        memory, it tells which of that batch's samples got the tracker's
+        fallback: the batch is counted before that choice is made. A tracker
+        without memory holds nothing after the update, so it says True
+        everywhere; ``update_with_report`` tells which samples of the batch
+        fell back, for every tracker.
+
+        Args:
+            prompt_ids: integer [N] tensor on ``device``, checked as
+                ``update``'s ids are.
+
+        Returns:
+            bool [N], True where the prompt holds fewer than ``min_count``
+            rewards (always True for a tracker without per-prompt state).
+
+        Raises:
+            TypeError, ValueError: for bad ids, as ``stats``.
+        """
+        return self._fallback_mask(self._validate_prompt_ids(prompt_ids, "fallback_mask"))
+
+    def _fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """``fallback_mask`` of checked int64 [N] ids (or keys)."""
+        if not self._needs_fold:
+            return torch.ones_like(prompt_ids, dtype=torch.bool)
+        if self._table is None:
+            return self._memory.counts(prompt_ids) < self._min_count
+        rows = self._table.lookup(prompt_ids)  # [N], -1 for keys not in the table
+        counts = self._memory.counts(rows.clamp_min(0))
+        return (rows < 0) | (counts < self._min_count)
+
+    def _validate_prompt_ids(self, prompt_ids: torch.Tensor, method: str) -> torch.Tensor:
+        """Checks ids given to ``stats`` or ``fallback_mask`` as ``update`` checks its own; int64 [M] back."""
+        prompt_ids = check_prompt_ids(prompt_ids, method, self._device)
+        if self.check_values:
+            refuse_compiled_value_checks(type(self).__name__, method)
+            if self._keys == "ids" and len(prompt_ids) > 0:
+                check_id_range(prompt_ids, self._num_prompts)
+        return prompt_ids
+
+    # State.
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """Returns a copy of the state, safe to keep while updating goes on.
+
+        Returns:
+            Tensors by name, on ``device``: the memory's (``rewards`` [P, K],
+            ``count`` [P], ``head`` [P] for a buffer; ``mean``, ``var``,
+            ``count`` [P] for an EMA; nothing without memory), and with
+            hashed keys the table's. Pass them to ``load_state_dict`` of a
+            tracker built with the same arguments to continue identically.
+        """
+        return {name: tensor.clone() for name, tensor in self._state_tensors().items()}
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Replaces the state with a copy of ``state_dict``, in place.
+
+        Everything is checked before anything is copied, so a refused state
+        leaves the tracker exactly as it was. The state tensors keep their
+        identity (they are copied into), so a captured CUDA graph stays valid.
+
+        Args:
+            state_dict: as returned by ``state_dict`` of a tracker of the same
+                class, num_prompts, buffer size and dtype; on any device.
+
+        Raises:
+            TypeError: if ``state_dict`` is not a mapping of tensors.
+            ValueError: if its keys, shapes or dtypes differ from this
+                tracker's, or its values break the tracker's invariants.
+        """
+        check_state_dict(type(self).__name__, self._state_tensors(), state_dict)
+        self._check_state_values(state_dict)
+        self._assign_state(state_dict)
+
     def _state_tensors(self) -> Dict[str, torch.Tensor]:
+        """The state tensors by name: the live ones, or views built from them."""
         state = self._memory.state_tensors()
         if self._table is not None:
             state.update(self._table.state_tensors())
         return state
 
-    def _assign_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        self._memory.assign_state(state)
-        if self._table is not None:
-            self._table.load(state)
-
     def _check_state_values(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Raises ValueError if a candidate state (of the right shapes and dtypes) breaks an invariant."""
         self._memory.check_state_values(state, type(self).__name__)
         if self._table is not None:
             self._table.check_state_values(state, type(self).__name__)
+
+    def _assign_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copies a checked state into the live state tensors, in place."""
+        self._memory.assign_state(state)
+        if self._table is not None:
+            self._table.load(state)

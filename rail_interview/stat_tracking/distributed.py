@@ -1,0 +1,133 @@
+"""Sharing one tracker's statistics across ``torch.distributed`` ranks: the gather of a batch.
+
+With a process group, every rank passes its local batch to ``update``; the
+tracker gathers the batches in rank order, updates identical state on
+every rank from the whole batch, and returns the local samples' part.
+Imports of ``torch.distributed`` happen at call time, so that this package
+works on torch builds without distributed support.
+
+Dimensions: N samples in one rank's batch, W ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+#: Validates and converts one rank's batch: (prompt_ids, rewards, valid) in and out.
+Validate = Callable[..., Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
+
+
+def all_gather_single(output: torch.Tensor, tensor: torch.Tensor, group=None) -> None:
+    """Gathers equal-sized tensors from every rank into ``output``, in rank order.
+
+    ``all_gather_single`` replaced the deprecated ``all_gather_into_tensor``
+    in recent torch, with the same arguments; older torch, which setup.py
+    allows, has only the latter.
+
+    Args:
+        output: [W * N, ...], written in place.
+        tensor: [N, ...], this rank's part.
+        group: the process group, or None for the default one.
+    """
+    import torch.distributed as dist  # pylint: disable=import-outside-toplevel
+
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, tensor, group=group)
+
+
+def _agree(error: Optional[Exception], prompt_ids, valid, group, device: torch.device) -> None:
+    """Shares every rank's verdict on its input, and raises on every rank if one was refused.
+
+    One small collective (and host sync): every rank's batch size (-1 for a
+    rank whose input was refused) and whether it passed a valid mask.
+
+    Args:
+        error: this rank's refusal of its input, or None.
+        prompt_ids: [N], this rank's ids (unchecked when ``error`` is set).
+        valid: this rank's valid mask, or None.
+        group: the process group.
+        device: where the collective's tensors live.
+
+    Raises:
+        TypeError, ValueError: this rank's own error, or a ValueError when
+            another rank refused its input, the sizes differ or some ranks
+            passed a mask and others did not.
+    """
+    import torch.distributed as dist  # pylint: disable=import-outside-toplevel
+
+    world_size = dist.get_world_size(group)
+    verdict = torch.tensor([-1 if error is not None else len(prompt_ids), valid is not None], device=device)
+    verdicts = torch.empty(2 * world_size, dtype=verdict.dtype, device=device)
+    all_gather_single(verdicts, verdict, group=group)
+    sizes, masks = verdicts[0::2].tolist(), verdicts[1::2].tolist()
+    if error is not None:
+        raise error
+    refused = [rank for rank, size in enumerate(sizes) if size < 0]
+    if refused:
+        raise ValueError(f"rank(s) {refused} refused their input to update; see the error there")
+    if len(set(sizes)) > 1:
+        raise ValueError(f"local batches must have the same size on every rank, got sizes {sizes}")
+    if len(set(masks)) > 1:
+        raise ValueError(
+            f"valid must be passed on every rank or on none; ranks that passed it: "
+            f"{[rank for rank, mask in enumerate(masks) if mask]}"
+        )
+
+
+def gather_batch(
+    validate: Validate,
+    prompt_ids: torch.Tensor,
+    rewards: torch.Tensor,
+    valid: Optional[torch.Tensor],
+    *,
+    group,
+    device: torch.device,
+    check_values: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], slice]:
+    """Validates this rank's batch and gathers every rank's, in rank order.
+
+    With ``check_values`` the ranks first agree on validity and batch sizes,
+    so that bad input on one rank raises on every rank instead of leaving
+    the others waiting in a collective. Without it there is no such
+    agreement (it would cost a host sync): a rank whose input is refused
+    raises alone and the others wait in the all-gather until the process
+    group's timeout.
+
+    Args:
+        validate: checks and converts one batch, raising TypeError or ValueError.
+        prompt_ids: integer [N], this rank's batch.
+        rewards: [N].
+        valid: bool [N], or None.
+        group: the process group.
+        device: the tracker's device.
+        check_values: whether the ranks agree on their inputs first.
+
+    Returns:
+        int64 [W * N] ids, [W * N] rewards, bool [W * N] valid (or None), and
+        the slice of the gathered batch that is this rank's.
+
+    Raises:
+        TypeError, ValueError: as ``validate``, or as ``_agree``.
+    """
+    import torch.distributed as dist  # pylint: disable=import-outside-toplevel
+
+    world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    error: Optional[Exception] = None
+    try:
+        prompt_ids, rewards, valid = validate(prompt_ids, rewards, valid)
+    except (TypeError, ValueError) as caught:
+        if not check_values:
+            raise
+        error = caught
+    if check_values:
+        _agree(error, prompt_ids, valid, group, device)
+    num_local = len(prompt_ids)
+    gathered: List[torch.Tensor] = []
+    for local in (prompt_ids, rewards) if valid is None else (prompt_ids, rewards, valid):
+        whole = torch.empty(world_size * num_local, dtype=local.dtype, device=device)
+        all_gather_single(whole, local.contiguous(), group=group)
+        gathered.append(whole)
+    all_valid = gathered[2] if valid is not None else None
+    return gathered[0], gathered[1], all_valid, slice(rank * num_local, (rank + 1) * num_local)

@@ -1,0 +1,216 @@
+"""The estimators of the GRPO family as pure tensor functions: statistics in, advantages out.
+
+Each function takes tensors and option values and keeps no state, so it
+can be read, tested and compiled on its own. ``AdvantageTracker`` calls
+them with the statistics a memory handed over (``SampleStats``); they are
+blind to which memory produced them.
+
+An estimator is a baseline, a scale and a fallback:
+
+* baseline: ``"prompt_mean"`` (r - m), ``"leave_one_out"`` (r minus the
+  mean of the prompt's other rewards, (r - m) / (1 - w) with w the weight of
+  r in m) or ``"batch_mean"`` (r - B_m);
+* scale: ``"prompt_std"`` (S + eps, S the prompt's std), ``"batch_std"``
+  (B_s + eps) or ``"none"`` (1);
+* fallback, for a prompt with fewer than ``min_count`` rewards: its (mean,
+  std) become the batch's (B_m, B_s) with ``"batch"``, (0, 1) with
+  ``"raw"``, and with ``"zero"`` its advantages are 0.
+
+Dimensions: N samples in a batch, R groups of a batch (the spare one of
+invalid samples included).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+
+from rail_interview.stat_tracking.ops import add_at, take, write_at
+from rail_interview.stat_tracking.types import SampleStats, UpdateReport
+
+#: The choices of each estimator option.
+BASELINES = ("prompt_mean", "leave_one_out", "batch_mean")
+SCALES = ("prompt_std", "batch_std", "none")
+FALLBACKS = ("batch", "raw", "zero")
+
+#: A scalar tensor, or a Python number standing for one.
+Scalar = Union[torch.Tensor, float]
+
+
+def prompt_advantages(
+    stats: SampleStats,
+    *,
+    baseline: str,
+    scale: str,
+    eps: float,
+    min_count: int,
+    fallback: str,
+    batch_mean: Optional[torch.Tensor],
+    batch_std: Optional[torch.Tensor],
+    report: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Advantages from each sample's prompt statistics, by the estimator the options name.
+
+    Args:
+        stats: the statistics of the batch's samples, from a memory.
+        baseline: one of ``BASELINES``.
+        scale: one of ``SCALES``.
+        eps: added to the std before dividing.
+        min_count: rewards a prompt needs for its own statistics.
+        fallback: one of ``FALLBACKS``.
+        batch_mean: scalar, the valid samples' mean, or None when neither
+            the baseline nor the fallback uses it.
+        batch_std: scalar, their std, or None when unused.
+        report: whether to say which samples fell back.
+
+    Returns:
+        float [N], the advantages in batch order in the statistics' dtype,
+        and bool [N], the samples whose prompt fell back (in batch order),
+        or None without ``report``.
+
+    Example:
+        >>> stats = SampleStats(
+        ...     rewards=torch.tensor([1.0, 3.0, 5.0]), count=torch.tensor([2, 2, 1]),
+        ...     deviation=torch.tensor([-1.0, 1.0, 0.0]), std=torch.tensor([1.0, 1.0, 0.0]),
+        ...     own_weight=None, groups=None)
+        >>> prompt_advantages(stats, baseline="prompt_mean", scale="prompt_std", eps=0.0, min_count=2,
+        ...                   fallback="zero", batch_mean=None, batch_std=None)
+        (tensor([-1.,  1.,  0.]), None)
+    """
+    own = stats.count >= min_count  # [N]
+    center, spread = (batch_mean, batch_std) if fallback == "batch" else (0.0, 1.0)
+    if baseline == "batch_mean":
+        numerator = stats.rewards - torch.where(own, batch_mean, center)  # [N]
+    elif fallback == "zero":
+        numerator = stats.deviation  # [N]; samples that fall back get an infinite scale below
+    elif fallback == "raw":
+        numerator = torch.where(own, stats.deviation, stats.rewards)  # [N], raw: center 0
+    else:
+        numerator = torch.where(own, stats.deviation, stats.rewards - center)  # [N]
+    if baseline == "leave_one_out":
+        numerator = numerator / torch.where(own, 1.0 - stats.own_weight, 1.0)
+    divisor: Optional[torch.Tensor] = None
+    if scale == "prompt_std":
+        divisor = torch.where(own, stats.std, spread).add_(eps)  # [N]
+    elif scale == "batch_std":
+        divisor = batch_std + eps  # scalar
+    if fallback == "zero":
+        # A finite numerator over an infinite scale: advantage 0.
+        divisor = torch.where(own, 1.0 if divisor is None else divisor, math.inf)  # [N]
+    if divisor is not None:
+        numerator = numerator.div_(divisor) if divisor.ndim else numerator / divisor
+    return stats.to_batch_order(numerator), stats.to_batch_order(~own) if report else None
+
+
+def fallback_advantages(
+    rewards: torch.Tensor,
+    *,
+    scale: str,
+    eps: float,
+    fallback: str,
+    batch_mean: Optional[torch.Tensor],
+    batch_std: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """The advantage of every sample as if its prompt had no statistics: the fallback's.
+
+    Args:
+        rewards: float [N] in the compute dtype.
+        scale: one of ``SCALES``.
+        eps: added to the std before dividing.
+        fallback: one of ``FALLBACKS``.
+        batch_mean: scalar, the valid samples' mean, or None if unused.
+        batch_std: scalar, their std, or None if unused.
+
+    Returns:
+        float [N]: (r - center) / scale with the fallback's center (B_m for
+        ``"batch"``, 0 for ``"raw"``) and the estimator's scale (the
+        fallback's std + eps, B_s + eps or 1), or 0 for ``"zero"``.
+    """
+    if fallback == "zero":
+        return torch.zeros_like(rewards)
+    center, spread = (batch_mean, batch_std) if fallback == "batch" else (0.0, 1.0)
+    numerator = rewards - center
+    if scale == "prompt_std":
+        return numerator / (spread + eps)
+    if scale == "batch_std":
+        return numerator / (batch_std + eps)
+    return numerator
+
+
+def batch_advantages(
+    rewards: torch.Tensor, *, scale: str, eps: float, batch_mean: torch.Tensor, batch_std: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Whole-batch normalisation: (r - B_m) / (B_s + eps), or r - B_m without a scale.
+
+    What ``prompt_advantages`` gives with a batch baseline, no prompt std and
+    no prompt that can fall back, without any per-prompt statistics.
+
+    Args:
+        rewards: float [N], invalid samples' set to 0.
+        scale: ``"batch_std"`` or ``"none"``.
+        eps: added to the std before dividing.
+        batch_mean: scalar, the valid samples' mean.
+        batch_std: scalar, their std, or None without a scale.
+
+    Returns:
+        float [N].
+
+    Example:
+        >>> mean, std = torch.tensor(2.0), torch.tensor(1.0)
+        >>> batch_advantages(torch.tensor([1.0, 3.0]), scale="batch_std", eps=0.0, batch_mean=mean, batch_std=std)
+        tensor([-1.,  1.])
+    """
+    advantages = rewards - batch_mean  # [N]
+    if scale == "batch_std":
+        advantages = advantages / (batch_std + eps)
+    return advantages
+
+
+def update_report(
+    group_ids: torch.Tensor,
+    num_groups: int,
+    rewards: torch.Tensor,
+    valid: Optional[torch.Tensor],
+    advantages: torch.Tensor,
+    fallback: Optional[torch.Tensor],
+) -> UpdateReport:
+    """Builds the ``UpdateReport`` of a batch, in O(N + R) tensor ops and no host sync.
+
+    A group is zero-variance when its valid rewards are all *exactly*
+    equal: rewards that differ in their last bit carry signal.
+
+    Args:
+        group_ids: int64 [N], each sample's group in [0, R - 1); invalid
+            samples in the spare group R - 1.
+        num_groups: R, the groups, the spare one included.
+        rewards: float [N], invalid samples' set to 0.
+        valid: bool [N] or None for all valid.
+        advantages: ``dtype`` [N].
+        fallback: bool [N], samples whose prompt fell back, or None if none can.
+
+    Returns:
+        The report.
+
+    Example:
+        >>> report = update_report(torch.tensor([0, 0, 1]), 3, torch.tensor([1.0, 1.0, 2.0]), None,
+        ...                        torch.zeros(3), None)
+        >>> report.zero_variance, report.zero_variance_fraction
+        (tensor([True, True, True]), tensor(1.))
+    """
+    # A copy: the report must not change when the caller reuses its mask.
+    valid = torch.ones_like(group_ids, dtype=torch.bool) if valid is None else valid.clone()
+    # A group is all equal when no reward differs from one of them (any one:
+    # whichever write wins, the answer is the same).
+    reference = torch.zeros(num_groups, dtype=rewards.dtype, device=rewards.device)  # [R]
+    write_at(reference, group_ids, rewards)
+    differs = rewards != take(reference, group_ids)  # [N]
+    differing = add_at(torch.zeros(num_groups, dtype=torch.int64, device=rewards.device), group_ids, differs.long())
+    present = add_at(torch.zeros_like(differing), group_ids, valid.long())[:-1] > 0  # [R - 1]
+    equal = differing == 0  # [R]
+    zero_variance = take(equal, group_ids) & valid  # [N]
+    groups = present.sum().clamp_min(1).float()
+    fraction = (equal[:-1] & present).sum().float() / groups
+    fallback = torch.zeros_like(valid) if fallback is None else fallback & valid
+    return UpdateReport(advantages, valid, fallback, zero_variance, fraction)

@@ -1,0 +1,139 @@
+"""The values a tracker hands around: its device, what it reports, and what a memory gives the estimator.
+
+Dimensions: N samples in a batch, P prompts, M prompts asked about.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from rail_interview.stat_tracking.ops import PromptGroups
+
+#: Anything ``torch.device`` accepts, or None for the CPU.
+Device = Union[str, torch.device, None]
+
+
+def resolve_device(device: Device) -> torch.device:
+    """Returns a concrete device: ``None`` means CPU, ``"cuda"`` gets its index.
+
+    Args:
+        device: anything ``torch.device`` accepts, or None.
+
+    Returns:
+        The device that tensors allocated on ``device`` end up on, so that it
+        compares equal to ``tensor.device`` (``cuda`` becomes ``cuda:0``).
+
+    Example:
+        >>> resolve_device(None)
+        device(type='cpu')
+    """
+    return torch.empty(0, device=device).device
+
+
+class TrackerStats(NamedTuple):
+    """Per-prompt statistics held by a tracker, as returned by ``stats()``.
+
+    Attributes:
+        mean: float [M], the mean reward the tracker holds for each prompt;
+            NaN for a prompt it holds nothing for.
+        std: float [M], the matching population standard deviation (eps not
+            added); NaN for a prompt it holds nothing for.
+        count: int64 [M], how many rewards stand behind ``mean`` and ``std``.
+        fallback: bool [M], True for prompts that hold fewer than
+            ``min_count`` rewards. Right after ``update`` of a tracker with
+            memory, it tells which prompts of that batch got the fallback
+            (the batch is counted before the choice is made); without
+            memory, True everywhere (see ``UpdateReport.fallback``).
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    count: torch.Tensor
+    fallback: torch.Tensor
+
+
+class UpdateReport(NamedTuple):
+    """What one update did to each sample, as returned by ``update_with_report``.
+
+    Every field is a tensor on the tracker's device, computed without a host
+    sync, so a trainer can log it every step and read it back when it logs.
+
+    Attributes:
+        advantages: ``dtype`` [N], as ``update`` returns them.
+        valid: bool [N], the samples that counted: not masked out by
+            ``valid`` and, with ``nan_rewards="invalid"``, not NaN.
+        fallback: bool [N], valid samples whose prompt held fewer than
+            ``min_count`` rewards (this batch included), so that the
+            tracker's fallback set their advantage.
+        zero_variance: bool [N], valid samples whose prompt's valid rewards
+            in this batch are all exactly equal (a prompt with one valid
+            sample included): the groups that carry no signal within the
+            batch, which DAPO-style trainers drop.
+        zero_variance_fraction: float32 scalar, the fraction of the batch's
+            prompts (those with at least one valid sample) whose valid
+            rewards are all equal; 0 when no sample is valid.
+    """
+
+    advantages: torch.Tensor
+    valid: torch.Tensor
+    fallback: torch.Tensor
+    zero_variance: torch.Tensor
+    zero_variance_fraction: torch.Tensor
+
+    def local(self, samples: slice) -> "UpdateReport":
+        """Returns the report of some samples; the fraction stays the whole batch's.
+
+        Args:
+            samples: the samples to keep, such as one rank's part of a gathered batch.
+        """
+        return UpdateReport(
+            self.advantages[samples],
+            self.valid[samples],
+            self.fallback[samples],
+            self.zero_variance[samples],
+            self.zero_variance_fraction,
+        )
+
+
+class SampleStats(NamedTuple):
+    """What a memory hands the estimator: each sample's prompt statistics, the batch included.
+
+    One layout for every memory: per-sample tensors, all in one *output
+    order*, which is batch order when ``groups`` is None and the sorted
+    order of ``groups`` otherwise (``to_batch_order`` undoes it). The
+    estimator (``functional.prompt_advantages``) reads nothing else, so it
+    is blind to which memory produced them.
+
+    Attributes:
+        rewards: float [N] in the compute dtype, the batch's rewards.
+        count: [N], the rewards behind the sample's prompt's statistics:
+            int64, or integer-valued floats of the compute dtype.
+        deviation: float [N], the sample's reward minus its prompt's mean.
+        std: float [N], the prompt's std with the ``ddof`` asked for
+            (meaningless where count <= ddof).
+        own_weight: float [N], the weight of the sample's own reward in its
+            prompt's mean (0 if the memory does not hold it), or None when
+            not asked for.
+        groups: the batch's grouping when the output order is sorted, else
+            None.
+    """
+
+    rewards: torch.Tensor
+    count: torch.Tensor
+    deviation: torch.Tensor
+    std: torch.Tensor
+    own_weight: Optional[torch.Tensor]
+    groups: Optional[PromptGroups]
+
+    def to_batch_order(self, values: torch.Tensor) -> torch.Tensor:
+        """Puts per-sample values from output order into batch order.
+
+        Args:
+            values: [N] in output order.
+
+        Returns:
+            [N] in batch order.
+        """
+        return values if self.groups is None else self.groups.unsort(values)

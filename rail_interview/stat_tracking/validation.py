@@ -1,0 +1,300 @@
+"""Checks of everything a tracker is given: options, batches, prompt ids and state dicts.
+
+Each check raises a ``TypeError`` or ``ValueError`` whose message names the
+problem, before anything is changed. Shapes, dtypes and devices cost no
+host sync and are always checked; ranges and finiteness read values back
+to the host, so trackers run them only with ``check_values``.
+
+Dimensions: N samples in a batch, P prompts, M prompt ids asked about.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import warnings
+from typing import Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from rail_interview.stat_tracking.ops import cast, is_compiling
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """True for the integer dtypes that can hold prompt ids (bool does not count).
+
+    Args:
+        dtype: any torch dtype.
+    """
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """Raises ValueError unless ``value`` is an int >= 1 (bool does not count).
+
+    Args:
+        name: the argument's name, for the message.
+        value: the value to check.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    """Raises ValueError unless ``value`` is one of ``choices``.
+
+    Args:
+        name: the option's name, for the message.
+        value: the value to check.
+        choices: the values allowed.
+    """
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_tracker_options(
+    num_prompts: int,
+    *,
+    eps: float,
+    dtype: torch.dtype,
+    choices: Mapping[str, Tuple[object, Sequence[str]]],
+    ddof: int,
+    min_count: int,
+    baseline: str,
+) -> None:
+    """Raises ValueError for tracker options out of range or contradicting each other.
+
+    Args:
+        num_prompts: P, a positive int.
+        eps: a non-negative number.
+        dtype: a floating dtype.
+        choices: option name to (value, the values allowed), checked in order.
+        ddof: 0 or 1.
+        min_count: a positive int, at least ddof + 1, and 2 with ``leave_one_out``.
+        baseline: the estimator's baseline.
+    """
+    check_positive_int("num_prompts", num_prompts)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+    for name, (value, allowed) in choices.items():
+        check_choice(name, value, allowed)
+    if ddof not in (0, 1) or isinstance(ddof, bool):
+        raise ValueError(f"ddof must be 0 or 1, got {ddof!r}")
+    check_positive_int("min_count", min_count)
+    if min_count < ddof + 1:
+        raise ValueError(
+            f"min_count must be at least ddof + 1 = {ddof + 1}: a std with ddof={ddof} needs "
+            f"{ddof + 1} rewards; got {min_count}"
+        )
+    if baseline == "leave_one_out" and min_count < 2:
+        raise ValueError(f"leave_one_out needs min_count >= 2 (a lone reward has no others); got {min_count}")
+
+
+def warn_at_caller(message: str) -> None:
+    """Issues a UserWarning that points at the first caller outside this package.
+
+    Args:
+        message: the warning.
+    """
+    frame, level = sys._getframe(1), 2  # level 2: this function's caller; pylint: disable=protected-access
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _PACKAGE_DIR:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
+def check_batch(
+    prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor], device: torch.device
+) -> None:
+    """Checks the types, shapes, dtypes and devices of ``update``'s inputs (no host sync).
+
+    Args:
+        prompt_ids: integer [N].
+        rewards: floating or integer [N].
+        valid: bool [N], or None.
+        device: the tracker's device, where all three must be.
+
+    Raises:
+        TypeError: if an input is not a tensor, ids are not integers, rewards
+            are neither floating nor integer, or ``valid`` is not bool.
+        ValueError: if the shapes differ or are not 1-D, or a tensor is on
+            another device.
+    """
+    if not isinstance(prompt_ids, torch.Tensor) or not isinstance(rewards, torch.Tensor):
+        raise TypeError(
+            "prompt_ids and rewards must be torch tensors, got "
+            f"{type(prompt_ids).__name__} and {type(rewards).__name__}"
+        )
+    if prompt_ids.ndim != 1 or rewards.shape != prompt_ids.shape:
+        raise ValueError(
+            "prompt_ids and rewards must be 1-D tensors of one length [N], got shapes "
+            f"{tuple(prompt_ids.shape)} and {tuple(rewards.shape)}"
+        )
+    if not is_integer_dtype(prompt_ids.dtype):
+        raise TypeError(f"prompt_ids must be an integer tensor, got dtype {prompt_ids.dtype}")
+    if rewards.dtype.is_complex or rewards.dtype == torch.bool:
+        raise TypeError(f"rewards must be a floating or integer tensor, got dtype {rewards.dtype}")
+    if prompt_ids.device != device or rewards.device != device:
+        raise ValueError(
+            f"prompt_ids and rewards must be on the tracker's device {device}, got "
+            f"{prompt_ids.device} and {rewards.device}"
+        )
+    if valid is not None:
+        if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
+            kind = valid.dtype if isinstance(valid, torch.Tensor) else type(valid).__name__
+            raise TypeError(f"valid must be a bool tensor or None, got {kind}")
+        if valid.shape != prompt_ids.shape or valid.device != device:
+            raise ValueError(
+                f"valid must have the shape of prompt_ids {tuple(prompt_ids.shape)} and be on {device}, "
+                f"got shape {tuple(valid.shape)} on {valid.device}"
+            )
+
+
+def convert_batch(prompt_ids: torch.Tensor, rewards: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
+    """Converts checked inputs to int64 ids and ``dtype`` rewards, out of autograd.
+
+    Convert before checking values: a finite float64 or integer reward can
+    overflow the tracker's dtype.
+
+    Args:
+        prompt_ids: integer [N].
+        rewards: floating or integer [N].
+        dtype: the tracker's dtype.
+
+    Returns:
+        int64 [N] ids and ``dtype`` [N] rewards, detached.
+    """
+    rewards = cast(rewards, dtype)
+    return cast(prompt_ids, torch.int64), rewards.detach() if rewards.requires_grad else rewards
+
+
+def check_prompt_ids(prompt_ids: torch.Tensor, method: str, device: torch.device) -> torch.Tensor:
+    """Checks ids given to ``stats`` or ``fallback_mask`` as ``update`` checks its own (no host sync).
+
+    Args:
+        prompt_ids: integer [M].
+        method: the public method's name, for the messages.
+        device: the tracker's device.
+
+    Returns:
+        int64 [M] ids on ``device``.
+
+    Raises:
+        TypeError: if ``prompt_ids`` is not an integer tensor.
+        ValueError: if it is not 1-D or is on another device.
+    """
+    if not isinstance(prompt_ids, torch.Tensor):
+        raise TypeError(f"{method}: prompt_ids must be a torch tensor, got {type(prompt_ids).__name__}")
+    if prompt_ids.ndim != 1:
+        raise ValueError(f"{method}: prompt_ids must be a 1-D tensor [M], got shape {tuple(prompt_ids.shape)}")
+    if not is_integer_dtype(prompt_ids.dtype):
+        raise TypeError(f"{method}: prompt_ids must be an integer tensor, got dtype {prompt_ids.dtype}")
+    if prompt_ids.device != device:
+        raise ValueError(f"{method}: prompt_ids must be on the tracker's device {device}, got {prompt_ids.device}")
+    return prompt_ids.long()
+
+
+def refuse_compiled_value_checks(kind: str, method: str) -> None:
+    """Raises a clear error when torch.compile traces a method whose value checks are on.
+
+    The value checks read tensors back to the host, which a full graph
+    cannot hold; without this, dynamo fails with a cryptic message about
+    a data-dependent symbol. Call it only when the checks are on.
+
+    Args:
+        kind: the tracker's class name, for the message.
+        method: the public method being traced, for the message.
+    """
+    if is_compiling():
+        raise ValueError(
+            f"{kind}.{method} cannot be compiled with check_values=True: the value checks "
+            "read ids and rewards back to the host. Build the tracker with check_values=False (or set "
+            "tracker.check_values = False) before torch.compile; shapes, dtypes and devices stay checked."
+        )
+
+
+def check_id_range(prompt_ids: torch.Tensor, num_prompts: int) -> None:
+    """Raises ValueError unless every id lies in [0, P) (one host sync).
+
+    Args:
+        prompt_ids: int64 [M], M >= 1.
+        num_prompts: P.
+    """
+    low, high = (bound.item() for bound in torch.aminmax(prompt_ids))
+    if low < 0 or high >= num_prompts:
+        raise ValueError(f"prompt_ids must lie in [0, {num_prompts}), got values from {low} to {high}")
+
+
+def check_rewards(rewards: torch.Tensor, *, nan_is_invalid: bool, compute_dtype: torch.dtype) -> None:
+    """Raises ValueError for rewards that are not finite (one host sync).
+
+    Args:
+        rewards: float [N], N >= 1, in the tracker's dtype.
+        nan_is_invalid: NaN marks an unscorable sample (``nan_rewards="invalid"``):
+            refuse only infinities.
+        compute_dtype: the dtype sums are taken in.
+    """
+    if nan_is_invalid:
+        if torch.isinf(rewards).any():
+            raise ValueError(
+                f"rewards must not be infinite in {rewards.dtype} (NaN marks an unscorable sample), "
+                f"got {int(torch.isinf(rewards).sum())} infinite value(s)"
+            )
+        return
+    # A sum is finite when every reward is, unless finite rewards overflow
+    # it: only then is the exact, slower check needed.
+    if not math.isfinite(rewards.sum(dtype=compute_dtype).item()):
+        finite = torch.isfinite(rewards)
+        if not finite.all():
+            raise ValueError(
+                f"rewards must be finite in {rewards.dtype}, got {int((~finite).sum())} NaN or infinite value(s)"
+            )
+
+
+def check_state_dict(kind: str, live: Mapping[str, torch.Tensor], state_dict: object) -> None:
+    """Raises unless ``state_dict`` has the keys, shapes and dtypes of the live state.
+
+    Args:
+        kind: the tracker's class name, for the messages.
+        live: the tracker's state tensors by name.
+        state_dict: the candidate.
+
+    Raises:
+        TypeError: if ``state_dict`` is not a mapping of tensors.
+        ValueError: if its keys, shapes or dtypes differ from ``live``'s.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"{kind}.load_state_dict expects a mapping, got {type(state_dict).__name__}")
+    if set(state_dict) != set(live):
+        raise ValueError(
+            f"{kind}.load_state_dict expects keys {sorted(live)}, got {sorted(state_dict)}: "
+            "is this the state of another kind of tracker?"
+        )
+    for name, tensor in live.items():
+        given = state_dict[name]
+        if not isinstance(given, torch.Tensor):
+            raise TypeError(f"{kind} state {name!r} must be a tensor, got {type(given).__name__}")
+        if given.shape != tensor.shape or given.dtype != tensor.dtype:
+            raise ValueError(
+                f"{kind} state {name!r} must have shape {tuple(tensor.shape)} and dtype "
+                f"{tensor.dtype}, got shape {tuple(given.shape)} and dtype {given.dtype}"
+            )
+
+
+def check_count_range(name: str, count: torch.Tensor, high: Optional[int] = None) -> None:
+    """Raises ValueError unless every count lies in [0, high] (or is >= 0).
+
+    Args:
+        name: the tracker class name, for the message.
+        count: int64 [P], a candidate ``count`` state.
+        high: the largest count allowed, or None for no upper bound.
+    """
+    if count.numel() and (count.min() < 0 or (high is not None and count.max() > high)):
+        bound = f"[0, {high}]" if high is not None else ">= 0"
+        raise ValueError(
+            f"{name} state 'count' must lie in {bound}, got values from {int(count.min())} to {int(count.max())}"
+        )
