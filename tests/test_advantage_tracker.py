@@ -462,3 +462,73 @@ def test_invalid_samples_under_every_grouping_algorithm(memory, grouping):
             expected = reference.update(prompts, rewards, valid)
             got = tracker.update(torch.tensor(prompts), torch.tensor(rewards, dtype=torch.float64), torch.tensor(valid))
             assert got.tolist() == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("memory", ["none", "buffer", "ema"])
+@pytest.mark.parametrize("keys", ["ids", "hashed"])
+def test_zero_variance_means_exactly_equal_rewards(memory, keys):
+    # Two rewards 2**-20 apart carry signal: a tolerance (isclose) would call them equal.
+    tracker = AdvantageTracker(1, memory, ddof=1, fallback="zero", keys=keys)
+    report = tracker.update_with_report(torch.tensor([0, 0]), torch.tensor([1.0, 1.0 + 2**-20]))
+    assert not report.zero_variance.any()
+    assert report.zero_variance_fraction.item() == 0.0
+    equal = tracker.update_with_report(torch.tensor([0, 0]), torch.tensor([1.0, 1.0]))
+    assert equal.zero_variance.all() and equal.zero_variance_fraction.item() == 1.0
+
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("memory", ["none", "buffer", "ema"])
+@pytest.mark.parametrize("grouping", ["search", "counts", "scans"])
+@pytest.mark.parametrize("group_stats", ["dense", "sorted"])
+def test_every_memory_hands_the_estimator_one_layout(memory, grouping, group_stats):
+    # Per-sample statistics in one output order that to_batch_order undoes; the
+    # deviation is the reward minus the prompt's mean, which stats() reports.
+    from rail_interview.stat_tracking import ops
+    from rail_interview.stat_tracking.memory import make_memory
+
+    ids = torch.tensor([2, 0, 2, 1, 2, 0, 5])  # 5: the spare row of invalid samples
+    rewards = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 0.0], dtype=torch.float64)
+    for num_prompts in (5, 40):  # fewer rows than samples, and more
+        spare = torch.where(ids == 5, num_prompts, ids)
+        with ops.forced_algorithms(grouping=grouping, group_stats=group_stats):
+            kept = make_memory(memory, num_prompts, buffer_size=4, decay=0.5, dtype=torch.float64, device=CPU)
+            stats = kept.fold(spare, rewards, ddof=0, own_weight=True)
+        for field in ("rewards", "count", "deviation", "std", "own_weight"):
+            assert getattr(stats, field).shape == (7,), field
+        assert torch.equal(stats.to_batch_order(stats.rewards), rewards)
+        if memory != "none":
+            mean, std, count = kept.stats_from_snapshot(kept.snapshot(ids[:-1]))
+            assert torch.equal(stats.to_batch_order(stats.deviation)[:-1], rewards[:-1] - mean)
+            assert torch.equal(stats.to_batch_order(stats.count)[:-1], count)
+            torch.testing.assert_close(stats.to_batch_order(stats.std)[:-1], std)
+
+
+def test_repr_names_the_class_and_its_options():
+    from rail_interview.stat_tracking import BatchStatTracker, BufferStatTracker, EmaStatTracker
+
+    assert repr(AdvantageTracker(64, "buffer", min_count=16)) == (
+        "AdvantageTracker(num_prompts=64, memory='buffer', buffer_size=32, baseline='prompt_mean', "
+        "scale='prompt_std', ddof=0, eps=1e-06, min_count=16, fallback='batch', nan_rewards='refuse', keys='ids', "
+        "dtype=torch.float32, device=cpu)"
+    )
+    assert repr(AdvantageTracker(3, "ema", decay=0.9, baseline="leave_one_out", keys="hashed")) == (
+        "AdvantageTracker(num_prompts=3, memory='ema', decay=0.9, baseline='leave_one_out', scale='prompt_std', "
+        "ddof=0, eps=1e-06, min_count=2, fallback='batch', nan_rewards='refuse', keys='hashed', "
+        "dtype=torch.float32, device=cpu)"
+    )
+    assert repr(presets.trl_grpo(4, dtype=torch.float64)).startswith(
+        "AdvantageTracker(num_prompts=4, memory='none', baseline='prompt_mean', scale='prompt_std', ddof=1, eps=0.0001"
+    )
+    assert repr(BufferStatTracker(64)) == (
+        "BufferStatTracker(num_prompts=64, buffer_size=32, min_count=16, eps=1e-06, keys='ids', "
+        "dtype=torch.float32, device=cpu)"
+    )
+    assert repr(EmaStatTracker(8, 0.9, 4, eps=1e-3, dtype=torch.float64, keys="hashed")) == (
+        "EmaStatTracker(num_prompts=8, decay=0.9, min_count=4, eps=0.001, keys='hashed', dtype=torch.float64, "
+        "device=cpu)"
+    )
+    assert repr(BatchStatTracker(2, dtype=torch.bfloat16)) == (
+        "BatchStatTracker(num_prompts=2, eps=1e-07, keys='ids', dtype=torch.bfloat16, device=cpu)"
+    )

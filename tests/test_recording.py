@@ -46,7 +46,7 @@ def _drive(tracker, recorder, num_steps, seed=0):
     ],
     ids=["buffer", "ema", "batch"],
 )
-@pytest.mark.parametrize("recorded", [None, [4, 1, 5]], ids=["all", "subset"])
+@pytest.mark.parametrize("recorded", [None, [4, 1, 5], [5, 0, 4, 1, 3, 2]], ids=["all", "subset", "all_reordered"])
 def test_round_trip_what_was_recorded_is_what_loads(tmp_path, make_tracker, recorded):
     tracker = make_tracker()
     prompt_ids = torch.arange(6) if recorded is None else torch.tensor(recorded)
@@ -75,6 +75,21 @@ def test_round_trip_what_was_recorded_is_what_loads(tmp_path, make_tracker, reco
     for name in ("mean", "std", "batch_reward_mean"):
         assert getattr(log, name).dtype == np.float32
     assert log.count.dtype == np.int64 and log.fallback.dtype == bool
+
+
+def test_every_prompt_in_another_order_is_recorded_under_its_own_id(tmp_path):
+    # Every prompt, but not in id order: the columns follow prompt_ids, so the
+    # recorder must not take the shortcut it takes for ids 0, 1, ..., P - 1.
+    tracker = EmaStatTracker(num_prompts=2, decay=0.5, min_count=1)
+    recorder = PromptStatsRecorder(str(tmp_path), tracker, torch.tensor([1, 0]), chunk_size=1)
+    ids, rewards = torch.tensor([0, 0, 1]), torch.tensor([1.0, 3.0, 10.0])
+    tracker.update(ids, rewards)
+    recorder.record(0, ids, rewards)
+    log = load_prompt_stats(str(tmp_path))
+    assert log.prompt_ids.tolist() == [1, 0]
+    assert log.mean[0].tolist() == [10.0, 2.0]  # prompt 1's mean, then prompt 0's
+    assert log.count[0].tolist() == [1, 2] and log.batch_count[0].tolist() == [1, 2]
+    assert log.batch_reward_mean[0].tolist() == [10.0, 2.0]
 
 
 def test_chunks_load_with_numpy_alone(tmp_path):

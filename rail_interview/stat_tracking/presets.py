@@ -16,21 +16,21 @@ memory="buffer", buffer_size=32)`` is TRL's estimator over each prompt's
 last 32 rewards instead of its group alone. The training vocabulary
 (``config.stat_tracking.method``) has explicit options only.
 
-=========== ======= ============= ========== ==== ==== ========= ======== ================================
-preset      memory  baseline      scale      ddof eps  min_count fallback matches
-=========== ======= ============= ========== ==== ==== ========= ======== ================================
-``ddpo``    buffer  prompt_mean   prompt_std 0    1e-6 16        batch    ddpo-pytorch ``PerPromptStatTracker``
-``trl_grpo`` none   prompt_mean   per option 1    1e-4 2         zero     TRL ``GRPOTrainer``
-``verl_grpo`` none  prompt_mean   prompt_std 1    1e-6 2         raw      verl ``compute_grpo_outcome_advantage``
-``verl_rloo`` none  leave_one_out none       0    --   2         raw      verl ``compute_rloo_outcome_advantage``
-``flow_grpo`` none  prompt_mean   batch_std  0    1e-4 2         zero     flow_grpo ``PerPromptStatTracker``
-``buffer``  buffer  prompt_mean   prompt_std 0    1e-6 16        batch    ddpo-pytorch (``BufferStatTracker``)
-``ema``     ema     prompt_mean   prompt_std 0    1e-6 16        batch    none: this package's EMA tracker
-``batch``   none    batch_mean    batch_std  0    1e-7 1         batch    none: whole-batch normalisation
-``grpo``    option  prompt_mean   prompt_std 1    1e-6 2 or 16   option   verl's GRPO, TRL's ``"group"``
-``dr_grpo`` option  prompt_mean   none       1    --   2 or 16   option   Dr. GRPO (verl, TRL's ``"none"``)
-``rloo``    option  leave_one_out none       0    --   2 or 16   option   verl's RLOO
-=========== ======= ============= ========== ==== ==== ========= ======== ================================
+========= ====== ============= ========== ==== ==== ========= ======== =====================================
+preset    memory baseline      scale      ddof eps  min_count fallback matches
+========= ====== ============= ========== ==== ==== ========= ======== =====================================
+ddpo      buffer prompt_mean   prompt_std 0    1e-6 16        batch    ddpo-pytorch's PerPromptStatTracker
+trl_grpo  none   prompt_mean   per option 1    1e-4 2         zero     TRL's GRPOTrainer
+verl_grpo none   prompt_mean   prompt_std 1    1e-6 2         raw      verl's compute_grpo_outcome_advantage
+verl_rloo none   leave_one_out none       0    --   2         raw      verl's compute_rloo_outcome_advantage
+flow_grpo none   prompt_mean   batch_std  0    1e-4 2         zero     flow_grpo's PerPromptStatTracker
+buffer    buffer prompt_mean   prompt_std 0    1e-6 16        batch    ddpo (BufferStatTracker)
+ema       ema    prompt_mean   prompt_std 0    1e-6 16        batch    none: this package's EMA
+batch     none   batch_mean    batch_std  0    1e-7 1         batch    none: whole-batch normalisation
+grpo      option prompt_mean   prompt_std 1    1e-6 2 or 16   option   verl's GRPO
+dr_grpo   option prompt_mean   none       1    --   2 or 16   option   verl's Dr. GRPO
+rloo      option leave_one_out none       0    --   2 or 16   option   verl's RLOO
+========= ====== ============= ========== ==== ==== ========= ======== =====================================
 
 ``grpo``, ``dr_grpo`` and ``rloo`` are ``verl_grpo``,
 ``verl_grpo(norm_adv_by_std=False)`` and ``verl_rloo`` with a choice of
