@@ -33,7 +33,7 @@ def all_gather_single(output: torch.Tensor, tensor: torch.Tensor, group=None) ->
     """
     import torch.distributed as dist  # pylint: disable=import-outside-toplevel
 
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # pragma: no mutate (torch)
     gather(output, tensor, group=group)
 
 
@@ -58,7 +58,8 @@ def _agree(error: Optional[Exception], prompt_ids, valid, group, device: torch.d
     import torch.distributed as dist  # pylint: disable=import-outside-toplevel
 
     world_size = dist.get_world_size(group)
-    verdict = torch.tensor([-1 if error is not None else len(prompt_ids), valid is not None], device=device)
+    size = -1 if error is not None else len(prompt_ids)  # pragma: no mutate (sentinel)
+    verdict = torch.tensor([size, valid is not None], device=device)
     verdicts = torch.empty(2 * world_size, dtype=verdict.dtype, device=device)
     all_gather_single(verdicts, verdict, group=group)
     sizes, masks = verdicts[0::2].tolist(), verdicts[1::2].tolist()

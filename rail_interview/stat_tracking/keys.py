@@ -121,7 +121,7 @@ def prompt_keys(prompts: Sequence[str], *, device: Device = None) -> torch.Tenso
         count += 1
     if count == 0:
         keys = torch.zeros(0, dtype=torch.int64)
-    elif sys.byteorder == "little":  # pragma: no mutate (both read the same little-endian words)
+    elif sys.byteorder == "little":  # pragma: no mutate (fork)
         keys = torch.frombuffer(digests, dtype=torch.int64)
     else:
         keys = torch.tensor(struct.unpack(f"<{count}q", bytes(digests)), dtype=torch.int64)
@@ -381,7 +381,7 @@ class KeyTable:
         Returns:
             int64 [M], the row of each key, or -1 for a key not in the table.
         """
-        if keys.shape[0] == 0:  # pragma: no mutate (shapes only)
+        if keys.shape[0] == 0:  # pragma: no mutate (empty)
             return keys.clone()
         return self._probe(mix64(keys), keys)
 
@@ -444,7 +444,7 @@ class KeyTable:
             placed = new.nonzero().squeeze(1)  # [M]
             fresh = self._queued_rows(placed.shape[0], before)  # [M]
             row.index_put_((placed,), fresh)
-            if placed.shape[0]:  # pragma: no mutate (placing no key is a no-op)
+            if placed.shape[0]:  # pragma: no mutate (empty)
                 self._place(
                     group_mixed.index_select(0, placed),
                     group_key.index_select(0, placed),

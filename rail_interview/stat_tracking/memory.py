@@ -41,6 +41,7 @@ from rail_interview.stat_tracking.ops import (
     segment_sum,
     sort_ids,
     take,
+    unsort,
     write_at,
 )
 from rail_interview.stat_tracking.types import Device, SampleStats
@@ -61,6 +62,11 @@ class Memory(Protocol):
     Every memory keeps P + 1 rows, row P for invalid samples, and is built
     from ``num_prompts`` and keyword-only ``dtype`` (of the state) and
     ``device`` (a resolved ``torch.device``).
+
+    Example:
+        >>> memory = make_memory("ema", 3, buffer_size=32, decay=0.5, dtype=torch.float32, device=torch.device("cpu"))
+        >>> memory.kind, sorted(memory.state_tensors())
+        ('ema', ['count', 'mean', 'var'])
     """
 
     #: The name ``AdvantageTracker(memory=...)`` knows this memory by.
@@ -156,6 +162,12 @@ class NoMemory:
         num_prompts: P.
         dtype: floating dtype of the statistics reported.
         device: where tensors are allocated.
+
+    Example:
+        >>> memory = NoMemory(2, dtype=torch.float32, device=torch.device("cpu"))
+        >>> stats = memory.fold(torch.tensor([0, 1, 0]), torch.tensor([1.0, 5.0, 3.0]), ddof=0, own_weight=False)
+        >>> stats.to_batch_order(stats.deviation), stats.to_batch_order(stats.std)
+        (tensor([-1.,  0.,  1.]), tensor([1., 0., 1.]))
     """
 
     kind = "none"
@@ -300,6 +312,12 @@ class BufferMemory:
 
     Raises:
         ValueError: if ``buffer_size`` is not a positive int up to ``MAX_BUFFER_SIZE``.
+
+    Example:
+        >>> memory = BufferMemory(2, 2, dtype=torch.float32, device=torch.device("cpu"))
+        >>> _ = memory.fold(torch.tensor([0, 0, 0]), torch.tensor([1.0, 2.0, 3.0]), ddof=0, own_weight=False)
+        >>> memory.state_tensors()["rewards"][0], memory.counts(torch.tensor([0, 1]))  # 1.0 pushed out
+        (tensor([3., 2.]), tensor([2, 0]))
     """
 
     kind = "buffer"
@@ -387,10 +405,7 @@ class BufferMemory:
         count = take(count, prompt_ids)  # [N]
         weight = None
         if own_weight:
-            kept = torch.empty_like(pushed_out).scatter_(
-                0, order, pushed_out
-            )  # [N], batch order; pragma: no mutate (dim)
-            weight = kept.logical_not_() / count.to(rewards.dtype)
+            weight = unsort(pushed_out, order).logical_not_() / count.to(rewards.dtype)
         return SampleStats(rewards, count, rewards - take(mean, prompt_ids), take(std, prompt_ids), weight, None)
 
     def _fold_batch_rows(
@@ -511,6 +526,12 @@ class EmaMemory:
 
     Raises:
         ValueError: if ``decay`` is not in (0, 1).
+
+    Example:
+        >>> memory = EmaMemory(1, 0.5, dtype=torch.float32, device=torch.device("cpu"))
+        >>> _ = memory.fold(torch.tensor([0, 0]), torch.tensor([1.0, 3.0]), ddof=0, own_weight=False)
+        >>> memory.state_tensors()  # 1, then d = 2: mean 1 + 0.5 * 2, var 0.5 * (0 + 0.5 * 2**2)
+        {'mean': tensor([2.]), 'var': tensor([1.]), 'count': tensor([2])}
     """
 
     kind = "ema"

@@ -38,25 +38,35 @@ accumulated in ``compute_dtype(dtype)``: float32 for the 16-bit dtypes (as
 PyTorch's own reductions under autocast do), the dtype itself otherwise.
 
 **Mutation notes.** Mutation testing (``benchmarks/cosmic-ray.toml``) skips
-a line marked ``# pragma: no mutate (tag)``. A line is marked only when
-every mutant of it is equivalent, a change no caller can observe; the tag
-names the reason:
+every mutant of a line marked ``# pragma: no mutate (tag)``. A line is
+marked only where a mutant of it is equivalent, a change no caller can
+observe, and holds little else; the tag names the reason:
 
 * ``dim``: a dim 0 of a 1-D tensor turned into -1, the same dim (or a 0
   that -1 replaces as well, such as the floor below every group start in
   ``group_by_prompt``). The package calls the 1-D helpers ``take`` and
   ``add_at`` rather than spell ``dim=0`` at every site.
-* ``fork``: the condition of a fork between algorithms with identical
-  results (every fork of the table above, the power-of-two ``% K``, the
-  int16/int32 sort, eager ``scatter_`` against traced ``index_put_``):
-  flipping it changes speed, never a result; each side is tested by
-  forcing it.
+* ``fork``: the condition of a fork between paths with identical results
+  (every fork of the table above, the power-of-two ``% K``, the int16 or
+  int32 sort and slot arithmetic, eager ``scatter_`` against traced
+  ``index_put_``, the byte order of key digests, skipping per-prompt
+  statistics or the final mask where they change nothing): flipping it
+  changes speed, never a result; each side is tested by forcing it or on
+  its own. (Moving ``MAX_INT32_SLOTS`` up would overflow int32 slot
+  indices, but only for buffers of over 2**31 slots, 8 GB, which no test
+  allocates.)
 * ``spare``: the spare row P of invalid samples, or a scratch column,
   made one larger: it is never reported.
 * ``empty``: a shortcut for an empty batch or an empty list, where the
-  general path gives the same (empty) result.
+  general path gives the same (empty) result, or skips work that would
+  change nothing.
 * ``memory``: where a temporary lives (a workspace kept, a tensor
   overwritten), never what it holds.
+* ``placeholder``: the initial value of something overwritten before it
+  is read (the list ``all_gather_object`` fills, a buffer resized on
+  first use).
+* ``sentinel``: a marker that any value of its kind would do as well
+  (-1 for the size of a rank whose input was refused: any negative size).
 * ``sync``: ``unsafe=True`` turned off: torch then validates the offsets
   of ``segment_reduce`` with a host sync, and computes the same sums.
 * ``torch``: a fallback for older torch; this torch has both names.
@@ -193,6 +203,19 @@ def add_at(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> t
     return target.index_add_(0, index, values)  # pragma: no mutate (dim)
 
 
+def unsort(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Puts 1-D values from sorted order back into batch order: ``result[order] == values``.
+
+    Args:
+        values: [N] in sorted order.
+        order: int64 [N], the permutation that sorted the batch.
+
+    Returns:
+        [N] in batch order, a new tensor.
+    """
+    return torch.empty_like(values).scatter_(0, order, values)  # pragma: no mutate (dim)
+
+
 def is_compiling() -> bool:
     """True while torch.compile traces the caller (torch.compiler.is_compiling, torch >= 2.3)."""
     check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
@@ -234,6 +257,11 @@ class PromptGroups(NamedTuple):
             prompt's first sample in the batch.
         end: int64 [N], one past the sorted position of its prompt's last.
         position: int64 [N], ``arange(N)``, the sorted position itself.
+
+    Example:
+        >>> groups = group_by_prompt(torch.tensor([2, 0, 2]), num_prompts=3)
+        >>> groups.sorted_ids, groups.order, groups.size
+        (tensor([0, 2, 2]), tensor([1, 0, 2]), tensor([1, 2, 2]))
     """
 
     sorted_ids: torch.Tensor
@@ -256,7 +284,7 @@ class PromptGroups(NamedTuple):
         Returns:
             [N] in batch order: ``result[order] == values``.
         """
-        return torch.empty_like(values).scatter_(0, self.order, values)  # pragma: no mutate (dim)
+        return unsort(values, self.order)
 
 
 #: The most prompts ids are sorted as int32 for, and counted for (a [P] tensor).

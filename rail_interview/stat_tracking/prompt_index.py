@@ -139,9 +139,10 @@ class PromptIndex:
     def _gather_new(self, new: Optional[List[str]], error: Optional[TypeError]) -> List[str]:
         """Every rank's new prompts (None where refused), merged in rank order."""
         group = self._process_group
-        # Each rank's (prompts held, new prompts or None if its input was refused).
-        # Placeholders that all_gather_object overwrites.
-        gathered: List[Tuple[int, Optional[List[str]]]] = [(0, None)] * dist.get_world_size(group)  # pragma: no mutate
+        # Each rank's (prompts held, new prompts or None if its input was refused),
+        # in placeholders that all_gather_object overwrites.
+        world_size = dist.get_world_size(group)
+        gathered: List[Tuple[int, Optional[List[str]]]] = [(0, None)] * world_size  # pragma: no mutate (placeholder)
         dist.all_gather_object(gathered, (len(self._prompts), new), group=group)
         if error is not None:
             raise error

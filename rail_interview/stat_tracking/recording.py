@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from rail_interview.stat_tracking.ops import add_at
 from rail_interview.stat_tracking.tracker import AdvantageTracker
 from rail_interview.stat_tracking.validation import check_positive_int, is_integer_dtype
 
@@ -152,7 +153,8 @@ class PromptStatsRecorder:
         self._snapshots: Dict[str, torch.Tensor] = {}  # name -> [chunk_size, M, ...], allocated on first use
         # float32 is exact for counts up to 2**24 samples of one prompt per batch.
         self._batch = torch.zeros((chunk_size, 2, num_recorded + 1), dtype=torch.float32, device=device)
-        self._ones = torch.ones(0, dtype=torch.float32, device=device)  # [N], reused while N stays; pragma: no mutate
+        # [N] ones for the sample counts, reused while N stays.
+        self._ones = torch.ones(0, dtype=torch.float32, device=device)  # pragma: no mutate (placeholder)
         self._steps: List[int] = []
 
     def record(self, step: int, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> None:
@@ -177,10 +179,10 @@ class PromptStatsRecorder:
             self._snapshots[name][row].copy_(tensor)
         column = prompt_ids if self._slot_of_prompt is None else self._slot_of_prompt[prompt_ids]  # [N]
         batch = self._batch[row]  # [2, M + 1], zeroed at the last flush
-        batch[0].index_add_(0, column, rewards.to(batch.dtype))  # pragma: no mutate (1-D: dim 0 is dim -1)
+        add_at(batch[0], column, rewards.to(batch.dtype))
         if len(self._ones) != len(column):  # a shape, not a value: no sync
             self._ones = torch.ones(len(column), dtype=batch.dtype, device=batch.device)
-        batch[1].index_add_(0, column, self._ones)  # pragma: no mutate (1-D: dim 0 is dim -1)
+        add_at(batch[1], column, self._ones)
         self._steps.append(step)
         if len(self._steps) == self._chunk_size:
             self.flush()
@@ -191,8 +193,7 @@ class PromptStatsRecorder:
             return
         num_steps = len(self._steps)
         stats = self._tracker.stats_from_snapshot({name: t[:num_steps] for name, t in self._snapshots.items()})
-        num_recorded = stats.count.shape[-1]  # pragma: no mutate ([E, M]: dim -1 is dim 1)
-        batch = self._batch[:num_steps, :, :num_recorded].double().cpu().numpy()  # [E, 2, M]
+        batch = self._batch[:num_steps, :, :-1].double().cpu().numpy()  # [E, 2, M]
         self._batch.zero_()
         with np.errstate(invalid="ignore"):  # 0 / 0 -> NaN for prompts not sampled
             batch_reward_mean = batch[:, 0] / batch[:, 1]

@@ -280,9 +280,8 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         self._min_count, self._fallback, self._nan_rewards, self._keys = min_count, fallback, nan_rewards, keys
         # With a batch baseline and no prompt std, and no prompt that can fall
         # back, an in-batch tracker needs no per-prompt statistics at all.
-        self._needs_fold = not (
-            memory == "none" and baseline == "batch_mean" and scale != "prompt_std" and min_count <= 1
-        )  # pragma: no mutate (fork)
+        batch_only = memory == "none" and baseline == "batch_mean" and scale != "prompt_std"  # pragma: no mutate (fork)
+        self._needs_fold = not (batch_only and min_count <= 1)  # pragma: no mutate (fork)
         self._needs_batch = baseline == "batch_mean" or scale == "batch_std" or fallback == "batch"
         # A tracker that keeps nothing per prompt needs no table, only to accept any key.
         self._table = KeyTable(num_prompts, device=self._device) if keys == "hashed" and self._needs_fold else None
@@ -290,9 +289,8 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         # memory, so their advantage is 0 / scale, exactly 0, unless the batch's
         # mean enters it (a batch baseline or fallback) or the scale can be 0
         # (a std with eps 0): only then are they masked at the end.
-        self._mask_invalid = (
-            baseline == "batch_mean" or fallback == "batch" or (scale != "none" and self._eps == 0)
-        )  # pragma: no mutate (fork)
+        zero_scale = scale != "none" and self._eps == 0  # pragma: no mutate (fork)
+        self._mask_invalid = baseline == "batch_mean" or fallback == "batch" or zero_scale  # pragma: no mutate (fork)
 
     # Options, read-only: changing one would change what the state means.
 

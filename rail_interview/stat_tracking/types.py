@@ -46,6 +46,14 @@ class TrackerStats(NamedTuple):
             memory, it tells which prompts of that batch got the fallback
             (the batch is counted before the choice is made); without
             memory, True everywhere (see ``UpdateReport.fallback``).
+
+    Example:
+        >>> from rail_interview.stat_tracking import BufferStatTracker
+        >>> tracker = BufferStatTracker(2, buffer_size=4, min_count=2)
+        >>> _ = tracker.update(torch.tensor([0, 0]), torch.tensor([1.0, 3.0]))
+        >>> stats = tracker.stats()
+        >>> stats.mean, stats.std, stats.count, stats.fallback
+        (tensor([2., nan]), tensor([1., nan]), tensor([2, 0]), tensor([False,  True]))
     """
 
     mean: torch.Tensor
@@ -74,6 +82,12 @@ class UpdateReport(NamedTuple):
         zero_variance_fraction: float32 scalar, the fraction of the batch's
             prompts (those with at least one valid sample) whose valid
             rewards are all equal; 0 when no sample is valid.
+
+    Example:
+        >>> from rail_interview.stat_tracking import presets
+        >>> report = presets.verl_grpo(2).update_with_report(torch.tensor([0, 0, 1]), torch.tensor([1.0, 1.0, 2.0]))
+        >>> report.fallback, report.zero_variance, report.zero_variance_fraction
+        (tensor([False, False,  True]), tensor([True, True, True]), tensor(1.))
     """
 
     advantages: torch.Tensor
@@ -118,6 +132,15 @@ class SampleStats(NamedTuple):
             not asked for.
         groups: the batch's grouping when the output order is sorted, else
             None.
+
+    Example:
+        >>> from rail_interview.stat_tracking.ops import group_by_prompt
+        >>> groups = group_by_prompt(torch.tensor([1, 0, 1]), 2)  # sorted: samples 1, 0, 2
+        >>> rewards = torch.tensor([1.0, 2.0, 5.0])[groups.order]  # [2., 1., 5.]
+        >>> deviation = rewards - torch.tensor([2.0, 3.0, 3.0])  # minus each prompt's mean
+        >>> stats = SampleStats(rewards, groups.size, deviation, torch.zeros(3), None, groups)
+        >>> stats.to_batch_order(stats.deviation)
+        tensor([-2.,  0.,  2.])
     """
 
     rewards: torch.Tensor
