@@ -180,7 +180,7 @@ class NoMemory:
     def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> SampleStats:
         """The batch's groups alone: count, deviation and std (see ``Memory.fold``)."""
         num_rows = self._num_prompts + 1  # pragma: no mutate (spare)
-        if group_stats_algorithm(len(prompt_ids), num_rows, rewards.device) == "sorted":  # pragma: no mutate (fork)
+        if group_stats_algorithm(prompt_ids.numel(), num_rows, rewards.device) == "sorted":  # pragma: no mutate (fork)
             groups = group_by_prompt(prompt_ids, num_rows)
             sorted_rewards = take(rewards, groups.order)  # [N]
             size = groups.size.to(rewards.dtype)  # [N]
@@ -362,7 +362,7 @@ class BufferMemory:
 
     def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> SampleStats:
         """Appends the batch to the ring buffers, then reads their statistics (see ``Memory.fold``)."""
-        if self._num_prompts + 1 <= len(prompt_ids):  # pragma: no mutate (fork)
+        if self._num_prompts + 1 <= prompt_ids.numel():  # pragma: no mutate (fork)
             return self._fold_all_rows(prompt_ids, rewards, ddof, own_weight)
         return self._fold_batch_rows(prompt_ids, rewards, ddof, own_weight)
 
@@ -370,7 +370,7 @@ class BufferMemory:
         self, prompt_ids: torch.Tensor, rewards: torch.Tensor, ddof: int, own_weight: bool
     ) -> SampleStats:
         """``fold`` for R <= N: counts the batch per row and reads the whole buffer once."""
-        num_samples = len(prompt_ids)
+        num_samples = prompt_ids.numel()
         num_rows, buffer_size = self._num_prompts + 1, self.buffer_size
         scratch = num_rows * buffer_size
         device = prompt_ids.device

@@ -482,7 +482,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         if self.check_values:
             refuse_compiled_value_checks(type(self).__name__, "update")
         prompt_ids, rewards = convert_batch(prompt_ids, rewards, self._dtype)
-        if self.check_values and len(prompt_ids) > 0:
+        if self.check_values and prompt_ids.numel() > 0:
             if self._keys == "ids":
                 check_id_range(prompt_ids, self._num_prompts)
             check_rewards(rewards, nan_is_invalid=self._nan_rewards == "invalid", compute_dtype=self._compute_dtype)
@@ -505,7 +505,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         if self._nan_rewards == "invalid":
             scorable = rewards == rewards  # [N], False exactly where NaN
             valid = scorable if valid is None else valid & scorable
-        if len(prompt_ids) == 0:  # pragma: no mutate (empty)
+        if prompt_ids.numel() == 0:  # pragma: no mutate (empty)
             empty = torch.zeros(0, dtype=torch.bool, device=self._device)
             advantages = rewards.clone()
             zero = torch.zeros((), device=self._device)
@@ -567,7 +567,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         in_memory = valid  # samples that go into a row of the memory
         if self._table is not None:
             assignment = self._table.assign(prompt_ids, valid)
-            if len(assignment.fresh):  # pragma: no mutate (empty)
+            if assignment.fresh.numel():  # pragma: no mutate (empty)
                 self._memory.reset_rows(assignment.fresh)
             prompt_ids, overflow = assignment.rows, assignment.overflow
             groups, num_groups = assignment.group, assignment.num_groups
@@ -683,7 +683,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         prompt_ids = check_prompt_ids(prompt_ids, method, self._device)
         if self.check_values:
             refuse_compiled_value_checks(type(self).__name__, method)
-            if self._keys == "ids" and len(prompt_ids) > 0:
+            if self._keys == "ids" and prompt_ids.numel() > 0:
                 check_id_range(prompt_ids, self._num_prompts)
         return prompt_ids
 
