@@ -113,7 +113,12 @@ def register(name: str) -> Callable[[Preset], Preset]:
 
 
 def names() -> Tuple[str, ...]:
-    """The registered presets' names, in registration order."""
+    """The registered presets' names.
+
+    Returns:
+        Every name ``get`` takes, in registration order: the public trainers'
+        presets, the training config's methods, then any registered later.
+    """
     return tuple(_PRESETS)
 
 
