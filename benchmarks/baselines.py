@@ -30,7 +30,7 @@ from typing import Deque, Dict, Hashable, List, Mapping, Optional
 import numpy as np
 import torch
 
-from rail_interview.stat_tracking import StatTracker, TrackerStats
+from rail_interview.stat_tracking import TrackerStats
 
 
 class DdpoStyleStatTracker:
@@ -80,11 +80,15 @@ class DdpoStyleStatTracker:
         return advantages
 
 
-class HostDictStatTracker(StatTracker):
-    """A ``StatTracker`` that runs ``DdpoStyleStatTracker`` on the host, as trainers do today.
+class HostDictStatTracker:
+    """``DdpoStyleStatTracker`` on the host, as trainers run it today, behind the tracker methods training calls.
 
     Every update copies the batch to the host (a sync on a GPU) and the
-    advantages back, so it drops into ``training.train(..., tracker=...)``.
+    advantages back, so it drops into ``training.train(..., tracker=...)``:
+    it has what the loop, the checkpoint and the stats recorder call
+    (``update``, ``fallback_mask``, ``stats_snapshot`` and
+    ``stats_from_snapshot``, ``state_dict`` and ``load_state_dict``). Its
+    buffers are not in the state dict: a resumed run starts them empty.
 
     Args:
         num_prompts: P.
@@ -94,13 +98,13 @@ class HostDictStatTracker(StatTracker):
     """
 
     def __init__(self, num_prompts: int, buffer_size: int = 32, min_count: int = 16, *, device=None) -> None:
-        super().__init__(num_prompts, eps=1e-6, device=device, check_values=False)
-        self.min_count = min_count
+        self.num_prompts, self.min_count = num_prompts, min_count
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.dtype, self.process_group = torch.float32, None
         self.inner = DdpoStyleStatTracker(buffer_size, min_count, eps=1e-6)
 
-    def _update(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid, report: bool) -> torch.Tensor:
-        if valid is not None or report:
-            raise NotImplementedError("ddpo-pytorch's tracker has no valid mask and no report")
+    def update(self, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+        """Advantages of a batch: int64 [N] ids and float [N] rewards -> float32 [N] on ``device``."""
         advantages = self.inner.update(prompt_ids.cpu().numpy(), rewards.cpu().numpy())
         return torch.from_numpy(advantages).to(device=self.device, dtype=self.dtype)
 
@@ -109,7 +113,8 @@ class HostDictStatTracker(StatTracker):
         counts = [len(self.inner.stats.get(i, ())) for i in ids]
         return torch.tensor(counts, dtype=torch.int64, device=self.device)
 
-    def _fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+    def fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """bool [N]: the samples whose prompt has fewer than ``min_count`` rewards."""
         return self._counts(prompt_ids) < self.min_count
 
     def stats_snapshot(self, prompt_ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
@@ -136,8 +141,14 @@ class HostDictStatTracker(StatTracker):
         nan = torch.full(count.shape, float("nan"), device=count.device)
         return TrackerStats(mean=nan, std=nan.clone(), count=count.clone(), fallback=count < self.min_count)
 
-    def _state_tensors(self) -> Dict[str, torch.Tensor]:
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """Empty: the host buffers are not saved."""
         return {}
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Accepts only the empty state this tracker saves."""
+        if state_dict:
+            raise ValueError(f"HostDictStatTracker saves no state, got {sorted(state_dict)}")
 
 
 def python_loop_grpo(

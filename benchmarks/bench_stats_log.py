@@ -8,7 +8,7 @@ Usage:
 Trains the default config with the stats log off and on, alternating, and
 reports the median training-loop wall-clock of each and the overhead. Runs go
 to a temporary directory that is deleted afterwards; their progress lines
-(training.py's logging at INFO) are hidden unless --verbose, or an explicit
+(training's logging at INFO) are hidden unless --verbose, or an explicit
 --verbosity, asks for them.
 """
 

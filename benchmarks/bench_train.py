@@ -13,7 +13,7 @@ the final one, to time tracking alone.
 Sizes: "default" (64 prompts, batch 256, the config's one thread) and
 "large" (100,000 prompts, batch 65,536, 2**20 parameters, one thread per
 core). The runs go to a temporary directory that
-is deleted afterwards, and their progress lines (training.py's logging at
+is deleted afterwards, and their progress lines (training's logging at
 INFO) are hidden unless --verbose, or an explicit --verbosity, asks for them.
 """
 

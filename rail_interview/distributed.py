@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from rail_interview.stat_tracking.base import all_gather_single
+from rail_interview.stat_tracking.distributed import all_gather_single
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ BAD_COMPARE_ARGUMENTS = {
     "decay_zero": (["--ema_decays=0.5,0"], "--ema_decays", "open interval (0, 1)"),
     "buffer_size_zero": (["--buffer_sizes=4,0"], "--buffer_sizes", "whole numbers >= 1"),
     "no_workers": (["--workers=0"], "--workers", ">= 1"),
-    "unknown_method": (["--methods=batch,ppo"], "--methods", "choose from buffer, ema, batch, grpo"),
+    "unknown_method": (["--methods=batch,ppo"], "--methods", "choose from ddpo, trl_grpo, verl_grpo, verl_rloo, flow_grpo, buffer, ema, batch, grpo"),
     "buffer_sizes_without_buffer": (
         ["--methods=batch,ema,grpo", "--buffer_sizes=4,8"],
         "--buffer_sizes",
@@ -156,7 +156,7 @@ def test_bench_trackers_writes_outside_the_repository_without_out(tmp_path):
 
 
 # What training.py logs for every run, at INFO: its run directory, progress and final lines.
-_PROGRESS = re.compile(r"training\.py:\d+\]|Run directory|final_reward|epochs/s")
+_PROGRESS = re.compile(r"(loop|metrics)\.py:\d+\]|Run directory|final_reward|epochs/s")
 
 
 def _bench(script, *args):
@@ -173,7 +173,7 @@ def test_bench_train_is_quiet_unless_verbose():
     assert not _PROGRESS.search(quiet.stdout + quiet.stderr), quiet.stdout + quiet.stderr
     verbose = _bench("bench_train.py", *tiny, "--verbose")
     assert verbose.returncode == 0, verbose.stderr
-    assert len(re.findall(r"training\.py:\d+\] Run directory", verbose.stderr)) == 4  # one per run
+    assert len(re.findall(r"loop\.py:\d+\] Run directory", verbose.stderr)) == 4  # one per run
     assert "| default | dict (host, DDPO-style) | 5 |" in verbose.stdout
 
 

@@ -165,8 +165,8 @@ def test_unknown_method_and_device_are_refused(tiny_config, tmp_path):
     tiny_config.stat_tracking.method = "nope"
     with pytest.raises(
         ValueError,
-        match="unknown config.stat_tracking.method 'nope'; choose from 'buffer', "
-        "'ema', 'batch', 'grpo', 'dr_grpo', 'rloo'",
+        match="unknown config.stat_tracking.method 'nope'; choose from 'ddpo', 'trl_grpo', 'verl_grpo', "
+        "'verl_rloo', 'flow_grpo', 'buffer', 'ema', 'batch', 'grpo', 'dr_grpo', 'rloo'",
     ):
         training.train(tiny_config, str(tmp_path))
     with pytest.raises(ValueError, match="config.device"):
