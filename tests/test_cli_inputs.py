@@ -31,7 +31,11 @@ BAD_COMPARE_ARGUMENTS = {
     "decay_zero": (["--ema_decays=0.5,0"], "--ema_decays", "open interval (0, 1)"),
     "buffer_size_zero": (["--buffer_sizes=4,0"], "--buffer_sizes", "whole numbers >= 1"),
     "no_workers": (["--workers=0"], "--workers", ">= 1"),
-    "unknown_method": (["--methods=batch,ppo"], "--methods", "choose from ddpo, trl_grpo, verl_grpo, verl_rloo, flow_grpo, buffer, ema, batch, grpo"),
+    "unknown_method": (
+        ["--methods=batch,ppo"],
+        "--methods",
+        "choose from ddpo, trl_grpo, verl_grpo, verl_rloo, flow_grpo, buffer, ema, batch, grpo",
+    ),
     "buffer_sizes_without_buffer": (
         ["--methods=batch,ema,grpo", "--buffer_sizes=4,8"],
         "--buffer_sizes",

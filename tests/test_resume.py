@@ -187,7 +187,7 @@ def test_the_thread_setting_is_applied(config, tmp_path):
     [
         ("--config.num_epoch=5", "no such config field: 'num_epoch' Did you mean \"num_epochs\""),
         ("--config.checkpoint_every=250", "config.checkpoint_every (250) must be 0 or a multiple of config.log_every"),
-        ("--config.stat_tracking.method=foo", "unknown config.stat_tracking.method 'foo'; choose from 'ddpo', 'trl_grpo'"),
+        ("--config.stat_tracking.method=foo", "unknown config.stat_tracking.method 'foo'; choose from 'ddpo'"),
         ("--config.stat_tracking.ema_decay=1.5", "config.stat_tracking.ema_decay must lie in (0, 1), got 1.5"),
         ("--config.num_threads=-1", "config.num_threads must be an int >= 0, got -1"),
         ("--config.device=cuda", "config.device is 'cuda' but torch sees no CUDA device"),
