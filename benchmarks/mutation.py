@@ -129,6 +129,7 @@ def format_report(summary: Dict) -> str:
     """The Markdown report: the killed share overall and per module, then every survivor and its diff."""
 
     def share(c) -> str:
+        """A count's killed share, in words."""
         ran = c["killed"] + c["survived"]
         return f"{c['killed']} of {ran} killed ({100 * c['killed'] / ran:.1f}%)" if ran else "none ran"
 

@@ -242,6 +242,7 @@ def test_random_sequences_over_every_dimension(data):
             _check_step(tracker, ids, torch.tensor(rewards, dtype=torch.float64) * scale + offset)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.filterwarnings("ignore:min_count=1")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

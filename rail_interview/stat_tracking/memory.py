@@ -47,6 +47,9 @@ from rail_interview.stat_tracking.ops import (
 from rail_interview.stat_tracking.types import Device, SampleStats
 from rail_interview.stat_tracking.validation import check_count_range, check_positive_int
 
+#: The memories ``make_memory`` builds, by the name ``AdvantageTracker(memory=...)`` takes.
+MEMORIES = ("none", "buffer", "ema")
+
 #: The largest buffer_size: the row statistics count entries in float32,
 #: which holds every integer up to 2**24 exactly.
 MAX_BUFFER_SIZE = 2**24
@@ -661,4 +664,4 @@ def make_memory(
         return BufferMemory(num_prompts, buffer_size, dtype=dtype, device=device)
     if kind == "ema":
         return EmaMemory(num_prompts, decay, dtype=dtype, device=device)
-    raise ValueError(f"memory must be one of 'none', 'buffer', 'ema'; got {kind!r}")
+    raise ValueError(f"memory must be one of {', '.join(map(repr, MEMORIES))}; got {kind!r}")

@@ -30,7 +30,7 @@ key_table       ``"fixed"``, ``"dynamic"``              dynamic on a CPU outside
 A path that only one device or one size takes is an untested path unless it
 can be forced: ``forced_algorithms(grouping="scans", ...)`` forces any of
 them on any device and size. The tests run every tracker through every
-choice on small CPU batches; the GPU check (``benchmarks/gpu_check.py``)
+choice on small CPU batches; the CUDA tests (``tests/test_cuda.py``, run by ``benchmarks/gpu_check.py``)
 forces each on CUDA under the sync-debug mode.
 
 **Precision.** State may be float16 or bfloat16, but statistics are

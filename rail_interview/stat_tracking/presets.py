@@ -104,6 +104,7 @@ def register(name: str) -> Callable[[Preset], Preset]:
     """
 
     def decorate(build: Preset) -> Preset:
+        """Adds ``build`` to the registry under ``name`` and returns it."""
         if name in _PRESETS:
             raise ValueError(f"a preset named {name!r} is already registered")
         _PRESETS[name] = build
@@ -533,6 +534,7 @@ def _grpo_family(name: str, build: Callable[..., AdvantageTracker], summary: str
         process_group: ProcessGroup = None,
         keys: str = "ids",
     ) -> AdvantageTracker:
+        """The GRPO-family method ``name`` (this docstring is replaced below, with ``summary`` and the Args)."""
         options: Dict[str, Any] = dict(memory=memory)
         if memory == "buffer":
             options.update(buffer_size=buffer_size, min_count=min_count)

@@ -16,6 +16,9 @@ from typing import Deque, Dict, Hashable, Iterable, List, NamedTuple, Optional, 
 
 import torch
 
+from rail_interview.stat_tracking.functional import BASELINES, FALLBACKS, SCALES
+from rail_interview.stat_tracking.memory import MEMORIES
+
 Numbers = Union[Sequence[float], torch.Tensor]
 
 
@@ -286,10 +289,10 @@ class ReferenceAdvantageTracker:
         capacity: Optional[int] = None,
     ) -> None:
         choices = dict(
-            memory=(memory, ("none", "buffer", "ema")),
-            baseline=(baseline, ("prompt_mean", "leave_one_out", "batch_mean")),
-            scale=(scale, ("prompt_std", "batch_std", "none")),
-            fallback=(fallback, ("batch", "raw", "zero")),
+            memory=(memory, MEMORIES),
+            baseline=(baseline, BASELINES),
+            scale=(scale, SCALES),
+            fallback=(fallback, FALLBACKS),
             nan_rewards=(nan_rewards, ("refuse", "invalid")),
         )
         for name, (value, allowed) in choices.items():

@@ -57,7 +57,7 @@ NEUTRAL_VALUES = {"memory": "none", "fallback": "auto"}
 
 
 #: The values of ``config.stat_tracking.memory``, for the methods that take one.
-MEMORIES = ("none", "buffer", "ema")
+MEMORIES = stat_tracking.memory.MEMORIES
 
 
 def memory_methods() -> Tuple[str, ...]:
