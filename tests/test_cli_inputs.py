@@ -159,7 +159,7 @@ def test_bench_trackers_writes_outside_the_repository_without_out(tmp_path):
     assert _snapshot(COMMITTED_RESULTS) == before
 
 
-# What training.py logs for every run, at INFO: its run directory, progress and final lines.
+# What training logs for every run, at INFO: its run directory, progress and final lines.
 _PROGRESS = re.compile(r"(loop|metrics)\.py:\d+\]|Run directory|final_reward|epochs/s")
 
 

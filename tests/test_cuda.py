@@ -65,9 +65,7 @@ def bad_final_reward(problem: str) -> float:
     """The final reward below which a full-length run of ``problem`` stalled or diverged."""
     from rail_interview import problems  # pylint: disable=import-outside-toplevel
 
-    if hasattr(problems, "bad_final_reward"):
-        return problems.bad_final_reward(problem)
-    return problems.BAD_FINAL_REWARD[problem]
+    return problems.bad_final_reward(problem)
 
 
 @pytest.mark.parametrize("check", sorted(CONTRACT_CHECKS))

@@ -52,13 +52,13 @@ def _training(rank: int, logdir: str) -> None:
     config.device, config.num_epochs, config.log_every, config.checkpoint_every = "cpu", 20, 10, 10
     config.problem.num_prompts, config.problem.num_params, config.sample_batch_size = 8, 32, 16
     final_params = []
-    checkpoint = TrainingState.checkpoint
+    checkpoint = TrainingState.gather_checkpoint
 
     def spy(state, next_epoch):
         final_params.append(state.policy.params.clone())
         return checkpoint(state, next_epoch)
 
-    TrainingState.checkpoint = spy
+    TrainingState.gather_checkpoint = spy
     drawn = []  # this rank's prompt ids, one [16] tensor per epoch
     sample_prompt_ids = ToyProblem.sample_prompt_ids
 

@@ -93,6 +93,23 @@ def test_a_run_directory_written_before_problem_name_existed_resumes(tiny_config
     assert training.train(config, run_dir, resume=True)["resumed_at_epoch"] == 14
 
 
+@pytest.mark.parametrize("method, fallback", [("ema", "batch"), ("buffer", "zero"), ("batch", "raw")])
+def test_a_run_directory_written_when_every_method_saved_a_fallback_resumes(tiny_config, tmp_path, method, fallback):
+    """Before "auto", config.json held a fallback for every method, read by the GRPO family alone."""
+    tiny_config.num_epochs, tiny_config.stat_tracking.method = 14, method
+    straight = training.train(tiny_config, str(tmp_path / "straight"))["run_dir"]
+    run_dir = training.train(tiny_config, str(tmp_path / "old"))["run_dir"]
+    config_path = pathlib.Path(run_dir, "config.json")
+    saved = json.loads(config_path.read_text())
+    saved["stat_tracking"]["fallback"] = fallback  # as this project wrote it then
+    config_path.write_text(json.dumps(saved))
+    config = training.load_run_config(run_dir, {"num_epochs": 14})
+    assert config.stat_tracking.fallback == "auto"
+    training.check_resume_config(saved, config)  # the run's own config, as it reads today
+    assert training.train(config, run_dir, resume=True)["resumed_at_epoch"] == 14
+    assert _metrics(run_dir) == _metrics(straight)
+
+
 def test_a_run_written_before_problem_name_existed_may_resume():
     saved = json.loads(default.get_config().to_json())
     del saved["problem"]["name"]
@@ -216,7 +233,7 @@ def _two_ranks(rank, logdir):
     config.sample_batch_size = 32  # per rank: 8 groups of 4
     config.stat_tracking.buffer_size = 4  # one group: enough, as no prompt is in two ranks' batches
     params, drawn = [], []
-    checkpoint, sample_prompt_ids = TrainingState.checkpoint, PassFailProblem.sample_prompt_ids
+    checkpoint, sample_prompt_ids = TrainingState.gather_checkpoint, PassFailProblem.sample_prompt_ids
 
     def spy(state, next_epoch):
         params.append(state.policy.params.clone())
@@ -226,7 +243,7 @@ def _two_ranks(rank, logdir):
         drawn.append(sample_prompt_ids(problem, batch_size, generator, **ranks))
         return drawn[-1]
 
-    TrainingState.checkpoint = spy
+    TrainingState.gather_checkpoint = spy
     PassFailProblem.sample_prompt_ids = spy_sampling
     summary = training.train(config, os.path.join(logdir, "straight"))
     gathered = [torch.empty_like(params[-1]) for _ in range(WORLD_SIZE)]

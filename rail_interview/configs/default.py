@@ -63,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     ###### Problem ######
     config.problem = ml_collections.ConfigDict()
-    # Which toy problem (rail_interview/problems.py): "distance", this one
+    # Which toy problem (rail_interview/problems/, by its registered name): "distance", this one
     # (reward -|answer - label|), or "pass_fail", whose fields are in
     # configs/pass_fail.py (pass --config=rail_interview/configs/pass_fail.py).
     config.problem.name = "distance"

@@ -64,7 +64,7 @@ def parse_method(name: str) -> Tuple[str, str]:
         name: a name of the preset registry (``batch``, ``buffer``, ``ema``,
             ``grpo``, ``dr_grpo``, ``rloo``, ``ddpo``, ...), or
             ``METHOD+buffer`` or ``METHOD+ema`` with METHOD one that takes a
-            memory (``training.config.memory_methods()``: the GRPO family).
+            memory (``training.memory_methods()``: the GRPO family).
 
     Returns:
         (method, memory), memory one of "none", "buffer" and "ema": the
@@ -77,7 +77,7 @@ def parse_method(name: str) -> Tuple[str, str]:
         ValueError: for an unknown method or memory.
     """
     method, _, memory = name.partition("+")
-    takes_memory = training.config.memory_methods()
+    takes_memory = training.memory_methods()
     if method not in presets.names() or (memory and method not in takes_memory) or memory not in ("", "buffer", "ema"):
         raise ValueError(
             f"unknown method {name!r}: choose from {', '.join(presets.names())}, or METHOD+buffer or "
@@ -183,7 +183,7 @@ def check_sweep(
             "ema_decays sweeps EMA memories, but methods has none: add 'ema' or METHOD+ema to methods, "
             "or leave ema_decays out"
         )
-    takes_memory = training.config.memory_methods()
+    takes_memory = training.memory_methods()
     grpo_buffers = [name for name in memories.get("buffer", []) if parse_method(name)[0] in takes_memory]
     if grpo_buffers and sizes and min(sizes) < 2:
         raise ValueError(
@@ -239,7 +239,7 @@ def method_settings(
     settings = []
     for name in methods:
         method, memory = parse_method(name)
-        grpo = method in training.config.memory_methods()
+        grpo = method in training.memory_methods()
         base = {"stat_tracking.method": method}
         if grpo:
             base["stat_tracking.memory"] = memory

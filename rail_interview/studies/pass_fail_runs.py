@@ -56,12 +56,12 @@ from rail_interview.problems.pass_fail import (
     SharedLinearPolicy,
     make_pass_fail_problem,
 )
-from rail_interview.stat_tracking import AdvantageTracker, presets
+from rail_interview.stat_tracking import AdvantageTracker
 from rail_interview.training.state import Generators, TrainingState
 from rail_interview.training.step import Estimate, Samples, draw_samples, step, tracker_advantages
 
 #: Estimators: the registry's methods that take a memory (the GRPO family).
-METHODS = training.config.memory_methods()
+METHODS = training.memory_methods()
 MEMORIES = training.config.MEMORIES
 ABLATIONS = ("none", "zero_variance_only", "group_mean_memory_std", "oracle")
 
@@ -183,56 +183,54 @@ def build_tracker(run: PassFailRun) -> AdvantageTracker:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {run.method!r}")
     if run.memory not in MEMORIES:
         raise ValueError(f"memory must be one of {', '.join(map(repr, MEMORIES))}; got {run.memory!r}")
-    return presets.get(
-        run.method,
-        run.num_prompts,
-        memory=run.memory,
-        buffer_size=run.buffer_size,
-        decay=run.ema_decay,
-        min_count=run.min_count,
-        fallback="zero",
-        device=torch.device("cpu"),
-        check_values=False,
+    config = ml_collections.ConfigDict(
+        {
+            "method": run.method,
+            "memory": run.memory,
+            "buffer_size": run.buffer_size,
+            "min_count": run.min_count,
+            "ema_decay": run.ema_decay,
+            "fallback": "zero",
+            "check_values": False,
+        }
     )
+    return training.build_tracker(config, num_prompts=run.num_prompts, device=torch.device("cpu"))
 
 
 @dataclasses.dataclass(frozen=True)
 class DynamicSampling:
     """DAPO's draw (a ``step`` hook): groups are drawn B at a time until B with a pass and a fail are kept.
 
-    The last draw's extra groups are dropped; after ``max_resample * B``
-    groups drawn, the step trains on the groups it kept (maybe none).
+    B = N / G groups of G samples (the problem's ``group_size``) are drawn
+    at a time; the last draw's extra groups are dropped, and after
+    ``max_resample * B`` groups drawn the step trains on the groups it kept
+    (maybe none).
 
     Attributes:
-        num_groups: B.
-        group_size: G.
         max_resample: the most groups drawn per step, as a multiple of B.
     """
 
-    num_groups: int
-    group_size: int
     max_resample: int
 
     def __call__(self, state: TrainingState, batch_size: int) -> Samples:
         """Draws the step's samples (``training.step.Draw``), with the groups drawn and those with signal."""
+        group_size = state.problem.group_size  # G
+        num_groups = batch_size // group_size  # B
         kept: List[Samples] = []
         drawn, with_signal = 0, 0
         while True:
             samples = draw_samples(state, batch_size)
-            grouped = samples.rewards.view(-1, self.group_size)
+            grouped = samples.rewards.view(-1, group_size)
             signal = grouped.amax(1) != grouped.amin(1)  # [B], groups with a pass and a fail
             with_signal += int(signal.sum())
-            keep = signal.repeat_interleave(self.group_size)
+            keep = signal.repeat_interleave(group_size)
             kept.append(Samples(samples.prompt_ids[keep], samples.answers[keep], samples.rewards[keep]))
-            drawn += self.num_groups
-            if (
-                sum(len(part.prompt_ids) for part in kept) >= self.num_groups * self.group_size
-                or drawn >= self.max_resample * self.num_groups
-            ):
+            drawn += num_groups
+            if sum(len(part.prompt_ids) for part in kept) >= batch_size or drawn >= self.max_resample * num_groups:
                 break
-        size = self.num_groups * self.group_size
         ids, answers, rewards = (
-            torch.cat([getattr(part, name) for part in kept])[:size] for name in ("prompt_ids", "answers", "rewards")
+            torch.cat([getattr(part, name) for part in kept])[:batch_size]
+            for name in ("prompt_ids", "answers", "rewards")
         )
         return Samples(ids, answers, rewards, groups_drawn=drawn, groups_with_signal=with_signal)
 
@@ -305,7 +303,7 @@ def train_pass_fail(run: PassFailRun) -> Dict[str, Any]:
         **{option: getattr(run, option) for option in PROBLEM_OPTIONS},
     )
     state = TrainingState(problem, policy, build_tracker(run), Generators(generator, generator))
-    draw = DynamicSampling(run.num_groups, run.group_size, run.max_resample) if run.dynamic_sampling else draw_samples
+    draw = DynamicSampling(run.max_resample) if run.dynamic_sampling else draw_samples
     estimate = _estimate(run, problem, policy)
     pass_rate = [float(problem.pass_probability(policy.means()).mean())]
     zero_variance: List[float] = []

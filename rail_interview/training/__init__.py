@@ -9,7 +9,7 @@ The package, in the order a run meets it:
 * ``step``: one training step, the one every run takes (``step``), with
   its hooks for how samples are drawn and advantages estimated;
 * ``metrics``: the per-epoch metrics and the writer of metrics.csv;
-* ``run_dir``: the run directory, created or resumed as a transaction;
+* ``run_files``: the run directory's files, created or resumed as a transaction;
 * ``loop``: ``train()``, a short loop over those parts.
 """
 
@@ -19,13 +19,14 @@ from rail_interview.training.config import (
     build_tracker,
     check_resume_config,
     load_run_config,
+    memory_methods,
     method_name,
     resolve_device,
     validate_config,
 )
 from rail_interview.training.loop import train
 from rail_interview.training.metrics import METRIC_NAMES, fallback_mask
-from rail_interview.training.run_dir import FINAL_REWARD_EPOCHS, STATS_DIR, TRAIN_TIME_FILE, create_run_dir
+from rail_interview.training.run_files import FINAL_REWARD_EPOCHS, STATS_DIR, TRAIN_TIME_FILE, create_run_dir
 from rail_interview.training.state import TrainingState
 from rail_interview.training.step import Batch, Samples, step
 
@@ -44,6 +45,7 @@ __all__ = [
     "create_run_dir",
     "fallback_mask",
     "load_run_config",
+    "memory_methods",
     "method_name",
     "resolve_device",
     "step",

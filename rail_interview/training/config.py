@@ -197,7 +197,7 @@ def _check_number(name: str, value: Any, low: float, *, integer: bool, inclusive
         raise ConfigError(f"config.{name} must be {kind} {bound}, got {value!r}")
 
 
-def _check_tracker(config: ml_collections.ConfigDict, world_size: int) -> None:
+def _check_tracker(config: ml_collections.ConfigDict) -> None:
     """Checks ``config.stat_tracking``: its numbers, a trial build of its tracker, and its buffer against the problem.
 
     A buffer shorter than a prompt's samples in one step (the pass/fail
@@ -252,7 +252,7 @@ def validate_config(config: ml_collections.ConfigDict, *, world_size: int = 1) -
         problems.check_config(config, world_size=world_size)
     except ValueError as error:
         raise ConfigError(str(error)) from error
-    _check_tracker(config, world_size)
+    _check_tracker(config)
     resolve_device(config.device)
 
 
@@ -272,8 +272,9 @@ def upgrade_saved_config(saved: Dict[str, Any]) -> Dict[str, Any]:
     """A run's config.json as today's fields say it, for runs written by earlier versions.
 
     Runs written before ``problem.name`` existed trained the distance
-    problem; runs written before ``stat_tracking.fallback`` took ``"auto"``
-    saved ``"zero"`` for every method, which only the GRPO family read.
+    problem. Runs written before ``stat_tracking.fallback`` took ``"auto"``
+    saved a fallback for every method, which only the GRPO family read: a
+    method without a fallback of its own reads ``"auto"`` now.
 
     Args:
         saved: the parsed config.json; modified in place.
@@ -283,7 +284,8 @@ def upgrade_saved_config(saved: Dict[str, Any]) -> Dict[str, Any]:
     """
     saved.setdefault("problem", {}).setdefault("name", "distance")
     tracking = saved.get("stat_tracking", {})
-    if tracking.get("fallback") == "zero" and tracking.get("method") in ("buffer", "ema", "batch"):
+    method = tracking.get("method")
+    if "fallback" in tracking and method in presets.names() and "fallback" not in presets.parameters(method):
         tracking["fallback"] = NEUTRAL_VALUES["fallback"]
     return saved
 

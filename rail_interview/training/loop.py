@@ -5,7 +5,7 @@ with tiny configs. ``train`` is a short loop over named parts: set up the
 run (``_set_up``), create or resume its directory (``_open_run``), then per
 epoch one ``step``, its metrics (``MetricsLog``) and, every
 ``config.checkpoint_every`` epochs and at the end, a checkpoint
-(``_checkpoint``); last the summary (``_summarise``). ``run_dir`` describes
+(``_checkpoint``); last the summary (``_summarise``). ``run_files`` describes
 the files a run writes.
 """
 
@@ -22,7 +22,7 @@ import ml_collections
 import torch
 
 from rail_interview import checkpointing, distributed, problems, stat_tracking
-from rail_interview.training import run_dir as run_files
+from rail_interview.training import run_files
 from rail_interview.training.config import ConfigError, build_tracker, method_name, resolve_device, validate_config
 from rail_interview.training.metrics import METRIC_NAMES, MetricsLog, logger
 from rail_interview.training.state import TrainingState
@@ -147,17 +147,16 @@ def _open_run(
             for path in plan.stale_chunks:
                 os.remove(path)
         run_files.write_text(os.path.join(run_dir, "config.json"), config.to_json(indent=2) + "\n")
-        log = MetricsLog(run_dir, state, config, first_epoch=start_epoch, resume=resume)
-        if resume:
-            log.file.rewrite(plan.metrics_rows)
-        else:
-            log.file.create()
+        log = MetricsLog(
+            run_dir, state, config, first_epoch=start_epoch, resume_rows=plan.metrics_rows if resume else None
+        )
         logger.info(
-            "Run directory: %s (device %s, %d process(es)%s)",
+            "Run directory: %s (device %s, %d process(es)%s), tracker %r",
             run_dir,
             state.policy.params.device,
             context.world_size,
             f", resuming at epoch {start_epoch}" if resume else "",
+            state.tracker,
         )
     return run_dir, start_epoch, clock, log
 
@@ -166,7 +165,7 @@ def _checkpoint(run_dir: str, state: TrainingState, log: Optional[MetricsLog], n
     """Writes the stats log's chunk, the checkpoint (rank 0 writes, every rank joins) and train_time.json."""
     if log is not None:
         log.flush()
-    payload = state.checkpoint(next_epoch)
+    payload = state.gather_checkpoint(next_epoch)
     if payload is None:
         return
     checkpointing.save_checkpoint(os.path.join(run_dir, checkpointing.CHECKPOINT_FILE), payload)
@@ -258,6 +257,8 @@ def train(
     state = _set_up(config, tracker)
     run_dir, start_epoch, clock, log = _open_run(config, logdir, state, resume)
     clock.start = time.perf_counter()
+    if log is not None:
+        log.start(clock.start)
     for epoch in range(start_epoch, config.num_epochs):
         batch = step(state, batch_size=config.sample_batch_size, learning_rate=config.learning_rate)
         if log is not None:

@@ -6,8 +6,9 @@ problem's ``pass_rate`` and ``zero_variance_frac``):
 
 * ``reward_mean``, ``reward_std``: the global batch's rewards (population std);
 * ``fallback_frac``: the share of samples whose prompt had fewer than
-  ``min_count`` rewards (normalised with whole-batch statistics, or for the
-  GRPO family without memory, given ``config.stat_tracking.fallback``).
+  ``min_count`` rewards: normalised with whole-batch statistics by
+  ``buffer`` and ``ema``, given the method's fallback (0, their raw reward,
+  or the batch's statistics) by the GRPO family.
 
 ``MetricsLog`` keeps each epoch's row on the device and reads a chunk back
 every ``config.log_every`` epochs, so the loop syncs with the host once per
@@ -19,12 +20,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
 from rail_interview import stat_tracking
-from rail_interview.training.run_dir import STATS_DIR, MetricsFile
+from rail_interview.training.run_files import STATS_DIR, MetricsFile
 from rail_interview.training.state import TrainingState
 from rail_interview.training.step import Batch
 
@@ -80,18 +81,35 @@ def step_metrics(state: TrainingState, batch: Batch) -> torch.Tensor:
 class MetricsLog:
     """Rank 0's writer of metrics.csv and the per-prompt stats log, a chunk at a time.
 
+    Creating one writes metrics.csv: its header alone, or on resume the rows
+    before the checkpoint (``resume_rows``); then the stats log is opened.
+
     Args:
         run_dir: the run directory.
         state: the run.
         config: the training config (``log_every``, ``num_epochs``, ``stats_log``).
         first_epoch: the first epoch this process records (the checkpoint's on resume).
-        resume: whether the files exist and are appended to.
+        resume_rows: on resume, metrics.csv's header and rows before
+            ``first_epoch`` (the stats log is then appended to); None for a
+            new run.
     """
 
-    def __init__(self, run_dir: str, state: TrainingState, config, *, first_epoch: int, resume: bool) -> None:
+    def __init__(
+        self,
+        run_dir: str,
+        state: TrainingState,
+        config,
+        *,
+        first_epoch: int,
+        resume_rows: Optional[List[List[str]]] = None,
+    ) -> None:
         self.state = state
         self.problem_metrics = tuple(state.problem.metric_names)
         self.file = MetricsFile(os.path.join(run_dir, "metrics.csv"), METRIC_NAMES + self.problem_metrics)
+        if resume_rows is None:
+            self.file.create()
+        else:
+            self.file.rewrite(resume_rows)
         self.log_every, self.num_epochs = config.log_every, config.num_epochs
         self.recorder: Optional[stat_tracking.PromptStatsRecorder] = None
         if config.stats_log.every > 0:
@@ -103,12 +121,16 @@ class MetricsLog:
                 prompt_names=state.problem.prompt_names[:num_recorded],
                 every=config.stats_log.every,
                 chunk_size=-(-config.log_every // config.stats_log.every),  # flush about as often as metrics
-                append=resume,
+                append=resume_rows is not None,
             )
         device = state.policy.params.device
         self.chunk = torch.empty((config.log_every, len(self.file.names)), device=device)  # [log_every, M]
         self.chunk_first = first_epoch  # first epoch held in `chunk`; a resumed run may start mid-chunk
-        self.chunk_start = time.perf_counter()
+        self.chunk_start = time.perf_counter()  # when the chunk's first epoch started (``start``)
+
+    def start(self, now: float) -> None:
+        """Marks the loop's start (``time.perf_counter()``), from which the first progress line's rate counts."""
+        self.chunk_start = now
 
     def record(self, epoch: int, batch: Batch) -> None:
         """Records an epoch's metrics and stats; writes the chunk at its end (the one host sync per chunk)."""

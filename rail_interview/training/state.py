@@ -2,7 +2,7 @@
 
 A run is a problem instance, its policy, a tracker, the random generators
 and the ranks it trains on. ``TrainingState.create`` draws them from a
-config's seed exactly as every run always has; ``checkpoint`` and
+config's seed exactly as every run always has; ``gather_checkpoint`` and
 ``restore`` carry the parts that change (the policy's parameters, the
 tracker's state, every rank's generator states) across a resume, so that a
 resumed run equals an uninterrupted one bit for bit.
@@ -101,10 +101,19 @@ class TrainingState:
 
         Returns:
             The state at the start of the run.
+
+        Raises:
+            ValueError: if the tracker takes prompt ids (not hashed keys) and
+                knows fewer prompts than the problem has.
         """
         context = distributed.DistributedContext() if context is None else context
         generator = torch.Generator(device=device).manual_seed(config.seed)
         problem, policy = problems.make_problem(config, generator)
+        if getattr(tracker, "keys", "ids") == "ids" and tracker.num_prompts < problem.num_prompts:
+            raise ValueError(
+                f"the tracker knows {tracker.num_prompts} prompts, the problem has {problem.num_prompts}: build it "
+                "with num_prompts at least config.problem.num_prompts"
+            )
         return cls(problem, policy, tracker, make_generators(config.seed, generator, problem, context), context)
 
     @property
@@ -112,8 +121,11 @@ class TrainingState:
         """Whether the ranks draw prompts with a generator of their own, apart from the answers'."""
         return self.generators.prompts is not self.generators.answers
 
-    def checkpoint(self, next_epoch: int) -> Optional[Dict[str, Any]]:
-        """The checkpoint to resume at ``next_epoch``: on rank 0 (every rank must call it), None elsewhere.
+    def gather_checkpoint(self, next_epoch: int) -> Optional[Dict[str, Any]]:
+        """Gathers the checkpoint to resume at ``next_epoch`` onto rank 0: a collective, every rank must call it.
+
+        Every rank's generator state is gathered; rank 0 gets the whole
+        checkpoint and writes it, the others get None.
 
         Args:
             next_epoch: the first epoch a resume runs.
@@ -141,7 +153,7 @@ class TrainingState:
         Everything is checked before anything changes.
 
         Args:
-            checkpoint: as ``checkpoint`` made it, loaded by ``checkpointing.load_checkpoint``.
+            checkpoint: as ``gather_checkpoint`` made it, loaded by ``checkpointing.load_checkpoint``.
 
         Raises:
             checkpointing.CheckpointError: for a checkpoint of another

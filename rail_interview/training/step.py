@@ -118,8 +118,9 @@ def step(
 ) -> Batch:
     """Takes one training step: draw and score, advantages, gather every rank's batch, update the policy.
 
-    A rank that draws no samples (dynamic sampling that kept none) leaves
-    the tracker and the policy as they were; only one process may do so.
+    A process that draws no samples (dynamic sampling that kept none) leaves
+    the tracker and the policy as they were. Under torchrun that is an
+    error: the tracker's update is a collective every rank must join.
 
     Args:
         state: the run: problem, policy, tracker, generators and ranks.
@@ -130,9 +131,14 @@ def step(
 
     Returns:
         The global batch.
+
+    Raises:
+        ValueError: if a rank of several drew no samples.
     """
     local = draw(state, batch_size)
     if local.prompt_ids.numel() == 0:
+        if state.context.world_size > 1:
+            raise ValueError(f"rank {state.context.rank} drew no samples; every rank must join the tracker's update")
         advantages = torch.zeros_like(local.rewards)
     else:
         advantages = estimate(state.tracker, local)  # [N]

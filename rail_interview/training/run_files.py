@@ -1,11 +1,11 @@
-"""A run directory: created once, checked and rewritten on resume, written atomically.
+"""A run directory's files: created once, checked and rewritten on resume, written atomically.
 
     <logdir>/<YYYYmmdd-HHMMSS>_<method>[+<memory>]_seed<seed>[_<n>]/
         config.json      the resolved config
         metrics.csv      one row per epoch (``MetricsFile``; columns in ``training.metrics``)
         summary.json     the run's final metrics (``training.loop.train``)
         stats/           per-prompt tracker statistics (``stat_tracking.recording``)
-        checkpoint.pt    the state to resume from (``TrainingState.checkpoint``)
+        checkpoint.pt    the state to resume from (``TrainingState.gather_checkpoint``)
         train_time.json  loop seconds up to the checkpoint, so that a resumed
                          run's summary times the whole run
 
