@@ -124,7 +124,7 @@ def _resume(
 
 def _open_run(
     config: ml_collections.ConfigDict, logdir: str, state: TrainingState, resume: bool
-) -> "tuple[str, int, _Clock, Optional[MetricsLog]]":
+) -> Tuple[str, int, _Clock, Optional[MetricsLog]]:
     """Creates the run directory, or checks and rewrites it for a resume.
 
     Returns:
@@ -174,7 +174,12 @@ def _checkpoint(run_dir: str, state: TrainingState, log: Optional[MetricsLog], n
 
 
 def _summarise(
-    config: ml_collections.ConfigDict, run_dir: str, state: TrainingState, log: MetricsLog, start_epoch: int, clock
+    config: ml_collections.ConfigDict,
+    run_dir: str,
+    state: TrainingState,
+    log: MetricsLog,
+    start_epoch: int,
+    clock: _Clock,
 ) -> Dict[str, Any]:
     """Writes and returns summary.json (see ``train``'s Returns)."""
     finals, overall, final_epochs = log.file.means()
