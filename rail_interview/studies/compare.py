@@ -340,7 +340,7 @@ def check_settings(base_config: ml_collections.ConfigDict, settings: Sequence[Se
     ``run_comparison`` (an unknown config field, any value
     ``training.validate_config`` refuses, a min_count the tracker refuses,
     a CUDA device that is not there) fails here instead, with the
-    setting's name. The trackers are built on the CPU
+    setting's name. ``validate_config`` builds each tracker on the CPU
     for one prompt: this checks their arguments, not the problem's size.
 
     Args:
@@ -351,8 +351,6 @@ def check_settings(base_config: ml_collections.ConfigDict, settings: Sequence[Se
         ValueError: if there is no setting, if setting names repeat, or for
             the first setting whose config or tracker is refused, naming it.
     """
-    import torch  # pylint: disable=import-outside-toplevel
-
     names = [s.name for s in settings]
     if not names:
         raise ValueError("there is no setting to compare")
@@ -361,8 +359,7 @@ def check_settings(base_config: ml_collections.ConfigDict, settings: Sequence[Se
     for setting in settings:
         try:
             config = apply_overrides(base_config, setting.overrides)
-            training.validate_config(config)
-            training.build_tracker(config.stat_tracking, num_prompts=1, device=torch.device("cpu"))
+            training.validate_config(config)  # builds the setting's tracker once, for one prompt
         except KeyError as error:
             raise ValueError(f"setting {setting.name!r}: {error.args[0] if error.args else error}") from error
         except ValueError as error:

@@ -131,12 +131,10 @@ def tracker_options(config: ml_collections.ConfigDict) -> Dict[str, Any]:
         if parameter in parameters:
             options[parameter] = value
         elif field in NEUTRAL_VALUES:
-            takes = [name for name, p in TRACKER_FIELDS.items() if p in parameters and name in NEUTRAL_VALUES]
             raise ConfigError(
                 f"config.stat_tracking.{field}={value!r} does not apply to method {config.method!r}, which has "
                 f"its own; leave it {NEUTRAL_VALUES[field]!r} (methods that take it: "
                 f"{', '.join(repr(m) for m in presets.names() if parameter in presets.parameters(m))})"
-                + (f"; {config.method!r} takes {', '.join(takes)}" if takes else "")
             )
     return options
 
