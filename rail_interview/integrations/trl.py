@@ -1,0 +1,505 @@
+"""TRL's GRPO and RLOO trainers with a tracker of this package computing their advantages.
+
+``TrackedGRPOTrainer`` and ``TrackedRLOOTrainer`` are TRL's ``GRPOTrainer``
+and ``RLOOTrainer`` with one keyword more, ``tracker=``: swap the class
+name, pass a tracker with a memory, and each prompt is normalised by its
+own past rewards instead of its group alone::
+
+    from rail_interview.integrations.trl import TrackedGRPOTrainer
+    from rail_interview.stat_tracking import presets
+
+    tracker = presets.trl_grpo(1024, memory="buffer", buffer_size=32, min_count=8, keys="hashed")
+    trainer = TrackedGRPOTrainer(model=..., reward_funcs=..., args=grpo_config, train_dataset=..., tracker=tracker)
+
+Without ``tracker=`` the trainer builds the memoryless tracker that
+reproduces the trainer's own advantages from its config (``default_tracker``),
+so the swap alone changes nothing but the class name.
+
+**Where it hooks in** (TRL 1.16; TRL has no advantage hook, see
+huggingface/trl#4525):
+
+* ``_calculate_rewards`` is wrapped to keep ``rewards_per_func``
+  ``[B_global, n_funcs]``, already gathered from every process.
+* ``_generate_and_score_completions`` runs TRL's own, then replaces
+  ``output["advantages"]`` (this process's slice), the advantages TRL logs
+  in its completions table, and adds the ``tracker/*`` metrics.
+* RLOO with ``beta != 0`` puts a KL penalty into the reward, from log-probs
+  computed inside ``_generate_and_score_completions``: the first two calls
+  of ``_get_per_token_logps_and_entropies`` there (the policy's, then the
+  reference's) are kept, and the penalty is rebuilt with TRL's own
+  arithmetic.
+* ``_save_checkpoint`` writes the tracker's state into every checkpoint
+  directory (``rail_interview_tracker.pt``); ``_load_optimizer_and_scheduler``,
+  which ``train(resume_from_checkpoint=...)`` calls, reads it back.
+
+**What the tracker is given.** The reward TRL itself normalises: the reward
+functions' outputs times ``reward_weights``, summed with ``nansum``
+(RLOO: clipped to ``reward_clip_range`` and minus ``beta`` times the KL).
+A row where every function returned None is unscorable: it is marked
+invalid, so it stays out of memory and of every statistic and gets
+advantage 0, as in TRL.
+
+**Keys.** ``prompt_key`` says what identifies a prompt across steps:
+``"prompt"`` (default) the dataset's prompt column, text or chat messages
+(a list of ``{"role", "content"}`` dicts, keyed by their canonical JSON:
+sorted keys, no spaces), hashed with ``prompt_keys``; ``"prompt_ids"`` the
+token ids TRL generated from, hashed on the device with ``token_keys``; any
+other name: that dataset column, integers used as they are (ids for a
+``keys="ids"`` tracker), anything else hashed as text. Text and token keys
+need a ``keys="hashed"`` tracker. Samples with one key form one group,
+so a prompt repeated within one generation batch is one group here where
+TRL counts two.
+
+**Several processes.** TRL gathers the rewards of every process before
+normalising; each process keeps its own tracker, without a process group,
+updates it with the whole gathered batch (keys are gathered too) and takes
+its own slice, so every process's tracker holds the same state. The
+checkpoint is written by the process that saves (``args.should_save``) and
+read by every process.
+
+**Evaluation** keeps TRL's own advantages and leaves the memory untouched.
+
+**Metrics** added to TRL's logs (each a share of this step's valid samples,
+or 0 when there are none):
+
+* ``tracker/fallback_frac``: samples whose prompt had fewer than
+  ``min_count`` rewards, so the tracker's fallback set their advantage.
+* ``tracker/zero_std_frac``: samples whose group's rewards in this batch
+  are all equal: the groups TRL gives advantage 0 (its
+  ``frac_reward_zero_std`` counts groups, with ``isclose``).
+* ``tracker/zero_std_signal_frac``: of those, the share that got a non-zero
+  advantage from memory: the signal memory adds.
+
+**Refused**, each with a message: GRPO's ``multi_objective_aggregation=
+"normalize_then_sum"`` (it normalises each reward function on its own before
+summing; trackers take one reward per sample until several rewards land),
+a tracker with a process group, and a tracker on another device than the
+trainer's.
+
+Tested with trl 1.16.0 and transformers 5.10.4 and 5.24.0, torch 2.13.0
+(``tests/test_trl_integration.py``); ``docs/trl.md`` has the proof and the
+lines a user changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, List, Mapping, Optional, Sequence
+
+import torch
+import trl
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl.trainer.utils import nanstd
+
+from rail_interview.stat_tracking import presets
+from rail_interview.stat_tracking.keys import prompt_keys, token_keys
+from rail_interview.stat_tracking.tracker import AdvantageTracker
+from rail_interview.stat_tracking.types import UpdateReport, resolve_device
+
+__all__ = [
+    "CHECKPOINT_FILE",
+    "TrackedGRPOTrainer",
+    "TrackedRLOOTrainer",
+    "canonical_prompt",
+    "grpo_tracker",
+    "rloo_tracker",
+]
+
+#: The file, in each TRL checkpoint directory, that holds the tracker's state.
+CHECKPOINT_FILE = "rail_interview_tracker.pt"
+_CHECKPOINT_FORMAT = 1
+
+
+def canonical_prompt(prompt: Any) -> str:
+    """The text a prompt is keyed by: a string as it is, chat messages as canonical JSON.
+
+    Args:
+        prompt: a string, or a list of chat messages (dicts such as
+            ``{"role": "user", "content": "..."}``), or any JSON-serialisable
+            value.
+
+    Returns:
+        The string itself, or its JSON with sorted keys and no spaces, so
+        that equal messages give equal text whatever their dicts' order.
+
+    Raises:
+        TypeError: if the prompt is not JSON-serialisable (say, an image).
+
+    Example:
+        >>> canonical_prompt([{"role": "user", "content": "2+2?"}])
+        '[{"content":"2+2?","role":"user"}]'
+    """
+    if isinstance(prompt, str):
+        return prompt
+    try:
+        return json.dumps(prompt, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except TypeError as error:
+        raise TypeError(
+            f"cannot key a prompt of type {type(prompt).__name__} by its text ({error}); pass "
+            "prompt_key='prompt_ids' (its token ids) or the name of a dataset column that identifies it"
+        ) from None
+
+
+def grpo_tracker(num_prompts: int, scale_rewards: str, *, device: Optional[torch.device] = None) -> AdvantageTracker:
+    """The memoryless tracker that gives ``GRPOTrainer``'s own advantages for its config.
+
+    ``presets.trl_grpo`` with hashed keys: advantage = (r - group mean) /
+    (std + 1e-4), the std chosen by ``scale_rewards`` (``"group"``,
+    ``"batch"``, ``"none"``), unscorable rows and groups with one scorable
+    sample 0. Equal to TRL's advantages up to float32 rounding (the tests
+    bound it).
+
+    Args:
+        num_prompts: rows of the key table: at least the distinct prompts of
+            one generation batch.
+        scale_rewards: ``GRPOConfig.scale_rewards``.
+        device: where the tracker lives (the trainer's device).
+
+    Returns:
+        The tracker.
+    """
+    return presets.trl_grpo(num_prompts, scale_rewards=scale_rewards, keys="hashed", device=device)
+
+
+def rloo_tracker(num_prompts: int, *, device: Optional[torch.device] = None) -> AdvantageTracker:
+    """The memoryless tracker that gives ``RLOOTrainer``'s leave-one-out advantages.
+
+    advantage = r - mean of the group's other scorable rewards; a group with
+    one scorable sample, and an unscorable sample, get 0 (TRL's NaN, then
+    ``nan_to_num``). ``normalize_advantages`` is applied after the tracker
+    by ``TrackedRLOOTrainer``, as TRL applies it after its baseline.
+
+    Args:
+        num_prompts: rows of the key table: at least the distinct prompts of
+            one generation batch.
+        device: where the tracker lives (the trainer's device).
+
+    Returns:
+        The tracker.
+    """
+    return presets.verl_rloo(num_prompts, fallback="zero", nan_rewards="invalid", keys="hashed", device=device)
+
+
+class _TrackedAdvantages:
+    """What the two trainers share: keys, the tracker's update, logs, metrics and checkpoints.
+
+    A mixin placed before TRL's trainer class; the subclasses say how their
+    trainer shapes the reward (``_shape_rewards``), finishes the advantages
+    (``_finish_advantages``) and which tracker reproduces it
+    (``_default_tracker``).
+    """
+
+    tracker: AdvantageTracker
+
+    def __init__(self, *args: Any, tracker: Optional[AdvantageTracker] = None, prompt_key: str = "prompt", **kwargs):
+        """Builds TRL's trainer, then checks and keeps the tracker.
+
+        Args:
+            *args: TRL's trainer arguments.
+            tracker: an ``AdvantageTracker`` on the trainer's device, without
+                a process group; None for the trainer's own estimator.
+            prompt_key: ``"prompt"``, ``"prompt_ids"`` or a dataset column
+                name (see the module docstring).
+            **kwargs: TRL's trainer keywords.
+
+        Raises:
+            TypeError: if ``tracker`` is not an ``AdvantageTracker``.
+            ValueError: for a tracker TRL's batches cannot drive (a process
+                group, another device, text keys on a ``keys="ids"``
+                tracker), or a config the tracker cannot reproduce.
+        """
+        if tracker is not None and not isinstance(tracker, AdvantageTracker):
+            raise TypeError(f"tracker must be an AdvantageTracker of rail_interview, got {type(tracker).__name__}")
+        if not isinstance(prompt_key, str) or not prompt_key:
+            raise ValueError(f"prompt_key must be 'prompt', 'prompt_ids' or a dataset column name; got {prompt_key!r}")
+        super().__init__(*args, **kwargs)
+        self._check_config()
+        device = self.accelerator.device
+        if tracker is None:
+            prompts_per_batch = max(1, self.args.generation_batch_size // self.num_generations)
+            tracker = self._default_tracker(prompts_per_batch, device)
+        _check_tracker(tracker, prompt_key, device)
+        self.tracker = tracker
+        self.prompt_key = prompt_key
+        self._rewards_per_func: Optional[torch.Tensor] = None
+
+    # What each trainer defines.
+
+    def _check_config(self) -> None:
+        """Refuses a trainer config the tracker cannot reproduce (none by default)."""
+
+    def _default_tracker(self, num_prompts: int, device: torch.device) -> AdvantageTracker:
+        """The memoryless tracker that reproduces the trainer's advantages."""
+        raise NotImplementedError
+
+    def _shape_rewards(self, rewards: torch.Tensor, output: Mapping[str, Any]) -> torch.Tensor:
+        """The trainer's changes to the summed reward before normalising (none by default)."""
+        return rewards
+
+    def _finish_advantages(self, report: UpdateReport) -> torch.Tensor:
+        """The trainer's changes to the tracker's advantages (none by default)."""
+        return report.advantages
+
+    # TRL's override points.
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """TRL's rewards, kept for the tracker: float32 [B_global, n_funcs], gathered."""
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        """TRL's generation and scoring, with the tracker's advantages in training.
+
+        Evaluation batches return TRL's own output and leave the tracker
+        untouched.
+        """
+        training = self.model.training
+        self._rewards_per_func = None
+        output = super()._generate_and_score_completions(inputs)
+        if not training:
+            return output
+        rewards_per_func, self._rewards_per_func = self._rewards_per_func, None
+        if rewards_per_func is None:
+            raise RuntimeError(
+                "TRL did not call _calculate_rewards during _generate_and_score_completions; this TRL version "
+                f"({trl.__version__}) is not one rail_interview.integrations.trl supports"
+            )
+        unscorable = torch.isnan(rewards_per_func).all(dim=1)
+        weights = self.reward_weights.to(rewards_per_func.device).unsqueeze(0)
+        rewards = (rewards_per_func * weights).nansum(dim=1)
+        rewards[unscorable] = torch.nan
+        rewards = self._shape_rewards(rewards, output)
+        valid = ~torch.isnan(rewards)
+        keys = self._gather_keys(inputs, output)
+        report = self.tracker.update_with_report(keys, torch.where(valid, rewards, 0.0), valid)
+        advantages = self._finish_advantages(report)
+        local = len(inputs)
+        mine = slice(self.accelerator.process_index * local, (self.accelerator.process_index + 1) * local)
+        output["advantages"] = advantages[mine].to(output["advantages"].dtype)
+        self._replace_logged_advantages(advantages)
+        self._log_tracker_metrics(report)
+        return output
+
+    def _save_checkpoint(self, model, trial):
+        """TRL's checkpoint, with the tracker's state in the same directory."""
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            state = {"format": _CHECKPOINT_FORMAT, "tracker": repr(self.tracker), "state": self.tracker.state_dict()}
+            torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """TRL's resume, then the tracker's state from the same checkpoint directory.
+
+        Raises:
+            FileNotFoundError: if the checkpoint holds no tracker state and the
+                tracker has a memory (it would silently start over).
+            ValueError: if the saved state does not fit the tracker (as
+                ``AdvantageTracker.load_state_dict``; the tracker is unchanged).
+        """
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, CHECKPOINT_FILE)
+        if not os.path.exists(path):
+            if self.tracker.memory != "none":
+                raise FileNotFoundError(
+                    f"{path} does not exist: the checkpoint was not written by a Tracked trainer, so the "
+                    f"tracker's memory ({self.tracker.memory}) cannot be restored; resume from a checkpoint "
+                    "of this trainer, or start a new run"
+                )
+            return
+        saved = torch.load(path, map_location=self.tracker.device, weights_only=True)
+        if saved.get("format") != _CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} has format {saved.get('format')!r}; this version reads {_CHECKPOINT_FORMAT}")
+        self.tracker.load_state_dict(saved["state"])
+
+    # Helpers.
+
+    def _gather_keys(self, inputs: Sequence[Mapping[str, Any]], output: Mapping[str, Any]) -> torch.Tensor:
+        """int64 [B_global]: every process's prompt keys, in the order of the gathered rewards."""
+        device = self.accelerator.device
+        if self.prompt_key == "prompt_ids":
+            local = token_keys(output["prompt_ids"], output["prompt_mask"])
+        else:
+            local = _column_keys(inputs, self.prompt_key, hashed=self.tracker.keys == "hashed", device=device)
+        return self.accelerator.gather(local.to(device))
+
+    def _replace_logged_advantages(self, advantages: torch.Tensor) -> None:
+        """Puts the advantages trained on in TRL's completions table, where TRL put its own."""
+        logged = self._logs["advantages"]
+        for _ in range(min(len(advantages), len(logged))):
+            logged.pop()
+        logged.extend(advantages.tolist())
+
+    def _log_tracker_metrics(self, report: UpdateReport) -> None:
+        """Adds what the tracker did this step to TRL's metrics (see the module docstring)."""
+        valid = report.valid
+        zero_std = report.zero_variance & valid
+        signal = zero_std & (report.advantages != 0)
+        counts = torch.stack([valid.sum(), (report.fallback & valid).sum(), zero_std.sum(), signal.sum()])
+        n_valid, n_fallback, n_zero_std, n_signal = counts.tolist()
+        metrics = self._metrics["train"]
+        metrics["tracker/fallback_frac"].append(n_fallback / n_valid if n_valid else 0.0)
+        metrics["tracker/zero_std_frac"].append(n_zero_std / n_valid if n_valid else 0.0)
+        metrics["tracker/zero_std_signal_frac"].append(n_signal / n_zero_std if n_zero_std else 0.0)
+
+
+def _check_tracker(tracker: AdvantageTracker, prompt_key: str, device: torch.device) -> None:
+    """Refuses a tracker that TRL's gathered batches cannot drive (see ``_TrackedAdvantages.__init__``)."""
+    if tracker.process_group is not None:
+        raise ValueError(
+            "the tracker has a process group, but TRL gathers every process's rewards itself: build it "
+            "without process_group (each process updates its own copy with the gathered batch)"
+        )
+    if tracker.device != resolve_device(device):
+        raise ValueError(
+            f"the tracker is on {tracker.device} but the trainer on {device}; build it with device={device}"
+        )
+    if tracker.keys == "ids" and prompt_key in ("prompt", "prompt_ids"):
+        raise ValueError(
+            f"prompt_key={prompt_key!r} gives hashed keys, but the tracker takes ids (keys='ids'): build it "
+            "with keys='hashed', or pass prompt_key=<a dataset column of ids in [0, num_prompts)>"
+        )
+
+
+def _column_keys(
+    inputs: Sequence[Mapping[str, Any]], column: str, *, hashed: bool, device: torch.device
+) -> torch.Tensor:
+    """int64 [B]: each example's key from a dataset column: integers as they are, anything else hashed."""
+    missing = [index for index, example in enumerate(inputs) if column not in example]
+    if missing:
+        raise KeyError(
+            f"example {missing[0]} of the batch has no {column!r} column to key its prompt by; pass "
+            "prompt_key='prompt_ids' or the name of a column every example has"
+        )
+    values: List[Any] = [example[column] for example in inputs]
+    if all(isinstance(value, int) and not isinstance(value, bool) for value in values):
+        return torch.tensor(values, dtype=torch.int64, device=device)
+    if not hashed:
+        raise ValueError(
+            f"column {column!r} holds non-integers, but the tracker takes ids (keys='ids'): build it with "
+            "keys='hashed' to key prompts by their text"
+        )
+    return prompt_keys([canonical_prompt(value) for value in values], device=device)
+
+
+class TrackedGRPOTrainer(_TrackedAdvantages, trl.GRPOTrainer):
+    """TRL's ``GRPOTrainer`` with a tracker of this package computing the advantages.
+
+    Takes every argument ``GRPOTrainer`` takes, and:
+
+    Args:
+        tracker: an ``AdvantageTracker`` on the trainer's device, without a
+            process group; by default ``grpo_tracker`` (memoryless: TRL's own
+            advantages for ``scale_rewards``).
+        prompt_key: what identifies a prompt across steps: ``"prompt"``,
+            ``"prompt_ids"`` or a dataset column (see the module docstring).
+
+    Raises:
+        ValueError: for ``multi_objective_aggregation="normalize_then_sum"``,
+            which normalises each reward function on its own: the trackers
+            take one reward per sample (several rewards per sample are
+            planned), so it is refused rather than approximated.
+
+    Example:
+        >>> from rail_interview.stat_tracking import presets
+        >>> tracker = presets.trl_grpo(64, memory="ema", decay=0.9, min_count=4, keys="hashed")
+        >>> # trainer = TrackedGRPOTrainer(model=model, reward_funcs=reward, args=config,
+        >>> #                              train_dataset=dataset, tracker=tracker)
+        >>> tracker.memory, tracker.keys
+        ('ema', 'hashed')
+    """
+
+    def _check_config(self) -> None:
+        """Refuses ``normalize_then_sum``, which needs one statistic per reward function."""
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(
+                f"multi_objective_aggregation={self.multi_objective_aggregation!r} normalises each reward "
+                "function on its own before summing; the trackers take one reward per sample and cannot do "
+                "that yet (several rewards per sample are planned). Use 'sum_then_normalize' (the default)"
+            )
+
+    def _default_tracker(self, num_prompts: int, device: torch.device) -> AdvantageTracker:
+        """``grpo_tracker`` for this trainer's ``scale_rewards``."""
+        return grpo_tracker(num_prompts, self.scale_rewards, device=device)
+
+
+class TrackedRLOOTrainer(_TrackedAdvantages, trl.RLOOTrainer):
+    """TRL's ``RLOOTrainer`` with a tracker of this package computing the advantages.
+
+    The reward the tracker takes is the one TRL's RLOO normalises: the
+    weighted sum, clipped to ``reward_clip_range``, minus ``beta`` times the
+    sequence's KL to the reference model. With ``normalize_advantages`` the
+    tracker's advantages are then standardised over the batch's samples that
+    got one (valid and not fallen back), as TRL standardises over its
+    non-NaN advantages.
+
+    Takes every argument ``RLOOTrainer`` takes, and:
+
+    Args:
+        tracker: an ``AdvantageTracker`` on the trainer's device, without a
+            process group; by default ``rloo_tracker`` (memoryless: TRL's own
+            leave-one-out advantages).
+        prompt_key: what identifies a prompt across steps (see the module
+            docstring).
+
+    Example:
+        >>> from rail_interview.stat_tracking import presets
+        >>> tracker = presets.verl_rloo(64, memory="buffer", buffer_size=16, min_count=4,
+        ...                             fallback="zero", keys="hashed")
+        >>> # trainer = TrackedRLOOTrainer(model=model, reward_funcs=reward, args=config,
+        >>> #                              train_dataset=dataset, tracker=tracker)
+        >>> tracker.baseline
+        'leave_one_out'
+    """
+
+    def _default_tracker(self, num_prompts: int, device: torch.device) -> AdvantageTracker:
+        """``rloo_tracker``."""
+        return rloo_tracker(num_prompts, device=device)
+
+    def _generate_and_score_completions(self, inputs):
+        """As the shared one, keeping the log-probs TRL computes for its KL penalty."""
+        self._logps_calls: Optional[List[torch.Tensor]] = [] if self.model.training and self.beta != 0.0 else None
+        try:
+            return super()._generate_and_score_completions(inputs)
+        finally:
+            self._logps_calls = None
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        """TRL's log-probs, recorded while a training batch is scored with ``beta != 0``."""
+        result = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        calls = getattr(self, "_logps_calls", None)
+        if calls is not None:
+            calls.append(result[0])
+        return result
+
+    def _shape_rewards(self, rewards: torch.Tensor, output: Mapping[str, Any]) -> torch.Tensor:
+        """TRL RLOO's reward: clipped, then minus ``beta`` times the KL (its arithmetic, in its order)."""
+        if self.reward_clip_range:
+            rewards = rewards.clamp(min=self.reward_clip_range[0], max=self.reward_clip_range[1])
+        if self.beta != 0.0:
+            calls = self._logps_calls or []
+            if len(calls) < 2:
+                raise RuntimeError(
+                    "TRL's RLOO did not compute the policy's and the reference's log-probs while scoring; this "
+                    f"TRL version ({trl.__version__}) is not one rail_interview.integrations.trl supports"
+                )
+            old_per_token_logps, ref_per_token_logps = calls[0], calls[1]
+            per_token_kl = old_per_token_logps - ref_per_token_logps
+            kl = (per_token_kl * output["completion_mask"]).sum(-1)
+            rewards = rewards - self.beta * self.accelerator.gather(kl)
+        return rewards
+
+    def _finish_advantages(self, report: UpdateReport) -> torch.Tensor:
+        """With ``normalize_advantages``: TRL's standardisation over the samples that got an advantage."""
+        if not self.normalize_advantages:
+            return report.advantages
+        counted = report.valid & ~report.fallback
+        masked = torch.where(counted, report.advantages, torch.nan)
+        normalised = (masked - torch.nanmean(masked)) / (nanstd(masked) + 1e-4)
+        return torch.nan_to_num(normalised, nan=0.0)

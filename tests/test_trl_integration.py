@@ -1,0 +1,300 @@
+"""TrackedGRPOTrainer and TrackedRLOOTrainer against the real TRL trainers, on a tiny model on the CPU.
+
+Each test trains TRL's own trainer (``trl_setup``: a Qwen2 with hidden size
+16, a word-level tokenizer built here, no downloads) for a few steps. The
+untouched trainer is the reference: with the default tracker the tracked
+trainer generates the same completions, gets the same rewards, and trains
+on the same advantages to float32 rounding (the tracker's scatter sums and
+TRL's grouped means round differently: at most 5e-7 here), so the weights
+after three steps agree to 1e-4.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+from integration_imports import require
+
+trl = require("trl", "trl")
+
+import trl_setup  # noqa: E402  (needs trl, imported above)
+
+from rail_interview.integrations.trl import (  # noqa: E402
+    CHECKPOINT_FILE,
+    TrackedGRPOTrainer,
+    TrackedRLOOTrainer,
+    canonical_prompt,
+)
+from rail_interview.stat_tracking import presets, prompt_keys, token_keys  # noqa: E402
+
+TWO_REWARDS = [trl_setup.in_range_reward, trl_setup.sometimes_none_reward]
+TRAINERS = {
+    "grpo": (trl.GRPOTrainer, TrackedGRPOTrainer, trl.GRPOConfig),
+    "rloo": (trl.RLOOTrainer, TrackedRLOOTrainer, trl.RLOOConfig),
+}
+
+
+def _assert_same_training(plain, tracked) -> None:
+    """Same rewards, advantages to float32 rounding, same losses and weights to the rounding's effect."""
+    assert len(plain.recorded) == len(tracked.recorded) == 3
+    for reference, ours in zip(plain.rewards, tracked.rewards):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0, equal_nan=True)
+    for reference, ours in zip(plain.recorded, tracked.recorded):
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(trl_setup.losses(tracked), trl_setup.losses(plain), rtol=1e-5, atol=1e-6)
+    for reference, ours in zip(plain.model.parameters(), tracked.model.parameters()):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("grpo", {}),
+        ("grpo", {"scale_rewards": "batch"}),
+        ("grpo", {"scale_rewards": "none", "reward_weights": [1.0, 0.5]}),
+        ("rloo", {}),
+        ("rloo", {"normalize_advantages": True, "reward_clip_range": (0.0, 5.5), "reward_weights": [2.0, 1.0]}),
+    ],
+)
+def test_default_tracker_trains_as_the_untouched_trainer(name, options):
+    plain_class, tracked_class, config_class = TRAINERS[name]
+    plain = trl_setup.run(plain_class, config_class, reward_funcs=TWO_REWARDS, **options)
+    tracked = trl_setup.run(tracked_class, config_class, reward_funcs=TWO_REWARDS, **options)
+    assert tracked.tracker.memory == "none"
+    _assert_same_training(plain, tracked)
+
+
+def test_unscorable_rows_get_advantage_zero_and_stay_out_of_memory():
+    tracker = presets.trl_grpo(8, memory="buffer", buffer_size=64, min_count=2, keys="hashed")
+    trainer = trl_setup.run(
+        TrackedGRPOTrainer,
+        trl.GRPOConfig,
+        reward_funcs=trl_setup.sometimes_none_reward,
+        trainer_kwargs={"tracker": tracker},
+    )
+    unscorable = torch.cat([rewards.isnan().all(dim=1) for rewards in trainer.rewards])
+    assert 0 < unscorable.sum() < len(unscorable)
+    assert torch.all(torch.cat(trainer.recorded)[unscorable] == 0)
+    assert int(tracker.stats().count.sum()) == int((~unscorable).sum())
+
+
+@pytest.mark.parametrize("memory", [{"memory": "buffer", "buffer_size": 16}, {"memory": "ema", "decay": 0.8}])
+def test_memory_counts_across_steps_and_changes_the_advantages(memory):
+    # Four prompts, two per step: by step 3 each prompt comes back with its earlier rewards in memory.
+    data = trl_setup.dataset(num_prompts=4)
+    tracker = presets.trl_grpo(8, min_count=2, keys="hashed", **memory)
+    plain = trl_setup.run(trl.GRPOTrainer, trl.GRPOConfig, reward_funcs=TWO_REWARDS, train_dataset=data, max_steps=4)
+    tracked = trl_setup.run(
+        TrackedGRPOTrainer,
+        trl.GRPOConfig,
+        reward_funcs=TWO_REWARDS,
+        train_dataset=data,
+        max_steps=4,
+        trainer_kwargs={"tracker": tracker},
+    )
+    counts = tracker.stats().count
+    assert sorted(counts[counts > 0].tolist()) == [8, 8, 8, 8]
+    if memory["memory"] == "buffer":
+        # Steps 1 and 2 see each prompt for the first time: the batch's group is all the buffer holds.
+        for reference, ours in zip(plain.recorded[:2], tracked.recorded[:2]):
+            torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(tracked.recorded[2], plain.recorded[2], atol=1e-3)
+    logged = {name for entry in tracked.state.log_history for name in entry}
+    assert {"tracker/fallback_frac", "tracker/zero_std_frac", "tracker/zero_std_signal_frac"} <= logged
+
+
+def test_rloo_with_memory_counts_across_steps():
+    tracker = presets.verl_rloo(8, memory="buffer", buffer_size=16, min_count=2, fallback="zero", keys="hashed")
+    trainer = trl_setup.run(
+        TrackedRLOOTrainer,
+        trl.RLOOConfig,
+        reward_funcs=TWO_REWARDS,
+        train_dataset=trl_setup.dataset(num_prompts=4),
+        max_steps=4,
+        trainer_kwargs={"tracker": tracker},
+    )
+    counts = tracker.stats().count
+    assert sorted(counts[counts > 0].tolist()) == [8, 8, 8, 8]
+    assert all(torch.isfinite(advantages).all() for advantages in trainer.recorded)
+
+
+def test_logged_advantages_are_the_ones_trained_on():
+    tracker = presets.trl_grpo(8, memory="ema", decay=0.5, min_count=2, keys="hashed")
+    trainer = trl_setup.run(
+        TrackedGRPOTrainer,
+        trl.GRPOConfig,
+        reward_funcs=TWO_REWARDS,
+        train_dataset=trl_setup.dataset(num_prompts=2),
+        trainer_kwargs={"tracker": tracker},
+    )
+    assert list(trainer._logs["advantages"]) == trainer.recorded[-1].tolist()
+
+
+def test_resume_from_a_checkpoint_equals_the_straight_run(tmp_path):
+    def tracker():
+        return presets.trl_grpo(8, memory="buffer", buffer_size=8, min_count=2, keys="hashed")
+
+    # Prompts come back within the first epoch (TRL's sampler reshuffles each later epoch from a new
+    # generator on resume, so a resumed run's later epochs are not the straight run's).
+    data = trl_setup.dataset(num_prompts=4, repeats=2)
+    common = dict(reward_funcs=TWO_REWARDS, train_dataset=data, max_steps=4)
+    common.update(save_strategy="steps", save_steps=2)
+    straight = trl_setup.run(
+        TrackedGRPOTrainer,
+        trl.GRPOConfig,
+        output_dir=str(tmp_path / "a"),
+        trainer_kwargs={"tracker": tracker()},
+        **common,
+    )
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    assert (checkpoint / CHECKPOINT_FILE).exists()
+    resumed = trl_setup.run(
+        TrackedGRPOTrainer,
+        trl.GRPOConfig,
+        output_dir=str(tmp_path / "b"),
+        resume_from_checkpoint=str(checkpoint),
+        trainer_kwargs={"tracker": tracker()},
+        **common,
+    )
+    assert len(resumed.recorded) == 2
+    for reference, ours in zip(straight.recorded[2:], resumed.recorded):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    expected = straight.tracker.state_dict()
+    assert int(straight.tracker.stats().count.max()) == 8  # a prompt seen at two steps
+    for name, value in resumed.tracker.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, equal_nan=True)
+
+
+def test_resume_without_tracker_state_is_refused_for_a_memory(tmp_path):
+    common = dict(reward_funcs=TWO_REWARDS, max_steps=2, save_strategy="steps", save_steps=1)
+    trl_setup.run(trl.GRPOTrainer, trl.GRPOConfig, output_dir=str(tmp_path / "plain"), **common)
+    tracker = presets.trl_grpo(8, memory="buffer", buffer_size=8, min_count=2, keys="hashed")
+    with pytest.raises(FileNotFoundError, match=CHECKPOINT_FILE):
+        trl_setup.run(
+            TrackedGRPOTrainer,
+            trl.GRPOConfig,
+            output_dir=str(tmp_path / "tracked"),
+            resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-1"),
+            trainer_kwargs={"tracker": tracker},
+            **common,
+        )
+
+
+def test_evaluation_leaves_the_memory_untouched():
+    tracker = presets.trl_grpo(8, memory="buffer", buffer_size=8, min_count=2, keys="hashed")
+    trainer = trl_setup.run(
+        TrackedGRPOTrainer,
+        trl.GRPOConfig,
+        reward_funcs=TWO_REWARDS,
+        trainer_kwargs={"tracker": tracker, "eval_dataset": trl_setup.dataset(num_prompts=2)},
+        max_steps=2,
+        per_device_eval_batch_size=8,
+    )
+    before = {name: value.clone() for name, value in tracker.state_dict().items()}
+    metrics = trainer.evaluate()
+    assert "eval_loss" in metrics
+    for name, value in tracker.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, equal_nan=True)
+    assert len(trainer.recorded) == 2
+
+
+def test_chat_prompts_are_keyed_by_their_canonical_text():
+    tracker = presets.trl_grpo(8, memory="buffer", buffer_size=8, min_count=2, keys="hashed")
+    data = trl_setup.dataset(num_prompts=2, chat=True)
+    trl_setup.run(
+        TrackedGRPOTrainer,
+        trl.GRPOConfig,
+        reward_funcs=TWO_REWARDS,
+        train_dataset=data,
+        trainer_kwargs={"tracker": tracker},
+    )
+    expected = prompt_keys([canonical_prompt(prompt) for prompt in data["prompt"]])
+    keys, used = tracker.table_keys()
+    assert sorted(keys[used].tolist()) == sorted(expected.tolist())
+
+
+def test_prompts_keyed_by_token_ids_or_an_id_column():
+    data = trl_setup.dataset(num_prompts=2)
+    by_tokens = presets.trl_grpo(8, memory="buffer", buffer_size=8, min_count=2, keys="hashed")
+    trl_setup.run(
+        TrackedGRPOTrainer,
+        trl.GRPOConfig,
+        train_dataset=data,
+        trainer_kwargs={"tracker": by_tokens, "prompt_key": "prompt_ids"},
+    )
+    encoded = trl_setup.tokenizer()(list(data["prompt"]), return_tensors="pt", padding=True)
+    keys, used = by_tokens.table_keys()
+    assert sorted(keys[used].tolist()) == sorted(token_keys(encoded["input_ids"], encoded["attention_mask"]).tolist())
+
+    by_id = presets.trl_grpo(2, memory="buffer", buffer_size=64, min_count=2)
+    trainer = trl_setup.run(
+        TrackedGRPOTrainer,
+        trl.GRPOConfig,
+        train_dataset=data,
+        trainer_kwargs={"tracker": by_id, "prompt_key": "prompt_id"},
+    )
+    samples = sum(len(advantages) for advantages in trainer.recorded)
+    assert by_id.stats().count.tolist() == [samples // 2, samples // 2]
+
+
+def test_refusals_name_the_problem():
+    config = trl.GRPOConfig(**trl_setup.config_kwargs(multi_objective_aggregation="normalize_then_sum"))
+    common = dict(reward_funcs=TWO_REWARDS, train_dataset=trl_setup.dataset(), processing_class=trl_setup.tokenizer())
+    with pytest.raises(ValueError, match="normalize_then_sum.*cannot do that yet"):
+        TrackedGRPOTrainer(model=trl_setup.model(), args=config, **common)
+    config = trl.GRPOConfig(**trl_setup.config_kwargs())
+    with pytest.raises(ValueError, match="keys='hashed'"):
+        TrackedGRPOTrainer(model=trl_setup.model(), args=config, tracker=presets.trl_grpo(8), **common)
+    with pytest.raises(TypeError, match="AdvantageTracker"):
+        TrackedGRPOTrainer(model=trl_setup.model(), args=config, tracker="buffer", **common)
+    trainer = TrackedGRPOTrainer(
+        model=trl_setup.model(), args=config, tracker=presets.trl_grpo(8, keys="hashed"), prompt_key="missing", **common
+    )
+    with pytest.raises(KeyError, match="no 'missing' column"):
+        trainer.train()
+
+
+def test_two_processes_give_the_advantages_of_one_process_on_the_gathered_batch(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "trl_processes.py")
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script, str(tmp_path)]
+    finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    records = [torch.load(tmp_path / f"process{index}.pt") for index in range(2)]
+    assert [record["num_processes"] for record in records] == [2, 2]
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import trl_processes
+
+    one = presets.trl_grpo(trl_processes.NUM_PROMPTS, **trl_processes.TRACKER_OPTIONS)
+    for step in range(3):
+        keys, rewards_per_func = records[0]["keys"][step], records[0]["rewards"][step]
+        torch.testing.assert_close(records[1]["keys"][step], keys, rtol=0, atol=0)
+        torch.testing.assert_close(records[1]["rewards"][step], rewards_per_func, rtol=0, atol=0, equal_nan=True)
+        valid = ~rewards_per_func.isnan().all(dim=1)
+        rewards = torch.where(valid, rewards_per_func.nansum(dim=1), 0.0)
+        expected = one.update(keys, rewards, valid)
+        ours = torch.cat([records[0]["advantages"][step], records[1]["advantages"][step]])
+        torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    for record in records:
+        for name, value in one.state_dict().items():
+            torch.testing.assert_close(record["state"][name], value, rtol=0, atol=0, equal_nan=True)
+
+
+def test_checkpoint_file_is_in_every_checkpoint_directory():
+    output_dir = tempfile.mkdtemp()
+    trl_setup.run(
+        TrackedGRPOTrainer,
+        trl.GRPOConfig,
+        output_dir=output_dir,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        trainer_kwargs={"tracker": presets.trl_grpo(8, memory="ema", decay=0.9, keys="hashed")},
+    )
+    for step in (1, 2):
+        saved = torch.load(os.path.join(output_dir, f"checkpoint-{step}", CHECKPOINT_FILE), weights_only=True)
+        assert saved["format"] == 1 and "memory='ema'" in saved["tracker"]
