@@ -28,5 +28,13 @@ setuptools.setup(
         # hypothesis draws the random update sequences of tests/test_tracker_matrix.py;
         # ruff checks style and formatting (ruff.toml) before the tests run.
         "test": ["pytest", "hypothesis", "ruff"],
+        # rail_interview.integrations.trl subclasses TRL's trainers and overrides private
+        # methods, which a new minor version may move: the range is the one tested
+        # (docs/trl.md). transformers, accelerate, datasets and tokenizers come with trl.
+        "trl": ["trl>=1.16,<1.17"],
+        # rail_interview.integrations.verl registers estimators through verl's own
+        # register_adv_est. verl's ray_trainer imports cachetools, uvicorn and fastapi
+        # without declaring them (docs/verl.md).
+        "verl": ["verl>=0.9.1,<0.10", "cachetools", "uvicorn", "fastapi"],
     },
 )

@@ -15,6 +15,13 @@ torchrun) is marked by the line just before its fence:
 with the reason in the brackets. Such a block is still compiled, so that its
 syntax stays right. Use the marker sparingly.
 
+A block that needs a trainer package from an extra (``trl``, ``verl``) says so:
+
+    <!-- docs-test: needs (trl) -->
+
+It runs where the package is installed, skips where it is not, and fails
+under CI (``tests/integration_imports.py``), which installs every extra.
+
 A few blocks whose comments state values are also checked for them (CHECKS,
 keyed by page and a piece of the block's code). Besides running the blocks,
 these tests check that relative links and images point to files (and
@@ -30,6 +37,7 @@ import re
 
 import pytest
 import torch
+from integration_imports import require
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -39,6 +47,7 @@ README_MAX_BYTES = 12_500  # "at most about 12 KB": the rest belongs in docs/
 
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<ticks>```+)\s*(?P<lang>[\w+-]*)\s*$")
 SKIP = re.compile(r"^\s*<!--\s*docs-test:\s*skip\s*\((?P<reason>[^)]+)\)\s*-->\s*$")
+NEEDS = re.compile(r"^\s*<!--\s*docs-test:\s*needs\s*\((?P<package>trl|verl)\)\s*-->\s*$")
 LINK = re.compile(r"!?\[[^\]]*\]\((?P<target>[^)\s]+)\)")
 
 
@@ -51,6 +60,7 @@ class Block:
     language: str
     code: str
     skip_reason: str | None
+    needs: str | None = None  # the extra (and package) the block imports, or None
 
 
 def code_blocks(page: pathlib.Path) -> list[Block]:
@@ -65,7 +75,7 @@ def code_blocks(page: pathlib.Path) -> list[Block]:
             continue
         indent, ticks = opening["indent"], opening["ticks"]
         previous = next((text for text in reversed(lines[:index]) if text.strip()), "")
-        skip = SKIP.match(previous)
+        skip, needs = SKIP.match(previous), NEEDS.match(previous)
         body = []
         index += 1
         first = index + 1
@@ -75,7 +85,10 @@ def code_blocks(page: pathlib.Path) -> list[Block]:
             index += 1
         if index == len(lines):
             raise AssertionError(f"{page.relative_to(ROOT)}:{first - 1}: a code fence that is never closed")
-        blocks.append(Block(page, first, opening["lang"].lower(), "\n".join(body) + "\n", skip and skip["reason"]))
+        code = "\n".join(body) + "\n"
+        blocks.append(
+            Block(page, first, opening["lang"].lower(), code, skip and skip["reason"], needs and needs["package"])
+        )
         index += 1
     return blocks
 
@@ -103,6 +116,8 @@ def test_python_block_runs(block: Block, tmp_path, monkeypatch):
     compile("\n" * (block.line - 1) + block.code, str(block.page), "exec")
     if block.skip_reason:
         pytest.skip(f"marked in the page: {block.skip_reason}")
+    if block.needs:
+        require(block.needs, block.needs)
     monkeypatch.chdir(tmp_path)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
@@ -211,11 +226,18 @@ def check_quick_start(namespace: dict) -> None:
     assert namespace["stats"].count.tolist() == [2]
 
 
+def check_trl_example(namespace: dict) -> None:
+    counts = namespace["counts"]
+    assert sorted(counts[counts > 0].tolist()) == [12, 12]
+    assert 0.0 <= namespace["logged"] <= 1.0
+
+
 CHECKS = {
     ("docs/usage.md", "PromptIndex(capacity=num_prompts)"): check_usage_example,
     ("docs/presets.md", "presets.verl_grpo(8)"): check_grpo_family_example,
     ("docs/prompt_keys.md", "token_keys(token_ids, attention_mask)"): check_prompt_keys_example,
     ("README.md", "presets.trl_grpo(num_prompts=1024"): check_quick_start,
+    ("docs/trl.md", "TrackedGRPOTrainer("): check_trl_example,
 }
 
 

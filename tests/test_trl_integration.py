@@ -137,8 +137,8 @@ def test_resume_from_a_checkpoint_equals_the_straight_run(tmp_path):
     def tracker():
         return presets.trl_grpo(8, memory="buffer", buffer_size=8, min_count=2, keys="hashed")
 
-    # Prompts come back within the first epoch (TRL's sampler reshuffles each later epoch from a new
-    # generator on resume, so a resumed run's later epochs are not the straight run's).
+    # Prompts come back within the first epoch: resumed at an epoch boundary, the untouched
+    # GRPOTrainer, too, samples other completions than its straight run (docs/trl.md).
     data = trl_setup.dataset(num_prompts=4, repeats=2)
     common = dict(reward_funcs=TWO_REWARDS, train_dataset=data, max_steps=4)
     common.update(save_strategy="steps", save_steps=2)

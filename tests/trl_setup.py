@@ -1,86 +1,25 @@
-"""Tiny TRL runs for the integration tests and the example: a Qwen2 model and a word-level tokenizer built locally.
+"""Tiny TRL runs for the integration tests, on ``rail_interview.studies.tiny_lm``'s model and task.
 
-Nothing is downloaded: the tokenizer is a ``tokenizers`` word-level
-vocabulary of 32 words and the model a randomly initialised
-``Qwen2ForCausalLM`` with hidden size 16, so a training step takes a few
-milliseconds on a CPU.
-
-The task: prompts are a few words; the reward counts the words of the
-completion whose number lies in the prompt's own range, so prompts have
-different reward distributions and groups are rarely all equal.
+``run`` trains a recording subclass of a trainer (TRL's own, or a tracked
+one) and returns it, so that a test can compare what each batch was given.
 """
 
 from __future__ import annotations
 
-import tempfile
 from typing import Any, Dict, List, Optional
 
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-VOCABULARY = ["<pad>", "<eos>", "<unk>"] + [f"w{index}" for index in range(29)]
-
-#: A chat template for the word-level tokenizer: each message's content, then the generation prompt.
-CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
-
-
-def tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over ``VOCABULARY`` with pad, eos and a chat template."""
-    core = Tokenizer(models.WordLevel({word: index for index, word in enumerate(VOCABULARY)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    result = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    result.chat_template = CHAT_TEMPLATE
-    return result
-
-
-def model(seed: int = 0) -> Qwen2ForCausalLM:
-    """A randomly initialised one-layer Qwen2 with hidden size 16, the same for the same seed."""
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(VOCABULARY),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-    )
-    return Qwen2ForCausalLM(config)
-
-
-def dataset(num_prompts: int = 8, chat: bool = False, repeats: int = 1) -> Dataset:
-    """Prompts ``"w<i> w<i+1> w<i+2>"`` (or one user message each), with an integer ``prompt_id`` column.
-
-    Args:
-        num_prompts: distinct prompts.
-        chat: each prompt as a list of one user message instead of text.
-        repeats: rows per prompt, so that prompts come back within one epoch.
-    """
-    identities = [index for index in range(num_prompts) for _ in range(repeats)]
-    texts = [f"w{3 + index} w{4 + index} w{5 + index}" for index in identities]
-    prompts: List[Any] = [[{"role": "user", "content": text}] for text in texts] if chat else texts
-    return Dataset.from_dict({"prompt": prompts, "prompt_id": identities})
-
-
-def in_range_reward(completions: List[Any], prompt_id: List[int], **_: Any) -> List[float]:
-    """The count of completion words ``w<k>`` with k within 6 of the prompt's first word."""
-    rewards = []
-    for completion, identity in zip(completions, prompt_id):
-        text = completion if isinstance(completion, str) else completion[0]["content"]
-        numbers = [int(word[1:]) for word in text.split() if word.startswith("w") and word[1:].isdigit()]
-        rewards.append(float(sum(3 + identity <= number <= 9 + identity for number in numbers)))
-    return rewards
-
-
-def sometimes_none_reward(completions: List[Any], **_: Any) -> List[Optional[float]]:
-    """None (unscorable) for completions that contain ``w7``, else the number of words."""
-    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
-    return [None if "w7" in text.split() else float(len(text.split())) for text in texts]
+from rail_interview.studies.tiny_lm import (  # noqa: F401  (re-exported for the tests)
+    dataset,
+    in_range_reward,
+    model,
+    model_path,
+    sometimes_none_reward,
+    tokenizer,
+    trainer_config,
+)
 
 
 def recording(trainer_class: type) -> type:
@@ -110,36 +49,9 @@ def recording(trainer_class: type) -> type:
     return Recording
 
 
-def model_path(seed: int = 0) -> str:
-    """A directory holding ``model(seed)``, for trainers that load a reference model from the policy's path."""
-    directory = tempfile.mkdtemp(prefix="tiny-qwen2-")
-    model(seed).save_pretrained(directory)
-    return directory
-
-
 def config_kwargs(output_dir: Optional[str] = None, **overrides: Any) -> Dict[str, Any]:
-    """The keywords of a tiny CPU run, shared by ``GRPOConfig`` and ``RLOOConfig``."""
-    kwargs: Dict[str, Any] = dict(
-        output_dir=output_dir or tempfile.mkdtemp(),
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=6,
-        max_steps=3,
-        logging_steps=1,
-        # Plain SGD: an update proportional to the gradient. Adam turns a gradient of 1e-9 (float32
-        # rounding of an advantage that is 0 in the other computation) into a full step of the
-        # learning rate, which would make two runs that agree to rounding diverge.
-        optim="sgd",
-        learning_rate=0.5,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        bf16=False,
-        disable_tqdm=True,
-    )
-    kwargs.update(overrides)
-    return kwargs
+    """``tiny_lm.trainer_config``: a tiny CPU run's config keywords."""
+    return trainer_config(output_dir, **overrides)
 
 
 def run(
