@@ -298,3 +298,16 @@ def test_checkpoint_file_is_in_every_checkpoint_directory():
     for step in (1, 2):
         saved = torch.load(os.path.join(output_dir, f"checkpoint-{step}", CHECKPOINT_FILE), weights_only=True)
         assert saved["format"] == 1 and "memory='ema'" in saved["tracker"]
+
+
+def test_the_example_script_trains_both_runs_and_prints_what_changed():
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "trl_grpo_example.py")
+    command = [sys.executable, script, "--steps=10", "--num_prompts=2", "--min_count=2"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    lines = finished.stdout.splitlines()
+    assert lines[0] == "TRL's GRPO (no tracker=)" and lines[6].startswith("with memory: AdvantageTracker(")
+    signal = [float(line.split()[-1]) for line in lines if "tracker/zero_std_signal_frac" in line]
+    assert signal[0] == 0.0 and len(signal) == 2  # TRL's own advantages give all-equal groups nothing
+    bad = subprocess.run([sys.executable, script, "--ema_decay=1.5", "--memory=ema"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--ema_decay must be in (0, 1)" in bad.stderr
