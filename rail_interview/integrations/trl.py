@@ -83,7 +83,6 @@ lines a user changes.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, List, Mapping, Optional, Sequence
 
@@ -93,7 +92,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.trainer.utils import nanstd
 
 from rail_interview.stat_tracking import presets
-from rail_interview.stat_tracking.keys import prompt_keys, token_keys
+from rail_interview.stat_tracking.keys import canonical_text, prompt_keys, token_keys
 from rail_interview.stat_tracking.tracker import AdvantageTracker
 from rail_interview.stat_tracking.types import UpdateReport, resolve_device
 
@@ -112,29 +111,28 @@ _CHECKPOINT_FORMAT = 1
 
 
 def canonical_prompt(prompt: Any) -> str:
-    """The text a prompt is keyed by: a string as it is, chat messages as canonical JSON.
+    """The text a prompt is keyed by: ``canonical_text``, with a hint where a prompt has none.
 
     Args:
-        prompt: a string, or a list of chat messages (dicts such as
+        prompt: a string, or chat messages (a list of dicts such as
             ``{"role": "user", "content": "..."}``), or any JSON-serialisable
             value.
 
     Returns:
-        The string itself, or its JSON with sorted keys and no spaces, so
-        that equal messages give equal text whatever their dicts' order.
+        The string itself, or its canonical JSON (sorted keys, no spaces):
+        the same text, and so the same key, as the verl integration gives.
 
     Raises:
-        TypeError: if the prompt is not JSON-serialisable (say, an image).
+        TypeError: if the prompt has no text form (say, an image), naming the
+            ``prompt_key`` choices that avoid it.
 
     Example:
         >>> canonical_prompt([{"role": "user", "content": "2+2?"}])
         '[{"content":"2+2?","role":"user"}]'
     """
-    if isinstance(prompt, str):
-        return prompt
     try:
-        return json.dumps(prompt, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    except TypeError as error:
+        return canonical_text(prompt)
+    except (TypeError, ValueError) as error:
         raise TypeError(
             f"cannot key a prompt of type {type(prompt).__name__} by its text ({error}); pass "
             "prompt_key='prompt_ids' (its token ids) or the name of a dataset column that identifies it"

@@ -62,7 +62,6 @@ prompts of a generation batch.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Optional, Tuple, Union
 
@@ -71,7 +70,7 @@ import torch
 from verl import DataProto
 from verl.trainer.ppo import core_algos
 
-from rail_interview.stat_tracking import AdvantageTracker, presets, prompt_keys, token_keys
+from rail_interview.stat_tracking import AdvantageTracker, canonical_text, presets, prompt_keys, token_keys
 
 __all__ = [
     "PRESET_NUM_PROMPTS",
@@ -385,15 +384,6 @@ def uid_keys(uids: Any) -> Optional[np.ndarray]:
         ) from None
 
 
-def _json_default(value: Any) -> Any:
-    """Converts NumPy values for ``json.dumps``; refuses anything without a stable text form."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"a {type(value).__name__} has no stable text form")
-
-
 def prompt_keys_of(batch: DataProto, column: str = "raw_prompt") -> torch.Tensor:
     """Stable int64 keys of a batch's prompts, from one of its columns: the same in every process and run.
 
@@ -455,9 +445,7 @@ def prompt_keys_of(batch: DataProto, column: str = "raw_prompt") -> torch.Tensor
             continue
         if not isinstance(value, str):
             try:
-                value = json.dumps(
-                    value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=_json_default
-                )
+                value = canonical_text(value)
             except (TypeError, ValueError) as error:
                 raise ValueError(
                     f"column {column!r}: prompt {position} cannot be keyed ({error}); key the prompts by another "

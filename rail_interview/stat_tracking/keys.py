@@ -32,17 +32,19 @@ per bucket of the table's hash index.
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 import sys
-from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from rail_interview.stat_tracking.ops import forced_algorithm, is_compiling, write_at
 from rail_interview.stat_tracking.types import Device, resolve_device
 from rail_interview.stat_tracking.validation import check_positive_int, is_integer_dtype
 
-__all__ = ["KeyTable", "KeyAssignment", "mix64", "prompt_keys", "token_keys"]
+__all__ = ["KeyTable", "KeyAssignment", "canonical_text", "mix64", "prompt_keys", "token_keys"]
 
 
 def _signed(value: int) -> int:
@@ -86,6 +88,44 @@ def mix64(value: torch.Tensor) -> torch.Tensor:
     value = value ^ _shift_right(value, 27)
     value = value * _MIX_2
     return value ^ _shift_right(value, 31)
+
+
+def _json_value(value: Any) -> Any:
+    """NumPy values as JSON values, for ``canonical_text``; anything else has no stable text form."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"a {type(value).__name__} has no stable text form")
+
+
+def canonical_text(prompt: Any) -> str:
+    """The text a prompt is keyed by: a string as it is, anything else (chat messages) as canonical JSON.
+
+    Chat messages (lists of ``{"role": ..., "content": ...}`` dicts, as TRL's
+    and verl's datasets hold them) become JSON with sorted keys, no spaces
+    and UTF-8 text, so equal messages give equal text whatever the order of
+    their dicts' fields, and ``prompt_keys`` of it gives the same key in
+    every trainer (the TRL and verl integrations both key chat prompts so).
+
+    Args:
+        prompt: a string, or any JSON-serialisable value (NumPy arrays and
+            scalars included).
+
+    Returns:
+        The text.
+
+    Raises:
+        TypeError: if the prompt holds a value without a JSON form (an image).
+        ValueError: for a value JSON cannot write (a circular reference).
+
+    Example:
+        >>> canonical_text([{"role": "user", "content": "2+2?"}])
+        '[{"content":"2+2?","role":"user"}]'
+    """
+    if isinstance(prompt, str):
+        return prompt
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=_json_value)
 
 
 def prompt_keys(prompts: Sequence[str], *, device: Device = None) -> torch.Tensor:
