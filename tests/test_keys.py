@@ -435,3 +435,18 @@ def test_batches_that_replace_every_key_fit_the_index(algorithm):
             table.assign(keys)
             assert torch.equal(table.lookup(keys).sort().values, torch.arange(512))
     assert int(table.index_overflows) == 0
+
+
+def test_canonical_text_of_chat_messages_ignores_field_order_and_takes_numpy_values():
+    import numpy as np
+
+    from rail_interview.stat_tracking import canonical_text
+
+    one = [{"role": "user", "content": "2 + 2?"}]
+    other = [{"content": "2 + 2?", "role": "user"}]
+    assert canonical_text(one) == canonical_text(other) == '[{"content":"2 + 2?","role":"user"}]'
+    assert canonical_text("a cat") == "a cat"
+    assert canonical_text({"ids": np.array([1, 2]), "n": np.int64(3)}) == '{"ids":[1,2],"n":3}'
+    assert canonical_text([{"content": "é"}]) == '[{"content":"é"}]'  # UTF-8, not \\u escapes
+    with pytest.raises(TypeError, match="no stable text form"):
+        canonical_text([{"content": object()}])
