@@ -5,6 +5,7 @@ import random
 import numpy as np
 import pytest
 
+from rail_interview.stat_tracking import prompt_keys
 from rail_interview.stat_tracking.ddpo_compat import PerPromptStatTracker
 from system_references import DdpoPerPromptStatTracker
 
@@ -38,3 +39,16 @@ def test_drop_in_takes_lists_and_integer_rewards_and_forgets_the_oldest():
     assert len(tracker._prompts) <= 4
     with pytest.raises(ValueError, match="one length"):
         tracker.update(["x", "y"], [1.0])
+
+
+def test_get_stats_after_a_restore_names_unseen_prompts_by_key_until_seen_again():
+    stat_tracker = PerPromptStatTracker(16, 2, num_prompts=8)
+    stat_tracker.update(["a cat", "a dog", "a cat"], np.array([1.0, 2.0, 3.0]))
+    resumed = PerPromptStatTracker(16, 2, num_prompts=8)
+    resumed.tracker.load_state_dict(stat_tracker.tracker.state_dict())
+    cat_key, dog_key = prompt_keys(["a cat", "a dog"]).tolist()
+    stats = resumed.get_stats()
+    assert stats[f"<prompt key {cat_key}>"] == stat_tracker.get_stats()["a cat"]
+    resumed.update(["a dog"], np.array([4.0]))
+    stats = resumed.get_stats()
+    assert set(stats) == {f"<prompt key {cat_key}>", "a dog"} and stats["a dog"]["count"] == 2

@@ -123,6 +123,10 @@ class PerPromptStatTracker:
     def get_stats(self) -> Dict[str, Dict[str, Union[float, int]]]:
         """Mean, population std and count of every remembered prompt, as ddpo-pytorch's ``get_stats``.
 
+        The state dict holds keys, not text: after ``tracker.load_state_dict``
+        a prompt not seen since is listed as ``"<prompt key K>"`` (K its
+        int64 key, ``prompt_keys`` of its text) until ``update`` sees it again.
+
         Returns:
             ``{prompt: {"mean": float, "std": float, "count": int}}``.
         """
@@ -130,7 +134,7 @@ class PerPromptStatTracker:
         stats = self._tracker.stats()
         rows = used.nonzero().squeeze(1)
         return {
-            self._prompts[key]: {"mean": mean, "std": std, "count": count}
+            self._prompts.get(key, f"<prompt key {key}>"): {"mean": mean, "std": std, "count": count}
             for key, mean, std, count in zip(
                 keys[rows].tolist(), stats.mean[rows].tolist(), stats.std[rows].tolist(), stats.count[rows].tolist()
             )
@@ -139,4 +143,4 @@ class PerPromptStatTracker:
     def _forget_evicted(self) -> None:
         """Drops the text of prompts the tracker no longer remembers."""
         keys, used = self._tracker.table_keys()
-        self._prompts = {key: self._prompts[key] for key in keys[used].tolist()}
+        self._prompts = {key: self._prompts[key] for key in keys[used].tolist() if key in self._prompts}
