@@ -1,6 +1,6 @@
 """TRL's GRPO with and without per-prompt memory, on a tiny model on the CPU in about a minute.
 
-Usage (needs the trl extra: pip install -e ".[trl]"):
+Usage (needs the train and trl extras: pip install -e ".[train,trl]"):
     python scripts/trl_grpo_example.py
     python scripts/trl_grpo_example.py --steps=300 --memory=ema --ema_decay=0.9
 

@@ -27,6 +27,8 @@ from rail_interview.integrations.trl import (  # noqa: E402
     TrackedGRPOTrainer,
     TrackedRLOOTrainer,
     canonical_prompt,
+    grpo_tracker,
+    rloo_tracker,
 )
 from rail_interview.stat_tracking import presets, prompt_keys, token_keys  # noqa: E402
 
@@ -37,13 +39,18 @@ TRAINERS = {
 }
 
 
-def _assert_same_training(plain, tracked) -> None:
+def tenths_reward(completions, prompt_id, **_):
+    """``in_range_reward`` / 10 + 0.05: rewards that are not dyadic fractions, so float32 rounds them."""
+    return [reward / 10 + 0.05 for reward in trl_setup.in_range_reward(completions, prompt_id)]
+
+
+def _assert_same_training(plain, tracked, advantage_tolerance: float = 1e-6) -> None:
     """Same rewards, advantages to float32 rounding, same losses and weights to the rounding's effect."""
     assert len(plain.recorded) == len(tracked.recorded) == 3
     for reference, ours in zip(plain.rewards, tracked.rewards):
         torch.testing.assert_close(ours, reference, rtol=0, atol=0, equal_nan=True)
     for reference, ours in zip(plain.recorded, tracked.recorded):
-        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ours, reference, rtol=advantage_tolerance, atol=advantage_tolerance)
     torch.testing.assert_close(trl_setup.losses(tracked), trl_setup.losses(plain), rtol=1e-5, atol=1e-6)
     for reference, ours in zip(plain.model.parameters(), tracked.model.parameters()):
         torch.testing.assert_close(ours, reference, rtol=0, atol=1e-4)
@@ -65,6 +72,22 @@ def test_default_tracker_trains_as_the_untouched_trainer(name, options):
     tracked = trl_setup.run(tracked_class, config_class, reward_funcs=TWO_REWARDS, **options)
     assert tracked.tracker.memory == "none"
     _assert_same_training(plain, tracked)
+
+
+def test_default_tracker_groups_as_trl_when_a_prompt_repeats_within_a_batch():
+    # One prompt: each generation batch holds it in two groups, which TRL normalises apart.
+    data = trl_setup.dataset(num_prompts=1, repeats=8)
+    plain = trl_setup.run(trl.GRPOTrainer, trl.GRPOConfig, reward_funcs=TWO_REWARDS, train_dataset=data)
+    tracked = trl_setup.run(TrackedGRPOTrainer, trl.GRPOConfig, reward_funcs=TWO_REWARDS, train_dataset=data)
+    _assert_same_training(plain, tracked)
+
+
+def test_non_dyadic_rewards_agree_to_the_rounding_of_a_zero_variance_group():
+    # A group of equal rewards r has std 0: both compute (r - mean) / (0 + 1e-4) from a mean rounded
+    # differently, so the advantage is rounding noise of up to about |r| * 1.2e-7 / 1e-4 on each side.
+    plain = trl_setup.run(trl.GRPOTrainer, trl.GRPOConfig, reward_funcs=tenths_reward)
+    tracked = trl_setup.run(TrackedGRPOTrainer, trl.GRPOConfig, reward_funcs=tenths_reward)
+    _assert_same_training(plain, tracked, advantage_tolerance=1e-3)
 
 
 def test_unscorable_rows_get_advantage_zero_and_stay_out_of_memory():
@@ -107,7 +130,7 @@ def test_memory_counts_across_steps_and_changes_the_advantages(memory):
 
 
 def test_rloo_with_memory_counts_across_steps():
-    tracker = presets.verl_rloo(8, memory="buffer", buffer_size=16, min_count=2, fallback="zero", keys="hashed")
+    tracker = rloo_tracker(8, memory="buffer", buffer_size=16, min_count=2)
     trainer = trl_setup.run(
         TrackedRLOOTrainer,
         trl.RLOOConfig,
@@ -247,11 +270,17 @@ def test_refusals_name_the_problem():
         TrackedGRPOTrainer(model=trl_setup.model(), args=config, **common)
     config = trl.GRPOConfig(**trl_setup.config_kwargs())
     with pytest.raises(ValueError, match="keys='hashed'"):
-        TrackedGRPOTrainer(model=trl_setup.model(), args=config, tracker=presets.trl_grpo(8), **common)
+        TrackedGRPOTrainer(
+            model=trl_setup.model(), args=config, tracker=presets.trl_grpo(8, memory="buffer", buffer_size=4), **common
+        )
+    with pytest.raises(ValueError, match="has 1 rows but a generation batch holds 2 prompts"):
+        TrackedGRPOTrainer(model=trl_setup.model(), args=config, tracker=grpo_tracker(1, memory="ema"), **common)
+    with pytest.warns(UserWarning, match="scale='batch_std' .the config's: 'prompt_std'."):
+        TrackedGRPOTrainer(model=trl_setup.model(), args=config, tracker=grpo_tracker(8, "batch"), **common)
     with pytest.raises(TypeError, match="AdvantageTracker"):
         TrackedGRPOTrainer(model=trl_setup.model(), args=config, tracker="buffer", **common)
     trainer = TrackedGRPOTrainer(
-        model=trl_setup.model(), args=config, tracker=presets.trl_grpo(8, keys="hashed"), prompt_key="missing", **common
+        model=trl_setup.model(), args=config, tracker=grpo_tracker(8, memory="ema"), prompt_key="missing", **common
     )
     with pytest.raises(KeyError, match="no 'missing' column"):
         trainer.train()
@@ -311,3 +340,23 @@ def test_the_example_script_trains_both_runs_and_prints_what_changed():
     assert signal[0] == 0.0 and len(signal) == 2  # TRL's own advantages give all-equal groups nothing
     bad = subprocess.run([sys.executable, script, "--ema_decay=1.5", "--memory=ema"], capture_output=True, text=True)
     assert bad.returncode != 0 and "--ema_decay must be in (0, 1)" in bad.stderr
+
+
+def test_resume_into_a_tracker_with_other_options_warns_with_both(tmp_path):
+    common = dict(reward_funcs=TWO_REWARDS, max_steps=2, save_strategy="steps", save_steps=1)
+    trl_setup.run(
+        TrackedGRPOTrainer,
+        trl.GRPOConfig,
+        output_dir=str(tmp_path / "a"),
+        trainer_kwargs={"tracker": grpo_tracker(8, memory="buffer", buffer_size=8, min_count=2)},
+        **common,
+    )
+    with pytest.warns(UserWarning, match="min_count=2.*is restored into.*min_count=3"):
+        trl_setup.run(
+            TrackedGRPOTrainer,
+            trl.GRPOConfig,
+            output_dir=str(tmp_path / "b"),
+            resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"),
+            trainer_kwargs={"tracker": grpo_tracker(8, memory="buffer", buffer_size=8, min_count=3)},
+            **common,
+        )

@@ -5,15 +5,17 @@ and ``RLOOTrainer`` with one keyword more, ``tracker=``: swap the class
 name, pass a tracker with a memory, and each prompt is normalised by its
 own past rewards instead of its group alone::
 
-    from rail_interview.integrations.trl import TrackedGRPOTrainer
-    from rail_interview.stat_tracking import presets
+    from accelerate import PartialState
 
-    tracker = presets.trl_grpo(1024, memory="buffer", buffer_size=32, min_count=8, keys="hashed")
+    from rail_interview.integrations.trl import TrackedGRPOTrainer, grpo_tracker
+
+    tracker = grpo_tracker(1024, grpo_config.scale_rewards, memory="buffer", buffer_size=32, min_count=8,
+                           device=PartialState().device)
     trainer = TrackedGRPOTrainer(model=..., reward_funcs=..., args=grpo_config, train_dataset=..., tracker=tracker)
 
 Without ``tracker=`` the trainer builds the memoryless tracker that
-reproduces the trainer's own advantages from its config (``default_tracker``),
-so the swap alone changes nothing but the class name.
+reproduces its own advantages from its config (``grpo_tracker``,
+``rloo_tracker``), so the swap alone changes nothing but the class name.
 
 **Where it hooks in** (TRL 1.16; TRL has no advantage hook, see
 huggingface/trl#4525):
@@ -39,6 +41,12 @@ A row where every function returned None is unscorable: it is marked
 invalid, so it stays out of memory and of every statistic and gets
 advantage 0, as in TRL.
 
+**Groups.** A tracker without memory groups samples as TRL does: each
+``num_generations`` consecutive samples of the gathered batch, whatever
+their prompts (``prompt_key`` is not read). A tracker with memory groups
+them by prompt key, so a prompt repeated within one generation batch is one
+group there, where TRL counts two.
+
 **Keys.** ``prompt_key`` says what identifies a prompt across steps:
 ``"prompt"`` (default) the dataset's prompt column, text or chat messages
 (a list of ``{"role", "content"}`` dicts, keyed by their canonical JSON:
@@ -46,9 +54,8 @@ sorted keys, no spaces), hashed with ``prompt_keys``; ``"prompt_ids"`` the
 token ids TRL generated from, hashed on the device with ``token_keys``; any
 other name: that dataset column, integers used as they are (ids for a
 ``keys="ids"`` tracker), anything else hashed as text. Text and token keys
-need a ``keys="hashed"`` tracker. Samples with one key form one group,
-so a prompt repeated within one generation batch is one group here where
-TRL counts two.
+need a ``keys="hashed"`` tracker. Keys come from the prompt alone: a
+multimodal prompt's images are not part of its key.
 
 **Several processes.** TRL gathers the rewards of every process before
 normalising; each process keeps its own tracker, without a process group,
@@ -59,31 +66,36 @@ read by every process.
 
 **Evaluation** keeps TRL's own advantages and leaves the memory untouched.
 
-**Metrics** added to TRL's logs (each a share of this step's valid samples,
-or 0 when there are none):
+**Metrics** added to TRL's logs, each 0 when its denominator is:
 
-* ``tracker/fallback_frac``: samples whose prompt had fewer than
-  ``min_count`` rewards, so the tracker's fallback set their advantage.
-* ``tracker/zero_std_frac``: samples whose group's rewards in this batch
-  are all equal: the groups TRL gives advantage 0 (its
-  ``frac_reward_zero_std`` counts groups, with ``isclose``).
-* ``tracker/zero_std_signal_frac``: of those, the share that got a non-zero
-  advantage from memory: the signal memory adds.
+* ``tracker/fallback_frac``: the share of the step's valid samples whose
+  prompt had fewer than ``min_count`` rewards, so the tracker's fallback set
+  their advantage.
+* ``tracker/zero_std_frac``: the share of the step's groups (prompts with a
+  valid sample) whose valid rewards are all equal: the groups TRL gives 0
+  (its ``frac_reward_zero_std`` counts groups whose std is ``isclose`` to 0).
+* ``tracker/zero_std_signal_frac``: of those groups, the share that got a
+  non-zero advantage from memory: the prompt did not fall back and its
+  memory holds rewards older than this batch. Always 0 without memory.
 
 **Refused**, each with a message: GRPO's ``multi_objective_aggregation=
 "normalize_then_sum"`` (it normalises each reward function on its own before
 summing; trackers take one reward per sample until several rewards land),
-a tracker with a process group, and a tracker on another device than the
-trainer's.
+a tracker with a process group, one on another device than the trainer's,
+and one with fewer rows than a generation batch has prompts. A tracker
+whose estimator (baseline, scale, ddof, eps) is not the one the config asks
+for is used, with a warning.
 
-Tested with trl 1.16.0 and transformers 5.10.4 and 5.24.0, torch 2.13.0
-(``tests/test_trl_integration.py``); ``docs/trl.md`` has the proof and the
-lines a user changes.
+Tested with trl 1.16.0, transformers 5.10.4 (CI) and 5.24.0 (by hand),
+torch 2.13.0 (``tests/test_trl_integration.py``); ``docs/trl.md`` has the
+proof and the lines a user changes.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from typing import Any, List, Mapping, Optional, Sequence
 
 import torch
@@ -139,44 +151,63 @@ def canonical_prompt(prompt: Any) -> str:
         ) from None
 
 
-def grpo_tracker(num_prompts: int, scale_rewards: str, *, device: Optional[torch.device] = None) -> AdvantageTracker:
-    """The memoryless tracker that gives ``GRPOTrainer``'s own advantages for its config.
+def grpo_tracker(
+    num_prompts: int, scale_rewards: str = "group", *, device: Optional[torch.device] = None, **options: Any
+) -> AdvantageTracker:
+    """A tracker with ``GRPOTrainer``'s estimator for its config, with any memory.
 
-    ``presets.trl_grpo`` with hashed keys: advantage = (r - group mean) /
-    (std + 1e-4), the std chosen by ``scale_rewards`` (``"group"``,
-    ``"batch"``, ``"none"``), unscorable rows and groups with one scorable
-    sample 0. Equal to TRL's advantages up to float32 rounding (the tests
-    bound it).
+    ``presets.trl_grpo`` with hashed keys: advantage = (r - mean) / (std +
+    1e-4), the std chosen by ``scale_rewards`` (``"group"``, ``"batch"``,
+    ``"none"``); unscorable samples get 0, and so do prompts below
+    ``min_count`` (2 without memory: a group with one scorable sample).
+    Without ``memory`` it is the trainer's own estimator, to float32
+    rounding (the tests bound it); ``memory="buffer"`` or ``"ema"`` (with
+    their options) takes each prompt's statistics from its past rewards too.
 
     Args:
-        num_prompts: rows of the key table: at least the distinct prompts of
-            one generation batch.
+        num_prompts: rows: the most prompts remembered, and at least the
+            distinct prompts of one generation batch.
         scale_rewards: ``GRPOConfig.scale_rewards``.
-        device: where the tracker lives (the trainer's device).
+        device: where the tracker lives: the trainer's device (under several
+            processes, ``accelerate.PartialState().device``).
+        **options: other ``AdvantageTracker`` keywords (``memory``,
+            ``buffer_size``, ``decay``, ``min_count``, ...).
 
     Returns:
         The tracker.
+
+    Example:
+        >>> grpo_tracker(1024, "batch", memory="buffer", buffer_size=32, min_count=8).scale
+        'batch_std'
     """
-    return presets.trl_grpo(num_prompts, scale_rewards=scale_rewards, keys="hashed", device=device)
+    return presets.trl_grpo(num_prompts, scale_rewards=scale_rewards, **{"keys": "hashed", "device": device, **options})
 
 
-def rloo_tracker(num_prompts: int, *, device: Optional[torch.device] = None) -> AdvantageTracker:
-    """The memoryless tracker that gives ``RLOOTrainer``'s leave-one-out advantages.
+def rloo_tracker(num_prompts: int, *, device: Optional[torch.device] = None, **options: Any) -> AdvantageTracker:
+    """A tracker with ``RLOOTrainer``'s leave-one-out estimator, with any memory.
 
-    advantage = r - mean of the group's other scorable rewards; a group with
-    one scorable sample, and an unscorable sample, get 0 (TRL's NaN, then
-    ``nan_to_num``). ``normalize_advantages`` is applied after the tracker
-    by ``TrackedRLOOTrainer``, as TRL applies it after its baseline.
+    advantage = r - the mean of the prompt's other scorable rewards (the
+    group's, or with a memory also its past ones); unscorable samples, and
+    prompts below ``min_count`` (2 without memory: a group with one scorable
+    sample), get 0, as TRL's NaN and ``nan_to_num`` give.
+    ``normalize_advantages`` is applied after the tracker by
+    ``TrackedRLOOTrainer``, as TRL applies it after its baseline.
 
     Args:
-        num_prompts: rows of the key table: at least the distinct prompts of
-            one generation batch.
-        device: where the tracker lives (the trainer's device).
+        num_prompts: rows: the most prompts remembered, and at least the
+            distinct prompts of one generation batch.
+        device: where the tracker lives (see ``grpo_tracker``).
+        **options: other ``AdvantageTracker`` keywords.
 
     Returns:
         The tracker.
+
+    Example:
+        >>> rloo_tracker(1024, memory="ema", decay=0.9, min_count=8).baseline
+        'leave_one_out'
     """
-    return presets.verl_rloo(num_prompts, fallback="zero", nan_rewards="invalid", keys="hashed", device=device)
+    defaults = {"fallback": "zero", "nan_rewards": "invalid", "keys": "hashed", "device": device}
+    return presets.verl_rloo(num_prompts, **{**defaults, **options})
 
 
 class _TrackedAdvantages:
@@ -215,9 +246,10 @@ class _TrackedAdvantages:
         self._check_config()
         device = self.accelerator.device
         if tracker is None:
-            prompts_per_batch = max(1, self.args.generation_batch_size // self.num_generations)
-            tracker = self._default_tracker(prompts_per_batch, device)
-        _check_tracker(tracker, prompt_key, device)
+            tracker = self._default_tracker(max(1, self.args.generation_batch_size // self.num_generations), device)
+        prompts_per_batch = self.args.generation_batch_size // self.num_generations
+        _check_tracker(tracker, prompt_key, device, prompts_per_batch)
+        self._warn_if_unlike_config(tracker)
         self.tracker = tracker
         self.prompt_key = prompt_key
         self._rewards_per_func: Optional[torch.Tensor] = None
@@ -230,6 +262,27 @@ class _TrackedAdvantages:
     def _default_tracker(self, num_prompts: int, device: torch.device) -> AdvantageTracker:
         """The memoryless tracker that reproduces the trainer's advantages."""
         raise NotImplementedError
+
+    def _warn_if_unlike_config(self, tracker: AdvantageTracker) -> None:
+        """Warns where a tracker's estimator is not the one the trainer's config asks for.
+
+        The tracker decides the advantages; a difference may be deliberate,
+        but a tracker built without passing the config's choice is a likely
+        slip, so it is named.
+        """
+        expected = self._default_tracker(1, tracker.device)
+        differences = [
+            f"{name}={getattr(tracker, name)!r} (the config's: {getattr(expected, name)!r})"
+            for name in ("baseline", "scale", "ddof", "eps")
+            if getattr(tracker, name) != getattr(expected, name)
+        ]
+        if differences:
+            warnings.warn(
+                "the tracker's estimator differs from what the trainer's config asks for: "
+                f"{', '.join(differences)}; the tracker's is used (build it with {self._factory_name}(...) to follow "
+                "the config)",
+                stacklevel=3,
+            )
 
     def _shape_rewards(self, rewards: torch.Tensor, output: Mapping[str, Any]) -> torch.Tensor:
         """The trainer's changes to the summed reward before normalising (none by default)."""
@@ -270,25 +323,37 @@ class _TrackedAdvantages:
         rewards[unscorable] = torch.nan
         rewards = self._shape_rewards(rewards, output)
         valid = ~torch.isnan(rewards)
-        keys = self._gather_keys(inputs, output)
+        if self.tracker.memory == "none":
+            # TRL's groups: num_generations consecutive samples, whatever their prompts.
+            keys = torch.arange(len(rewards), device=rewards.device) // self.num_generations
+        else:
+            keys = self._gather_keys(inputs, output)
         report = self.tracker.update_with_report(keys, torch.where(valid, rewards, 0.0), valid)
         advantages = self._finish_advantages(report)
         local = len(inputs)
         mine = slice(self.accelerator.process_index * local, (self.accelerator.process_index + 1) * local)
         output["advantages"] = advantages[mine].to(output["advantages"].dtype)
         self._replace_logged_advantages(advantages)
-        self._log_tracker_metrics(report)
+        self._log_tracker_metrics(keys, report)
         return output
 
     def _save_checkpoint(self, model, trial):
-        """TRL's checkpoint, with the tracker's state in the same directory."""
-        super()._save_checkpoint(model, trial)
+        """The tracker's state into the checkpoint directory, then TRL's checkpoint.
+
+        Written first, so that the checkpoint is complete when transformers
+        pushes it (``push_to_hub``) and rotates old ones; written to a
+        temporary file and renamed, so that a crash leaves no partial file.
+        """
         if self.args.should_save:
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
+            os.makedirs(folder, exist_ok=True)
             state = {"format": _CHECKPOINT_FORMAT, "tracker": repr(self.tracker), "state": self.tracker.state_dict()}
-            torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
+            path = os.path.join(folder, CHECKPOINT_FILE)
+            torch.save(state, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         """TRL's resume, then the tracker's state from the same checkpoint directory.
@@ -314,6 +379,11 @@ class _TrackedAdvantages:
         saved = torch.load(path, map_location=self.tracker.device, weights_only=True)
         if saved.get("format") != _CHECKPOINT_FORMAT:
             raise ValueError(f"{path} has format {saved.get('format')!r}; this version reads {_CHECKPOINT_FORMAT}")
+        if _without_device(saved.get("tracker", "")) != _without_device(repr(self.tracker)):
+            warnings.warn(
+                f"{path} was saved by {saved.get('tracker')}, and is restored into {self.tracker!r}",
+                stacklevel=2,
+            )
         self.tracker.load_state_dict(saved["state"])
 
     # Helpers.
@@ -334,21 +404,45 @@ class _TrackedAdvantages:
             logged.pop()
         logged.extend(advantages.tolist())
 
-    def _log_tracker_metrics(self, report: UpdateReport) -> None:
+    def _log_tracker_metrics(self, keys: torch.Tensor, report: UpdateReport) -> None:
         """Adds what the tracker did this step to TRL's metrics (see the module docstring)."""
         valid = report.valid
         zero_std = report.zero_variance & valid
-        signal = zero_std & (report.advantages != 0)
-        counts = torch.stack([valid.sum(), (report.fallback & valid).sum(), zero_std.sum(), signal.sum()])
-        n_valid, n_fallback, n_zero_std, n_signal = counts.tolist()
+        signal = zero_std & ~report.fallback & (report.advantages != 0)
+        if self.tracker.memory == "none":
+            signal = torch.zeros_like(signal)  # the batch is all there is: no signal from the past
+        else:
+            # A prompt's memory must hold rewards older than this batch's (a buffer no larger than
+            # the group holds none), so that float rounding of (r - r) / (0 + eps) is not counted.
+            groups = torch.unique(keys, return_inverse=True)[1]
+            in_batch = torch.zeros(len(keys), dtype=torch.long, device=keys.device).index_add_(0, groups, valid.long())
+            signal &= self.tracker.stats(keys).count > in_batch[groups]
+        n_valid, n_fallback = torch.stack([valid.sum(), (report.fallback & valid).sum()]).tolist()
+        zero_std_groups, signal_groups, groups_with_valid = (_groups(keys, mask) for mask in (zero_std, signal, valid))
         metrics = self._metrics["train"]
         metrics["tracker/fallback_frac"].append(n_fallback / n_valid if n_valid else 0.0)
-        metrics["tracker/zero_std_frac"].append(n_zero_std / n_valid if n_valid else 0.0)
-        metrics["tracker/zero_std_signal_frac"].append(n_signal / n_zero_std if n_zero_std else 0.0)
+        metrics["tracker/zero_std_frac"].append(zero_std_groups / groups_with_valid if groups_with_valid else 0.0)
+        metrics["tracker/zero_std_signal_frac"].append(signal_groups / zero_std_groups if zero_std_groups else 0.0)
 
 
-def _check_tracker(tracker: AdvantageTracker, prompt_key: str, device: torch.device) -> None:
+def _without_device(tracker_repr: str) -> str:
+    """A tracker's repr without its device, which differs between the processes of one run."""
+    return re.sub(r", device=[^,)]*", "", tracker_repr)
+
+
+def _groups(keys: torch.Tensor, mask: torch.Tensor) -> int:
+    """The number of distinct keys among the samples ``mask`` keeps (a host sync, as TRL's metrics are)."""
+    return torch.unique(keys[mask]).numel()
+
+
+def _check_tracker(tracker: AdvantageTracker, prompt_key: str, device: torch.device, prompts_per_batch: int) -> None:
     """Refuses a tracker that TRL's gathered batches cannot drive (see ``_TrackedAdvantages.__init__``)."""
+    if tracker.num_prompts < prompts_per_batch:
+        raise ValueError(
+            f"the tracker has {tracker.num_prompts} rows but a generation batch holds {prompts_per_batch} prompts "
+            "(generation_batch_size // num_generations): the prompts beyond its rows would get the fallback's "
+            f"advantage; build it with num_prompts >= {prompts_per_batch}"
+        )
     if tracker.process_group is not None:
         raise ValueError(
             "the tracker has a process group, but TRL gathers every process's rewards itself: build it "
@@ -358,7 +452,7 @@ def _check_tracker(tracker: AdvantageTracker, prompt_key: str, device: torch.dev
         raise ValueError(
             f"the tracker is on {tracker.device} but the trainer on {device}; build it with device={device}"
         )
-    if tracker.keys == "ids" and prompt_key in ("prompt", "prompt_ids"):
+    if tracker.keys == "ids" and tracker.memory != "none" and prompt_key in ("prompt", "prompt_ids"):
         raise ValueError(
             f"prompt_key={prompt_key!r} gives hashed keys, but the tracker takes ids (keys='ids'): build it "
             "with keys='hashed', or pass prompt_key=<a dataset column of ids in [0, num_prompts)>"
@@ -422,6 +516,8 @@ class TrackedGRPOTrainer(_TrackedAdvantages, trl.GRPOTrainer):
                 "that yet (several rewards per sample are planned). Use 'sum_then_normalize' (the default)"
             )
 
+    _factory_name = "grpo_tracker"
+
     def _default_tracker(self, num_prompts: int, device: torch.device) -> AdvantageTracker:
         """``grpo_tracker`` for this trainer's ``scale_rewards``."""
         return grpo_tracker(num_prompts, self.scale_rewards, device=device)
@@ -455,6 +551,8 @@ class TrackedRLOOTrainer(_TrackedAdvantages, trl.RLOOTrainer):
         >>> tracker.baseline
         'leave_one_out'
     """
+
+    _factory_name = "rloo_tracker"
 
     def _default_tracker(self, num_prompts: int, device: torch.device) -> AdvantageTracker:
         """``rloo_tracker``."""
@@ -497,7 +595,9 @@ class TrackedRLOOTrainer(_TrackedAdvantages, trl.RLOOTrainer):
         """With ``normalize_advantages``: TRL's standardisation over the samples that got an advantage."""
         if not self.normalize_advantages:
             return report.advantages
-        counted = report.valid & ~report.fallback
+        # TRL standardises its non-NaN advantages; a fallen-back sample is NaN there only when the
+        # fallback is "zero" (TRL's rule for a group with one scorable sample).
+        counted = report.valid & ~report.fallback if self.tracker.fallback == "zero" else report.valid
         masked = torch.where(counted, report.advantages, torch.nan)
         normalised = (masked - torch.nanmean(masked)) / (nanstd(masked) + 1e-4)
         return torch.nan_to_num(normalised, nan=0.0)
