@@ -621,10 +621,22 @@ class TrackerTrainerMixin:
 
         Returns:
             What verl's ``_load_checkpoint`` returns.
+
+        Raises:
+            RuntimeError: if verl resumed from another step than the folder
+                found the way verl 0.9.1 finds it (a verl version that
+                resolves checkpoints otherwise), rather than load a wrong state.
         """
         folder = self._resume_folder()
         result = super()._load_checkpoint()
         if folder is not None:
+            resumed = f"global_step_{self.global_steps}"
+            if os.path.basename(os.path.normpath(folder)) != resumed:
+                raise RuntimeError(
+                    f"verl resumed at step {self.global_steps} but the tracker's state was looked for in {folder}: "
+                    "this verl version finds its checkpoint otherwise than TrackerTrainerMixin._resume_folder "
+                    "expects (tested with verl 0.9.1)"
+                )
             load_tracker_state(self.advantage_tracker, folder)
         return result
 
