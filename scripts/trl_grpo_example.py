@@ -22,6 +22,7 @@ the share that fell back for want of history. ``docs/trl.md`` quotes its
 output.
 """
 
+import tempfile
 import time
 from typing import Dict, List
 
@@ -47,7 +48,13 @@ _METRICS = ("tracker/zero_std_frac", "tracker/zero_std_signal_frac", "tracker/fa
 
 def _train(tracker, steps: int, num_prompts: int, seed: int) -> Dict[str, str]:
     """One run; returns its pass rate over each fifth of the steps, the tracker's metrics and its seconds."""
-    config = trl.GRPOConfig(**tiny_lm.trainer_config(max_steps=steps, seed=seed, learning_rate=0.2))
+    with tempfile.TemporaryDirectory(prefix="trl-grpo-example-") as output_dir:
+        return _train_in(output_dir, tracker, steps, num_prompts, seed)
+
+
+def _train_in(output_dir: str, tracker, steps: int, num_prompts: int, seed: int) -> Dict[str, str]:
+    """``_train`` with TRL's output directory given."""
+    config = trl.GRPOConfig(**tiny_lm.trainer_config(output_dir, max_steps=steps, seed=seed, learning_rate=0.2))
     extra = {} if tracker is None else {"tracker": tracker}
     trainer = TrackedGRPOTrainer(
         model=tiny_lm.model(seed),

@@ -12,7 +12,6 @@ after three steps agree to 1e-4.
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -263,12 +262,12 @@ def test_prompts_keyed_by_token_ids_or_an_id_column():
     assert by_id.stats().count.tolist() == [samples // 2, samples // 2]
 
 
-def test_refusals_name_the_problem():
-    config = trl.GRPOConfig(**trl_setup.config_kwargs(multi_objective_aggregation="normalize_then_sum"))
+def test_refusals_name_the_problem(tmp_path):
+    config = trl.GRPOConfig(**trl_setup.config_kwargs(str(tmp_path), multi_objective_aggregation="normalize_then_sum"))
     common = dict(reward_funcs=TWO_REWARDS, train_dataset=trl_setup.dataset(), processing_class=trl_setup.tokenizer())
     with pytest.raises(ValueError, match="normalize_then_sum.*cannot do that yet"):
         TrackedGRPOTrainer(model=trl_setup.model(), args=config, **common)
-    config = trl.GRPOConfig(**trl_setup.config_kwargs())
+    config = trl.GRPOConfig(**trl_setup.config_kwargs(str(tmp_path)))
     with pytest.raises(ValueError, match="keys='hashed'"):
         TrackedGRPOTrainer(
             model=trl_setup.model(), args=config, tracker=presets.trl_grpo(8, memory="buffer", buffer_size=4), **common
@@ -313,8 +312,8 @@ def test_two_processes_give_the_advantages_of_one_process_on_the_gathered_batch(
             torch.testing.assert_close(record["state"][name], value, rtol=0, atol=0, equal_nan=True)
 
 
-def test_checkpoint_file_is_in_every_checkpoint_directory():
-    output_dir = tempfile.mkdtemp()
+def test_checkpoint_file_is_in_every_checkpoint_directory(tmp_path):
+    output_dir = str(tmp_path)
     trl_setup.run(
         TrackedGRPOTrainer,
         trl.GRPOConfig,

@@ -37,7 +37,8 @@ class KeyRecording(trl_setup.recording(TrackedGRPOTrainer)):
 def main(output_dir: str) -> None:
     """Trains three steps and saves this process's record."""
     # Six samples per process, groups of four: the second group of each batch straddles the processes.
-    config = trl.GRPOConfig(**trl_setup.config_kwargs(per_device_train_batch_size=6, max_steps=3))
+    run_dir = os.path.join(output_dir, "run")
+    config = trl.GRPOConfig(**trl_setup.config_kwargs(run_dir, per_device_train_batch_size=6, max_steps=3))
     trainer = KeyRecording(
         model=trl_setup.model(0),  # an object: under torchrun, save_pretrained may write on one process only
         reward_funcs=[trl_setup.in_range_reward, trl_setup.sometimes_none_reward],

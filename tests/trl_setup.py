@@ -6,6 +6,9 @@ one) and returns it, so that a test can compare what each batch was given.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import weakref
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -66,16 +69,26 @@ def run(
     trainer_kwargs: Optional[Dict[str, Any]] = None,
     **config_overrides: Any,
 ) -> Any:
-    """Trains a recording ``trainer_class`` on the tiny task and returns the trainer."""
+    """Trains a recording ``trainer_class`` on the tiny task and returns the trainer.
+
+    The model's directory, and the output directory unless one is given,
+    are temporary: removed when the trainer is garbage-collected.
+    """
+    temporary = [tempfile.mkdtemp(prefix="tiny-qwen2-")]
+    if "output_dir" not in config_overrides:
+        config_overrides["output_dir"] = tempfile.mkdtemp(prefix="tiny-lm-run-")
+        temporary.append(config_overrides["output_dir"])
     config = config_class(**config_kwargs(**config_overrides))
     trainer = recording(trainer_class)(
-        model=model_path(seed),
+        model=model_path(seed, temporary[0]),
         reward_funcs=reward_funcs,
         args=config,
         train_dataset=train_dataset if train_dataset is not None else dataset(chat=chat),
         processing_class=tokenizer(),
         **(trainer_kwargs or {}),
     )
+    for directory in temporary:
+        weakref.finalize(trainer, shutil.rmtree, directory, True)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer
 
