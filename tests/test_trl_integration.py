@@ -39,8 +39,12 @@ TRAINERS = {
 
 
 def tenths_reward(completions, prompt_id, **_):
-    """``in_range_reward`` / 10 + 0.05: rewards that are not dyadic fractions, so float32 rounds them."""
-    return [reward / 10 + 0.05 for reward in trl_setup.in_range_reward(completions, prompt_id)]
+    """0.1 for even prompts (every group of them all equal), ``in_range_reward`` / 10 + 0.05 for odd ones.
+
+    Neither is a dyadic fraction, so float32 rounds them.
+    """
+    in_range = trl_setup.in_range_reward(completions, prompt_id)
+    return [0.1 if identity % 2 == 0 else reward / 10 + 0.05 for reward, identity in zip(in_range, prompt_id)]
 
 
 def _assert_same_training(plain, tracked, advantage_tolerance: float = 1e-6) -> None:
@@ -82,10 +86,18 @@ def test_default_tracker_groups_as_trl_when_a_prompt_repeats_within_a_batch():
 
 
 def test_non_dyadic_rewards_agree_to_the_rounding_of_a_zero_variance_group():
-    # A group of equal rewards r has std 0: both compute (r - mean) / (0 + 1e-4) from a mean rounded
-    # differently, so the advantage is rounding noise of up to about |r| * 1.2e-7 / 1e-4 on each side.
-    plain = trl_setup.run(trl.GRPOTrainer, trl.GRPOConfig, reward_funcs=tenths_reward)
-    tracked = trl_setup.run(TrackedGRPOTrainer, trl.GRPOConfig, reward_funcs=tenths_reward)
+    # A group of seven rewards of 0.1 has std 0, and its float32 mean is not exactly 0.1: both sides
+    # divide that rounding by 0 + 1e-4 (TRL gives 7.45e-5 where the exact answer is 0), each from its
+    # own sum, so the two agree only to that noise: about |r| * n * 6e-8 / 1e-4.
+    sizes = dict(per_device_train_batch_size=14, num_generations=7)
+    plain = trl_setup.run(trl.GRPOTrainer, trl.GRPOConfig, reward_funcs=tenths_reward, **sizes)
+    tracked = trl_setup.run(TrackedGRPOTrainer, trl.GRPOConfig, reward_funcs=tenths_reward, **sizes)
+    noise = [
+        advantages.view(-1, 7)[rewards.view(-1, 7).eq(0.1).all(dim=1)].abs().max()
+        for rewards, advantages in zip(plain.rewards, plain.recorded)
+        if rewards.view(-1, 7).eq(0.1).all(dim=1).any()
+    ]
+    assert noise and max(noise) > 0  # the case is exercised: TRL's all-equal groups get rounding noise
     _assert_same_training(plain, tracked, advantage_tolerance=1e-3)
 
 
