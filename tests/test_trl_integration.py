@@ -217,22 +217,29 @@ def test_resume_without_tracker_state_is_refused_for_a_memory(tmp_path):
         )
 
 
-def test_evaluation_leaves_the_memory_untouched():
-    tracker = presets.trl_grpo(8, memory="buffer", buffer_size=8, min_count=2, keys="hashed")
+def test_evaluation_leaves_the_memory_untouched_and_gives_trl_s_advantages():
+    common = dict(reward_funcs=TWO_REWARDS, max_steps=2, per_device_eval_batch_size=8)
+    evaluation = {"eval_dataset": trl_setup.dataset(num_prompts=2)}
+    tracker = grpo_tracker(8, memory="buffer", buffer_size=8, min_count=2)
     trainer = trl_setup.run(
-        TrackedGRPOTrainer,
-        trl.GRPOConfig,
-        reward_funcs=TWO_REWARDS,
-        trainer_kwargs={"tracker": tracker, "eval_dataset": trl_setup.dataset(num_prompts=2)},
-        max_steps=2,
-        per_device_eval_batch_size=8,
+        TrackedGRPOTrainer, trl.GRPOConfig, trainer_kwargs={"tracker": tracker, **evaluation}, **common
     )
     before = {name: value.clone() for name, value in tracker.state_dict().items()}
-    metrics = trainer.evaluate()
-    assert "eval_loss" in metrics
+    assert "eval_loss" in trainer.evaluate()
     for name, value in tracker.state_dict().items():
         torch.testing.assert_close(value, before[name], rtol=0, atol=0, equal_nan=True)
-    assert len(trainer.recorded) == 2
+    assert len(trainer.recorded) == 2 and len(trainer.eval_recorded) >= 1
+    # With the default tracker, training is TRL's to rounding, so evaluation sees the same model:
+    # its advantages are TRL's own.
+    # (Each evaluates right after its own training: sampling draws from torch's global generator,
+    # which train() seeds.)
+    plain = trl_setup.run(trl.GRPOTrainer, trl.GRPOConfig, trainer_kwargs=evaluation, **common)
+    plain.evaluate()
+    default = trl_setup.run(TrackedGRPOTrainer, trl.GRPOConfig, trainer_kwargs=evaluation, **common)
+    default.evaluate()
+    assert len(default.eval_recorded) == len(plain.eval_recorded) >= 1
+    for reference, ours in zip(plain.eval_recorded, default.eval_recorded):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
 
 
 def test_chat_prompts_are_keyed_by_their_canonical_text():
@@ -288,6 +295,8 @@ def test_refusals_name_the_problem(tmp_path):
         TrackedGRPOTrainer(model=trl_setup.model(), args=config, tracker=grpo_tracker(1, memory="ema"), **common)
     with pytest.warns(UserWarning, match="scale='batch_std' .the config's: 'prompt_std'."):
         TrackedGRPOTrainer(model=trl_setup.model(), args=config, tracker=grpo_tracker(8, "batch"), **common)
+    with pytest.raises(ValueError, match="the tracker is on meta but the trainer on cpu"):
+        TrackedGRPOTrainer(model=trl_setup.model(), args=config, tracker=grpo_tracker(8, device="meta"), **common)
     with pytest.raises(TypeError, match="AdvantageTracker"):
         TrackedGRPOTrainer(model=trl_setup.model(), args=config, tracker="buffer", **common)
     trainer = TrackedGRPOTrainer(

@@ -29,10 +29,11 @@ def recording(trainer_class: type) -> type:
     """A subclass of ``trainer_class`` that keeps each training batch's rewards and advantages."""
 
     class Recording(trainer_class):
-        """``trainer_class``, keeping each training batch's advantages (``recorded``) and rewards (``rewards``)."""
+        """``trainer_class``, keeping each batch's advantages (``recorded``, ``eval_recorded``) and training rewards."""
 
         recorded: List[torch.Tensor]
         rewards: List[torch.Tensor]
+        eval_recorded: List[torch.Tensor]
 
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
             """The parent's rewards [B_global, n_funcs], recorded for training batches."""
@@ -44,8 +45,8 @@ def recording(trainer_class: type) -> type:
         def _generate_and_score_completions(self, inputs):
             """The parent's, recording the advantages of training batches."""
             output = super()._generate_and_score_completions(inputs)
-            if self.model.training:
-                self.__dict__.setdefault("recorded", []).append(output["advantages"].detach().clone())
+            name = "recorded" if self.model.training else "eval_recorded"
+            self.__dict__.setdefault(name, []).append(output["advantages"].detach().clone())
             return output
 
     Recording.__name__ = f"Recording{trainer_class.__name__}"
