@@ -7,8 +7,9 @@ change (a token dimension, a reward-function dimension, contiguous groups) is
 said in each docstring.
 """
 
+import random
 from collections import defaultdict, deque
-from typing import Dict, Hashable, List, Sequence
+from typing import Dict, Hashable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -274,3 +275,259 @@ class FlowGrpoPerPromptStatTracker:
     def clear(self) -> None:
         """Forgets every prompt's rewards."""
         self.stats = {}
+
+
+class SpoBetaTracker:
+    """verl ``recipe/spo/spo_ray_trainer.py`` (volcengine/verl, commit 4b2b36432e8ffa463894edd21ec4f9822412905a).
+
+    SPO (Single-stream Policy Optimization): the per-prompt Beta state that
+    ``RayPPOTrainer.fit`` keeps in ``prompt2alpha`` / ``prompt2beta``, the
+    weighted prompt sampling at the top of each step, the advantages, and the
+    discount ``rho`` of ``RayPPOTrainer._get_spo_rho``. Defaults are those of
+    ``recipe/spo/config/spo_trainer.yaml`` (``offline_N: 8``, ``rho.type:
+    kl``, ``rho.value: 0.875``, ``rho.clip_lower: 0.875``).
+
+    What it does, in order:
+
+    * Prior (``__init__``): offline scores are made binary (``score > 0``);
+      a prompt with more than ``offline_n`` of them keeps ``random.sample``
+      of ``offline_n``. With ``offline_n == 0`` every prompt gets alpha =
+      beta = 0.5 (no ``N_init`` factor). Otherwise ``N_init = 1 / (1 -
+      clip_lower)``, ``alpha = N_init * (s + 0.5) / (offline_n + 1)`` and
+      ``beta = N_init * (offline_n - s + 0.5) / (offline_n + 1)``, s the
+      successes kept: the formula uses ``offline_n``, not the number of
+      scores, so missing scores count as failures. The prompts known are the
+      keys of the offline file.
+    * Sampling (``sampling_weights``, ``sample``): weight ``sqrt(p_hat * (1 -
+      p_hat)) + 0.05`` per prompt of the dataloader's batch, 0 for a prompt
+      the offline file lacks; probabilities are the weights over their sum
+      (uniform when the sum is 0); ``np.random.choice`` of
+      ``train_batch_size`` positions, with replacement only when that is more
+      than the dataloader's batch.
+    * Advantages (``advantages``): every sample of the batch reads its
+      prompt's ``p_hat = alpha / (alpha + beta)`` from before this step;
+      ``a = r - p_hat``, then ``(a - a.mean()) / (a.std() + 1e-8)`` over all
+      samples of the batch, ``torch.std`` unbiased (a batch of one gives NaN).
+    * Update (``update``): per sample, from the state read before the step,
+      ``alpha = rho * alpha + r`` and ``beta = rho * beta + (1 - r)``; then
+      a loop in batch order writes each sample's values into the prompt's
+      entry, so when a prompt appears more than once the last sample's
+      update stands and the others' rewards are lost.
+    * ``rho``: ``rho.type == "constant"``: ``rho.value`` for every sample.
+      ``"kl"``: ``clamp(2 ** (-D / 0.06), clip_lower, 0.96)`` per sample,
+      where D is the masked mean over response tokens of ``|log pi_then(y) -
+      log pi_now(y)|`` (see ``divergence``), y the response stored for the
+      prompt the last step it was sampled (the last sample's, with its
+      log-probs taken after that step's actor update), pi_now the actor
+      after this step's update. A prompt sampled for the first time compares
+      its own response with itself: D = 0, rho = 0.96. Samples of a prompt
+      repeated in one batch share the stored y (so the same D), or, if new,
+      each uses its own response (D = 0).
+
+    Interpretations and changes:
+
+    * Float64 throughout; upstream holds alpha, beta and rho in float32
+      tensors (``torch.tensor(..., dtype=torch.float).to(r)``) and writes
+      them back with ``.item()``, so upstream values carry float32 rounding.
+    * A reward is the response's summed token reward
+      (``reward_tensor.sum(dim=-1)``), given here as one number per sample.
+      Upstream neither checks nor clips it: binary or fractional rewards in
+      [0, 1] are both taken as they are (only offline scores are binarised).
+    * D needs the policy's log-probs, so it is an input: ``update`` takes one
+      D per sample for ``rho_type="kl"``; the caller must give 0 for a
+      prompt's first sample, as upstream computes it.
+    * ``random.sample`` and ``np.random.choice`` use the global generators
+      upstream; here a ``random.Random`` / ``np.random.RandomState`` can be
+      passed. The prompt id is the stripped content of the first chat
+      message upstream; here any hashable.
+    * Metrics, ``prompt2D`` (stored, never read) and the token dimension of
+      the advantages (``advantages.unsqueeze(-1) * response_mask``) are left
+      out; a prompt in the batch but not in the offline file is a KeyError
+      upstream and here.
+
+    Args:
+        offline_scores: prompt -> offline scores of that prompt.
+        offline_n: ``trainer.spo.offline_N``.
+        rho_type: ``"kl"`` or ``"constant"``.
+        rho_value: the constant rho.
+        clip_lower: ``trainer.spo.rho.clip_lower``: rho's lower clamp and the
+            prior's ``N_init = 1 / (1 - clip_lower)``.
+        rng: the generator of the offline subsample, ``random`` if None.
+    """
+
+    D_HALF = 0.06
+    RHO_MAX = 0.96
+    EXPLORATION_EPSILON = 0.05
+
+    def __init__(
+        self,
+        offline_scores: Dict[Hashable, Sequence[float]],
+        offline_n: int = 8,
+        rho_type: str = "kl",
+        rho_value: float = 0.875,
+        clip_lower: float = 0.875,
+        rng: Optional[random.Random] = None,
+    ) -> None:
+        if rho_type not in ("kl", "constant"):
+            raise ValueError(f"Unknown rho type: {rho_type}")
+        self.offline_n = offline_n
+        self.rho_type = rho_type
+        self.rho_value = rho_value
+        self.clip_lower = clip_lower
+        binary = {prompt: [int(score > 0) for score in scores] for prompt, scores in offline_scores.items()}
+        self.prompts: List[Hashable] = list(binary)
+        self.alpha: Dict[Hashable, float] = {}
+        self.beta: Dict[Hashable, float] = {}
+        if offline_n == 0:
+            for prompt in self.prompts:
+                self.alpha[prompt] = 0.5
+                self.beta[prompt] = 0.5
+        else:
+            sampler = random if rng is None else rng
+            for prompt, scores in binary.items():
+                if len(scores) > offline_n:
+                    binary[prompt] = sampler.sample(scores, offline_n)
+            n_init = 1 / (1 - clip_lower)
+            for prompt in self.prompts:
+                successes = sum(binary[prompt])
+                self.alpha[prompt] = n_init * (successes + 0.5) / (offline_n + 1)
+                self.beta[prompt] = n_init * (offline_n - successes + 0.5) / (offline_n + 1)
+        self.sampled_number: Dict[Hashable, int] = defaultdict(int)
+
+    def p_hat(self, prompt: Hashable) -> float:
+        """``alpha / (alpha + beta)`` of one prompt, as the sampling step computes it."""
+        return float(self.alpha[prompt]) / float(self.alpha[prompt] + self.beta[prompt])
+
+    def sampling_weights(self, prompts: Sequence[Hashable]) -> np.ndarray:
+        """Each dataloader-batch prompt's weight: ``sqrt(p_hat * (1 - p_hat)) + 0.05``, 0 if unknown.
+
+        Args:
+            prompts: [M] prompt ids of the dataloader's batch.
+
+        Returns:
+            float64 [M] weights.
+        """
+        weights = []
+        for prompt in prompts:
+            if prompt in self.alpha:
+                p = self.p_hat(prompt)
+                weights.append((p * (1.0 - p)) ** 0.5 + self.EXPLORATION_EPSILON)
+            else:
+                weights.append(0.0)
+        return np.asarray(weights, dtype=np.float64)
+
+    def sampling_probs(self, prompts: Sequence[Hashable]) -> np.ndarray:
+        """The weights over their sum (uniform if the sum is 0), renormalised once more as upstream does."""
+        weights = self.sampling_weights(prompts)
+        total = float(weights.sum())
+        if total > 0.0:
+            probs = weights / total
+        else:
+            probs = np.full(len(weights), 1.0 / len(weights), dtype=np.float64)
+        return probs / probs.sum()
+
+    def sample(
+        self, prompts: Sequence[Hashable], target_bs: int, random_state: Optional[np.random.RandomState] = None
+    ) -> List[int]:
+        """Positions of the dataloader's batch kept for the step (``train_batch_size`` of them).
+
+        Args:
+            prompts: [M] prompt ids of the dataloader's batch.
+            target_bs: ``data.train_batch_size``.
+            random_state: draws ``choice``; numpy's global generator if None.
+
+        Returns:
+            target_bs positions into ``prompts``, drawn with replacement only if target_bs > M.
+        """
+        chooser = np.random if random_state is None else random_state
+        probs = self.sampling_probs(prompts)
+        replace = target_bs > len(prompts)
+        return chooser.choice(len(prompts), size=target_bs, replace=replace, p=probs).tolist()
+
+    @staticmethod
+    def divergence(
+        old_log_probs: torch.Tensor, cur_log_probs: torch.Tensor, response_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """D per sample: verl's ``masked_mean(|old - cur|, mask, axis=-1)``, ``sum / (mask.sum() + 1e-8)``.
+
+        Args:
+            old_log_probs: [M, T] log-probs of the stored responses when stored.
+            cur_log_probs: [M, T] the same responses' log-probs under the current actor.
+            response_mask: [M, T] 1 on response tokens.
+
+        Returns:
+            [M] D.
+        """
+        kl = (old_log_probs - cur_log_probs).abs()
+        summed = (torch.where(response_mask.bool(), kl, 0.0) * response_mask).sum(dim=-1)
+        return summed / (response_mask.sum(dim=-1) + 1e-8)
+
+    def rho(self, count: int, divergences: Optional[Sequence[float]] = None) -> torch.Tensor:
+        """Each sample's discount: the constant, or ``clamp(2 ** (-D / 0.06), clip_lower, 0.96)``.
+
+        Args:
+            count: N, samples in the batch.
+            divergences: [N] D per sample, needed for ``rho_type="kl"``.
+
+        Returns:
+            float64 [N] rho.
+        """
+        if self.rho_type == "constant":
+            return torch.full((count,), self.rho_value, dtype=torch.float64)
+        if divergences is None:
+            raise ValueError("rho_type='kl' needs one divergence D per sample")
+        d = torch.tensor(list(divergences), dtype=torch.float64)
+        if d.shape != (count,):
+            raise ValueError(f"expected {count} divergences, got {tuple(d.shape)}")
+        rho = torch.pow(2.0, -d / self.D_HALF)
+        return torch.clamp(rho, min=self.clip_lower, max=self.RHO_MAX)
+
+    def advantages(self, prompts: Sequence[Hashable], rewards: Sequence[float]) -> torch.Tensor:
+        """The step's advantages from the state before the step; the state is not changed.
+
+        Args:
+            prompts: [N] prompt ids, a prompt possibly more than once.
+            rewards: [N] rewards.
+
+        Returns:
+            float64 [N] advantages, normalised over the whole batch.
+        """
+        r = torch.tensor(list(rewards), dtype=torch.float64)
+        alpha = torch.tensor([self.alpha[p] for p in prompts], dtype=torch.float64)
+        beta = torch.tensor([self.beta[p] for p in prompts], dtype=torch.float64)
+        p_hats = alpha / (alpha + beta)
+        advantages = r - p_hats
+        return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+    def update(
+        self, prompts: Sequence[Hashable], rewards: Sequence[float], divergences: Optional[Sequence[float]] = None
+    ) -> None:
+        """Folds the step's rewards in: per sample from the pre-step state, then written in batch order.
+
+        Args:
+            prompts: [N] prompt ids.
+            rewards: [N] rewards.
+            divergences: [N] D per sample (``rho_type="kl"`` only).
+        """
+        r = torch.tensor(list(rewards), dtype=torch.float64)
+        alpha = torch.tensor([self.alpha[p] for p in prompts], dtype=torch.float64)
+        beta = torch.tensor([self.beta[p] for p in prompts], dtype=torch.float64)
+        rho = self.rho(len(prompts), divergences)
+        alpha = rho * alpha + r
+        beta = rho * beta + (1 - r)
+        for i, prompt in enumerate(prompts):
+            self.alpha[prompt] = alpha[i].item()
+            self.beta[prompt] = beta[i].item()
+            self.sampled_number[prompt] += 1
+
+    def step(
+        self, prompts: Sequence[Hashable], rewards: Sequence[float], divergences: Optional[Sequence[float]] = None
+    ) -> torch.Tensor:
+        """One training step: ``advantages`` then ``update``.
+
+        Returns:
+            float64 [N] advantages.
+        """
+        advantages = self.advantages(prompts, rewards)
+        self.update(prompts, rewards, divergences)
+        return advantages
