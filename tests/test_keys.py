@@ -450,3 +450,20 @@ def test_canonical_text_of_chat_messages_ignores_field_order_and_takes_numpy_val
     assert canonical_text([{"content": "é"}]) == '[{"content":"é"}]'  # UTF-8, not \\u escapes
     with pytest.raises(TypeError, match="no stable text form"):
         canonical_text([{"content": object()}])
+
+
+def test_identity_keys_keep_integers_and_hash_everything_else_by_its_canonical_text():
+    import numpy as np
+
+    from rail_interview.stat_tracking import canonical_text, identity_keys
+
+    messages = [{"role": "user", "content": "a cat"}]
+    keys = identity_keys([7, np.int64(-3), "a cat", messages])
+    assert keys.dtype == torch.int64
+    assert keys[:2].tolist() == [7, -3]
+    assert keys[2:].tolist() == prompt_keys(["a cat", canonical_text(messages)]).tolist()
+    assert identity_keys([True]).tolist() == prompt_keys(["true"]).tolist()  # a bool is not an id
+    with pytest.raises(ValueError, match="prompt 1's key 9223372036854775808 does not fit int64"):
+        identity_keys([0, 2**63])
+    with pytest.raises(ValueError, match="prompt 0 cannot be keyed"):
+        identity_keys([[{"content": object()}]])

@@ -25,11 +25,10 @@ from rail_interview.integrations.trl import (  # noqa: E402
     CHECKPOINT_FILE,
     TrackedGRPOTrainer,
     TrackedRLOOTrainer,
-    canonical_prompt,
     grpo_tracker,
     rloo_tracker,
 )
-from rail_interview.stat_tracking import presets, prompt_keys, token_keys  # noqa: E402
+from rail_interview.stat_tracking import canonical_text, presets, prompt_keys, token_keys  # noqa: E402
 
 TWO_REWARDS = [trl_setup.in_range_reward, trl_setup.sometimes_none_reward]
 TRAINERS = {
@@ -252,7 +251,7 @@ def test_chat_prompts_are_keyed_by_their_canonical_text():
         train_dataset=data,
         trainer_kwargs={"tracker": tracker},
     )
-    expected = prompt_keys([canonical_prompt(prompt) for prompt in data["prompt"]])
+    expected = prompt_keys([canonical_text(prompt) for prompt in data["prompt"]])
     keys, used = tracker.table_keys()
     assert sorted(keys[used].tolist()) == sorted(expected.tolist())
 

@@ -50,10 +50,12 @@ group there, where TRL counts two.
 **Keys.** ``prompt_key`` says what identifies a prompt across steps:
 ``"prompt"`` (default) the dataset's prompt column, text or chat messages
 (a list of ``{"role", "content"}`` dicts, keyed by their canonical JSON:
-sorted keys, no spaces), hashed with ``prompt_keys``; ``"prompt_ids"`` the
-token ids TRL generated from, hashed on the device with ``token_keys``; any
-other name: that dataset column, integers used as they are (ids for a
-``keys="ids"`` tracker), anything else hashed as text. Text and token keys
+sorted keys, no spaces); ``"prompt_ids"`` the token ids TRL generated from,
+hashed on the device with ``token_keys``; any other name: that dataset
+column. A column's values are keyed by ``identity_keys``, as the verl
+integration keys its columns: integers as they are (ids for a
+``keys="ids"`` tracker), anything else by ``prompt_keys`` of its
+``canonical_text``. Text and token keys
 need a ``keys="hashed"`` tracker. Keys come from the prompt alone: a
 multimodal prompt's images are not part of its key.
 
@@ -104,7 +106,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.trainer.utils import nanstd
 
 from rail_interview.stat_tracking import presets
-from rail_interview.stat_tracking.keys import canonical_text, prompt_keys, token_keys
+from rail_interview.stat_tracking.keys import identity_keys, token_keys
 from rail_interview.stat_tracking.tracker import AdvantageTracker
 from rail_interview.stat_tracking.types import UpdateReport, resolve_device
 
@@ -112,7 +114,6 @@ __all__ = [
     "CHECKPOINT_FILE",
     "TrackedGRPOTrainer",
     "TrackedRLOOTrainer",
-    "canonical_prompt",
     "grpo_tracker",
     "rloo_tracker",
 ]
@@ -120,35 +121,6 @@ __all__ = [
 #: The file, in each TRL checkpoint directory, that holds the tracker's state.
 CHECKPOINT_FILE = "rail_interview_tracker.pt"
 _CHECKPOINT_FORMAT = 1
-
-
-def canonical_prompt(prompt: Any) -> str:
-    """The text a prompt is keyed by: ``canonical_text``, with a hint where a prompt has none.
-
-    Args:
-        prompt: a string, or chat messages (a list of dicts such as
-            ``{"role": "user", "content": "..."}``), or any JSON-serialisable
-            value.
-
-    Returns:
-        The string itself, or its canonical JSON (sorted keys, no spaces):
-        the same text, and so the same key, as the verl integration gives.
-
-    Raises:
-        TypeError: if the prompt has no text form (say, an image), naming the
-            ``prompt_key`` choices that avoid it.
-
-    Example:
-        >>> canonical_prompt([{"role": "user", "content": "2+2?"}])
-        '[{"content":"2+2?","role":"user"}]'
-    """
-    try:
-        return canonical_text(prompt)
-    except (TypeError, ValueError) as error:
-        raise TypeError(
-            f"cannot key a prompt of type {type(prompt).__name__} by its text ({error}); pass "
-            "prompt_key='prompt_ids' (its token ids) or the name of a dataset column that identifies it"
-        ) from None
 
 
 def grpo_tracker(
@@ -245,9 +217,9 @@ class _TrackedAdvantages:
         super().__init__(*args, **kwargs)
         self._check_config()
         device = self.accelerator.device
-        if tracker is None:
-            tracker = self._default_tracker(max(1, self.args.generation_batch_size // self.num_generations), device)
         prompts_per_batch = self.args.generation_batch_size // self.num_generations
+        if tracker is None:
+            tracker = self._default_tracker(max(1, prompts_per_batch), device)
         _check_tracker(tracker, prompt_key, device, prompts_per_batch)
         self._warn_if_unlike_config(tracker)
         self.tracker = tracker
@@ -462,7 +434,7 @@ def _check_tracker(tracker: AdvantageTracker, prompt_key: str, device: torch.dev
 def _column_keys(
     inputs: Sequence[Mapping[str, Any]], column: str, *, hashed: bool, device: torch.device
 ) -> torch.Tensor:
-    """int64 [B]: each example's key from a dataset column: integers as they are, anything else hashed."""
+    """int64 [B]: each example's key from a dataset column (``identity_keys``): integers as they are, else hashed."""
     missing = [index for index, example in enumerate(inputs) if column not in example]
     if missing:
         raise KeyError(
@@ -470,14 +442,18 @@ def _column_keys(
             "prompt_key='prompt_ids' or the name of a column every example has"
         )
     values: List[Any] = [example[column] for example in inputs]
-    if all(isinstance(value, int) and not isinstance(value, bool) for value in values):
-        return torch.tensor(values, dtype=torch.int64, device=device)
-    if not hashed:
+    if not hashed and not all(isinstance(value, int) and not isinstance(value, bool) for value in values):
         raise ValueError(
             f"column {column!r} holds non-integers, but the tracker takes ids (keys='ids'): build it with "
             "keys='hashed' to key prompts by their text"
         )
-    return prompt_keys([canonical_prompt(value) for value in values], device=device)
+    try:
+        return identity_keys(values, device=device)
+    except ValueError as error:
+        raise ValueError(
+            f"column {column!r}: {error}; pass prompt_key='prompt_ids' (the token ids) or the name of a dataset "
+            "column that identifies each prompt"
+        ) from None
 
 
 class TrackedGRPOTrainer(_TrackedAdvantages, trl.GRPOTrainer):

@@ -70,7 +70,7 @@ import torch
 from verl import DataProto
 from verl.trainer.ppo import core_algos
 
-from rail_interview.stat_tracking import AdvantageTracker, canonical_text, presets, prompt_keys, token_keys
+from rail_interview.stat_tracking import AdvantageTracker, identity_keys, presets, token_keys
 
 __all__ = [
     "PRESET_NUM_PROMPTS",
@@ -98,7 +98,6 @@ PRESET_NUM_PROMPTS = 65536
 PRESETS = ("rail_verl_grpo", "rail_verl_rloo")
 
 _SEPARATOR = "/"  # between a uid's stable key and its uuid; no "_", which verl's V1 trainer splits keys on
-_INT64 = np.iinfo(np.int64)
 
 
 class TrackerEstimator:
@@ -434,28 +433,13 @@ def prompt_keys_of(batch: DataProto, column: str = "raw_prompt") -> torch.Tensor
     if column not in batch.non_tensor_batch:
         tensors = [] if batch.batch is None else list(batch.batch.keys())
         raise KeyError(f"the batch has no column {column!r}; it has {sorted(tensors) + sorted(batch.non_tensor_batch)}")
-    values = batch.non_tensor_batch[column]
-    keys = np.zeros(len(values), dtype=np.int64)
-    texts, positions = [], []
-    for position, value in enumerate(values):  # host work, once per prompt
-        if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
-            if not _INT64.min <= int(value) <= _INT64.max:
-                raise ValueError(f"column {column!r}: prompt {position}'s key {value} does not fit int64")
-            keys[position] = int(value)
-            continue
-        if not isinstance(value, str):
-            try:
-                value = canonical_text(value)
-            except (TypeError, ValueError) as error:
-                raise ValueError(
-                    f"column {column!r}: prompt {position} cannot be keyed ({error}); key the prompts by another "
-                    "column (prompt_key_column='index', or a column of prompt ids or strings)"
-                ) from None
-        texts.append(value)
-        positions.append(position)
-    if texts:
-        keys[positions] = prompt_keys(texts).numpy()
-    return torch.from_numpy(keys)
+    try:
+        return identity_keys(batch.non_tensor_batch[column])
+    except ValueError as error:
+        raise ValueError(
+            f"column {column!r}: {error}; key the prompts by another column (prompt_key_column='index', or a "
+            "column of prompt ids or strings)"
+        ) from None
 
 
 def stamp_uids(batch: DataProto, column: str = "raw_prompt") -> np.ndarray:

@@ -21,7 +21,7 @@ from rail_interview.stat_tracking import presets
 from rail_interview.stat_tracking.batch import BatchStatTracker
 from rail_interview.stat_tracking.buffer import BufferStatTracker
 from rail_interview.stat_tracking.ema import EmaStatTracker
-from rail_interview.stat_tracking.keys import KeyTable, canonical_text, prompt_keys, token_keys
+from rail_interview.stat_tracking.keys import KeyTable, canonical_text, identity_keys, prompt_keys, token_keys
 from rail_interview.stat_tracking.prompt_index import PromptIndex, PromptIndexFullError
 from rail_interview.stat_tracking.recording import (
     PromptStatsLog,
@@ -54,6 +54,7 @@ __all__ = [
     "load_prompt_stats",
     "presets",
     "canonical_text",
+    "identity_keys",
     "prompt_keys",
     "token_keys",
     "truncate_prompt_stats",

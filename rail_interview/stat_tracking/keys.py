@@ -44,7 +44,9 @@ from rail_interview.stat_tracking.ops import forced_algorithm, is_compiling, wri
 from rail_interview.stat_tracking.types import Device, resolve_device
 from rail_interview.stat_tracking.validation import check_positive_int, is_integer_dtype
 
-__all__ = ["KeyTable", "KeyAssignment", "canonical_text", "mix64", "prompt_keys", "token_keys"]
+__all__ = ["KeyTable", "KeyAssignment", "canonical_text", "identity_keys", "mix64", "prompt_keys", "token_keys"]
+
+_INT64 = np.iinfo(np.int64)
 
 
 def _signed(value: int) -> int:
@@ -126,6 +128,48 @@ def canonical_text(prompt: Any) -> str:
     if isinstance(prompt, str):
         return prompt
     return json.dumps(prompt, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=_json_value)
+
+
+def identity_keys(values: Sequence[Any], *, device: Device = None) -> torch.Tensor:
+    """Stable int64 keys of a column of prompt identities: integers as they are, anything else by its text.
+
+    What a trainer integration keys prompts by when they come as a dataset
+    column: an integer (a prompt id, Python or NumPy, not a bool) is its own
+    key; anything else gets ``prompt_keys`` of its ``canonical_text``
+    (strings as they are, chat messages as canonical JSON), so the TRL and
+    verl integrations give one prompt one key.
+
+    Args:
+        values: [B] integers, strings or JSON-serialisable values.
+        device: where to put the keys (computed on the host).
+
+    Returns:
+        int64 [B] keys on ``device``.
+
+    Raises:
+        ValueError: for an integer outside int64, or a value without a
+            text form (an image); the message names the prompt's position.
+
+    Example:
+        >>> identity_keys([7, "a cat", [{"role": "user", "content": "a cat"}]])[:2]
+        tensor([                   7, -6711169336525982361])
+    """
+    keys = np.zeros(len(values), dtype=np.int64)
+    texts, positions = [], []
+    for position, value in enumerate(values):  # host work, once per prompt
+        if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+            if not _INT64.min <= int(value) <= _INT64.max:
+                raise ValueError(f"prompt {position}'s key {value} does not fit int64")
+            keys[position] = int(value)
+            continue
+        try:
+            texts.append(canonical_text(value))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"prompt {position} cannot be keyed ({error})") from None
+        positions.append(position)
+    if texts:
+        keys[positions] = prompt_keys(texts).numpy()
+    return torch.from_numpy(keys).to(resolve_device(device))
 
 
 def prompt_keys(prompts: Sequence[str], *, device: Device = None) -> torch.Tensor:
