@@ -401,7 +401,7 @@ def test_preset_defaults(make, options):
         (dict(scale="mad"), "scale must be one of"),
         (dict(fallback="skip"), "fallback must be one of"),
         (dict(nan_rewards="zero"), "nan_rewards must be one of"),
-        (dict(memory="lstm"), "memory must be one of 'none', 'buffer', 'ema'; got 'lstm'"),
+        (dict(memory="lstm"), "memory must be one of 'none', 'buffer', 'ema', 'beta'; got 'lstm'"),
         (dict(memory="ema", decay=True), "decay must lie in"),
         (dict(memory="ema", decay=1.0), "decay must lie in"),
         (dict(memory="buffer", buffer_size=0), "buffer_size must be a positive int"),

@@ -34,7 +34,7 @@ BAD_COMPARE_ARGUMENTS = {
     "unknown_method": (
         ["--methods=batch,ppo"],
         "--methods",
-        "choose from ddpo, trl_grpo, verl_grpo, verl_rloo, flow_grpo, buffer, ema, batch, grpo",
+        "choose from ddpo, trl_grpo, verl_grpo, verl_rloo, flow_grpo, spo, buffer, ema, batch, grpo",
     ),
     "buffer_sizes_without_buffer": (
         ["--methods=batch,ema,grpo", "--buffer_sizes=4,8"],

@@ -26,7 +26,7 @@ from rail_interview.stat_tracking import (
 
 NUM_PROMPTS = 5
 COMMON = {"dtype": torch.float32, "device": None, "check_values": True, "process_group": None, "keys": "ids"}
-PUBLIC = ("ddpo", "trl_grpo", "verl_grpo", "verl_rloo", "flow_grpo")
+PUBLIC = ("ddpo", "trl_grpo", "verl_grpo", "verl_rloo", "flow_grpo", "spo")
 TRAINING = ("buffer", "ema", "batch", "grpo", "dr_grpo", "rloo")
 
 
@@ -128,11 +128,23 @@ def test_names_list_the_public_presets_then_the_training_methods():
         ("verl_grpo", {"norm_adv_by_std": True}),
         ("verl_rloo", {}),
         ("flow_grpo", {"global_std": True}),
+        ("spo", {"rho": 0.875, "repeats": "last"}),
         ("buffer", {"buffer_size": 32, "min_count": 16}),
         ("ema", {"decay": 0.7, "min_count": 16}),
         ("batch", {}),
         *[
-            (name, {"memory": "none", "buffer_size": 32, "decay": 0.7, "min_count": 16, "fallback": "zero"})
+            (
+                name,
+                {
+                    "memory": "none",
+                    "buffer_size": 32,
+                    "decay": 0.7,
+                    "rho": 0.9,
+                    "min_count": 16,
+                    "fallback": "zero",
+                    "include_batch": True,
+                },
+            )
             for name in ("grpo", "dr_grpo", "rloo")
         ],
     ],
@@ -149,7 +161,7 @@ def test_public_presets_pass_other_keywords_on_and_training_methods_refuse_them(
 
 
 def test_options_are_checked_once_by_the_tracker():
-    with pytest.raises(ValueError, match="memory must be one of 'none', 'buffer', 'ema'; got 'lstm'"):
+    with pytest.raises(ValueError, match="memory must be one of 'none', 'buffer', 'ema', 'beta'; got 'lstm'"):
         presets.get("grpo", NUM_PROMPTS, memory="lstm")
     with pytest.raises(ValueError, match="fallback must be one of 'batch', 'raw', 'zero'; got 'mean'"):
         presets.get("dr_grpo", NUM_PROMPTS, fallback="mean")

@@ -14,7 +14,11 @@ An estimator is a baseline, a scale and a fallback:
   (B_s + eps) or ``"none"`` (1);
 * fallback, for a prompt with fewer than ``min_count`` rewards: its (mean,
   std) become the batch's (B_m, B_s) with ``"batch"``, (0, 1) with
-  ``"raw"``, and with ``"zero"`` its advantages are 0.
+  ``"raw"``, and with ``"zero"`` its advantages are 0;
+* and, at the end, an optional normalisation of the advantages over the
+  batch (``"batch"``: ``normalized_advantages``, as SPO does).
+
+``spo_discount`` is SPO's KL-adaptive discount, for the Beta memory.
 
 Dimensions: N samples in a batch, R groups of a batch (the spare one of
 invalid samples included).
@@ -27,13 +31,14 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from rail_interview.stat_tracking.ops import add_at, take, write_at
+from rail_interview.stat_tracking.ops import add_at, batch_mean_std, take, write_at
 from rail_interview.stat_tracking.types import SampleStats, UpdateReport
 
 #: The choices of each estimator option.
 BASELINES = ("prompt_mean", "leave_one_out", "batch_mean")
 SCALES = ("prompt_std", "batch_std", "none")
 FALLBACKS = ("batch", "raw", "zero")
+NORMALIZE = ("none", "batch")
 
 #: A scalar tensor, or a Python number standing for one.
 Scalar = Union[torch.Tensor, float]
@@ -168,6 +173,85 @@ def batch_advantages(
     return advantages
 
 
+def normalized_advantages(
+    advantages: torch.Tensor, valid: Optional[torch.Tensor], *, ddof: int, eps: float
+) -> torch.Tensor:
+    """Whitens advantages over the batch's valid samples: ``(a - mean) / (std + eps)``, invalid ones 0.
+
+    SPO's last step (``(a - a.mean()) / (a.std() + 1e-8)``, with ``ddof=1``).
+    The std is 0 when at most ``ddof`` samples are valid (torch's std of
+    one sample is NaN: here that sample's advantage is 0).
+
+    Args:
+        advantages: float [N] in the compute dtype; invalid samples' must be 0.
+        valid: bool [N], or None for all valid.
+        ddof: the std divides by n - ddof, n the valid samples.
+        eps: added to the std.
+
+    Returns:
+        float [N].
+
+    Example:
+        >>> normalized_advantages(torch.tensor([1.0, 3.0, 0.0]), torch.tensor([True, True, False]), ddof=1, eps=0.0)
+        tensor([-0.7071,  0.7071,  0.0000])
+    """
+    mean, std = batch_mean_std(advantages, valid, ddof=ddof)
+    whitened = (advantages - mean) / (std + eps)
+    return whitened if valid is None else torch.where(valid, whitened, 0)
+
+
+def spo_discount(
+    divergence: torch.Tensor, *, rho_min: float = 0.875, rho_max: float = 0.96, half_life: float = 0.06
+) -> torch.Tensor:
+    """SPO's KL-adaptive discount: ``clamp(2 ** (-D / half_life), rho_min, rho_max)`` per sample.
+
+    ``RayPPOTrainer._get_spo_rho`` in verl's ``recipe/spo/spo_ray_trainer.py``
+    (``rho.type: kl``; ``rho_min`` is its ``rho.clip_lower``), with D the
+    mean over response tokens of ``|log pi_then(y) - log pi_now(y)|`` for the
+    response y stored at the prompt's previous visit (0 at its first): the
+    more the policy moved on that prompt, the less of its old pass count is
+    kept. Pass the result to ``update(..., discount=...)``.
+
+    Args:
+        divergence: float [N], D >= 0.
+        rho_min: the lower clamp.
+        rho_max: the upper clamp (0.96 in SPO).
+        half_life: the D at which rho halves before clamping (0.06 in SPO).
+
+    Returns:
+        float [N] of ``divergence``'s dtype.
+
+    Example:
+        >>> spo_discount(torch.tensor([0.0, 0.01, 1.0]))
+        tensor([0.9600, 0.8909, 0.8750])
+    """
+    return torch.pow(2.0, -divergence / half_life).clamp(min=rho_min, max=rho_max)
+
+
+def equal_groups(group_ids: torch.Tensor, num_groups: int, rewards: torch.Tensor) -> torch.Tensor:
+    """Tells, per group, whether all its rewards are exactly equal (O(N + R), no host sync).
+
+    Args:
+        group_ids: int64 [N], each sample's group in [0, R).
+        num_groups: R.
+        rewards: float [N].
+
+    Returns:
+        bool [R]: True for groups whose rewards are all equal, and for empty groups.
+
+    Example:
+        >>> equal_groups(torch.tensor([0, 0, 1, 1]), 3, torch.tensor([1.0, 1.0, 0.0, 1.0]))
+        tensor([ True, False,  True])
+    """
+    # A group is all equal when no reward differs from one of them (any one:
+    # whichever write wins, the answer is the same).
+    reference = torch.zeros(num_groups, dtype=rewards.dtype, device=rewards.device)  # [R]
+    write_at(reference, group_ids, rewards)
+    differs = rewards != take(reference, group_ids)  # [N]
+    differing = add_at(torch.zeros(num_groups, dtype=torch.int64, device=rewards.device), group_ids, differs.long())
+    return differing == 0
+
+
 def update_report(
     group_ids: torch.Tensor,
     num_groups: int,
@@ -201,14 +285,9 @@ def update_report(
     """
     # A copy: the report must not change when the caller reuses its mask.
     valid = torch.ones_like(group_ids, dtype=torch.bool) if valid is None else valid.clone()
-    # A group is all equal when no reward differs from one of them (any one:
-    # whichever write wins, the answer is the same).
-    reference = torch.zeros(num_groups, dtype=rewards.dtype, device=rewards.device)  # [R]
-    write_at(reference, group_ids, rewards)
-    differs = rewards != take(reference, group_ids)  # [N]
-    differing = add_at(torch.zeros(num_groups, dtype=torch.int64, device=rewards.device), group_ids, differs.long())
-    present = add_at(torch.zeros_like(differing), group_ids, valid.long())[:-1] > 0  # [R - 1]
-    equal = differing == 0  # [R]
+    equal = equal_groups(group_ids, num_groups, rewards)  # [R]
+    present = add_at(torch.zeros(num_groups, dtype=torch.int64, device=rewards.device), group_ids, valid.long())
+    present = present[:-1] > 0  # [R - 1]
     zero_variance = take(equal, group_ids) & valid  # [N]
     groups = present.sum().clamp_min(1).float()
     fraction = (equal[:-1] & present).sum().float() / groups

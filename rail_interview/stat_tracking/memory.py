@@ -1,4 +1,4 @@
-"""What a tracker remembers of each prompt between updates: nothing, a ring buffer, or an EMA.
+"""What a tracker remembers of each prompt between updates: nothing, a ring buffer, an EMA, or a Beta posterior.
 
 A memory takes in a batch of (prompt id, reward) pairs and hands back, for
 each sample of the batch, the statistics of its prompt that an estimator
@@ -16,6 +16,8 @@ that no precision is lost to a later re-centring.
 * ``BufferMemory``: each prompt's last K rewards, as DDPO does.
 * ``EmaMemory``: exponential moving averages of each prompt's mean and
   variance.
+* ``BetaMemory`` (``beta_memory.py``): discounted pass and fail counts, a
+  Beta posterior of each prompt's pass rate, for rewards in [0, 1] (SPO's).
 
 Invalid samples: the tracker maps them to one extra row, id P (their
 rewards set to 0), so that every memory keeps P + 1 rows and never needs a
@@ -27,10 +29,12 @@ Dimensions: N samples in a batch, P prompts, R = P + 1 rows, K buffer slots.
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Mapping, Optional, Protocol, Tuple
 
 import torch
 
+from rail_interview.stat_tracking.beta_memory import BetaMemory
 from rail_interview.stat_tracking.ops import (
     add_at,
     cast,
@@ -48,7 +52,7 @@ from rail_interview.stat_tracking.types import Device, SampleStats
 from rail_interview.stat_tracking.validation import check_count_range, check_positive_int
 
 #: The memories ``make_memory`` builds, by the name ``AdvantageTracker(memory=...)`` takes.
-MEMORIES = ("none", "buffer", "ema")
+MEMORIES = ("none", "buffer", "ema", "beta")
 
 #: The largest buffer_size: the row statistics count entries in float32,
 #: which holds every integer up to 2**24 exactly.
@@ -74,6 +78,8 @@ class Memory(Protocol):
 
     #: The name ``AdvantageTracker(memory=...)`` knows this memory by.
     kind: str
+    #: What ``estimate`` says of a prompt never seen (pass rate, standard error).
+    unseen_estimate: Tuple[float, float]
 
     def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> SampleStats:
         """Takes in a batch and returns its samples' statistics, the batch included.
@@ -91,6 +97,35 @@ class Memory(Protocol):
 
         Returns:
             The batch's ``SampleStats``.
+        """
+
+    def read(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int) -> SampleStats:
+        """Returns each sample's statistics as the memory holds them before the batch; changes nothing.
+
+        What a baseline from the past only reads (``AdvantageTracker(include_batch=False)``),
+        before ``fold`` takes the batch in.
+
+        Args:
+            prompt_ids: int64 [N], ids in [0, P].
+            rewards: float [N] in the compute dtype.
+            ddof: as for ``fold``.
+
+        Returns:
+            ``SampleStats`` in batch order: the prompt's count before the
+            batch, ``rewards`` minus its mean then (0 where it held nothing),
+            its std then (0 where count <= ddof) and ``own_weight`` 0.
+        """
+
+    def estimate(self, prompt_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the pass rate (mean reward), its standard error and the count of some prompts.
+
+        Args:
+            prompt_ids: int64 [M], ids in [0, P).
+
+        Returns:
+            ``dtype`` [M] estimates and standard errors (NaN where the
+            memory holds nothing; see ``types.PromptQuery``) and int64 [M]
+            counts, all new tensors.
         """
 
     def counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
@@ -174,6 +209,7 @@ class NoMemory:
     """
 
     kind = "none"
+    unseen_estimate = (math.nan, math.nan)
 
     def __init__(self, num_prompts: int, *, dtype: torch.dtype, device: torch.device) -> None:
         self._num_prompts = num_prompts
@@ -201,6 +237,17 @@ class NoMemory:
         std = add_at(torch.zeros_like(count), prompt_ids, deviation.square()).div_(count - ddof).sqrt_()  # [R]
         weight = take(count.reciprocal(), prompt_ids) if own_weight else None  # [N]
         return SampleStats(rewards, take(count, prompt_ids), deviation, take(std, prompt_ids), weight, None)
+
+    def read(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int) -> SampleStats:
+        """Nothing held: count 0, deviation the reward itself, std 0 (see ``Memory.read``)."""
+        del ddof
+        zero = torch.zeros_like(rewards)
+        return SampleStats(rewards, torch.zeros_like(prompt_ids), rewards.clone(), zero, zero, None)
+
+    def estimate(self, prompt_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """NaN estimates and zero counts: nothing is remembered (see ``Memory.estimate``)."""
+        nan = torch.full(prompt_ids.shape, float("nan"), dtype=self._dtype, device=prompt_ids.device)
+        return nan, nan.clone(), torch.zeros_like(prompt_ids)
 
     def counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Zeros: nothing is remembered (see ``Memory.counts``)."""
@@ -324,6 +371,7 @@ class BufferMemory:
     """
 
     kind = "buffer"
+    unseen_estimate = (math.nan, math.nan)
 
     def __init__(self, num_prompts: int, buffer_size: int, *, dtype: torch.dtype, device: torch.device) -> None:
         check_positive_int("buffer_size", buffer_size)
@@ -441,6 +489,18 @@ class BufferMemory:
         self._seen.index_fill_(0, rows, 0)
         self._live_buffer().index_fill_(0, rows, 0)
 
+    def read(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int) -> SampleStats:
+        """The mean and std of each sample's buffer before the batch (see ``Memory.read``); reads [N, K]."""
+        count = self.counts(prompt_ids)  # [N]
+        rows = cast(self._live_buffer().index_select(0, prompt_ids), self._compute_dtype)  # [N, K], a copy
+        mean, std = masked_row_mean_std(rows, count, ddof=ddof, overwrite=True)  # pragma: no mutate (memory)
+        return _past_stats(rewards, count, mean, std, ddof)
+
+    def estimate(self, prompt_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The buffer's mean, and its population std over sqrt(count) (see ``Memory.estimate``)."""
+        mean, std, count = self.stats_from_snapshot(self.snapshot(prompt_ids))
+        return mean, std / count.to(std.dtype).sqrt(), count
+
     def counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Rewards in each given prompt's buffer, min(seen, K) (see ``Memory.counts``)."""
         return take(self._seen, prompt_ids).clamp_max(self.buffer_size)
@@ -538,6 +598,7 @@ class EmaMemory:
     """
 
     kind = "ema"
+    unseen_estimate = (math.nan, math.nan)
 
     def __init__(self, num_prompts: int, decay: float, *, dtype: torch.dtype, device: torch.device) -> None:
         # A bool is an int: True (1) and False (0) both fail the range check.
@@ -596,6 +657,22 @@ class EmaMemory:
         for state in (self._mean, self._var, self._count):
             state.index_fill_(0, rows, 0)
 
+    def read(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int) -> SampleStats:
+        """Each sample's moving mean and std before the batch (see ``Memory.read``)."""
+        compute = self._compute_dtype
+        count = take(self._count, prompt_ids)  # [N]
+        mean = cast(take(self._mean, prompt_ids), compute)  # [N]
+        var = cast(take(self._var, prompt_ids), compute)  # [N]
+        if ddof:
+            size = count.to(compute)
+            var = var * size / (size - ddof)
+        return _past_stats(rewards, count, mean, var.sqrt(), ddof)
+
+    def estimate(self, prompt_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The moving mean, and the moving std times sqrt((1 - decay) / (1 + decay)) (see ``Memory.estimate``)."""
+        mean, std, count = self.stats_from_snapshot(self.snapshot(prompt_ids))
+        return mean, std * ((1.0 - self.decay) / (1.0 + self.decay)) ** 0.5, count
+
     def counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Rewards each given prompt has seen (see ``Memory.counts``)."""
         return take(self._count, prompt_ids)
@@ -639,18 +716,35 @@ class EmaMemory:
             raise ValueError(f"{name} state 'var' must be non-negative")
 
 
+def _past_stats(
+    rewards: torch.Tensor, count: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, ddof: int
+) -> SampleStats:
+    """``SampleStats`` of statistics read before a batch: finite where a prompt held too little, no own weight."""
+    deviation = rewards - torch.where(count > 0, mean, 0.0)  # [N]
+    std = torch.where(count > ddof, std, 0.0)  # [N]
+    return SampleStats(rewards, count, deviation, std, torch.zeros_like(rewards), None)
+
+
 def make_memory(
-    kind: str, num_prompts: int, *, buffer_size: int, decay: float, dtype: torch.dtype, device: Device
+    kind: str,
+    num_prompts: int,
+    *,
+    buffer_size: int,
+    decay: float,
+    dtype: torch.dtype,
+    device: Device,
+    repeats: str = "all",
 ) -> Memory:
     """Builds the memory that ``kind`` names.
 
     Args:
-        kind: ``"none"``, ``"buffer"`` or ``"ema"``.
+        kind: ``"none"``, ``"buffer"``, ``"ema"`` or ``"beta"``.
         num_prompts: P.
         buffer_size: K, for ``"buffer"``.
-        decay: for ``"ema"``.
+        decay: for ``"ema"`` and ``"beta"``.
         dtype: floating dtype of the state.
         device: a resolved device.
+        repeats: for ``"beta"``: ``"all"`` or ``"last"`` (see ``BetaMemory``).
 
     Returns:
         The memory.
@@ -664,4 +758,6 @@ def make_memory(
         return BufferMemory(num_prompts, buffer_size, dtype=dtype, device=device)
     if kind == "ema":
         return EmaMemory(num_prompts, decay, dtype=dtype, device=device)
+    if kind == "beta":
+        return BetaMemory(num_prompts, decay, repeats=repeats, dtype=dtype, device=device)
     raise ValueError(f"memory must be one of {', '.join(map(repr, MEMORIES))}; got {kind!r}")

@@ -24,6 +24,7 @@ trl_grpo  none   prompt_mean   per option 1    1e-4 2         zero     TRL's GRP
 verl_grpo none   prompt_mean   prompt_std 1    1e-6 2         raw      verl's compute_grpo_outcome_advantage
 verl_rloo none   leave_one_out none       0    --   2         raw      verl's compute_rloo_outcome_advantage
 flow_grpo none   prompt_mean   batch_std  0    1e-4 2         zero     flow_grpo's PerPromptStatTracker
+spo       beta   past (a)      none (b)   1    --   0         --       verl's SPO recipe (spo_ray_trainer.py)
 buffer    buffer prompt_mean   prompt_std 0    1e-6 16        batch    ddpo (BufferStatTracker)
 ema       ema    prompt_mean   prompt_std 0    1e-6 16        batch    none: this package's EMA
 batch     none   batch_mean    batch_std  0    1e-7 1         batch    none: whole-batch normalisation
@@ -31,6 +32,10 @@ grpo      option prompt_mean   prompt_std 1    1e-6 2 or 16   option   verl's GR
 dr_grpo   option prompt_mean   none       1    --   2 or 16   option   verl's Dr. GRPO
 rloo      option leave_one_out none       0    --   2 or 16   option   verl's RLOO
 ========= ====== ============= ========== ==== ==== ========= ======== =====================================
+
+(a) the prompt's mean from the memory before the batch
+(``include_batch=False``); (b) then the advantages are whitened over the
+batch (``normalize="batch"``, ``normalize_eps=1e-8``).
 
 ``grpo``, ``dr_grpo`` and ``rloo`` are ``verl_grpo``,
 ``verl_grpo(norm_adv_by_std=False)`` and ``verl_rloo`` with a choice of
@@ -78,6 +83,7 @@ __all__ = [
     "parameters",
     "register",
     "rloo",
+    "spo",
     "trl_grpo",
     "verl_grpo",
     "verl_rloo",
@@ -432,6 +438,89 @@ def flow_grpo(
     )
 
 
+@register("spo")
+def spo(
+    num_prompts: int,
+    rho: float = 0.875,
+    repeats: str = "last",
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: Device = None,
+    check_values: bool = True,
+    process_group: ProcessGroup = None,
+    keys: str = "ids",
+    **options: Any,
+) -> AdvantageTracker:
+    """SPO's advantages and per-prompt Beta tracker (verl recipe ``spo/spo_ray_trainer.py``).
+
+    Transcribed from ``RayPPOTrainer.fit`` at volcengine/verl commit
+    4b2b36432e8ffa463894edd21ec4f9822412905a (``tests/system_references.py``,
+    ``SpoBetaTracker``). Per sample, with its prompt's alpha and beta as they
+    were before the batch: ``a = r - alpha / (alpha + beta)``; then over the
+    whole batch ``(a - mean(a)) / (std(a) + 1e-8)`` with torch's unbiased
+    std. Then every reward is folded in: ``alpha <- rho * alpha + r``,
+    ``beta <- rho * beta + (1 - r)``, with ``repeats="last"`` as in the
+    reference: each sample's update is computed from the state before the
+    batch and the last one written stands, so a prompt repeated in a batch
+    keeps only its last sample's reward. ``repeats="all"`` folds every
+    sample instead. SPO samples one answer per prompt, where the two agree.
+
+    The discount is ``rho`` (``rho.type: constant``; ``rho.value`` is 0.875
+    in SPO's config), or per sample: pass
+    ``update(..., discount=functional.spo_discount(D))`` for SPO's default
+    KL-adaptive rho (``rho.type: kl``), D measured by the trainer on each
+    prompt's previous response. Rows start at alpha = beta = 0.5, SPO's
+    prior without offline data (``offline_N: 0``); set SPO's offline prior
+    with ``tracker.set_prior(ids, successes, offline_n, strength=1 / (1 -
+    rho_min))``. Prompt selection by ``sqrt(p (1 - p)) + 0.05`` is
+    ``sampling.PromptSampler(rule="spo")``.
+
+    Departures: a batch with one valid sample gets advantage 0 (torch's std
+    of one sample is NaN there); invalid samples (``valid``, or NaN with
+    ``nan_rewards="invalid"``) get 0, stay out of the mean and std and of
+    memory (the reference has no such samples); rewards outside [0, 1] are
+    refused with ``check_values`` (the reference takes them as they are).
+    The reference keeps alpha and beta in float32 tensors rounded through
+    ``.item()``; here they are in ``dtype`` (float64 matches its float64
+    transcription to rounding).
+
+    Args:
+        num_prompts: P, ids in [0, P).
+        rho: the discount of every reward, in (0, 1], unless ``update`` is given ``discount``.
+        repeats: ``"last"`` (the reference's) or ``"all"``.
+        dtype, device, check_values, process_group, keys: as for ``AdvantageTracker``.
+        **options: other ``AdvantageTracker`` keywords.
+
+    Returns:
+        The tracker.
+
+    Example:
+        >>> tracker = spo(2, rho=0.9, dtype=torch.float64)
+        >>> tracker.update(torch.tensor([0, 1, 1]), torch.tensor([1.0, 0.0, 1.0]))  # p_hat 0.5 for both
+        tensor([ 0.5774, -1.1547,  0.5774], dtype=torch.float64)
+        >>> tracker.state_dict()["alpha"]  # 0.9 * 0.5 + r, prompt 1's last sample standing
+        tensor([1.4500, 1.4500], dtype=torch.float64)
+    """
+    return _build(
+        num_prompts,
+        dict(
+            memory="beta",
+            decay=rho,
+            repeats=repeats,
+            baseline="prompt_mean",
+            scale="none",
+            ddof=1,
+            min_count=0,
+            fallback="zero",
+            include_batch=False,
+            normalize="batch",
+            normalize_eps=1e-8,
+            **_common(dtype, device, check_values, process_group, keys),
+        ),
+        options,
+    )
+
+
 @register("buffer")
 def buffer(
     num_prompts: int,
@@ -526,8 +615,10 @@ def _grpo_family(name: str, build: Callable[..., AdvantageTracker], summary: str
         memory: str = "none",
         buffer_size: int = 32,
         decay: float = 0.7,
+        rho: float = 0.9,
         min_count: int = 16,
         fallback: str = "zero",
+        include_batch: bool = True,
         dtype: torch.dtype = torch.float32,
         device: Device = None,
         check_values: bool = True,
@@ -540,6 +631,10 @@ def _grpo_family(name: str, build: Callable[..., AdvantageTracker], summary: str
             options.update(buffer_size=buffer_size, min_count=min_count)
         elif memory == "ema":
             options.update(decay=decay, min_count=min_count)
+        elif memory == "beta":
+            options.update(decay=rho, min_count=min_count)
+        if not include_batch:
+            options.update(include_batch=False)
         return build(
             num_prompts, fallback=fallback, **options, **_common(dtype, device, check_values, process_group, keys)
         )
@@ -551,12 +646,17 @@ def _grpo_family(name: str, build: Callable[..., AdvantageTracker], summary: str
         num_prompts: P.
         memory: where a prompt's group statistics come from: ``"none"`` (its
             samples in this batch, as verl and TRL), ``"buffer"`` (its last
-            ``buffer_size`` rewards) or ``"ema"`` (moving averages with
-            ``decay``); the batch is always included.
+            ``buffer_size`` rewards), ``"ema"`` (moving averages with
+            ``decay``) or ``"beta"`` (a Beta posterior of the pass rate,
+            discounted by ``rho``: rewards in [0, 1]).
         buffer_size: K, rewards kept per prompt with ``memory="buffer"``.
         decay: weight kept by the old statistics with ``memory="ema"``.
+        rho: the discount of every reward with ``memory="beta"``, in (0, 1].
         min_count: rewards a prompt's memory needs; without memory a group
             needs 2, as in verl.
+        include_batch: whether a prompt's statistics include this batch (as
+            GRPO's do), or come from its memory before it (False: the
+            baseline from the past only, as SPO's; needs a memory).
         fallback: what a prompt with too few rewards gets: ``"zero"`` (TRL's
             rule for a group of one), ``"raw"`` (verl's: its raw reward) or
             ``"batch"`` (DDPO's: the whole batch's statistics).

@@ -54,37 +54,61 @@ slots, M prompts asked about.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from rail_interview.stat_tracking.distributed import gather_batch
+from rail_interview.stat_tracking.distributed import all_gather_single, gather_batch
 from rail_interview.stat_tracking.functional import (
     BASELINES,
     FALLBACKS,
+    NORMALIZE,
     SCALES,
     batch_advantages,
+    equal_groups,
     fallback_advantages,
+    normalized_advantages,
     prompt_advantages,
     update_report,
 )
 from rail_interview.stat_tracking.keys import KeyTable
 from rail_interview.stat_tracking.memory import Memory, make_memory
-from rail_interview.stat_tracking.ops import batch_mean_std, cast, compute_dtype
-from rail_interview.stat_tracking.types import Device, TrackerStats, UpdateReport, resolve_device
+from rail_interview.stat_tracking.ops import batch_mean_std, cast, compute_dtype, take, write_at
+from rail_interview.stat_tracking.types import (
+    Device,
+    PromptQuery,
+    SampleStats,
+    TrackerStats,
+    UpdateReport,
+    resolve_device,
+)
 from rail_interview.stat_tracking.validation import (
     check_batch,
+    check_discount_tensor,
     check_id_range,
+    check_prior_counts,
+    check_prior_values,
     check_prompt_ids,
     check_rewards,
     check_state_dict,
     check_tracker_options,
+    check_unit_rewards,
     convert_batch,
     refuse_compiled_value_checks,
     warn_at_caller,
 )
 
-__all__ = ["AdvantageTracker", "BASELINES", "COMMON_OPTIONS", "FALLBACKS", "KEYS", "NAN_REWARDS", "SCALES"]
+__all__ = [
+    "AdvantageTracker",
+    "BASELINES",
+    "COMMON_OPTIONS",
+    "FALLBACKS",
+    "KEYS",
+    "NAN_REWARDS",
+    "NORMALIZE",
+    "SCALES",
+]
 
 #: The choices of the options that are not the estimator's.
 NAN_REWARDS = ("refuse", "invalid")
@@ -251,6 +275,11 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         check_values: bool = True,
         process_group: Optional["torch.distributed.ProcessGroup"] = None,
         keys: str = "ids",
+        repeats: str = "all",
+        include_batch: bool = True,
+        normalize: str = "none",
+        normalize_eps: float = 1e-8,
+        track_streaks: bool = False,
     ) -> None:
         choices = dict(
             keys=(keys, KEYS),
@@ -258,9 +287,20 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             scale=(scale, SCALES),
             fallback=(fallback, FALLBACKS),
             nan_rewards=(nan_rewards, NAN_REWARDS),
+            normalize=(normalize, NORMALIZE),
         )
         check_tracker_options(
-            num_prompts, eps=eps, dtype=dtype, choices=choices, ddof=ddof, min_count=min_count, baseline=baseline
+            num_prompts,
+            eps=eps,
+            dtype=dtype,
+            choices=choices,
+            ddof=ddof,
+            min_count=min_count,
+            baseline=baseline,
+            memory=memory,
+            include_batch=include_batch,
+            normalize_eps=normalize_eps,
+            track_streaks=track_streaks,
         )
         self._num_prompts, self._eps, self._dtype = num_prompts, float(eps), dtype
         self._device = resolve_device(device)
@@ -268,9 +308,18 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         self.check_values = check_values
         self._process_group = process_group
         self._memory: Memory = make_memory(
-            memory, num_prompts, buffer_size=buffer_size, decay=decay, dtype=dtype, device=self._device
+            memory,
+            num_prompts,
+            buffer_size=buffer_size,
+            decay=decay,
+            dtype=dtype,
+            device=self._device,
+            repeats=repeats,
         )
-        if memory != "none" and scale == "prompt_std" and min_count < 2:
+        self._include_batch, self._normalize, self._normalize_eps = include_batch, normalize, float(normalize_eps)
+        # Each row's run of zero-variance visits (row P, the spare, included), or None.
+        self._streak = torch.zeros(num_prompts + 1, dtype=torch.int64, device=self._device) if track_streaks else None
+        if memory not in ("none", "beta") and scale == "prompt_std" and min_count < 2:
             warn_at_caller(
                 f"min_count={min_count}: a prompt's own statistics are used from its first reward, when its "
                 "std is 0 or rests on one or two rewards, so advantages can reach |reward - mean| / eps "
@@ -284,13 +333,23 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         self._needs_fold = not (batch_only and min_count <= 1)  # pragma: no mutate (fork)
         self._needs_batch = baseline == "batch_mean" or scale == "batch_std" or fallback == "batch"
         # A tracker that keeps nothing per prompt needs no table, only to accept any key.
-        self._table = KeyTable(num_prompts, device=self._device) if keys == "hashed" and self._needs_fold else None
-        # Invalid samples sit in row P with reward 0, whose mean is 0 in every
-        # memory, so their advantage is 0 / scale, exactly 0, unless the batch's
-        # mean enters it (a batch baseline or fallback) or the scale can be 0
-        # (a std with eps 0): only then are they masked at the end.
+        keeps_rows = self._needs_fold or track_streaks
+        self._table = KeyTable(num_prompts, device=self._device) if keys == "hashed" and keeps_rows else None
+        # Invalid samples sit in row P with reward 0, whose mean is 0 in the
+        # buffer and EMA, so their advantage is 0 / scale, exactly 0, unless the
+        # batch's mean enters it (a batch baseline or fallback, a batch
+        # normalisation), the scale can be 0 (a std with eps 0), or row P's
+        # mean is not 0 (the Beta memory's prior, or a read before the batch):
+        # only then are they masked at the end.
         zero_scale = scale != "none" and self._eps == 0  # pragma: no mutate (fork)
-        self._mask_invalid = baseline == "batch_mean" or fallback == "batch" or zero_scale  # pragma: no mutate (fork)
+        self._mask_invalid = (  # pragma: no mutate (fork)
+            baseline == "batch_mean"
+            or fallback == "batch"
+            or zero_scale
+            or memory == "beta"
+            or not include_batch
+            or normalize != "none"
+        )
 
     # Options, read-only: changing one would change what the state means.
 
@@ -321,8 +380,28 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
 
     @property
     def memory(self) -> str:
-        """``"none"``, ``"buffer"`` or ``"ema"``."""
+        """``"none"``, ``"buffer"``, ``"ema"`` or ``"beta"``."""
         return self._memory.kind
+
+    @property
+    def include_batch(self) -> bool:
+        """Whether a sample's statistics include this batch (False: from the memory before it)."""
+        return self._include_batch
+
+    @property
+    def normalize(self) -> str:
+        """``"none"``, or ``"batch"``: the advantages whitened over the batch's valid samples at the end."""
+        return self._normalize
+
+    @property
+    def normalize_eps(self) -> float:
+        """Added to the advantages' std before the batch normalisation divides by it."""
+        return self._normalize_eps
+
+    @property
+    def track_streaks(self) -> bool:
+        """Whether each prompt's run of zero-variance visits is kept (``query().streak``)."""
+        return self._streak is not None
 
     @property
     def baseline(self) -> str:
@@ -362,12 +441,20 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
     def __repr__(self) -> str:
         names = self._repr_options
         if names is None:
-            own = {"buffer": ("buffer_size",), "ema": ("decay",)}.get(self.memory, ())
+            own = {"buffer": ("buffer_size",), "ema": ("decay",), "beta": ("decay", "repeats")}.get(self.memory, ())
             names = ("num_prompts", "memory", *own, "baseline", "scale", "ddof", "eps", "min_count", "fallback")
             names += ("nan_rewards", "keys", "dtype", "device")
+            # The options added with the Beta memory, shown where they are not their defaults.
+            if not self._include_batch:
+                names += ("include_batch",)
+            if self._normalize != "none":
+                names += ("normalize", "normalize_eps")
+            if self.track_streaks:
+                names += ("track_streaks",)
         values = {
             "buffer_size": getattr(self._memory, "buffer_size", None),
             "decay": getattr(self._memory, "decay", None),
+            "repeats": getattr(self._memory, "repeats", None),
         }
         shown = (values[name] if name in values else getattr(self, name) for name in names)
         fields = (
@@ -398,7 +485,12 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
     # Updates.
 
     def update(
-        self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor] = None
+        self,
+        prompt_ids: torch.Tensor,
+        rewards: torch.Tensor,
+        valid: Optional[torch.Tensor] = None,
+        *,
+        discount: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Adds a batch of rewards to the statistics and returns its advantages.
 
@@ -406,11 +498,16 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             prompt_ids: integer [N], the prompt id of each sample, in [0, P)
                 (any int64 keys with ``keys="hashed"``).
             rewards: float or integer [N], the reward of each sample (integer
-                rewards are converted to ``dtype``, never truncated).
+                rewards are converted to ``dtype``, never truncated); in
+                [0, 1] with the Beta memory.
             valid: bool [N], False for samples that must not count (never
                 enter memory or any statistic, and get advantage 0), or
                 None for all valid. With a process group, pass it on every
                 rank or on none.
+            discount: float [N] in (0, 1], each sample's discount rho, in
+                place of ``decay`` (the Beta memory only: SPO's KL-adaptive
+                rho, ``functional.spo_discount``), or None. With a process
+                group, pass it on every rank or on none.
 
         Returns:
             ``dtype`` [N], the advantage of each sample, on ``device``.
@@ -428,11 +525,18 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
                 (unless the tracker takes NaN as unscorable:
                 ``nan_rewards="invalid"``). With a process group, see
                 ``distributed.gather_batch`` for how the ranks agree.
+                With the Beta memory, a reward outside [0, 1] (or a
+                discount outside (0, 1]) is refused as a non-finite one is.
         """
-        return self._dispatch(prompt_ids, rewards, valid, report=False)
+        return self._dispatch(prompt_ids, rewards, valid, discount, report=False)
 
     def update_with_report(
-        self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor] = None
+        self,
+        prompt_ids: torch.Tensor,
+        rewards: torch.Tensor,
+        valid: Optional[torch.Tensor] = None,
+        *,
+        discount: Optional[torch.Tensor] = None,
     ) -> UpdateReport:
         """``update``, and what it did to each sample (see ``UpdateReport``).
 
@@ -442,6 +546,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             prompt_ids: as for ``update``.
             rewards: as for ``update``.
             valid: as for ``update``.
+            discount: as for ``update``.
 
         Returns:
             The ``UpdateReport``; with a process group, of this rank's samples
@@ -450,16 +555,27 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         Raises:
             TypeError, ValueError: as ``update``.
         """
-        return self._dispatch(prompt_ids, rewards, valid, report=True)
+        return self._dispatch(prompt_ids, rewards, valid, discount, report=True)
 
     def _dispatch(
-        self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor], report: bool
+        self,
+        prompt_ids: torch.Tensor,
+        rewards: torch.Tensor,
+        valid: Optional[torch.Tensor],
+        discount: Optional[torch.Tensor],
+        report: bool,
     ) -> Union[torch.Tensor, UpdateReport]:
         """Validates, then runs ``_update`` here or on the batch gathered from every rank."""
         if self._process_group is None:
-            return self._update(*self._validate_inputs(prompt_ids, rewards, valid), report)
+            prompt_ids, rewards, valid = self._validate_inputs(prompt_ids, rewards, valid, discount)
+            return self._update(prompt_ids, rewards, valid, report, discount)
+
+        def validate(ids: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor]):
+            """``_validate_inputs`` with this rank's discount."""
+            return self._validate_inputs(ids, values, mask, discount)
+
         *gathered, mine = gather_batch(
-            self._validate_inputs,
+            validate,
             prompt_ids,
             rewards,
             valid,
@@ -467,11 +583,19 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             device=self._device,
             check_values=self.check_values,
         )
-        result = self._update(*gathered, report)  # [W * N]
+        if discount is not None:
+            whole = torch.empty(len(gathered[0]), dtype=discount.dtype, device=self._device)  # [W * N]
+            all_gather_single(whole, discount.contiguous(), group=self._process_group)
+            discount = whole
+        result = self._update(*gathered, report, discount)  # [W * N]
         return result.local(mine) if report else result[mine]
 
     def _validate_inputs(
-        self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor] = None
+        self,
+        prompt_ids: torch.Tensor,
+        rewards: torch.Tensor,
+        valid: Optional[torch.Tensor] = None,
+        discount: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Checks the inputs of ``update`` and converts them to int64 ids and ``dtype`` rewards.
 
@@ -479,17 +603,27 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             TypeError, ValueError: as documented in ``update``.
         """
         check_batch(prompt_ids, rewards, valid, self._device)
+        if discount is not None:
+            check_discount_tensor(discount, len(prompt_ids), self._device, self.memory)
         if self.check_values:
             refuse_compiled_value_checks(type(self).__name__, "update")
         prompt_ids, rewards = convert_batch(prompt_ids, rewards, self._dtype)
         if self.check_values and prompt_ids.numel() > 0:
             if self._keys == "ids":
                 check_id_range(prompt_ids, self._num_prompts)
-            check_rewards(rewards, nan_is_invalid=self._nan_rewards == "invalid", compute_dtype=self._compute_dtype)
+            nan_is_invalid = self._nan_rewards == "invalid"
+            check_rewards(rewards, nan_is_invalid=nan_is_invalid, compute_dtype=self._compute_dtype)
+            if self.memory == "beta":
+                check_unit_rewards(rewards, valid, discount)
         return prompt_ids, rewards, valid
 
     def _update(
-        self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor], report: bool
+        self,
+        prompt_ids: torch.Tensor,
+        rewards: torch.Tensor,
+        valid: Optional[torch.Tensor],
+        report: bool,
+        discount: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, UpdateReport]:
         """Does the work of ``update`` on validated inputs.
 
@@ -498,6 +632,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             rewards: ``dtype`` [N] on ``device``.
             valid: bool [N] on ``device``, or None for all valid.
             report: return an ``UpdateReport`` instead of the advantages.
+            discount: float [N], each sample's rho (Beta memory), or None.
 
         Returns:
             ``dtype`` [N], the advantages, or their ``UpdateReport``.
@@ -519,12 +654,12 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             batch_mean, batch_std = batch_mean_std(rewards, valid, ddof=self._ddof)
         options = dict(scale=self._scale, eps=self._eps, batch_mean=batch_mean, batch_std=batch_std)
         fallback = None
+        if self._streak is not None:
+            self._count_streaks(rows.rows, rows.rewards)
         if not self._needs_fold:
             advantages = batch_advantages(rewards, **options)
         else:
-            stats = self._memory.fold(
-                rows.rows, rows.rewards, ddof=self._ddof, own_weight=self._baseline == "leave_one_out"
-            )
+            stats = self._fold(rows.rows, rows.rewards, discount)
             advantages, fallback = prompt_advantages(
                 stats,
                 baseline=self._baseline,
@@ -540,12 +675,44 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             fallback = None if fallback is None else fallback | rows.overflow
         if valid is not None and self._mask_invalid:
             advantages = torch.where(valid, advantages, 0)
+        if self._normalize == "batch":
+            advantages = normalized_advantages(advantages, valid, ddof=self._ddof, eps=self._normalize_eps)
         advantages = cast(advantages, self._dtype)
         if not report:
             return advantages
         if rows.groups is None:
             return update_report(rows.rows, rows.num_groups, rows.rewards, valid, advantages, fallback)
         return update_report(rows.groups, rows.num_groups, rewards, valid, advantages, fallback)
+
+    def _fold(self, rows: torch.Tensor, rewards: torch.Tensor, discount: Optional[torch.Tensor]) -> SampleStats:
+        """Folds the batch into memory; returns the statistics after it, or before it without ``include_batch``.
+
+        Args:
+            rows: int64 [N], each sample's row; P for samples out of memory.
+            rewards: float [N] in the compute dtype, 0 for samples out of memory.
+            discount: float [N], each sample's rho (Beta memory), or None.
+
+        Returns:
+            The samples' ``SampleStats``.
+        """
+        extra = {} if discount is None else {"discount": cast(discount, self._compute_dtype)}
+        own_weight = self._baseline == "leave_one_out"
+        if self._include_batch:
+            return self._memory.fold(rows, rewards, ddof=self._ddof, own_weight=own_weight, **extra)
+        past = self._memory.read(rows, rewards, ddof=self._ddof)
+        self._memory.fold(rows, rewards, ddof=self._ddof, own_weight=False, **extra)
+        return past
+
+    def _count_streaks(self, rows: torch.Tensor, rewards: torch.Tensor) -> None:
+        """Adds this batch's visits to each row's run of zero-variance visits (O(N + P), no host sync).
+
+        Args:
+            rows: int64 [N], each sample's row; P (never reported) for samples out of memory.
+            rewards: float [N], 0 for samples out of memory.
+        """
+        equal = equal_groups(rows, self._num_prompts + 1, rewards)  # [R]
+        streak = take(self._streak, rows)  # [N]
+        write_at(self._streak, rows, torch.where(take(equal, rows), streak + 1, 0))
 
     def _rows(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor]) -> _Rows:
         """Maps a batch to memory rows: its ids, or its keys' rows in the table.
@@ -568,7 +735,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         if self._table is not None:
             assignment = self._table.assign(prompt_ids, valid)
             if assignment.fresh.numel():  # pragma: no mutate (empty)
-                self._memory.reset_rows(assignment.fresh)
+                self._reset_rows(assignment.fresh)
             prompt_ids, overflow = assignment.rows, assignment.overflow
             groups, num_groups = assignment.group, assignment.num_groups
             if overflow is not None:
@@ -678,6 +845,125 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         counts = self._memory.counts(rows.clamp_min(0))
         return (rows < 0) | (counts < self._min_count)
 
+    def query(self, prompt_ids: torch.Tensor) -> PromptQuery:
+        """Says what memory holds of some prompts: pass rate, its uncertainty, count and zero-variance streak.
+
+        Read-only (no state changes, not even the key table's recency) and
+        without a host sync (with ``check_values`` off), so a prompt sampler
+        can call it every step (``sampling.PromptSampler``).
+
+        Args:
+            prompt_ids: integer [M] tensor on ``device``: ids in [0, P), or
+                keys with ``keys="hashed"`` (a key not in the table reads as
+                a prompt never seen: NaN, or the Beta memory's default prior).
+
+        Returns:
+            The ``PromptQuery`` of [M] tensors; ``streak`` is None unless
+            the tracker was built with ``track_streaks=True``.
+
+        Raises:
+            TypeError, ValueError: for bad ids, as ``stats``.
+
+        Example:
+            >>> tracker = AdvantageTracker(3, "buffer", buffer_size=4)
+            >>> _ = tracker.update(torch.tensor([0, 0, 1]), torch.tensor([1.0, 0.0, 1.0]))
+            >>> tracker.query(torch.tensor([0, 2]))
+            PromptQuery(pass_rate=tensor([0.5000,    nan]), uncertainty=tensor([0.3536,    nan]), \
+count=tensor([2, 0]), streak=None)
+        """
+        prompt_ids = self._validate_prompt_ids(prompt_ids, "query")
+        if self._table is None:
+            pass_rate, uncertainty, count = self._memory.estimate(prompt_ids)
+            streak = None if self._streak is None else take(self._streak, prompt_ids)
+            return PromptQuery(pass_rate, uncertainty, count, streak)
+        rows = self._table.lookup(prompt_ids)  # [M], -1 for keys not in the table
+        absent = rows < 0
+        # A key not in the table reads as the spare row P freshly reset: it is
+        # reset before every fold, so read a fresh memory's answer instead.
+        pass_rate, uncertainty, count = self._memory.estimate(rows.clamp_min(0))
+        fresh_rate, fresh_uncertainty = self._memory.unseen_estimate
+        pass_rate = torch.where(absent, fresh_rate, pass_rate)
+        uncertainty = torch.where(absent, fresh_uncertainty, uncertainty)
+        count = torch.where(absent, 0, count)
+        streak = None if self._streak is None else torch.where(absent, 0, take(self._streak, rows.clamp_min(0)))
+        return PromptQuery(pass_rate, uncertainty, count, streak)
+
+    def set_prior(
+        self,
+        prompt_ids: torch.Tensor,
+        successes: torch.Tensor,
+        trials: torch.Tensor,
+        *,
+        strength: Optional[Union[float, torch.Tensor]] = None,
+    ) -> None:
+        """Sets the Beta memory's prior of some prompts from offline pass counts (SPO's offline estimate).
+
+        For each prompt, with s successes in n trials::
+
+            alpha = strength * (s + 0.5) / (n + 1),  beta = strength * (n - s + 0.5) / (n + 1)
+
+        a mean of (s + 0.5) / (n + 1) (Jeffreys' half counts) worth
+        ``strength`` rewards (alpha + beta); ``strength=None`` means n + 1,
+        the Jeffreys posterior itself (alpha = s + 0.5, beta = n - s + 0.5).
+        SPO uses ``strength = 1 / (1 - rho_min)`` (8 at its default rho_min
+        0.875) with n its ``offline_N`` for every prompt, counting missing
+        scores as failures. The prompts' counts and streaks become 0. With
+        hashed keys, each key takes a row of the table (as ``update`` would
+        give it, evicting the least recently seen when full), and a key
+        evicted later comes back with the default prior.
+
+        Args:
+            prompt_ids: integer [M] on ``device``, distinct ids in [0, P) (or keys).
+            successes: float or integer [M], s, in [0, n].
+            trials: float or integer [M], n >= 0.
+            strength: a positive number, or a float [M] tensor, or None.
+
+        Raises:
+            ValueError: if the memory is not ``"beta"``, or (with
+                ``check_values``) an id is out of range or repeated, more
+                keys are given than the table has rows, or the counts or
+                strength are out of range. The state is then unchanged.
+            TypeError: for tensors of the wrong kind.
+
+        Example:
+            >>> tracker = AdvantageTracker(2, "beta", decay=0.9)
+            >>> tracker.set_prior(torch.tensor([1]), torch.tensor([3]), torch.tensor([4]))
+            >>> tracker.query(torch.tensor([0, 1])).pass_rate  # the default prior, then 3.5 / 5
+            tensor([0.5000, 0.7000])
+        """
+        if self.memory != "beta":
+            raise ValueError(
+                f"set_prior needs memory='beta' (a Beta posterior per prompt); this tracker's is {self.memory!r}"
+            )
+        prompt_ids = self._validate_prompt_ids(prompt_ids, "set_prior")
+        if len(prompt_ids) > self._num_prompts:
+            raise ValueError(f"set_prior: {len(prompt_ids)} prompts do not fit the tracker's {self._num_prompts} rows")
+        compute = self._compute_dtype
+        successes, trials = check_prior_counts(prompt_ids, successes, trials, self._device, compute)
+        if strength is None:
+            strength = trials + 1.0
+        elif isinstance(strength, torch.Tensor):
+            strength = check_prior_counts(prompt_ids, strength, strength, self._device, compute)[0]
+        elif isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength < math.inf:
+            raise ValueError(
+                f"set_prior: strength must be a finite positive number, a tensor or None, got {strength!r}"
+            )
+        if self.check_values and prompt_ids.numel():
+            check_prior_values(prompt_ids, successes, trials, strength, self._table is not None, self._num_prompts)
+        if prompt_ids.numel() == 0:  # pragma: no mutate (empty)
+            return
+        rows = prompt_ids
+        if self._table is not None:
+            assignment = self._table.assign(prompt_ids)
+            if assignment.fresh.numel():  # pragma: no mutate (empty)
+                self._reset_rows(assignment.fresh)
+            rows = assignment.rows
+        alpha = strength * (successes + 0.5) / (trials + 1.0)
+        beta = strength * (trials - successes + 0.5) / (trials + 1.0)
+        self._memory.set_prior(rows, alpha, beta)
+        if self._streak is not None:
+            self._streak.index_fill_(0, rows, 0)
+
     def _validate_prompt_ids(self, prompt_ids: torch.Tensor, method: str) -> torch.Tensor:
         """Checks ids given to ``stats`` or ``fallback_mask`` as ``update`` checks its own; int64 [M] back."""
         prompt_ids = check_prompt_ids(prompt_ids, method, self._device)
@@ -724,6 +1010,8 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
     def _state_tensors(self) -> Dict[str, torch.Tensor]:
         """The state tensors by name: the live ones, or views built from them."""
         state = self._memory.state_tensors()
+        if self._streak is not None:
+            state["streak"] = self._streak[:-1]
         if self._table is not None:
             state.update(self._table.state_tensors())
         return state
@@ -731,11 +1019,21 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
     def _check_state_values(self, state: Mapping[str, torch.Tensor]) -> None:
         """Raises ValueError if a candidate state (of the right shapes and dtypes) breaks an invariant."""
         self._memory.check_state_values(state, type(self).__name__)
+        if self._streak is not None and (state["streak"] < 0).any():
+            raise ValueError(f"{type(self).__name__} state 'streak' must be non-negative")
         if self._table is not None:
             self._table.check_state_values(state, type(self).__name__)
 
     def _assign_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Copies a checked state into the live state tensors, in place."""
         self._memory.assign_state(state)
+        if self._streak is not None:
+            self._streak[:-1].copy_(state["streak"])
         if self._table is not None:
             self._table.load(state)
+
+    def _reset_rows(self, rows: torch.Tensor) -> None:
+        """Forgets everything some rows hold: memory and streak (keys evicted from the table)."""
+        self._memory.reset_rows(rows)
+        if self._streak is not None:
+            self._streak.index_fill_(0, rows, 0)

@@ -111,6 +111,46 @@ class UpdateReport(NamedTuple):
         )
 
 
+class PromptQuery(NamedTuple):
+    """What a tracker's memory says of some prompts, as returned by ``AdvantageTracker.query``.
+
+    Read-only and on the tracker's device: ``query`` changes no state and
+    costs no host sync, so a prompt sampler can read it every step.
+
+    Attributes:
+        pass_rate: float [M], the memory's estimate of the prompt's mean
+            reward (its pass rate, with pass/fail rewards): the Beta
+            memory's ``alpha / (alpha + beta)`` (its prior's before any
+            reward), the buffer's mean, the EMA's mean; NaN where the memory
+            holds nothing for the prompt (always, without memory).
+        uncertainty: float [M], the standard error of that estimate: the
+            Beta posterior's std ``sqrt(alpha * beta / ((alpha + beta)**2
+            (alpha + beta + 1)))``, the buffer's population std over
+            ``sqrt(count)``, the EMA's std times ``sqrt((1 - decay) / (1 +
+            decay))`` (the std of a moving average of independent rewards);
+            NaN where ``pass_rate`` is.
+        count: int64 [M], the rewards the memory has folded in for the
+            prompt (at most K for a buffer; 0 without memory).
+        streak: int64 [M], how many of the prompt's latest visits in a row
+            (updates where it had a valid sample) had all its valid rewards
+            exactly equal: 0 after a visit with differing rewards; or None
+            when the tracker does not track streaks (``track_streaks``).
+
+    Example:
+        >>> from rail_interview.stat_tracking import AdvantageTracker
+        >>> tracker = AdvantageTracker(2, "beta", decay=1.0, track_streaks=True)
+        >>> _ = tracker.update(torch.tensor([0, 0]), torch.tensor([1.0, 1.0]))
+        >>> query = tracker.query(torch.tensor([0, 1]))
+        >>> query.pass_rate, query.count, query.streak  # the prior: alpha = beta = 0.5
+        (tensor([0.8333, 0.5000]), tensor([2, 0]), tensor([1, 0]))
+    """
+
+    pass_rate: torch.Tensor
+    uncertainty: torch.Tensor
+    count: torch.Tensor
+    streak: Optional[torch.Tensor]
+
+
 class SampleStats(NamedTuple):
     """What a memory hands the estimator: each sample's prompt statistics, the batch included.
 

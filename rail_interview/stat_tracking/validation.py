@@ -64,6 +64,10 @@ def check_tracker_options(
     ddof: int,
     min_count: int,
     baseline: str,
+    memory: str = "none",
+    include_batch: bool = True,
+    normalize_eps: float = 0.0,
+    track_streaks: bool = False,
 ) -> None:
     """Raises ValueError for tracker options out of range or contradicting each other.
 
@@ -73,18 +77,37 @@ def check_tracker_options(
         dtype: a floating dtype.
         choices: option name to (value, the values allowed), checked in order.
         ddof: 0 or 1.
-        min_count: a positive int, at least ddof + 1, and 2 with ``leave_one_out``.
+        min_count: a positive int, at least ddof + 1, and 2 with
+            ``leave_one_out``; with the Beta memory, whose prior always
+            gives a mean and a std, any int >= 0.
         baseline: the estimator's baseline.
+        memory: the memory's name (its own options are checked where it is built).
+        include_batch: a bool; False needs a memory.
+        normalize_eps: a non-negative number.
+        track_streaks: a bool.
     """
     check_positive_int("num_prompts", num_prompts)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    for name, value in (("eps", eps), ("normalize_eps", normalize_eps)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+    for name, value in (("include_batch", include_batch), ("track_streaks", track_streaks)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be a bool, got {value!r}")
     for name, (value, allowed) in choices.items():
         check_choice(name, value, allowed)
     if ddof not in (0, 1) or isinstance(ddof, bool):
         raise ValueError(f"ddof must be 0 or 1, got {ddof!r}")
+    if not include_batch and memory == "none":
+        raise ValueError(
+            "include_batch=False reads each prompt's statistics from before the batch, which needs a memory "
+            "('buffer', 'ema' or 'beta'); without one every prompt would fall back"
+        )
+    if memory == "beta":
+        if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
+            raise ValueError(f"min_count must be an int >= 0, got {min_count!r}")
+        return
     check_positive_int("min_count", min_count)
     if min_count < ddof + 1:
         raise ValueError(
@@ -283,6 +306,121 @@ def check_state_dict(kind: str, live: Mapping[str, torch.Tensor], state_dict: ob
                 f"{kind} state {name!r} must have shape {tuple(tensor.shape)} and dtype "
                 f"{tensor.dtype}, got shape {tuple(given.shape)} and dtype {given.dtype}"
             )
+
+
+def check_discount_tensor(discount: object, num_samples: int, device: torch.device, memory: str) -> None:
+    """Checks a per-sample discount given to ``update`` (no host sync).
+
+    Args:
+        discount: the ``discount`` argument, not None.
+        num_samples: N, the batch's samples.
+        device: the tracker's device.
+        memory: the tracker's memory; only ``"beta"`` takes a discount.
+
+    Raises:
+        ValueError: if the memory is not the Beta memory, or the tensor is
+            not 1-D of length N or is on another device.
+        TypeError: if it is not a floating tensor.
+    """
+    if memory != "beta":
+        raise ValueError(f"a per-sample discount needs memory='beta'; this tracker's memory is {memory!r}")
+    if not isinstance(discount, torch.Tensor) or not discount.dtype.is_floating_point:
+        kind = discount.dtype if isinstance(discount, torch.Tensor) else type(discount).__name__
+        raise TypeError(f"discount must be a floating tensor [N] or None, got {kind}")
+    if discount.shape != (num_samples,) or discount.device != device:
+        raise ValueError(
+            f"discount must be a 1-D tensor of the batch's length {num_samples} on {device}, got shape "
+            f"{tuple(discount.shape)} on {discount.device}"
+        )
+
+
+def check_unit_rewards(rewards: torch.Tensor, valid: Optional[torch.Tensor], discount: Optional[torch.Tensor]) -> None:
+    """Raises ValueError unless valid rewards lie in [0, 1] and discounts in (0, 1] (one host sync).
+
+    The Beta memory counts a reward r as r of a success and 1 - r of a
+    failure, which means nothing outside [0, 1]. NaN rewards (unscorable,
+    with ``nan_rewards="invalid"``) and invalid samples are not checked.
+
+    Args:
+        rewards: float [N], N >= 1.
+        valid: bool [N], or None.
+        discount: float [N], or None.
+    """
+    outside = (rewards < 0) | (rewards > 1)  # NaN compares False
+    if valid is not None:
+        outside &= valid
+    bad = [int(outside.sum())]
+    if discount is not None:
+        bad.append(int((~((discount > 0) & (discount <= 1))).sum()))
+    if bad[0]:
+        raise ValueError(
+            f"rewards must lie in [0, 1] with memory='beta' (a reward is a success's share), got {bad[0]} outside"
+        )
+    if len(bad) > 1 and bad[1]:
+        raise ValueError(f"discount must lie in (0, 1], got {bad[1]} value(s) outside or NaN")
+
+
+def check_prior_counts(
+    prompt_ids: torch.Tensor, successes: object, trials: object, device: torch.device, dtype: torch.dtype
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Checks the kinds and shapes of ``set_prior``'s counts and converts them to ``dtype`` (no host sync).
+
+    Args:
+        prompt_ids: int64 [M].
+        successes: the successes argument.
+        trials: the trials argument.
+        device: the tracker's device.
+        dtype: the compute dtype.
+
+    Returns:
+        ``dtype`` [M] successes and trials.
+
+    Raises:
+        TypeError: if either is not a real (floating or integer) tensor.
+        ValueError: if either is not 1-D of length M or is on another device.
+    """
+    converted = []
+    for name, value in (("successes", successes), ("trials", trials)):
+        if not isinstance(value, torch.Tensor) or value.dtype.is_complex or value.dtype == torch.bool:
+            kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise TypeError(f"set_prior: {name} must be a floating or integer tensor, got {kind}")
+        if value.shape != prompt_ids.shape or value.device != device:
+            raise ValueError(
+                f"set_prior: {name} must have the shape of prompt_ids {tuple(prompt_ids.shape)} on {device}, "
+                f"got shape {tuple(value.shape)} on {value.device}"
+            )
+        converted.append(value.to(dtype))
+    return converted[0], converted[1]
+
+
+def check_prior_values(
+    prompt_ids: torch.Tensor,
+    successes: torch.Tensor,
+    trials: torch.Tensor,
+    strength: object,
+    hashed: bool,
+    num_prompts: int,
+) -> None:
+    """Raises ValueError for ``set_prior`` values out of range (one host sync).
+
+    Args:
+        prompt_ids: int64 [M], M >= 1.
+        successes: float [M].
+        trials: float [M].
+        strength: a float [M] tensor (a number is checked where it is given).
+        hashed: whether the ids are keys (no range to check).
+        num_prompts: P.
+    """
+    if not hashed:
+        check_id_range(prompt_ids, num_prompts)
+    if len(torch.unique(prompt_ids)) != len(prompt_ids):
+        raise ValueError("set_prior: prompt_ids must be distinct (a prompt has one prior)")
+    if not (torch.isfinite(trials).all() and (trials >= 0).all()):
+        raise ValueError("set_prior: trials must be finite and >= 0")
+    if not ((successes >= 0).all() and (successes <= trials).all()):
+        raise ValueError("set_prior: successes must lie in [0, trials]")
+    if isinstance(strength, torch.Tensor) and not (torch.isfinite(strength).all() and (strength > 0).all()):
+        raise ValueError("set_prior: strength must be finite and positive")
 
 
 def check_count_range(name: str, count: torch.Tensor, high: Optional[int] = None) -> None:

@@ -62,31 +62,36 @@ def parse_method(name: str) -> Tuple[str, str]:
 
     Args:
         name: a name of the preset registry (``batch``, ``buffer``, ``ema``,
-            ``grpo``, ``dr_grpo``, ``rloo``, ``ddpo``, ...), or
-            ``METHOD+buffer`` or ``METHOD+ema`` with METHOD one that takes a
-            memory (``training.memory_methods()``: the GRPO family).
+            ``grpo``, ``dr_grpo``, ``rloo``, ``ddpo``, ``spo``, ...), or
+            ``METHOD+MEMORY`` with MEMORY one of ``training.MEMORIES`` but
+            "none" (buffer, ema, beta) and METHOD one that takes a memory
+            (``training.memory_methods()``: the GRPO family).
 
     Returns:
-        (method, memory), memory one of "none", "buffer" and "ema": the
-        memory named after "+", or the method's own (a method whose preset
-        takes ``buffer_size`` keeps a buffer, one that takes ``decay`` an
-        EMA): ``"buffer"`` gives ("buffer", "buffer"), ``"batch"``
-        ("batch", "none"), ``"rloo+ema"`` ("rloo", "ema").
+        (method, memory), memory one of ``training.MEMORIES``: the memory
+        named after "+", or the method's own (a method whose preset takes
+        ``buffer_size`` keeps a buffer, one that takes ``decay`` an EMA, one
+        that takes ``rho`` a Beta memory): ``"buffer"`` gives ("buffer",
+        "buffer"), ``"batch"`` ("batch", "none"), ``"rloo+ema"`` ("rloo",
+        "ema"), ``"spo"`` ("spo", "beta").
 
     Raises:
         ValueError: for an unknown method or memory.
     """
     method, _, memory = name.partition("+")
     takes_memory = training.memory_methods()
-    if method not in presets.names() or (memory and method not in takes_memory) or memory not in ("", "buffer", "ema"):
+    memories = training.config.MEMORIES[1:]
+    if method not in presets.names() or (memory and method not in takes_memory) or memory not in ("", *memories):
         raise ValueError(
-            f"unknown method {name!r}: choose from {', '.join(presets.names())}, or METHOD+buffer or "
-            f"METHOD+ema with METHOD one of {', '.join(takes_memory)}"
+            f"unknown method {name!r}: choose from {', '.join(presets.names())}, or METHOD+MEMORY with METHOD "
+            f"one of {', '.join(takes_memory)} and MEMORY one of {', '.join(memories)}"
         )
     if memory or method in takes_memory:
         return method, memory or "none"
     parameters = presets.parameters(method)
-    return method, "buffer" if "buffer_size" in parameters else "ema" if "decay" in parameters else "none"
+    if "buffer_size" in parameters:
+        return method, "buffer"
+    return method, "ema" if "decay" in parameters else "beta" if "rho" in parameters else "none"
 
 
 def parse_buffer_sizes(values: Sequence[Union[str, int]]) -> List[int]:
