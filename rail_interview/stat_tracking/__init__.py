@@ -30,6 +30,7 @@ from rail_interview.stat_tracking.recording import (
     truncate_prompt_stats,
 )
 from rail_interview.stat_tracking.reference import ReferenceBufferStatTracker, ReferenceEmaStatTracker
+from rail_interview.stat_tracking.sampling import PromptSampler, prompt_weights
 from rail_interview.stat_tracking.tracker import AdvantageTracker
 from rail_interview.stat_tracking.types import TrackerStats, UpdateReport, resolve_device
 
@@ -44,6 +45,7 @@ __all__ = [
     "KeyTable",
     "PromptIndex",
     "PromptIndexFullError",
+    "PromptSampler",
     "PromptStatsLog",
     "PromptStatsRecorder",
     "ReferenceBufferStatTracker",
@@ -56,6 +58,7 @@ __all__ = [
     "canonical_text",
     "identity_keys",
     "prompt_keys",
+    "prompt_weights",
     "token_keys",
     "truncate_prompt_stats",
     "resolve_device",
