@@ -22,21 +22,40 @@ def test_the_grid_has_every_estimator_memory_and_group_size_and_the_fragile_poin
         assert ("grpo dynamic sampling (DAPO)", size) in names
     assert ("grpo, oracle baseline", 2) in names and ("grpo+buffer, P = 256", 4) in names
     assert {("grpo, label_scale 1", 2), ("grpo+buffer, label_scale 2", 4), ("grpo+buffer K=8", 16)} <= names
-    assert all(c.run.num_groups * c.group_size == config.sample_batch_size for c in cells)
-    # Every row is paired with a reference row at its G, which is in-batch GRPO on the same problem.
+    # Every row draws N samples per step, or N / 4 for four times the steps (SPO drawing a quarter of the prompts).
+    batch, steps = config.sample_batch_size, config.num_epochs
     for cell in cells:
-        (reference,) = [c for c in cells if (c.name, c.group_size) == (cell.reference, cell.group_size)]
-        assert (reference.run.method, reference.run.memory, reference.run.ablation) == ("grpo", "none", "none")
+        samples = cell.run.num_groups * cell.group_size
+        assert (samples, cell.run.num_steps) in ((batch, steps), (batch // 4, steps * 4)), cell.name
+    # Every row is paired with a reference row: in-batch GRPO on the same problem (at its G, or at G = 4
+    # for single-stream rows), or, for the selection rows, the same estimator and memory drawing uniformly.
+    for cell in cells:
+        (reference,) = [c for c in cells if (c.name, c.group_size) == cell.reference_key]
         assert reference.run.num_prompts == cell.run.num_prompts and reference.run.label_scale == cell.run.label_scale
+        assert reference.run.sampler == "none" and reference.run.include_batch and reference.run.ablation == "none"
+        if cell.block == "selection" and reference.name != "grpo":
+            assert (reference.run.method, reference.run.memory) == (cell.run.method, cell.run.memory)
+            assert cell.run.sampler != "none"
+        else:
+            assert (reference.run.method, reference.run.memory) == ("grpo", "none")
     short = [c for c in cells if c.block == "short buffers"]
     assert short and all(c.run.buffer_size < c.group_size and c.run.min_count <= c.run.buffer_size for c in short)
+    # R3's rows: SPO at G = 1, every memory from the past only, every rule on every memory (and on SPO).
+    assert ("spo", 1) in names and ("spo, B = 16, sampler spo", 1) in names
+    for memory in ("buffer", "ema", "beta"):
+        assert (f"grpo+{memory}, past only", 4) in names
+    for rule in pass_fail_study.SELECTION_RULES:
+        assert (f"grpo, sampler {rule} (Beta memory for selection only)", 4) in names
+        assert {(f"grpo+{memory}, sampler {rule}", 4) for memory in ("buffer", "ema", "beta")} <= names
+    selection_only = [c for c in cells if "selection only" in c.name]
+    assert all(c.run.memory == "none" and c.run.selection_memory == "beta" for c in selection_only)
 
 
 def test_the_rows_follow_the_config():
     config = pass_fail.get_config()
     config.problem.tolerance, config.num_epochs, config.stat_tracking.ema_decay = 0.5, 120, 0.8
     cells = pass_fail_study.cells(config)
-    assert {c.run.tolerance for c in cells} == {0.5} and {c.run.num_steps for c in cells} == {120}
+    assert {c.run.tolerance for c in cells} == {0.5} and {c.run.num_steps for c in cells} == {120, 480}
     assert {c.run.ema_decay for c in cells} == {0.8}
     assert {c.run.label_scale for c in cells if c.block != "higher start"} == {config.problem.label_scale}
     assert {c.run.label_scale for c in cells if c.block == "higher start"} == set(pass_fail_study.LABEL_SCALES)
@@ -62,6 +81,13 @@ def test_a_small_study_writes_its_tables_and_plot(tmp_path):
         assert len(list(csv.DictReader(f))) == len(rows)
     text = (tmp_path / "results.md").read_text(encoding="utf-8")
     assert "## Learning-rate sweep" in text and "### Prompts revisited four times less often" in text
+    assert "## Single stream against groups, at equal samples" in text and "### Prompt selection" in text
+    # SPO against every group row of VERSUS, each of its group sizes (2 and 8 in the quick grid).
+    versus = result["versus"]
+    assert {(row["cell"], row["G"]) for row in versus} == {
+        (name, size) for name in pass_fail_study.VERSUS for size in (2, 8)
+    }
+    assert all(row["stream"] == "spo" and row["stream_wins"].endswith("/2") for row in versus)
 
 
 def _script(*args):

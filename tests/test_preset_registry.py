@@ -143,6 +143,7 @@ def test_names_list_the_public_presets_then_the_training_methods():
                     "min_count": 16,
                     "fallback": "zero",
                     "include_batch": True,
+                    "track_streaks": False,
                 },
             )
             for name in ("grpo", "dr_grpo", "rloo")

@@ -107,7 +107,9 @@ def get_config() -> ml_collections.ConfigDict:
     #             2 samples (the preset's min_count, not `min_count` below);
     #   "buffer": its last `buffer_size` rewards, the batch included, and
     #             `min_count` of them;
-    #   "ema":    moving averages with `ema_decay`, and `min_count` rewards.
+    #   "ema":    moving averages with `ema_decay`, and `min_count` rewards;
+    #   "beta":   a Beta posterior of the pass rate (rewards in [0, 1] only),
+    #             discounted by `rho`, and `min_count` rewards.
     config.stat_tracking.memory = "none"
     # GRPO family only (the other methods refuse anything but "auto"): what a
     # prompt with too few rewards gets (here prompts are drawn with
@@ -132,9 +134,36 @@ def get_config() -> ml_collections.ConfigDict:
     # epoch here. The README's sweep found a plateau from 0.3 to 0.8 on this
     # problem; 0.7 is at its top with the longest memory.
     config.stat_tracking.ema_decay = 0.7
+    # "spo" (and memory "beta"): the discount of a prompt's pass and fail
+    # counts at each reward, in (0, 1]; its memory is about 1 / (1 - rho)
+    # rewards.
+    config.stat_tracking.rho = 0.9
+    # GRPO family with a memory: False takes each prompt's baseline and scale
+    # from its memory as it was before the batch (SPO's baseline from the
+    # past), True from the memory with the batch folded in.
+    config.stat_tracking.include_batch = True
     # Check prompt ids and rewards in every update. On a GPU each check is a
     # host sync, so it is off by default: the training loop's inputs are
     # produced by this package.
     config.stat_tracking.check_values = False
+
+    ###### Prompt selection ######
+    config.prompt_sampler = ml_collections.ConfigDict()
+    # Which prompts each step trains on:
+    #   "none":         the problem draws them (uniformly);
+    #   "uniform", "spo", "failure_rate", "greso": a PromptSampler draws them
+    #                   by that rule from what the tracker's memory says of
+    #                   each prompt (stat_tracking.sampling; docs/pass_rate.md).
+    # Problems whose prompts come in groups of G only (the pass/fail problem).
+    config.prompt_sampler.rule = "none"
+    # "spo" and "failure_rate": added to every weight, so that no prompt is
+    # left out for good.
+    config.prompt_sampler.epsilon = 0.05
+    # "greso": a prompt whose last z visits had all-equal rewards is drawn
+    # with weight max(p ** z, min_keep), p = p_easy above a pass rate of 0.5,
+    # p_hard below.
+    config.prompt_sampler.p_easy = 0.5
+    config.prompt_sampler.p_hard = 0.5
+    config.prompt_sampler.min_keep = 0.01
 
     return config

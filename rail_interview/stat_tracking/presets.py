@@ -619,6 +619,7 @@ def _grpo_family(name: str, build: Callable[..., AdvantageTracker], summary: str
         min_count: int = 16,
         fallback: str = "zero",
         include_batch: bool = True,
+        track_streaks: bool = False,
         dtype: torch.dtype = torch.float32,
         device: Device = None,
         check_values: bool = True,
@@ -635,6 +636,8 @@ def _grpo_family(name: str, build: Callable[..., AdvantageTracker], summary: str
             options.update(decay=rho, min_count=min_count)
         if not include_batch:
             options.update(include_batch=False)
+        if track_streaks:
+            options.update(track_streaks=True)
         return build(
             num_prompts, fallback=fallback, **options, **_common(dtype, device, check_values, process_group, keys)
         )
@@ -657,6 +660,8 @@ def _grpo_family(name: str, build: Callable[..., AdvantageTracker], summary: str
         include_batch: whether a prompt's statistics include this batch (as
             GRPO's do), or come from its memory before it (False: the
             baseline from the past only, as SPO's; needs a memory).
+        track_streaks: keep each prompt's run of zero-variance visits, for
+            ``query`` (and ``sampling.PromptSampler(rule="greso")``).
         fallback: what a prompt with too few rewards gets: ``"zero"`` (TRL's
             rule for a group of one), ``"raw"`` (verl's: its raw reward) or
             ``"batch"`` (DDPO's: the whole batch's statistics).

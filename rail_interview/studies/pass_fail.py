@@ -14,6 +14,18 @@ any overrides: ``PassFailRun.from_config``), so the study's runs are
   the config's), problems whose prompts start at higher pass rates (labels
   nearer the starting answers: ``LABEL_SCALES``), and buffers shorter than
   the group (K < G, which ``training.validate_config`` refuses).
+* **Single stream**: SPO (``presets.spo``: one answer per prompt, G = 1,
+  a Beta memory's pass rate from before the step as the baseline) at the
+  same N samples per step, compared at equal samples with every group
+  row (``VERSUS``).
+* **Baselines from the past only**: GRPO with each memory read before the
+  step (``include_batch=False``).
+* **Prompt selection**: each ``PromptSampler`` rule (``SELECTION_RULES``)
+  on each memory at G = 4 (B = 16 of P = 64 prompts), paired with the same
+  memory drawing uniformly; in-batch GRPO selects by a Beta memory kept
+  beside it (selection without the memory's baseline); and SPO at B = 16
+  (N = 16 per step, four times the steps: equal samples) with and without
+  selection.
 
 For each row the learning rate is chosen from ``LEARNING_RATES`` by median
 area under the pass-rate curve (``SCORE``: at equal samples) on *tuning* seeds, then the row is run on
@@ -50,6 +62,10 @@ LABEL_SCALES = (4.0, 2.0, 1.0)
 SCORE = "area_same_samples"
 #: The rows whose curves ``curves.png`` draws.
 PLOTTED = ("grpo", "grpo+buffer", "grpo+ema", "grpo dynamic sampling (DAPO)", "grpo, oracle baseline")
+#: The prompt sampler's rules the selection rows try (uniform is the problem's own draws).
+SELECTION_RULES = ("spo", "failure_rate", "greso")
+#: The group rows single-stream SPO is compared with, at every G.
+VERSUS = ("grpo", "rloo", "grpo+buffer", "grpo+beta", "grpo dynamic sampling (DAPO)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +76,13 @@ class Cell:
         name: the row's label; with ``group_size``, its key.
         group_size: G.
         run: the settings every seed runs with (seed and learning rate aside).
-        reference: the name of the row (at the same G) whose runs this one's
-            are paired with for the win counts: in-batch GRPO on the same problem.
+        reference: the name of the row whose runs this one's are paired with
+            for the win counts: in-batch GRPO on the same problem, or the
+            same memory drawing prompts uniformly (selection rows).
         block: which table the row belongs to (``"grid"``, ``"ablations"``,
-            ``"rare visits"``, ``"higher start"``, ``"short buffers"``).
+            ``"single stream"``, ``"past only"``, ``"selection"``, ``"rare
+            visits"``, ``"higher start"``, ``"short buffers"``).
+        reference_size: the reference's G, if not ``group_size``.
     """
 
     name: str
@@ -71,6 +90,12 @@ class Cell:
     run: PassFailRun
     reference: str = "grpo"
     block: str = "grid"
+    reference_size: Optional[int] = None
+
+    @property
+    def reference_key(self) -> Tuple[str, int]:
+        """The reference row's (name, G)."""
+        return self.reference, self.group_size if self.reference_size is None else self.reference_size
 
 
 def _method_name(method: str, memory: str) -> str:
@@ -124,6 +149,7 @@ def cells(config: ml_collections.ConfigDict, quick: bool = False) -> List[Cell]:
                 )
             )
         rows.append(Cell("grpo, oracle baseline", size, at(size, ablation="oracle"), "grpo", "ablations"))
+    rows += _stream_past_and_selection_cells(at, quick)
     rare = 4 * base.num_prompts
     for memory in MEMORIES:
         name = f"{_method_name('grpo', memory)}, P = {rare}"
@@ -142,6 +168,40 @@ def cells(config: ml_collections.ConfigDict, quick: bool = False) -> List[Cell]:
         short = size // 2
         run = at(size, memory="buffer", buffer_size=short, min_count=min(base.min_count, short))
         rows.append(Cell(f"grpo+buffer K={short}", size, run, "grpo", "short buffers"))
+    return rows
+
+
+def _stream_past_and_selection_cells(at, quick: bool) -> List[Cell]:
+    """The rows of R3's questions: single-stream SPO, baselines from the past only, and prompt selection.
+
+    Args:
+        at: ``size, **changes -> PassFailRun``, the base run at group size
+            ``size`` (B = N / size).
+        quick: fewer rows.
+
+    Returns:
+        The cells.
+    """
+    size_of_selection = 2 if quick else 4  # a G of the grid: the references' rows
+    rows = [Cell("spo", 1, at(1, method="spo"), "grpo", "single stream", reference_size=size_of_selection)]
+    for size in (2,) if quick else (2, 4):
+        for memory in MEMORIES[1:]:
+            name = f"{_method_name('grpo', memory)}, past only"
+            rows.append(Cell(name, size, at(size, memory=memory, include_batch=False), "grpo", "past only"))
+    # SPO drawing a quarter of the prompts (B = 16 of 64): N / 4 samples per step, four times the steps.
+    quarter = at(1, method="spo")
+    quarter = dataclasses.replace(quarter, num_groups=quarter.num_groups // 4, num_steps=quarter.num_steps * 4)
+    rows.append(Cell("spo, B = 16", 1, quarter, "grpo", "selection", reference_size=size_of_selection))
+    for rule in SELECTION_RULES[:1] if quick else SELECTION_RULES:
+        if rule != "greso":  # every visit of a prompt at G = 1 has one reward: always zero-variance
+            run = dataclasses.replace(quarter, sampler=rule)
+            rows.append(Cell(f"spo, B = 16, sampler {rule}", 1, run, "spo, B = 16", "selection"))
+        for memory in MEMORIES:
+            name = _method_name("grpo", memory)
+            selection = "beta" if memory == "none" else "none"
+            label = f"{name}, sampler {rule}" + (" (Beta memory for selection only)" if memory == "none" else "")
+            run = at(size_of_selection, memory=memory, sampler=rule, selection_memory=selection)
+            rows.append(Cell(label, size_of_selection, run, name, "selection"))
     return rows
 
 
@@ -208,15 +268,18 @@ def run_study(
         key = (cell.name, cell.group_size)
         for label, rate in (("best", best[key]), ("shared", shared)):
             mine = metrics[(cell.name, cell.group_size, rate)]
-            reference_rate = best[(cell.reference, cell.group_size)] if label == "best" else shared
-            theirs = metrics[(cell.reference, cell.group_size, reference_rate)]
+            reference_rate = best[cell.reference_key] if label == "best" else shared
+            theirs = metrics[(*cell.reference_key, reference_rate)]
             wins = sum(mine[s][SCORE] > theirs[s][SCORE] for s in seeds)
             row = {"cell": cell.name, "block": cell.block, "G": cell.group_size, "rate": label, "learning_rate": rate}
             for metric in _MEDIANS:
                 row[metric] = statistics.median(mine[s][metric] for s in seeds)
             row["area_gain"] = statistics.median(mine[s][SCORE] - theirs[s][SCORE] for s in seeds)
-            row["wins_vs_reference"] = f"{wins}/{len(seeds)}" if cell.name != cell.reference else ""
-            row["reference"] = cell.reference
+            is_reference = cell.reference_key == (cell.name, cell.group_size)
+            row["wins_vs_reference"] = "" if is_reference else f"{wins}/{len(seeds)}"
+            row["reference"] = (
+                cell.reference if cell.reference_size is None else f"{cell.reference} (G = {cell.reference_size})"
+            )
             row["sweep"] = {r: statistics.median(sweep[(cell.name, cell.group_size, r)]) for r in rates}
             rows.append(row)
     curves = {}
@@ -225,9 +288,40 @@ def run_study(
         curves[(cell.name, cell.group_size)] = [
             statistics.median(by_seed[s][step] for s in seeds) for step in range(cell.run.num_steps + 1)
         ]
+    versus = _versus(all_cells, metrics, best, seeds)
     os.makedirs(out, exist_ok=True)
-    _write(out, rows, curves, seeds, tuning_seeds, rates, shared)
-    return {"rows": rows, "curves": curves}
+    _write(out, rows, curves, seeds, tuning_seeds, rates, shared, versus)
+    return {"rows": rows, "curves": curves, "versus": versus}
+
+
+def _versus(
+    all_cells: List[Cell],
+    metrics: Dict[Tuple[str, int, float], Dict[int, Dict[str, float]]],
+    best: Dict[Tuple[str, int], float],
+    seeds: List[int],
+) -> List[Dict[str, Any]]:
+    """Single-stream SPO against each group row of ``VERSUS`` at every G, each at its best rate, seed by seed.
+
+    Returns:
+        One dict per (SPO row, group row): the group row's G and median
+        area at equal samples, and SPO's median paired gain and wins.
+    """
+    comparisons = []
+    for stream in (c for c in all_cells if c.block == "single stream"):
+        mine = metrics[(stream.name, stream.group_size, best[(stream.name, stream.group_size)])]
+        for other in (c for c in all_cells if c.block == "grid" and c.name in VERSUS):
+            theirs = metrics[(other.name, other.group_size, best[(other.name, other.group_size)])]
+            comparisons.append(
+                {
+                    "stream": stream.name,
+                    "cell": other.name,
+                    "G": other.group_size,
+                    "area_same_samples": statistics.median(theirs[s][SCORE] for s in seeds),
+                    "stream_gain": statistics.median(mine[s][SCORE] - theirs[s][SCORE] for s in seeds),
+                    "stream_wins": f"{sum(mine[s][SCORE] > theirs[s][SCORE] for s in seeds)}/{len(seeds)}",
+                }
+            )
+    return comparisons
 
 
 #: The metrics of ``summarize`` a row reports, each as its median over the evaluation seeds.
@@ -240,6 +334,9 @@ _COLUMNS = ("block", "cell", "G", "rate", "learning_rate", *_MEDIANS, "reference
 _BLOCKS = (
     ("grid", "Every estimator and memory, by group size"),
     ("ablations", "Ablations: which part of the memory helps"),
+    ("single stream", "Single stream: SPO, one answer per prompt (G = 1), N samples per step"),
+    ("past only", "Baselines from the past only: each memory read before the step (include_batch=False)"),
+    ("selection", "Prompt selection by the memory (G = 4: B = 16 of 64; SPO: B = 16, four times the steps)"),
     ("rare visits", "Prompts revisited four times less often"),
     ("higher start", "Pass rates that start higher: labels nearer the starting answers (label_scale 8 above)"),
     ("short buffers", "Buffers shorter than the group (K < G)"),
@@ -254,6 +351,7 @@ def _write(
     tuning_seeds: List[int],
     rates: Sequence[float],
     shared: float,
+    versus: Sequence[Dict[str, Any]] = (),
 ) -> None:
     """Writes results.csv, results.md and curves.png."""
     with open(os.path.join(out, "results.csv"), "w", newline="", encoding="utf-8") as f:
@@ -298,6 +396,19 @@ def _write(
                     )
                 )
             lines.append("")
+    if versus:
+        lines += [
+            "## Single stream against groups, at equal samples (each at its own best learning rate)",
+            "",
+            "| single stream | group row | G | group row's area | single stream's gain | wins |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+        ]
+        for row in versus:
+            lines.append(
+                f"| {row['stream']} | {row['cell']} | {row['G']} | {row['area_same_samples']:.3f} | "
+                f"{row['stream_gain']:+.3f} | {row['stream_wins']} |"
+            )
+        lines.append("")
     lines += [
         "## Learning-rate sweep (median area at equal samples on the tuning seeds)",
         "",

@@ -11,8 +11,15 @@ noisy rewards), the share of the step's groups whose rewards are all equal
 
 The estimator is ``method``: ``"grpo"`` (``presets.verl_grpo``: group mean
 and sample std), ``"dr_grpo"`` (no std) or ``"rloo"`` (leave-one-out
-mean), with ``memory``: ``"none"`` (the group alone), ``"buffer"`` or
-``"ema"`` (the prompt's recent rewards across steps, the group included).
+mean), with ``memory``: ``"none"`` (the group alone), ``"buffer"``,
+``"ema"`` or ``"beta"`` (the prompt's recent rewards across steps, the
+group included, or with ``include_batch=False`` the memory before the
+step only); or ``"spo"`` (``presets.spo``: a Beta memory's pass rate
+before the step as the baseline, advantages whitened over the batch; one
+answer per prompt, G = 1, as SPO samples). ``sampler`` chooses each step's
+prompts by a ``PromptSampler`` rule from what the tracker's memory says
+(or, with ``selection_memory="beta"``, from a Beta memory kept beside an
+estimator that has none: selection without the memory's baseline).
 Each step is ``training.step``, the one ``training.train`` takes, so a run
 is ``train()``'s run of the same config bit for bit
 (``PassFailRun.from_config`` maps a config to a run), without the run
@@ -44,7 +51,7 @@ Dimensions: B groups (prompts) per step, G samples per group, N = B * G.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import ml_collections
 import torch
@@ -56,14 +63,18 @@ from rail_interview.problems.pass_fail import (
     SharedLinearPolicy,
     make_pass_fail_problem,
 )
-from rail_interview.stat_tracking import AdvantageTracker
+from rail_interview.stat_tracking import AdvantageTracker, PromptSampler
 from rail_interview.training.state import Generators, TrainingState
 from rail_interview.training.step import Estimate, Samples, draw_samples, step, tracker_advantages
 
 #: Estimators: the registry's methods that take a memory (the GRPO family).
 METHODS = training.memory_methods()
 MEMORIES = training.config.MEMORIES
+#: Every method a run takes: the GRPO family (with a memory) and SPO (its own Beta memory).
+ALL_METHODS = (*METHODS, "spo")
 ABLATIONS = ("none", "zero_variance_only", "group_mean_memory_std", "oracle")
+#: ``sampler``'s values: "none" (the problem's own uniform draws) or a ``PromptSampler`` rule.
+SAMPLERS = training.config.SAMPLER_RULES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +82,9 @@ class PassFailRun:
     """The settings of one run.
 
     Attributes:
-        method: ``"grpo"``, ``"dr_grpo"`` or ``"rloo"``.
-        memory: ``"none"``, ``"buffer"`` or ``"ema"``.
+        method: ``"grpo"``, ``"dr_grpo"``, ``"rloo"`` or ``"spo"``.
+        memory: ``"none"``, ``"buffer"``, ``"ema"`` or ``"beta"``
+            (``"none"`` for ``"spo"``, which has its own).
         group_size: G, samples per prompt per step.
         num_groups: B, prompts per step.
         num_prompts: P; a prompt is revisited about every P / B steps.
@@ -86,8 +98,17 @@ class PassFailRun:
         seed: the one generator's seed: problem, answers and sampling.
         buffer_size: K, with ``memory="buffer"``.
         ema_decay: with ``memory="ema"``.
+        rho: the Beta memory's discount (``memory="beta"``, ``"spo"``,
+            ``selection_memory="beta"``).
+        include_batch: False takes a prompt's baseline and scale from its
+            memory before the step (with a memory of the GRPO family).
         min_count: rewards a prompt's memory needs before its own statistics
             are used (with a memory); below it, the group's advantage is 0.
+        sampler: ``"none"`` or a ``PromptSampler`` rule choosing each
+            step's B prompts of the P (``config.prompt_sampler.rule``).
+        selection_memory: ``"none"``: the sampler reads the run's tracker;
+            ``"beta"``: a Beta memory kept beside it, updated with every
+            batch, which the sampler reads (for an estimator without memory).
         dynamic_sampling: drop zero-variance groups and draw more (DAPO).
         max_resample: with ``dynamic_sampling``, the most groups drawn per
             step, as a multiple of B.
@@ -110,7 +131,11 @@ class PassFailRun:
     seed: int = 0
     buffer_size: int = 32
     ema_decay: float = 0.9
+    rho: float = 0.9
+    include_batch: bool = True
     min_count: int = 4
+    sampler: str = "none"
+    selection_memory: str = "none"
     dynamic_sampling: bool = False
     max_resample: int = 4
     ablation: str = "none"
@@ -131,19 +156,19 @@ class PassFailRun:
         Raises:
             training.ConfigError: if ``training.validate_config`` refuses the
                 config, or it is not the pass/fail problem with fallback
-                "auto" or "zero" and a method of the GRPO family.
+                "auto" or "zero" and a method of the GRPO family or "spo".
         """
         training.validate_config(config)
         problem, tracking = config.problem, config.stat_tracking
         if (
             problem.get("name") != "pass_fail"
             or tracking.get("fallback", "auto") not in ("auto", "zero")
-            or tracking.method not in METHODS
+            or tracking.method not in ALL_METHODS
         ):
             raise training.ConfigError(
                 "a PassFailRun is made of a config with problem.name 'pass_fail', stat_tracking.fallback 'auto' or "
-                f"'zero' and a stat_tracking.method of {', '.join(map(repr, METHODS))} (configs/pass_fail.py), got "
-                f"{problem.get('name')!r}, {tracking.get('fallback')!r} and {tracking.method!r}"
+                f"'zero' and a stat_tracking.method of {', '.join(map(repr, ALL_METHODS))} (configs/pass_fail.py), "
+                f"got {problem.get('name')!r}, {tracking.get('fallback')!r} and {tracking.method!r}"
             )
         run = cls(
             method=tracking.method,
@@ -161,7 +186,10 @@ class PassFailRun:
             seed=config.seed,
             buffer_size=tracking.buffer_size,
             ema_decay=tracking.ema_decay,
+            rho=tracking.rho,
+            include_batch=tracking.include_batch,
             min_count=tracking.min_count,
+            sampler=config.prompt_sampler.rule,
         )
         return dataclasses.replace(run, **changes)
 
@@ -173,14 +201,16 @@ def build_tracker(run: PassFailRun) -> AdvantageTracker:
         run: the settings.
 
     Returns:
-        The tracker, over ``num_prompts`` prompt ids, on the CPU, with
-        fallback "zero" (a prompt below its min_count gets advantage 0).
+        The tracker, over ``num_prompts`` prompt ids, on the CPU; for the
+        GRPO family with fallback "zero" (a prompt below its min_count gets
+        advantage 0). It keeps zero-variance streaks where the sampler's
+        rule is "greso".
 
     Raises:
         ValueError: for an unknown method or memory.
     """
-    if run.method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {run.method!r}")
+    if run.method not in ALL_METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, ALL_METHODS))}; got {run.method!r}")
     if run.memory not in MEMORIES:
         raise ValueError(f"memory must be one of {', '.join(map(repr, MEMORIES))}; got {run.memory!r}")
     config = ml_collections.ConfigDict(
@@ -190,11 +220,40 @@ def build_tracker(run: PassFailRun) -> AdvantageTracker:
             "buffer_size": run.buffer_size,
             "min_count": run.min_count,
             "ema_decay": run.ema_decay,
-            "fallback": "zero",
+            "rho": run.rho,
+            "include_batch": run.include_batch,
+            "fallback": "auto" if run.method == "spo" else "zero",
             "check_values": False,
         }
     )
-    return training.build_tracker(config, num_prompts=run.num_prompts, device=torch.device("cpu"))
+    streaks = run.sampler == "greso" and run.selection_memory == "none"
+    return training.build_tracker(
+        config, num_prompts=run.num_prompts, device=torch.device("cpu"), track_streaks=streaks
+    )
+
+
+def build_sampler(run: PassFailRun) -> Optional[PromptSampler]:
+    """The run's prompt sampler (``training.build_sampler``'s, on the CPU), or None for the problem's draws.
+
+    Args:
+        run: the settings.
+
+    Returns:
+        A ``PromptSampler`` over the P prompt ids, seeded with the run's seed, or None.
+
+    Raises:
+        ValueError: for an unknown rule or selection memory, or a selection memory without a sampler.
+    """
+    if run.sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}; got {run.sampler!r}")
+    if run.selection_memory not in ("none", "beta"):
+        raise ValueError(f"selection_memory must be 'none' or 'beta'; got {run.selection_memory!r}")
+    if run.sampler == "none":
+        if run.selection_memory != "none":
+            raise ValueError("selection_memory feeds a sampler: set sampler to a rule")
+        return None
+    # As training.build_sampler builds it from configs/pass_fail.py, whose rule options are the defaults.
+    return PromptSampler(torch.arange(run.num_prompts), run.sampler, seed=run.seed, check_values=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,6 +329,17 @@ def _estimate(run: PassFailRun, problem: PassFailProblem, policy: SharedLinearPo
     return ablation
 
 
+def _with_selection_memory(estimate: Estimate, selection: AdvantageTracker) -> Estimate:
+    """``estimate``, with every batch also folded into the Beta memory the sampler reads."""
+
+    def estimate_and_remember(tracker: AdvantageTracker, samples: Samples) -> torch.Tensor:
+        """The run's advantages; the selection memory takes the batch in (its advantages unused)."""
+        selection.update(samples.prompt_ids, samples.rewards)
+        return estimate(tracker, samples)
+
+    return estimate_and_remember
+
+
 def train_pass_fail(run: PassFailRun) -> Dict[str, Any]:
     """Trains one run and returns its learning curve and summary.
 
@@ -294,7 +364,7 @@ def train_pass_fail(run: PassFailRun) -> Dict[str, Any]:
     if run.ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {', '.join(map(repr, ABLATIONS))}; got {run.ablation!r}")
     if run.ablation in ("zero_variance_only", "group_mean_memory_std") and run.memory == "none":
-        raise ValueError(f"ablation {run.ablation!r} needs a memory ('buffer' or 'ema')")
+        raise ValueError(f"ablation {run.ablation!r} needs a memory ('buffer', 'ema' or 'beta')")
     generator = torch.Generator().manual_seed(run.seed)
     problem, policy = make_pass_fail_problem(
         num_prompts=run.num_prompts,
@@ -302,9 +372,15 @@ def train_pass_fail(run: PassFailRun) -> Dict[str, Any]:
         generator=generator,
         **{option: getattr(run, option) for option in PROBLEM_OPTIONS},
     )
-    state = TrainingState(problem, policy, build_tracker(run), Generators(generator, generator))
+    sampler = build_sampler(run)
+    state = TrainingState(problem, policy, build_tracker(run), Generators(generator, generator), sampler=sampler)
     draw = DynamicSampling(run.max_resample) if run.dynamic_sampling else draw_samples
     estimate = _estimate(run, problem, policy)
+    if run.selection_memory == "beta":
+        state.selection = AdvantageTracker(
+            run.num_prompts, "beta", decay=run.rho, track_streaks=run.sampler == "greso", check_values=False
+        )
+        estimate = _with_selection_memory(estimate, state.selection)
     pass_rate = [float(problem.pass_probability(policy.means()).mean())]
     zero_variance: List[float] = []
     samples: List[int] = []

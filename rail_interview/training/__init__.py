@@ -16,6 +16,7 @@ The package, in the order a run meets it:
 from rail_interview.training.config import (
     RESUMABLE_FIELDS,
     ConfigError,
+    build_sampler,
     build_tracker,
     check_resume_config,
     load_run_config,
@@ -41,6 +42,7 @@ __all__ = [
     "TRAIN_TIME_FILE",
     "TrainingState",
     "build_tracker",
+    "build_sampler",
     "check_resume_config",
     "create_run_dir",
     "fallback_mask",

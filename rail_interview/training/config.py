@@ -49,11 +49,28 @@ TRACKER_FIELDS = {
     "buffer_size": "buffer_size",
     "min_count": "min_count",
     "ema_decay": "decay",
+    "rho": "rho",
+    "include_batch": "include_batch",
 }
 
 #: Option fields whose value means "the method's own": passed only when set
 #: otherwise, and refused by a method that has no such option.
-NEUTRAL_VALUES = {"memory": "none", "fallback": "auto"}
+NEUTRAL_VALUES = {"memory": "none", "fallback": "auto", "include_batch": True}
+
+#: Fields later versions added, with the value that reads an earlier run's
+#: config.json as it ran (``upgrade_saved_config``).
+ADDED_FIELDS = {
+    "stat_tracking.rho": 0.9,
+    "stat_tracking.include_batch": True,
+    "prompt_sampler.rule": "none",
+    "prompt_sampler.epsilon": 0.05,
+    "prompt_sampler.p_easy": 0.5,
+    "prompt_sampler.p_hard": 0.5,
+    "prompt_sampler.min_keep": 0.01,
+}
+
+#: ``config.prompt_sampler.rule``'s values: "none" (the problem draws its prompts) or a sampler rule.
+SAMPLER_RULES = ("none", *stat_tracking.sampling.RULES)
 
 
 #: The values of ``config.stat_tracking.memory``, for the methods that take one.
@@ -145,6 +162,7 @@ def build_tracker(
     num_prompts: int,
     device: torch.device,
     process_group: Optional["torch.distributed.ProcessGroup"] = None,
+    track_streaks: bool = False,
 ) -> stat_tracking.AdvantageTracker:
     """Builds the tracker that ``config.method`` names, with the section's options (see the module docstring).
 
@@ -159,6 +177,9 @@ def build_tracker(
         num_prompts: P.
         device: where the tracker's state lives.
         process_group: ranks that share the tracker's statistics, or None.
+        track_streaks: keep each prompt's zero-variance streak (what
+            ``prompt_sampler.rule`` "greso" reads); the method's preset must
+            take the option.
 
     Returns:
         The tracker.
@@ -168,6 +189,14 @@ def build_tracker(
             option value out of range (the message names the field).
     """
     options = tracker_options(config)
+    if track_streaks:
+        takes = [m for m in presets.names() if "track_streaks" in presets.parameters(m) or m == "spo"]
+        if config.method not in takes:
+            raise ConfigError(
+                f"config.prompt_sampler.rule 'greso' reads each prompt's zero-variance streak, which method "
+                f"{config.method!r} does not keep; use one of {', '.join(map(repr, takes))}"
+            )
+        options["track_streaks"] = True
     try:
         return presets.get(
             config.method,
@@ -179,6 +208,65 @@ def build_tracker(
         )
     except (TypeError, ValueError) as error:
         raise ConfigError(f"config.stat_tracking (method {config.method!r}): {error}") from error
+
+
+def build_sampler(config: ml_collections.ConfigDict, *, device: torch.device) -> Optional[stat_tracking.PromptSampler]:
+    """The prompt sampler that ``config.prompt_sampler`` names, or None for the problem's own draws.
+
+    Its pool is every prompt id, its seed the run's, and it checks the
+    weights it draws by as the tracker checks its inputs
+    (``stat_tracking.check_values``).
+
+    Args:
+        config: a checked training config.
+        device: where the tracker lives (the sampler's pool and state go there too).
+
+    Returns:
+        The sampler, or None with rule "none".
+    """
+    sampling = config.get("prompt_sampler", {})
+    rule = sampling.get("rule", "none")
+    if rule == "none":
+        return None
+    return stat_tracking.PromptSampler(
+        torch.arange(config.problem.num_prompts, device=device),
+        rule,
+        seed=config.seed,
+        check_values=config.stat_tracking.check_values,
+        **{name: sampling[name] for name in ("epsilon", "p_easy", "p_hard", "min_keep")},
+    )
+
+
+def _check_sampler(config: ml_collections.ConfigDict) -> None:
+    """Checks ``config.prompt_sampler``: its rule, a trial build, and a problem whose prompts come in groups.
+
+    Raises:
+        ConfigError: naming the field.
+    """
+    sampling = config.get("prompt_sampler")
+    if sampling is None:
+        return
+    rule = sampling.get("rule", "none")
+    if rule not in SAMPLER_RULES:
+        raise ConfigError(
+            f"config.prompt_sampler.rule must be one of {', '.join(map(repr, SAMPLER_RULES))}, got {rule!r}"
+        )
+    if rule == "none":
+        return
+    if not problems.get(problems.problem_name(config)).samples_per_prompt(config):
+        raise ConfigError(
+            f"config.prompt_sampler.rule {rule!r} chooses a step's prompts, which needs a problem that samples "
+            f"each chosen prompt G times (problem 'pass_fail'); problem {problems.problem_name(config)!r} draws "
+            "its own: leave the rule 'none'"
+        )
+    try:
+        stat_tracking.PromptSampler(
+            torch.arange(1),
+            rule,
+            **{name: sampling[name] for name in ("epsilon", "p_easy", "p_hard", "min_keep")},
+        )
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"config.prompt_sampler: {error}") from error
 
 
 def _check_number(name: str, value: Any, low: float, *, integer: bool, inclusive: bool = True) -> None:
@@ -212,7 +300,13 @@ def _check_tracker(config: ml_collections.ConfigDict) -> None:
     decay = tracking.ema_decay
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
         raise ConfigError(f"config.stat_tracking.ema_decay must lie in (0, 1), got {decay!r}")
-    tracker = build_tracker(tracking, num_prompts=1, device=torch.device("cpu"))  # its options' own checks
+    rho = tracking.get("rho", ADDED_FIELDS["stat_tracking.rho"])
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho <= 1:
+        raise ConfigError(f"config.stat_tracking.rho must lie in (0, 1], got {rho!r}")
+    if not isinstance(tracking.get("include_batch", True), bool):
+        raise ConfigError(f"config.stat_tracking.include_batch must be a bool, got {tracking.include_batch!r}")
+    greso = config.get("prompt_sampler", {}).get("rule", "none") == "greso"
+    tracker = build_tracker(tracking, num_prompts=1, device=torch.device("cpu"), track_streaks=greso)  # its checks
     samples = problems.get(problems.problem_name(config)).samples_per_prompt(config)
     if tracker.memory == "buffer" and tracker.scale == "prompt_std" and samples and tracking.buffer_size < samples:
         raise ConfigError(
@@ -250,6 +344,7 @@ def validate_config(config: ml_collections.ConfigDict, *, world_size: int = 1) -
         problems.check_config(config, world_size=world_size)
     except ValueError as error:
         raise ConfigError(str(error)) from error
+    _check_sampler(config)
     _check_tracker(config)
     resolve_device(config.device)
 
@@ -270,7 +365,8 @@ def upgrade_saved_config(saved: Dict[str, Any]) -> Dict[str, Any]:
     """A run's config.json as today's fields say it, for runs written by earlier versions.
 
     Runs written before ``problem.name`` existed trained the distance
-    problem. Runs written before ``stat_tracking.fallback`` took ``"auto"``
+    problem. Fields added since (``ADDED_FIELDS``) get the value that
+    computes what those runs computed. Runs written before ``stat_tracking.fallback`` took ``"auto"``
     saved a fallback for every method, which only the GRPO family read: a
     method without a fallback of its own reads ``"auto"`` now.
 
@@ -281,6 +377,9 @@ def upgrade_saved_config(saved: Dict[str, Any]) -> Dict[str, Any]:
         ``saved``.
     """
     saved.setdefault("problem", {}).setdefault("name", "distance")
+    for name, value in ADDED_FIELDS.items():
+        section, field = name.split(".")
+        saved.setdefault(section, {}).setdefault(field, value)
     tracking = saved.get("stat_tracking", {})
     method = tracking.get("method")
     if "fallback" in tracking and method in presets.names() and "fallback" not in presets.parameters(method):

@@ -23,7 +23,14 @@ import torch
 
 from rail_interview import checkpointing, distributed, problems, stat_tracking
 from rail_interview.training import run_files
-from rail_interview.training.config import ConfigError, build_tracker, method_name, resolve_device, validate_config
+from rail_interview.training.config import (
+    ConfigError,
+    build_sampler,
+    build_tracker,
+    method_name,
+    resolve_device,
+    validate_config,
+)
 from rail_interview.training.metrics import METRIC_NAMES, MetricsLog, logger
 from rail_interview.training.state import TrainingState
 from rail_interview.training.step import step
@@ -64,7 +71,11 @@ def _set_up(config: ml_collections.ConfigDict, tracker: Optional[stat_tracking.A
         device = torch.device("cuda", context.local_rank)
     if tracker is None:
         tracker = build_tracker(
-            config.stat_tracking, num_prompts=config.problem.num_prompts, device=device, process_group=context.group
+            config.stat_tracking,
+            num_prompts=config.problem.num_prompts,
+            device=device,
+            process_group=context.group,
+            track_streaks=config.get("prompt_sampler", {}).get("rule", "none") == "greso",
         )
     elif context.world_size > 1 and tracker.process_group is None:
         raise ValueError("under torchrun, a tracker passed to train() needs process_group= so that ranks agree")
@@ -73,7 +84,8 @@ def _set_up(config: ml_collections.ConfigDict, tracker: Optional[stat_tracking.A
         # CUDA, whose rounding varies from run to run; deterministic algorithms
         # keep runs reproducible and ranks' parameters identical.
         torch.use_deterministic_algorithms(True, warn_only=True)
-    return TrainingState.create(config, tracker, device=device, context=context)
+    sampler = build_sampler(config, device=device)
+    return TrainingState.create(config, tracker, device=device, context=context, sampler=sampler)
 
 
 def _resume(

@@ -16,7 +16,7 @@ from typing import Any, Dict, NamedTuple, Optional
 import torch
 
 from rail_interview import checkpointing, distributed, problems
-from rail_interview.stat_tracking import AdvantageTracker
+from rail_interview.stat_tracking import AdvantageTracker, PromptSampler
 
 
 class Generators(NamedTuple):
@@ -74,6 +74,11 @@ class TrainingState:
         tracker: the stat tracker.
         generators: this rank's generators.
         context: the ranks; a single process by default.
+        sampler: what chooses each step's prompts from what memory says of
+            them (``config.prompt_sampler``), or None for the problem's own
+            draws. Alike on every rank, as the tracker is.
+        selection: the tracker the sampler reads (``query``), or None for
+            ``tracker`` itself (the study's ablations read another).
     """
 
     problem: problems.Problem
@@ -81,6 +86,8 @@ class TrainingState:
     tracker: AdvantageTracker
     generators: Generators
     context: distributed.DistributedContext = dataclasses.field(default_factory=distributed.DistributedContext)
+    sampler: Optional[PromptSampler] = None
+    selection: Optional[AdvantageTracker] = None
 
     @classmethod
     def create(
@@ -90,6 +97,7 @@ class TrainingState:
         *,
         device: torch.device,
         context: Optional[distributed.DistributedContext] = None,
+        sampler: Optional[PromptSampler] = None,
     ) -> "TrainingState":
         """Draws a run's problem and policy from ``config.seed`` on ``device``, with ``tracker``.
 
@@ -98,6 +106,7 @@ class TrainingState:
             tracker: the run's tracker, over ``config.problem.num_prompts`` prompts on ``device``.
             device: where everything lives.
             context: the ranks; a single process if None.
+            sampler: the prompt sampler (``training.build_sampler``), or None.
 
         Returns:
             The state at the start of the run.
@@ -114,7 +123,8 @@ class TrainingState:
                 f"the tracker knows {tracker.num_prompts} prompts, the problem has {problem.num_prompts}: build it "
                 "with num_prompts at least config.problem.num_prompts"
             )
-        return cls(problem, policy, tracker, make_generators(config.seed, generator, problem, context), context)
+        generators = make_generators(config.seed, generator, problem, context)
+        return cls(problem, policy, tracker, generators, context, sampler)
 
     @property
     def shares_prompt_generator(self) -> bool:
@@ -145,6 +155,8 @@ class TrainingState:
         }
         if self.shares_prompt_generator:  # the ranks' shared prompt generator, alike on every rank
             state["prompt_generator"] = self.generators.prompts.get_state()
+        if self.sampler is not None:  # alike on every rank
+            state["sampler"] = {name: tensor.cpu() for name, tensor in self.sampler.state_dict().items()}
         return state
 
     def restore(self, checkpoint: Dict[str, Any]) -> None:
@@ -178,10 +190,19 @@ class TrainingState:
                 f"{where} holds no state of the ranks' shared prompt generator: it was written before the ranks of "
                 "this problem drew distinct prompts. Start a new run"
             )
+        if self.sampler is not None and not isinstance(checkpoint.get("sampler"), dict):
+            raise checkpointing.CheckpointError(f"{where} holds no prompt sampler state: it was written without one")
         try:
             self.tracker.load_state_dict(checkpoint["tracker"])
         except (TypeError, ValueError) as error:
             raise checkpointing.CheckpointError(f"{where} does not fit this run's tracker: {error}") from error
+        if self.sampler is not None:
+            try:
+                self.sampler.load_state_dict(checkpoint["sampler"])
+            except (TypeError, ValueError) as error:
+                raise checkpointing.CheckpointError(
+                    f"{where} does not fit this run's prompt sampler: {error}"
+                ) from error
         self.policy.params.copy_(params)
         self.generators.answers.set_state(checkpoint["generators"][self.context.rank])
         if self.shares_prompt_generator:

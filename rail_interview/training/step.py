@@ -81,18 +81,44 @@ def draw_samples(state: TrainingState, batch_size: int) -> Samples:
 
     Args:
         state: the run; its problem draws the prompts with the prompt
-            generator, its policy answers with the answer generator.
+            generator (or its sampler chooses them: ``choose_prompts``), its
+            policy answers with the answer generator.
         batch_size: N.
 
     Returns:
         The samples.
     """
     context = state.context
-    prompt_ids = state.problem.sample_prompt_ids(  # [N]
-        batch_size, state.generators.prompts, rank=context.rank, world_size=context.world_size
-    )
+    if state.sampler is not None:
+        prompt_ids = choose_prompts(state, batch_size)  # [N]
+    else:
+        prompt_ids = state.problem.sample_prompt_ids(  # [N]
+            batch_size, state.generators.prompts, rank=context.rank, world_size=context.world_size
+        )
     answers = state.policy.sample(prompt_ids, state.generators.answers)  # [N]
     return Samples(prompt_ids, answers, state.problem.rewards(prompt_ids, answers))
+
+
+def choose_prompts(state: TrainingState, batch_size: int) -> torch.Tensor:
+    """This rank's prompts, chosen by the run's sampler from what memory says: B = N / G of them, G samples each.
+
+    Every rank's sampler and tracker are alike, so every rank draws the same
+    W * B distinct prompts and keeps its own B, in rank order, as the
+    problem's own draws do.
+
+    Args:
+        state: the run, with a sampler and a problem of groups (``group_size``).
+        batch_size: N, a multiple of G.
+
+    Returns:
+        int64 [N], each prompt's G samples contiguous.
+    """
+    group_size = state.problem.group_size
+    groups, context = batch_size // group_size, state.context
+    source = state.tracker if state.selection is None else state.selection
+    positions = state.sampler.draw(source, groups * context.world_size)  # [W * B]
+    chosen = state.sampler.pool[positions[context.rank * groups : (context.rank + 1) * groups]]  # [B]
+    return chosen.repeat_interleave(group_size)
 
 
 def tracker_advantages(tracker: AdvantageTracker, samples: Samples) -> torch.Tensor:
