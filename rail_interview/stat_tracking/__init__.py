@@ -3,10 +3,14 @@
 A tracker turns (prompt id, reward) pairs into advantages,
 ``(reward - mean) / (std + eps)``, with ``mean`` and ``std`` describing recent
 rewards of the same prompt, or of the whole batch until a prompt has enough.
-``AdvantageTracker`` composes any memory (none, a ring buffer, an EMA) with
-any estimator of the GRPO family; ``presets`` is the registry of the
-combinations by name: those that reproduce public trainers (DDPO, TRL,
-verl, flow_grpo) and the training config's methods.
+``AdvantageTracker`` composes any memory (none, a ring buffer, an EMA, a
+Beta posterior of the pass rate) with any estimator of the GRPO family, its
+statistics read with the batch or from before it; ``presets`` is the
+registry of the combinations by name: those that reproduce public trainers
+(DDPO, TRL, verl, flow_grpo, SPO) and the training config's methods.
+``tracker.query`` says what memory holds of each prompt (pass rate,
+uncertainty, count, zero-variance streak), and ``PromptSampler`` chooses
+the next prompts by it, on the device.
 Prompts are integer ids in [0, num_prompts), or, with ``keys="hashed"``, any
 int64 keys (``prompt_keys`` for strings, ``token_keys`` for token ids) that a
 fixed-size LRU table maps to rows. All state lives in fixed-shape tensors on
@@ -32,7 +36,7 @@ from rail_interview.stat_tracking.recording import (
 from rail_interview.stat_tracking.reference import ReferenceBufferStatTracker, ReferenceEmaStatTracker
 from rail_interview.stat_tracking.sampling import PromptSampler, prompt_weights
 from rail_interview.stat_tracking.tracker import AdvantageTracker
-from rail_interview.stat_tracking.types import TrackerStats, UpdateReport, resolve_device
+from rail_interview.stat_tracking.types import PromptQuery, TrackerStats, UpdateReport, resolve_device
 
 #: The tracker interface, for type hints: ``AdvantageTracker`` is the one tracker class.
 StatTracker = AdvantageTracker
@@ -45,6 +49,7 @@ __all__ = [
     "KeyTable",
     "PromptIndex",
     "PromptIndexFullError",
+    "PromptQuery",
     "PromptSampler",
     "PromptStatsLog",
     "PromptStatsRecorder",

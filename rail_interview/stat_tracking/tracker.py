@@ -319,6 +319,13 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         self._include_batch, self._normalize, self._normalize_eps = include_batch, normalize, float(normalize_eps)
         # Each row's run of zero-variance visits (row P, the spare, included), or None.
         self._streak = torch.zeros(num_prompts + 1, dtype=torch.int64, device=self._device) if track_streaks else None
+        if memory in ("buffer", "ema") and scale == "prompt_std" and not include_batch:
+            warn_at_caller(
+                "include_batch=False with a prompt std: a reward unlike every remembered one (a pass after a "
+                "run of fails) meets a std of 0 and gets |reward - mean| / eps (about 1e6; +-inf in float16). "
+                "The pass/fail study's such rows collapse; use memory='beta' (std sqrt(p (1 - p)) > 0), "
+                "scale='none' or 'batch_std', or include_batch=True."
+            )
         if memory not in ("none", "beta") and scale == "prompt_std" and min_count < 2:
             warn_at_caller(
                 f"min_count={min_count}: a prompt's own statistics are used from its first reward, when its "

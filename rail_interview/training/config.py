@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import ml_collections
@@ -284,12 +285,13 @@ def _check_number(name: str, value: Any, low: float, *, integer: bool, inclusive
 
 
 def _check_tracker(config: ml_collections.ConfigDict) -> None:
-    """Checks ``config.stat_tracking``: its numbers, a trial build of its tracker, and its buffer against the problem.
+    """Checks ``config.stat_tracking``: its numbers, a trial build of its tracker, and its memory against the problem.
 
     A buffer shorter than a prompt's samples in one step (the pass/fail
     problem's G: the ranks' prompts are distinct) keeps only the last of
     them; with a std to divide by, a pass left out of a window of fails gets
-    the advantage 1 / 1e-6.
+    the advantage 1 / 1e-6. So does a pass read against a buffer or EMA of
+    fails from before the step (``include_batch=False``).
 
     Raises:
         ConfigError: naming the field.
@@ -306,7 +308,17 @@ def _check_tracker(config: ml_collections.ConfigDict) -> None:
     if not isinstance(tracking.get("include_batch", True), bool):
         raise ConfigError(f"config.stat_tracking.include_batch must be a bool, got {tracking.include_batch!r}")
     greso = config.get("prompt_sampler", {}).get("rule", "none") == "greso"
-    tracker = build_tracker(tracking, num_prompts=1, device=torch.device("cpu"), track_streaks=greso)  # its checks
+    with warnings.catch_warnings():  # a trial build: the run's own build warns
+        warnings.simplefilter("ignore")
+        tracker = build_tracker(tracking, num_prompts=1, device=torch.device("cpu"), track_streaks=greso)
+    if tracker.memory in ("buffer", "ema") and tracker.scale == "prompt_std" and not tracker.include_batch:
+        raise ConfigError(
+            f"config.stat_tracking.include_batch=False with memory {tracker.memory!r} and method "
+            f"{tracking.method!r}, which divides by the prompt's std: a pass after a run of fails meets a "
+            "remembered std of 0 and gets the advantage 1 / 1e-6 (the pass/fail study's such rows collapse). "
+            "Use memory 'beta' (its std sqrt(p (1 - p)) is never 0), a method without a std ('dr_grpo', "
+            "'rloo'), or include_batch=True"
+        )
     samples = problems.get(problems.problem_name(config)).samples_per_prompt(config)
     if tracker.memory == "buffer" and tracker.scale == "prompt_std" and samples and tracking.buffer_size < samples:
         raise ConfigError(
