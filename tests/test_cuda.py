@@ -127,3 +127,134 @@ def test_training_on_cuda_is_reproducible_and_learns(problem, method, tmp_path):
     assert "metrics.csv" in outputs[0] and outputs[0] == outputs[1], "two runs with one seed differ"
     if method != "batch":  # the batch baseline has no floor: it is the run the others must beat
         assert summaries[0]["final_reward"] > bad_final_reward(problem)
+
+
+#: Trackers of pass/fail rewards (the Beta memory refuses others): SPO, a baseline from the past,
+#: batch normalisation, streaks and hashed keys in a table of 4 rows. P = 6.
+PASS_RATE_TRACKERS: Dict[str, contract.TrackerFactory] = {
+    "spo": lambda **kw: presets.spo(6, **kw),
+    "spo_repeats_all": lambda **kw: presets.spo(6, repeats="all", **kw),
+    "grpo_beta_past_streaks": lambda **kw: presets.verl_grpo(
+        6, memory="beta", decay=0.9, include_batch=False, min_count=2, track_streaks=True, **kw
+    ),
+    "rloo_buffer_past_normalized": lambda **kw: presets.verl_rloo(
+        6, memory="buffer", buffer_size=4, include_batch=False, normalize="batch", **kw
+    ),
+    "hashed_spo": lambda **kw: presets.spo(4, keys="hashed", **kw),
+}
+
+
+def _pass_fail_batches(num_batches: int, batch_size: Optional[int] = None, seed: int = 0):
+    """(ids, rewards in {0, 1} and fractions, per-sample discounts in [0.875, 0.96]) on the CPU."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(num_batches):
+        size = batch_size or int(torch.randint(2, 20, (1,), generator=generator))
+        ids = torch.randint(6, (size,), generator=generator)
+        rewards = (torch.rand(size, generator=generator) < 0.4).float()
+        rewards[0] = torch.rand(1, generator=generator).item()  # a fractional score
+        discount = 0.875 + 0.085 * torch.rand(size, generator=generator)
+        yield ids, rewards, discount
+
+
+@pytest.mark.parametrize("name", sorted(PASS_RATE_TRACKERS))
+def test_pass_rate_memory_on_cuda_matches_cpu_and_never_syncs(name):
+    make = PASS_RATE_TRACKERS[name]
+    cpu, cuda = make(), make(device="cuda", check_values=False)
+    discounted = cpu.memory == "beta"
+    batches = list(_pass_fail_batches(10, seed=1))
+    torch.cuda.synchronize()
+    for ids, rewards, discount in batches:
+        extra = {"discount": discount} if discounted else {}
+        expected = cpu.update(ids, rewards, **extra)
+        extra_cuda = {"discount": discount.cuda()} if discounted else {}
+        ids_cuda, rewards_cuda = ids.cuda(), rewards.cuda()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = cuda.update(ids_cuda, rewards_cuda, **extra_cuda)
+            query = cuda.query(ids_cuda)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.testing.assert_close(got.cpu(), expected)
+        reference = cpu.query(ids)
+        torch.testing.assert_close(query.pass_rate.cpu(), reference.pass_rate, equal_nan=True)
+    for key, value in cpu.state_dict().items():
+        torch.testing.assert_close(cuda.state_dict()[key].cpu(), value)
+
+
+@pytest.mark.parametrize("name", sorted(PASS_RATE_TRACKERS))
+def test_pass_rate_memory_graph_replay_matches_eager(name):
+    batch_size = 16
+    make = PASS_RATE_TRACKERS[name]
+    eager, graphed = make(device="cuda", check_values=False), make(device="cuda", check_values=False)
+    discounted = eager.memory == "beta"
+    static_ids = torch.zeros(batch_size, dtype=torch.int64, device="cuda")
+    static_rewards = torch.zeros(batch_size, device="cuda")
+    static_discount = torch.full((batch_size,), 0.9, device="cuda")
+    extra = {"discount": static_discount} if discounted else {}
+    initial = graphed.state_dict()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graphed.update(static_ids, static_rewards, **extra)
+    torch.cuda.current_stream().wait_stream(side)
+    graphed.load_state_dict(initial)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = graphed.update(static_ids, static_rewards, **extra)
+    graphed.load_state_dict(initial)
+    for ids, rewards, discount in _pass_fail_batches(8, batch_size, seed=2):
+        static_ids.copy_(ids)
+        static_rewards.copy_(rewards)
+        static_discount.copy_(discount)
+        graph.replay()
+        eager_extra = {"discount": discount.cuda()} if discounted else {}
+        torch.testing.assert_close(static_out, eager.update(ids.cuda(), rewards.cuda(), **eager_extra))
+    for key, value in eager.state_dict().items():
+        assert torch.equal(graphed.state_dict()[key], value), key
+
+
+def test_prompt_sampler_draws_as_on_the_cpu_without_a_sync_and_in_a_cuda_graph():
+    from rail_interview.stat_tracking import PromptSampler  # pylint: disable=import-outside-toplevel
+
+    cpu_tracker = presets.spo(6)
+    cuda_tracker = presets.spo(6, device="cuda", check_values=False)
+    cpu_sampler = PromptSampler(torch.arange(6), "spo", seed=3)
+    cuda_sampler = PromptSampler(torch.arange(6, device="cuda"), "spo", seed=3, check_values=False)
+    for ids, rewards, _ in _pass_fail_batches(5, seed=4):
+        cpu_tracker.update(ids, rewards)
+        cuda_tracker.update(ids.cuda(), rewards.cuda())
+        expected = cpu_sampler.draw(cpu_tracker, 3)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = cuda_sampler.draw(cuda_tracker, 3)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(got.cpu(), expected)
+    # The whole step, draw then update, captured in one graph and replayed: the draws go on.
+    graph_sampler = PromptSampler(torch.arange(6, device="cuda"), "spo", seed=5, check_values=False)
+    eager_sampler = PromptSampler(torch.arange(6, device="cuda"), "spo", seed=5, check_values=False)
+    graphed, eager = (
+        presets.spo(6, device="cuda", check_values=False),
+        presets.spo(6, device="cuda", check_values=False),
+    )
+    static_rewards = torch.zeros(3, device="cuda")
+    sampler_state, tracker_state = graph_sampler.state_dict(), graphed.state_dict()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graphed.update(graph_sampler.draw(graphed, 3), static_rewards)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_ids = graph_sampler.draw(graphed, 3)
+        static_out = graphed.update(static_ids, static_rewards)
+    graph_sampler.load_state_dict(sampler_state)
+    graphed.load_state_dict(tracker_state)
+    for _, rewards, _ in _pass_fail_batches(6, 3, seed=6):
+        static_rewards.copy_(rewards)
+        graph.replay()
+        ids = eager_sampler.draw(eager, 3)
+        assert torch.equal(static_ids, ids)
+        torch.testing.assert_close(static_out, eager.update(ids, rewards.cuda()))
