@@ -246,9 +246,9 @@ class ReferenceAdvantageTracker:
 
     0. Refusals, before anything changes (ValueError): inputs of different
        lengths; an infinite reward, or a NaN one with ``nan_rewards="refuse"``;
-       with ``memory="beta"``, a reward (NaN aside) outside [0, 1]; a
+       with ``memory="beta"``, a valid sample's reward outside [0, 1]; a
        ``discount`` with another memory, of another length, or with a value
-       (any sample's) outside (0, 1].
+       (any sample's, valid or not) outside (0, 1].
     1. A sample is valid if ``valid`` says so and, with
        ``nan_rewards="invalid"``, its reward is not NaN. Invalid samples touch
        no state and no statistic, and get advantage 0.
@@ -485,10 +485,10 @@ class ReferenceAdvantageTracker:
             raise ValueError(f"got {len(prompts)} prompts and {len(valid)} valid flags")
         if any(math.isinf(r) or (math.isnan(r) and self.nan_rewards == "refuse") for r in rewards):
             raise ValueError("rewards must be finite (NaN is allowed only with nan_rewards='invalid')")
-        if self.memory == "beta" and any(not 0.0 <= r <= 1.0 for r in rewards if not math.isnan(r)):
-            raise ValueError("rewards must lie in [0, 1] with memory='beta'")
         rhos = self._discounts(discount, len(prompts))
         valid = [v and not math.isnan(r) for v, r in zip(valid, rewards)]
+        if self.memory == "beta" and any(v and not 0.0 <= r <= 1.0 for r, v in zip(rewards, valid)):
+            raise ValueError("rewards must lie in [0, 1] with memory='beta'")
         groups: Dict[Hashable, List[int]] = {}  # prompt -> its valid samples, in batch order
         for i, prompt in enumerate(prompts):
             if valid[i]:
@@ -650,45 +650,55 @@ class ReferenceAdvantageTracker:
         successes: Numbers,
         trials: Numbers,
         *,
-        strength: Optional[float] = None,
+        strength: Optional[Union[float, Numbers]] = None,
     ) -> None:
         """Sets the Beta prior of some prompts from s successes in n trials (``memory="beta"`` only).
 
         alpha = k (s + 0.5) / (n + 1) and beta = k (n - s + 0.5) / (n + 1),
         with k = ``strength``, or n + 1 when None (alpha = s + 0.5, beta =
-        n - s + 0.5); count and streak become 0. A prompt given twice takes
-        its last values. With a ``capacity`` the prompts are seen as a batch
-        of valid samples is (moved to the recent end, the oldest keys
-        evicted); an overflow key's prior is forgotten.
+        n - s + 0.5); count and streak become 0. With a ``capacity`` (at
+        least M) the prompts are seen as a batch of valid samples is, in the
+        order given (moved to the recent end, the oldest keys evicted).
 
         Args:
-            prompts: [M] prompt keys.
+            prompts: [M] distinct prompt keys.
             successes: [M] s, with 0 <= s <= n.
-            trials: [M] n >= 0.
-            strength: k > 0, the prior's alpha + beta, or None for n + 1.
+            trials: [M] n >= 0, finite.
+            strength: k > 0 (one number, or [M]), the prior's alpha + beta,
+                or None for n + 1.
 
         Raises:
-            ValueError: without the Beta memory, on mismatched lengths, s or n
-                out of range or not finite, or k not positive; the state is
-                then unchanged.
+            ValueError: without the Beta memory, on mismatched lengths, a
+                prompt given twice, more prompts than ``capacity``, s or n
+                out of range, or k not finite and positive; the state is then
+                unchanged.
         """
         if self.memory != "beta":
             raise ValueError(f"set_prior needs memory='beta', not {self.memory!r}")
         prompts = _as_list(prompts)
         successes = [float(s) for s in _as_list(successes)]
         trials = [float(n) for n in _as_list(trials)]
-        if not len(prompts) == len(successes) == len(trials):
-            raise ValueError(f"got {len(prompts)} prompts, {len(successes)} successes and {len(trials)} trials")
+        if strength is None:
+            weights = [n + 1.0 for n in trials]
+        elif isinstance(strength, (int, float)):
+            weights = [float(strength)] * len(prompts)
+        else:
+            weights = [float(k) for k in _as_list(strength)]
+        if not len(prompts) == len(successes) == len(trials) == len(weights):
+            sizes = f"{len(successes)} successes, {len(trials)} trials and {len(weights)} strengths"
+            raise ValueError(f"got {len(prompts)} prompts, {sizes}")
+        if len(set(prompts)) != len(prompts):
+            raise ValueError("prompts must be distinct (a prompt has one prior)")
+        if self.capacity is not None and len(prompts) > self.capacity:
+            raise ValueError(f"{len(prompts)} prompts do not fit the capacity of {self.capacity} keys")
         if not all(math.isfinite(n) and 0.0 <= s <= n for s, n in zip(successes, trials)):
             raise ValueError("successes and trials must be finite with 0 <= successes <= trials")
-        if strength is not None and not (math.isfinite(strength) and strength > 0):
-            raise ValueError(f"strength must be a positive number or None, got {strength!r}")
-        overflow = self._see(prompts, [True] * len(prompts)) if self.capacity is not None else set()
-        for prompt, s, n in zip(prompts, successes, trials):
-            if prompt in overflow:
-                continue
-            weight = n + 1.0 if strength is None else float(strength)
-            self.betas[prompt] = [weight * (s + 0.5) / (n + 1.0), weight * (n - s + 0.5) / (n + 1.0), 0]
+        if not all(math.isfinite(k) and k > 0 for k in weights):
+            raise ValueError(f"strength must be finite and positive, or None; got {strength!r}")
+        if self.capacity is not None:
+            self._see(prompts, [True] * len(prompts))
+        for prompt, s, n, k in zip(prompts, successes, trials, weights):
+            self.betas[prompt] = [k * (s + 0.5) / (n + 1.0), k * (n - s + 0.5) / (n + 1.0), 0]
             self.streak.pop(prompt, None)
 
     def query(self, prompts: Union[Sequence[Hashable], torch.Tensor]) -> ReferencePromptQuery:
