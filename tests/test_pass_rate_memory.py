@@ -14,8 +14,8 @@ much of their time in fallbacks and evictions). Then: every dtype (a
 reference rebuilt from the tracker's state before each step, so that each
 step is held to its own rounding, as in ``test_tracker_matrix.py``), two gloo
 ranks, ``torch.compile(fullgraph=True)``, and the refusals, each of which
-must leave the state as it was. Two tracker bugs found here are pinned as
-strict xfails (``test_hashed_batch_only_tracker_*``).
+must leave the state as it was. Two tracker bugs found here have their own
+tests (``test_hashed_batch_only_tracker_*``).
 
 Why: each of these options composes with every older one (keys, masks,
 fallbacks, estimators, ranks, compilation), and the reference, plain Python
@@ -393,12 +393,6 @@ def _tensor_step(step, dtype: torch.dtype):
     return (ids, values, mask, rho), seen
 
 
-def _batch_only(options: dict) -> bool:
-    """Whether the tracker needs no per-prompt statistics at all (``AdvantageTracker``'s ``_needs_fold`` False)."""
-    batch_baseline = options["baseline"] == "batch_mean" and options["scale"] != "prompt_std"
-    return options["memory"] == "none" and batch_baseline and options["min_count"] <= 1
-
-
 def _note_events(options, keys, num_prompts, before, after, seen, expected) -> None:
     """Names what a step exercised, for ``pytest --hypothesis-show-statistics``."""
     prompts, _, _, discount = seen
@@ -422,8 +416,6 @@ def _run_sequence(data, dtype: torch.dtype) -> None:
     options = _draw_options(data)
     keys = data.draw(st.sampled_from(["ids", "hashed"]), label="keys")
     num_prompts = 3 if keys == "ids" else data.draw(st.integers(1, 3), label="table rows")
-    # Known tracker bugs, pinned by the xfail tests below: without this, hypothesis finds them at once.
-    hypothesis.assume(not (keys == "hashed" and _batch_only(options)))
     pool = _pool(keys, num_prompts)
     tracker, reference = _pair(num_prompts, keys, dtype, options)
     for number in range(data.draw(st.integers(2, 10), label="steps")):
@@ -521,19 +513,17 @@ def test_own_statistics_over_long_sequences(options):
     assert own >= 60  # most samples read their own statistics
 
 
-@pytest.mark.xfail(strict=True, reason="tracker bug: the report groups by raw keys when no table is kept")
 def test_hashed_batch_only_tracker_reports():
-    # memory none, baseline batch_mean, no prompt std, min_count 1: no fold, so no key table; the report then
-    # indexes its groups by the keys themselves (RuntimeError: index 100 is out of bounds).
+    # memory none, baseline batch_mean, no prompt std, min_count 1: no fold, so no key table; the report
+    # groups the batch's keys itself (it once indexed its groups by the keys: index 100 out of bounds).
     tracker = AdvantageTracker(1, "none", baseline="batch_mean", scale="batch_std", min_count=1, keys="hashed")
     report = tracker.update_with_report(torch.tensor([100]), torch.tensor([0.0]))
     assert report.zero_variance.tolist() == [True]
 
 
-@pytest.mark.xfail(strict=True, reason="tracker bug: a batch-only tracker does not report overflow as fallen back")
 def test_hashed_batch_only_tracker_reports_overflow_as_fallback():
     # With track_streaks the same tracker keeps a table of one row: key 100 overflows. Documented (and the
-    # reference's): overflow samples count as fallen back. Got [False, False].
+    # reference's): overflow samples count as fallen back (it once reported [False, False]).
     options = dict(baseline="batch_mean", scale="batch_std", min_count=1, track_streaks=True)
     tracker = AdvantageTracker(1, "none", keys="hashed", **options)
     report = tracker.update_with_report(torch.tensor([100, 200]), torch.tensor([0.0, 1.0]))
@@ -684,7 +674,18 @@ def _rank_scenarios(rank: int) -> None:
         )
     with pytest.raises(ValueError, match=r"\[0, 1\]" if rank == 1 else theirs):
         tracker.update(torch.tensor([0, 2]), torch.tensor([1.0, 2.0 if rank else 0.0]))
+    # A discount on some ranks only is refused on every rank (it once broke the gather).
+    with pytest.raises(ValueError, match=r"discount must be passed on every rank or on none; .* \[0\]"):
+        extra = {"discount": torch.tensor([0.5, 0.5], dtype=torch.float64)} if rank == 0 else {}
+        tracker.update(torch.tensor([0, 2]), torch.tensor([1.0, 0.0]), **extra)
     _assert_state_unchanged(tracker, before)
+    # Discounts of different float dtypes on different ranks are gathered in the tracker's dtype.
+    discount = torch.tensor([0.5, 0.5], dtype=torch.float64 if rank == 0 else torch.float32)
+    tracker.update(torch.tensor([0, 2]), torch.tensor([1.0, 0.0]), discount=discount)
+    alpha = tracker.state_dict()["alpha"]
+    gathered = [torch.empty_like(alpha) for _ in range(WORLD_SIZE)]
+    dist.all_gather(gathered, alpha)
+    assert torch.equal(gathered[0], gathered[1])
 
 
 def test_ranks_match_one_process_and_the_reference(tmp_path):

@@ -11,7 +11,7 @@ Dimensions: N samples in one rank's batch, W ranks.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -37,11 +37,12 @@ def all_gather_single(output: torch.Tensor, tensor: torch.Tensor, group=None) ->
     gather(output, tensor, group=group)
 
 
-def _agree(error: Optional[Exception], prompt_ids, valid, group, device: torch.device) -> None:
+def _agree(error: Optional[Exception], prompt_ids, valid, group, device: torch.device, discount=None) -> None:
     """Shares every rank's verdict on its input, and raises on every rank if one was refused.
 
     One small collective (and host sync): every rank's batch size (-1 for a
-    rank whose input was refused) and whether it passed a valid mask.
+    rank whose input was refused), whether it passed a valid mask and
+    whether it passed a discount.
 
     Args:
         error: this rank's refusal of its input, or None.
@@ -49,20 +50,21 @@ def _agree(error: Optional[Exception], prompt_ids, valid, group, device: torch.d
         valid: this rank's valid mask, or None.
         group: the process group.
         device: where the collective's tensors live.
+        discount: this rank's per-sample discount, or None.
 
     Raises:
         TypeError, ValueError: this rank's own error, or a ValueError when
             another rank refused its input, the sizes differ or some ranks
-            passed a mask and others did not.
+            passed a mask (or a discount) and others did not.
     """
     import torch.distributed as dist  # pylint: disable=import-outside-toplevel
 
     world_size = dist.get_world_size(group)
     size = -1 if error is not None else len(prompt_ids)  # pragma: no mutate (sentinel)
-    verdict = torch.tensor([size, valid is not None], device=device)
-    verdicts = torch.empty(2 * world_size, dtype=verdict.dtype, device=device)
+    verdict = torch.tensor([size, valid is not None, discount is not None], device=device)
+    verdicts = torch.empty(3 * world_size, dtype=verdict.dtype, device=device)
     all_gather_single(verdicts, verdict, group=group)
-    sizes, masks = verdicts[0::2].tolist(), verdicts[1::2].tolist()
+    sizes, masks, discounts = verdicts[0::3].tolist(), verdicts[1::3].tolist(), verdicts[2::3].tolist()
     if error is not None:
         raise error
     refused = [rank for rank, size in enumerate(sizes) if size < 0]
@@ -70,11 +72,12 @@ def _agree(error: Optional[Exception], prompt_ids, valid, group, device: torch.d
         raise ValueError(f"rank(s) {refused} refused their input to update; see the error there")
     if len(set(sizes)) > 1:
         raise ValueError(f"local batches must have the same size on every rank, got sizes {sizes}")
-    if len(set(masks)) > 1:
-        raise ValueError(
-            f"valid must be passed on every rank or on none; ranks that passed it: "
-            f"{[rank for rank, mask in enumerate(masks) if mask]}"
-        )
+    for name, given in (("valid", masks), ("discount", discounts)):
+        if len(set(given)) > 1:
+            raise ValueError(
+                f"{name} must be passed on every rank or on none; ranks that passed it: "
+                f"{[rank for rank, flag in enumerate(given) if flag]}"
+            )
 
 
 def gather_batch(
@@ -86,7 +89,9 @@ def gather_batch(
     group,
     device: torch.device,
     check_values: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], slice]:
+    discount: Optional[torch.Tensor] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], slice]:
     """Validates this rank's batch and gathers every rank's, in rank order.
 
     With ``check_values`` the ranks first agree on validity and batch sizes,
@@ -104,10 +109,15 @@ def gather_batch(
         group: the process group.
         device: the tracker's device.
         check_values: whether the ranks agree on their inputs first.
+        discount: float [N], a per-sample value gathered as the rewards are
+            (``validate`` checks it), or None; passed on every rank or none.
+        dtype: what ``discount`` is converted to before the gather, so
+            that ranks that passed different float dtypes agree.
 
     Returns:
-        int64 [W * N] ids, [W * N] rewards, bool [W * N] valid (or None), and
-        the slice of the gathered batch that is this rank's.
+        int64 [W * N] ids, [W * N] rewards, bool [W * N] valid (or None),
+        [W * N] discounts (or None), and the slice of the gathered batch
+        that is this rank's.
 
     Raises:
         TypeError, ValueError: as ``validate``, or as ``_agree``.
@@ -123,12 +133,18 @@ def gather_batch(
             raise
         error = caught
     if check_values:
-        _agree(error, prompt_ids, valid, group, device)
+        _agree(error, prompt_ids, valid, group, device, discount)
     num_local = len(prompt_ids)
-    gathered: List[torch.Tensor] = []
-    for local in (prompt_ids, rewards) if valid is None else (prompt_ids, rewards, valid):
+    if discount is not None and dtype is not None:
+        discount = discount.to(dtype)
+
+    def gather(local: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Every rank's ``local``, in rank order (None where not passed)."""
+        if local is None:
+            return None
         whole = torch.empty(world_size * num_local, dtype=local.dtype, device=device)
         all_gather_single(whole, local.contiguous(), group=group)
-        gathered.append(whole)
-    all_valid = gathered[2] if valid is not None else None
-    return gathered[0], gathered[1], all_valid, slice(rank * num_local, (rank + 1) * num_local)
+        return whole
+
+    mine = slice(rank * num_local, (rank + 1) * num_local)
+    return gather(prompt_ids), gather(rewards), gather(valid), gather(discount), mine

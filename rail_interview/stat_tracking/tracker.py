@@ -59,7 +59,7 @@ from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from rail_interview.stat_tracking.distributed import all_gather_single, gather_batch
+from rail_interview.stat_tracking.distributed import gather_batch
 from rail_interview.stat_tracking.functional import (
     BASELINES,
     FALLBACKS,
@@ -74,7 +74,7 @@ from rail_interview.stat_tracking.functional import (
 )
 from rail_interview.stat_tracking.keys import KeyTable
 from rail_interview.stat_tracking.memory import Memory, make_memory
-from rail_interview.stat_tracking.ops import batch_mean_std, cast, compute_dtype, take, write_at
+from rail_interview.stat_tracking.ops import batch_mean_std, cast, compute_dtype, group_by_prompt, take, write_at
 from rail_interview.stat_tracking.types import (
     Device,
     PromptQuery,
@@ -581,7 +581,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             """``_validate_inputs`` with this rank's discount."""
             return self._validate_inputs(ids, values, mask, discount)
 
-        *gathered, mine = gather_batch(
+        prompt_ids, rewards, valid, discount, mine = gather_batch(
             validate,
             prompt_ids,
             rewards,
@@ -589,12 +589,10 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             group=self._process_group,
             device=self._device,
             check_values=self.check_values,
+            discount=discount,
+            dtype=self._dtype,
         )
-        if discount is not None:
-            whole = torch.empty(len(gathered[0]), dtype=discount.dtype, device=self._device)  # [W * N]
-            all_gather_single(whole, discount.contiguous(), group=self._process_group)
-            discount = whole
-        result = self._update(*gathered, report, discount)  # [W * N]
+        result = self._update(prompt_ids, rewards, valid, report, discount)  # [W * N]
         return result.local(mine) if report else result[mine]
 
     def _validate_inputs(
@@ -679,7 +677,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             # Keys beyond the table's rows: the fallback, from their own rewards.
             overflowed = fallback_advantages(rewards, fallback=self._fallback, **options)
             advantages = torch.where(rows.overflow, overflowed, advantages)
-            fallback = None if fallback is None else fallback | rows.overflow
+            fallback = rows.overflow if fallback is None else fallback | rows.overflow
         if valid is not None and self._mask_invalid:
             advantages = torch.where(valid, advantages, 0)
         if self._normalize == "batch":
@@ -747,6 +745,14 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             groups, num_groups = assignment.group, assignment.num_groups
             if overflow is not None:
                 in_memory = ~overflow if valid is None else valid & ~overflow
+        elif self._keys == "hashed":
+            # No table (nothing is kept per prompt): the report's groups are the batch's distinct keys,
+            # numbered by their first position in the sorted batch; invalid samples in the spare group N.
+            sorted_keys = group_by_prompt(prompt_ids)
+            num_groups = len(prompt_ids) + 1
+            groups = sorted_keys.unsort(sorted_keys.start)  # [N], in [0, N)
+            if valid is not None:
+                groups = torch.where(valid, groups, num_groups - 1)
         if in_memory is not None:
             prompt_ids = torch.where(in_memory, prompt_ids, self._num_prompts)  # [N]
             if overflow is not None:
