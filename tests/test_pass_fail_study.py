@@ -28,14 +28,14 @@ def test_the_grid_has_every_estimator_memory_and_group_size_and_the_fragile_poin
         samples = cell.run.num_groups * cell.group_size
         assert (samples, cell.run.num_steps) in ((batch, steps), (batch // 4, steps * 4)), cell.name
     # Every row is paired with a reference row: in-batch GRPO on the same problem (at its G, or at G = 4
-    # for single-stream rows), or, for the selection rows, the same estimator and memory drawing uniformly.
+    # for single-stream rows), or, for the rows that select by their memory, the same estimator and memory
+    # drawing uniformly.
     for cell in cells:
         (reference,) = [c for c in cells if (c.name, c.group_size) == cell.reference_key]
         assert reference.run.num_prompts == cell.run.num_prompts and reference.run.label_scale == cell.run.label_scale
         assert reference.run.sampler == "none" and reference.run.include_batch and reference.run.ablation == "none"
-        if cell.block == "selection" and reference.name != "grpo":
+        if cell.run.sampler != "none" and cell.run.selection_memory == "none":  # selection by the row's memory
             assert (reference.run.method, reference.run.memory) == (cell.run.method, cell.run.memory)
-            assert cell.run.sampler != "none"
         else:
             assert (reference.run.method, reference.run.memory) == ("grpo", "none")
     short = [c for c in cells if c.block == "short buffers"]

@@ -156,6 +156,14 @@ def cells(config: ml_collections.ConfigDict, quick: bool = False) -> List[Cell]:
         rows.append(Cell(name, 4, at(4, memory=memory, num_prompts=rare), f"grpo, P = {rare}", "rare visits"))
     oracle = at(4, ablation="oracle", num_prompts=rare)
     rows.append(Cell(f"grpo, oracle baseline, P = {rare}", 4, oracle, f"grpo, P = {rare}", "rare visits"))
+    # Single stream and selection where a step sees a quarter of the prompts (B = 64 of 256 at G = 1).
+    stream = at(1, method="spo", num_prompts=rare)
+    rows.append(Cell(f"spo, P = {rare}", 1, stream, f"grpo, P = {rare}", "rare visits", reference_size=4))
+    selected = dataclasses.replace(stream, sampler="spo")
+    rows.append(Cell(f"spo, P = {rare}, sampler spo", 1, selected, f"spo, P = {rare}", "rare visits"))
+    buffered = at(4, memory="buffer", num_prompts=rare, sampler="spo")
+    name = f"grpo+buffer, P = {rare}"
+    rows.append(Cell(f"{name}, sampler spo", 4, buffered, name, "rare visits"))
     if quick:
         return rows
     for scale in LABEL_SCALES:
