@@ -159,7 +159,11 @@ class AdvantageTracker:
        prompt of the batch, count n, mean m and population variance v (the
        batch included), and for each sample the weight w of its own reward
        in m (``"none"``: 1/n; ``"buffer"``: 1/n, or 0 for a reward pushed
-       out within its batch; ``"ema"``: the reward's decay weight).
+       out within its batch; ``"ema"``: the reward's decay weight;
+       ``"beta"``: m = alpha / (alpha + beta), v = m (1 - m), w the reward's
+       weight in alpha over alpha + beta). With ``include_batch=False``,
+       n, m and v are the memory's before the batch (w = 0), and the batch
+       is folded in after.
     2. The batch's mean B_m and std B_s (dividing by n_valid - ddof; 0 when
        n_valid <= ddof) come from the valid samples.
     3. A prompt with n < ``min_count`` falls back: its (mean, std) become
@@ -171,7 +175,9 @@ class AdvantageTracker:
        (r - m) / (1 - w) (``"leave_one_out"``: r minus the mean of the other
        rewards, ``(r - m) * n / (n - 1)`` when weights are equal; not applied
        on fallback), and scale S + eps (``scale="prompt_std"``), B_s + eps
-       (``"batch_std"``) or 1 (``"none"``).
+       (``"batch_std"``) or 1 (``"none"``). With ``normalize="batch"`` the
+       valid samples' advantages are then whitened over the batch,
+       (a - mean) / (std + ``normalize_eps``), std with ``ddof``.
     5. Invalid samples (``valid`` False, or NaN rewards with
        ``nan_rewards="invalid"``) get advantage 0 and change no state.
 
@@ -199,10 +205,12 @@ class AdvantageTracker:
 
     Args:
         num_prompts: P, the number of distinct prompt ids, ids in [0, P).
-        memory: ``"none"``, ``"buffer"`` or ``"ema"``.
+        memory: ``"none"``, ``"buffer"``, ``"ema"`` or ``"beta"`` (rewards
+            in [0, 1]; see ``beta_memory.BetaMemory``).
         buffer_size: K, rewards kept per prompt by ``memory="buffer"``.
         decay: weight kept by the old statistics at each reward, for
-            ``memory="ema"``, in (0, 1).
+            ``memory="ema"``, in (0, 1); for ``memory="beta"``, the
+            discount rho in (0, 1] (1: a plain count).
         baseline: ``"prompt_mean"``, ``"leave_one_out"`` or ``"batch_mean"``.
         scale: ``"prompt_std"``, ``"batch_std"`` or ``"none"``.
         ddof: 0 (population std) or 1 (sample std), for the prompt's std and
@@ -235,6 +243,17 @@ class AdvantageTracker:
             tracker's own gather: each updates its table with the same
             gathered batch.
         keys: ``"ids"`` or ``"hashed"`` (see above).
+        repeats: ``memory="beta"``: ``"all"`` folds every sample of a
+            prompt in batch order; ``"last"`` (SPO's) keeps the last one's
+            update, computed from the state before the batch.
+        include_batch: whether a prompt's statistics include this batch
+            (True) or are its memory's before it (False: a baseline from the
+            past only, SPO's; needs a memory).
+        normalize: ``"none"`` or ``"batch"``: whiten the advantages over
+            the batch's valid samples at the end (SPO's last step).
+        normalize_eps: added to that std.
+        track_streaks: keep each prompt's run of zero-variance visits
+            (``query().streak``; the state dict gains ``streak`` [P]).
 
     Raises:
         ValueError: if an option is unknown or out of range, or the options

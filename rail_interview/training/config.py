@@ -169,7 +169,7 @@ def build_tracker(
 
     "buffer", "ema" and "batch" are this project's trackers; "grpo",
     "dr_grpo" and "rloo" are verl's estimators, with an optional per-prompt
-    ``memory`` ("buffer" or "ema") and, below ``min_count`` rewards, the
+    ``memory`` ("buffer", "ema" or "beta") and, below ``min_count`` rewards, the
     ``fallback`` "zero" (TRL's rule for a group of one) unless set to "raw"
     (verl's) or "batch" (DDPO's). ``presets`` documents each.
 
