@@ -250,3 +250,104 @@ def index_add_grpo(
     std = (square_sum / (count - 1).clamp(min=1)).sqrt()  # [P]
     b_std = torch.where(singleton, torch.ones_like(rewards), std[prompt_ids])  # [N], singleton: std 1
     return b_advantage / (b_std + eps)
+
+
+class SpoDictTracker:
+    """SPO's per-prompt Beta tracker as verl's recipe runs it: two dicts, tensors built per step, ``.item()`` writes.
+
+    ``RayPPOTrainer.fit`` of verl's ``recipe/spo/spo_ray_trainer.py``
+    (volcengine/verl, commit 4b2b36432e8ffa463894edd21ec4f9822412905a; its
+    transcription in float64 is ``SpoBetaTracker`` in
+    tests/system_references.py). The state is ``prompt2alpha`` and
+    ``prompt2beta``, Python dicts from prompt to float, here keyed by int
+    prompt ids in [0, P) and starting at 0.5 each (SPO's prior without
+    offline data, ``offline_N: 0``). One ``update`` is the recipe's
+    tracker work of one step, in its order and dtypes:
+
+    * alpha and beta of the batch by a list comprehension over its prompts,
+      made float32 tensors with ``torch.tensor(..., dtype=torch.float).to(r)``;
+    * ``p_hats = alpha / (alpha + beta)``, ``a = r - p_hats``,
+      ``(a - a.mean()) / (a.std() + 1e-8)`` (torch's unbiased std);
+    * rho per sample as ``_get_spo_rho`` computes it: ``rho.type: kl``,
+      ``clamp(2 ** (-D / 0.06), clip_lower, 0.96)`` from the given D (the
+      recipe measures D on the policy's log-probs; here it is an input), or
+      ``torch.full`` of the constant for ``rho.type: constant``;
+    * ``alpha = rho * alpha + r``, ``beta = rho * beta + (1 - r)``, then a
+      Python loop over the batch writes ``alpha[i].item()`` and
+      ``beta[i].item()`` into the dicts, so a prompt repeated in a batch
+      keeps its last sample's update.
+
+    Left out, each of which the recipe also runs in that step and which would
+    only add to its cost: the ``spo/*`` metrics (a dozen ``.mean().item()``
+    and a ``torch.quantile``), ``prompt2sampled_number`` and its counts, the
+    token dimension of the advantages (``advantages.unsqueeze(-1) *
+    response_mask``) and the KL-rho's log-prob bookkeeping. The recipe runs
+    this on the driver, with the batch's tensors on the host.
+
+    Args:
+        num_prompts: P, prompt ids in [0, P).
+        rho_type: ``"kl"`` (``update`` takes D) or ``"constant"``.
+        rho_value: the constant rho (``trainer.spo.rho.value``).
+        clip_lower: rho's lower clamp under ``"kl"`` (``trainer.spo.rho.clip_lower``).
+    """
+
+    D_HALF = 0.06
+    RHO_MAX = 0.96
+
+    def __init__(
+        self, num_prompts: int, *, rho_type: str = "kl", rho_value: float = 0.875, clip_lower: float = 0.875
+    ) -> None:
+        if rho_type not in ("kl", "constant"):
+            raise ValueError(f"Unknown rho type: {rho_type}")
+        self.rho_type, self.rho_value, self.clip_lower = rho_type, rho_value, clip_lower
+        self.prompt2alpha: Dict[int, float] = {k: 0.5 for k in range(num_prompts)}
+        self.prompt2beta: Dict[int, float] = {k: 0.5 for k in range(num_prompts)}
+
+    def rho(self, count: int, divergence: Optional[torch.Tensor]) -> torch.Tensor:
+        """Each sample's discount, as ``_get_spo_rho`` returns it.
+
+        Args:
+            count: N.
+            divergence: float32 [N] D, needed for ``rho_type="kl"``.
+
+        Returns:
+            float32 [N] rho (D's dtype under ``"kl"``).
+        """
+        if self.rho_type == "constant":
+            return torch.full((count,), self.rho_value, dtype=torch.float32)
+        if divergence is None:
+            raise ValueError("rho_type='kl' needs one divergence D per sample")
+        d_half = torch.as_tensor(self.D_HALF, dtype=divergence.dtype, device=divergence.device)
+        rho = torch.pow(2.0, -divergence / d_half)
+        return torch.clamp(rho, min=self.clip_lower, max=self.RHO_MAX)
+
+    def update(
+        self, prompts: List[int], rewards: torch.Tensor, divergence: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """The step's advantages from the state before it; then the rewards are written into the dicts.
+
+        Args:
+            prompts: [N] prompt ids, a Python list (the recipe's ``micro_prompts``).
+            rewards: float32 [N] rewards in [0, 1] (the recipe's summed token rewards).
+            divergence: float32 [N] D per sample, for ``rho_type="kl"``.
+
+        Returns:
+            [N] advantages, of the rewards' dtype.
+        """
+        r = rewards
+        alpha = [self.prompt2alpha[_] for _ in prompts]
+        beta = [self.prompt2beta[_] for _ in prompts]
+        alpha = torch.tensor(alpha, dtype=torch.float).to(r)
+        beta = torch.tensor(beta, dtype=torch.float).to(r)
+        neff = alpha + beta
+        p_hats = alpha / neff
+        advantages = r - p_hats
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+        rho = self.rho(len(prompts), divergence)
+        alpha = rho * alpha + r
+        beta = rho * beta + (1 - r)
+        for i in range(len(alpha)):
+            self.prompt2alpha[prompts[i]] = alpha[i].item()
+            self.prompt2beta[prompts[i]] = beta[i].item()
+        return advantages

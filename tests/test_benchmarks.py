@@ -5,6 +5,7 @@ import importlib
 import importlib.util
 import json
 import pathlib
+import random
 import re
 import statistics
 import subprocess
@@ -12,6 +13,8 @@ import sys
 
 import pytest
 import torch
+
+from system_references import SpoBetaTracker
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -226,3 +229,85 @@ def test_bench_groups_quick(tmp_path):
         assert diff == "n/a |" if "ema" in method else diff.endswith(" ok |"), row
         assert syncs == (0 if method.startswith(("presets", "AdvantageTracker")) or "P given" in method else 1), row
     assert "| presets.verl_rloo |" in result.stdout
+
+
+def test_bench_spo_quick(tmp_path):
+    result = _run("bench_spo.py", "--quick", f"--out={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "spo_cpu_quick.json").read_text())
+    assert data["machine"]["torch_threads"] == 1 and data["rounds"] == 2 and data["tolerance"] <= 1e-5
+    assert [(r["N"], r["P"], r["G"]) for r in data["results"]] == [(16, 40, 1), (64, 500, 1)]
+    for row in data["results"]:
+        assert all(row[key] > 0 for key in ("dict_ms", "spo_ms", "spo_unchecked_ms"))
+        assert all(len(times) == 2 for times in row["rounds"].values())
+        # Both tensor trackers were checked against the dict baseline, advantages and alpha/beta.
+        assert set(row["max_diff"]) == {"spo", "spo_unchecked"}
+        assert all(0 <= diff <= data["tolerance"] for d in row["max_diff"].values() for diff in d.values())
+    table = (tmp_path / "spo_cpu_quick.md").read_text()
+    assert "| N | P | dict ms | spo ms | spo unchecked ms | dict / spo | dict / unchecked |" in table
+    assert table.split("\n\n")[-1].strip() in result.stdout  # the file holds the printed table
+
+
+# Runs bench_spo.py with the dict baseline's state nudged after every update
+# (one prompt's alpha), so that the agreement check must fail.
+_NUDGED = """
+import runpy, sys
+sys.path.insert(0, sys.argv[1])
+import baselines
+update = baselines.SpoDictTracker.update
+
+def nudged(self, prompts, rewards, divergence=None):
+    advantages = update(self, prompts, rewards, divergence)
+    self.prompt2alpha[prompts[0]] += 1e-3
+    return advantages
+
+baselines.SpoDictTracker.update = nudged
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_bench_spo_refuses_to_time_trackers_that_disagree():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _NUDGED,
+            str(REPO_ROOT / "benchmarks"),
+            str(REPO_ROOT / "benchmarks" / "bench_spo.py"),
+            "--quick",
+            "--out=",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0
+    assert re.search(
+        r"AssertionError: spo(_unchecked)?, (step \d+|alpha|beta): Tensor-likes are not close", result.stderr
+    )
+    assert "| N | P |" not in result.stdout
+
+
+@pytest.mark.parametrize("rho_type", ["kl", "constant"])
+@pytest.mark.parametrize("repeats", [False, True])
+def test_spo_dict_baseline_is_the_recipe_transcription(baselines, rho_type, repeats):
+    rng = random.Random(hash((rho_type, repeats)) % 2**32)
+    num_prompts = 12
+    reference = SpoBetaTracker({p: [] for p in range(num_prompts)}, offline_n=0, rho_type=rho_type, rho_value=0.9)
+    dict_tracker = baselines.SpoDictTracker(num_prompts, rho_type=rho_type, rho_value=0.9)
+    for _ in range(30):
+        size = rng.randint(2, 10)
+        if repeats:
+            prompts = [rng.randrange(num_prompts) for _ in range(size)]
+        else:
+            prompts = rng.sample(range(num_prompts), size)
+        rewards = [float(rng.random() < 0.4) for _ in prompts]
+        divergence = [rng.choice([0.0, rng.random() * 0.02, rng.random()]) for _ in prompts]
+        expected = reference.step(prompts, rewards, divergence if rho_type == "kl" else None)
+        got = dict_tracker.update(prompts, torch.tensor(rewards), torch.tensor(divergence))
+        assert got.dtype == torch.float32  # float32 as upstream; the reference is float64
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+        for mine, theirs in ((dict_tracker.prompt2alpha, reference.alpha), (dict_tracker.prompt2beta, reference.beta)):
+            assert list(mine) == list(theirs)
+            torch.testing.assert_close(torch.tensor(list(mine.values())), torch.tensor(list(theirs.values())))
