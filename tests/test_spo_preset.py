@@ -37,9 +37,7 @@ def _prior_of(scores, offline_n: int, clip_lower: float, prompts):
 
 def _batch(rng: random.Random, num_prompts: int, size: int, fractional: bool, repeats: bool):
     """Prompts (maybe repeated) and rewards in [0, 1] (maybe fractional)."""
-    prompts = (
-        [rng.randrange(num_prompts) for _ in range(size)] if repeats else rng.sample(range(num_prompts), size)
-    )
+    prompts = [rng.randrange(num_prompts) for _ in range(size)] if repeats else rng.sample(range(num_prompts), size)
     rewards = [rng.random() if fractional else float(rng.random() < 0.4) for _ in range(size)]
     return prompts, rewards
 

@@ -237,7 +237,9 @@ def test_grpo_family_trackers_are_the_presets():
 
 def test_unknown_memory_and_memory_with_a_non_grpo_method_are_refused(tiny_config, tmp_path):
     tiny_config.stat_tracking.method, tiny_config.stat_tracking.memory = "grpo", "lstm"
-    with pytest.raises(ValueError, match="method 'grpo'\\): memory must be one of 'none', 'buffer', 'ema', 'beta'; got 'lstm'"):
+    with pytest.raises(
+        ValueError, match="method 'grpo'\\): memory must be one of 'none', 'buffer', 'ema', 'beta'; got 'lstm'"
+    ):
         training.train(tiny_config, str(tmp_path))
     tiny_config.stat_tracking.method, tiny_config.stat_tracking.memory = "buffer", "ema"
     with pytest.raises(ValueError, match="memory='ema' does not apply to method 'buffer'.*'grpo', 'dr_grpo', 'rloo'"):
