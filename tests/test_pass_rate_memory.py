@@ -859,12 +859,13 @@ def test_refused_priors_change_nothing(name):
 @pytest.mark.parametrize("memory", ["buffer", "ema", "beta"])
 @pytest.mark.parametrize("scale", ["prompt_std", "none"])
 def test_past_only_prompt_std_warns(memory, scale):
-    # A pass after a run of fails meets a buffer's or EMA's std of 0; the Beta memory's std is never 0.
+    # A pass after a run of fails meets a buffer's or EMA's std of 0, or a Beta memory's sqrt(p (1 - p)) near 0
+    # (exactly 0 once p rounds to 0 or 1: after 50 steps of four passes at rho 0.9 in float32, a fail gets -1e6).
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         AdvantageTracker(3, memory, include_batch=False, scale=scale)
     warned = [w for w in caught if "include_batch=False with a prompt std" in str(w.message)]
-    assert len(warned) == (memory != "beta" and scale == "prompt_std")
+    assert len(warned) == (scale == "prompt_std")
     assert all(w.filename == __file__ for w in warned)  # it points at the caller
 
 
@@ -888,3 +889,42 @@ def test_both_refuse_bad_options(options):
         AdvantageTracker(3, **options)
     with pytest.raises(ValueError):
         ReferenceAdvantageTracker(**options)
+
+
+def test_a_beta_state_rounded_to_zero_reloads_and_a_prior_that_overflows_is_refused():
+    # rho 0.5 and a long run of passes round beta to exactly 0 (alpha + beta stays >= 1): the tracker's own
+    # state dict must load back, so that such a checkpoint resumes.
+    tracker = AdvantageTracker(2, "beta", decay=0.5, min_count=0)
+    for _ in range(200):
+        tracker.update(torch.tensor([0, 1]), torch.tensor([1.0, 0.0]))
+    state = tracker.state_dict()
+    assert state["beta"][0] == 0 and state["alpha"][1] == 0
+    resumed = AdvantageTracker(2, "beta", decay=0.5, min_count=0)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(resumed.state_dict()[name], value) for name, value in state.items())
+    broken = dict(state, alpha=torch.zeros(2), beta=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="'alpha' \\+ 'beta' must be positive"):
+        resumed.load_state_dict(broken)
+    # A prior whose alpha or beta overflows a float16 state is refused, the state untouched.
+    half = AdvantageTracker(2, "beta", decay=0.9, dtype=torch.float16)
+    before = half.state_dict()
+    with pytest.raises(ValueError, match="overflows torch.float16"):
+        half.set_prior(torch.tensor([0, 1]), torch.tensor([70000.0, 0.0]), torch.tensor([70000.0, 1e9]))
+    _assert_state_unchanged(half, before)
+
+
+def test_a_zero_discount_forgets_its_prompt_without_reaching_the_others():
+    # Unchecked, a discount of 0 keeps only the rewards from it on; the other prompts' groups stay finite.
+    tracker = AdvantageTracker(3, "beta", decay=0.9, check_values=False, dtype=torch.float64)
+    ids, rewards = torch.tensor([0, 1, 1, 2]), torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    tracker.update(ids, rewards, discount=torch.tensor([0.9, 0.0, 0.5, 0.9], dtype=torch.float64))
+    state = tracker.state_dict()
+    assert torch.isfinite(state["alpha"]).all() and torch.isfinite(state["beta"]).all()
+    # Prompt 1: rho 0 forgets the prior, then r = 1; then rho 0.5 and r = 0: alpha 0.5 * 1, beta 0.5 * 0 + 1.
+    torch.testing.assert_close(state["alpha"], torch.tensor([1.45, 0.5, 1.45], dtype=torch.float64))
+    torch.testing.assert_close(state["beta"], torch.tensor([0.45, 1.0, 0.45], dtype=torch.float64))
+
+
+def test_normalize_eps_must_be_positive():
+    with pytest.raises(ValueError, match="normalize_eps must be a positive number"):
+        AdvantageTracker(3, "beta", normalize="batch", normalize_eps=0.0)

@@ -52,6 +52,18 @@ def _metrics(run_dir):
         ({"stat_tracking.rho": 1.5}, "config.stat_tracking.rho must lie in \\(0, 1\\]"),
         ({"stat_tracking.include_batch": False}, "include_batch=False with memory 'buffer'"),
         (
+            {"stat_tracking.include_batch": False, "stat_tracking.memory": "beta"},
+            "include_batch=False with memory 'beta' and method 'grpo', which divides by the prompt's std",
+        ),
+        (
+            {"stat_tracking.memory": "none", "prompt_sampler.rule": "spo"},
+            "with memory 'none' holds nothing: every weight would be equal",
+        ),
+        (
+            {"prompt_sampler.rule": "greso", "problem.group_size": 1},
+            "with config.problem.group_size 1 every visit has one reward",
+        ),
+        (
             {"stat_tracking.method": "spo", "stat_tracking.memory": "none", "stat_tracking.include_batch": False},
             "include_batch=False does not apply to method 'spo'",
         ),
@@ -73,7 +85,7 @@ def test_a_sampler_needs_a_problem_of_groups():
 
 
 def test_the_past_only_baseline_is_accepted_where_no_std_can_be_zero(config):
-    for method, memory in (("grpo", "beta"), ("dr_grpo", "buffer"), ("rloo", "ema")):
+    for method, memory in (("dr_grpo", "beta"), ("dr_grpo", "buffer"), ("rloo", "ema")):
         config.stat_tracking.method, config.stat_tracking.memory = method, memory
         config.stat_tracking.include_batch = False
         training.validate_config(config)
@@ -85,7 +97,12 @@ def test_the_past_only_baseline_is_accepted_where_no_std_can_be_zero(config):
         {"stat_tracking.memory": "beta", "prompt_sampler.rule": "spo"},
         {"stat_tracking.memory": "buffer", "prompt_sampler.rule": "greso"},
         {"stat_tracking.memory": "ema", "prompt_sampler.rule": "failure_rate"},
-        {"stat_tracking.memory": "beta", "stat_tracking.include_batch": False, "stat_tracking.rho": 0.8},
+        {
+            "stat_tracking.method": "dr_grpo",
+            "stat_tracking.memory": "beta",
+            "stat_tracking.include_batch": False,
+            "stat_tracking.rho": 0.8,
+        },
         {"stat_tracking.method": "spo", "stat_tracking.memory": "none", "problem.group_size": 1},
         {
             "stat_tracking.method": "spo",

@@ -25,9 +25,17 @@ Two rules for a prompt seen several times in one batch (``repeats``):
 
 Statistics handed to the estimator: mean ``p``, std ``sqrt(p (1 - p))``
 (the std of a pass/fail reward with pass rate p, whatever ``ddof``) and
-count (rewards folded in since the row was reset). A row starts at the
-prior alpha = beta = 0.5 (SPO's without offline data; Jeffreys'), and
-``set_prior`` sets any other before training.
+count (the valid samples the row has seen since it was reset, those whose
+reward ``"last"`` discards included, as SPO counts its prompts' samples).
+A row starts at the prior alpha = beta = 0.5 (SPO's without offline data;
+Jeffreys'), and ``set_prior`` sets any other before training.
+
+In float16 and bfloat16 state, alpha and beta stop growing where a step of
+1 falls below their rounding (2048 in float16, 256 in bfloat16): with rho
+close to 1 (or 1) a long history saturates, so keep such a memory in
+float32. A long run of equal rewards with a small rho can round alpha or
+beta to 0, which the state allows (alpha + beta stays at least 1 after any
+reward).
 
 State: ``alpha`` [P], ``beta`` [P] (the tracker's dtype) and ``count`` [P]
 (int64). Dimensions: N samples, P prompts, R = P + 1 rows (row P takes the
@@ -176,7 +184,9 @@ class BetaMemory:
         if rho is None:
             after = (groups.end - 1 - groups.position).to(dtype)  # [N], later samples of the group
             return torch.pow(self.decay, after), torch.pow(self.decay, groups.size.to(dtype))
-        logs = torch.log(rho.to(torch.float64))  # [N]
+        # A rho of 0 (refused with value checks) forgets everything: the smallest float64 stands in for it,
+        # so that no -inf enters the cumulative sum and reaches other prompts' groups.
+        logs = torch.log(rho.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny))  # [N]
         through = torch.cumsum(logs, 0)  # [N], inclusive; pragma: no mutate (dim)
         group_through = take(through, groups.end - 1)  # [N], through the group's last sample
         before = take(through, groups.start) - take(logs, groups.start)  # [N], before the group's first
@@ -231,7 +241,7 @@ class BetaMemory:
         self._count.index_fill_(0, rows, 0)
 
     def counts(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        """Rewards folded into each given prompt's row since it was reset (see ``Memory.counts``)."""
+        """Valid samples each given prompt's row has seen since it was reset (see ``Memory.counts``)."""
         return take(self._count, prompt_ids)
 
     def reset_rows(self, rows: torch.Tensor) -> None:
@@ -271,12 +281,14 @@ class BetaMemory:
             tensor.copy_(state[name])
 
     def check_state_values(self, state: Mapping[str, torch.Tensor], name: str) -> None:
-        """Refuses negative counts and alpha or beta that are not finite and positive."""
+        """Refuses negative counts, alpha or beta not finite or negative, and alpha + beta not positive."""
         check_count_range(name, state["count"])
         for parameter in ("alpha", "beta"):
             values = state[parameter]
-            if not (torch.isfinite(values).all() and (values > 0).all()):
-                raise ValueError(f"{name} state {parameter!r} must be finite and positive")
+            if not (torch.isfinite(values).all() and (values >= 0).all()):
+                raise ValueError(f"{name} state {parameter!r} must be finite and non-negative")
+        if not (state["alpha"].to(torch.float64) + state["beta"].to(torch.float64) > 0).all():
+            raise ValueError(f"{name} state 'alpha' + 'beta' must be positive (a Beta distribution needs weight)")
 
 
 def bernoulli_std(mean: torch.Tensor) -> torch.Tensor:

@@ -494,6 +494,9 @@ def spo(
     Returns:
         The tracker.
 
+    Raises:
+        TypeError: for ``decay``: SPO's discount is ``rho``.
+
     Example:
         >>> tracker = spo(2, rho=0.9, dtype=torch.float64)
         >>> tracker.update(torch.tensor([0, 1, 1]), torch.tensor([1.0, 0.0, 1.0]))  # p_hat 0.5 for both
@@ -501,6 +504,8 @@ def spo(
         >>> tracker.state_dict()["alpha"]  # 0.9 * 0.5 + r, prompt 1's last sample standing
         tensor([1.4500, 1.4500], dtype=torch.float64)
     """
+    if "decay" in options:
+        raise TypeError("spo() takes the discount as rho, not decay")
     return _build(
         num_prompts,
         dict(
@@ -653,8 +658,9 @@ def _grpo_family(name: str, build: Callable[..., AdvantageTracker], summary: str
             ``decay``) or ``"beta"`` (a Beta posterior of the pass rate,
             discounted by ``rho``: rewards in [0, 1]).
         buffer_size: K, rewards kept per prompt with ``memory="buffer"``.
-        decay: weight kept by the old statistics with ``memory="ema"``.
-        rho: the discount of every reward with ``memory="beta"``, in (0, 1].
+        decay: weight kept by the old statistics with ``memory="ema"`` (only).
+        rho: the discount of every reward with ``memory="beta"`` (only), in
+            (0, 1]; the training config's ``stat_tracking.rho``, as for ``spo``.
         min_count: rewards a prompt's memory needs; without memory a group
             needs 2, as in verl.
         include_batch: whether a prompt's statistics include this batch (as

@@ -88,6 +88,7 @@ from rail_interview.stat_tracking.validation import (
     check_discount_tensor,
     check_id_range,
     check_prior_counts,
+    check_prior_fits,
     check_prior_values,
     check_prompt_ids,
     check_rewards,
@@ -338,12 +339,13 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         self._include_batch, self._normalize, self._normalize_eps = include_batch, normalize, float(normalize_eps)
         # Each row's run of zero-variance visits (row P, the spare, included), or None.
         self._streak = torch.zeros(num_prompts + 1, dtype=torch.int64, device=self._device) if track_streaks else None
-        if memory in ("buffer", "ema") and scale == "prompt_std" and not include_batch:
+        if scale == "prompt_std" and not include_batch:
             warn_at_caller(
                 "include_batch=False with a prompt std: a reward unlike every remembered one (a pass after a "
-                "run of fails) meets a std of 0 and gets |reward - mean| / eps (about 1e6; +-inf in float16). "
-                "The pass/fail study's such rows collapse; use memory='beta' (std sqrt(p (1 - p)) > 0), "
-                "scale='none' or 'batch_std', or include_batch=True."
+                "run of fails) meets a std near 0 (exactly 0 for a buffer or EMA of equal rewards, and for a "
+                "Beta memory once p rounds to 0 or 1) and gets |reward - mean| / eps (about 1e6; +-inf in "
+                "float16). The pass/fail study's such rows collapse; use scale='none' with normalize='batch' "
+                "(SPO's) or scale='batch_std', or include_batch=True."
             )
         if memory not in ("none", "beta") and scale == "prompt_std" and min_count < 2:
             warn_at_caller(
@@ -609,7 +611,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             device=self._device,
             check_values=self.check_values,
             discount=discount,
-            dtype=self._dtype,
+            dtype=self._compute_dtype,
         )
         result = self._update(prompt_ids, rewards, valid, report, discount)  # [W * N]
         return result.local(mine) if report else result[mine]
@@ -975,7 +977,7 @@ count=tensor([2, 0]), streak=None)
         if strength is None:
             strength = trials + 1.0
         elif isinstance(strength, torch.Tensor):
-            strength = check_prior_counts(prompt_ids, strength, strength, self._device, compute)[0]
+            strength = check_prior_counts(prompt_ids, strength, strength, self._device, compute, names=("strength",))[0]
         elif isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength < math.inf:
             raise ValueError(
                 f"set_prior: strength must be a finite positive number, a tensor or None, got {strength!r}"
@@ -984,14 +986,16 @@ count=tensor([2, 0]), streak=None)
             check_prior_values(prompt_ids, successes, trials, strength, self._table is not None, self._num_prompts)
         if prompt_ids.numel() == 0:  # pragma: no mutate (empty)
             return
+        alpha = strength * (successes + 0.5) / (trials + 1.0)
+        beta = strength * (trials - successes + 0.5) / (trials + 1.0)
+        if self.check_values:
+            check_prior_fits(alpha, beta, self._dtype)
         rows = prompt_ids
         if self._table is not None:
             assignment = self._table.assign(prompt_ids)
             if assignment.fresh.numel():  # pragma: no mutate (empty)
                 self._reset_rows(assignment.fresh)
             rows = assignment.rows
-        alpha = strength * (successes + 0.5) / (trials + 1.0)
-        beta = strength * (trials - successes + 0.5) / (trials + 1.0)
         self._memory.set_prior(rows, alpha, beta)
         if self._streak is not None:
             self._streak.index_fill_(0, rows, 0)

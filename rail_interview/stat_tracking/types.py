@@ -128,9 +128,11 @@ class PromptQuery(NamedTuple):
             (alpha + beta + 1)))``, the buffer's population std over
             ``sqrt(count)``, the EMA's std times ``sqrt((1 - decay) / (1 +
             decay))`` (the std of a moving average of independent rewards);
-            NaN where ``pass_rate`` is.
-        count: int64 [M], the rewards the memory has folded in for the
-            prompt (at most K for a buffer; 0 without memory).
+            NaN where ``pass_rate`` is. The buffer's and EMA's are 0 after
+            one reward (a std of one sample): read them with ``count``.
+        count: int64 [M], the rewards behind the estimate (at most K for a
+            buffer; for the Beta memory, the valid samples seen, those whose
+            reward ``repeats="last"`` discards included; 0 without memory).
         streak: int64 [M], how many of the prompt's latest visits in a row
             (updates where it had a valid sample) had all its valid rewards
             exactly equal: 0 after a visit with differing rewards; or None

@@ -66,7 +66,7 @@ def check_tracker_options(
     baseline: str,
     memory: str = "none",
     include_batch: bool = True,
-    normalize_eps: float = 0.0,
+    normalize_eps: float = 1e-8,
     track_streaks: bool = False,
 ) -> None:
     """Raises ValueError for tracker options out of range or contradicting each other.
@@ -83,13 +83,15 @@ def check_tracker_options(
         baseline: the estimator's baseline.
         memory: the memory's name (its own options are checked where it is built).
         include_batch: a bool; False needs a memory.
-        normalize_eps: a non-negative number.
+        normalize_eps: a positive number.
         track_streaks: a bool.
     """
     check_positive_int("num_prompts", num_prompts)
-    for name, value in (("eps", eps), ("normalize_eps", normalize_eps)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    # A batch whose advantages are all equal has std 0: only a positive eps keeps its whitening finite.
+    if isinstance(normalize_eps, bool) or not isinstance(normalize_eps, (int, float)) or not normalize_eps > 0:
+        raise ValueError(f"normalize_eps must be a positive number, got {normalize_eps!r}")
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
     for name, value in (("include_batch", include_batch), ("track_streaks", track_streaks)):
@@ -335,11 +337,12 @@ def check_discount_tensor(discount: object, num_samples: int, device: torch.devi
 
 
 def check_unit_rewards(rewards: torch.Tensor, valid: Optional[torch.Tensor], discount: Optional[torch.Tensor]) -> None:
-    """Raises ValueError unless valid rewards lie in [0, 1] and discounts in (0, 1] (one host sync).
+    """Raises ValueError unless valid rewards lie in [0, 1] and discounts in (0, 1] (host syncs).
 
     The Beta memory counts a reward r as r of a success and 1 - r of a
     failure, which means nothing outside [0, 1]. NaN rewards (unscorable,
-    with ``nan_rewards="invalid"``) and invalid samples are not checked.
+    with ``nan_rewards="invalid"``) and invalid samples' rewards are not
+    checked; every sample's discount is.
 
     Args:
         rewards: float [N], N >= 1.
@@ -361,16 +364,23 @@ def check_unit_rewards(rewards: torch.Tensor, valid: Optional[torch.Tensor], dis
 
 
 def check_prior_counts(
-    prompt_ids: torch.Tensor, successes: object, trials: object, device: torch.device, dtype: torch.dtype
+    prompt_ids: torch.Tensor,
+    successes: object,
+    trials: object,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    names: Tuple[str, ...] = ("successes", "trials"),
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Checks the kinds and shapes of ``set_prior``'s counts and converts them to ``dtype`` (no host sync).
 
     Args:
         prompt_ids: int64 [M].
         successes: the successes argument.
-        trials: the trials argument.
+        trials: the trials argument (the same tensor again to check one).
         device: the tracker's device.
         dtype: the compute dtype.
+        names: the arguments' names, for the messages.
 
     Returns:
         ``dtype`` [M] successes and trials.
@@ -380,7 +390,7 @@ def check_prior_counts(
         ValueError: if either is not 1-D of length M or is on another device.
     """
     converted = []
-    for name, value in (("successes", successes), ("trials", trials)):
+    for name, value in zip(names * 2 if len(names) == 1 else names, (successes, trials)):
         if not isinstance(value, torch.Tensor) or value.dtype.is_complex or value.dtype == torch.bool:
             kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
             raise TypeError(f"set_prior: {name} must be a floating or integer tensor, got {kind}")
@@ -421,6 +431,18 @@ def check_prior_values(
         raise ValueError("set_prior: successes must lie in [0, trials]")
     if isinstance(strength, torch.Tensor) and not (torch.isfinite(strength).all() and (strength > 0).all()):
         raise ValueError("set_prior: strength must be finite and positive")
+
+
+def check_prior_fits(alpha: torch.Tensor, beta: torch.Tensor, dtype: torch.dtype) -> None:
+    """Raises ValueError unless a prior's alpha and beta are finite in the state's dtype (one host sync).
+
+    Args:
+        alpha: float [M], computed in the compute dtype.
+        beta: float [M].
+        dtype: the tracker's dtype, that the state is kept in.
+    """
+    if not (torch.isfinite(alpha.to(dtype)).all() and torch.isfinite(beta.to(dtype)).all()):
+        raise ValueError(f"set_prior: the prior's alpha or beta overflows {dtype}: lower strength or the counts")
 
 
 def check_count_range(name: str, count: torch.Tensor, high: Optional[int] = None) -> None:

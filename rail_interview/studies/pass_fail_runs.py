@@ -363,10 +363,13 @@ def train_pass_fail(run: PassFailRun) -> Dict[str, Any]:
         pass rate one weight vector reaches) and ``settings``.
 
     Raises:
-        ValueError: for an unknown ablation, or one that needs a memory without one.
+        ValueError: for an unknown ablation, one that needs a memory without one, or dynamic sampling with a
+            prompt sampler.
     """
     if run.ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {', '.join(map(repr, ABLATIONS))}; got {run.ablation!r}")
+    if run.dynamic_sampling and run.sampler != "none":
+        raise ValueError("dynamic_sampling draws again from an unchanged memory: use it with sampler 'none'")
     if run.ablation in ("zero_variance_only", "group_mean_memory_std") and run.memory == "none":
         raise ValueError(f"ablation {run.ablation!r} needs a memory ('buffer', 'ema' or 'beta')")
     generator = torch.Generator().manual_seed(run.seed)

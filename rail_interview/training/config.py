@@ -311,15 +311,27 @@ def _check_tracker(config: ml_collections.ConfigDict) -> None:
     with warnings.catch_warnings():  # a trial build: the run's own build warns
         warnings.simplefilter("ignore")
         tracker = build_tracker(tracking, num_prompts=1, device=torch.device("cpu"), track_streaks=greso)
-    if tracker.memory in ("buffer", "ema") and tracker.scale == "prompt_std" and not tracker.include_batch:
+    if tracker.scale == "prompt_std" and not tracker.include_batch:
         raise ConfigError(
             f"config.stat_tracking.include_batch=False with memory {tracker.memory!r} and method "
             f"{tracking.method!r}, which divides by the prompt's std: a pass after a run of fails meets a "
-            "remembered std of 0 and gets the advantage 1 / 1e-6 (the pass/fail study's such rows collapse). "
-            "Use memory 'beta' (its std sqrt(p (1 - p)) is never 0), a method without a std ('dr_grpo', "
-            "'rloo'), or include_batch=True"
+            "remembered std near 0 (exactly 0 for a buffer or EMA of fails, and for a Beta memory once p "
+            "rounds to 0) and gets an advantage up to 1 / 1e-6 (the pass/fail study's such rows collapse). "
+            "Use a method without a std ('dr_grpo', 'rloo', 'spo'), or include_batch=True"
+        )
+    rule = config.get("prompt_sampler", {}).get("rule", "none")
+    if rule not in ("none", "uniform") and tracker.memory == "none":
+        raise ConfigError(
+            f"config.prompt_sampler.rule {rule!r} weighs prompts by what the tracker's memory holds, and method "
+            f"{tracking.method!r} with memory 'none' holds nothing: every weight would be equal. Give the "
+            "method a memory (stat_tracking.memory), or use rule 'uniform'"
         )
     samples = problems.get(problems.problem_name(config)).samples_per_prompt(config)
+    if rule == "greso" and samples == 1:
+        raise ConfigError(
+            "config.prompt_sampler.rule 'greso' skips prompts whose visits had all-equal rewards, and with "
+            "config.problem.group_size 1 every visit has one reward: every prompt's streak would only grow"
+        )
     if tracker.memory == "buffer" and tracker.scale == "prompt_std" and samples and tracking.buffer_size < samples:
         raise ConfigError(
             f"config.stat_tracking.buffer_size ({tracking.buffer_size}) must be at least "
