@@ -82,12 +82,15 @@ def test_a_small_study_writes_its_tables_and_plot(tmp_path):
     text = (tmp_path / "results.md").read_text(encoding="utf-8")
     assert "## Learning-rate sweep" in text and "### Prompts revisited four times less often" in text
     assert "## Single stream against groups, at equal samples" in text and "### Prompt selection" in text
-    # SPO against every group row of VERSUS, each of its group sizes (2 and 8 in the quick grid).
+    # SPO against every group row of VERSUS, each of its group sizes (2 and 8 in the quick grid), and SPO at
+    # P = 256 against the group rows of that block.
     versus = result["versus"]
-    assert {(row["cell"], row["G"]) for row in versus} == {
+    assert {(row["cell"], row["G"]) for row in versus if row["stream"] == "spo"} == {
         (name, size) for name in pass_fail_study.VERSUS for size in (2, 8)
     }
-    assert all(row["stream"] == "spo" and row["stream_wins"].endswith("/2") for row in versus)
+    rare = {(row["cell"], row["G"]) for row in versus if row["stream"] == "spo, P = 256"}
+    assert rare == {(f"grpo{memory}, P = 256", 4) for memory in ("", "+buffer", "+ema", "+beta")}
+    assert all(row["stream_wins"].endswith("/2") for row in versus)
 
 
 def _script(*args):

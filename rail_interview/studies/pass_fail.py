@@ -308,16 +308,36 @@ def _versus(
     best: Dict[Tuple[str, int], float],
     seeds: List[int],
 ) -> List[Dict[str, Any]]:
-    """Single-stream SPO against each group row of ``VERSUS`` at every G, each at its best rate, seed by seed.
+    """Single-stream SPO against group rows of the same problem, each at its best rate, seed by seed.
+
+    SPO's row of the single-stream block meets each grid row of ``VERSUS``
+    at every G; SPO's row of the rare visits (P = 4 x) meets that block's
+    group rows without a sampler or ablation.
 
     Returns:
         One dict per (SPO row, group row): the group row's G and median
         area at equal samples, and SPO's median paired gain and wins.
     """
+
+    def peers(stream: Cell) -> List[Cell]:
+        """The group rows ``stream`` is compared with."""
+        if stream.block == "single stream":
+            return [c for c in all_cells if c.block == "grid" and c.name in VERSUS]
+        return [
+            c
+            for c in all_cells
+            if c.block == stream.block and c.group_size > 1 and c.run.sampler == "none" and c.run.ablation == "none"
+        ]
+
     comparisons = []
-    for stream in (c for c in all_cells if c.block == "single stream"):
+    streams = [
+        c
+        for c in all_cells
+        if c.run.method == "spo" and c.run.sampler == "none" and c.block in ("single stream", "rare visits")
+    ]
+    for stream in streams:
         mine = metrics[(stream.name, stream.group_size, best[(stream.name, stream.group_size)])]
-        for other in (c for c in all_cells if c.block == "grid" and c.name in VERSUS):
+        for other in peers(stream):
             theirs = metrics[(other.name, other.group_size, best[(other.name, other.group_size)])]
             comparisons.append(
                 {
