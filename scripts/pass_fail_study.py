@@ -1,7 +1,7 @@
-"""Where memory pays: GRPO-family estimators with and without per-prompt memory on the pass/fail problem.
+"""Where memory pays: the GRPO family with and without per-prompt memory, SPO and prompt selection, on pass/fail.
 
 Usage:
-    python scripts/pass_fail_study.py --out=docs/results/pass_fail   # the README's figures, about 4 minutes
+    python scripts/pass_fail_study.py --out=docs/results/pass_fail   # the README's figures, about 17 minutes on 2 cores
     python scripts/pass_fail_study.py --quick                        # a smaller grid, into a temporary directory
     python scripts/pass_fail_study.py --config.num_epochs=150        # any field of configs/pass_fail.py
 
