@@ -223,6 +223,27 @@ def test_memory_persists_across_steps_under_stable_keys(register, memory):
             assert not torch.allclose(first, memoryless)
 
 
+def test_spo_runs_as_a_verl_estimator_with_one_rollout_per_prompt(register):
+    # SPO's single stream inside verl: one rollout per prompt (rollout.n = 1), its Beta memory under the
+    # prompts' stable keys, equal to presets.spo fed the keys directly, and to the transcription of SPO's recipe.
+    from system_references import SpoBetaTracker  # pylint: disable=import-outside-toplevel
+
+    tracker = presets.spo(16, rho=0.9, keys="hashed", dtype=torch.float64)
+    name = register(tracker)
+    direct = presets.spo(16, rho=0.9, keys="hashed", dtype=torch.float64)
+    recipe = SpoBetaTracker({i: [] for i in range(4)}, offline_n=0, rho_type="constant", rho_value=0.9)
+    keys = prompt_keys(['[{"content":"What is %d + %d?","role":"user"}]' % (i, i) for i in range(4)])
+    for step in range(3):
+        prompts = DataProto.from_single_dict(collate_fn(prompt_rows(4)))
+        _, scores, first = rollout_step(prompts, name, rollouts=1, seed=step, stamp=rail_verl.stamp_uids)
+        expected = direct.update(keys, scores.double())
+        torch.testing.assert_close(first.double(), expected, rtol=1e-6, atol=1e-6)  # verl hands back float32
+        torch.testing.assert_close(
+            expected, recipe.step(list(range(4)), scores.double().tolist()), rtol=1e-12, atol=1e-12
+        )
+    assert tracker.query(keys).count.tolist() == [3] * 4
+
+
 def state(tracker: AdvantageTracker) -> dict:
     return {name: tensor.clone() for name, tensor in tracker.state_dict().items()}
 
