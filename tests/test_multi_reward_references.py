@@ -327,8 +327,8 @@ def test_verl_gdpo_by_hand():
     per_sample = [(v - mean) / math.sqrt(var + 1e-8) for v in x]
     expected = torch.tensor(per_sample, dtype=torch.float64).unsqueeze(-1) * mask
     _close(advantages, expected)
-    # Token weighting matters: the mean is 0.0393 here, not the per-sample mean 0.
-    assert mean == pytest.approx((3 * x[0] + x[1] + 2 * x[2] + 3 * x[3]) / 9) and abs(mean) > 0.03
+    # Token weighting matters: the mean is (2 p + q) / 9 = 0.1179 here (p, q about 0.3536), not the per-sample mean 0.
+    assert mean == pytest.approx(0.1178509357536, abs=1e-12)
     # Zero outside the mask.
     assert (advantages[mask == 0] == 0).all()
 
