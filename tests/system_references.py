@@ -77,9 +77,12 @@ def trl_grpo_advantages(
     nothing (``"none"``). A NaN sample, and a group with one non-NaN reward,
     gets advantage 0.
 
-    How TRL's own code differs: it aggregates the reward functions with
-    ``(rewards_per_func * reward_weights).nansum(dim=1)``, so a lone reward
-    function's NaN becomes a reward of 0 that enters the group mean and std;
+    How TRL's own code differs: TRL 1.16 aggregates the reward functions
+    with ``(rewards_per_func * reward_weights).nansum(dim=1)`` and then
+    marks rows where every function returned None NaN again
+    (``unscorable_mask``), so a lone function's NaN is left out as here
+    (earlier versions turned it into a reward of 0 that counted; the
+    multi-reward orders are transcribed in ``system_references_multi.py``);
     its groups are contiguous blocks of ``num_generations`` samples
     (``rewards.view(-1, num_generations)``), all of the same size, at least
     2 in training (a group of one would get std NaN from ``torch.std``).

@@ -261,13 +261,17 @@ def trl_grpo(
     sample: it is left out of the group's mean and std and of the batch's
     std, and gets advantage 0; a group with one valid sample gets 0.
 
-    Departures: TRL's default aggregation sums reward functions with
-    ``nansum``, which turns a lone function's NaN into a reward of 0 that
-    then counts; here it is left out, as TRL does for each function in its
-    ``normalize_then_sum`` aggregation (``nanmean``, ``nanstd``). TRL needs
-    groups of ``num_generations`` contiguous samples; here any grouping by
-    id works. TRL gives a group of one sample a NaN std (``torch.std``); here
-    such a group gets 0.
+    A row where every reward function returned None (a lone function's
+    NaN) is unscorable in TRL 1.16 too (its ``unscorable_mask``): left out
+    of the group's mean and std, advantage 0.
+
+    Departures: TRL needs groups of ``num_generations`` contiguous samples;
+    here any grouping by id works. TRL gives a group of one sample a NaN std
+    (``torch.std``); here such a group gets 0. TRL's ``nanstd`` takes its
+    Bessel factor ``n / (n - 1)`` as a float32 division of two integers, so
+    in float64 its advantages differ from these (exact) ones by up to about
+    1e-8 relative (n = 4: -1.2245948715 against -1.2245948898 on [1, 0, 2,
+    1]); in float32 both round alike.
 
     Args:
         num_prompts: P, ids in [0, P).
