@@ -48,21 +48,20 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import re
 import statistics
 import sys
 import tempfile
 from typing import Callable, Dict, List, Tuple
 
-import numpy as np
 import torch
-import torch.utils.benchmark
 from absl import app, flags
 
 from rail_interview.stat_tracking import functional, presets
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import describe_machine, time_cpu, time_cuda  # noqa: E402  pylint: disable=wrong-import-position
+
 from baselines import SpoDictTracker  # noqa: E402  pylint: disable=wrong-import-position
 
 #: (N, P) cases: N distinct prompts of P per batch.
@@ -134,6 +133,7 @@ def spo_step(tracker) -> Step:
     """
 
     def step(ids: torch.Tensor, rewards: torch.Tensor, divergence: torch.Tensor) -> torch.Tensor:
+        """One update with rho = ``spo_discount(divergence)``; returns the advantages."""
         return tracker.update(ids, rewards, discount=functional.spo_discount(divergence))
 
     return step
@@ -211,53 +211,6 @@ def check_agreement(
             )
             diffs[name]["state"] = max(diffs[name]["state"], _max_diff(got, expected))
     return diffs
-
-
-def time_cpu(fn: Callable[[], object], threads: int, min_run_time: float) -> float:
-    """Median seconds per call, with torch.utils.benchmark.
-
-    Args:
-        fn: the call to time.
-        threads: torch threads while timing.
-        min_run_time: seconds of timed runs, at least.
-
-    Returns:
-        The median.
-    """
-    timer = torch.utils.benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    return timer.blocked_autorange(min_run_time=min_run_time).median
-
-
-def time_cuda(fn: Callable[[], object], min_run_time: float) -> float:
-    """Median seconds per call, with CUDA events around blocks of calls (as bench_trackers.py).
-
-    Args:
-        fn: the call to time; it runs on the current stream.
-        min_run_time: seconds of timed runs, at least.
-
-    Returns:
-        The median over blocks of the mean time per call in a block.
-    """
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    per_block = max(1, int(0.01 / max(start.elapsed_time(end) / 1e3, 1e-7)))  # blocks of about 10 ms
-    samples, spent = [], 0.0
-    while spent < min_run_time or len(samples) < 5:
-        start.record()
-        for _ in range(per_block):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        seconds = start.elapsed_time(end) / 1e3
-        samples.append(seconds / per_block)
-        spent += seconds
-    return statistics.median(samples)
 
 
 def run_case(
@@ -346,22 +299,6 @@ def _ms(value: float) -> str:
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
-def _machine(device: torch.device, threads: int) -> Dict[str, object]:
-    info: Dict[str, object] = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "torch_threads": threads,
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def main(argv: List[str]) -> None:
     """Runs the grid, prints the table and writes the JSON and the table to ``--out``.
 
@@ -375,7 +312,7 @@ def main(argv: List[str]) -> None:
     grid = "quick" if _QUICK.value else "full"
     min_run_time = min(_MIN_RUN_TIME.value, 0.01) if _QUICK.value else _MIN_RUN_TIME.value
     rounds = min(_ROUNDS.value, 2) if _QUICK.value else _ROUNDS.value
-    machine = _machine(device, _THREADS.value)
+    machine = describe_machine(device, _THREADS.value)
     summary = (
         f"{machine['gpu'] if 'gpu' in machine else machine['processor']}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {_THREADS.value} thread(s), device {device}"

@@ -31,7 +31,6 @@ results), printed at the end.
 import datetime
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -40,7 +39,6 @@ from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
-import torch.utils.benchmark
 from absl import app, flags
 
 from rail_interview.stat_tracking import (
@@ -51,6 +49,8 @@ from rail_interview.stat_tracking import (
 )
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import describe_machine, time_cpu, time_cuda  # noqa: E402  pylint: disable=wrong-import-position
+
 from baselines import DdpoStyleStatTracker  # noqa: E402  pylint: disable=wrong-import-position
 
 GRIDS: Dict[str, List[Tuple[int, int, int]]] = {
@@ -119,53 +119,6 @@ def check_agreement(num_samples: int, num_prompts: int, buffer_size: int, device
             rtol=1e-4,
             atol=1e-4,
         )
-
-
-def time_cpu(fn: Callable[[], object], threads: int, min_run_time: float) -> float:
-    """Median seconds per call, with torch.utils.benchmark.
-
-    Args:
-        fn: the call to time.
-        threads: torch threads while timing.
-        min_run_time: seconds of timed runs, at least.
-
-    Returns:
-        The median.
-    """
-    timer = torch.utils.benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    return timer.blocked_autorange(min_run_time=min_run_time).median
-
-
-def time_cuda(fn: Callable[[], object], min_run_time: float) -> float:
-    """Median seconds per call, with CUDA events around blocks of calls.
-
-    Args:
-        fn: the call to time; it runs on the current stream.
-        min_run_time: seconds of timed runs, at least.
-
-    Returns:
-        The median over blocks of the mean time per call in a block.
-    """
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    per_block = max(1, int(0.01 / max(start.elapsed_time(end) / 1e3, 1e-7)))  # blocks of about 10 ms
-    samples, spent = [], 0.0
-    while spent < min_run_time or len(samples) < 5:
-        start.record()
-        for _ in range(per_block):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        seconds = start.elapsed_time(end) / 1e3
-        samples.append(seconds / per_block)
-        spent += seconds
-    return statistics.median(samples)
 
 
 def _graphed_update(tracker: BufferStatTracker, ids: torch.Tensor, rewards: torch.Tensor) -> Callable[[], None]:
@@ -299,22 +252,6 @@ def format_table(rows: List[Dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def _machine(device: torch.device) -> Dict[str, object]:
-    info: Dict[str, object] = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "torch_threads": _THREADS.value,
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def main(argv):
     """Runs the grid, prints the table and writes the JSON.
 
@@ -325,7 +262,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     torch.set_num_threads(_THREADS.value)
     device = torch.empty(0, device=_DEVICE.value).device
-    machine = _machine(device)
+    machine = describe_machine(device, _THREADS.value)
     print(
         f"{machine['gpu'] if 'gpu' in machine else machine['processor']}, torch {torch.__version__}, "
         f"{_THREADS.value} thread(s), device {device}"

@@ -1,0 +1,89 @@
+"""How the benchmarks time a call and describe the machine, shared by bench_trackers.py and bench_spo.py.
+
+* ``time_cpu``: the median seconds per call from ``torch.utils.benchmark``;
+* ``time_cuda``: the median over blocks of about 10 ms of calls between CUDA
+  events, after a warm-up;
+* ``describe_machine``: what the JSON reports say about the machine and versions.
+"""
+
+import os
+import platform
+import statistics
+from typing import Callable, Dict
+
+import numpy as np
+import torch
+import torch.utils.benchmark
+
+
+def time_cpu(fn: Callable[[], object], threads: int, min_run_time: float) -> float:
+    """Median seconds per call, with torch.utils.benchmark.
+
+    Args:
+        fn: the call to time.
+        threads: torch threads while timing.
+        min_run_time: seconds of timed runs, at least.
+
+    Returns:
+        The median.
+    """
+    timer = torch.utils.benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def time_cuda(fn: Callable[[], object], min_run_time: float) -> float:
+    """Median seconds per call, with CUDA events around blocks of calls.
+
+    Args:
+        fn: the call to time; it runs on the current stream.
+        min_run_time: seconds of timed runs, at least.
+
+    Returns:
+        The median over blocks of the mean time per call in a block.
+    """
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    per_block = max(1, int(0.01 / max(start.elapsed_time(end) / 1e3, 1e-7)))  # blocks of about 10 ms
+    samples, spent = [], 0.0
+    while spent < min_run_time or len(samples) < 5:
+        start.record()
+        for _ in range(per_block):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+        samples.append(seconds / per_block)
+        spent += seconds
+    return statistics.median(samples)
+
+
+def describe_machine(device: torch.device, threads: int) -> Dict[str, object]:
+    """The machine, versions, thread count and device a benchmark's JSON report records.
+
+    Args:
+        device: the device the tensor trackers ran on.
+        threads: torch threads while timing.
+
+    Returns:
+        Platform, processor, core count, Python, torch and NumPy versions,
+        ``torch_threads``, ``device`` and, on CUDA, the GPU's name.
+    """
+    info: Dict[str, object] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "torch_threads": threads,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
