@@ -65,7 +65,7 @@ import torch
 from rail_interview.stat_tracking.keys import mix64
 from rail_interview.stat_tracking.ops import is_compiling
 from rail_interview.stat_tracking.types import PromptQuery
-from rail_interview.stat_tracking.validation import check_choice, is_integer_dtype
+from rail_interview.stat_tracking.validation import check_choice, check_state_dict, is_integer_dtype
 
 if TYPE_CHECKING:
     from rail_interview.stat_tracking.tracker import AdvantageTracker
@@ -609,19 +609,7 @@ class PromptSampler:
         """
         live = {"seed": self._seed, "draws": self._draws}
         kind = type(self).__name__
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"{kind}.load_state_dict expects a mapping, got {type(state_dict).__name__}")
-        if set(state_dict) != set(live):
-            raise ValueError(f"{kind}.load_state_dict expects keys {sorted(live)}, got {sorted(state_dict)}")
-        for name, tensor in live.items():
-            given = state_dict[name]
-            if not isinstance(given, torch.Tensor):
-                raise TypeError(f"{kind} state {name!r} must be a tensor, got {type(given).__name__}")
-            if given.shape != tensor.shape or given.dtype != tensor.dtype:
-                raise ValueError(
-                    f"{kind} state {name!r} must have shape {tuple(tensor.shape)} and dtype {tensor.dtype}, "
-                    f"got shape {tuple(given.shape)} and dtype {given.dtype}"
-                )
+        check_state_dict(kind, live, state_dict, what="sampler")
         if int(state_dict["draws"]) < 0:
             raise ValueError(f"{kind} state 'draws' must be >= 0, got {int(state_dict['draws'])}")
         for name, tensor in live.items():

@@ -280,13 +280,14 @@ def check_rewards(rewards: torch.Tensor, *, nan_is_invalid: bool, compute_dtype:
             )
 
 
-def check_state_dict(kind: str, live: Mapping[str, torch.Tensor], state_dict: object) -> None:
+def check_state_dict(kind: str, live: Mapping[str, torch.Tensor], state_dict: object, *, what: str = "tracker") -> None:
     """Raises unless ``state_dict`` has the keys, shapes and dtypes of the live state.
 
     Args:
-        kind: the tracker's class name, for the messages.
-        live: the tracker's state tensors by name.
+        kind: the class name of what loads it, for the messages.
+        live: its state tensors by name.
         state_dict: the candidate.
+        what: what loads it, in the message for other keys ("tracker", "sampler").
 
     Raises:
         TypeError: if ``state_dict`` is not a mapping of tensors.
@@ -297,7 +298,7 @@ def check_state_dict(kind: str, live: Mapping[str, torch.Tensor], state_dict: ob
     if set(state_dict) != set(live):
         raise ValueError(
             f"{kind}.load_state_dict expects keys {sorted(live)}, got {sorted(state_dict)}: "
-            "is this the state of another kind of tracker?"
+            f"is this the state of another kind of {what}?"
         )
     for name, tensor in live.items():
         given = state_dict[name]
