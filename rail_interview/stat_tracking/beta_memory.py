@@ -50,31 +50,13 @@ import torch
 
 from rail_interview.stat_tracking.ops import cast, compute_dtype, group_by_prompt, segment_sum, take, write_at
 from rail_interview.stat_tracking.types import SampleStats
-from rail_interview.stat_tracking.validation import check_count_range
+from rail_interview.stat_tracking.validation import check_count_range, check_discount
 
 #: The rules for a prompt seen several times in one batch.
 REPEATS = ("all", "last")
 
 #: A row's parameters before any reward or ``set_prior``: SPO's prior without offline data.
 DEFAULT_PRIOR = 0.5
-
-
-def check_discount(name: str, value: object, *, allow_one: bool = True) -> float:
-    """Returns a discount as a float, or raises ValueError unless it lies in (0, 1].
-
-    Args:
-        name: the option's name, for the message.
-        value: the discount.
-        allow_one: whether 1 (no discount) is allowed.
-
-    Returns:
-        ``float(value)``.
-    """
-    high_ok = (lambda v: v <= 1.0) if allow_one else (lambda v: v < 1.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value and high_ok(value)):
-        bound = "(0, 1]" if allow_one else "(0, 1)"
-        raise ValueError(f"{name} must lie in {bound}, got {value!r}")
-    return float(value)
 
 
 class BetaMemory:

@@ -49,7 +49,7 @@ from rail_interview.stat_tracking.ops import (
     write_at,
 )
 from rail_interview.stat_tracking.types import Device, SampleStats
-from rail_interview.stat_tracking.validation import check_count_range, check_positive_int
+from rail_interview.stat_tracking.validation import check_count_range, check_discount, check_positive_int
 
 #: The memories ``make_memory`` builds, by the name ``AdvantageTracker(memory=...)`` takes.
 MEMORIES = ("none", "buffer", "ema", "beta")
@@ -601,12 +601,9 @@ class EmaMemory:
     unseen_estimate = (math.nan, math.nan)
 
     def __init__(self, num_prompts: int, decay: float, *, dtype: torch.dtype, device: torch.device) -> None:
-        # A bool is an int: True (1) and False (0) both fail the range check.
-        if not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
-            raise ValueError(f"decay must lie in (0, 1), got {decay!r}")
+        self.decay = check_discount("decay", decay, allow_one=False)
         self._num_prompts, self._dtype, self._device = num_prompts, dtype, device
         self._compute_dtype = compute_dtype(dtype)
-        self.decay = float(decay)
         num_rows = num_prompts + 1
         self._mean = torch.zeros(num_rows, dtype=dtype, device=device)  # [R]
         self._var = torch.zeros(num_rows, dtype=dtype, device=device)  # [R]

@@ -132,6 +132,27 @@ def warn_at_caller(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=level)
 
 
+def check_discount(name: str, value: object, *, allow_one: bool = True) -> float:
+    """Returns a discount (a decay) as a float, or raises ValueError unless it lies in (0, 1] (or (0, 1)).
+
+    The Beta memory's discount may be 1 (a plain count); the EMA's decay may
+    not (its statistics would never move).
+
+    Args:
+        name: the option's name, for the message.
+        value: the discount.
+        allow_one: whether 1 (no discount) is allowed.
+
+    Returns:
+        ``float(value)``.
+    """
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not (0.0 < value < 1.0 or (allow_one and value == 1.0)):
+        bound = "(0, 1]" if allow_one else "(0, 1)"
+        raise ValueError(f"{name} must lie in {bound}, got {value!r}")
+    return float(value)
+
+
 def check_batch(
     prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor], device: torch.device
 ) -> None:
