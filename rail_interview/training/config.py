@@ -261,11 +261,7 @@ def _check_sampler(config: ml_collections.ConfigDict) -> None:
             "its own: leave the rule 'none'"
         )
     try:
-        stat_tracking.PromptSampler(
-            torch.arange(1),
-            rule,
-            **{name: sampling[name] for name in ("epsilon", "p_easy", "p_hard", "min_keep")},
-        )
+        build_sampler(config, device=torch.device("cpu"))  # a trial build: its options' own checks
     except (TypeError, ValueError) as error:
         raise ConfigError(f"config.prompt_sampler: {error}") from error
 
