@@ -161,8 +161,24 @@ def verl_grpo_advantages(
     Returns:
         float64 [N] advantages.
     """
-    scores = torch.tensor(list(rewards), dtype=torch.float64)
+    return verl_grpo_scores(torch.tensor(list(rewards), dtype=torch.float64), index, epsilon, norm_adv_by_std_in_grpo)
 
+
+def verl_grpo_scores(
+    scores: torch.Tensor, index: Sequence[Hashable], epsilon: float, norm_adv_by_std_in_grpo: bool
+) -> torch.Tensor:
+    """The loop of verl's ``compute_grpo_outcome_advantage`` on [N] scores of any dtype (``verl_grpo_advantages``).
+
+    Args:
+        scores: [N] summed token rewards; not changed.
+        index: [N] prompt ids.
+        epsilon: added to the std before dividing.
+        norm_adv_by_std_in_grpo: divide by the group's std.
+
+    Returns:
+        [N] advantages of ``scores``' dtype; a singleton's mean 0 and std 1 take that dtype too.
+    """
+    scores = scores.clone()
     id2score = defaultdict(list)
     id2mean = {}
     id2std = {}

@@ -38,6 +38,8 @@ from typing import Dict, Hashable, List, Optional, Sequence, Union
 
 import torch
 
+from system_references import verl_grpo_scores
+
 #: TRL's epsilon, added to every std it divides by (``std + 1e-4``).
 TRL_EPS = 1e-4
 
@@ -352,31 +354,7 @@ def _verl_grpo_token_advantages(
     with float64 scores a singleton's ``1.0 + epsilon`` is 1.00000095 there;
     here they take the scores' dtype.
     """
-    scores = scores.clone()
-    id2score = defaultdict(list)
-    id2mean = {}
-    id2std = {}
-    with torch.no_grad():
-        bsz = scores.shape[0]
-        for i in range(bsz):
-            id2score[index[i]].append(scores[i])
-        for idx in id2score:
-            if len(id2score[idx]) == 1:
-                id2mean[idx] = torch.tensor(0.0, dtype=scores.dtype)
-                id2std[idx] = torch.tensor(1.0, dtype=scores.dtype)
-            elif len(id2score[idx]) > 1:
-                scores_tensor = torch.stack(id2score[idx])
-                id2mean[idx] = torch.mean(scores_tensor)
-                id2std[idx] = torch.std(scores_tensor)
-            else:
-                raise ValueError(f"no score in prompt index: {idx}")
-        for i in range(bsz):
-            if norm_adv_by_std_in_grpo:
-                scores[i] = (scores[i] - id2mean[index[i]]) / (id2std[index[i]] + epsilon)
-            else:
-                scores[i] = scores[i] - id2mean[index[i]]
-        scores = scores.unsqueeze(-1) * response_mask
-    return scores
+    return verl_grpo_scores(scores, index, epsilon, norm_adv_by_std_in_grpo).unsqueeze(-1) * response_mask
 
 
 def verl_gdpo_advantages(
