@@ -97,7 +97,7 @@ from rail_interview.stat_tracking.validation import (
     check_unit_rewards,
     convert_batch,
     refuse_compiled_value_checks,
-    warn_at_caller,
+    warn_about_small_stds,
 )
 
 __all__ = [
@@ -339,20 +339,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         self._include_batch, self._normalize, self._normalize_eps = include_batch, normalize, float(normalize_eps)
         # Each row's run of zero-variance visits (row P, the spare, included), or None.
         self._streak = torch.zeros(num_prompts + 1, dtype=torch.int64, device=self._device) if track_streaks else None
-        if scale == "prompt_std" and not include_batch:
-            warn_at_caller(
-                "include_batch=False with a prompt std: a reward unlike every remembered one (a pass after a "
-                "run of fails) meets a std near 0 (exactly 0 for a buffer or EMA of equal rewards, and for a "
-                "Beta memory once p rounds to 0 or 1) and gets |reward - mean| / eps (about 1e6; +-inf in "
-                "float16). The pass/fail study's such rows collapse; use scale='none' with normalize='batch' "
-                "(SPO's) or scale='batch_std', or include_batch=True."
-            )
-        if memory not in ("none", "beta") and scale == "prompt_std" and min_count < 2:
-            warn_at_caller(
-                f"min_count={min_count}: a prompt's own statistics are used from its first reward, when its "
-                "std is 0 or rests on one or two rewards, so advantages can reach |reward - mean| / eps "
-                "(about 1e6 times the reward spread; +-inf in float16). Use min_count >= 2, better 8 or more."
-            )
+        warn_about_small_stds(memory, scale, min_count, include_batch)
         self._baseline, self._scale, self._ddof = baseline, scale, ddof
         self._min_count, self._fallback, self._nan_rewards, self._keys = min_count, fallback, nan_rewards, keys
         # With a batch baseline and no prompt std, and no prompt that can fall

@@ -153,6 +153,31 @@ def check_discount(name: str, value: object, *, allow_one: bool = True) -> float
     return float(value)
 
 
+def warn_about_small_stds(memory: str, scale: str, min_count: int, include_batch: bool) -> None:
+    """Warns of tracker options under which a prompt's std can be 0 or nearly, so advantages reach 1 / eps.
+
+    Args:
+        memory: the memory's name.
+        scale: the estimator's scale.
+        min_count: rewards a prompt needs before its own statistics are used.
+        include_batch: whether a prompt's statistics include the batch.
+    """
+    if scale == "prompt_std" and not include_batch:
+        warn_at_caller(
+            "include_batch=False with a prompt std: a reward unlike every remembered one (a pass after a "
+            "run of fails) meets a std near 0 (exactly 0 for a buffer or EMA of equal rewards, and for a "
+            "Beta memory once p rounds to 0 or 1) and gets |reward - mean| / eps (about 1e6; +-inf in "
+            "float16). The pass/fail study's such rows collapse; use scale='none' with normalize='batch' "
+            "(SPO's) or scale='batch_std', or include_batch=True."
+        )
+    if memory not in ("none", "beta") and scale == "prompt_std" and min_count < 2:
+        warn_at_caller(
+            f"min_count={min_count}: a prompt's own statistics are used from its first reward, when its "
+            "std is 0 or rests on one or two rewards, so advantages can reach |reward - mean| / eps "
+            "(about 1e6 times the reward spread; +-inf in float16). Use min_count >= 2, better 8 or more."
+        )
+
+
 def check_batch(
     prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor], device: torch.device
 ) -> None:
