@@ -87,8 +87,8 @@ from rail_interview.stat_tracking.validation import (
     check_batch,
     check_discount_tensor,
     check_id_range,
-    check_prior_counts,
     check_prior_fits,
+    check_prior_tensor,
     check_prior_values,
     check_prompt_ids,
     check_rewards,
@@ -960,11 +960,14 @@ count=tensor([2, 0]), streak=None)
         if len(prompt_ids) > self._num_prompts:
             raise ValueError(f"set_prior: {len(prompt_ids)} prompts do not fit the tracker's {self._num_prompts} rows")
         compute = self._compute_dtype
-        successes, trials = check_prior_counts(prompt_ids, successes, trials, self._device, compute)
+        successes, trials = (
+            check_prior_tensor(name, value, prompt_ids, self._device, compute)
+            for name, value in (("successes", successes), ("trials", trials))
+        )
         if strength is None:
             strength = trials + 1.0
         elif isinstance(strength, torch.Tensor):
-            strength = check_prior_counts(prompt_ids, strength, strength, self._device, compute, names=("strength",))[0]
+            strength = check_prior_tensor("strength", strength, prompt_ids, self._device, compute)
         elif isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength < math.inf:
             raise ValueError(
                 f"set_prior: strength must be a finite positive number, a tensor or None, got {strength!r}"

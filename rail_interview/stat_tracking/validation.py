@@ -410,44 +410,34 @@ def check_unit_rewards(rewards: torch.Tensor, valid: Optional[torch.Tensor], dis
         raise ValueError(f"discount must lie in (0, 1], got {bad[1]} value(s) outside or NaN")
 
 
-def check_prior_counts(
-    prompt_ids: torch.Tensor,
-    successes: object,
-    trials: object,
-    device: torch.device,
-    dtype: torch.dtype,
-    *,
-    names: Tuple[str, ...] = ("successes", "trials"),
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Checks the kinds and shapes of ``set_prior``'s counts and converts them to ``dtype`` (no host sync).
+def check_prior_tensor(
+    name: str, value: object, prompt_ids: torch.Tensor, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Checks the kind and shape of one of ``set_prior``'s per-prompt tensors and converts it to ``dtype`` (no sync).
 
     Args:
+        name: the argument's name (successes, trials, strength), for the messages.
+        value: the argument.
         prompt_ids: int64 [M].
-        successes: the successes argument.
-        trials: the trials argument (the same tensor again to check one).
         device: the tracker's device.
         dtype: the compute dtype.
-        names: the arguments' names, for the messages.
 
     Returns:
-        ``dtype`` [M] successes and trials.
+        ``dtype`` [M].
 
     Raises:
-        TypeError: if either is not a real (floating or integer) tensor.
-        ValueError: if either is not 1-D of length M or is on another device.
+        TypeError: if it is not a real (floating or integer) tensor.
+        ValueError: if it is not 1-D of length M or is on another device.
     """
-    converted = []
-    for name, value in zip(names * 2 if len(names) == 1 else names, (successes, trials)):
-        if not isinstance(value, torch.Tensor) or value.dtype.is_complex or value.dtype == torch.bool:
-            kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
-            raise TypeError(f"set_prior: {name} must be a floating or integer tensor, got {kind}")
-        if value.shape != prompt_ids.shape or value.device != device:
-            raise ValueError(
-                f"set_prior: {name} must have the shape of prompt_ids {tuple(prompt_ids.shape)} on {device}, "
-                f"got shape {tuple(value.shape)} on {value.device}"
-            )
-        converted.append(value.to(dtype))
-    return converted[0], converted[1]
+    if not isinstance(value, torch.Tensor) or value.dtype.is_complex or value.dtype == torch.bool:
+        kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+        raise TypeError(f"set_prior: {name} must be a floating or integer tensor, got {kind}")
+    if value.shape != prompt_ids.shape or value.device != device:
+        raise ValueError(
+            f"set_prior: {name} must have the shape of prompt_ids {tuple(prompt_ids.shape)} on {device}, "
+            f"got shape {tuple(value.shape)} on {value.device}"
+        )
+    return value.to(dtype)
 
 
 def check_prior_values(
