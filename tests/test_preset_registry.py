@@ -26,7 +26,18 @@ from rail_interview.stat_tracking import (
 
 NUM_PROMPTS = 5
 COMMON = {"dtype": torch.float32, "device": None, "check_values": True, "process_group": None, "keys": "ids"}
-PUBLIC = ("ddpo", "trl_grpo", "verl_grpo", "verl_rloo", "flow_grpo", "spo")
+PUBLIC = (
+    "ddpo",
+    "trl_grpo",
+    "verl_grpo",
+    "verl_rloo",
+    "flow_grpo",
+    "spo",
+    "verl_gdpo",
+    "nemo_rl_gdpo",
+    "flow_factory_gdpo",
+    "verl_opo",
+)
 TRAINING = ("buffer", "ema", "batch", "grpo", "dr_grpo", "rloo")
 
 
@@ -80,7 +91,10 @@ def _grid():
             )
 
 
-def _assert_identical(got: torch.Tensor, want: torch.Tensor, message: str) -> None:
+def _assert_identical(got: Optional[torch.Tensor], want: Optional[torch.Tensor], message: str) -> None:
+    if want is None:  # a report's field of several rewards, with one
+        assert got is None, message
+        return
     assert got.dtype == want.dtype and torch.equal(got, want), message
     if got.is_floating_point():
         assert torch.equal(torch.signbit(got), torch.signbit(want)), message  # zeros of one sign too
@@ -124,7 +138,17 @@ def test_names_list_the_public_presets_then_the_training_methods():
     "name, own",
     [
         ("ddpo", {"buffer_size": 32, "min_count": 16}),
-        ("trl_grpo", {"scale_rewards": "group"}),
+        (
+            "trl_grpo",
+            {"scale_rewards": "group", "multi_objective_aggregation": "sum_then_normalize", "reward_weights": None},
+        ),
+        ("verl_gdpo", {"num_rewards": 2, "reward_weights": None}),
+        (
+            "nemo_rl_gdpo",
+            {"num_rewards": 2, "reward_weights": None, "normalize_rewards": True, "use_leave_one_out_baseline": True},
+        ),
+        ("flow_factory_gdpo", {"num_rewards": 2, "reward_weights": None}),
+        ("verl_opo", {}),
         ("verl_grpo", {"norm_adv_by_std": True}),
         ("verl_rloo", {}),
         ("flow_grpo", {"global_std": True}),

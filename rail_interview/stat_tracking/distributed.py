@@ -37,7 +37,9 @@ def all_gather_single(output: torch.Tensor, tensor: torch.Tensor, group=None) ->
     gather(output, tensor, group=group)
 
 
-def _agree(error: Optional[Exception], prompt_ids, valid, group, device: torch.device, discount=None) -> None:
+def _agree(
+    error: Optional[Exception], prompt_ids, valid, group, device: torch.device, discount=None, weights=None
+) -> None:
     """Shares every rank's verdict on its input, and raises on every rank if one was refused.
 
     One small collective (and host sync): every rank's batch size (-1 for a
@@ -51,6 +53,7 @@ def _agree(error: Optional[Exception], prompt_ids, valid, group, device: torch.d
         group: the process group.
         device: where the collective's tensors live.
         discount: this rank's per-sample discount, or None.
+        weights: this rank's sample weights, or None.
 
     Raises:
         TypeError, ValueError: this rank's own error, or a ValueError when
@@ -61,10 +64,11 @@ def _agree(error: Optional[Exception], prompt_ids, valid, group, device: torch.d
 
     world_size = dist.get_world_size(group)
     size = -1 if error is not None else len(prompt_ids)  # pragma: no mutate (sentinel)
-    verdict = torch.tensor([size, valid is not None, discount is not None], device=device)
-    verdicts = torch.empty(3 * world_size, dtype=verdict.dtype, device=device)
+    verdict = torch.tensor([size, valid is not None, discount is not None, weights is not None], device=device)
+    verdicts = torch.empty(4 * world_size, dtype=verdict.dtype, device=device)
     all_gather_single(verdicts, verdict, group=group)
-    sizes, masks, discounts = verdicts[0::3].tolist(), verdicts[1::3].tolist(), verdicts[2::3].tolist()
+    sizes, masks = verdicts[0::4].tolist(), verdicts[1::4].tolist()
+    discounts, weighted = verdicts[2::4].tolist(), verdicts[3::4].tolist()
     if error is not None:
         raise error
     refused = [rank for rank, size in enumerate(sizes) if size < 0]
@@ -72,7 +76,7 @@ def _agree(error: Optional[Exception], prompt_ids, valid, group, device: torch.d
         raise ValueError(f"rank(s) {refused} refused their input to update; see the error there")
     if len(set(sizes)) > 1:
         raise ValueError(f"local batches must have the same size on every rank, got sizes {sizes}")
-    for name, given in (("valid", masks), ("discount", discounts)):
+    for name, given in (("valid", masks), ("discount", discounts), ("weights", weighted)):
         if len(set(given)) > 1:
             raise ValueError(
                 f"{name} must be passed on every rank or on none; ranks that passed it: "
@@ -91,7 +95,8 @@ def gather_batch(
     check_values: bool,
     discount: Optional[torch.Tensor] = None,
     dtype: Optional[torch.dtype] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], slice]:
+    weights: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], slice]:
     """Validates this rank's batch and gathers every rank's, in rank order.
 
     With ``check_values`` the ranks first agree on validity and batch sizes,
@@ -104,20 +109,22 @@ def gather_batch(
     Args:
         validate: checks and converts one batch, raising TypeError or ValueError.
         prompt_ids: integer [N], this rank's batch.
-        rewards: [N].
+        rewards: [N], or [N, C] with several rewards.
         valid: bool [N], or None.
         group: the process group.
         device: the tracker's device.
         check_values: whether the ranks agree on their inputs first.
         discount: float [N], a per-sample value gathered as the rewards are
             (``validate`` checks it), or None; passed on every rank or none.
-        dtype: what ``discount`` is converted to before the gather, so
-            that ranks that passed different float dtypes agree.
+        dtype: what ``discount`` and ``weights`` are converted to before the
+            gather, so that ranks that passed different dtypes agree.
+        weights: float [N], sample weights gathered likewise, or None;
+            passed on every rank or none.
 
     Returns:
-        int64 [W * N] ids, [W * N] rewards, bool [W * N] valid (or None),
-        [W * N] discounts (or None), and the slice of the gathered batch
-        that is this rank's.
+        int64 [W * N] ids, [W * N] (or [W * N, C]) rewards, bool [W * N]
+        valid (or None), [W * N] discounts (or None), [W * N] weights (or
+        None), and the slice of the gathered batch that is this rank's.
 
     Raises:
         TypeError, ValueError: as ``validate``, or as ``_agree``.
@@ -133,18 +140,19 @@ def gather_batch(
             raise
         error = caught
     if check_values:
-        _agree(error, prompt_ids, valid, group, device, discount)
+        _agree(error, prompt_ids, valid, group, device, discount, weights)
     num_local = len(prompt_ids)
-    if discount is not None and dtype is not None:
-        discount = discount.to(dtype)
+    if dtype is not None:
+        discount = None if discount is None else discount.to(dtype)
+        weights = None if weights is None else weights.to(dtype)
 
     def gather(local: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Every rank's ``local``, in rank order (None where not passed)."""
         if local is None:
             return None
-        whole = torch.empty(world_size * num_local, dtype=local.dtype, device=device)
+        whole = torch.empty(world_size * num_local, *local.shape[1:], dtype=local.dtype, device=device)
         all_gather_single(whole, local.contiguous(), group=group)
         return whole
 
     mine = slice(rank * num_local, (rank + 1) * num_local)
-    return gather(prompt_ids), gather(rewards), gather(valid), gather(discount), mine
+    return gather(prompt_ids), gather(rewards), gather(valid), gather(discount), gather(weights), mine

@@ -11,7 +11,11 @@ An estimator is a baseline, a scale and a fallback:
   mean of the prompt's other rewards, (r - m) / (1 - w) with w the weight of
   r in m) or ``"batch_mean"`` (r - B_m);
 * scale: ``"prompt_std"`` (S + eps, S the prompt's std), ``"batch_std"``
-  (B_s + eps) or ``"none"`` (1);
+  (B_s + eps), ``"leave_one_out_std"`` (the std of the prompt's other
+  rewards in the batch, NeMo-RL's) or ``"none"`` (1); how eps enters is
+  the ``eps_rule`` (``scale_divisor``): added to the std, a floor under it,
+  added only to a nonzero std (a zero one leaves the sample unscaled), or
+  added to the variance;
 * fallback, for a prompt with fewer than ``min_count`` rewards: its (mean,
   std) become the batch's (B_m, B_s) with ``"batch"``, (0, 1) with
   ``"raw"``, and with ``"zero"`` its advantages are 0;
@@ -19,6 +23,8 @@ An estimator is a baseline, a scale and a fallback:
   batch (``"batch"``: ``normalized_advantages``, as SPO does).
 
 ``spo_discount`` is SPO's KL-adaptive discount, for the Beta memory.
+``channel_zero_variance`` tells, per reward function, which groups carry
+no signal, for trackers of several rewards.
 
 Dimensions: N samples in a batch, R groups of a batch (the spare one of
 invalid samples included).
@@ -31,17 +37,54 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from rail_interview.stat_tracking.ops import add_at, batch_mean_std, take, write_at
+from rail_interview.stat_tracking.ops import add_at, batch_mean_std, take, weighted_mean_std, write_at
 from rail_interview.stat_tracking.types import SampleStats, UpdateReport
 
 #: The choices of each estimator option.
 BASELINES = ("prompt_mean", "leave_one_out", "batch_mean")
-SCALES = ("prompt_std", "batch_std", "none")
+SCALES = ("prompt_std", "batch_std", "leave_one_out_std", "none")
 FALLBACKS = ("batch", "raw", "zero")
 NORMALIZE = ("none", "batch")
+#: How eps enters a division by a std s (``scale_divisor``): s + eps, max(s, eps),
+#: s + eps where s > 0 else 1 (unscaled), sqrt(s^2 + eps).
+EPS_RULES = ("add", "max", "nonzero", "variance")
 
 #: A scalar tensor, or a Python number standing for one.
 Scalar = Union[torch.Tensor, float]
+
+
+def scale_divisor(std: torch.Tensor, eps: float, rule: str, *, in_place: bool = False) -> torch.Tensor:
+    """What an advantage is divided by, from a std and eps, by the rule of ``EPS_RULES``.
+
+    * ``"add"``: ``std + eps`` (GRPO's, TRL's, DDPO's);
+    * ``"max"``: ``max(std, eps)``, a floor (Flow-Factory's GDPO);
+    * ``"nonzero"``: ``std + eps`` where std > 0, else 1: a zero std leaves
+      the advantage unscaled (NeMo-RL's, whose eps is 1e-6 per reward and 0
+      for the batch);
+    * ``"variance"``: ``sqrt(std^2 + eps)``, eps added to the variance
+      (verl's ``masked_whiten``, ``rsqrt(var + 1e-8)``).
+
+    Args:
+        std: float tensor of any shape.
+        eps: a number >= 0.
+        rule: one of ``EPS_RULES``.
+        in_place: the ``"add"`` rule may write into ``std`` (a temporary).
+
+    Returns:
+        A float tensor of ``std``'s shape.
+
+    Example:
+        >>> std = torch.tensor([0.0, 2.0])
+        >>> [scale_divisor(std, 0.5, rule).tolist() for rule in EPS_RULES]
+        [[0.5, 2.5], [0.5, 2.0], [1.0, 2.5], [0.7071067690849304, 2.1213202476501465]]
+    """
+    if rule == "add":
+        return std.add_(eps) if in_place else std + eps
+    if rule == "max":
+        return std.clamp_min(eps)
+    if rule == "nonzero":
+        return torch.where(std > 0, std + eps, 1.0)
+    return (std.square() + eps).sqrt()
 
 
 def prompt_advantages(
@@ -55,6 +98,7 @@ def prompt_advantages(
     batch_mean: Optional[torch.Tensor],
     batch_std: Optional[torch.Tensor],
     report: bool = False,
+    eps_rule: str = "add",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Advantages from each sample's prompt statistics, by the estimator the options name.
 
@@ -65,10 +109,12 @@ def prompt_advantages(
         eps: added to the std before dividing.
         min_count: rewards a prompt needs for its own statistics.
         fallback: one of ``FALLBACKS``.
-        batch_mean: scalar, the valid samples' mean, or None when neither
-            the baseline nor the fallback uses it.
-        batch_std: scalar, their std, or None when unused.
+        batch_mean: scalar (or [N], each sample's own, for several
+            rewards), the valid samples' mean, or None when neither the
+            baseline nor the fallback uses it.
+        batch_std: scalar (or [N]), their std, or None when unused.
         report: whether to say which samples fell back.
+        eps_rule: how eps enters the division (``scale_divisor``).
 
     Returns:
         float [N], the advantages in batch order in the statistics' dtype,
@@ -97,10 +143,10 @@ def prompt_advantages(
     if baseline == "leave_one_out":
         numerator = numerator / torch.where(own, 1.0 - stats.own_weight, 1.0)
     divisor: Optional[torch.Tensor] = None
-    if scale == "prompt_std":
-        divisor = torch.where(own, stats.std, spread).add_(eps)  # [N]
+    if scale in ("prompt_std", "leave_one_out_std"):
+        divisor = scale_divisor(torch.where(own, stats.std, spread), eps, eps_rule, in_place=True)  # [N]
     elif scale == "batch_std":
-        divisor = batch_std + eps  # scalar
+        divisor = scale_divisor(batch_std, eps, eps_rule)  # scalar
     if fallback == "zero":
         # A finite numerator over an infinite scale: advantage 0.
         divisor = torch.where(own, 1.0 if divisor is None else divisor, math.inf)  # [N]
@@ -117,6 +163,7 @@ def fallback_advantages(
     fallback: str,
     batch_mean: Optional[torch.Tensor],
     batch_std: Optional[torch.Tensor],
+    eps_rule: str = "add",
 ) -> torch.Tensor:
     """The advantage of every sample as if its prompt had no statistics: the fallback's.
 
@@ -125,8 +172,9 @@ def fallback_advantages(
         scale: one of ``SCALES``.
         eps: added to the std before dividing.
         fallback: one of ``FALLBACKS``.
-        batch_mean: scalar, the valid samples' mean, or None if unused.
-        batch_std: scalar, their std, or None if unused.
+        batch_mean: scalar (or [N]), the valid samples' mean, or None if unused.
+        batch_std: scalar (or [N]), their std, or None if unused.
+        eps_rule: how eps enters the division (``scale_divisor``).
 
     Returns:
         float [N]: (r - center) / scale with the fallback's center (B_m for
@@ -137,15 +185,22 @@ def fallback_advantages(
         return torch.zeros_like(rewards)
     center, spread = (batch_mean, batch_std) if fallback == "batch" else (0.0, 1.0)
     numerator = rewards - center
-    if scale == "prompt_std":
-        return numerator / (spread + eps)
+    if scale in ("prompt_std", "leave_one_out_std"):
+        spread = spread if isinstance(spread, torch.Tensor) else torch.tensor(spread, dtype=rewards.dtype)
+        return numerator / scale_divisor(spread, eps, eps_rule)
     if scale == "batch_std":
-        return numerator / (batch_std + eps)
+        return numerator / scale_divisor(batch_std, eps, eps_rule)
     return numerator
 
 
 def batch_advantages(
-    rewards: torch.Tensor, *, scale: str, eps: float, batch_mean: torch.Tensor, batch_std: Optional[torch.Tensor]
+    rewards: torch.Tensor,
+    *,
+    scale: str,
+    eps: float,
+    batch_mean: torch.Tensor,
+    batch_std: Optional[torch.Tensor],
+    eps_rule: str = "add",
 ) -> torch.Tensor:
     """Whole-batch normalisation: (r - B_m) / (B_s + eps), or r - B_m without a scale.
 
@@ -156,8 +211,9 @@ def batch_advantages(
         rewards: float [N], invalid samples' set to 0.
         scale: ``"batch_std"`` or ``"none"``.
         eps: added to the std before dividing.
-        batch_mean: scalar, the valid samples' mean.
-        batch_std: scalar, their std, or None without a scale.
+        batch_mean: scalar (or [N]), the valid samples' mean.
+        batch_std: scalar (or [N]), their std, or None without a scale.
+        eps_rule: how eps enters the division (``scale_divisor``).
 
     Returns:
         float [N].
@@ -169,24 +225,36 @@ def batch_advantages(
     """
     advantages = rewards - batch_mean  # [N]
     if scale == "batch_std":
-        advantages = advantages / (batch_std + eps)
+        advantages = advantages / scale_divisor(batch_std, eps, eps_rule)
     return advantages
 
 
 def normalized_advantages(
-    advantages: torch.Tensor, valid: Optional[torch.Tensor], *, ddof: int, eps: float
+    advantages: torch.Tensor,
+    valid: Optional[torch.Tensor],
+    *,
+    ddof: int,
+    eps: float,
+    eps_rule: str = "add",
+    weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Whitens advantages over the batch's valid samples: ``(a - mean) / (std + eps)``, invalid ones 0.
 
-    SPO's last step (``(a - a.mean()) / (a.std() + 1e-8)``, with ``ddof=1``).
-    The std is 0 when at most ``ddof`` samples are valid (torch's std of
-    one sample is NaN: here that sample's advantage is 0).
+    SPO's last step (``(a - a.mean()) / (a.std() + 1e-8)``, with ``ddof=1``),
+    TRL's after ``normalize_then_sum``, and the last step of every GDPO. The
+    std is 0 when at most ``ddof`` samples are valid (torch's std of one
+    sample is NaN: here that sample's advantage is 0, with a positive eps).
+    With ``weights`` (token counts: verl's ``masked_whiten`` over response
+    tokens) the mean and variance are frequency-weighted (see
+    ``ops.weighted_mean_std``), ddof subtracted from the weights' sum.
 
     Args:
         advantages: float [N] in the compute dtype; invalid samples' must be 0.
         valid: bool [N], or None for all valid.
-        ddof: the std divides by n - ddof, n the valid samples.
-        eps: added to the std.
+        ddof: the std divides by n - ddof, n the valid samples (or their weights' sum).
+        eps: enters the division by the std as ``eps_rule`` says (``scale_divisor``).
+        eps_rule: one of ``EPS_RULES``; ``"add"`` by default.
+        weights: float [N], each sample's weight, or None.
 
     Returns:
         float [N].
@@ -195,8 +263,11 @@ def normalized_advantages(
         >>> normalized_advantages(torch.tensor([1.0, 3.0, 0.0]), torch.tensor([True, True, False]), ddof=1, eps=0.0)
         tensor([-0.7071,  0.7071,  0.0000])
     """
-    mean, std = batch_mean_std(advantages, valid, ddof=ddof)
-    whitened = (advantages - mean) / (std + eps)
+    if weights is None:
+        mean, std = batch_mean_std(advantages, valid, ddof=ddof)
+    else:
+        mean, std = weighted_mean_std(advantages, valid, weights, ddof=ddof)
+    whitened = (advantages - mean) / scale_divisor(std, eps, eps_rule)
     return whitened if valid is None else torch.where(valid, whitened, 0)
 
 
@@ -250,6 +321,105 @@ def equal_groups(group_ids: torch.Tensor, num_groups: int, rewards: torch.Tensor
     differs = rewards != take(reference, group_ids)  # [N]
     differing = add_at(torch.zeros(num_groups, dtype=torch.int64, device=rewards.device), group_ids, differs.long())
     return differing == 0
+
+
+def leave_one_out_std(
+    rows: torch.Tensor,
+    num_rows: int,
+    rewards: torch.Tensor,
+    count: torch.Tensor,
+    deviation: torch.Tensor,
+    std: torch.Tensor,
+    *,
+    ddof: int,
+) -> torch.Tensor:
+    """The std of each sample's prompt's *other* rewards in the batch (NeMo-RL's leave-one-out std).
+
+    From the group's sum of squared deviations SS = std^2 (n - ddof), the
+    others' is SS - d^2 n / (n - 1) (d the sample's deviation from the
+    group's mean), over n - 1 - ddof. That difference cancels exactly when
+    the others are all equal, where float rounding would leave a tiny
+    positive std (and an advantage divided by about 1e-6): that case is
+    detected exactly, from each group's minimum, maximum and their counts,
+    and gets std 0. O(N + R), no host sync.
+
+    Args:
+        rows: int64 [N], each sample's group in [0, R); invalid samples in a
+            group of their own that is never read.
+        num_rows: R.
+        rewards: float [N] in the compute dtype.
+        count: [N], the samples of each sample's group, n.
+        deviation: float [N], the reward minus its group's mean.
+        std: float [N], the group's std with ``ddof``.
+        ddof: 0 or 1.
+
+    Returns:
+        float [N]: the others' std with ``ddof``; 0 where they are fewer than
+        ddof + 1 or all equal.
+
+    Example:
+        >>> rewards = torch.tensor([0.0, 0.0, 0.0, 1.0])
+        >>> mean = rewards.mean()
+        >>> leave_one_out_std(torch.zeros(4, dtype=torch.int64), 1, rewards, torch.full((4,), 4), rewards - mean,
+        ...                   torch.full((4,), rewards.std().item()), ddof=1)
+        tensor([0.5774, 0.5774, 0.5774, 0.0000])
+    """
+    size = count.to(rewards.dtype)  # [N]
+    others = size - 1  # [N]
+    squares = std.square() * (size - ddof) - deviation.square() * size / others  # [N]
+    variance = squares.clamp_min(0) / (others - ddof)  # [N]
+    # The others are all equal when the group holds one value, or two with
+    # this sample the only one of its value.
+    highest = torch.full((num_rows,), -math.inf, dtype=rewards.dtype, device=rewards.device)
+    lowest = torch.full((num_rows,), math.inf, dtype=rewards.dtype, device=rewards.device)
+    high = take(highest.scatter_reduce_(0, rows, rewards, "amax"), rows)  # [N]
+    low = take(lowest.scatter_reduce_(0, rows, rewards, "amin"), rows)  # [N]
+    at_high, at_low = rewards == high, rewards == low  # [N]
+    zeros = torch.zeros(num_rows, dtype=torch.int64, device=rows.device)
+    num_high = take(add_at(zeros.clone(), rows, at_high.long()), rows)  # [N]
+    num_low = take(add_at(zeros, rows, at_low.long()), rows)  # [N]
+    count = count.to(torch.int64)
+    alone_high = at_high & (num_high == 1) & (num_low == count - 1)  # [N]
+    alone_low = at_low & (num_low == 1) & (num_high == count - 1)  # [N]
+    equal_others = (high == low) | alone_high | alone_low  # [N]
+    keep = (others - ddof > 0) & ~equal_others  # [N]
+    return torch.where(keep, variance, 0).sqrt()
+
+
+def channel_zero_variance(
+    group_ids: torch.Tensor, num_groups: int, rewards: torch.Tensor, valid: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per group and reward function: whether its valid rewards are all equal, and whether it has any.
+
+    Args:
+        group_ids: int64 [N], each sample's group in [0, G); invalid samples in group G - 1.
+        num_groups: G, the spare group included.
+        rewards: float [N, C], C reward functions.
+        valid: bool [N, C], the rewards that count.
+
+    Returns:
+        bool [G - 1, C] ``equal`` (True for empty groups too) and bool
+        [G - 1, C] ``present``, without the spare group.
+
+    Example:
+        >>> equal, present = channel_zero_variance(
+        ...     torch.tensor([0, 0, 1]), 3, torch.tensor([[1.0, 0.0], [1.0, 1.0], [5.0, 2.0]]),
+        ...     torch.tensor([[True, True], [True, True], [True, False]]))
+        >>> equal, present
+        (tensor([[ True, False],
+                [ True,  True]]), tensor([[ True,  True],
+                [ True, False]]))
+    """
+    num_channels = rewards.shape[1]
+    channel = torch.arange(num_channels, device=group_ids.device)  # [C]
+    spare = (num_groups - 1) * num_channels
+    virtual = torch.where(valid, group_ids.unsqueeze(-1) * num_channels + channel, spare).reshape(-1)  # [N * C]
+    values = torch.where(valid, rewards, 0).reshape(-1)  # [N * C]
+    equal = equal_groups(virtual, spare + 1, values)[:-1].view(num_groups - 1, num_channels)
+    present = add_at(
+        torch.zeros(spare + 1, dtype=torch.int64, device=group_ids.device), virtual, valid.reshape(-1).long()
+    )
+    return equal, present[:-1].view(num_groups - 1, num_channels) > 0
 
 
 def update_report(

@@ -216,26 +216,58 @@ class NoMemory:
         self._dtype = dtype
         self._device = device
 
-    def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> SampleStats:
-        """The batch's groups alone: count, deviation and std (see ``Memory.fold``)."""
+    def fold(
+        self,
+        prompt_ids: torch.Tensor,
+        rewards: torch.Tensor,
+        *,
+        ddof: int,
+        own_weight: bool,
+        weights: Optional[torch.Tensor] = None,
+    ) -> SampleStats:
+        """The batch's groups alone: count, deviation and std (see ``Memory.fold``).
+
+        With ``weights`` (float [N], positive: OPO's response lengths) each
+        sample counts as ``weight`` copies of its reward in its group's mean
+        and std (frequency weights: the variance divides by the weights' sum
+        minus ddof, 0 where that is not positive), and its own weight in the
+        mean is its share of the group's weights; the count stays the number
+        of samples.
+        """
         num_rows = self._num_prompts + 1  # pragma: no mutate (spare)
         if group_stats_algorithm(prompt_ids.numel(), num_rows, rewards.device) == "sorted":  # pragma: no mutate (fork)
             groups = group_by_prompt(prompt_ids, num_rows)
             sorted_rewards = take(rewards, groups.order)  # [N]
             size = groups.size.to(rewards.dtype)  # [N]
-            mean = segment_sum(sorted_rewards, groups).div_(size)  # [N]
+            if weights is None:
+                mean = segment_sum(sorted_rewards, groups).div_(size)  # [N]
+                deviation = sorted_rewards - mean  # [N]
+                std = segment_sum(deviation.square(), groups).div_(size - ddof).sqrt_()  # [N]
+                weight = size.reciprocal() if own_weight else None  # [N], 1 / n
+                return SampleStats(sorted_rewards, size, deviation, std, weight, groups)
+            sorted_weights = take(weights, groups.order)  # [N]
+            mass = segment_sum(sorted_weights, groups)  # [N]
+            mean = segment_sum(sorted_weights * sorted_rewards, groups).div_(mass)  # [N]
             deviation = sorted_rewards - mean  # [N]
-            std = segment_sum(deviation.square(), groups).div_(size - ddof).sqrt_()  # [N]
-            weight = size.reciprocal() if own_weight else None  # [N], 1 / n
+            spread = segment_sum(sorted_weights * deviation.square(), groups)  # [N]
+            std = _weighted_std(spread, mass, ddof)  # [N]
+            weight = sorted_weights / mass if own_weight else None  # [N]
             return SampleStats(sorted_rewards, size, deviation, std, weight, groups)
         # Dense rows: O(N + R) and no sort.
         count = add_at(
             torch.zeros(num_rows, dtype=rewards.dtype, device=rewards.device), prompt_ids, torch.ones_like(rewards)
         )
-        mean = add_at(torch.zeros_like(count), prompt_ids, rewards).div_(count)  # [R], NaN for rows without samples
+        if weights is None:
+            mean = add_at(torch.zeros_like(count), prompt_ids, rewards).div_(count)  # [R], NaN for rows without samples
+            deviation = rewards - take(mean, prompt_ids)  # [N]
+            std = add_at(torch.zeros_like(count), prompt_ids, deviation.square()).div_(count - ddof).sqrt_()  # [R]
+            weight = take(count.reciprocal(), prompt_ids) if own_weight else None  # [N]
+            return SampleStats(rewards, take(count, prompt_ids), deviation, take(std, prompt_ids), weight, None)
+        mass = add_at(torch.zeros_like(count), prompt_ids, weights)  # [R]
+        mean = add_at(torch.zeros_like(count), prompt_ids, weights * rewards).div_(mass)  # [R]
         deviation = rewards - take(mean, prompt_ids)  # [N]
-        std = add_at(torch.zeros_like(count), prompt_ids, deviation.square()).div_(count - ddof).sqrt_()  # [R]
-        weight = take(count.reciprocal(), prompt_ids) if own_weight else None  # [N]
+        std = _weighted_std(add_at(torch.zeros_like(count), prompt_ids, weights * deviation.square()), mass, ddof)
+        weight = weights / take(mass, prompt_ids) if own_weight else None  # [N]
         return SampleStats(rewards, take(count, prompt_ids), deviation, take(std, prompt_ids), weight, None)
 
     def read(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int) -> SampleStats:
@@ -711,6 +743,12 @@ class EmaMemory:
             raise ValueError(f"{name} state 'mean' and 'var' must be finite")
         if (state["var"] < 0).any():
             raise ValueError(f"{name} state 'var' must be non-negative")
+
+
+def _weighted_std(spread: torch.Tensor, mass: torch.Tensor, ddof: int) -> torch.Tensor:
+    """sqrt(spread / (mass - ddof)), frequency weights' std; 0 where mass <= ddof."""
+    excess = mass - ddof
+    return torch.where(excess > 0, spread / excess.clamp_min(torch.finfo(spread.dtype).tiny), 0).sqrt()
 
 
 def _past_stats(

@@ -486,3 +486,51 @@ def batch_mean_std(
         return mean, std
     mean = rewards.mean()
     return mean, torch.linalg.vector_norm(rewards - mean) / math.sqrt(num_samples - ddof)
+
+
+def weighted_mean_std(
+    values: torch.Tensor,
+    valid: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
+    *,
+    ddof: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std over dim 0 of the samples that count, each counted ``weights`` times.
+
+    Frequency weights: a sample of weight w counts as w copies of its value
+    (a response of w tokens in a token-weighted statistic), so the mean is
+    ``sum(w x) / sum(w)`` and the variance ``sum(w (x - mean)^2) / (sum(w)
+    - ddof)``, centred (two passes, never E[x^2] - E[x]^2). Columns are
+    independent: over [N, C] values, each of the C columns gets its own mean
+    and std from its own valid entries. No host sync.
+
+    Args:
+        values: float [N] or [N, C]; entries that do not count may hold anything finite.
+        valid: bool of ``values``' shape, or [N] for every column, or None
+            for all.
+        weights: float [N] (one weight per sample, every column), or None for ones.
+        ddof: subtracted from the weights' sum before dividing.
+
+    Returns:
+        Mean and std, scalars for [N] values or [C] for [N, C] (``values``'
+        dtype); the std is 0 where the weights' sum is at most ``ddof``, the
+        mean NaN where nothing counts.
+
+    Example:
+        >>> weighted_mean_std(torch.tensor([1.0, 4.0]), weights=torch.tensor([2.0, 1.0]))
+        (tensor(2.), tensor(1.4142))
+    """
+    columns = values.shape[1:]
+    mass = torch.ones_like(values) if weights is None else weights.to(values.dtype).view(-1, *[1] * len(columns))
+    if valid is not None:
+        mask = valid if valid.shape == values.shape else valid.view(-1, *[1] * len(columns))
+        mass = torch.where(mask, mass, 0).expand_as(values)
+    else:
+        mass = mass.expand_as(values)
+    total = mass.sum(0)  # [*C]
+    mean = (mass * values).sum(0) / total  # [*C]
+    deviation = torch.where(mass > 0, values - mean, 0)  # [N, *C]
+    spread = (mass * deviation.square()).sum(0)  # [*C]
+    excess = total - ddof
+    std = torch.where(excess > 0, spread / excess.clamp_min(torch.finfo(values.dtype).tiny), 0).sqrt()
+    return mean, std

@@ -16,26 +16,37 @@ memory="buffer", buffer_size=32)`` is TRL's estimator over each prompt's
 last 32 rewards instead of its group alone. The training vocabulary
 (``config.stat_tracking.method``) has explicit options only.
 
-========= ====== ============= ========== ==== ==== ========= ======== =====================================
-preset    memory baseline      scale      ddof eps  min_count fallback matches
-========= ====== ============= ========== ==== ==== ========= ======== =====================================
-ddpo      buffer prompt_mean   prompt_std 0    1e-6 16        batch    ddpo-pytorch's PerPromptStatTracker
-trl_grpo  none   prompt_mean   per option 1    1e-4 2         zero     TRL's GRPOTrainer
-verl_grpo none   prompt_mean   prompt_std 1    1e-6 2         raw      verl's compute_grpo_outcome_advantage
-verl_rloo none   leave_one_out none       0    --   2         raw      verl's compute_rloo_outcome_advantage
-flow_grpo none   prompt_mean   batch_std  0    1e-4 2         zero     flow_grpo's PerPromptStatTracker
-spo       beta   past (a)      none (b)   1    --   0         --       verl's SPO recipe (spo_ray_trainer.py)
-buffer    buffer prompt_mean   prompt_std 0    1e-6 16        batch    ddpo (BufferStatTracker)
-ema       ema    prompt_mean   prompt_std 0    1e-6 16        batch    none: this package's EMA
-batch     none   batch_mean    batch_std  0    1e-7 1         batch    none: whole-batch normalisation
-grpo      option prompt_mean   prompt_std 1    1e-6 2 or 16   option   verl's GRPO
-dr_grpo   option prompt_mean   none       1    --   2 or 16   option   verl's Dr. GRPO
-rloo      option leave_one_out none       0    --   2 or 16   option   verl's RLOO
-========= ====== ============= ========== ==== ==== ========= ======== =====================================
+================= ====== ============= ========== ==== ==== ========= ======== =========================================
+preset            memory baseline      scale      ddof eps  min_count fallback matches
+================= ====== ============= ========== ==== ==== ========= ======== =========================================
+ddpo              buffer prompt_mean   prompt_std 0    1e-6 16        batch    ddpo-pytorch's PerPromptStatTracker
+trl_grpo          none   prompt_mean   per option 1    1e-4 2         zero     TRL's GRPOTrainer, one reward or several
+verl_grpo         none   prompt_mean   prompt_std 1    1e-6 2         raw      verl's compute_grpo_outcome_advantage
+verl_rloo         none   leave_one_out none       0    --   2         raw      verl's compute_rloo_outcome_advantage
+flow_grpo         none   prompt_mean   batch_std  0    1e-4 2         zero     flow_grpo's PerPromptStatTracker
+spo               beta   past (a)      none (b)   1    --   0         --       verl's SPO recipe (spo_ray_trainer.py)
+verl_gdpo         none   prompt_mean   prompt_std 1    1e-6 2         raw      verl's compute_gdpo_outcome_advantage (c)
+nemo_rl_gdpo      none   leave_one_out others (d) 1    1e-6 2         zero     NeMo-RL's GDPOAdvantageEstimator (c)
+flow_factory_gdpo none   prompt_mean   max (e)    0    1e-6 1         zero     Flow-Factory's compute_gdpo (c)
+verl_opo          none   weighted (f)  none       0    --   2         raw      verl's compute_opo_outcome_advantage
+buffer            buffer prompt_mean   prompt_std 0    1e-6 16        batch    ddpo (BufferStatTracker)
+ema               ema    prompt_mean   prompt_std 0    1e-6 16        batch    none: this package's EMA
+batch             none   batch_mean    batch_std  0    1e-7 1         batch    none: whole-batch normalisation
+grpo              option prompt_mean   prompt_std 1    1e-6 2 or 16   option   verl's GRPO
+dr_grpo           option prompt_mean   none       1    --   2 or 16   option   verl's Dr. GRPO
+rloo              option leave_one_out none       0    --   2 or 16   option   verl's RLOO
+================= ====== ============= ========== ==== ==== ========= ======== =========================================
 
 (a) the prompt's mean from the memory before the batch
 (``include_batch=False``); (b) then the advantages are whitened over the
-batch (``normalize="batch"``, ``normalize_eps=1e-8``).
+batch (``normalize="batch"``, ``normalize_eps=1e-8``); (c) several
+rewards [N, C], each normalised in its group, summed with weights, then
+whitened over the batch (``aggregation="normalize_then_sum"``; verl's
+over response tokens, ``weights=`` lengths); (d) the std of the group's
+other rewards, a zero one unscaled; (e) ``max(std, 1e-6)``, population std;
+(f) the group's mean weighted by response length (``weights=``).
+``trl_grpo`` takes several reward functions too (``reward_weights``,
+``multi_objective_aggregation``).
 
 ``grpo``, ``dr_grpo`` and ``rloo`` are ``verl_grpo``,
 ``verl_grpo(norm_adv_by_std=False)`` and ``verl_rloo`` with a choice of
@@ -60,14 +71,14 @@ eps=1e-06, min_count=16, fallback='zero', nan_rewards='refuse', keys='ids', dtyp
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
 from rail_interview.stat_tracking.batch import BatchStatTracker
 from rail_interview.stat_tracking.buffer import BufferStatTracker
 from rail_interview.stat_tracking.ema import EmaStatTracker
-from rail_interview.stat_tracking.tracker import AdvantageTracker
+from rail_interview.stat_tracking.tracker import AGGREGATIONS, AdvantageTracker
 from rail_interview.stat_tracking.types import Device
 
 __all__ = [
@@ -76,16 +87,20 @@ __all__ = [
     "ddpo",
     "dr_grpo",
     "ema",
+    "flow_factory_gdpo",
     "flow_grpo",
     "get",
     "grpo",
     "names",
+    "nemo_rl_gdpo",
     "parameters",
     "register",
     "rloo",
     "spo",
     "trl_grpo",
+    "verl_gdpo",
     "verl_grpo",
+    "verl_opo",
     "verl_rloo",
 ]
 
@@ -244,6 +259,8 @@ def ddpo(
 def trl_grpo(
     num_prompts: int,
     scale_rewards: str = "group",
+    multi_objective_aggregation: str = "sum_then_normalize",
+    reward_weights: Optional[Sequence[float]] = None,
     *,
     dtype: torch.dtype = torch.float32,
     device: Device = None,
@@ -252,7 +269,7 @@ def trl_grpo(
     keys: str = "ids",
     **options: Any,
 ) -> AdvantageTracker:
-    """TRL ``GRPOTrainer``'s advantages with one reward function (``_generate_and_score_completions``).
+    """TRL ``GRPOTrainer``'s advantages (``_generate_and_score_completions``), with one reward function or several.
 
     advantage = (r - group mean) / (std + 1e-4), with the std
     ``scale_rewards="group"``: the group's sample std (ddof 1);
@@ -265,6 +282,19 @@ def trl_grpo(
     NaN) is unscorable in TRL 1.16 too (its ``unscorable_mask``): left out
     of the group's mean and std, advantage 0.
 
+    **Several reward functions** (TRL 1.16's ``multi_objective_aggregation``,
+    lines 2679 to 2730 of ``trl/trainer/grpo_trainer.py`` at f2cd57710ae3):
+    ``reward_weights`` gives C weights (TRL's ``args.reward_weights``) and
+    ``rewards`` is then [N, C], NaN where a function returned None.
+    ``"sum_then_normalize"`` (TRL's default) sums the weighted rewards
+    (``nansum``: a None adds nothing; a row of None is unscorable) and
+    normalises the sum as above. ``"normalize_then_sum"`` normalises each
+    function's rewards within the group (mean, sample std + 1e-4, whatever
+    ``scale_rewards`` says, as TRL does), sums them with the weights (a None
+    adds 0), then whitens the sums over the batch's scorable samples:
+    ``(a - mean) / (std + 1e-4)``, sample std. With one reward function and
+    ``"normalize_then_sum"`` TRL also whitens at the end, and so does this.
+
     Departures: TRL needs groups of ``num_generations`` contiguous samples;
     here any grouping by id works. TRL gives a group of one sample a NaN std
     (``torch.std``); here such a group gets 0. TRL's ``nanstd`` takes its
@@ -276,6 +306,9 @@ def trl_grpo(
     Args:
         num_prompts: P, ids in [0, P).
         scale_rewards: ``"group"``, ``"batch"`` or ``"none"``.
+        multi_objective_aggregation: ``"sum_then_normalize"`` or ``"normalize_then_sum"``.
+        reward_weights: C weights, one per reward function, or None for one
+            reward function (``rewards`` [N]).
         dtype, device, check_values, process_group, keys: as for ``AdvantageTracker``.
         **options: other ``AdvantageTracker`` keywords (``memory=...``, ...).
 
@@ -283,21 +316,32 @@ def trl_grpo(
         The tracker.
 
     Raises:
-        ValueError: if ``scale_rewards`` is not one of the three.
+        ValueError: if ``scale_rewards`` or ``multi_objective_aggregation``
+            is not one of TRL's.
     """
     if scale_rewards not in _TRL_SCALES:
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none'; got {scale_rewards!r}")
+    if multi_objective_aggregation not in AGGREGATIONS:
+        raise ValueError(
+            f"multi_objective_aggregation must be 'sum_then_normalize' or 'normalize_then_sum'; "
+            f"got {multi_objective_aggregation!r}"
+        )
+    whitened = multi_objective_aggregation == "normalize_then_sum"
+    several = {} if reward_weights is None else dict(num_rewards=len(reward_weights), reward_weights=reward_weights)
     return _build(
         num_prompts,
         dict(
             memory="none",
             baseline="prompt_mean",
-            scale=_TRL_SCALES[scale_rewards],
+            scale="prompt_std" if whitened else _TRL_SCALES[scale_rewards],
             ddof=1,
             eps=1e-4,
             min_count=2,
             fallback="zero",
             nan_rewards="invalid",
+            aggregation=multi_objective_aggregation,
+            **(dict(normalize="batch", normalize_ddof=1, normalize_eps=1e-4) if whitened else {}),
+            **several,
             **_common(dtype, device, check_values, process_group, keys),
         ),
         options,
@@ -524,6 +568,265 @@ def spo(
             include_batch=False,
             normalize="batch",
             normalize_eps=1e-8,
+            **_common(dtype, device, check_values, process_group, keys),
+        ),
+        options,
+    )
+
+
+@register("verl_gdpo")
+def verl_gdpo(
+    num_prompts: int,
+    num_rewards: int = 2,
+    reward_weights: Optional[Sequence[float]] = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: Device = None,
+    check_values: bool = True,
+    process_group: ProcessGroup = None,
+    keys: str = "ids",
+    **options: Any,
+) -> AdvantageTracker:
+    """verl's ``compute_gdpo_outcome_advantage`` (``algorithm.adv_estimator=gdpo``): GRPO per reward, then whitening.
+
+    verl 0.9.1 (``verl/trainer/ppo/core_algos.py``; byte-identical to tag
+    v0.9.0, 483b8a009ba3, and main 1dda039b9c63), with
+    ``algorithm.gdpo_reward_keys`` the C columns of ``rewards`` [N, C] and
+    ``gdpo_reward_weights`` the ``reward_weights``. Per reward, verl's GRPO
+    (``verl_grpo``: group mean, sample std + 1e-6, a group of one keeps its
+    raw reward over 1 + 1e-6); the weighted sum; then ``masked_whiten`` over
+    the batch's response tokens: pass ``weights=response_mask.sum(-1)``, and
+    each advantage enters the mean and the variance once per token (frequency
+    weights, variance over tokens - 1), divided by ``sqrt(var + 1e-8)``. The
+    tracker returns one advantage per sample: multiply by the response mask
+    for verl's [N, T].
+
+    Departures: verl runs in float32 whatever the dtype (its scores and
+    weights are float32 tensors); here ``dtype`` decides. verl has no NaN
+    handling (a NaN reward makes the whole batch NaN); here a NaN is refused
+    (``check_values``), or with ``nan_rewards="invalid"`` leaves its reward
+    function's statistics. verl raises when the batch has fewer than two
+    response tokens; here the std is then 0 and the advantages are
+    ``(a - mean) / 1e-4``. In training verl ignores
+    ``norm_adv_by_std_in_grpo`` and ``epsilon`` for GDPO, and so does this
+    preset.
+
+    Args:
+        num_prompts: P, ids in [0, P).
+        num_rewards: C, the reward keys.
+        reward_weights: C weights, or None for ones.
+        dtype, device, check_values, process_group, keys: as for ``AdvantageTracker``.
+        **options: other ``AdvantageTracker`` keywords (``memory="buffer"``:
+            each reward normalised by its prompt's last rewards).
+
+    Returns:
+        The tracker; its ``update`` needs ``weights`` (response lengths).
+    """
+    return _build(
+        num_prompts,
+        dict(
+            memory="none",
+            baseline="prompt_mean",
+            scale="prompt_std",
+            ddof=1,
+            eps=1e-6,
+            min_count=2,
+            fallback="raw",
+            num_rewards=num_rewards,
+            reward_weights=reward_weights,
+            aggregation="normalize_then_sum",
+            normalize="batch",
+            normalize_ddof=1,
+            normalize_eps=1e-8,
+            normalize_eps_rule="variance",
+            weighted_normalize=True,
+            **_common(dtype, device, check_values, process_group, keys),
+        ),
+        options,
+    )
+
+
+@register("nemo_rl_gdpo")
+def nemo_rl_gdpo(
+    num_prompts: int,
+    num_rewards: int = 2,
+    reward_weights: Optional[Sequence[float]] = None,
+    normalize_rewards: bool = True,
+    use_leave_one_out_baseline: bool = True,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: Device = None,
+    check_values: bool = True,
+    process_group: ProcessGroup = None,
+    keys: str = "ids",
+    **options: Any,
+) -> AdvantageTracker:
+    """NeMo-RL's ``GDPOAdvantageEstimator``: per reward a leave-one-out baseline and std, the sum, then the batch.
+
+    NVIDIA-NeMo/RL at 7ea279abfbeb (``nemo_rl/algorithms/advantage_estimator.py``
+    and ``calculate_baseline_and_std_per_prompt`` in ``utils.py``). Per
+    reward function, with ``use_leave_one_out_baseline`` (NeMo-RL's default):
+    r minus the mean of the group's other rewards, divided, with
+    ``normalize_rewards``, by the std of those others (Bessel) + 1e-6 where
+    that std is > 0, and left unscaled where it is 0 (``eps_rule="nonzero"``,
+    ``scale="leave_one_out_std"``). Without it: the group's mean and sample
+    std. A group with one sample gets 0. Then the weighted sum, and over the
+    batch ``(a - mean) / std`` (Bessel, no eps), or ``a - mean`` where that
+    std is 0.
+
+    Departures: NeMo-RL computes each variance as E[r^2] - E[r]^2. Here it is
+    centred, so rewards whose others are all equal get std exactly 0 (left
+    unscaled); NeMo-RL's rounding can leave a tiny positive std there and
+    multiply that advantage by up to 1e6 (in float32 for rewards such as
+    11.775, and in float64 too for other values). Elsewhere the two agree to
+    rounding. NeMo-RL takes the components ``reward/*`` in sorted name
+    order and needs at least two; here the columns are in the order given,
+    and any C works. NaN rewards poison NeMo-RL's batch; here they are
+    refused (or, with ``nan_rewards="invalid"``, leave their reward's
+    statistics).
+
+    Args:
+        num_prompts: P, ids in [0, P).
+        num_rewards: C, the reward components.
+        reward_weights: C weights, or None for ones.
+        normalize_rewards: divide each reward's advantage by its std.
+        use_leave_one_out_baseline: each sample's baseline and std leave it out.
+        dtype, device, check_values, process_group, keys: as for ``AdvantageTracker``.
+        **options: other ``AdvantageTracker`` keywords.
+
+    Returns:
+        The tracker.
+    """
+    if use_leave_one_out_baseline:
+        baseline, scale = "leave_one_out", "leave_one_out_std"
+    else:
+        baseline, scale = "prompt_mean", "prompt_std"
+    return _build(
+        num_prompts,
+        dict(
+            memory="none",
+            baseline=baseline,
+            scale=scale if normalize_rewards else "none",
+            ddof=1,
+            eps=1e-6,
+            eps_rule="nonzero",
+            min_count=2,
+            fallback="zero",
+            num_rewards=num_rewards,
+            reward_weights=reward_weights,
+            aggregation="normalize_then_sum",
+            normalize="batch",
+            normalize_ddof=1,
+            normalize_eps=0.0,
+            normalize_eps_rule="nonzero",
+            **_common(dtype, device, check_values, process_group, keys),
+        ),
+        options,
+    )
+
+
+@register("flow_factory_gdpo")
+def flow_factory_gdpo(
+    num_prompts: int,
+    num_rewards: int = 2,
+    reward_weights: Optional[Sequence[float]] = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: Device = None,
+    check_values: bool = True,
+    process_group: ProcessGroup = None,
+    keys: str = "ids",
+    **options: Any,
+) -> AdvantageTracker:
+    """Flow-Factory's ``compute_gdpo`` (``aggregation_func="gdpo"``, its default): floored stds throughout.
+
+    X-GenGroup/Flow-Factory at a0b2bc5a2b4f
+    (``src/flow_factory/advantage/advantage_processor.py``). Per reward, the
+    group's ``(r - mean) / max(std, 1e-6)`` with the population std (a
+    group of one gets 0), times its weight; the sum; then over the batch
+    ``(a - mean) / max(std, 1e-6)``, population std. Its ``global_std``
+    (True by default) is never read by GDPO, so there is no such option here.
+
+    Departures: Flow-Factory computes in NumPy from float32 rewards; with
+    ``sampler_type="group_contiguous"`` its batch std is uncentred
+    (``sqrt(E[a^2] - E[a]^2)``), which differs from this centred one by
+    rounding (about 1e-7 relative in float32); with
+    ``"distributed_k_repeat"`` it is ``np.std``.
+
+    Args:
+        num_prompts: P, ids in [0, P).
+        num_rewards: C, the reward models.
+        reward_weights: C weights, or None for ones.
+        dtype, device, check_values, process_group, keys: as for ``AdvantageTracker``.
+        **options: other ``AdvantageTracker`` keywords.
+
+    Returns:
+        The tracker.
+    """
+    return _build(
+        num_prompts,
+        dict(
+            memory="none",
+            baseline="prompt_mean",
+            scale="prompt_std",
+            ddof=0,
+            eps=1e-6,
+            eps_rule="max",
+            min_count=1,
+            fallback="zero",
+            num_rewards=num_rewards,
+            reward_weights=reward_weights,
+            aggregation="normalize_then_sum",
+            normalize="batch",
+            normalize_ddof=0,
+            normalize_eps=1e-6,
+            normalize_eps_rule="max",
+            **_common(dtype, device, check_values, process_group, keys),
+        ),
+        options,
+    )
+
+
+@register("verl_opo")
+def verl_opo(
+    num_prompts: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: Device = None,
+    check_values: bool = True,
+    process_group: ProcessGroup = None,
+    keys: str = "ids",
+    **options: Any,
+) -> AdvantageTracker:
+    """verl's ``compute_opo_outcome_advantage`` (``adv_estimator=opo``): r minus the length-weighted group mean.
+
+    verl 0.9.1 (``verl/trainer/ppo/core_algos.py``; byte-identical to tag
+    v0.9.0, 483b8a009ba3). Pass ``weights=response_mask.sum(-1)``: the
+    baseline is ``sum(l * r) / sum(l)`` over the group; no std, no eps; a
+    group of one keeps its raw reward (baseline 0).
+
+    Departures: verl gives a group whose responses are all empty a NaN
+    baseline; here weights must be positive for valid samples (mark an
+    empty response invalid instead).
+
+    Args:
+        num_prompts: P, ids in [0, P).
+        dtype, device, check_values, process_group, keys: as for ``AdvantageTracker``.
+        **options: other ``AdvantageTracker`` keywords.
+
+    Returns:
+        The tracker; its ``update`` needs ``weights`` (response lengths).
+    """
+    return _build(
+        num_prompts,
+        dict(
+            memory="none",
+            baseline="prompt_mean",
+            scale="none",
+            ddof=0,
+            min_count=2,
+            fallback="raw",
+            weighted_stats=True,
             **_common(dtype, device, check_values, process_group, keys),
         ),
         options,

@@ -55,26 +55,37 @@ slots, M prompts asked about.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from rail_interview.stat_tracking.distributed import gather_batch
 from rail_interview.stat_tracking.functional import (
     BASELINES,
+    EPS_RULES,
     FALLBACKS,
     NORMALIZE,
     SCALES,
     batch_advantages,
+    channel_zero_variance,
     equal_groups,
     fallback_advantages,
+    leave_one_out_std,
     normalized_advantages,
     prompt_advantages,
     update_report,
 )
 from rail_interview.stat_tracking.keys import KeyTable
 from rail_interview.stat_tracking.memory import Memory, make_memory
-from rail_interview.stat_tracking.ops import batch_mean_std, cast, compute_dtype, group_by_prompt, take, write_at
+from rail_interview.stat_tracking.ops import (
+    batch_mean_std,
+    cast,
+    compute_dtype,
+    group_by_prompt,
+    take,
+    weighted_mean_std,
+    write_at,
+)
 from rail_interview.stat_tracking.types import (
     Device,
     PromptQuery,
@@ -91,19 +102,24 @@ from rail_interview.stat_tracking.validation import (
     check_prior_tensor,
     check_prior_values,
     check_prompt_ids,
+    check_reward_options,
     check_rewards,
     check_state_dict,
     check_tracker_options,
     check_unit_rewards,
+    check_weight_values,
+    check_weights,
     convert_batch,
     refuse_compiled_value_checks,
     warn_about_small_stds,
 )
 
 __all__ = [
+    "AGGREGATIONS",
     "AdvantageTracker",
     "BASELINES",
     "COMMON_OPTIONS",
+    "EPS_RULES",
     "FALLBACKS",
     "KEYS",
     "NAN_REWARDS",
@@ -114,6 +130,10 @@ __all__ = [
 #: The choices of the options that are not the estimator's.
 NAN_REWARDS = ("refuse", "invalid")
 KEYS = ("ids", "hashed")
+#: How several rewards per sample become one advantage: summed (weighted) and
+#: then normalised as one reward, or each normalised by its own statistics and
+#: then summed (GDPO).
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 #: The keywords every tracker class and preset takes besides its own options:
 #: where the state lives and how inputs are checked, shared and keyed.
@@ -300,6 +320,14 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         normalize: str = "none",
         normalize_eps: float = 1e-8,
         track_streaks: bool = False,
+        num_rewards: int = 1,
+        reward_weights: Optional[Sequence[float]] = None,
+        aggregation: str = "sum_then_normalize",
+        eps_rule: str = "add",
+        normalize_ddof: Optional[int] = None,
+        normalize_eps_rule: str = "add",
+        weighted_stats: bool = False,
+        weighted_normalize: bool = False,
     ) -> None:
         choices = dict(
             keys=(keys, KEYS),
@@ -308,6 +336,9 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             fallback=(fallback, FALLBACKS),
             nan_rewards=(nan_rewards, NAN_REWARDS),
             normalize=(normalize, NORMALIZE),
+            aggregation=(aggregation, AGGREGATIONS),
+            eps_rule=(eps_rule, EPS_RULES),
+            normalize_eps_rule=(normalize_eps_rule, EPS_RULES),
         )
         check_tracker_options(
             num_prompts,
@@ -321,15 +352,42 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             include_batch=include_batch,
             normalize_eps=normalize_eps,
             track_streaks=track_streaks,
+            normalize_eps_rule=normalize_eps_rule,
+        )
+        if normalize_ddof is not None and (normalize_ddof not in (0, 1) or isinstance(normalize_ddof, bool)):
+            raise ValueError(f"normalize_ddof must be 0, 1 or None (the tracker's ddof), got {normalize_ddof!r}")
+        weights = check_reward_options(
+            num_rewards,
+            reward_weights,
+            aggregation=aggregation,
+            memory=memory,
+            scale=scale,
+            weighted_stats=weighted_stats,
+            weighted_normalize=weighted_normalize,
+            include_batch=include_batch,
+            min_count=min_count,
         )
         self._num_prompts, self._eps, self._dtype = num_prompts, float(eps), dtype
         self._device = resolve_device(device)
         self._compute_dtype = compute_dtype(dtype)  # what statistics accumulate in
         self.check_values = check_values
         self._process_group = process_group
+        self._num_rewards, self._aggregation = num_rewards, aggregation
+        self._eps_rule, self._normalize_eps_rule = eps_rule, normalize_eps_rule
+        self._normalize_ddof = ddof if normalize_ddof is None else normalize_ddof
+        self._weighted_stats, self._weighted_normalize = weighted_stats, weighted_normalize
+        # C reward functions' weights in the compute dtype, or None for one reward of weight 1.
+        self._reward_weights = (
+            torch.tensor(weights, dtype=self._compute_dtype, device=self._device)
+            if num_rewards > 1 or weights != (1.0,)
+            else None
+        )
+        # Memory rows per prompt: one per reward function when each is normalised
+        # by its own statistics, prompt p's reward c in row p * C + c.
+        self._channels = num_rewards if aggregation == "normalize_then_sum" else 1
         self._memory: Memory = make_memory(
             memory,
-            num_prompts,
+            num_prompts * self._channels,
             buffer_size=buffer_size,
             decay=decay,
             dtype=dtype,
@@ -348,7 +406,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         self._needs_fold = not (batch_only and min_count <= 1)  # pragma: no mutate (fork)
         self._needs_batch = baseline == "batch_mean" or scale == "batch_std" or fallback == "batch"
         # A tracker that keeps nothing per prompt needs no table, only to accept any key.
-        keeps_rows = self._needs_fold or track_streaks
+        keeps_rows = self._needs_fold or track_streaks or self._channels > 1
         self._table = KeyTable(num_prompts, device=self._device) if keys == "hashed" and keeps_rows else None
         # Invalid samples sit in row P with reward 0, whose mean is 0 in the
         # buffer and EMA, so their advantage is 0 / scale, exactly 0, unless the
@@ -356,7 +414,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         # normalisation), the scale can be 0 (a std with eps 0), or row P's
         # mean is not 0 (the Beta memory's prior, or a read before the batch):
         # only then are they masked at the end.
-        zero_scale = scale != "none" and self._eps == 0  # pragma: no mutate (fork)
+        zero_scale = scale != "none" and self._eps == 0 and eps_rule != "nonzero"  # pragma: no mutate (fork)
         self._mask_invalid = (  # pragma: no mutate (fork)
             baseline == "batch_mean"
             or fallback == "batch"
@@ -419,6 +477,48 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         return self._streak is not None
 
     @property
+    def num_rewards(self) -> int:
+        """C, the reward functions per sample (``rewards`` is [N] for 1, [N, C] otherwise)."""
+        return self._num_rewards
+
+    @property
+    def reward_weights(self) -> Tuple[float, ...]:
+        """The C reward functions' weights in the weighted sum."""
+        if self._reward_weights is None:
+            return (1.0,)
+        return tuple(self._reward_weights.tolist())
+
+    @property
+    def aggregation(self) -> str:
+        """``"sum_then_normalize"`` or ``"normalize_then_sum"`` (several rewards)."""
+        return self._aggregation
+
+    @property
+    def eps_rule(self) -> str:
+        """How ``eps`` enters the division by a std (``functional.scale_divisor``)."""
+        return self._eps_rule
+
+    @property
+    def normalize_ddof(self) -> int:
+        """The ddof of the batch normalisation's std."""
+        return self._normalize_ddof
+
+    @property
+    def normalize_eps_rule(self) -> str:
+        """How ``normalize_eps`` enters the batch normalisation."""
+        return self._normalize_eps_rule
+
+    @property
+    def weighted_stats(self) -> bool:
+        """Whether sample weights enter the prompts' (and the batch's) mean and std."""
+        return self._weighted_stats
+
+    @property
+    def weighted_normalize(self) -> bool:
+        """Whether sample weights enter the batch normalisation (verl's token-weighted whitening)."""
+        return self._weighted_normalize
+
+    @property
     def baseline(self) -> str:
         """``"prompt_mean"``, ``"leave_one_out"`` or ``"batch_mean"``."""
         return self._baseline
@@ -464,8 +564,18 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
                 names += ("include_batch",)
             if self._normalize != "none":
                 names += ("normalize", "normalize_eps")
+                if self._normalize_ddof != self._ddof:
+                    names += ("normalize_ddof",)
+                if self._normalize_eps_rule != "add":
+                    names += ("normalize_eps_rule",)
             if self.track_streaks:
                 names += ("track_streaks",)
+            # The options of several rewards and of sample weights, where they are not their defaults.
+            if self._eps_rule != "add":
+                names += ("eps_rule",)
+            if self._num_rewards > 1:
+                names += ("num_rewards", "reward_weights", "aggregation")
+            names += tuple(name for name in ("weighted_stats", "weighted_normalize") if getattr(self, name))
         values = {
             "buffer_size": getattr(self._memory, "buffer_size", None),
             "decay": getattr(self._memory, "decay", None),
@@ -506,6 +616,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         valid: Optional[torch.Tensor] = None,
         *,
         discount: Optional[torch.Tensor] = None,
+        weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Adds a batch of rewards to the statistics and returns its advantages.
 
@@ -514,7 +625,10 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
                 (any int64 keys with ``keys="hashed"``).
             rewards: float or integer [N], the reward of each sample (integer
                 rewards are converted to ``dtype``, never truncated); in
-                [0, 1] with the Beta memory.
+                [0, 1] with the Beta memory. With ``num_rewards=C`` > 1,
+                [N, C]: one column per reward function, NaN where a function
+                returned nothing (with ``nan_rewards="invalid"``; a row that
+                is NaN throughout is an invalid sample).
             valid: bool [N], False for samples that must not count (never
                 enter memory or any statistic, and get advantage 0), or
                 None for all valid. With a process group, pass it on every
@@ -523,6 +637,10 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
                 place of ``decay`` (the Beta memory only: SPO's KL-adaptive
                 rho, ``functional.spo_discount``), or None. With a process
                 group, pass it on every rank or on none.
+            weights: float or integer [N], each sample's weight (a response's
+                length or token count), positive for valid samples; needed
+                by and only by trackers built with ``weighted_stats`` or
+                ``weighted_normalize``. With a process group, on every rank.
 
         Returns:
             ``dtype`` [N], the advantage of each sample, on ``device``.
@@ -530,9 +648,10 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         Raises:
             TypeError: if an input is not a tensor, ids are not integers or
                 rewards are neither floating nor integer.
-            ValueError: if the inputs are not 1-D of one length, are on
-                another device, or (with ``check_values``) an id lies outside
-                [0, P) or a reward is not finite once converted to ``dtype``.
+            ValueError: if the inputs are not 1-D of one length (rewards
+                [N, C] with several rewards), are on another device, or
+                (with ``check_values``) an id lies outside [0, P) or a
+                reward is not finite once converted to ``dtype``.
                 The state is then unchanged. Without ``check_values`` such
                 values are not caught: an id outside [0, P) is undefined
                 behaviour (an IndexError on a CPU, a device-side assert on
@@ -541,9 +660,12 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
                 ``nan_rewards="invalid"``). With a process group, see
                 ``distributed.gather_batch`` for how the ranks agree.
                 With the Beta memory, a reward outside [0, 1] (or a
-                discount outside (0, 1]) is refused as a non-finite one is.
+                discount outside (0, 1]) is refused as a non-finite one is;
+                so are weights passed to a tracker that does not use them,
+                missing where it does, or (with ``check_values``) not
+                positive for a valid sample.
         """
-        return self._dispatch(prompt_ids, rewards, valid, discount, report=False)
+        return self._dispatch(prompt_ids, rewards, valid, discount, weights, report=False)
 
     def update_with_report(
         self,
@@ -552,6 +674,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         valid: Optional[torch.Tensor] = None,
         *,
         discount: Optional[torch.Tensor] = None,
+        weights: Optional[torch.Tensor] = None,
     ) -> UpdateReport:
         """``update``, and what it did to each sample (see ``UpdateReport``).
 
@@ -562,6 +685,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             rewards: as for ``update``.
             valid: as for ``update``.
             discount: as for ``update``.
+            weights: as for ``update``.
 
         Returns:
             The ``UpdateReport``; with a process group, of this rank's samples
@@ -570,7 +694,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         Raises:
             TypeError, ValueError: as ``update``.
         """
-        return self._dispatch(prompt_ids, rewards, valid, discount, report=True)
+        return self._dispatch(prompt_ids, rewards, valid, discount, weights, report=True)
 
     def _dispatch(
         self,
@@ -578,18 +702,19 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         rewards: torch.Tensor,
         valid: Optional[torch.Tensor],
         discount: Optional[torch.Tensor],
+        weights: Optional[torch.Tensor],
         report: bool,
     ) -> Union[torch.Tensor, UpdateReport]:
         """Validates, then runs ``_update`` here or on the batch gathered from every rank."""
         if self._process_group is None:
-            prompt_ids, rewards, valid = self._validate_inputs(prompt_ids, rewards, valid, discount)
-            return self._update(prompt_ids, rewards, valid, report, discount)
+            prompt_ids, rewards, valid = self._validate_inputs(prompt_ids, rewards, valid, discount, weights)
+            return self._update(prompt_ids, rewards, valid, report, discount, weights)
 
         def validate(ids: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor]):
-            """``_validate_inputs`` with this rank's discount."""
-            return self._validate_inputs(ids, values, mask, discount)
+            """``_validate_inputs`` with this rank's discount and weights."""
+            return self._validate_inputs(ids, values, mask, discount, weights)
 
-        prompt_ids, rewards, valid, discount, mine = gather_batch(
+        prompt_ids, rewards, valid, discount, weights, mine = gather_batch(
             validate,
             prompt_ids,
             rewards,
@@ -599,8 +724,9 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             check_values=self.check_values,
             discount=discount,
             dtype=self._compute_dtype,
+            weights=weights,
         )
-        result = self._update(prompt_ids, rewards, valid, report, discount)  # [W * N]
+        result = self._update(prompt_ids, rewards, valid, report, discount, weights)  # [W * N]
         return result.local(mine) if report else result[mine]
 
     def _validate_inputs(
@@ -609,15 +735,29 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         rewards: torch.Tensor,
         valid: Optional[torch.Tensor] = None,
         discount: Optional[torch.Tensor] = None,
+        weights: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Checks the inputs of ``update`` and converts them to int64 ids and ``dtype`` rewards.
 
         Raises:
             TypeError, ValueError: as documented in ``update``.
         """
-        check_batch(prompt_ids, rewards, valid, self._device)
+        check_batch(prompt_ids, rewards, valid, self._device, self._num_rewards)
         if discount is not None:
             check_discount_tensor(discount, len(prompt_ids), self._device, self.memory)
+        uses_weights = self._weighted_stats or self._weighted_normalize
+        if weights is not None:
+            if not uses_weights:
+                raise ValueError(
+                    "weights were passed to a tracker that would ignore them: build it with weighted_stats=True "
+                    "(weights in the prompts' statistics) or weighted_normalize=True (in the batch normalisation)"
+                )
+            check_weights(weights, prompt_ids, self._device)
+        elif uses_weights:
+            raise ValueError(
+                "this tracker weights its samples (weighted_stats or weighted_normalize): pass weights=[N], "
+                "each sample's length or token count"
+            )
         if self.check_values:
             refuse_compiled_value_checks(type(self).__name__, "update")
         prompt_ids, rewards = convert_batch(prompt_ids, rewards, self._dtype)
@@ -628,6 +768,8 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             check_rewards(rewards, nan_is_invalid=nan_is_invalid, compute_dtype=self._compute_dtype)
             if self.memory == "beta":
                 check_unit_rewards(rewards, valid, discount)
+            if weights is not None:
+                check_weight_values(weights, valid)
         return prompt_ids, rewards, valid
 
     def _update(
@@ -637,42 +779,55 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         valid: Optional[torch.Tensor],
         report: bool,
         discount: Optional[torch.Tensor] = None,
+        weights: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, UpdateReport]:
         """Does the work of ``update`` on validated inputs.
 
         Args:
             prompt_ids: int64 [N] on ``device``, in [0, P) (or keys).
-            rewards: ``dtype`` [N] on ``device``.
+            rewards: ``dtype`` [N] (or [N, C]) on ``device``.
             valid: bool [N] on ``device``, or None for all valid.
             report: return an ``UpdateReport`` instead of the advantages.
             discount: float [N], each sample's rho (Beta memory), or None.
+            weights: float [N], each sample's weight, or None.
 
         Returns:
             ``dtype`` [N], the advantages, or their ``UpdateReport``.
         """
+        if weights is not None:
+            weights = cast(weights, self._compute_dtype)
+            if valid is not None:
+                weights = torch.where(valid, weights, 1)  # [N]: an invalid sample's weight may be anything
+        channels = None  # [N, C] rewards of several functions, and which of them count
+        if rewards.ndim == 2:
+            channels = self._channel_rewards(rewards, valid)
+            if self._channels > 1:
+                return self._update_channels(prompt_ids, *channels, report, discount, weights)
+            rewards = self._weighted_sum(*channels)  # [N], NaN for rows that count nowhere
+        elif self._reward_weights is not None and self._aggregation == "sum_then_normalize":
+            rewards = cast(rewards, self._compute_dtype) * self._reward_weights  # [N], one weighted reward
         if self._nan_rewards == "invalid":
             scorable = rewards == rewards  # [N], False exactly where NaN
             valid = scorable if valid is None else valid & scorable
         if prompt_ids.numel() == 0:  # pragma: no mutate (empty)
-            empty = torch.zeros(0, dtype=torch.bool, device=self._device)
-            advantages = rewards.clone()
-            zero = torch.zeros((), device=self._device)
-            return UpdateReport(advantages, empty, empty, empty, zero) if report else advantages
+            return self._empty_result(rewards, report)
         rewards = cast(rewards, self._compute_dtype)  # [N], float32 for 16-bit dtypes
         if valid is not None:
             rewards = torch.where(valid, rewards, 0)  # [N]
         rows = self._rows(prompt_ids, rewards, valid)
         batch_mean = batch_std = None
         if self._needs_batch:
-            batch_mean, batch_std = batch_mean_std(rewards, valid, ddof=self._ddof)
-        options = dict(scale=self._scale, eps=self._eps, batch_mean=batch_mean, batch_std=batch_std)
+            batch_mean, batch_std = self._batch_stats(rewards, valid, weights)
+        options = dict(
+            scale=self._scale, eps=self._eps, batch_mean=batch_mean, batch_std=batch_std, eps_rule=self._eps_rule
+        )
         fallback = None
         if self._streak is not None:
-            self._count_streaks(rows.rows, rows.rewards)
+            self._count_streaks(rows.rows, equal_groups(rows.rows, self._num_prompts + 1, rows.rewards))
         if not self._needs_fold:
             advantages = batch_advantages(rewards, **options)
         else:
-            stats = self._fold(rows.rows, rows.rewards, discount)
+            stats = self._fold(rows.rows, rows.rewards, discount, weights)
             advantages, fallback = prompt_advantages(
                 stats,
                 baseline=self._baseline,
@@ -688,42 +843,243 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             fallback = rows.overflow if fallback is None else fallback | rows.overflow
         if valid is not None and self._mask_invalid:
             advantages = torch.where(valid, advantages, 0)
-        if self._normalize == "batch":
-            advantages = normalized_advantages(advantages, valid, ddof=self._ddof, eps=self._normalize_eps)
-        advantages = cast(advantages, self._dtype)
+        if self._reward_weights is not None and self._aggregation == "normalize_then_sum":
+            advantages = advantages * self._reward_weights  # [N]: one reward, weighted once normalised
+        advantages = cast(self._normalized(advantages, valid, weights), self._dtype)
         if not report:
             return advantages
-        if rows.groups is None:
-            return update_report(rows.rows, rows.num_groups, rows.rewards, valid, advantages, fallback)
-        return update_report(rows.groups, rows.num_groups, rewards, valid, advantages, fallback)
+        group_ids, num_groups = (rows.rows, rows.num_groups) if rows.groups is None else (rows.groups, rows.num_groups)
+        result = update_report(
+            group_ids, num_groups, rows.rewards if rows.groups is None else rewards, valid, advantages, fallback
+        )
+        if channels is None:
+            return result
+        fraction = self._channel_fractions(*channel_zero_variance(group_ids, num_groups, *channels))
+        return result._replace(channel_zero_variance_fraction=fraction)
 
-    def _fold(self, rows: torch.Tensor, rewards: torch.Tensor, discount: Optional[torch.Tensor]) -> SampleStats:
+    def _empty_result(self, rewards: torch.Tensor, report: bool) -> Union[torch.Tensor, UpdateReport]:
+        """What ``update`` returns for a batch of no samples."""
+        advantages = rewards.new_zeros(0)
+        if not report:
+            return advantages
+        empty = torch.zeros(0, dtype=torch.bool, device=self._device)
+        zero = torch.zeros((), device=self._device)
+        channel = torch.zeros(self._num_rewards, device=self._device) if self._num_rewards > 1 else None
+        return UpdateReport(advantages, empty, empty, empty, zero, channel)
+
+    def _batch_stats(
+        self, rewards: torch.Tensor, valid: Optional[torch.Tensor], weights: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The batch's mean and std of valid rewards ([N], or [N, C] per column), weighted with ``weighted_stats``."""
+        if self._weighted_stats or rewards.ndim == 2:
+            return weighted_mean_std(rewards, valid, weights if self._weighted_stats else None, ddof=self._ddof)
+        return batch_mean_std(rewards, valid, ddof=self._ddof)
+
+    def _normalized(
+        self, advantages: torch.Tensor, valid: Optional[torch.Tensor], weights: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """The advantages whitened over the batch if ``normalize="batch"``, else as they are."""
+        if self._normalize != "batch":
+            return advantages
+        return normalized_advantages(
+            advantages,
+            valid,
+            ddof=self._normalize_ddof,
+            eps=self._normalize_eps,
+            eps_rule=self._normalize_eps_rule,
+            weights=weights if self._weighted_normalize else None,
+        )
+
+    # Several rewards.
+
+    def _channel_rewards(
+        self, rewards: torch.Tensor, valid: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """[N, C] rewards in the compute dtype (0 where they do not count) and bool [N, C], where they do."""
+        rewards = cast(rewards, self._compute_dtype)
+        counts = rewards == rewards if self._nan_rewards == "invalid" else torch.ones_like(rewards, dtype=torch.bool)
+        if valid is not None:
+            counts = counts & valid.unsqueeze(-1)
+        return torch.where(counts, rewards, 0), counts
+
+    def _weighted_sum(self, rewards: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """TRL's ``sum_then_normalize`` reward: sum_c w_c r_c over the rewards that count, NaN where none does.
+
+        Args:
+            rewards: float [N, C], 0 where a reward does not count.
+            counts: bool [N, C].
+
+        Returns:
+            float [N].
+        """
+        combined = (rewards * self._reward_weights).sum(1)  # [N]
+        return torch.where(counts.any(1), combined, math.nan)
+
+    def _channel_fractions(self, equal: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """float32 [C]: per reward function, the share of present groups whose rewards are all equal."""
+        groups = present.sum(0).clamp_min(1).float()  # [C]
+        return (equal & present).sum(0).float() / groups
+
+    def _channel_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Memory rows of some prompts' rows, all C reward functions: int64 [M * C] (row P: the spare)."""
+        if self._channels == 1:
+            return rows
+        channel = torch.arange(self._channels, device=rows.device)  # [C]
+        spare = self._num_prompts * self._channels
+        rows = rows.unsqueeze(-1)  # [M, 1]
+        return torch.where(rows == self._num_prompts, spare, rows * self._channels + channel).reshape(-1)
+
+    def _per_prompt(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A memory tensor with C rows per prompt seen as [M, C, ...] (as it is with one)."""
+        if self._channels == 1:
+            return tensor
+        return tensor.unflatten(0, (-1, self._channels))
+
+    def _update_channels(
+        self,
+        prompt_ids: torch.Tensor,
+        rewards: torch.Tensor,
+        counts: torch.Tensor,
+        report: bool,
+        discount: Optional[torch.Tensor],
+        weights: Optional[torch.Tensor],
+    ) -> Union[torch.Tensor, UpdateReport]:
+        """``_update`` of ``aggregation="normalize_then_sum"``: each reward by its own statistics, then the sum.
+
+        Reward c of prompt p lives in memory row p * C + c, so every memory,
+        the estimator and the fallback work on the N * C (sample, reward)
+        pairs as they work on N samples; the pairs that do not count go to
+        the spare row and get advantage 0. The C advantages of a sample are
+        summed with the reward weights; a sample none of whose rewards
+        counts is invalid (advantage 0). Then the batch normalisation.
+
+        Args:
+            prompt_ids: int64 [N] (or keys).
+            rewards: float [N, C] in the compute dtype, 0 where they do not count.
+            counts: bool [N, C], the rewards that count.
+            report: return an ``UpdateReport``.
+            discount: float [N], or None (every reward of a sample takes its discount).
+            weights: float [N], or None.
+
+        Returns:
+            ``dtype`` [N], the advantages, or their ``UpdateReport``.
+        """
+        num_samples, num_channels = rewards.shape
+        valid = counts.any(1)  # [N]
+        if num_samples == 0:  # pragma: no mutate (empty)
+            return self._empty_result(rewards[:, 0], report)
+        rows = self._rows(prompt_ids, rewards, valid)
+        in_memory = counts & (rows.rows != self._num_prompts).unsqueeze(-1)  # [N, C]
+        spare = self._num_prompts * num_channels
+        channel = torch.arange(num_channels, device=self._device)  # [C]
+        memory_rows = torch.where(in_memory, rows.rows.unsqueeze(-1) * num_channels + channel, spare)  # [N, C]
+        flat_rows, flat_rewards = memory_rows.reshape(-1), torch.where(in_memory, rewards, 0).reshape(-1)  # [N * C]
+        flat_counts = counts.reshape(-1)  # [N * C]
+
+        def flat(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            """A per-sample [N] (or per-reward [C]) tensor spread over the N * C pairs."""
+            return None if tensor is None else tensor.expand(num_samples, num_channels).reshape(-1)
+
+        batch_mean = batch_std = None
+        if self._needs_batch:
+            batch_mean, batch_std = self._batch_stats(rewards, counts, weights)  # [C], per reward
+        options = dict(
+            scale=self._scale,
+            eps=self._eps,
+            batch_mean=flat(batch_mean),
+            batch_std=flat(batch_std),
+            eps_rule=self._eps_rule,
+        )
+        pair_weights = flat(None if weights is None else weights.unsqueeze(-1))
+        pair_discount = flat(None if discount is None else discount.unsqueeze(-1))
+        if self._streak is not None or report:
+            equal_rows = equal_groups(flat_rows, spare + 1, flat_rewards)  # [P * C + 1]
+        if self._streak is not None:
+            # A visit is zero-variance when every reward function's rewards are.
+            equal = equal_rows[:-1].view(self._num_prompts, num_channels).all(1)  # [P]
+            self._count_streaks(rows.rows, torch.cat([equal, equal.new_ones(1)]))
+        fallback = None
+        if not self._needs_fold:
+            advantages = batch_advantages(flat_rewards, **options)  # [N * C]
+        else:
+            stats = self._fold(flat_rows, flat_rewards, pair_discount, pair_weights)
+            advantages, fallback = prompt_advantages(
+                stats,
+                baseline=self._baseline,
+                min_count=self._min_count,
+                fallback=self._fallback,
+                report=report,
+                **options,
+            )
+        if rows.overflow is not None:
+            overflow = flat(rows.overflow.unsqueeze(-1))  # [N * C]
+            overflowed = fallback_advantages(
+                torch.where(flat_counts, rewards.reshape(-1), 0), fallback=self._fallback, **options
+            )
+            advantages = torch.where(overflow, overflowed, advantages)
+            fallback = overflow if fallback is None else fallback | overflow
+        advantages = torch.where(flat_counts, advantages, 0).view(num_samples, num_channels)  # [N, C]
+        combined = torch.where(valid, (advantages * self._reward_weights).sum(1), 0)  # [N]
+        combined = cast(self._normalized(combined, valid, weights), self._dtype)
+        if not report:
+            return combined
+        group_ids, num_groups = (rows.rows, rows.num_groups) if rows.groups is None else (rows.groups, rows.num_groups)
+        equal, present = channel_zero_variance(group_ids, num_groups, rewards, counts)  # [G - 1, C]
+        every = (equal | ~present).all(1)  # [G - 1], every reward function's rewards equal
+        any_present = present.any(1)  # [G - 1]
+        spare_group = torch.ones(1, dtype=torch.bool, device=self._device)
+        zero_variance = take(torch.cat([every, spare_group]), group_ids) & valid  # [N]
+        fraction = (every & any_present).sum().float() / any_present.sum().clamp_min(1).float()
+        fell_back = (
+            torch.zeros_like(valid) if fallback is None else (fallback.view(num_samples, num_channels) & counts).any(1)
+        )
+        return UpdateReport(
+            combined, valid, fell_back, zero_variance, fraction, self._channel_fractions(equal, present)
+        )
+
+    def _fold(
+        self,
+        rows: torch.Tensor,
+        rewards: torch.Tensor,
+        discount: Optional[torch.Tensor],
+        weights: Optional[torch.Tensor] = None,
+    ) -> SampleStats:
         """Folds the batch into memory; returns the statistics after it, or before it without ``include_batch``.
 
         Args:
             rows: int64 [N], each sample's row; P for samples out of memory.
             rewards: float [N] in the compute dtype, 0 for samples out of memory.
             discount: float [N], each sample's rho (Beta memory), or None.
+            weights: float [N], each sample's weight (``weighted_stats``; no memory), or None.
 
         Returns:
             The samples' ``SampleStats``.
         """
-        extra = {} if discount is None else {"discount": cast(discount, self._compute_dtype)}
+        extra: Dict[str, torch.Tensor] = {} if discount is None else {"discount": cast(discount, self._compute_dtype)}
+        if self._weighted_stats:
+            extra["weights"] = weights
         own_weight = self._baseline == "leave_one_out"
         if self._include_batch:
-            return self._memory.fold(rows, rewards, ddof=self._ddof, own_weight=own_weight, **extra)
+            stats = self._memory.fold(rows, rewards, ddof=self._ddof, own_weight=own_weight, **extra)
+            if self._scale == "leave_one_out_std":
+                order_rows = rows if stats.groups is None else stats.groups.sorted_ids
+                num_rows = self._num_prompts * self._channels + 1  # pragma: no mutate (spare)
+                others = leave_one_out_std(
+                    order_rows, num_rows, stats.rewards, stats.count, stats.deviation, stats.std, ddof=self._ddof
+                )
+                stats = stats._replace(std=others)
+            return stats
         past = self._memory.read(rows, rewards, ddof=self._ddof)
         self._memory.fold(rows, rewards, ddof=self._ddof, own_weight=False, **extra)
         return past
 
-    def _count_streaks(self, rows: torch.Tensor, rewards: torch.Tensor) -> None:
+    def _count_streaks(self, rows: torch.Tensor, equal: torch.Tensor) -> None:
         """Adds this batch's visits to each row's run of zero-variance visits (O(N + P), no host sync).
 
         Args:
             rows: int64 [N], each sample's row; P (never reported) for samples out of memory.
-            rewards: float [N], 0 for samples out of memory.
+            equal: bool [P + 1], whether each row's rewards in this batch are all equal.
         """
-        equal = equal_groups(rows, self._num_prompts + 1, rewards)  # [R]
         streak = take(self._streak, rows)  # [N]
         write_at(self._streak, rows, torch.where(take(equal, rows), streak + 1, 0))
 
@@ -736,7 +1092,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
 
         Args:
             prompt_ids: int64 [N], ids in [0, P) (or keys).
-            rewards: float [N] in the compute dtype, invalid samples' set to 0.
+            rewards: float [N] (or [N, C]) in the compute dtype, invalid samples' set to 0.
             valid: bool [N], or None.
 
         Returns:
@@ -764,7 +1120,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         if in_memory is not None:
             prompt_ids = torch.where(in_memory, prompt_ids, self._num_prompts)  # [N]
             if overflow is not None:
-                rewards = torch.where(in_memory, rewards, 0)  # [N]
+                rewards = torch.where(in_memory.view(-1, *[1] * (rewards.ndim - 1)), rewards, 0)  # [N] (or [N, C])
         return _Rows(prompt_ids, rewards, overflow, groups, num_groups)
 
     # Statistics.
@@ -779,7 +1135,8 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
                 O(P).
 
         Returns:
-            TrackerStats of [M] (or [P]) tensors.
+            TrackerStats of [M] (or [P]) tensors; [M, C] with per-reward
+            statistics (``aggregation="normalize_then_sum"``).
 
         Raises:
             TypeError, ValueError: if ``prompt_ids`` is not a 1-D integer
@@ -807,15 +1164,19 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             ``{"rewards": [M, K], "count": [M]}`` for a buffer,
             ``{"mean", "var", "count"}`` for an EMA, ``{"count"}`` (zeros)
             without memory. A key not in the table gets count 0 (and zero
-            rewards).
+            rewards). With several rewards normalised each by its own
+            statistics (``aggregation="normalize_then_sum"``), [M, C, ...]:
+            the reward function's dimension follows the prompt's.
         """
         if self._table is None or prompt_ids is None:
-            return self._memory.snapshot(prompt_ids)
+            snapshot = self._memory.snapshot(None if prompt_ids is None else self._channel_rows(prompt_ids))
+            return {name: self._per_prompt(tensor) for name, tensor in snapshot.items()}
         rows = self._table.lookup(prompt_ids)  # [M], -1 for keys not in the table
         absent = rows < 0
-        snapshot = self._memory.snapshot(rows.clamp_min(0))
+        snapshot = self._memory.snapshot(self._channel_rows(rows.clamp_min(0)))
         return {
-            name: torch.where(absent.view(-1, *[1] * (tensor.ndim - 1)), 0, tensor) for name, tensor in snapshot.items()
+            name: torch.where(absent.view(-1, *[1] * (tensor.ndim - 1)), 0, tensor)
+            for name, tensor in ((name, self._per_prompt(tensor)) for name, tensor in snapshot.items())
         }
 
     def stats_from_snapshot(self, snapshot: Mapping[str, torch.Tensor]) -> TrackerStats:
@@ -849,7 +1210,8 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
 
         Returns:
             bool [N], True where the prompt holds fewer than ``min_count``
-            rewards (always True for a tracker without per-prompt state).
+            rewards (always True for a tracker without per-prompt state);
+            [N, C], per reward function, with ``aggregation="normalize_then_sum"``.
 
         Raises:
             TypeError, ValueError: for bad ids, as ``stats``.
@@ -880,7 +1242,9 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
 
         Returns:
             The ``PromptQuery`` of [M] tensors; ``streak`` is None unless
-            the tracker was built with ``track_streaks=True``.
+            the tracker was built with ``track_streaks=True``. With per-reward
+            statistics (``aggregation="normalize_then_sum"``) ``pass_rate``,
+            ``uncertainty`` and ``count`` are [M, C].
 
         Raises:
             TypeError, ValueError: for bad ids, as ``stats``.
@@ -894,19 +1258,21 @@ count=tensor([2, 0]), streak=None)
         """
         prompt_ids = self._validate_prompt_ids(prompt_ids, "query")
         if self._table is None:
-            pass_rate, uncertainty, count = self._memory.estimate(prompt_ids)
+            pass_rate, uncertainty, count = map(self._per_prompt, self._memory.estimate(self._channel_rows(prompt_ids)))
             streak = None if self._streak is None else take(self._streak, prompt_ids)
             return PromptQuery(pass_rate, uncertainty, count, streak)
         rows = self._table.lookup(prompt_ids)  # [M], -1 for keys not in the table
         absent = rows < 0
         # A key not in the table reads as the spare row P freshly reset: it is
         # reset before every fold, so read a fresh memory's answer instead.
-        pass_rate, uncertainty, count = self._memory.estimate(rows.clamp_min(0))
+        estimate = self._memory.estimate(self._channel_rows(rows.clamp_min(0)))
+        pass_rate, uncertainty, count = map(self._per_prompt, estimate)
+        streak = None if self._streak is None else torch.where(absent, 0, take(self._streak, rows.clamp_min(0)))
+        absent = absent if self._channels == 1 else absent.unsqueeze(-1)
         fresh_rate, fresh_uncertainty = self._memory.unseen_estimate
         pass_rate = torch.where(absent, fresh_rate, pass_rate)
         uncertainty = torch.where(absent, fresh_uncertainty, uncertainty)
         count = torch.where(absent, 0, count)
-        streak = None if self._streak is None else torch.where(absent, 0, take(self._streak, rows.clamp_min(0)))
         return PromptQuery(pass_rate, uncertainty, count, streak)
 
     def set_prior(
@@ -955,6 +1321,11 @@ count=tensor([2, 0]), streak=None)
         if self.memory != "beta":
             raise ValueError(
                 f"set_prior needs memory='beta' (a Beta posterior per prompt); this tracker's is {self.memory!r}"
+            )
+        if self._channels > 1:
+            raise ValueError(
+                f"set_prior sets one pass rate per prompt; this tracker keeps {self._channels} per prompt "
+                "(num_rewards with aggregation='normalize_then_sum')"
             )
         prompt_ids = self._validate_prompt_ids(prompt_ids, "set_prior")
         if len(prompt_ids) > self._num_prompts:
@@ -1007,8 +1378,8 @@ count=tensor([2, 0]), streak=None)
         Returns:
             Tensors by name, on ``device``: the memory's (``rewards`` [P, K],
             ``count`` [P], ``head`` [P] for a buffer; ``mean``, ``var``,
-            ``count`` [P] for an EMA; nothing without memory), and with
-            hashed keys the table's. Pass them to ``load_state_dict`` of a
+            ``count`` [P] for an EMA; nothing without memory; [P, C, ...]
+            with per-reward statistics), and with hashed keys the table's. Pass them to ``load_state_dict`` of a
             tracker built with the same arguments to continue identically.
         """
         return {name: tensor.clone() for name, tensor in self._state_tensors().items()}
@@ -1035,7 +1406,7 @@ count=tensor([2, 0]), streak=None)
 
     def _state_tensors(self) -> Dict[str, torch.Tensor]:
         """The state tensors by name: the live ones, or views built from them."""
-        state = self._memory.state_tensors()
+        state = {name: self._per_prompt(tensor) for name, tensor in self._memory.state_tensors().items()}
         if self._streak is not None:
             state["streak"] = self._streak[:-1]
         if self._table is not None:
@@ -1044,7 +1415,7 @@ count=tensor([2, 0]), streak=None)
 
     def _check_state_values(self, state: Mapping[str, torch.Tensor]) -> None:
         """Raises ValueError if a candidate state (of the right shapes and dtypes) breaks an invariant."""
-        self._memory.check_state_values(state, type(self).__name__)
+        self._memory.check_state_values(self._memory_state(state), type(self).__name__)
         if self._streak is not None and (state["streak"] < 0).any():
             raise ValueError(f"{type(self).__name__} state 'streak' must be non-negative")
         if self._table is not None:
@@ -1052,14 +1423,20 @@ count=tensor([2, 0]), streak=None)
 
     def _assign_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Copies a checked state into the live state tensors, in place."""
-        self._memory.assign_state(state)
+        self._memory.assign_state(self._memory_state(state))
         if self._streak is not None:
             self._streak[:-1].copy_(state["streak"])
         if self._table is not None:
             self._table.load(state)
 
+    def _memory_state(self, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """The memory's part of a state dict in its own layout: [P * C, ...] for [P, C, ...]."""
+        if self._channels == 1:
+            return state
+        return {name: state[name].flatten(0, 1) for name in self._memory.state_tensors()}
+
     def _reset_rows(self, rows: torch.Tensor) -> None:
         """Forgets everything some rows hold: memory and streak (keys evicted from the table)."""
-        self._memory.reset_rows(rows)
+        self._memory.reset_rows(self._channel_rows(rows))
         if self._streak is not None:
             self._streak.index_fill_(0, rows, 0)

@@ -82,6 +82,14 @@ class UpdateReport(NamedTuple):
         zero_variance_fraction: float32 scalar, the fraction of the batch's
             prompts (those with at least one valid sample) whose valid
             rewards are all equal; 0 when no sample is valid.
+        channel_zero_variance_fraction: float32 [C] with several rewards
+            (``num_rewards=C``): per reward function, the fraction of the
+            prompts with a valid reward of it whose valid rewards of it are
+            all equal; None with one reward. With several rewards
+            ``zero_variance`` is of the combined reward
+            (``aggregation="sum_then_normalize"``) or of every reward
+            function at once (``"normalize_then_sum"``), and ``fallback``
+            says a sample fell back in at least one of its valid rewards.
 
     Example:
         >>> from rail_interview.stat_tracking import presets
@@ -95,6 +103,7 @@ class UpdateReport(NamedTuple):
     fallback: torch.Tensor
     zero_variance: torch.Tensor
     zero_variance_fraction: torch.Tensor
+    channel_zero_variance_fraction: Optional[torch.Tensor] = None
 
     def local(self, samples: slice) -> "UpdateReport":
         """Returns the report of some samples; the fraction stays the whole batch's.
@@ -108,6 +117,7 @@ class UpdateReport(NamedTuple):
             self.fallback[samples],
             self.zero_variance[samples],
             self.zero_variance_fraction,
+            self.channel_zero_variance_fraction,
         )
 
 

@@ -68,6 +68,7 @@ def check_tracker_options(
     include_batch: bool = True,
     normalize_eps: float = 1e-8,
     track_streaks: bool = False,
+    normalize_eps_rule: str = "add",
 ) -> None:
     """Raises ValueError for tracker options out of range or contradicting each other.
 
@@ -83,15 +84,20 @@ def check_tracker_options(
         baseline: the estimator's baseline.
         memory: the memory's name (its own options are checked where it is built).
         include_batch: a bool; False needs a memory.
-        normalize_eps: a positive number.
+        normalize_eps: a positive number (>= 0 with ``normalize_eps_rule="nonzero"``,
+            where a zero std leaves the advantages unscaled).
         track_streaks: a bool.
+        normalize_eps_rule: how ``normalize_eps`` enters the whitening.
     """
     check_positive_int("num_prompts", num_prompts)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-    # A batch whose advantages are all equal has std 0: only a positive eps keeps its whitening finite.
-    if isinstance(normalize_eps, bool) or not isinstance(normalize_eps, (int, float)) or not normalize_eps > 0:
-        raise ValueError(f"normalize_eps must be a positive number, got {normalize_eps!r}")
+    # A batch whose advantages are all equal has std 0: only a positive eps keeps its whitening finite,
+    # unless a zero std leaves them unscaled.
+    floor = 0 if normalize_eps_rule == "nonzero" else math.nextafter(0, 1)
+    if isinstance(normalize_eps, bool) or not isinstance(normalize_eps, (int, float)) or not normalize_eps >= floor:
+        kind = "non-negative" if floor == 0 else "positive"
+        raise ValueError(f"normalize_eps must be a {kind} number, got {normalize_eps!r}")
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
     for name, value in (("include_batch", include_batch), ("track_streaks", track_streaks)):
@@ -118,6 +124,116 @@ def check_tracker_options(
         )
     if baseline == "leave_one_out" and min_count < 2:
         raise ValueError(f"leave_one_out needs min_count >= 2 (a lone reward has no others); got {min_count}")
+
+
+def check_reward_options(
+    num_rewards: int,
+    reward_weights: Optional[Sequence[float]],
+    *,
+    aggregation: str,
+    memory: str,
+    scale: str,
+    weighted_stats: bool,
+    weighted_normalize: bool,
+    include_batch: bool,
+    min_count: int,
+) -> Tuple[float, ...]:
+    """Raises ValueError for the options of several rewards and of sample weights that cannot work together.
+
+    Args:
+        num_rewards: C, a positive int.
+        reward_weights: C finite numbers, or None for ones.
+        aggregation: checked against ``AGGREGATIONS`` by the caller.
+        memory: the memory's name.
+        scale: the estimator's scale.
+        weighted_stats: a bool; sample weights enter the prompts' statistics.
+        weighted_normalize: a bool; sample weights enter the batch normalisation.
+        include_batch: whether the batch enters the prompts' statistics.
+        min_count: the estimator's min_count.
+
+    Returns:
+        The C weights, as floats.
+    """
+    check_positive_int("num_rewards", num_rewards)
+    for name, value in (("weighted_stats", weighted_stats), ("weighted_normalize", weighted_normalize)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be a bool, got {value!r}")
+    if reward_weights is None:
+        weights: Tuple[float, ...] = (1.0,) * num_rewards
+    else:
+        if isinstance(reward_weights, torch.Tensor):
+            reward_weights = reward_weights.tolist()
+        try:
+            weights = tuple(reward_weights)
+        except TypeError:
+            raise ValueError(f"reward_weights must be a sequence of {num_rewards} numbers, got {reward_weights!r}")
+        if len(weights) != num_rewards or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights
+        ):
+            raise ValueError(f"reward_weights must be {num_rewards} finite numbers (one per reward), got {weights!r}")
+        weights = tuple(float(w) for w in weights)
+    if num_rewards > 1 and memory == "beta" and aggregation == "sum_then_normalize":
+        raise ValueError(
+            "memory='beta' with several rewards needs aggregation='normalize_then_sum' (a Beta posterior per reward "
+            "function): a weighted sum of rewards is not a pass rate"
+        )
+    if weighted_stats and memory != "none":
+        raise ValueError(
+            f"weighted_stats=True needs memory='none': a {memory!r} memory keeps rewards, not their weights, "
+            "so past rewards could not be weighted"
+        )
+    if scale == "leave_one_out_std":
+        if memory != "none" or not include_batch:
+            raise ValueError(
+                "scale='leave_one_out_std' is the std of the other rewards in the batch: it needs memory='none'"
+            )
+        if weighted_stats:
+            raise ValueError("scale='leave_one_out_std' takes no sample weights (weighted_stats=False)")
+        if min_count < 2:
+            raise ValueError(
+                f"scale='leave_one_out_std' needs min_count >= 2 (a lone reward has no others); got {min_count}"
+            )
+    return weights
+
+
+def check_weights(weights: object, prompt_ids: torch.Tensor, device: torch.device) -> None:
+    """Checks the kind, shape and device of ``update``'s sample weights (no host sync).
+
+    Args:
+        weights: float [N].
+        prompt_ids: int [N], the batch's ids.
+        device: the tracker's device.
+
+    Raises:
+        TypeError: if ``weights`` is not a floating or integer tensor.
+        ValueError: if its shape or device differ from the ids'.
+    """
+    if not isinstance(weights, torch.Tensor) or weights.dtype.is_complex or weights.dtype == torch.bool:
+        kind = weights.dtype if isinstance(weights, torch.Tensor) else type(weights).__name__
+        raise TypeError(f"weights must be a floating or integer tensor [N] (a response's tokens), got {kind}")
+    if weights.shape != prompt_ids.shape or weights.device != device:
+        raise ValueError(
+            f"weights must have the shape of prompt_ids {tuple(prompt_ids.shape)} and be on {device}, "
+            f"got shape {tuple(weights.shape)} on {weights.device}"
+        )
+
+
+def check_weight_values(weights: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
+    """Raises ValueError unless valid samples' weights are finite and positive (one host sync).
+
+    Args:
+        weights: float [N].
+        valid: bool [N], or None.
+    """
+    bad = ~(torch.isfinite(weights) & (weights > 0))
+    if valid is not None:
+        bad &= valid
+    num_bad = int(bad.sum())
+    if num_bad:
+        raise ValueError(
+            f"weights must be finite and positive for valid samples (mark a response without tokens invalid), "
+            f"got {num_bad} that are not"
+        )
 
 
 def warn_at_caller(message: str) -> None:
@@ -179,15 +295,20 @@ def warn_about_small_stds(memory: str, scale: str, min_count: int, include_batch
 
 
 def check_batch(
-    prompt_ids: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor], device: torch.device
+    prompt_ids: torch.Tensor,
+    rewards: torch.Tensor,
+    valid: Optional[torch.Tensor],
+    device: torch.device,
+    num_rewards: int = 1,
 ) -> None:
     """Checks the types, shapes, dtypes and devices of ``update``'s inputs (no host sync).
 
     Args:
         prompt_ids: integer [N].
-        rewards: floating or integer [N].
+        rewards: floating or integer [N], or [N, C] for C = ``num_rewards`` > 1.
         valid: bool [N], or None.
         device: the tracker's device, where all three must be.
+        num_rewards: C, the reward functions the tracker takes.
 
     Raises:
         TypeError: if an input is not a tensor, ids are not integers, rewards
@@ -200,7 +321,13 @@ def check_batch(
             "prompt_ids and rewards must be torch tensors, got "
             f"{type(prompt_ids).__name__} and {type(rewards).__name__}"
         )
-    if prompt_ids.ndim != 1 or rewards.shape != prompt_ids.shape:
+    if num_rewards > 1:
+        if prompt_ids.ndim != 1 or rewards.shape != (*prompt_ids.shape, num_rewards):
+            raise ValueError(
+                f"with num_rewards={num_rewards}, prompt_ids must be [N] and rewards [N, {num_rewards}] (one column "
+                f"per reward function), got shapes {tuple(prompt_ids.shape)} and {tuple(rewards.shape)}"
+            )
+    elif prompt_ids.ndim != 1 or rewards.shape != prompt_ids.shape:
         raise ValueError(
             "prompt_ids and rewards must be 1-D tensors of one length [N], got shapes "
             f"{tuple(prompt_ids.shape)} and {tuple(rewards.shape)}"
@@ -392,13 +519,13 @@ def check_unit_rewards(rewards: torch.Tensor, valid: Optional[torch.Tensor], dis
     checked; every sample's discount is.
 
     Args:
-        rewards: float [N], N >= 1.
+        rewards: float [N] (or [N, C]), N >= 1.
         valid: bool [N], or None.
         discount: float [N], or None.
     """
     outside = (rewards < 0) | (rewards > 1)  # NaN compares False
     if valid is not None:
-        outside &= valid
+        outside &= valid.view(-1, *[1] * (rewards.ndim - 1))
     bad = [int(outside.sum())]
     if discount is not None:
         bad.append(int((~((discount > 0) & (discount <= 1))).sum()))
