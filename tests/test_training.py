@@ -173,6 +173,15 @@ def test_unknown_method_and_device_are_refused(tiny_config, tmp_path):
         training.resolve_device("tpu")
 
 
+@pytest.mark.parametrize("method", ["verl_gdpo", "nemo_rl_gdpo", "flow_factory_gdpo", "verl_opo"])
+def test_presets_of_several_rewards_or_weights_are_refused_by_name(tiny_config, tmp_path, method):
+    # The toy problem gives one reward per sample and no response lengths: say so before any work.
+    tiny_config.stat_tracking.method = method
+    with pytest.raises(ValueError, match=f"method '{method}' takes several rewards per sample or sample weights"):
+        training.train(tiny_config, str(tmp_path))
+    assert not os.listdir(tmp_path)
+
+
 @pytest.mark.parametrize(
     "method, memory",
     [

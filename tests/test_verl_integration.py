@@ -153,8 +153,139 @@ def test_presets_match_verl(method):
     assert worst < 1.0
 
 
+def test_opo_preset_matches_verl():
+    """rail_verl_opo gives verl's opo (r minus the length-weighted group mean) to float32 rounding.
+
+    verl sums len * score over the group in stacked order and divides by the
+    summed lengths; the tracker does the same sums with index_add_. Each
+    rounds the baseline to a few ulps of the group's largest |score|. A group
+    whose responses are all empty has a NaN baseline in verl (NaN tokens);
+    the tracker's fallback takes it (its raw score, times an all-zero mask: 0).
+    """
+    for seed in range(48):
+        rewards, mask, uids = random_batch(seed)
+        mine = advantages(rewards, mask, uids, "rail_verl_opo").batch["advantages"]
+        theirs = advantages(rewards, mask, uids, "opo").batch["advantages"]
+        assert mine.shape == theirs.shape and mine.dtype == theirs.dtype == torch.float32
+        finite = torch.isfinite(theirs)
+        assert (mine[~finite] == 0).all(), f"seed {seed}"
+        scores = rewards.sum(-1).abs()
+        largest = torch.tensor([float(scores[uids == uid].max()) for uid in uids])[:, None]
+        bound = 4 * EPS32 * (theirs.abs().double() + largest)
+        assert ((mine - theirs).abs().double() <= bound)[finite].all(), f"seed {seed}"
+
+
+def gdpo_batch(seed: int, num_rewards: int):
+    """A DataProto as verl's fit holds it at compute_advantage for ``gdpo``: C reward columns, prompts, masks.
+
+    Responses have 1 to 6 tokens (verl's gdpo writes each score at the last
+    response token, so an empty response has no place for it), groups are
+    interleaved and uneven, rewards are pass/fail, graded or continuous.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    num_groups = int(torch.randint(1, 10, (), generator=generator))
+    sizes = torch.randint(1, 8, (num_groups,), generator=generator)
+    group = torch.repeat_interleave(torch.arange(num_groups), sizes)
+    group = group[torch.randperm(len(group), generator=generator)]
+    uids = np.array([f"uid{int(g)}" for g in group], dtype=object)
+    bs, prompt_length, length = len(group), 3, 6
+    lengths = torch.randint(1, length + 1, (bs,), generator=generator)
+    lengths[0] = max(int(lengths[0]), 2)  # verl's whitening refuses a batch of one token
+    response_mask = (torch.arange(length) < lengths[:, None]).long()
+    attention_mask = torch.cat([torch.ones(bs, prompt_length, dtype=torch.long), response_mask], dim=1)
+    columns = {}
+    for c in range(num_rewards):
+        kind = (seed + c) % 3
+        if kind == 0:
+            values = torch.randint(0, 2, (bs,), generator=generator).float()
+        elif kind == 1:
+            values = torch.randint(0, 5, (bs,), generator=generator).float() / 4
+        else:
+            values = torch.randn(bs, generator=generator)
+        columns[f"reward_{c}"] = values.numpy().astype(np.float64)
+    scores = sum(torch.from_numpy(columns[name]).float() for name in columns)
+    token_rewards = torch.zeros(bs, length)
+    token_rewards[torch.arange(bs), lengths - 1] = scores
+    return DataProto.from_dict(
+        tensors={
+            "token_level_rewards": token_rewards,
+            "response_mask": response_mask,
+            "attention_mask": attention_mask,
+            "prompts": torch.zeros(bs, prompt_length, dtype=torch.long),
+        },
+        non_tensors={"uid": uids, **columns},
+    )
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 0.5, 2.0]])
+def test_gdpo_tracker_takes_verls_gdpo_slot_and_matches_it(weights):
+    """presets.verl_gdpo registered as verl's "gdpo" (replace=True) gives verl's gdpo advantages.
+
+    verl computes per reward key its GRPO in float32, sums with float32
+    weights and whitens over tokens with rsqrt(var + 1e-8); the tracker does
+    the same in float32 with its own summation order. The whitening divides
+    by the batch std of the summed advantages, so rounding of a few ulps of
+    the largest per-key advantage in each term bounds the difference: a
+    relative 2e-5 of the batch's largest advantage holds over these batches.
+    """
+    names = [f"reward_{c}" for c in range(3)]
+    config = dict(gdpo_reward_keys=names, **({} if weights is None else {"gdpo_reward_weights": weights}))
+    original = core_algos.ADV_ESTIMATOR_REGISTRY["gdpo"]
+    expected = []
+    batches = [gdpo_batch(seed, 3) for seed in range(24)]
+    for data in batches:
+        algorithm = AlgoConfig(adv_estimator="gdpo", **config)
+        expected.append(ray_trainer.compute_advantage(copy_proto(data), adv_estimator="gdpo", config=algorithm))
+    tracker = presets.verl_gdpo(64, 3, reward_weights=weights)
+    try:
+        estimator = rail_verl.register_tracker_estimator("gdpo", tracker, replace=True)
+        assert core_algos.get_adv_estimator_fn("gdpo") is estimator
+        for seed, (data, want) in enumerate(zip(batches, expected)):
+            algorithm = AlgoConfig(adv_estimator="gdpo", **config)
+            got = ray_trainer.compute_advantage(copy_proto(data), adv_estimator="gdpo", config=algorithm)
+            mine, theirs = got.batch["advantages"], want.batch["advantages"]
+            assert mine.dtype == theirs.dtype == torch.float32 and mine.shape == theirs.shape
+            assert (mine[data.batch["response_mask"] == 0] == 0).all()
+            scale = float(theirs.abs().max()) + 1.0
+            assert float((mine - theirs).abs().max()) <= 2e-5 * scale, f"seed {seed}"
+    finally:
+        core_algos.ADV_ESTIMATOR_REGISTRY["gdpo"] = original
+
+
+def copy_proto(data: DataProto) -> DataProto:
+    """A fresh DataProto with copies of ``data``'s tensors and columns (compute_advantage writes into it)."""
+    return DataProto.from_dict(
+        tensors={name: tensor.clone() for name, tensor in data.batch.items()},
+        non_tensors={name: np.array(values, copy=True) for name, values in data.non_tensor_batch.items()},
+    )
+
+
+def test_several_rewards_are_refused_without_verls_columns():
+    """A tracker of several rewards under a name other than "gdpo" never sees the columns: refused, state kept."""
+    tracker = presets.verl_gdpo(16, 2, memory="buffer", buffer_size=4, keys="hashed")
+    estimator = rail_verl.TrackerEstimator(tracker)
+    data = gdpo_batch(0, 2)
+    stamped = np.array([f"{i % 3}/{uid}" for i, uid in enumerate(data.non_tensor_batch["uid"])], dtype=object)
+    before = state(tracker)
+    args = (data.batch["token_level_rewards"], data.batch["response_mask"])
+    with pytest.raises(ValueError, match="estimator named 'gdpo' only"):
+        estimator(*args, index=stamped, config=AlgoConfig(adv_estimator="x"))
+    columns = dict(data.non_tensor_batch)
+    with pytest.raises(ValueError, match="names 1 rewards; the tracker takes 2"):
+        estimator(*args, index=stamped, config={"gdpo_reward_keys": ["reward_0"]}, non_tensor_batch=columns)
+    with pytest.raises(ValueError, match="differ from the tracker's reward_weights"):
+        config = {"gdpo_reward_keys": ["reward_0", "reward_1"], "gdpo_reward_weights": [1.0, 2.0]}
+        estimator(*args, index=stamped, config=config, non_tensor_batch=columns)
+    with pytest.raises(ValueError, match=r"reward column\(s\) \['missing'\] not in the batch"):
+        estimator(*args, index=stamped, config={"gdpo_reward_keys": ["reward_0", "missing"]}, non_tensor_batch=columns)
+    assert_same_state(tracker, before)
+    # With the columns, memory per reward: state [P, C, K].
+    estimator(*args, index=stamped, config={"gdpo_reward_keys": ["reward_0", "reward_1"]}, non_tensor_batch=columns)
+    assert tracker.state_dict()["rewards"].shape == (16, 2, 4)
+
+
 def test_presets_are_registered_by_import():
-    for name, build in zip(rail_verl.PRESETS, (presets.verl_grpo, presets.verl_rloo)):
+    for name, build in zip(rail_verl.PRESETS, (presets.verl_grpo, presets.verl_rloo, presets.verl_opo), strict=True):
         tracker = rail_verl.registered_tracker(name)
         assert repr(tracker) == repr(build(rail_verl.PRESET_NUM_PROMPTS))
         assert core_algos.get_adv_estimator_fn(name).tracker is tracker
@@ -305,9 +436,14 @@ def test_bad_inputs_are_refused_before_the_tracker_changes():
 def test_registration_refuses_taken_names_and_unfit_trackers():
     existing = core_algos.ADV_ESTIMATOR_REGISTRY["rail_verl_grpo"]
     for name in ("rail_verl_grpo", "grpo", "gae", "reinforce_plus_plus_baseline"):
-        with pytest.raises(ValueError, match=f"named '{name}' is already registered"):
+        with pytest.raises(ValueError, match=f"named '{name}' is already registered.*replace=True"):
             rail_verl.register_tracker_estimator(name, presets.verl_grpo(4))
     assert core_algos.ADV_ESTIMATOR_REGISTRY["rail_verl_grpo"] is existing
+    try:  # replace=True takes the name, for this process
+        replaced = rail_verl.register_tracker_estimator("rail_verl_grpo", presets.verl_grpo(4), replace=True)
+        assert core_algos.ADV_ESTIMATOR_REGISTRY["rail_verl_grpo"] is replaced is not existing
+    finally:
+        core_algos.ADV_ESTIMATOR_REGISTRY["rail_verl_grpo"] = existing
     with pytest.raises(TypeError, match="non-empty string"):
         rail_verl.register_tracker_estimator("", presets.verl_grpo(4))
     with pytest.raises(TypeError, match="AdvantageTracker"):

@@ -12,10 +12,21 @@ rewards to one score per sample, normalise each score within its group
 response_mask`` twice. ``TrackerEstimator`` does the same with a tracker
 of this package between the two: score, ``tracker.update``, mask.
 ``register_tracker_estimator(name, tracker)`` registers one through verl's
-own ``register_adv_est``, and importing this module registers two presets,
-``"rail_verl_grpo"`` and ``"rail_verl_rloo"`` (``presets.verl_grpo`` and
-``presets.verl_rloo``, without memory): verl's GRPO and RLOO, to float32
-rounding (see ``docs/verl.md`` for the bound the tests hold them to).
+own ``register_adv_est``, and importing this module registers three
+presets, ``"rail_verl_grpo"``, ``"rail_verl_rloo"`` and ``"rail_verl_opo"``
+(``presets.verl_grpo``, ``presets.verl_rloo`` and ``presets.verl_opo``,
+without memory): verl's GRPO, RLOO and OPO, to float32 rounding (see
+``docs/verl.md`` for the bound the tests hold them to).
+
+**Weights and several rewards.** A tracker that weighs its samples
+(``weighted_stats``: OPO's length-weighted baseline; ``weighted_normalize``:
+GDPO's token-weighted whitening) gets each response's length,
+``response_mask.sum(-1)``, as its ``weights``. A tracker of several rewards
+(``num_rewards=C``, ``presets.verl_gdpo``) reads the C scores from the
+batch's ``algorithm.gdpo_reward_keys`` columns, as verl's ``gdpo`` does;
+verl's ``compute_advantage`` passes those columns (``non_tensor_batch``) to
+the estimator named ``"gdpo"`` only, so register such a tracker under that
+name, ``register_tracker_estimator("gdpo", tracker, replace=True)``.
 
 **The problem memory has.** ``RayPPOTrainer.fit`` gives every prompt a
 fresh ``uuid4`` uid at every step, and the estimator sees nothing else of
@@ -63,7 +74,7 @@ prompts of a generation batch.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -95,7 +106,7 @@ TRACKER_FILE = "rail_interview_tracker.pt"
 PRESET_NUM_PROMPTS = 65536
 
 #: The estimators this module registers with verl when imported, by name.
-PRESETS = ("rail_verl_grpo", "rail_verl_rloo")
+PRESETS = ("rail_verl_grpo", "rail_verl_rloo", "rail_verl_opo")
 
 _SEPARATOR = "/"  # between a uid's stable key and its uuid; no "_", which verl's V1 trainer splits keys on
 
@@ -142,6 +153,16 @@ class TrackerEstimator:
                 [ 0.5000,  0.0000]])
         >>> bool(returns.equal(advantages))
         True
+
+        Several rewards (verl's ``gdpo``: the scores come from the batch's
+        ``gdpo_reward_keys`` columns, the whitening is over response tokens):
+
+        >>> estimator = TrackerEstimator(presets.verl_gdpo(8, 2))
+        >>> columns = {"format": np.array([1.0, 0.0, 1.0]), "correct": np.array([0.0, 1.0, 1.0])}
+        >>> advantages, _ = estimator(rewards, mask, index=np.array(["a", "a", "b"], dtype=object),
+        ...                           config={"gdpo_reward_keys": ["format", "correct"]}, non_tensor_batch=columns)
+        >>> advantages[:, 0]
+        tensor([-0.4472, -0.4472,  1.7889])
     """
 
     def __init__(self, tracker: AdvantageTracker) -> None:
@@ -168,6 +189,7 @@ class TrackerEstimator:
         response_mask: torch.Tensor,
         index: Optional[np.ndarray] = None,
         config: Optional[Any] = None,
+        non_tensor_batch: Optional[Mapping[str, Any]] = None,
         **kwargs: Any,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Computes a batch's advantages and updates the tracker, as verl's ``compute_advantage`` asks.
@@ -183,9 +205,15 @@ class TrackerEstimator:
             config: verl's ``algorithm`` config (``AlgoConfig``), or None.
                 ``norm_adv_by_std_in_grpo=False`` is refused unless the
                 tracker divides by nothing (``scale="none"``): the tracker's
-                options decide the advantages, not that flag.
+                options decide the advantages, not that flag. With several
+                rewards, its ``gdpo_reward_keys`` name the score columns
+                (``gdpo_reward_weights``, if set, must equal the tracker's
+                ``reward_weights``).
+            non_tensor_batch: the batch's non-tensor columns, which verl
+                passes to the estimator named ``"gdpo"``; read only by a
+                tracker of several rewards.
             **kwargs: other keywords ``compute_advantage`` may pass
-                (``reward_baselines``), ignored, as verl's RLOO does.
+                (``reward_baselines``, ``batch``), ignored, as verl's RLOO does.
 
         Returns:
             ``(advantages, returns)``, the same tensor: the advantage of each
@@ -203,14 +231,51 @@ class TrackerEstimator:
                 for no std; also as ``tracker.update`` (non-finite rewards
                 with ``check_values``). The tracker is then unchanged.
         """
-        del kwargs  # reward_baselines (REMAX) and the like: not part of these estimators
+        del kwargs  # reward_baselines (REMAX), batch and the like: not part of these estimators
         keys = self._check_and_key(token_level_rewards, response_mask, index, config)
         scores = token_level_rewards.sum(dim=-1)  # [bs], in the rewards' dtype, as verl
+        tracker = self._tracker
+        rewards = scores
+        if tracker.num_rewards > 1:
+            rewards = self._reward_columns(config, non_tensor_batch, len(scores), scores.device)  # [bs, C]
+        options = {}
+        if tracker.weighted_stats or tracker.weighted_normalize:
+            options["weights"] = response_mask.sum(dim=-1).to(tracker.device)  # [bs], response lengths
         with torch.no_grad():
-            advantages = self._tracker.update(keys.to(self._tracker.device), scores.detach().to(self._tracker.device))
+            advantages = tracker.update(keys.to(tracker.device), rewards.detach().to(tracker.device), **options)
             advantages = advantages.to(device=scores.device, dtype=scores.dtype)  # [bs]
             token_advantages = advantages.unsqueeze(-1) * response_mask  # [bs, T], verl's product and dtype
         return token_advantages, token_advantages
+
+    def _reward_columns(
+        self, config: Optional[Any], columns: Optional[Mapping[str, Any]], size: int, device: torch.device
+    ) -> torch.Tensor:
+        """float32 [bs, C]: the scores of ``gdpo_reward_keys``, as verl's gdpo reads them; refuses what does not fit."""
+        names = _config_value(config, "gdpo_reward_keys")
+        num_rewards = self._tracker.num_rewards
+        if columns is None or not names:
+            raise ValueError(
+                f"the tracker takes {num_rewards} rewards per sample, read from the columns that "
+                "algorithm.gdpo_reward_keys names; verl's compute_advantage passes those columns (non_tensor_batch) "
+                "to the estimator named 'gdpo' only: register it with register_tracker_estimator('gdpo', tracker, "
+                "replace=True) and set algorithm.gdpo_reward_keys"
+            )
+        names = list(names)
+        if len(names) != num_rewards:
+            raise ValueError(f"algorithm.gdpo_reward_keys names {len(names)} rewards; the tracker takes {num_rewards}")
+        weights = _config_value(config, "gdpo_reward_weights")
+        if weights is not None and tuple(float(w) for w in weights) != self._tracker.reward_weights:
+            raise ValueError(
+                f"algorithm.gdpo_reward_weights {list(weights)} differ from the tracker's reward_weights "
+                f"{list(self._tracker.reward_weights)}: build the tracker with the config's weights"
+            )
+        missing = [name for name in names if name not in columns]
+        if missing:
+            raise ValueError(f"reward column(s) {missing} not in the batch; it has {sorted(columns)}")
+        stacked = np.stack([np.asarray(columns[name], dtype=np.float32).reshape(-1) for name in names], axis=1)
+        if stacked.shape[0] != size:
+            raise ValueError(f"the reward columns hold {stacked.shape[0]} scores for {size} samples")
+        return torch.from_numpy(stacked).to(device)  # [bs, C], float32 as verl's gdpo
 
     def _check_and_key(
         self, rewards: torch.Tensor, mask: torch.Tensor, index: Optional[np.ndarray], config: Optional[Any]
@@ -277,6 +342,12 @@ class TrackerEstimator:
         return torch.from_numpy(keys)
 
 
+def _config_value(config: Optional[Any], name: str) -> Any:
+    """An option of verl's ``algorithm`` config (``AlgoConfig``, a DictConfig or a dict), or None."""
+    getter = getattr(config, "get", None)
+    return getter(name, None) if callable(getter) else None
+
+
 def _norm_adv_by_std(config: Optional[Any]) -> bool:
     """verl's ``norm_adv_by_std_in_grpo`` from an ``AlgoConfig``, a DictConfig or None (True)."""
     if config is None:
@@ -286,7 +357,7 @@ def _norm_adv_by_std(config: Optional[Any]) -> bool:
     return True if value is None else bool(value)
 
 
-def register_tracker_estimator(name: str, tracker: AdvantageTracker) -> TrackerEstimator:
+def register_tracker_estimator(name: str, tracker: AdvantageTracker, *, replace: bool = False) -> TrackerEstimator:
     """Registers an estimator over ``tracker`` with verl, so that ``algorithm.adv_estimator=<name>`` uses it.
 
     Registration goes through verl's own ``core_algos.register_adv_est`` and
@@ -298,27 +369,33 @@ def register_tracker_estimator(name: str, tracker: AdvantageTracker) -> TrackerE
     Args:
         name: the estimator's name in verl's registry.
         tracker: the ``AdvantageTracker`` the advantages come from.
+        replace: take a name that is already registered, verl's own
+            included, for this process. ``"gdpo"`` needs it: it is the only
+            name whose estimator ``compute_advantage`` hands the per-reward
+            columns a tracker of several rewards reads.
 
     Returns:
         The registered ``TrackerEstimator``.
 
     Raises:
-        ValueError: if ``name`` is empty or already taken (by verl's own
+        ValueError: if ``name`` is empty, or already taken (by verl's own
             estimators, ``AdvantageEstimator``'s names, or an earlier
-            registration), or the tracker has a process group.
+            registration) without ``replace``, or the tracker has a process
+            group.
         TypeError: if ``name`` is not a string or ``tracker`` not an
             ``AdvantageTracker``.
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty string, got {name!r}")
     builtin = {estimator.value for estimator in core_algos.AdvantageEstimator}
-    if name in core_algos.ADV_ESTIMATOR_REGISTRY or name in builtin:
+    if (name in core_algos.ADV_ESTIMATOR_REGISTRY or name in builtin) and not replace:
         taken = core_algos.ADV_ESTIMATOR_REGISTRY.get(name, "verl's AdvantageEstimator")
         raise ValueError(
             f"an advantage estimator named {name!r} is already registered with verl ({taken!r}); "
-            "verl's registry is per process and names cannot be replaced: choose another name"
+            "choose another name, or pass replace=True to take its place in this process"
         )
     estimator = TrackerEstimator(tracker)
+    core_algos.ADV_ESTIMATOR_REGISTRY.pop(name, None)  # replace: verl's register_adv_est refuses a taken name
     core_algos.register_adv_est(name)(estimator)
     return estimator
 
@@ -666,8 +743,12 @@ def __getattr__(name: str) -> Any:
 
 
 def _register_presets() -> None:
-    """Registers ``rail_verl_grpo`` and ``rail_verl_rloo``: verl's GRPO and RLOO over memoryless trackers."""
-    builds = {"rail_verl_grpo": presets.verl_grpo, "rail_verl_rloo": presets.verl_rloo}
+    """Registers ``rail_verl_grpo``, ``rail_verl_rloo`` and ``rail_verl_opo``: verl's own, over memoryless trackers."""
+    builds = {
+        "rail_verl_grpo": presets.verl_grpo,
+        "rail_verl_rloo": presets.verl_rloo,
+        "rail_verl_opo": presets.verl_opo,
+    }
     for name in PRESETS:
         register_tracker_estimator(name, builds[name](PRESET_NUM_PROMPTS))
 

@@ -227,12 +227,13 @@ class NoMemory:
     ) -> SampleStats:
         """The batch's groups alone: count, deviation and std (see ``Memory.fold``).
 
-        With ``weights`` (float [N], positive: OPO's response lengths) each
-        sample counts as ``weight`` copies of its reward in its group's mean
-        and std (frequency weights: the variance divides by the weights' sum
-        minus ddof, 0 where that is not positive), and its own weight in the
-        mean is its share of the group's weights; the count stays the number
-        of samples.
+        With ``weights`` (float [N], non-negative: OPO's response lengths)
+        each sample counts as ``weight`` copies of its reward in its group's
+        mean and std (frequency weights: the variance divides by the weights'
+        sum minus ddof, 0 where that is not positive), and its own weight in
+        the mean is its share of the group's weights; the count stays the
+        number of samples, or 0 for a group whose weights sum to 0 (it has
+        no weighted mean, so the estimator's fallback takes it).
         """
         num_rows = self._num_prompts + 1  # pragma: no mutate (spare)
         if group_stats_algorithm(prompt_ids.numel(), num_rows, rewards.device) == "sorted":  # pragma: no mutate (fork)
@@ -252,7 +253,7 @@ class NoMemory:
             spread = segment_sum(sorted_weights * deviation.square(), groups)  # [N]
             std = _weighted_std(spread, mass, ddof)  # [N]
             weight = sorted_weights / mass if own_weight else None  # [N]
-            return SampleStats(sorted_rewards, size, deviation, std, weight, groups)
+            return SampleStats(sorted_rewards, torch.where(mass > 0, size, 0), deviation, std, weight, groups)
         # Dense rows: O(N + R) and no sort.
         count = add_at(
             torch.zeros(num_rows, dtype=rewards.dtype, device=rewards.device), prompt_ids, torch.ones_like(rewards)
@@ -268,6 +269,7 @@ class NoMemory:
         deviation = rewards - take(mean, prompt_ids)  # [N]
         std = _weighted_std(add_at(torch.zeros_like(count), prompt_ids, weights * deviation.square()), mass, ddof)
         weight = weights / take(mass, prompt_ids) if own_weight else None  # [N]
+        count = torch.where(mass > 0, count, 0)  # [R]: a group of no weight has no mean
         return SampleStats(rewards, take(count, prompt_ids), deviation, take(std, prompt_ids), weight, None)
 
     def read(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int) -> SampleStats:

@@ -259,9 +259,9 @@ def ddpo(
 def trl_grpo(
     num_prompts: int,
     scale_rewards: str = "group",
+    *,
     multi_objective_aggregation: str = "sum_then_normalize",
     reward_weights: Optional[Sequence[float]] = None,
-    *,
     dtype: torch.dtype = torch.float32,
     device: Device = None,
     check_values: bool = True,
@@ -578,8 +578,8 @@ def spo(
 def verl_gdpo(
     num_prompts: int,
     num_rewards: int = 2,
-    reward_weights: Optional[Sequence[float]] = None,
     *,
+    reward_weights: Optional[Sequence[float]] = None,
     dtype: torch.dtype = torch.float32,
     device: Device = None,
     check_values: bool = True,
@@ -650,10 +650,10 @@ def verl_gdpo(
 def nemo_rl_gdpo(
     num_prompts: int,
     num_rewards: int = 2,
+    *,
     reward_weights: Optional[Sequence[float]] = None,
     normalize_rewards: bool = True,
     use_leave_one_out_baseline: bool = True,
-    *,
     dtype: torch.dtype = torch.float32,
     device: Device = None,
     check_values: bool = True,
@@ -729,8 +729,8 @@ def nemo_rl_gdpo(
 def flow_factory_gdpo(
     num_prompts: int,
     num_rewards: int = 2,
-    reward_weights: Optional[Sequence[float]] = None,
     *,
+    reward_weights: Optional[Sequence[float]] = None,
     dtype: torch.dtype = torch.float32,
     device: Device = None,
     check_values: bool = True,
@@ -806,8 +806,8 @@ def verl_opo(
     group of one keeps its raw reward (baseline 0).
 
     Departures: verl gives a group whose responses are all empty a NaN
-    baseline; here weights must be positive for valid samples (mark an
-    empty response invalid instead).
+    baseline (NaN advantages, even on masked tokens); here such a group
+    falls back to its raw rewards, which the response mask then zeroes.
 
     Args:
         num_prompts: P, ids in [0, P).

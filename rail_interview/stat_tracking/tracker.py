@@ -638,9 +638,12 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
                 rho, ``functional.spo_discount``), or None. With a process
                 group, pass it on every rank or on none.
             weights: float or integer [N], each sample's weight (a response's
-                length or token count), positive for valid samples; needed
-                by and only by trackers built with ``weighted_stats`` or
-                ``weighted_normalize``. With a process group, on every rank.
+                length or token count), non-negative for valid samples: 0
+                leaves a sample out of the weighted statistics (a prompt
+                whose samples all weigh 0 falls back; the batch normalisation
+                needs some weight). Needed by and only by trackers built with
+                ``weighted_stats`` or ``weighted_normalize``. With a process
+                group, on every rank.
 
         Returns:
             ``dtype`` [N], the advantage of each sample, on ``device``.
@@ -662,8 +665,8 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
                 With the Beta memory, a reward outside [0, 1] (or a
                 discount outside (0, 1]) is refused as a non-finite one is;
                 so are weights passed to a tracker that does not use them,
-                missing where it does, or (with ``check_values``) not
-                positive for a valid sample.
+                missing where it does, or (with ``check_values``) out of
+                range for a valid sample.
         """
         return self._dispatch(prompt_ids, rewards, valid, discount, weights, report=False)
 
@@ -769,7 +772,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             if self.memory == "beta":
                 check_unit_rewards(rewards, valid, discount)
             if weights is not None:
-                check_weight_values(weights, valid)
+                check_weight_values(weights, valid, some_positive=self._weighted_normalize)
         return prompt_ids, rewards, valid
 
     def _update(

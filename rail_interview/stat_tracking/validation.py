@@ -218,22 +218,24 @@ def check_weights(weights: object, prompt_ids: torch.Tensor, device: torch.devic
         )
 
 
-def check_weight_values(weights: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
-    """Raises ValueError unless valid samples' weights are finite and positive (one host sync).
+def check_weight_values(weights: torch.Tensor, valid: Optional[torch.Tensor], *, some_positive: bool) -> None:
+    """Raises ValueError unless valid samples' weights are finite and non-negative (and, if asked, some positive).
+
+    A weight of 0 (a response without tokens) leaves a sample out of weighted
+    statistics. A batch normalisation needs some weight to have a mean at
+    all (``some_positive``). Host syncs.
 
     Args:
         weights: float [N].
         valid: bool [N], or None.
+        some_positive: refuse a batch whose valid samples all weigh 0.
     """
-    bad = ~(torch.isfinite(weights) & (weights > 0))
-    if valid is not None:
-        bad &= valid
-    num_bad = int(bad.sum())
+    counted = torch.ones_like(weights, dtype=torch.bool) if valid is None else valid
+    num_bad = int((counted & ~(torch.isfinite(weights) & (weights >= 0))).sum())
     if num_bad:
-        raise ValueError(
-            f"weights must be finite and positive for valid samples (mark a response without tokens invalid), "
-            f"got {num_bad} that are not"
-        )
+        raise ValueError(f"weights must be finite and non-negative for valid samples, got {num_bad} that are not")
+    if some_positive and counted.any() and not bool((weights[counted] > 0).any()):
+        raise ValueError("weights of the valid samples are all 0: their weighted normalisation has no mean")
 
 
 def warn_at_caller(message: str) -> None:

@@ -81,9 +81,10 @@ def parse_method(name: str) -> Tuple[str, str]:
     method, _, memory = name.partition("+")
     takes_memory = training.memory_methods()
     memories = training.config.MEMORIES[1:]
-    if method not in presets.names() or (memory and method not in takes_memory) or memory not in ("", *memories):
+    methods = training.config.single_reward_methods()
+    if method not in methods or (memory and method not in takes_memory) or memory not in ("", *memories):
         raise ValueError(
-            f"unknown method {name!r}: choose from {', '.join(presets.names())}, or METHOD+MEMORY with METHOD "
+            f"unknown method {name!r}: choose from {', '.join(methods)}, or METHOD+MEMORY with METHOD "
             f"one of {', '.join(takes_memory)} and MEMORY one of {', '.join(memories)}"
         )
     if memory or method in takes_memory:

@@ -19,6 +19,7 @@ A resume may change only ``RESUMABLE_FIELDS`` (``check_resume_config``);
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -83,6 +84,24 @@ def memory_methods() -> Tuple[str, ...]:
     return tuple(name for name in presets.names() if "memory" in presets.parameters(name))
 
 
+def single_reward_methods() -> Tuple[str, ...]:
+    """The registry's methods a training run can use: one reward per sample, no sample weights.
+
+    The toy problem scores each answer with one reward and has no response
+    lengths, so the presets of several rewards (``verl_gdpo``,
+    ``nemo_rl_gdpo``, ``flow_factory_gdpo``) and of length-weighted samples
+    (``verl_opo``) are for other trainers (``docs/several_rewards.md``).
+    """
+    return tuple(name for name in presets.names() if _takes_one_plain_reward(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_one_plain_reward(name: str) -> bool:
+    """Whether preset ``name``'s tracker, with its defaults, takes one reward per sample and no weights."""
+    tracker = presets.get(name, 1)
+    return tracker.num_rewards == 1 and not (tracker.weighted_stats or tracker.weighted_normalize)
+
+
 class ConfigError(ValueError):
     """A config value training cannot use, or a change a resume may not make; the message names the field."""
 
@@ -132,13 +151,20 @@ def tracker_options(config: ml_collections.ConfigDict) -> Dict[str, Any]:
         the module docstring), ``ema_decay`` as ``decay``.
 
     Raises:
-        ConfigError: for an unknown method, or a ``memory`` or ``fallback``
+        ConfigError: for an unknown method, one the toy problem cannot feed
+            (``single_reward_methods``), or a ``memory`` or ``fallback``
             other than the neutral value for a method without that option.
     """
-    if config.method not in presets.names():
+    trainable = single_reward_methods()
+    if config.method in presets.names() and config.method not in trainable:
         raise ConfigError(
-            f"unknown config.stat_tracking.method {config.method!r}; choose from "
-            f"{', '.join(map(repr, presets.names()))}"
+            f"config.stat_tracking.method {config.method!r} takes several rewards per sample or sample weights "
+            "(response lengths), which this toy problem does not give; it is for other trainers "
+            f"(docs/several_rewards.md). Choose from {', '.join(map(repr, trainable))}"
+        )
+    if config.method not in trainable:
+        raise ConfigError(
+            f"unknown config.stat_tracking.method {config.method!r}; choose from {', '.join(map(repr, trainable))}"
         )
     parameters = presets.parameters(config.method)
     options = {}
