@@ -55,7 +55,9 @@ def _groups(prompts: Sequence[Hashable]) -> Dict[Hashable, List[int]]:
 # TRL -----------------------------------------------------------------------------------------------
 
 
-def trl_nanstd(tensor: torch.Tensor, dim: Optional[int] = None, keepdim: bool = False) -> torch.Tensor:
+def trl_nanstd(
+    tensor: torch.Tensor, dim: Optional[int] = None, keepdim: bool = False, *, exact_bessel: bool = False
+) -> torch.Tensor:
     """TRL ``trl/trainer/utils.py``, ``nanstd`` (commit f2cd57710ae345ea6428ae95363267fcf38a3dc8, trl 1.16.0).
 
     In order: the ``nanmean`` of the tensor; the ``nanmean`` of the squared
@@ -67,15 +69,23 @@ def trl_nanstd(tensor: torch.Tensor, dim: Optional[int] = None, keepdim: bool = 
     ``count`` is int64, so ``count / (count - 1)`` is a float32 division
     (torch's default dtype) even for float64 input: 4 / 3 is 1.33333337, and
     TRL's float64 std of 4 values is off by 1.5e-8 relative from the exact
-    one (exact for counts 2, 3, 5, 9, 17, ...). Kept as TRL has it.
+    one (exact for counts 2, 3, 5, 9, 17, ...). Kept as TRL has it, unless
+    ``exact_bessel``.
 
     Interpretations: ``dim`` is one int or None here (TRL also takes a tuple);
     the squeeze at the end is TRL's for those two cases.
+
+    A departure on request only: ``exact_bessel=True`` takes the factor in
+    the tensor's dtype, ``count.to(dtype) / (count.to(dtype) - 1)``, so that
+    a float64 std is float64-exact. That one constant is all it changes; the
+    default (False) is TRL's code.
 
     Args:
         tensor: the values, NaN for missing ones.
         dim: the dimension to reduce, or None for all.
         keepdim: keep the reduced dimension.
+        exact_bessel: the Bessel factor in the tensor's dtype instead of
+            TRL's float32 one.
 
     Returns:
         The sample std of the non-NaN values.
@@ -83,6 +93,8 @@ def trl_nanstd(tensor: torch.Tensor, dim: Optional[int] = None, keepdim: bool = 
     mean = torch.nanmean(tensor, dim=dim, keepdim=True)
     variance = torch.nanmean((tensor - mean) ** 2, dim=dim, keepdim=True)
     count = torch.sum(~torch.isnan(tensor), dim=dim, keepdim=True)
+    if exact_bessel:
+        count = count.to(tensor.dtype)
     correction = count / (count - 1)
     correction = torch.where(count > 1, correction, torch.full_like(correction, float("nan")))
     variance *= correction
@@ -101,6 +113,8 @@ def trl_grpo_multi_raw_advantages(
     scale_rewards: str = "group",
     multi_objective_aggregation: str = "sum_then_normalize",
     dtype: torch.dtype = torch.float64,
+    *,
+    exact_bessel: bool = False,
 ) -> torch.Tensor:
     """TRL ``GRPOTrainer._generate_and_score_completions``'s advantages with C reward functions, before ``nan_to_num``.
 
@@ -163,7 +177,9 @@ def trl_grpo_multi_raw_advantages(
     * Not an interpretation but worth knowing: every ``nanstd`` here has
       TRL's float32 Bessel factor (see ``trl_nanstd``), so float64 results
       are not float64-exact where a count n has n / (n - 1) inexact in
-      float32.
+      float32. ``exact_bessel=True`` (not TRL's code: a test aid) passes
+      ``exact_bessel`` to every ``trl_nanstd``, which then takes that one
+      factor in ``dtype``; nothing else changes.
 
     Args:
         prompts: [N] prompt ids.
@@ -172,6 +188,7 @@ def trl_grpo_multi_raw_advantages(
         scale_rewards: ``"group"``, ``"batch"`` or ``"none"``.
         multi_objective_aggregation: ``"sum_then_normalize"`` or ``"normalize_then_sum"``.
         dtype: the computation's dtype.
+        exact_bessel: the Bessel factors in ``dtype`` instead of TRL's float32 ones.
 
     Returns:
         [N] advantages of ``dtype``, NaN where TRL's are NaN before ``nan_to_num``.
@@ -196,12 +213,12 @@ def trl_grpo_multi_raw_advantages(
             std_rewards = torch.empty_like(rewards_sum)
             for samples in groups.values():
                 if len(samples) > 1:
-                    std_rewards[samples] = trl_nanstd(rewards_sum[samples])
+                    std_rewards[samples] = trl_nanstd(rewards_sum[samples], exact_bessel=exact_bessel)
                 else:
                     std_rewards[samples] = 0.0
         elif scale_rewards == "batch":
             if rewards_sum.numel() > 1:
-                std_rewards = trl_nanstd(rewards_sum).expand_as(rewards_sum)
+                std_rewards = trl_nanstd(rewards_sum, exact_bessel=exact_bessel).expand_as(rewards_sum)
             else:
                 std_rewards = torch.zeros_like(rewards_sum)
         else:
@@ -218,14 +235,14 @@ def trl_grpo_multi_raw_advantages(
             grouped = rewards_per_func[samples]  # [n_g, C]
             mean_k = torch.nanmean(grouped, dim=0, keepdim=True)
             if len(samples) > 1:
-                std_k = trl_nanstd(grouped, dim=0, keepdim=True)
+                std_k = trl_nanstd(grouped, dim=0, keepdim=True, exact_bessel=exact_bessel)
             else:
                 std_k = torch.zeros_like(mean_k)
             reward_k[samples] = (grouped - mean_k) / (std_k + TRL_EPS)
         rewards_sum = (reward_k * weights.unsqueeze(0)).nansum(dim=1)
         rewards_sum[unscorable_mask] = torch.nan
         if rewards_sum.numel() > 1:
-            std_rewards = trl_nanstd(rewards_sum).expand_as(rewards_sum)
+            std_rewards = trl_nanstd(rewards_sum, exact_bessel=exact_bessel).expand_as(rewards_sum)
         else:
             std_rewards = torch.zeros_like(rewards_sum)
         advantages = (rewards_sum - torch.nanmean(rewards_sum)) / (std_rewards + TRL_EPS)
@@ -245,6 +262,8 @@ def trl_grpo_multi_advantages(
     scale_rewards: str = "group",
     multi_objective_aggregation: str = "sum_then_normalize",
     dtype: torch.dtype = torch.float64,
+    *,
+    exact_bessel: bool = False,
 ) -> torch.Tensor:
     """TRL ``GRPOTrainer``'s advantages with C reward functions (commit f2cd57710ae345ea6428ae95363267fcf38a3dc8).
 
@@ -260,12 +279,14 @@ def trl_grpo_multi_advantages(
         scale_rewards: ``"group"``, ``"batch"`` or ``"none"``.
         multi_objective_aggregation: ``"sum_then_normalize"`` or ``"normalize_then_sum"``.
         dtype: the computation's dtype.
+        exact_bessel: the Bessel factors in ``dtype`` instead of TRL's float32
+            ones (a test aid, see ``trl_nanstd``).
 
     Returns:
         [N] advantages of ``dtype``.
     """
     advantages = trl_grpo_multi_raw_advantages(
-        prompts, rewards, reward_weights, scale_rewards, multi_objective_aggregation, dtype
+        prompts, rewards, reward_weights, scale_rewards, multi_objective_aggregation, dtype, exact_bessel=exact_bessel
     )
     return torch.nan_to_num(advantages, nan=0.0)
 
@@ -295,7 +316,9 @@ def verl_masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return s / (mask.sum() + 1e-8)
 
 
-def verl_masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+def verl_masked_var(
+    values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, *, exact_bessel: bool = False
+) -> torch.Tensor:
     """verl ``verl/utils/torch_functional.py``, ``masked_var`` (verl 0.9.1, tag v0.9.0 483b8a00).
 
     In order: the masked mean; the masked mean of the squared centred values
@@ -304,6 +327,11 @@ def verl_masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = T
     (mask_sum - 1)`` (Bessel over tokens). With an integer mask that factor
     is an integer division, float32, so it is rounded to float32 even when
     the values are float64.
+
+    A departure on request only: ``exact_bessel=True`` takes that factor in
+    the values' dtype (``mask_sum.to(values.dtype)``), so that a float64
+    variance over an integer mask is float64-exact; the default (False) is
+    verl's code.
     """
     mean = verl_masked_mean(values, mask)
     centered_values = values - mean
@@ -314,20 +342,25 @@ def verl_masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = T
             raise ValueError("At least one element in the mask has to be 1.")
         if mask_sum == 1:
             raise ValueError("The sum of the mask is one, which can cause a division by zero.")
+        if exact_bessel:
+            mask_sum = mask_sum.to(values.dtype)
         bessel_correction = mask_sum / (mask_sum - 1)
         variance = variance * bessel_correction
     return variance
 
 
-def verl_masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def verl_masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, *, exact_bessel: bool = False
+) -> torch.Tensor:
     """verl ``verl/utils/torch_functional.py``, ``masked_whiten`` (verl 0.9.1, tag v0.9.0 483b8a00).
 
     ``(values - masked_mean) * rsqrt(masked_var + 1e-8)``, the variance
     unbiased over the mask's tokens; with ``shift_mean=False`` the mean is
     added back. Every masked token counts once, so a response's advantage
-    weighs in proportion to its length.
+    weighs in proportion to its length. ``exact_bessel`` is passed to
+    ``verl_masked_var`` (a test aid; False is verl's code).
     """
-    mean, var = verl_masked_mean(values, mask), verl_masked_var(values, mask)
+    mean, var = verl_masked_mean(values, mask), verl_masked_var(values, mask, exact_bessel=exact_bessel)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened += mean
@@ -365,6 +398,8 @@ def verl_gdpo_advantages(
     epsilon: float = 1e-6,
     norm_adv_by_std_in_grpo: bool = True,
     dtype: torch.dtype = torch.float64,
+    *,
+    exact_bessel: bool = False,
 ) -> torch.Tensor:
     """verl ``verl/trainer/ppo/core_algos.py``, ``compute_gdpo_outcome_advantage`` (``adv_estimator=gdpo``).
 
@@ -406,6 +441,10 @@ def verl_gdpo_advantages(
     * ``response_mask`` is used with the dtype given (a nested list becomes
       int64 if its entries are ints): verl's masked statistics depend on it
       (``verl_masked_mean``, ``verl_masked_var``).
+    * ``exact_bessel=True`` (not verl's code: a test aid) takes the
+      whitening's Bessel factor over tokens in the values' dtype instead of
+      float32 (see ``verl_masked_var``); with an int64 mask the result is
+      then float64-exact. False (the default) is verl's code.
 
     Args:
         index: [N] prompt ids (``uid``).
@@ -415,6 +454,7 @@ def verl_gdpo_advantages(
         epsilon: GRPO's epsilon (1e-6 in training).
         norm_adv_by_std_in_grpo: GRPO divides by the std (True in training).
         dtype: the scores' and weights' dtype.
+        exact_bessel: the whitening's Bessel factor in ``dtype`` (see ``verl_masked_var``).
 
     Returns:
         [N, T] advantages (zero outside the mask).
@@ -439,7 +479,7 @@ def verl_gdpo_advantages(
         else:
             new_advantage += weights[i] * normalized_score
 
-    return verl_masked_whiten(new_advantage, response_mask) * response_mask
+    return verl_masked_whiten(new_advantage, response_mask, exact_bessel=exact_bessel) * response_mask
 
 
 # verl: OPO ---------------------------------------------------------------------------------------
