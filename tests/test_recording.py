@@ -11,6 +11,7 @@ import torch
 
 from rail_interview import stats_plots, training
 from rail_interview.stat_tracking import (
+    AdvantageTracker,
     BatchStatTracker,
     BufferStatTracker,
     EmaStatTracker,
@@ -266,3 +267,10 @@ def test_recorder_writes_a_chunk_every_100_steps_by_default(tmp_path):
     for step in range(201):
         recorder.record(step, torch.tensor([0, 1]), torch.tensor([1.0, 2.0]))
     assert _chunk_names(tmp_path) == ["chunk_000000000.npz", "chunk_000000100.npz"]  # step 200 not yet written
+
+
+def test_a_tracker_of_several_rewards_is_refused_with_the_reason(tmp_path):
+    tracker = AdvantageTracker(3, "buffer", buffer_size=4, num_rewards=2, aggregation="normalize_then_sum")
+    with pytest.raises(ValueError, match="one reward per prompt and step; this tracker takes 2 per sample"):
+        PromptStatsRecorder(str(tmp_path), tracker, torch.arange(3))
+    assert not list(tmp_path.iterdir())

@@ -74,7 +74,9 @@ class PromptStatsRecorder:
             is False.
         ValueError: if ``prompt_ids`` is not 1-D integer, repeats a prompt,
             is out of range or does not match ``prompt_names``, or (with
-            ``append``) the existing log records other prompts.
+            ``append``) the existing log records other prompts; or the
+            tracker takes several rewards per sample (the log holds one
+            reward per prompt and step).
 
     Example:
         >>> import tempfile
@@ -105,6 +107,11 @@ class PromptStatsRecorder:
     ) -> None:
         check_positive_int("every", every)
         check_positive_int("chunk_size", chunk_size)
+        if tracker.num_rewards > 1:
+            raise ValueError(
+                f"the stats log holds one reward per prompt and step; this tracker takes {tracker.num_rewards} "
+                "per sample (num_rewards): log each reward function with its own tracker, or the combined reward"
+            )
         if prompt_ids.ndim != 1 or not is_integer_dtype(prompt_ids.dtype):
             raise ValueError(
                 f"prompt_ids must be a 1-D integer tensor, got {prompt_ids.dtype} of shape {tuple(prompt_ids.shape)}"

@@ -862,7 +862,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
 
     def _empty_result(self, rewards: torch.Tensor, report: bool) -> Union[torch.Tensor, UpdateReport]:
         """What ``update`` returns for a batch of no samples."""
-        advantages = rewards.new_zeros(0)
+        advantages = rewards.new_zeros(0, dtype=self._dtype)
         if not report:
             return advantages
         empty = torch.zeros(0, dtype=torch.bool, device=self._device)
