@@ -31,6 +31,10 @@ from rail_interview.integrations.trl import (  # noqa: E402
 from rail_interview.stat_tracking import canonical_text, presets, prompt_keys, token_keys  # noqa: E402
 
 TWO_REWARDS = [trl_setup.in_range_reward, trl_setup.sometimes_none_reward]
+# One reward never None, one None for w7, one None for w7 or an odd number of words: rows with some None.
+THREE_REWARDS = [*TWO_REWARDS, trl_setup.even_words_reward]
+# Both None for w7: unscorable rows; one None for an odd number of words: rows with one reward.
+NONE_REWARDS = [trl_setup.sometimes_none_reward, trl_setup.even_words_reward]
 TRAINERS = {
     "grpo": (trl.GRPOTrainer, TrackedGRPOTrainer, trl.GRPOConfig),
     "rloo": (trl.RLOOTrainer, TrackedRLOOTrainer, trl.RLOOConfig),
@@ -82,6 +86,58 @@ def test_default_tracker_groups_as_trl_when_a_prompt_repeats_within_a_batch():
     plain = trl_setup.run(trl.GRPOTrainer, trl.GRPOConfig, reward_funcs=TWO_REWARDS, train_dataset=data)
     tracked = trl_setup.run(TrackedGRPOTrainer, trl.GRPOConfig, reward_funcs=TWO_REWARDS, train_dataset=data)
     _assert_same_training(plain, tracked)
+
+
+@pytest.mark.parametrize(
+    "reward_funcs, options",
+    [
+        (THREE_REWARDS, {"multi_objective_aggregation": "normalize_then_sum", "reward_weights": [1.0, 0.5, 2.0]}),
+        (NONE_REWARDS, {"multi_objective_aggregation": "normalize_then_sum", "scale_rewards": "batch"}),
+        (
+            NONE_REWARDS,
+            {
+                "multi_objective_aggregation": "normalize_then_sum",
+                "scale_rewards": "none",
+                "reward_weights": [0.3, 1.7],
+            },
+        ),
+        (THREE_REWARDS, {"scale_rewards": "none", "reward_weights": [0.5, 1.0, -1.0]}),
+        (NONE_REWARDS, {"scale_rewards": "batch", "reward_weights": [1.0, 0.25]}),
+        (
+            [trl_setup.sometimes_none_reward],
+            {"multi_objective_aggregation": "normalize_then_sum", "reward_weights": [2.0]},
+        ),
+    ],
+)
+def test_default_tracker_reproduces_multi_objective_aggregation(reward_funcs, options):
+    # Several reward functions, some returning None, weighted: the default tracker takes [N, C] and
+    # combines them in the config's order (normalize_then_sum ignores scale_rewards, as TRL does).
+    plain = trl_setup.run(trl.GRPOTrainer, trl.GRPOConfig, reward_funcs=reward_funcs, **options)
+    tracked = trl_setup.run(TrackedGRPOTrainer, trl.GRPOConfig, reward_funcs=reward_funcs, **options)
+    tracker = tracked.tracker
+    assert tracker.memory == "none" and tracker.num_rewards == len(reward_funcs)
+    assert tracker.reward_weights == tuple(tracked.reward_weights.tolist())
+    if len(reward_funcs) > 1:
+        assert tracker.aggregation == options.get("multi_objective_aggregation", "sum_then_normalize")
+    rewards = torch.cat(plain.rewards)
+    some_none = rewards.isnan().any(dim=1) & ~rewards.isnan().all(dim=1)
+    assert some_none.any() or len(reward_funcs) == 1  # rows where only some functions returned None
+    if reward_funcs[0] is trl_setup.sometimes_none_reward:
+        assert rewards.isnan().all(dim=1).any()  # unscorable rows
+    _assert_same_training(plain, tracked)
+
+
+def test_one_weighted_reward_function_trains_as_before_bit_for_bit():
+    # The default tracker weighs a lone function itself ([N], reward_weights=(0.5,)); a tracker without
+    # weights is given the weighted sum, as every tracker was before several rewards: the same bits.
+    common = dict(reward_funcs=trl_setup.sometimes_none_reward, reward_weights=[0.5])
+    plain = trl_setup.run(trl.GRPOTrainer, trl.GRPOConfig, **common)
+    default = trl_setup.run(TrackedGRPOTrainer, trl.GRPOConfig, **common)
+    summed = trl_setup.run(TrackedGRPOTrainer, trl.GRPOConfig, trainer_kwargs={"tracker": grpo_tracker(2)}, **common)
+    assert default.tracker.reward_weights == (0.5,) and summed.tracker.reward_weights == (1.0,)
+    for reference, ours in zip(summed.recorded, default.recorded):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    _assert_same_training(plain, default)
 
 
 def test_non_dyadic_rewards_agree_to_the_rounding_of_a_zero_variance_group():
@@ -139,6 +195,29 @@ def test_memory_counts_across_steps_and_changes_the_advantages(memory):
     assert {"tracker/fallback_frac", "tracker/zero_std_frac", "tracker/zero_std_signal_frac"} <= logged
 
 
+def test_per_function_memory_keeps_each_reward_s_statistics():
+    # normalize_then_sum with a buffer: each prompt keeps each reward function's last rewards.
+    data = trl_setup.dataset(num_prompts=4)
+    config = dict(multi_objective_aggregation="normalize_then_sum", reward_weights=[1.0, 0.5, 2.0])
+    common = dict(reward_funcs=THREE_REWARDS, train_dataset=data, max_steps=4, **config)
+    tracker = grpo_tracker(8, "group", "normalize_then_sum", [1.0, 0.5, 2.0], memory="buffer", buffer_size=16)
+    plain = trl_setup.run(trl.GRPOTrainer, trl.GRPOConfig, **common)
+    tracked = trl_setup.run(TrackedGRPOTrainer, trl.GRPOConfig, trainer_kwargs={"tracker": tracker}, **common)
+    state = tracker.state_dict()
+    assert state["rewards"].shape == (8, 3, 16) and state["count"].shape == (8, 3)
+    counts = tracker.stats().count  # [P, C]
+    used = counts[:, 0] > 0
+    assert counts[used, 0].tolist() == [8, 8, 8, 8]  # in_range_reward is never None
+    scored = (~torch.cat(tracked.rewards).isnan()).sum(dim=0)  # [C], the rewards each function gave
+    assert counts.sum(dim=0).tolist() == scored.tolist() and scored[2] < scored[1] < scored[0]
+    # Steps 1 and 2 see each prompt for the first time: the batch's group is all the buffer holds.
+    for reference, ours in zip(plain.recorded[:2], tracked.recorded[:2]):
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(tracked.recorded[2], plain.recorded[2], atol=1e-3)
+    logged = {name for entry in tracked.state.log_history for name in entry}
+    assert {"tracker/fallback_frac", "tracker/zero_std_frac", "tracker/zero_std_signal_frac"} <= logged
+
+
 def test_rloo_with_memory_counts_across_steps():
     tracker = rloo_tracker(8, memory="buffer", buffer_size=16, min_count=2)
     trainer = trl_setup.run(
@@ -166,14 +245,23 @@ def test_logged_advantages_are_the_ones_trained_on():
     assert list(trainer._logs["advantages"]) == trainer.recorded[-1].tolist()
 
 
-def test_resume_from_a_checkpoint_equals_the_straight_run(tmp_path):
+@pytest.mark.parametrize(
+    "reward_funcs, config",
+    [
+        (TWO_REWARDS, {}),
+        (THREE_REWARDS, {"multi_objective_aggregation": "normalize_then_sum", "reward_weights": [1.0, 0.5, 2.0]}),
+    ],
+)
+def test_resume_from_a_checkpoint_equals_the_straight_run(tmp_path, reward_funcs, config):
     def tracker():
-        return presets.trl_grpo(8, memory="buffer", buffer_size=8, min_count=2, keys="hashed")
+        aggregation = config.get("multi_objective_aggregation", "sum_then_normalize")
+        weights = config.get("reward_weights")
+        return grpo_tracker(8, "group", aggregation, weights, memory="buffer", buffer_size=8, min_count=2)
 
     # Prompts come back within the first epoch: resumed at an epoch boundary, the untouched
     # GRPOTrainer, too, samples other completions than its straight run (docs/trl.md).
     data = trl_setup.dataset(num_prompts=4, repeats=2)
-    common = dict(reward_funcs=TWO_REWARDS, train_dataset=data, max_steps=4)
+    common = dict(reward_funcs=reward_funcs, train_dataset=data, max_steps=4, **config)
     common.update(save_strategy="steps", save_steps=2)
     straight = trl_setup.run(
         TrackedGRPOTrainer,
@@ -197,6 +285,7 @@ def test_resume_from_a_checkpoint_equals_the_straight_run(tmp_path):
         torch.testing.assert_close(ours, reference, rtol=0, atol=0)
     expected = straight.tracker.state_dict()
     assert int(straight.tracker.stats().count.max()) == 8  # a prompt seen at two steps
+    assert expected["rewards"].shape == ((8, 3, 8) if config else (8, 8))  # [P, C, K] with each reward's own
     for name, value in resumed.tracker.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, equal_nan=True)
 
@@ -281,11 +370,8 @@ def test_prompts_keyed_by_token_ids_or_an_id_column():
 
 
 def test_refusals_name_the_problem(tmp_path):
-    config = trl.GRPOConfig(**trl_setup.config_kwargs(str(tmp_path), multi_objective_aggregation="normalize_then_sum"))
-    common = dict(reward_funcs=TWO_REWARDS, train_dataset=trl_setup.dataset(), processing_class=trl_setup.tokenizer())
-    with pytest.raises(ValueError, match="normalize_then_sum.*cannot do that yet"):
-        TrackedGRPOTrainer(model=trl_setup.model(), args=config, **common)
     config = trl.GRPOConfig(**trl_setup.config_kwargs(str(tmp_path)))
+    common = dict(reward_funcs=TWO_REWARDS, train_dataset=trl_setup.dataset(), processing_class=trl_setup.tokenizer())
     with pytest.raises(ValueError, match="keys='hashed'"):
         TrackedGRPOTrainer(
             model=trl_setup.model(), args=config, tracker=presets.trl_grpo(8, memory="buffer", buffer_size=4), **common
@@ -298,6 +384,30 @@ def test_refusals_name_the_problem(tmp_path):
         TrackedGRPOTrainer(model=trl_setup.model(), args=config, tracker=grpo_tracker(8, device="meta"), **common)
     with pytest.raises(TypeError, match="AdvantageTracker"):
         TrackedGRPOTrainer(model=trl_setup.model(), args=config, tracker="buffer", **common)
+    # Trackers whose rewards do not fit two reward functions.
+    with pytest.raises(ValueError, match="takes 3 rewards per sample .num_rewards=3. but the trainer has 2"):
+        TrackedGRPOTrainer(model=trl_setup.model(), args=config, tracker=grpo_tracker(8, num_rewards=3), **common)
+    with pytest.raises(ValueError, match=r"weighs one reward \(reward_weights=\(2.0,\)\) but the trainer has 2"):
+        TrackedGRPOTrainer(
+            model=trl_setup.model(), args=config, tracker=grpo_tracker(8, reward_weights=[2.0]), **common
+        )
+    refusing = presets.trl_grpo(8, reward_weights=[1.0, 1.0], nan_rewards="refuse", keys="hashed")
+    with pytest.raises(ValueError, match="nan_rewards='refuse', but a reward function that returns None"):
+        TrackedGRPOTrainer(model=trl_setup.model(), args=config, tracker=refusing, **common)
+    rloo_config = trl.RLOOConfig(**trl_setup.config_kwargs(str(tmp_path), beta=0.0))  # no reference model
+    with pytest.raises(ValueError, match="TrackedRLOOTrainer gives it one reward per sample"):
+        TrackedRLOOTrainer(model=trl_setup.model(), args=rloo_config, tracker=rloo_tracker(8, num_rewards=2), **common)
+    # Trackers unlike the config's aggregation and weights: used, with a warning that names them.
+    weighted = trl.GRPOConfig(**trl_setup.config_kwargs(str(tmp_path), reward_weights=[1.0, 0.5]))
+    with pytest.warns(UserWarning, match=r"reward_weights=\(1.0, 1.0\) \(the config's: \(1.0, 0.5\)\)"):
+        TrackedGRPOTrainer(model=trl_setup.model(), args=weighted, tracker=grpo_tracker(8, num_rewards=2), **common)
+    gdpo = trl.GRPOConfig(**trl_setup.config_kwargs(str(tmp_path), multi_objective_aggregation="normalize_then_sum"))
+    with pytest.warns(UserWarning, match="aggregation='sum_then_normalize' .the config's: 'normalize_then_sum'."):
+        TrackedGRPOTrainer(model=trl_setup.model(), args=gdpo, tracker=grpo_tracker(8, num_rewards=2), **common)
+    with pytest.warns(
+        UserWarning, match="num_rewards=1 and no reward_weights .*the tracker is given their weighted sum"
+    ):
+        TrackedGRPOTrainer(model=trl_setup.model(), args=gdpo, tracker=grpo_tracker(8), **common)
     trainer = TrackedGRPOTrainer(
         model=trl_setup.model(), args=config, tracker=grpo_tracker(8, memory="ema"), prompt_key="missing", **common
     )

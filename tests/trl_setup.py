@@ -25,6 +25,26 @@ from rail_interview.studies.tiny_lm import (  # noqa: F401  (re-exported for the
 )
 
 
+def even_words_reward(completions: List[Any], **_: Any) -> List[Optional[float]]:
+    """None for completions that contain ``w7`` or an odd number of words, else their words ``w<k>`` with even k.
+
+    With ``sometimes_none_reward`` (None for ``w7``) a completion with ``w7``
+    is unscorable, and one with an odd number of words has one reward.
+
+    Args:
+        completions: [B] completions, text or chat.
+
+    Returns:
+        [B] rewards, None where unscorable.
+    """
+    rewards: List[Optional[float]] = []
+    for completion in completions:
+        words = (completion if isinstance(completion, str) else completion[0]["content"]).split()
+        even = sum(word[:1] == "w" and word[1:].isdigit() and int(word[1:]) % 2 == 0 for word in words)
+        rewards.append(None if "w7" in words or len(words) % 2 else float(even))
+    return rewards
+
+
 def recording(trainer_class: type) -> type:
     """A subclass of ``trainer_class`` that keeps each training batch's rewards and advantages."""
 

@@ -34,12 +34,34 @@ huggingface/trl#4525):
   directory (``rail_interview_tracker.pt``); ``_load_optimizer_and_scheduler``,
   which ``train(resume_from_checkpoint=...)`` calls, reads it back.
 
-**What the tracker is given.** The reward TRL itself normalises: the reward
-functions' outputs times ``reward_weights``, summed with ``nansum``
-(RLOO: clipped to ``reward_clip_range`` and minus ``beta`` times the KL).
+**What the tracker is given.** The reward functions' outputs
+``rewards_per_func`` [N, C] as TRL computed them, NaN where a function
+returned None, to a tracker that weighs them itself; their weighted sum to
+one that does not:
+
+* A tracker with ``num_rewards=C`` (C > 1), or with ``reward_weights`` of
+  its own, gets [N, C] (one function: [N]) and combines them with its
+  ``reward_weights`` and ``aggregation``, TRL's ``multi_objective_aggregation``:
+  ``"sum_then_normalize"`` normalises the weighted ``nansum``;
+  ``"normalize_then_sum"`` normalises each function within its group (the
+  group's std, whatever ``scale_rewards`` says, as TRL does), sums them
+  with the weights and whitens the sums over the batch. With a memory,
+  ``normalize_then_sum`` keeps each prompt's statistics per function (state
+  [P, C, ...]). The default tracker is this one, with the config's
+  ``reward_weights`` and ``multi_objective_aggregation``: the trainer's own
+  advantages for either order.
+* A tracker with one reward and weight 1 (``grpo_tracker(P, scale_rewards)``,
+  any ``AdvantageTracker`` by default) gets the reward TRL's
+  ``sum_then_normalize`` normalises: the outputs times ``reward_weights``,
+  summed with ``nansum`` (RLOO: clipped to ``reward_clip_range`` and minus
+  ``beta`` times the KL). Under ``normalize_then_sum`` with several
+  functions that is not the config's estimator, so it is used with a
+  warning.
+
 A row where every function returned None is unscorable: it is marked
 invalid, so it stays out of memory and of every statistic and gets
-advantage 0, as in TRL.
+advantage 0, as in TRL. TRL's RLOO has no ``multi_objective_aggregation``
+(trl 1.16): its tracker takes the one shaped reward.
 
 **Groups.** A tracker without memory groups samples as TRL does: each
 ``num_generations`` consecutive samples of the gathered batch, whatever
@@ -80,13 +102,22 @@ read by every process.
   non-zero advantage from memory: the prompt did not fall back and its
   memory holds rewards older than this batch. Always 0 without memory.
 
-**Refused**, each with a message: GRPO's ``multi_objective_aggregation=
-"normalize_then_sum"`` (it normalises each reward function on its own before
-summing; trackers take one reward per sample until several rewards land),
-a tracker with a process group, one on another device than the trainer's,
-and one with fewer rows than a generation batch has prompts. A tracker
-whose estimator (baseline, scale, ddof, eps) is not the one the config asks
-for is used, with a warning.
+With ``normalize_then_sum`` and per-function statistics, a group counts as
+zero-std when every function's rewards in it are equal, and its memory must
+hold older rewards of at least one function; the final whitening shifts
+every advantage by the batch's mean, so "non-zero" then says little. TRL's
+own ``frac_reward_zero_std`` is, for that order, whether the batch's std is
+0.
+
+**Refused**, each with a message: a tracker with a process group, one on
+another device than the trainer's, one with fewer rows than a generation
+batch has prompts, and one whose rewards do not fit the trainer's reward
+functions: ``num_rewards`` other than 1 or C, weights for one reward with
+several functions, several rewards that refuse NaN (a function's None), and
+any tracker that weighs its rewards itself under RLOO. A tracker whose estimator (baseline,
+scale, ddof, eps, final normalisation; for one that weighs its rewards,
+aggregation and weights) is not the one the config asks for is used, with
+a warning.
 
 Tested with trl 1.16.0, transformers 5.10.4 (CI) and 5.24.0 (by hand),
 torch 2.13.0 (``tests/test_trl_integration.py``); ``docs/trl.md`` has the
@@ -124,7 +155,13 @@ _CHECKPOINT_FORMAT = 1
 
 
 def grpo_tracker(
-    num_prompts: int, scale_rewards: str = "group", *, device: Optional[torch.device] = None, **options: Any
+    num_prompts: int,
+    scale_rewards: str = "group",
+    multi_objective_aggregation: str = "sum_then_normalize",
+    reward_weights: Optional[Sequence[float]] = None,
+    *,
+    device: Optional[torch.device] = None,
+    **options: Any,
 ) -> AdvantageTracker:
     """A tracker with ``GRPOTrainer``'s estimator for its config, with any memory.
 
@@ -136,14 +173,24 @@ def grpo_tracker(
     rounding (the tests bound it); ``memory="buffer"`` or ``"ema"`` (with
     their options) takes each prompt's statistics from its past rewards too.
 
+    With ``reward_weights`` (C weights, one per reward function) the tracker
+    takes the C rewards [N, C] and combines them as
+    ``multi_objective_aggregation`` says (see the module docstring); with
+    ``"normalize_then_sum"`` a memory keeps each function's statistics. For
+    C functions of weight 1 (``GRPOConfig.reward_weights`` None) pass
+    ``num_rewards=C`` instead. Without either, the tracker takes one reward:
+    the trainer gives it the functions' weighted sum.
+
     Args:
         num_prompts: rows: the most prompts remembered, and at least the
             distinct prompts of one generation batch.
         scale_rewards: ``GRPOConfig.scale_rewards``.
+        multi_objective_aggregation: ``GRPOConfig.multi_objective_aggregation``.
+        reward_weights: ``GRPOConfig.reward_weights`` (C floats), or None.
         device: where the tracker lives: the trainer's device (under several
             processes, ``accelerate.PartialState().device``).
         **options: other ``AdvantageTracker`` keywords (``memory``,
-            ``buffer_size``, ``decay``, ``min_count``, ...).
+            ``buffer_size``, ``decay``, ``min_count``, ``num_rewards``, ...).
 
     Returns:
         The tracker.
@@ -151,8 +198,17 @@ def grpo_tracker(
     Example:
         >>> grpo_tracker(1024, "batch", memory="buffer", buffer_size=32, min_count=8).scale
         'batch_std'
+        >>> tracker = grpo_tracker(1024, "group", "normalize_then_sum", [1.0, 0.5], memory="buffer", buffer_size=8)
+        >>> tracker.num_rewards, tracker.reward_weights, tuple(tracker.state_dict()["rewards"].shape)
+        (2, (1.0, 0.5), (1024, 2, 8))
     """
-    return presets.trl_grpo(num_prompts, scale_rewards=scale_rewards, **{"keys": "hashed", "device": device, **options})
+    return presets.trl_grpo(
+        num_prompts,
+        scale_rewards=scale_rewards,
+        multi_objective_aggregation=multi_objective_aggregation,
+        reward_weights=reward_weights,
+        **{"keys": "hashed", "device": device, **options},
+    )
 
 
 def rloo_tracker(num_prompts: int, *, device: Optional[torch.device] = None, **options: Any) -> AdvantageTracker:
@@ -187,8 +243,9 @@ class _TrackedAdvantages:
 
     A mixin placed before TRL's trainer class; the subclasses say how their
     trainer shapes the reward (``_shape_rewards``), finishes the advantages
-    (``_finish_advantages``) and which tracker reproduces it
-    (``_default_tracker``).
+    (``_finish_advantages``), which tracker reproduces it
+    (``_default_tracker``, ``_expected_tracker``) and which trackers its
+    reward functions can feed (``_check_tracker_rewards``).
     """
 
     tracker: AdvantageTracker
@@ -208,19 +265,19 @@ class _TrackedAdvantages:
             TypeError: if ``tracker`` is not an ``AdvantageTracker``.
             ValueError: for a tracker TRL's batches cannot drive (a process
                 group, another device, text keys on a ``keys="ids"``
-                tracker), or a config the tracker cannot reproduce.
+                tracker, rewards that do not fit the reward functions).
         """
         if tracker is not None and not isinstance(tracker, AdvantageTracker):
             raise TypeError(f"tracker must be an AdvantageTracker of rail_interview, got {type(tracker).__name__}")
         if not isinstance(prompt_key, str) or not prompt_key:
             raise ValueError(f"prompt_key must be 'prompt', 'prompt_ids' or a dataset column name; got {prompt_key!r}")
         super().__init__(*args, **kwargs)
-        self._check_config()
         device = self.accelerator.device
         prompts_per_batch = self.args.generation_batch_size // self.num_generations
         if tracker is None:
             tracker = self._default_tracker(max(1, prompts_per_batch), device)
         _check_tracker(tracker, prompt_key, device, prompts_per_batch)
+        self._check_tracker_rewards(tracker)
         self._warn_if_unlike_config(tracker)
         self.tracker = tracker
         self.prompt_key = prompt_key
@@ -228,26 +285,53 @@ class _TrackedAdvantages:
 
     # What each trainer defines.
 
-    def _check_config(self) -> None:
-        """Refuses a trainer config the tracker cannot reproduce (none by default)."""
-
     def _default_tracker(self, num_prompts: int, device: torch.device) -> AdvantageTracker:
         """The memoryless tracker that reproduces the trainer's advantages."""
         raise NotImplementedError
+
+    def _expected_tracker(self, tracker: AdvantageTracker) -> AdvantageTracker:
+        """The memoryless tracker that would reproduce the config, fed as ``tracker`` is (one row)."""
+        return self._default_tracker(1, tracker.device)
+
+    def _check_tracker_rewards(self, tracker: AdvantageTracker) -> None:
+        """Refuses a tracker that weighs its rewards itself: this trainer gives it one reward.
+
+        Raises:
+            ValueError: if ``tracker`` has several rewards or reward weights.
+        """
+        if _weighs_rewards(tracker):
+            raise ValueError(
+                f"the tracker weighs its rewards itself (num_rewards={tracker.num_rewards}, reward_weights="
+                f"{tracker.reward_weights}), but {type(self).__name__} gives it one reward per sample, the "
+                f"weighted sum of its reward functions; build it with {self._factory_name}(...) and no "
+                "num_rewards or reward_weights"
+            )
+
+    def _reward_differences(self, tracker: AdvantageTracker) -> List[str]:
+        """How the rewards ``tracker`` is given differ from the config's aggregation (none by default)."""
+        return []
 
     def _warn_if_unlike_config(self, tracker: AdvantageTracker) -> None:
         """Warns where a tracker's estimator is not the one the trainer's config asks for.
 
         The tracker decides the advantages; a difference may be deliberate,
         but a tracker built without passing the config's choice is a likely
-        slip, so it is named.
+        slip, so it is named. Compared: baseline, scale, ddof, eps and the
+        final normalisation; for a tracker that weighs its rewards itself,
+        its aggregation and weights too.
         """
-        expected = self._default_tracker(1, tracker.device)
+        expected = self._expected_tracker(tracker)
+        names = ["baseline", "scale", "ddof", "eps", "normalize"]
+        if tracker.normalize == expected.normalize == "batch":
+            names += ["normalize_ddof", "normalize_eps"]
+        if _weighs_rewards(tracker):
+            names += ["aggregation", "reward_weights"]
         differences = [
             f"{name}={getattr(tracker, name)!r} (the config's: {getattr(expected, name)!r})"
-            for name in ("baseline", "scale", "ddof", "eps")
+            for name in names
             if getattr(tracker, name) != getattr(expected, name)
         ]
+        differences += self._reward_differences(tracker)
         if differences:
             warnings.warn(
                 "the tracker's estimator differs from what the trainer's config asks for: "
@@ -290,23 +374,36 @@ class _TrackedAdvantages:
                 f"({trl.__version__}) is not one rail_interview.integrations.trl supports"
             )
         unscorable = torch.isnan(rewards_per_func).all(dim=1)
-        weights = self.reward_weights.to(rewards_per_func.device).unsqueeze(0)
-        rewards = (rewards_per_func * weights).nansum(dim=1)
-        rewards[unscorable] = torch.nan
-        rewards = self._shape_rewards(rewards, output)
-        valid = ~torch.isnan(rewards)
+        counted = None  # bool [N, C]: which rewards a tracker with per-function statistics keeps
+        if not _weighs_rewards(self.tracker):
+            weights = self.reward_weights.to(rewards_per_func.device).unsqueeze(0)
+            rewards = (rewards_per_func * weights).nansum(dim=1)
+            rewards[unscorable] = torch.nan
+            rewards = self._shape_rewards(rewards, output)
+            valid = ~torch.isnan(rewards)
+            rewards = torch.where(valid, rewards, 0.0)
+        elif rewards_per_func.shape[1] == 1:
+            # One function weighed by the tracker: its reward [N], as a sum of one would be.
+            valid = ~unscorable
+            rewards = torch.where(valid, rewards_per_func[:, 0], 0.0)
+        else:
+            # [N, C], NaN where a function returned None (the tracker takes NaN as unscorable).
+            valid = ~unscorable
+            rewards = rewards_per_func
+            if self.tracker.aggregation == "normalize_then_sum":
+                counted = ~torch.isnan(rewards_per_func)
         if self.tracker.memory == "none":
             # TRL's groups: num_generations consecutive samples, whatever their prompts.
             keys = torch.arange(len(rewards), device=rewards.device) // self.num_generations
         else:
             keys = self._gather_keys(inputs, output)
-        report = self.tracker.update_with_report(keys, torch.where(valid, rewards, 0.0), valid)
+        report = self.tracker.update_with_report(keys, rewards, valid)
         advantages = self._finish_advantages(report)
         local = len(inputs)
         mine = slice(self.accelerator.process_index * local, (self.accelerator.process_index + 1) * local)
         output["advantages"] = advantages[mine].to(output["advantages"].dtype)
         self._replace_logged_advantages(advantages)
-        self._log_tracker_metrics(keys, report)
+        self._log_tracker_metrics(keys, report, counted)
         return output
 
     def _save_checkpoint(self, model, trial):
@@ -376,8 +473,17 @@ class _TrackedAdvantages:
             logged.pop()
         logged.extend(advantages.tolist())
 
-    def _log_tracker_metrics(self, keys: torch.Tensor, report: UpdateReport) -> None:
-        """Adds what the tracker did this step to TRL's metrics (see the module docstring)."""
+    def _log_tracker_metrics(
+        self, keys: torch.Tensor, report: UpdateReport, counted: Optional[torch.Tensor] = None
+    ) -> None:
+        """Adds what the tracker did this step to TRL's metrics (see the module docstring).
+
+        Args:
+            keys: int64 [N], the samples' keys.
+            report: the tracker's report of the batch.
+            counted: bool [N, C], each reward function's scorable rewards, for a
+                tracker with per-function statistics; None otherwise.
+        """
         valid = report.valid
         zero_std = report.zero_variance & valid
         signal = zero_std & ~report.fallback & (report.advantages != 0)
@@ -386,15 +492,27 @@ class _TrackedAdvantages:
         else:
             # A prompt's memory must hold rewards older than this batch's (a buffer no larger than
             # the group holds none), so that float rounding of (r - r) / (0 + eps) is not counted.
+            # Per-function statistics: of at least one function.
+            kept = valid if counted is None else counted & valid.unsqueeze(-1)  # [N] or [N, C]
             groups = torch.unique(keys, return_inverse=True)[1]
-            in_batch = torch.zeros(len(keys), dtype=torch.long, device=keys.device).index_add_(0, groups, valid.long())
-            signal &= self.tracker.stats(keys).count > in_batch[groups]
+            in_batch = torch.zeros(kept.shape, dtype=torch.long, device=keys.device).index_add_(0, groups, kept.long())
+            older = self.tracker.stats(keys).count > in_batch[groups]  # [N] or [N, C]
+            signal &= older if counted is None else older.any(-1)
         n_valid, n_fallback = torch.stack([valid.sum(), (report.fallback & valid).sum()]).tolist()
         zero_std_groups, signal_groups, groups_with_valid = (_groups(keys, mask) for mask in (zero_std, signal, valid))
         metrics = self._metrics["train"]
         metrics["tracker/fallback_frac"].append(n_fallback / n_valid if n_valid else 0.0)
         metrics["tracker/zero_std_frac"].append(zero_std_groups / groups_with_valid if groups_with_valid else 0.0)
         metrics["tracker/zero_std_signal_frac"].append(signal_groups / zero_std_groups if zero_std_groups else 0.0)
+
+
+def _weighs_rewards(tracker: AdvantageTracker) -> bool:
+    """Whether a tracker weighs and combines the reward functions itself (several rewards, or weights).
+
+    Such a tracker is given each function's reward; one with a single
+    reward of weight 1 is given their weighted sum (the module docstring).
+    """
+    return tracker.num_rewards > 1 or tracker.reward_weights != (1.0,)
 
 
 def _without_device(tracker_repr: str) -> str:
@@ -459,20 +577,24 @@ def _column_keys(
 class TrackedGRPOTrainer(_TrackedAdvantages, trl.GRPOTrainer):
     """TRL's ``GRPOTrainer`` with a tracker of this package computing the advantages.
 
+    Both of TRL's ``multi_objective_aggregation`` orders are reproduced: a
+    tracker with the config's ``reward_weights`` (``num_rewards`` = the
+    number of reward functions) is given each function's reward and combines
+    them itself (see the module docstring).
+
     Takes every argument ``GRPOTrainer`` takes, and:
 
     Args:
         tracker: an ``AdvantageTracker`` on the trainer's device, without a
-            process group; by default ``grpo_tracker`` (memoryless: TRL's own
-            advantages for ``scale_rewards``).
+            process group; by default ``grpo_tracker`` with the config's
+            ``scale_rewards``, ``multi_objective_aggregation`` and
+            ``reward_weights`` (memoryless: TRL's own advantages).
         prompt_key: what identifies a prompt across steps: ``"prompt"``,
             ``"prompt_ids"`` or a dataset column (see the module docstring).
 
     Raises:
-        ValueError: for ``multi_objective_aggregation="normalize_then_sum"``,
-            which normalises each reward function on its own: the trackers
-            take one reward per sample (several rewards per sample are
-            planned), so it is refused rather than approximated.
+        ValueError: for a tracker whose rewards do not fit the reward
+            functions (``_check_tracker_rewards``).
 
     Example:
         >>> from rail_interview.stat_tracking import presets
@@ -483,20 +605,70 @@ class TrackedGRPOTrainer(_TrackedAdvantages, trl.GRPOTrainer):
         ('ema', 'hashed')
     """
 
-    def _check_config(self) -> None:
-        """Refuses ``normalize_then_sum``, which needs one statistic per reward function."""
-        if self.multi_objective_aggregation != "sum_then_normalize":
-            raise ValueError(
-                f"multi_objective_aggregation={self.multi_objective_aggregation!r} normalises each reward "
-                "function on its own before summing; the trackers take one reward per sample and cannot do "
-                "that yet (several rewards per sample are planned). Use 'sum_then_normalize' (the default)"
-            )
-
     _factory_name = "grpo_tracker"
 
     def _default_tracker(self, num_prompts: int, device: torch.device) -> AdvantageTracker:
-        """``grpo_tracker`` for this trainer's ``scale_rewards``."""
-        return grpo_tracker(num_prompts, self.scale_rewards, device=device)
+        """``grpo_tracker`` for this trainer's ``scale_rewards``, ``multi_objective_aggregation`` and weights.
+
+        With one reward function of weight 1 it is a tracker of one reward
+        given the weighted sum, as before several rewards were reproduced;
+        otherwise it weighs (and, with several, combines) the functions itself.
+        """
+        return grpo_tracker(
+            num_prompts,
+            self.scale_rewards,
+            self.multi_objective_aggregation,
+            self.reward_weights.tolist(),  # float32, as TRL weighs
+            device=device,
+        )
+
+    def _expected_tracker(self, tracker: AdvantageTracker) -> AdvantageTracker:
+        """The default tracker; for a tracker given the weighted sum, the one that normalises that sum."""
+        if _weighs_rewards(tracker):
+            return self._default_tracker(1, tracker.device)
+        return grpo_tracker(1, self.scale_rewards, self.multi_objective_aggregation, device=tracker.device)
+
+    def _check_tracker_rewards(self, tracker: AdvantageTracker) -> None:
+        """Refuses a tracker that the C reward functions cannot feed.
+
+        Raises:
+            ValueError: for ``num_rewards`` other than 1 and C, weights of one
+                reward with C > 1 functions, or C > 1 rewards with
+                ``nan_rewards="refuse"`` (a function's None is NaN).
+        """
+        functions = len(self.reward_funcs)
+        hint = (
+            "build it with grpo_tracker(P, config.scale_rewards, config.multi_objective_aggregation, "
+            f"config.reward_weights) (num_rewards={functions} where reward_weights is None), or with one reward "
+            "and no reward_weights to be given their weighted sum"
+        )
+        if tracker.num_rewards > 1 and tracker.num_rewards != functions:
+            raise ValueError(
+                f"the tracker takes {tracker.num_rewards} rewards per sample (num_rewards={tracker.num_rewards}) but "
+                f"the trainer has {functions} reward function(s); {hint}"
+            )
+        if tracker.num_rewards == 1 and _weighs_rewards(tracker) and functions > 1:
+            raise ValueError(
+                f"the tracker weighs one reward (reward_weights={tracker.reward_weights}) but the trainer has "
+                f"{functions} reward functions; {hint}"
+            )
+        if tracker.num_rewards > 1 and tracker.nan_rewards != "invalid":
+            raise ValueError(
+                f"the tracker takes {tracker.num_rewards} rewards with nan_rewards={tracker.nan_rewards!r}, but a "
+                "reward function that returns None gives NaN there: build it with nan_rewards='invalid' "
+                "(grpo_tracker does)"
+            )
+
+    def _reward_differences(self, tracker: AdvantageTracker) -> List[str]:
+        """For a tracker given the weighted sum under ``normalize_then_sum``: the order it cannot follow."""
+        weights = tuple(self.reward_weights.tolist())
+        if _weighs_rewards(tracker) or self.multi_objective_aggregation != "normalize_then_sum" or weights == (1.0,):
+            return []
+        return [
+            f"num_rewards=1 and no reward_weights (the config's: {len(weights)} reward function(s) weighted "
+            f"{weights} after each is normalised in its group, multi_objective_aggregation="
+            "'normalize_then_sum'): the tracker is given their weighted sum"
+        ]
 
 
 class TrackedRLOOTrainer(_TrackedAdvantages, trl.RLOOTrainer):
@@ -507,7 +679,9 @@ class TrackedRLOOTrainer(_TrackedAdvantages, trl.RLOOTrainer):
     sequence's KL to the reference model. With ``normalize_advantages`` the
     tracker's advantages are then standardised over the batch's samples that
     got one (valid and not fallen back), as TRL standardises over its
-    non-NaN advantages.
+    non-NaN advantages. ``RLOOConfig`` has no ``multi_objective_aggregation``
+    (trl 1.16): the reward functions are always summed first, so a tracker
+    that weighs its rewards itself is refused.
 
     Takes every argument ``RLOOTrainer`` takes, and:
 
