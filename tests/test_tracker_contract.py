@@ -577,3 +577,11 @@ def test_nan_as_unscorable_still_refuses_infinite_rewards_and_accepts_nan():
     advantages = tracker.update(torch.tensor([2, 2]), torch.tensor([float("nan"), float("nan")]))
     assert advantages.tolist() == [0.0, 0.0]
     _assert_state_equal(tracker.state_dict(), before)  # unscorable samples enter no memory
+
+
+def test_repr_shows_a_single_rewards_weight_and_order():
+    # A checkpoint's "saved by X, restored into Y" check compares reprs: a weight that changes advantages must show.
+    weighted = AdvantageTracker(2, reward_weights=[2.0], scale="none")
+    assert "reward_weights=(2.0,)" in repr(weighted) and repr(weighted) != repr(AdvantageTracker(2, scale="none"))
+    assert "aggregation='normalize_then_sum'" in repr(AdvantageTracker(2, aggregation="normalize_then_sum"))
+    assert "reward_weights" not in repr(AdvantageTracker(2, reward_weights=[1.0]))

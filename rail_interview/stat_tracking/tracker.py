@@ -574,7 +574,11 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             if self._eps_rule != "add":
                 names += ("eps_rule",)
             if self._num_rewards > 1:
-                names += ("num_rewards", "reward_weights", "aggregation")
+                names += ("num_rewards",)
+            if self._reward_weights is not None:
+                names += ("reward_weights",)
+            if self._num_rewards > 1 or self._aggregation != "sum_then_normalize":
+                names += ("aggregation",)
             names += tuple(name for name in ("weighted_stats", "weighted_normalize") if getattr(self, name))
         values = {
             "buffer_size": getattr(self._memory, "buffer_size", None),
