@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from rail_interview.stat_tracking import (
+    AdvantageTracker,
     BatchStatTracker,
     BufferStatTracker,
     EmaStatTracker,
