@@ -16,7 +16,7 @@ from typing import Deque, Dict, Hashable, Iterable, List, NamedTuple, Optional, 
 
 import torch
 
-from rail_interview.stat_tracking.functional import BASELINES, FALLBACKS, SCALES
+from rail_interview.stat_tracking.functional import BASELINES, EPS_RULES, FALLBACKS, SCALES
 
 Numbers = Union[Sequence[float], torch.Tensor]
 
@@ -188,8 +188,21 @@ def mean_variance(values: Sequence[float]) -> Tuple[float, float]:
     return mean, math.fsum((v - mean) ** 2 for v in values) / len(values)
 
 
-class ReferenceUpdateReport(NamedTuple):
+class _OneRewardReport(NamedTuple):
+    """The five fields of ``ReferenceUpdateReport`` that it holds as a tuple (see there)."""
+
+    advantages: List[float]
+    valid: List[bool]
+    fallback: List[bool]
+    zero_variance: List[bool]
+    zero_variance_fraction: float
+
+
+class ReferenceUpdateReport(_OneRewardReport):
     """What ``ReferenceAdvantageTracker.update_with_report`` returns, as Python values.
+
+    It is (and compares as) the tuple of the first five attributes, those
+    of one reward; the others are attributes beside them.
 
     Attributes:
         advantages: [N] advantages (0 for invalid samples).
@@ -198,13 +211,46 @@ class ReferenceUpdateReport(NamedTuple):
         zero_variance: [N] valid and all valid rewards of its prompt in this batch are equal.
         zero_variance_fraction: share of the batch's prompts (with a valid reward)
             whose valid rewards are all equal; 0.0 if no prompt has one.
+        channel_zero_variance_fraction: with several rewards (``num_rewards``
+            C > 1), [C]: per reward function, the share of the batch's
+            prompts with a reward of it that counts whose counting rewards of
+            it are all equal (0.0 where no prompt has one); None with one
+            reward. With several rewards, ``zero_variance`` and the fraction
+            are those of the combined reward (``"sum_then_normalize"``) or
+            of every reward function at once (``"normalize_then_sum"``: each
+            reward function's counting rewards all equal), and ``fallback``
+            is True where the sample fell back in at least one reward that
+            counts.
+        parts: [N][S], each sample's advantage from each stream the
+            estimator ran on, before the reward weights and the batch
+            normalisation: S = C reward functions with
+            ``"normalize_then_sum"`` (0.0 where that reward does not count),
+            S = 1 (the combined reward's) otherwise.
+        divisors: [N][S], what each of ``parts`` was divided by (the std
+            after the eps rule, or 1 where nothing divided it: no scale, a
+            ``"zero"`` fallback, a reward that does not count), for error
+            bounds.
     """
 
-    advantages: List[float]
-    valid: List[bool]
-    fallback: List[bool]
-    zero_variance: List[bool]
-    zero_variance_fraction: float
+    channel_zero_variance_fraction: Optional[List[float]] = None
+    parts: Optional[List[List[float]]] = None
+    divisors: Optional[List[List[float]]] = None
+
+    def __new__(
+        cls,
+        advantages: List[float],
+        valid: List[bool],
+        fallback: List[bool],
+        zero_variance: List[bool],
+        zero_variance_fraction: float,
+        channel_zero_variance_fraction: Optional[List[float]] = None,
+        parts: Optional[List[List[float]]] = None,
+        divisors: Optional[List[List[float]]] = None,
+    ) -> "ReferenceUpdateReport":
+        report = super().__new__(cls, advantages, valid, fallback, zero_variance, zero_variance_fraction)
+        report.channel_zero_variance_fraction = channel_zero_variance_fraction
+        report.parts, report.divisors = parts, divisors
+        return report
 
 
 class ReferencePromptQuery(NamedTuple):
@@ -217,11 +263,15 @@ class ReferencePromptQuery(NamedTuple):
             ``pass_rate`` is.
         count: [M] the rewards the memory has folded in for the prompt.
         streak: [M] the prompt's streak, or None without ``track_streaks``.
+
+    With a memory per reward function (``aggregation="normalize_then_sum"``
+    with C rewards), ``pass_rate``, ``uncertainty`` and ``count`` are [M][C]
+    (``streak`` stays [M]).
     """
 
-    pass_rate: List[float]
-    uncertainty: List[float]
-    count: List[int]
+    pass_rate: List
+    uncertainty: List
+    count: List
     streak: Optional[List[int]]
 
 
@@ -237,6 +287,9 @@ REPEATS = ("all", "last")
 #: What ``normalize`` takes.
 NORMALIZE = ("none", "batch")
 
+#: How several rewards per sample become one advantage, as ``AdvantageTracker(aggregation=...)`` names them.
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+
 
 class ReferenceAdvantageTracker:
     """Dict-based tracker with every memory and estimator option of ``AdvantageTracker``.
@@ -248,7 +301,12 @@ class ReferenceAdvantageTracker:
        lengths; an infinite reward, or a NaN one with ``nan_rewards="refuse"``;
        with ``memory="beta"``, a valid sample's reward outside [0, 1]; a
        ``discount`` with another memory, of another length, or with a value
-       (any sample's, valid or not) outside (0, 1].
+       (any sample's, valid or not) outside (0, 1]; rewards that are not
+       [N] numbers (one reward) or [N] rows of C (``num_rewards=C`` > 1);
+       ``weights`` given to a tracker that does not use them, missing
+       where it does, of another length, not finite and non-negative for
+       a sample that ``valid`` keeps, or (``weighted_normalize``) all 0 for
+       the samples that ``valid`` keeps (see the sections below).
     1. A sample is valid if ``valid`` says so and, with
        ``nan_rewards="invalid"``, its reward is not NaN. Invalid samples touch
        no state and no statistic, and get advantage 0.
@@ -300,6 +358,63 @@ class ReferenceAdvantageTracker:
        streak + 1 if its valid rewards in the batch are all exactly equal,
        else 0. Other prompts keep theirs; a prompt never visited has 0.
 
+    **Dividing by a std.** Wherever steps 4 and 5 divide by a std s (the
+    prompt's, the fallback's, B_s, the others' below), the divisor is
+    d(s) by the ``eps_rule``: s + eps (``"add"``), max(s, eps) (``"max"``),
+    s + eps where s > 0 else 1 (``"nonzero"``: a zero std leaves the sample
+    unscaled) or sqrt(s^2 + eps) (``"variance"``). Step 5 divides by d(a_s)
+    with ``normalize_eps`` and ``normalize_eps_rule``, a_s with
+    ``normalize_ddof`` (None: ``ddof``).
+
+    **Leave-one-out std** (``scale="leave_one_out_std"``, ``memory="none"``
+    only): a sample's S is the std (with ``ddof``) of its prompt's *other*
+    valid rewards in the batch, exactly 0 when they are fewer than ddof + 1
+    or all equal. A sample that falls back is divided by the fallback's
+    std, as with ``"prompt_std"``.
+
+    **Sample weights** (``update(..., weights=...)``: each sample's q >= 0,
+    a response's length or token count; needed by, and only by, a tracker
+    built with ``weighted_stats`` or ``weighted_normalize``):
+
+    * ``weighted_stats`` (``memory="none"`` only): a sample counts as q
+      copies of its reward in its prompt's statistics and the batch's:
+      m = sum(q r) / sum(q), S = sqrt(sum(q (r - m)^2) / (sum(q) - ddof)),
+      0 where sum(q) <= ddof, and w = q / sum(q) for ``"leave_one_out"``
+      (whose others' mean is undefined, NaN, where they weigh 0: w = 1);
+      n stays the number of rewards, but a prompt whose weights sum to 0
+      has no mean: n = 0, so it falls back. B_m and B_s likewise over the
+      batch (B_m NaN where the batch's weights sum to 0: a fallback to it
+      gives NaN).
+    * ``weighted_normalize``: step 5's a_m and a_s likewise (``normalize_ddof``
+      subtracted from the valid samples' sum(q)); a weight of 0 leaves a
+      sample out of them, not out of the whitening.
+
+    **Several rewards** (``num_rewards=C``: ``rewards`` is [N][C], one
+    column per reward function, with weights lambda = ``reward_weights``,
+    ones by default). A reward *counts* where ``valid`` keeps its sample
+    and, with ``nan_rewards="invalid"``, it is not NaN; a sample none of
+    whose rewards counts is invalid (step 1). Then, by ``aggregation``:
+
+    * ``"sum_then_normalize"``: a valid sample's reward is R = the sum of
+      lambda_c r_c over its rewards that count (a NaN adds nothing), and
+      steps 2 to 6 run on R as on one reward (with C = 1: R = lambda r).
+    * ``"normalize_then_sum"``: reward c of prompt p is a prompt of its own,
+      whose memory is keyed (p, c) (just p with C = 1): steps 2 to 4 run per
+      reward function over its rewards that count (its own memory, n,
+      fallback, and B_m, B_s of that reward function's counting rewards),
+      giving a_c; a sample's advantage is the sum of lambda_c a_c over its
+      rewards that count; then step 5 over the valid samples. Keys (below)
+      stay prompts: a prompt is seen when one of its samples is valid, and
+      evicting or overflowing it forgets (p, c) for every c (an overflow
+      prompt's rewards that count get the fallback's advantage, each from
+      its reward function's B_m and B_s). A visit of step 6 is
+      zero-variance when each reward function's counting rewards of the
+      prompt are all equal (one with none counts as equal).
+
+    The Beta memory takes values in [0, 1] (R, or each r_c that counts);
+    with C > 1 it needs ``"normalize_then_sum"``. The report's fields with
+    several rewards are those ``ReferenceUpdateReport`` describes.
+
     With a ``capacity`` (the specification of ``keys="hashed"``), memory is
     an LRU-ordered dict: before step 2, the batch's keys (those with a
     valid sample) are ordered by their last valid occurrence and moved to
@@ -343,13 +458,27 @@ class ReferenceAdvantageTracker:
         normalize: ``"none"`` or ``"batch"`` (step 5).
         normalize_eps: added to the std of step 5.
         track_streaks: keep each prompt's streak (step 6).
+        num_rewards: C >= 1, the reward functions per sample.
+        reward_weights: C finite numbers, lambda, or None for ones.
+        aggregation: ``"sum_then_normalize"`` or ``"normalize_then_sum"``.
+        eps_rule: how ``eps`` enters a division by a std: ``"add"``,
+            ``"max"``, ``"nonzero"`` or ``"variance"``.
+        normalize_ddof: 0 or 1, the ddof of step 5's std, or None for ``ddof``.
+        normalize_eps_rule: how ``normalize_eps`` enters step 5's division.
+        weighted_stats: sample weights enter the prompts' and the batch's
+            statistics (``memory="none"`` only).
+        weighted_normalize: sample weights enter step 5.
 
     Raises:
         ValueError: if an option is unknown or out of range, if
             ``min_count < ddof + 1`` or ``min_count < 2`` with
             ``"leave_one_out"`` (both but for the Beta memory, whose
             ``min_count`` may be any n >= 0), or if ``include_batch`` is
-            False without memory.
+            False without memory; if ``reward_weights`` are not C finite
+            numbers, the Beta memory is given C > 1 rewards to sum,
+            ``weighted_stats`` is given a memory, or
+            ``scale="leave_one_out_std"`` a memory, sample weights or
+            ``min_count < 2``.
 
     Example:
         >>> tracker = ReferenceAdvantageTracker(baseline="leave_one_out", scale="none", fallback="raw")
@@ -365,6 +494,12 @@ class ReferenceAdvantageTracker:
         >>> query = spo.query(["a", "b", "c"])
         >>> [round(p, 4) for p in query.pass_rate], query.count, query.streak
         ([0.7632, 0.2368, 0.5], [2, 1, 0], [1, 1, 0])
+        >>> # GDPO: each of two rewards normalised in its group, then the weighted sum (a NaN adds nothing).
+        >>> gdpo = ReferenceAdvantageTracker(num_rewards=2, reward_weights=(1.0, 0.5), aggregation="normalize_then_sum",
+        ...                                  eps=0.0, fallback="zero", nan_rewards="invalid")
+        >>> nan = float("nan")
+        >>> gdpo.update(["a", "a", "a"], [[0.0, nan], [2.0, 5.0], [nan, 3.0]])  # [-1, 1, 0] + 0.5 [0, 1, -1]
+        [-1.0, 1.5, -0.5]
     """
 
     def __init__(
@@ -386,6 +521,14 @@ class ReferenceAdvantageTracker:
         normalize: str = "none",
         normalize_eps: float = 1e-8,
         track_streaks: bool = False,
+        num_rewards: int = 1,
+        reward_weights: Optional[Sequence[float]] = None,
+        aggregation: str = "sum_then_normalize",
+        eps_rule: str = "add",
+        normalize_ddof: Optional[int] = None,
+        normalize_eps_rule: str = "add",
+        weighted_stats: bool = False,
+        weighted_normalize: bool = False,
     ) -> None:
         choices = dict(
             memory=(memory, MEMORIES),
@@ -395,6 +538,9 @@ class ReferenceAdvantageTracker:
             nan_rewards=(nan_rewards, ("refuse", "invalid")),
             repeats=(repeats, REPEATS),
             normalize=(normalize, NORMALIZE),
+            aggregation=(aggregation, AGGREGATIONS),
+            eps_rule=(eps_rule, EPS_RULES),
+            normalize_eps_rule=(normalize_eps_rule, EPS_RULES),
         )
         for name, (value, allowed) in choices.items():
             if value not in allowed:
@@ -419,12 +565,34 @@ class ReferenceAdvantageTracker:
             raise ValueError("include_batch=False needs a memory: without one there is no past to read")
         if not normalize_eps >= 0:
             raise ValueError(f"normalize_eps must be non-negative, got {normalize_eps!r}")
+        if normalize_ddof not in (None, 0, 1) or isinstance(normalize_ddof, bool):
+            raise ValueError(f"normalize_ddof must be 0, 1 or None, got {normalize_ddof!r}")
+        if isinstance(num_rewards, bool) or not isinstance(num_rewards, int) or num_rewards < 1:
+            raise ValueError(f"num_rewards must be a positive int, got {num_rewards!r}")
+        lambdas = [1.0] * num_rewards if reward_weights is None else _as_list(reward_weights)
+        if len(lambdas) != num_rewards or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in lambdas
+        ):
+            raise ValueError(f"reward_weights must be {num_rewards} finite numbers, got {reward_weights!r}")
+        if memory == "beta" and aggregation == "sum_then_normalize" and num_rewards > 1:
+            raise ValueError("memory='beta' with several rewards needs aggregation='normalize_then_sum'")
+        if weighted_stats and memory != "none":
+            raise ValueError(f"weighted_stats needs memory='none', not {memory!r}")
+        if scale == "leave_one_out_std" and (memory != "none" or weighted_stats or min_count < 2):
+            raise ValueError("scale='leave_one_out_std' needs memory='none', no weighted_stats and min_count >= 2")
         self.memory, self.buffer_size, self.decay = memory, buffer_size, decay
         self.baseline, self.scale, self.ddof, self.eps = baseline, scale, ddof, eps
         self.min_count, self.fallback, self.nan_rewards = min_count, fallback, nan_rewards
         self.repeats, self.include_batch = repeats, include_batch
         self.normalize, self.normalize_eps = normalize, normalize_eps
         self.track_streaks = track_streaks
+        self.num_rewards, self.reward_weights, self.aggregation = num_rewards, [float(w) for w in lambdas], aggregation
+        self.eps_rule, self.normalize_eps_rule = eps_rule, normalize_eps_rule
+        self.normalize_ddof = ddof if normalize_ddof is None else normalize_ddof
+        self.weighted_stats, self.weighted_normalize = weighted_stats, weighted_normalize
+        # Memories per prompt: one per reward function (keyed (prompt, c)) when each is normalised on its own.
+        self.channels = num_rewards if aggregation == "normalize_then_sum" else 1
+        # The memories below are keyed by prompt, or by (prompt, c) with several channels.
         self.buffers: Dict[Hashable, Deque[float]] = {}  # memory="buffer": prompt -> its last K rewards
         self.moments: Dict[Hashable, List[float]] = {}  # memory="ema": prompt -> [mean, var, count]
         self.betas: Dict[Hashable, list] = {}  # memory="beta": prompt -> [alpha, beta, count]; absent: the prior
@@ -439,15 +607,19 @@ class ReferenceAdvantageTracker:
         rewards: Numbers,
         valid: Optional[Union[Sequence[bool], torch.Tensor]] = None,
         discount: Optional[Numbers] = None,
+        weights: Optional[Numbers] = None,
     ) -> List[float]:
         """Folds the batch's valid samples into memory, then returns its advantages.
 
         Args:
             prompts: [N] prompt keys (a tensor's elements become Python values).
-            rewards: [N] rewards.
+            rewards: [N] rewards; [N][C] (rows of C, or a tensor [N, C]) with
+                ``num_rewards=C`` > 1.
             valid: optional [N] bools; False samples are ignored (advantage 0).
             discount: optional [N] discounts in (0, 1], each sample's rho
                 (``memory="beta"`` only); None for ``decay``.
+            weights: [N] sample weights, with ``weighted_stats`` or
+                ``weighted_normalize`` (and only then).
 
         Returns:
             [N] advantages, as Python floats.
@@ -456,7 +628,7 @@ class ReferenceAdvantageTracker:
             ValueError: as step 0 of the class docstring says; the state is
                 then unchanged.
         """
-        return self.update_with_report(prompts, rewards, valid, discount).advantages
+        return self.update_with_report(prompts, rewards, valid, discount, weights).advantages
 
     def update_with_report(
         self,
@@ -464,14 +636,16 @@ class ReferenceAdvantageTracker:
         rewards: Numbers,
         valid: Optional[Union[Sequence[bool], torch.Tensor]] = None,
         discount: Optional[Numbers] = None,
+        weights: Optional[Numbers] = None,
     ) -> ReferenceUpdateReport:
         """As ``update``, and also says which samples were valid, fell back or had zero variance.
 
         Args:
             prompts: [N] prompt keys (a tensor's elements become Python values).
-            rewards: [N] rewards.
+            rewards: as for ``update``.
             valid: optional [N] bools; False samples are ignored (advantage 0).
             discount: as for ``update``.
+            weights: as for ``update``.
 
         Returns:
             A ``ReferenceUpdateReport`` of Python values.
@@ -479,15 +653,29 @@ class ReferenceAdvantageTracker:
         Raises:
             ValueError: as ``update``.
         """
-        prompts, rewards = _checked_batch(prompts, rewards)
+        prompts, rows = self._checked_rows(prompts, rewards)
         valid = [True] * len(prompts) if valid is None else [bool(v) for v in _as_list(valid)]
         if len(valid) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts and {len(valid)} valid flags")
-        if any(math.isinf(r) or (math.isnan(r) and self.nan_rewards == "refuse") for r in rewards):
+        if any(math.isinf(r) or (math.isnan(r) and self.nan_rewards == "refuse") for row in rows for r in row):
             raise ValueError("rewards must be finite (NaN is allowed only with nan_rewards='invalid')")
         rhos = self._discounts(discount, len(prompts))
-        valid = [v and not math.isnan(r) for v, r in zip(valid, rewards)]
-        if self.memory == "beta" and any(v and not 0.0 <= r <= 1.0 for r, v in zip(rewards, valid)):
+        masses = self._sample_weights(weights, valid)
+        # The rewards that count: their sample kept by ``valid``, and not NaN.
+        counts = [[v and not math.isnan(r) for r in row] for v, row in zip(valid, rows)]
+        valid = [any(row) for row in counts]
+        # What the estimator runs on: the combined reward, or each reward function's (see the class docstring).
+        if self.aggregation == "sum_then_normalize":
+            combined = [
+                math.fsum(w * r for w, r, c in zip(self.reward_weights, row, count) if c) if v else math.nan
+                for row, count, v in zip(rows, counts, valid)
+            ]
+            streams = [(combined, valid)]
+        else:
+            streams = [([row[c] for row in rows], [count[c] for count in counts]) for c in range(self.num_rewards)]
+        if self.memory == "beta" and any(
+            ok and not 0.0 <= r <= 1.0 for values, counting in streams for r, ok in zip(values, counting)
+        ):
             raise ValueError("rewards must lie in [0, 1] with memory='beta'")
         groups: Dict[Hashable, List[int]] = {}  # prompt -> its valid samples, in batch order
         for i, prompt in enumerate(prompts):
@@ -495,27 +683,115 @@ class ReferenceAdvantageTracker:
                 groups.setdefault(prompt, []).append(i)
 
         overflow = self._see(prompts, valid) if self.capacity is not None else set()
+        # Per prompt: whether each stream's counting rewards in the batch are all exactly equal.
+        equal = {
+            prompt: all(len({values[i] for i in samples if counting[i]}) <= 1 for values, counting in streams)
+            for prompt, samples in groups.items()
+        }
+        if self.track_streaks:
+            for prompt in groups:
+                if prompt not in overflow:
+                    self.streak[prompt] = self.streak.get(prompt, 0) + 1 if equal[prompt] else 0
+        stream_results = [
+            self._stream_advantages(prompts, values, counting, rhos, masses, overflow, channel)
+            for channel, (values, counting) in enumerate(streams)
+        ]
+        parts = [[result[0][i] for result in stream_results] for i in range(len(prompts))]
+        divisors = [[result[1][i] for result in stream_results] for i in range(len(prompts))]
+        fallback = [any(result[2][i] for result in stream_results) for i in range(len(prompts))]
+        if self.aggregation == "sum_then_normalize":
+            advantages = [part[0] for part in parts]
+        else:  # the weighted sum of the rewards that count (0.0 for those that do not: nothing to add)
+            advantages = [
+                math.fsum(w * a for w, a, c in zip(self.reward_weights, part, count) if c) if v else 0.0
+                for part, count, v in zip(parts, counts, valid)
+            ]
+
+        if self.normalize == "batch":
+            kept = [i for i, v in enumerate(valid) if v]
+            center, spread = _weighted_mean_std(
+                [advantages[i] for i in kept],
+                [masses[i] for i in kept] if self.weighted_normalize else None,
+                self.normalize_ddof,
+            )
+            divisor = _divisor(spread, self.normalize_eps, self.normalize_eps_rule)
+            advantages = [(a - center) / divisor if v else 0.0 for a, v in zip(advantages, valid)]
+
+        zero_variance = [valid[i] and equal[prompt] for i, prompt in enumerate(prompts)]
+        fraction = sum(equal.values()) / len(equal) if equal else 0.0
+        channel_fractions = None
+        if self.num_rewards > 1:
+            channel_fractions = []
+            for c in range(self.num_rewards):
+                present = [
+                    len({rows[i][c] for i in samples if counts[i][c]}) == 1
+                    for samples in groups.values()
+                    if any(counts[i][c] for i in samples)
+                ]
+                channel_fractions.append(sum(present) / len(present) if present else 0.0)
+        return ReferenceUpdateReport(
+            advantages, valid, fallback, zero_variance, fraction, channel_fractions, parts, divisors
+        )
+
+    def _stream_advantages(
+        self,
+        prompts: list,
+        rewards: List[float],
+        counting: List[bool],
+        rhos: List[float],
+        masses: Optional[List[float]],
+        overflow: set,
+        channel: int,
+    ) -> Tuple[List[float], List[float], List[bool]]:
+        """Steps 2 to 4 on one stream: the combined reward, or reward function ``channel``'s.
+
+        Args:
+            prompts: [N] prompt keys.
+            rewards: [N] the stream's rewards (meaningless where they do not count).
+            counting: [N] the rewards that count.
+            rhos: [N] the samples' discounts.
+            masses: [N] the samples' weights, or None.
+            overflow: the prompts that overflow the capacity.
+            channel: the reward function's index (its memory's key with several).
+
+        Returns:
+            [N] advantages (0.0 where the reward does not count), [N] what
+            each was divided by (1.0 where nothing), and [N] whether each
+            counting reward fell back.
+        """
+        groups: Dict[Hashable, List[int]] = {}  # prompt -> its counting rewards, in batch order
+        for i, prompt in enumerate(prompts):
+            if counting[i]:
+                groups.setdefault(prompt, []).append(i)
         prompt_stats: Dict[Hashable, Tuple[int, float, float]] = {}  # prompt -> (n, m, S)
-        weights: Dict[int, float] = {}  # valid sample -> weight of its reward in its prompt's mean
+        weights: Dict[int, float] = {}  # counting sample -> weight of its reward in its prompt's mean
+        others: Dict[int, float] = {}  # counting sample -> std of its prompt's other rewards (leave_one_out_std)
+        weighted = masses if self.weighted_stats else None
         for prompt, samples in groups.items():
             if prompt in overflow:
                 prompt_stats[prompt] = (0, math.nan, math.nan)
                 continue
             values = [rewards[i] for i in samples]
+            key = self._key(prompt, channel)
             if not self.include_batch:
-                prompt_stats[prompt] = self._read(prompt)
+                prompt_stats[prompt] = self._read(key)
                 weights.update((i, 0.0) for i in samples)
-            folded = self._fold(prompt, values, [rhos[i] for i in samples])
+            folded = self._fold(
+                key, values, [rhos[i] for i in samples], None if weighted is None else [weighted[i] for i in samples]
+            )
             if self.include_batch:
                 prompt_stats[prompt] = folded[:3]
                 weights.update(zip(samples, folded[3]))
-            if self.track_streaks:
-                self.streak[prompt] = self.streak.get(prompt, 0) + 1 if len(set(values)) == 1 else 0
+            if self.scale == "leave_one_out_std":
+                others.update((i, _others_std(values, j, self.ddof)) for j, i in enumerate(samples))
 
-        batch_mean, batch_std = _mean_std_ddof([r for r, v in zip(rewards, valid) if v], self.ddof)
-        advantages, fallback = [0.0] * len(prompts), [False] * len(prompts)
+        kept = [i for i, ok in enumerate(counting) if ok]
+        batch_mean, batch_std = _weighted_mean_std(
+            [rewards[i] for i in kept], None if weighted is None else [weighted[i] for i in kept], self.ddof
+        )
+        advantages, divisors, fallback = [0.0] * len(prompts), [1.0] * len(prompts), [False] * len(prompts)
         for i, (prompt, reward) in enumerate(zip(prompts, rewards)):
-            if not valid[i]:
+            if not counting[i]:
                 continue
             count, mean, std = prompt_stats[prompt]
             fallback[i] = prompt in overflow or count < self.min_count
@@ -528,19 +804,54 @@ class ReferenceAdvantageTracker:
                 numerator = reward - mean
             elif self.baseline == "batch_mean":
                 numerator = reward - batch_mean
-            else:  # leave_one_out: r minus the mean of the prompt's other rewards
-                numerator = (reward - mean) / (1.0 - weights[i])
-            denominator = {"prompt_std": std + self.eps, "batch_std": batch_std + self.eps, "none": 1.0}[self.scale]
-            advantages[i] = numerator / denominator
+            else:  # leave_one_out: r minus the mean of the prompt's other rewards (NaN if they weigh nothing)
+                rest = 1.0 - weights[i]
+                numerator = (reward - mean) / rest if rest else math.nan
+            if self.scale == "leave_one_out_std" and not fallback[i]:
+                std = others[i]
+            if self.scale != "none":
+                divisors[i] = _divisor(batch_std if self.scale == "batch_std" else std, self.eps, self.eps_rule)
+            advantages[i] = numerator / divisors[i]
+        return advantages, divisors, fallback
 
-        if self.normalize == "batch":
-            center, spread = _mean_std_ddof([a for a, v in zip(advantages, valid) if v], self.ddof)
-            advantages = [(a - center) / (spread + self.normalize_eps) if v else 0.0 for a, v in zip(advantages, valid)]
+    def _checked_rows(self, prompts, rewards) -> Tuple[list, List[List[float]]]:
+        """The prompts as a list and the rewards as [N] rows of C floats; ValueError for other shapes."""
+        prompts, values = _as_list(prompts), _as_list(rewards)
+        if len(prompts) != len(values):
+            raise ValueError(f"got {len(prompts)} prompts and {len(values)} rewards")
+        rows = []
+        for value in values:
+            row = _as_list(value) if isinstance(value, (list, tuple, torch.Tensor)) else None
+            if self.num_rewards == 1:
+                if row is not None:
+                    raise ValueError("one reward per sample: rewards must be [N] numbers")
+                row = [value]
+            elif row is None or len(row) != self.num_rewards:
+                raise ValueError(f"num_rewards={self.num_rewards}: rewards must be [N] rows of {self.num_rewards}")
+            rows.append([float(r) for r in row])
+        return prompts, rows
 
-        equal = {prompt: len(set(rewards[i] for i in samples)) == 1 for prompt, samples in groups.items()}
-        zero_variance = [valid[i] and equal[prompt] for i, prompt in enumerate(prompts)]
-        fraction = sum(equal.values()) / len(equal) if equal else 0.0
-        return ReferenceUpdateReport(advantages, valid, fallback, zero_variance, fraction)
+    def _sample_weights(self, weights: Optional[Numbers], valid: List[bool]) -> Optional[List[float]]:
+        """Each sample's weight, checked (see step 0), or None for a tracker that takes none."""
+        uses = self.weighted_stats or self.weighted_normalize
+        if weights is None:
+            if uses:
+                raise ValueError("this tracker weights its samples (weighted_stats or weighted_normalize): pass them")
+            return None
+        if not uses:
+            raise ValueError("weights were passed to a tracker without weighted_stats or weighted_normalize")
+        masses = [float(q) for q in _as_list(weights)]
+        if len(masses) != len(valid):
+            raise ValueError(f"got {len(valid)} samples and {len(masses)} weights")
+        if not all(math.isfinite(q) and q >= 0 for q, v in zip(masses, valid) if v):
+            raise ValueError("weights must be finite and non-negative for the samples that valid keeps")
+        if self.weighted_normalize and any(valid) and not any(q > 0 for q, v in zip(masses, valid) if v):
+            raise ValueError("weights of the samples that valid keeps are all 0: the whitening has no mean")
+        return masses
+
+    def _key(self, prompt: Hashable, channel: int) -> Hashable:
+        """The memory's key of a prompt's reward function: the prompt, or (prompt, channel) with several channels."""
+        return prompt if self.channels == 1 else (prompt, channel)
 
     def _discounts(self, discount: Optional[Numbers], size: int) -> List[float]:
         """Each sample's rho: ``discount`` checked, or ``decay`` for every sample."""
@@ -572,10 +883,11 @@ class ReferenceAdvantageTracker:
         return overflow
 
     def _forget(self, prompt: Hashable) -> None:
-        """Drops a prompt's memory (a Beta state goes back to the prior) and streak."""
-        self.buffers.pop(prompt, None)
-        self.moments.pop(prompt, None)
-        self.betas.pop(prompt, None)
+        """Drops a prompt's memory, every reward function's (a Beta state goes back to the prior), and streak."""
+        for key in {self._key(prompt, channel) for channel in range(self.channels)}:
+            self.buffers.pop(key, None)
+            self.moments.pop(key, None)
+            self.betas.pop(key, None)
         self.streak.pop(prompt, None)
 
     def _std(self, count: int, variance: float) -> float:
@@ -603,12 +915,26 @@ class ReferenceAdvantageTracker:
         p = alpha / (alpha + beta)
         return count, p, math.sqrt(max(p * (1.0 - p), 0.0))
 
-    def _fold(self, prompt: Hashable, values: List[float], rhos: List[float]) -> Tuple[int, float, float, List[float]]:
+    def _fold(
+        self, prompt: Hashable, values: List[float], rhos: List[float], masses: Optional[List[float]] = None
+    ) -> Tuple[int, float, float, List[float]]:
         """Writes one prompt's valid rewards (and their discounts) into memory.
+
+        Args:
+            prompt: the memory's key (a prompt, or (prompt, reward function)).
+            values: its rewards that count, in batch order.
+            rhos: their discounts.
+            masses: their sample weights (``weighted_stats``, no memory), or None.
 
         Returns:
             Its (n, m, S) after the fold, and the weight of each new reward in m.
         """
+        if self.memory == "none" and masses is not None:
+            total = math.fsum(masses)
+            if total == 0:  # no weighted mean: count 0, so the prompt falls back
+                return 0, math.nan, math.nan, [math.nan] * len(values)
+            mean, std = _weighted_mean_std(values, masses, self.ddof)
+            return len(values), mean, std, [q / total for q in masses]
         if self.memory == "none":
             mean, variance = mean_variance(values)
             return len(values), mean, self._std(len(values), variance), [1.0 / len(values)] * len(values)
@@ -668,13 +994,15 @@ class ReferenceAdvantageTracker:
                 or None for n + 1.
 
         Raises:
-            ValueError: without the Beta memory, on mismatched lengths, a
-                prompt given twice, more prompts than ``capacity``, s or n
-                out of range, or k not finite and positive; the state is then
-                unchanged.
+            ValueError: without the Beta memory, with a Beta memory per
+                reward function, on mismatched lengths, a prompt given twice,
+                more prompts than ``capacity``, s or n out of range, or k not
+                finite and positive; the state is then unchanged.
         """
         if self.memory != "beta":
             raise ValueError(f"set_prior needs memory='beta', not {self.memory!r}")
+        if self.channels > 1:
+            raise ValueError(f"set_prior sets one pass rate per prompt; this tracker keeps {self.channels}")
         prompts = _as_list(prompts)
         successes = [float(s) for s in _as_list(successes)]
         trials = [float(n) for n in _as_list(trials)]
@@ -711,6 +1039,9 @@ class ReferenceAdvantageTracker:
         * ``"ema"``: the moving mean and sqrt(var) * sqrt((1 - decay) / (1 + decay));
         * NaN for both where the memory holds nothing (always without memory).
 
+        With a memory per reward function, each of these per reward
+        function: [M][C].
+
         Args:
             prompts: [M] prompt keys.
 
@@ -720,23 +1051,34 @@ class ReferenceAdvantageTracker:
         prompts = _as_list(prompts)
         rates, spreads, counts = [], [], []
         for prompt in prompts:
-            rate, spread, count = math.nan, math.nan, 0
-            if self.memory == "beta":
-                alpha, beta, count = self._beta_state(prompt)
-                total = alpha + beta
-                rate, spread = alpha / total, math.sqrt(alpha * beta / (total * total * (total + 1.0)))
-            elif self.memory == "buffer" and self.buffers.get(prompt):
-                count = len(self.buffers[prompt])
-                rate, std = mean_std(self.buffers[prompt])
-                spread = std / math.sqrt(count)
-            elif self.memory == "ema" and prompt in self.moments:
-                rate, variance, count = self.moments[prompt]
-                spread = math.sqrt(variance) * math.sqrt((1.0 - self.decay) / (1.0 + self.decay))
-            rates.append(rate)
-            spreads.append(spread)
-            counts.append(count)
+            estimates = [self._estimate(self._key(prompt, channel)) for channel in range(self.channels)]
+            if self.channels == 1:
+                estimates = estimates[0]
+                rates.append(estimates[0])
+                spreads.append(estimates[1])
+                counts.append(estimates[2])
+            else:
+                rates.append([rate for rate, _, _ in estimates])
+                spreads.append([spread for _, spread, _ in estimates])
+                counts.append([count for _, _, count in estimates])
         streaks = [self.streak.get(prompt, 0) for prompt in prompts] if self.track_streaks else None
         return ReferencePromptQuery(rates, spreads, counts, streaks)
+
+    def _estimate(self, key: Hashable) -> Tuple[float, float, int]:
+        """(pass rate, uncertainty, count) of one memory key, as ``query`` describes them."""
+        rate, spread, count = math.nan, math.nan, 0
+        if self.memory == "beta":
+            alpha, beta, count = self._beta_state(key)
+            total = alpha + beta
+            rate, spread = alpha / total, math.sqrt(alpha * beta / (total * total * (total + 1.0)))
+        elif self.memory == "buffer" and self.buffers.get(key):
+            count = len(self.buffers[key])
+            rate, std = mean_std(self.buffers[key])
+            spread = std / math.sqrt(count)
+        elif self.memory == "ema" and key in self.moments:
+            rate, variance, count = self.moments[key]
+            spread = math.sqrt(variance) * math.sqrt((1.0 - self.decay) / (1.0 + self.decay))
+        return rate, spread, count
 
     def streaks(self) -> Dict[Hashable, int]:
         """Returns the streak of every prompt that has one (``track_streaks``); others have 0.
@@ -753,6 +1095,7 @@ class ReferenceAdvantageTracker:
             A dict from prompt to its mean, population std (ddof 0) and count;
             for the Beta memory p, sqrt(p (1 - p)) and count, of every prompt
             that got a reward or a prior (the others hold the default prior).
+            With a memory per reward function the keys are (prompt, c).
         """
         if self.memory == "buffer":
             return {prompt: (*mean_std(buffer), len(buffer)) for prompt, buffer in self.buffers.items()}
@@ -767,3 +1110,58 @@ def _mean_std_ddof(values: Sequence[float], ddof: int) -> Tuple[float, float]:
     if len(values) <= ddof:
         return mean, 0.0
     return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - ddof))
+
+
+def _weighted_mean_std(values: Sequence[float], masses: Optional[Sequence[float]], ddof: int) -> Tuple[float, float]:
+    """Mean and std with ``ddof`` of values each counted ``masses`` times (frequency weights), exactly rounded sums.
+
+    Args:
+        values: numbers.
+        masses: one non-negative weight per value, or None for ones.
+        ddof: subtracted from the weights' sum (the count without weights).
+
+    Returns:
+        sum(q v) / sum(q) (0 when empty, NaN when the weights sum to 0) and
+        sqrt(sum(q (v - mean)^2) / (sum(q) - ddof)), 0 when sum(q) <= ddof;
+        ``_mean_std_ddof`` without weights.
+    """
+    if masses is None:
+        return _mean_std_ddof(values, ddof)
+    total = math.fsum(masses)
+    if not values:
+        return 0.0, 0.0
+    if total == 0:
+        return math.nan, 0.0
+    mean = math.fsum(q * v for q, v in zip(masses, values)) / total
+    if total <= ddof:
+        return mean, 0.0
+    return mean, math.sqrt(math.fsum(q * (v - mean) ** 2 for q, v in zip(masses, values)) / (total - ddof))
+
+
+def _others_std(values: Sequence[float], own: int, ddof: int) -> float:
+    """The std with ``ddof`` of ``values`` but the one at ``own``: 0 when they are at most ``ddof`` or all equal."""
+    others = [v for j, v in enumerate(values) if j != own]
+    if len(others) <= ddof or len(set(others)) <= 1:
+        return 0.0
+    return _mean_std_ddof(others, ddof)[1]
+
+
+def _divisor(std: float, eps: float, rule: str) -> float:
+    """What an advantage is divided by, from a std, by the eps rule (``functional.EPS_RULES``).
+
+    Args:
+        std: s >= 0.
+        eps: eps >= 0.
+        rule: ``"add"`` (s + eps), ``"max"`` (max(s, eps)), ``"nonzero"``
+            (s + eps where s > 0, else 1) or ``"variance"`` (sqrt(s^2 + eps)).
+
+    Returns:
+        The divisor.
+    """
+    if rule == "add":
+        return std + eps
+    if rule == "max":
+        return max(std, eps)
+    if rule == "nonzero":
+        return std + eps if std > 0 else 1.0
+    return math.sqrt(std * std + eps)
