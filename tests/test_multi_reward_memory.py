@@ -19,12 +19,11 @@ given as [N] is bit-identical to a tracker built without the new options;
 C = 2 with weights (1, 0) equals a one-reward tracker fed column 0 (where
 that is an identity); ``torch.compile(fullgraph=True)``; two gloo ranks;
 refusals, which must leave the state as it was; and planted bugs, which these
-checks must catch. Three tracker discrepancies are marked
-``xfail(strict=True)`` with their reproductions (``test_known_discrepancy_*``);
-the first (the batch's statistics per reward function reach the wrong
-samples) is common enough that the random draws leave the batch baseline,
-the batch std and the batch fallback out of ``"normalize_then_sum"`` with
-C > 1 until it is fixed (``PER_REWARD_BATCH_STATISTICS_FIXED``).
+checks must catch. Four tracker bugs this file found (the batch's statistics
+per reward function reaching the wrong samples, ``fallback_mask`` of a
+memory per reward function, a weighted reward folded into the Beta memory,
+NaN from a weightless prompt's "zero" fallback) are fixed; ``test_fixed_*``
+keeps each reproduction.
 
 Rewards are multiples of 1/16 (up to 4 in magnitude) and reward weights are
 dyadic, so weighted sums are exact in float32 and float64: whether rewards are
@@ -82,12 +81,6 @@ KEY_BASE = 10**12
 REWARD_WEIGHTS = (1.0, 0.5, 2.0, -1.0, 0.0, 0.25, 1.5)
 #: Sample weights (token counts, lengths): positive, exact in every dtype.
 SAMPLE_WEIGHTS = (1.0, 2.0, 3.0, 0.5, 7.0, 16.0)
-#: Whether the tracker hands each (sample, reward) pair its own reward function's batch mean and std
-#: (test_known_discrepancy_per_reward_batch_statistics); until then the random draws leave them out.
-PER_REWARD_BATCH_STATISTICS_FIXED = False
-#: Whether a weightless prompt (``weighted_stats``) gets 0 from ``fallback="zero"``
-#: (test_known_discrepancy_weightless_prompt_zero_fallback); until then such batches are not drawn.
-WEIGHTLESS_ZERO_FALLBACK_FIXED = False
 #: The memory's state tensors, each [P, C, ...] with a memory per reward function.
 MEMORY_STATE = {"none": (), "buffer": ("rewards", "count", "head"), "ema": ("mean", "var", "count")}
 MEMORY_STATE["beta"] = ("alpha", "beta", "count")
@@ -173,7 +166,12 @@ def test_reference_sample_weights_are_frequency_weights():
     # falls back to the batch's, (0 * 0 + 2 * 4 + 0 * 5) / 2 = 4.
     report = opo.update_with_report([0, 0, 1], [0.0, 4.0, 5.0], weights=[0.0, 2.0, 0.0])
     assert report.advantages == [-4.0, 0.0, 1.0] and report.fallback == [False, False, True]
-    assert all(math.isnan(a) for a in opo.update([0, 1], [1.0, 2.0], weights=[0.0, 0.0]))  # no batch mean either
+    with pytest.raises(ValueError, match="all 0"):  # no batch mean to fall back to either: refused
+        opo.update([0, 1], [1.0, 2.0], weights=[0.0, 0.0])
+    with pytest.raises(ValueError, match="all 0"):
+        AdvantageTracker(2, baseline="prompt_mean", scale="none", weighted_stats=True).update(
+            torch.tensor([0, 1]), torch.tensor([1.0, 2.0]), weights=torch.tensor([0.0, 0.0])
+        )
     with pytest.raises(ValueError, match="finite and non-negative"):
         opo.update([0, 1], [1.0, 2.0], weights=[1.0, -1.0])
     assert opo.update([0, 1], [1.0, 2.0], [True, False], weights=[1.0, -1.0]) == [0.0, 0.0]  # masked out: unread
@@ -181,16 +179,16 @@ def test_reference_sample_weights_are_frequency_weights():
         whiten.update([0, 1], [1.0, 2.0], weights=[0.0, 0.0])
 
 
-def test_weighted_leave_one_out_without_others_is_nan():
+def test_weighted_leave_one_out_without_others_falls_back():
     # Prompt 0's samples weigh [0, 3, 0]: its mean is 2. Samples 0 and 2 (own weight 0): r - 2. Sample 1 holds
-    # all the weight, so its others' weighted mean is 0 / 0: undefined, NaN in both.
+    # all the weight, so its others have no weighted mean: it falls back to the batch's (weighted) mean, 2.
     options = dict(weighted_stats=True, baseline="leave_one_out", scale="none")
     want = ReferenceAdvantageTracker(**options).update([0, 0, 0], [1.0, 2.0, 4.0], weights=[0.0, 3.0, 0.0])
-    assert want[0] == -1.0 and math.isnan(want[1]) and want[2] == 2.0
-    got = AdvantageTracker(1, dtype=torch.float64, **options).update(
+    assert want == [-1.0, 0.0, 2.0]
+    report = AdvantageTracker(1, dtype=torch.float64, **options).update_with_report(
         torch.tensor([0, 0, 0]), torch.tensor([1.0, 2.0, 4.0], **F64), weights=torch.tensor([0.0, 3.0, 0.0], **F64)
     )
-    assert got[0] == -1.0 and torch.isnan(got[1]) and got[2] == 2.0
+    assert report.advantages.tolist() == want and report.fallback.tolist() == [False, True, False]
 
 
 @pytest.mark.parametrize(
@@ -229,17 +227,17 @@ def test_reference_beta_takes_what_enters_its_memory_in_unit_range():
     assert beta.betas == {(0, 0): [0.625, 1.125, 2], (0, 1): [0.75, 0.75, 1]}
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         beta.update([0], [[0.5, 1.5]])
-    # One reward of weight 2 summed first: 2 r enters the memory, outside [0, 1] for r > 1/2.
-    doubled = ReferenceAdvantageTracker("beta", reward_weights=(2.0,))
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        doubled.update([0], [0.75])
-    assert doubled.update([0], [0.25]) == pytest.approx([0.0])  # 0.5 enters: p stays 0.5, std 0.5
+    # One reward of weight 2 summed first would put 2 r into the memory: refused when built.
+    with pytest.raises(ValueError, match="weighted other than 1"):
+        ReferenceAdvantageTracker("beta", reward_weights=(2.0,))
 
 
 @pytest.mark.parametrize(
     "options",
     [
         dict(memory="beta", num_rewards=2),  # a weighted sum is not a pass rate
+        dict(memory="beta", reward_weights=(0.5,)),  # nor is a weighted reward
+        dict(weighted_normalize=True),  # no whitening to weigh
         dict(memory="buffer", weighted_stats=True),
         dict(memory="ema", scale="leave_one_out_std"),
         dict(scale="leave_one_out_std", weighted_stats=True),
@@ -284,15 +282,11 @@ def _draw_options(rng: random.Random, memory: str, aggregation: str, num_rewards
         options["decay"] = rng.choice([0.6, 0.9])
     if memory != "none":
         options["include_batch"] = rng.random() < 0.7
-    # The batch's statistics per reward function reach the wrong samples (test_known_discrepancy_per_reward_batch_*):
-    # left out of the draws with a memory per reward function until the tracker is fixed.
-    per_reward = aggregation == "normalize_then_sum" and num_rewards > 1 and not PER_REWARD_BATCH_STATISTICS_FIXED
-    batch = [] if per_reward else ["batch"]
-    options["baseline"] = baseline = rng.choice(["prompt_mean", "leave_one_out"] + [f"{b}_mean" for b in batch])
-    scales = ["prompt_std", "none"] + [f"{b}_std" for b in batch]
+    options["baseline"] = baseline = rng.choice(["prompt_mean", "leave_one_out", "batch_mean"])
+    scales = ["prompt_std", "none", "batch_std"]
     options["scale"] = scale = rng.choice(scales + (["leave_one_out_std"] * 2 if memory == "none" else []))
     options["ddof"] = ddof = rng.choice([0, 1])
-    options["fallback"] = rng.choice(["raw", "zero"] + batch)
+    options["fallback"] = rng.choice(["raw", "zero", "batch"])
     weighted_stats = memory == "none" and scale != "leave_one_out_std" and rng.random() < 0.5
     options["weighted_stats"] = weighted_stats
     pairs = baseline == "leave_one_out" or scale == "leave_one_out_std"
@@ -307,7 +301,7 @@ def _draw_options(rng: random.Random, memory: str, aggregation: str, num_rewards
         options["normalize_ddof"] = rng.choice([None, 0, 1])
         options["weighted_normalize"] = rng.random() < 0.5
     if memory == "beta" and aggregation == "sum_then_normalize":  # what enters the memory stays in [0, 1]
-        options["reward_weights"] = rng.choice([None, (1.0,), (0.5,)])
+        options["reward_weights"] = rng.choice([None, (1.0,)])
     elif rng.random() < 0.6:
         options["reward_weights"] = tuple(rng.choice(REWARD_WEIGHTS) for _ in range(num_rewards))
     options["track_streaks"] = rng.random() < 0.5
@@ -356,17 +350,12 @@ def _draw_batch(rng: random.Random, pool: list, options: dict, size: Optional[in
     weights = None
     if options.get("weighted_stats") or options.get("weighted_normalize"):
         kept = [True] * size if valid is None else valid
-        # A weight of 0 leaves a sample out of the weighted statistics; a masked-out sample's weight is never read.
-        # Zero weights, but where they make a weighted leave-one-out baseline undefined (NaN in both, which a
-        # whitening spreads over the batch: test_weighted_leave_one_out_without_others_is_nan) or meet a known
-        # discrepancy (WEIGHTLESS_ZERO_FALLBACK_FIXED).
-        loo = options.get("weighted_stats") and options.get("baseline") == "leave_one_out"
-        zero_fallback = options.get("weighted_stats") and options.get("fallback", "batch") == "zero"
-        zeros = not loo and (WEIGHTLESS_ZERO_FALLBACK_FIXED or not zero_fallback)
-        weights = [rng.choice(SAMPLE_WEIGHTS) if rng.random() < 0.85 or not zeros else 0.0 for _ in kept]
+        # A weight of 0 leaves a sample out of the weighted statistics (a prompt of no weight, or a leave-one-out
+        # sample whose others weigh nothing, falls back); a masked-out sample's weight is never read.
+        weights = [rng.choice(SAMPLE_WEIGHTS) if rng.random() < 0.85 else 0.0 for _ in kept]
         weights = [q if v else rng.choice([q, -1.0, NAN]) for q, v in zip(weights, kept)]
-        if options.get("weighted_normalize") and any(kept) and not any(q > 0 for q, v in zip(weights, kept) if v):
-            weights[kept.index(True)] = 1.0  # the whitening needs some weight (refused otherwise)
+        if any(kept) and not any(q > 0 for q, v in zip(weights, kept) if v):
+            weights[kept.index(True)] = 1.0  # weighted batch statistics need some weight (refused otherwise)
     return prompts, rewards, valid, discount, weights
 
 
@@ -789,13 +778,11 @@ def test_weights_one_and_zero_equal_one_reward_fed_column_zero():
     assert got[3] != 0 and want[3] == 0 and not torch.allclose(got[:3], want[:3])
 
 
-# -- Known discrepancies of the tracker (each fails today; strict, so a fix shows) --------------------------------
+# -- Bugs this file found in the tracker, each kept as its reproduction -------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="normalize_then_sum hands the estimator the batch's per-reward mean/std in "
-                   "batch order while the memory's statistics come in sorted row order")  # fmt: skip
 @pytest.mark.parametrize("memory", ["none", "buffer", "ema"])
-def test_known_discrepancy_per_reward_batch_statistics_reach_the_wrong_samples(memory):
+def test_fixed_per_reward_batch_statistics_reach_the_wrong_samples(memory):
     # One prompt, two samples, two rewards; r - the batch's mean of that reward: reward 0 [0, 1] (mean 0.5) gives
     # [-0.5, 0.5], reward 1 [10, 20] (mean 15) gives [-5, 5]: sum [-5.5, 5.5]. The tracker gives [9, -9]: its pairs
     # sorted by memory row are (s0, r0), (s1, r0), (s0, r1), (s1, r1), and each is paired with the batch mean of
@@ -813,8 +800,7 @@ def test_known_discrepancy_per_reward_batch_statistics_reach_the_wrong_samples(m
     assert got.tolist() == want
 
 
-@pytest.mark.xfail(strict=True, reason="fallback_mask reads rows p of the per-reward memory, not p * C + c")
-def test_known_discrepancy_fallback_mask_per_reward():
+def test_fixed_fallback_mask_per_reward():
     # Documented: bool [N, C] per reward function with normalize_then_sum. Prompt 2 holds two rewards of each
     # function: it does not fall back; prompts 0 and 1 hold none. The tracker returns [True, True, True]: [N],
     # read from memory rows 0, 1, 2 (prompt 0's two rewards and prompt 1's first), not rows 2 * C + c.
@@ -824,21 +810,18 @@ def test_known_discrepancy_fallback_mask_per_reward():
     assert tracker.fallback_mask(torch.tensor([0, 1, 2])).tolist() == [[True, True], [True, True], [False, False]]
 
 
-@pytest.mark.xfail(strict=True, reason="a Beta memory summing one reward of weight 2 folds 2 r, outside [0, 1]")
-def test_known_discrepancy_beta_takes_a_weighted_reward_outside_unit_range():
+def test_fixed_beta_takes_a_weighted_reward_outside_unit_range():
     # sum_then_normalize with reward_weights=(2.0,) puts 2 r into the Beta posterior: after r = 1, 1 (rho 0.9)
     # beta = -1.495, the pass rate 1.55, its uncertainty NaN and the advantages 4.5e5. The reference refuses what
     # it would fold outside [0, 1] (0.5 <= r <= 1 here), as the tracker refuses such rewards themselves.
-    ReferenceAdvantageTracker("beta", reward_weights=(2.0,)).update([0], [0.25])
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        ReferenceAdvantageTracker("beta", reward_weights=(2.0,)).update([0, 0], [1.0, 1.0])
-    tracker = AdvantageTracker(2, "beta", reward_weights=(2.0,), decay=0.9, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        tracker.update(torch.tensor([0, 0]), torch.tensor([1.0, 1.0], dtype=torch.float64))
+    for build in (ReferenceAdvantageTracker, lambda *a, **k: AdvantageTracker(2, *a, **k)):
+        with pytest.raises(ValueError, match="weighted other than 1"):
+            build("beta", reward_weights=(2.0,), decay=0.9)
+    # Weighted after normalising, the memory takes the rewards themselves.
+    AdvantageTracker(2, "beta", reward_weights=(2.0,), decay=0.9, aggregation="normalize_then_sum")
 
 
-@pytest.mark.xfail(strict=True, reason="fallback='zero' divides a weightless prompt's NaN deviation by inf: NaN")
-def test_known_discrepancy_weightless_prompt_zero_fallback():
+def test_fixed_weightless_prompt_zero_fallback():
     # weighted_stats: prompt 1's only sample weighs 0, so it has no weighted mean and falls back (documented); the
     # "zero" fallback gives it 0. The tracker gives NaN: prompt_advantages takes the deviation r - m (m = 0 / 0)
     # as the numerator and relies on an infinite divisor to make it 0, which NaN / inf is not. The "raw" and

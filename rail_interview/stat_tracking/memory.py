@@ -233,7 +233,8 @@ class NoMemory:
         sum minus ddof, 0 where that is not positive), and its own weight in
         the mean is its share of the group's weights; the count stays the
         number of samples, or 0 for a group whose weights sum to 0 (it has
-        no weighted mean, so the estimator's fallback takes it).
+        no weighted mean, so the estimator's fallback takes it; its mean
+        reads 0, to keep every value finite).
         """
         num_rows = self._num_prompts + 1  # pragma: no mutate (spare)
         if group_stats_algorithm(prompt_ids.numel(), num_rows, rewards.device) == "sorted":  # pragma: no mutate (fork)
@@ -248,7 +249,9 @@ class NoMemory:
                 return SampleStats(sorted_rewards, size, deviation, std, weight, groups)
             sorted_weights = take(weights, groups.order)  # [N]
             mass = segment_sum(sorted_weights, groups)  # [N]
-            mean = segment_sum(sorted_weights * sorted_rewards, groups).div_(mass)  # [N]
+            mean = (
+                segment_sum(sorted_weights * sorted_rewards, groups).div_(mass).nan_to_num_(0.0)
+            )  # [N], 0 if no weight
             deviation = sorted_rewards - mean  # [N]
             spread = segment_sum(sorted_weights * deviation.square(), groups)  # [N]
             std = _weighted_std(spread, mass, ddof)  # [N]
@@ -265,7 +268,7 @@ class NoMemory:
             weight = take(count.reciprocal(), prompt_ids) if own_weight else None  # [N]
             return SampleStats(rewards, take(count, prompt_ids), deviation, take(std, prompt_ids), weight, None)
         mass = add_at(torch.zeros_like(count), prompt_ids, weights)  # [R]
-        mean = add_at(torch.zeros_like(count), prompt_ids, weights * rewards).div_(mass)  # [R]
+        mean = add_at(torch.zeros_like(count), prompt_ids, weights * rewards).div_(mass).nan_to_num_(0.0)  # [R]
         deviation = rewards - take(mean, prompt_ids)  # [N]
         std = _weighted_std(add_at(torch.zeros_like(count), prompt_ids, weights * deviation.square()), mass, ddof)
         weight = weights / take(mass, prompt_ids) if own_weight else None  # [N]

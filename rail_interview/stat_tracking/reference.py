@@ -305,8 +305,10 @@ class ReferenceAdvantageTracker:
        [N] numbers (one reward) or [N] rows of C (``num_rewards=C`` > 1);
        ``weights`` given to a tracker that does not use them, missing
        where it does, of another length, not finite and non-negative for
-       a sample that ``valid`` keeps, or (``weighted_normalize``) all 0 for
-       the samples that ``valid`` keeps (see the sections below).
+       a sample that ``valid`` keeps, or all 0 for the samples that
+       ``valid`` keeps where a weighted batch statistic needs them
+       (``weighted_normalize``, or ``weighted_stats`` with a batch baseline,
+       scale or fallback; see the sections below).
     1. A sample is valid if ``valid`` says so and, with
        ``nan_rewards="invalid"``, its reward is not NaN. Invalid samples touch
        no state and no statistic, and get advantage 0.
@@ -379,12 +381,12 @@ class ReferenceAdvantageTracker:
     * ``weighted_stats`` (``memory="none"`` only): a sample counts as q
       copies of its reward in its prompt's statistics and the batch's:
       m = sum(q r) / sum(q), S = sqrt(sum(q (r - m)^2) / (sum(q) - ddof)),
-      0 where sum(q) <= ddof, and w = q / sum(q) for ``"leave_one_out"``
-      (whose others' mean is undefined, NaN, where they weigh 0: w = 1);
-      n stays the number of rewards, but a prompt whose weights sum to 0
-      has no mean: n = 0, so it falls back. B_m and B_s likewise over the
-      batch (B_m NaN where the batch's weights sum to 0: a fallback to it
-      gives NaN).
+      0 where sum(q) <= ddof, and w = q / sum(q) for ``"leave_one_out"``;
+      a sample whose others weigh 0 (w = 1) has no others' mean and falls
+      back. n stays the number of rewards, but a prompt whose weights sum to
+      0 has no mean: n = 0, so it falls back. B_m and B_s likewise over the
+      batch; a batch whose valid weights are all 0 is refused when B_m or
+      B_s is used (a batch baseline, scale or fallback).
     * ``weighted_normalize``: step 5's a_m and a_s likewise (``normalize_ddof``
       subtracted from the valid samples' sum(q)); a weight of 0 leaves a
       sample out of them, not out of the whitening.
@@ -412,7 +414,8 @@ class ReferenceAdvantageTracker:
       prompt are all equal (one with none counts as equal).
 
     The Beta memory takes values in [0, 1] (R, or each r_c that counts);
-    with C > 1 it needs ``"normalize_then_sum"``. The report's fields with
+    with C > 1, or a reward weight other than 1, it needs
+    ``"normalize_then_sum"`` (refused when built otherwise). The report's fields with
     several rewards are those ``ReferenceUpdateReport`` describes.
 
     With a ``capacity`` (the specification of ``keys="hashed"``), memory is
@@ -574,8 +577,14 @@ class ReferenceAdvantageTracker:
             isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in lambdas
         ):
             raise ValueError(f"reward_weights must be {num_rewards} finite numbers, got {reward_weights!r}")
-        if memory == "beta" and aggregation == "sum_then_normalize" and num_rewards > 1:
-            raise ValueError("memory='beta' with several rewards needs aggregation='normalize_then_sum'")
+        combined = num_rewards > 1 or any(w != 1.0 for w in lambdas)
+        if memory == "beta" and aggregation == "sum_then_normalize" and combined:
+            raise ValueError(
+                "memory='beta' with several rewards, or a reward weighted other than 1, needs "
+                "aggregation='normalize_then_sum': a weighted sum of rewards is not a pass rate in [0, 1]"
+            )
+        if weighted_normalize and normalize != "batch":
+            raise ValueError("weighted_normalize needs normalize='batch'")
         if weighted_stats and memory != "none":
             raise ValueError(f"weighted_stats needs memory='none', not {memory!r}")
         if scale == "leave_one_out_std" and (memory != "none" or weighted_stats or min_count < 2):
@@ -794,7 +803,9 @@ class ReferenceAdvantageTracker:
             if not counting[i]:
                 continue
             count, mean, std = prompt_stats[prompt]
-            fallback[i] = prompt in overflow or count < self.min_count
+            # A sample holding all of its prompt's weight (weighted leave-one-out) has no others: it falls back.
+            alone = self.baseline == "leave_one_out" and weights.get(i, 0.0) >= 1.0
+            fallback[i] = prompt in overflow or count < self.min_count or alone
             if fallback[i]:
                 if self.fallback == "zero":
                     continue
@@ -804,9 +815,8 @@ class ReferenceAdvantageTracker:
                 numerator = reward - mean
             elif self.baseline == "batch_mean":
                 numerator = reward - batch_mean
-            else:  # leave_one_out: r minus the mean of the prompt's other rewards (NaN if they weigh nothing)
-                rest = 1.0 - weights[i]
-                numerator = (reward - mean) / rest if rest else math.nan
+            else:  # leave_one_out: r minus the mean of the prompt's other rewards
+                numerator = (reward - mean) / (1.0 - weights[i])
             if self.scale == "leave_one_out_std" and not fallback[i]:
                 std = others[i]
             if self.scale != "none":
@@ -845,8 +855,17 @@ class ReferenceAdvantageTracker:
             raise ValueError(f"got {len(valid)} samples and {len(masses)} weights")
         if not all(math.isfinite(q) and q >= 0 for q, v in zip(masses, valid) if v):
             raise ValueError("weights must be finite and non-negative for the samples that valid keeps")
-        if self.weighted_normalize and any(valid) and not any(q > 0 for q, v in zip(masses, valid) if v):
-            raise ValueError("weights of the samples that valid keeps are all 0: the whitening has no mean")
+        weighted_batch = self.weighted_stats and (
+            self.baseline == "batch_mean" or self.scale == "batch_std" or self.fallback == "batch"
+        )
+        if (
+            (self.weighted_normalize or weighted_batch)
+            and any(valid)
+            and not any(q > 0 for q, v in zip(masses, valid) if v)
+        ):
+            raise ValueError(
+                "weights of the samples that valid keeps are all 0: their weighted statistics have no mean"
+            )
         return masses
 
     def _key(self, prompt: Hashable, channel: int) -> Hashable:

@@ -366,6 +366,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             weighted_normalize=weighted_normalize,
             include_batch=include_batch,
             min_count=min_count,
+            normalize=normalize,
         )
         self._num_prompts, self._eps, self._dtype = num_prompts, float(eps), dtype
         self._device = resolve_device(device)
@@ -776,7 +777,8 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             if self.memory == "beta":
                 check_unit_rewards(rewards, valid, discount)
             if weights is not None:
-                check_weight_values(weights, valid, some_positive=self._weighted_normalize)
+                weighted_batch = self._weighted_stats and self._needs_batch
+                check_weight_values(weights, valid, some_positive=self._weighted_normalize or weighted_batch)
         return prompt_ids, rewards, valid
 
     def _update(
@@ -1010,13 +1012,20 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             advantages = batch_advantages(flat_rewards, **options)  # [N * C]
         else:
             stats = self._fold(flat_rows, flat_rewards, pair_discount, pair_weights)
+            in_stats_order = options
+            if stats.groups is not None and batch_mean is not None:
+                # The statistics come sorted by memory row; each pair's batch mean and std must follow.
+                order = stats.groups.order
+                in_stats_order = dict(
+                    options, batch_mean=take(options["batch_mean"], order), batch_std=take(options["batch_std"], order)
+                )
             advantages, fallback = prompt_advantages(
                 stats,
                 baseline=self._baseline,
                 min_count=self._min_count,
                 fallback=self._fallback,
                 report=report,
-                **options,
+                **in_stats_order,
             )
         if rows.overflow is not None:
             overflow = flat(rows.overflow.unsqueeze(-1))  # [N * C]
@@ -1228,12 +1237,14 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
     def _fallback_mask(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """``fallback_mask`` of checked int64 [N] ids (or keys)."""
         if not self._needs_fold:
-            return torch.ones_like(prompt_ids, dtype=torch.bool)
+            shape = (len(prompt_ids), self._channels) if self._channels > 1 else prompt_ids.shape
+            return torch.ones(shape, dtype=torch.bool, device=prompt_ids.device)
         if self._table is None:
-            return self._memory.counts(prompt_ids) < self._min_count
+            return self._per_prompt(self._memory.counts(self._channel_rows(prompt_ids))) < self._min_count
         rows = self._table.lookup(prompt_ids)  # [N], -1 for keys not in the table
-        counts = self._memory.counts(rows.clamp_min(0))
-        return (rows < 0) | (counts < self._min_count)
+        counts = self._per_prompt(self._memory.counts(self._channel_rows(rows.clamp_min(0))))  # [N] or [N, C]
+        absent = rows < 0 if self._channels == 1 else (rows < 0).unsqueeze(-1)
+        return absent | (counts < self._min_count)
 
     def query(self, prompt_ids: torch.Tensor) -> PromptQuery:
         """Says what memory holds of some prompts: pass rate, its uncertainty, count and zero-variance streak.

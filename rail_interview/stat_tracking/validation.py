@@ -137,6 +137,7 @@ def check_reward_options(
     weighted_normalize: bool,
     include_batch: bool,
     min_count: int,
+    normalize: str = "none",
 ) -> Tuple[float, ...]:
     """Raises ValueError for the options of several rewards and of sample weights that cannot work together.
 
@@ -150,6 +151,7 @@ def check_reward_options(
         weighted_normalize: a bool; sample weights enter the batch normalisation.
         include_batch: whether the batch enters the prompts' statistics.
         min_count: the estimator's min_count.
+        normalize: the tracker's ``normalize``.
 
     Returns:
         The C weights, as floats.
@@ -172,11 +174,14 @@ def check_reward_options(
         ):
             raise ValueError(f"reward_weights must be {num_rewards} finite numbers (one per reward), got {weights!r}")
         weights = tuple(float(w) for w in weights)
-    if num_rewards > 1 and memory == "beta" and aggregation == "sum_then_normalize":
+    if memory == "beta" and aggregation == "sum_then_normalize" and weights != (1.0,):
         raise ValueError(
-            "memory='beta' with several rewards needs aggregation='normalize_then_sum' (a Beta posterior per reward "
-            "function): a weighted sum of rewards is not a pass rate"
+            "memory='beta' with several rewards, or a reward weighted other than 1, needs "
+            "aggregation='normalize_then_sum' (a Beta posterior per reward function): a weighted sum of rewards is "
+            "not a pass rate in [0, 1]"
         )
+    if weighted_normalize and normalize != "batch":
+        raise ValueError("weighted_normalize=True weighs the batch normalisation, which needs normalize='batch'")
     if weighted_stats and memory != "none":
         raise ValueError(
             f"weighted_stats=True needs memory='none': a {memory!r} memory keeps rewards, not their weights, "
