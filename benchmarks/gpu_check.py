@@ -1,20 +1,25 @@
 """Runs the CUDA tests and the GPU benchmark on a CUDA machine, and writes one JSON report.
 
 Usage:
-    python benchmarks/gpu_check.py             # the tests and the headline benchmark grid
-    python benchmarks/gpu_check.py --quick     # the tests and the quick benchmark grid
+    python benchmarks/gpu_check.py             # the tests and the benchmarks' headline grids
+    python benchmarks/gpu_check.py --quick     # the tests and the benchmarks' quick grids
 
 The checks are tests: ``pytest -m cuda tests`` (tests/test_cuda.py and the
 CUDA tests of tests/test_tracker_contract.py: CUDA equals CPU, no host sync,
-CUDA-graph replay, determinism, training). Then
-``benchmarks/bench_trackers.py --device=cuda``, which checks every tracker
-against the reference before timing it. The report,
+CUDA-graph replay, determinism, training; several rewards per sample too).
+Then ``benchmarks/bench_trackers.py --device=cuda``, which checks every
+tracker against the reference before timing it, and the benchmarks of
+``MORE_BENCHMARKS`` on CUDA (SPO's tracker against the recipe's dicts;
+C = 4 rewards against single-reward trackers combined by hand), each of
+which checks agreement before timing too. The report,
 ``<out>/gpu_check_<gpu-name>.json``, holds the device, the versions, every
-test's outcome and the benchmark's milliseconds per update
-(docs/testing.md). It is written after the tests and again at the end.
+test's outcome and the benchmarks' milliseconds per update
+(docs/testing.md): bench_trackers.py's in ``benchmark``, the others' in
+``benchmark["more"]`` by script. It is written after the tests and again at
+the end.
 
 Exit status: 0 when every CUDA test passed (a CUDA test skipped on a GPU is a
-failure) and the benchmark ran, 1 otherwise, 2 without a CUDA device.
+failure) and every benchmark ran, 1 otherwise, 2 without a CUDA device.
 """
 
 import argparse
@@ -26,7 +31,7 @@ import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -60,22 +65,42 @@ def run_tests(out: pathlib.Path, paths: Sequence[str] = ("tests",), cwd: pathlib
     return {"command": " ".join(shown), "exit_code": result.returncode, "counts": counts, "tests": tests}
 
 
-def run_benchmark(out: pathlib.Path, quick: bool, device: str = "cuda") -> Dict:
-    """Runs ``benchmarks/bench_trackers.py`` on ``device``, writing its JSON into ``out``.
+#: The benchmarks run after bench_trackers.py: script -> (its flags for the full run, for --quick).
+MORE_BENCHMARKS: Dict[str, Tuple[List[str], List[str]]] = {
+    "bench_spo.py": (["--rounds=3", "--min_run_time=0.2"], ["--quick"]),
+    "bench_multi_reward.py": (["--rounds=3", "--min_run_time=0.2"], ["--quick"]),
+}
+
+
+def run_script(script: str, args: Sequence[str], out: pathlib.Path, device: str) -> Dict:
+    """Runs ``benchmarks/<script>`` on ``device`` with ``args``, writing its JSON into ``out``.
 
     Returns:
         ``command``, ``exit_code`` and, when it wrote its JSON, ``json`` (the
         path) and ``ms_per_update`` (its rows); else ``output_tail``.
     """
-    grid = ["--grid=quick", "--rounds=1", "--min_run_time=0.01"] if quick else ["--grid=headline", "--rounds=3"]
-    command = ["benchmarks/bench_trackers.py", f"--device={device}", f"--out={out}", *grid]
+    command = [f"benchmarks/{script}", f"--device={device}", f"--out={out}", *args]
     result = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, capture_output=True, text=True)
     report: Dict = {"command": " ".join(["python", *command]), "exit_code": result.returncode}
-    written = re.findall(r"^Wrote (.+\.json)$", result.stdout, flags=re.MULTILINE)
+    written = re.findall(r"^Wrote (.+\.json)", result.stdout, flags=re.MULTILINE)
     if result.returncode or not written:
         return dict(report, output_tail=(result.stdout + result.stderr)[-4000:])
     rows = json.loads(pathlib.Path(written[-1]).read_text())["results"]
     return dict(report, json=written[-1], ms_per_update=[{k: v for k, v in r.items() if k != "rounds"} for r in rows])
+
+
+def run_benchmark(out: pathlib.Path, quick: bool, device: str = "cuda") -> Dict:
+    """Runs ``benchmarks/bench_trackers.py``, then each of ``MORE_BENCHMARKS``, on ``device``, their JSON into ``out``.
+
+    Returns:
+        bench_trackers.py's ``command``, ``exit_code`` and, when it wrote its
+        JSON, ``json`` (the path) and ``ms_per_update`` (its rows), else
+        ``output_tail``; and ``more``: the same for each other script, by name.
+    """
+    grid = ["--grid=quick", "--rounds=1", "--min_run_time=0.01"] if quick else ["--grid=headline", "--rounds=3"]
+    report = run_script("bench_trackers.py", grid, out, device)
+    more = {script: run_script(script, flags[quick], out, device) for script, flags in MORE_BENCHMARKS.items()}
+    return dict(report, more=more)
 
 
 def describe_device() -> Dict:
@@ -86,10 +111,12 @@ def describe_device() -> Dict:
 
 
 def passed(report: Dict) -> bool:
-    """Whether every CUDA test ran and passed, and the benchmark wrote its figures."""
+    """Whether every CUDA test ran and passed, and every benchmark wrote its figures."""
     tests = report["tests"]
     every_test_passed = tests["exit_code"] == 0 and tests["tests"] and tests["counts"]["passed"] == len(tests["tests"])
-    return bool(every_test_passed) and "ms_per_update" in report.get("benchmark", {})
+    benchmark = report.get("benchmark", {})
+    every_benchmark_ran = all("ms_per_update" in run for run in [benchmark, *benchmark.get("more", {}).values()])
+    return bool(every_test_passed) and every_benchmark_ran
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -119,7 +146,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report["benchmark"] = run_benchmark(args.out, args.quick)
     report["passed"] = passed(report)
     path.write_text(json.dumps(report, indent=1))
-    print(f"{report['benchmark']['command']}: exit {report['benchmark']['exit_code']}; passed: {report['passed']}")
+    for run in [report["benchmark"], *report["benchmark"].get("more", {}).values()]:
+        print(f"{run['command']}: exit {run['exit_code']}")
+    print(f"passed: {report['passed']}")
     return 0 if report["passed"] else 1
 
 

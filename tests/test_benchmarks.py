@@ -248,6 +248,76 @@ def test_bench_spo_quick(tmp_path):
     assert table.split("\n\n")[-1].strip() in result.stdout  # the file holds the printed table
 
 
+_MEMORIES = ("none", "buffer", "ema")
+_ORDERS = ("sum_then_normalize", "normalize_then_sum")
+
+
+def test_bench_multi_reward_quick(tmp_path):
+    result = _run("bench_multi_reward.py", "--quick", f"--out={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "multi_reward_cpu_quick.json").read_text())
+    assert data["machine"]["torch_threads"] == 1 and data["rounds"] == 2 and data["tolerance"] <= 1e-5
+    assert data["reward_weights"] == [1.0, 0.5, 0.25, 2.0] and data["check_values"] is True
+    cases = [(r["N"], r["P"], r["memory"], r["order"]) for r in data["results"]]
+    assert cases == [(n, p, m, o) for n, p in [(32, 8), (96, 40)] for m in _MEMORIES for o in _ORDERS]
+    for row in data["results"]:
+        assert all(row[f"{name}_ms"] > 0 for name in ("one", "by_hand", "loop")) and "one_compiled_ms" not in row
+        assert all(len(times) == 2 for times in row["rounds"].values())
+        # Both by-hand variants were checked against the one tracker, advantages and state.
+        assert set(row["max_diff"]) == {"by_hand", "loop"}
+        assert all(0 <= diff <= data["tolerance"] for d in row["max_diff"].values() for diff in d.values())
+    table = (tmp_path / "multi_reward_cpu_quick.md").read_text()
+    assert "| N | P | memory | order | one ms | by hand ms | loop ms | by hand / one | loop / one |" in table
+    assert "Command: `python benchmarks/bench_multi_reward.py --quick" in table
+    assert table.split("\n\n")[-1].strip() in result.stdout  # the file holds the printed table
+
+
+# Runs bench_multi_reward.py with the tracker's final whitening nudged, so that the one tracker of
+# several rewards disagrees with the single-reward trackers combined by hand (normalize_then_sum).
+_NUDGED_WHITENING = """
+import runpy, sys
+from rail_interview.stat_tracking import tracker
+normalized_advantages = tracker.normalized_advantages
+tracker.normalized_advantages = lambda *args, **kwargs: normalized_advantages(*args, **kwargs) * 1.001
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_bench_multi_reward_refuses_to_time_variants_that_disagree():
+    script = str(REPO_ROOT / "benchmarks" / "bench_multi_reward.py")
+    result = subprocess.run(
+        [sys.executable, "-c", _NUDGED_WHITENING, script, "--quick", "--out="],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0
+    assert "AssertionError: N=32 P=8 none normalize_then_sum, by_hand, step 0: Tensor-likes are not close" in (
+        result.stderr
+    )
+    assert "| N | P |" not in result.stdout
+
+
+@pytest.mark.skipif(not (REPO_ROOT / ".git").exists(), reason="needs the git history")
+def test_bench_multi_reward_ab_checks_and_times_a_revision_against_the_working_tree(tmp_path):
+    result = _run("bench_multi_reward.py", "--quick", "--ab_rev=HEAD", "--steps=2", f"--out={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert "HEAD (" in result.stdout and ", old) against the working tree (rail_interview of HEAD " in result.stdout
+    data = json.loads((tmp_path / "ab_single_reward_cpu.json").read_text())
+    assert data["rev"] == "HEAD" and data["rev_hash"] == data["head"] and data["rounds"] == 2
+    assert [(r["memory"], r["N"], r["P"]) for r in data["results"]] == [
+        (m, n, p) for m in _MEMORIES for n, p in [(32, 8), (96, 40)]
+    ]
+    for row in data["results"]:
+        assert all(len(times) == 2 for times in row["rounds"].values())
+        assert row["new_over_old"] == pytest.approx(row["new_ms"] / row["old_ms"])
+        assert row["round_ratio_min"] <= row["round_ratio_max"] and 0.1 < row["new_over_old"] < 10
+    table = (tmp_path / "ab_single_reward_cpu.md").read_text()
+    assert "| memory | N | P | old ms | new ms | new / old | per-round new / old (min, max) |" in table
+    assert table.split("\n\n")[-1].strip() in result.stdout
+
+
 # Runs bench_spo.py with the dict baseline's state nudged after every update
 # (one prompt's alpha), so that the agreement check must fail.
 _NUDGED = """

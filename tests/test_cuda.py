@@ -12,6 +12,7 @@ training on CUDA. ``python benchmarks/gpu_check.py`` runs every test marked
 (docs/testing.md).
 """
 
+import math
 import pathlib
 from typing import Dict, List, Optional, Tuple
 
@@ -19,7 +20,7 @@ import pytest
 import test_tracker_contract as contract
 import torch
 
-from rail_interview.stat_tracking import BufferStatTracker, ops, presets
+from rail_interview.stat_tracking import AdvantageTracker, BufferStatTracker, ops, presets
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -209,6 +210,148 @@ def test_pass_rate_memory_graph_replay_matches_eager(name):
         static_discount.copy_(discount)
         graph.replay()
         eager_extra = {"discount": discount.cuda()} if discounted else {}
+        torch.testing.assert_close(static_out, eager.update(ids.cuda(), rewards.cuda(), **eager_extra))
+    for key, value in eager.state_dict().items():
+        assert torch.equal(graphed.state_dict()[key], value), key
+
+
+#: C = 3 reward functions' weights for the trackers of several rewards.
+MULTI_REWARD_WEIGHTS = (1.0, 0.5, 2.0)
+#: Trackers of C = 3 rewards per sample, NaN where a function returned nothing, P = 6: both
+#: aggregation orders over a buffer; sample weights in the prompts' statistics and the whitening
+#: (OPO's and verl's token-weighted whitening) and verl's GDPO over a buffer, both taking weights;
+#: hashed keys in a table of 4 rows, so that keys (and their C memory rows) are evicted.
+MULTI_REWARD_TRACKERS: Dict[str, contract.TrackerFactory] = {
+    "sum_then_normalize_buffer": lambda **kw: AdvantageTracker(
+        6,
+        "buffer",
+        buffer_size=4,
+        num_rewards=3,
+        reward_weights=MULTI_REWARD_WEIGHTS,
+        aggregation="sum_then_normalize",
+        nan_rewards="invalid",
+        **kw,
+    ),
+    "normalize_then_sum_buffer": lambda **kw: AdvantageTracker(
+        6,
+        "buffer",
+        buffer_size=4,
+        num_rewards=3,
+        reward_weights=MULTI_REWARD_WEIGHTS,
+        aggregation="normalize_then_sum",
+        nan_rewards="invalid",
+        normalize="batch",
+        **kw,
+    ),
+    "sum_then_normalize_weighted": lambda **kw: AdvantageTracker(
+        6,
+        num_rewards=3,
+        reward_weights=MULTI_REWARD_WEIGHTS,
+        nan_rewards="invalid",
+        weighted_stats=True,
+        normalize="batch",
+        weighted_normalize=True,
+        **kw,
+    ),
+    "verl_gdpo_buffer": lambda **kw: presets.verl_gdpo(
+        6,
+        num_rewards=3,
+        reward_weights=MULTI_REWARD_WEIGHTS,
+        memory="buffer",
+        buffer_size=4,
+        nan_rewards="invalid",
+        **kw,
+    ),
+    "hashed_trl_normalize_then_sum": lambda **kw: presets.trl_grpo(
+        4,
+        multi_objective_aggregation="normalize_then_sum",
+        reward_weights=MULTI_REWARD_WEIGHTS,
+        memory="buffer",
+        buffer_size=4,
+        keys="hashed",
+        **kw,
+    ),
+}
+
+
+def _several_reward_batches(num_batches: int, batch_size: Optional[int] = None, seed: int = 0):
+    """(ids [n] in [0, 6), rewards [n, 3] with NaNs, weights [n]: token counts) on the CPU.
+
+    The first reward is pass/fail (zero-variance groups), the others on two
+    scales; about one reward in seven is NaN, and the first sample's are all
+    NaN (an unscorable sample).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(num_batches):
+        size = batch_size or int(torch.randint(2, 20, (1,), generator=generator))
+        ids = torch.randint(6, (size,), generator=generator)
+        rewards = torch.randn(size, 3, generator=generator) * torch.tensor([1.0, 5.0, 0.1])
+        rewards[:, 0] = (rewards[:, 0] > 0).float()
+        rewards[torch.rand(size, 3, generator=generator) < 0.15] = math.nan
+        rewards[0] = math.nan
+        weights = torch.randint(1, 50, (size,), generator=generator).float()
+        yield ids, rewards, weights
+
+
+def _takes_weights(tracker) -> bool:
+    return tracker.weighted_stats or tracker.weighted_normalize
+
+
+@pytest.mark.parametrize("name", sorted(MULTI_REWARD_TRACKERS))
+def test_several_rewards_on_cuda_match_cpu_and_never_sync(name):
+    make = MULTI_REWARD_TRACKERS[name]
+    cpu, cuda = make(), make(device="cuda", check_values=False)
+    weighted = _takes_weights(cpu)
+    torch.cuda.synchronize()
+    for step, (ids, rewards, weights) in enumerate(_several_reward_batches(10, seed=1)):
+        method = "update_with_report" if step % 2 else "update"  # both, in turn
+        extra = {"weights": weights} if weighted else {}
+        expected = getattr(cpu, method)(ids, rewards, **extra)
+        ids_cuda, rewards_cuda = ids.cuda(), rewards.cuda()
+        extra_cuda = {"weights": weights.cuda()} if weighted else {}
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = getattr(cuda, method)(ids_cuda, rewards_cuda, **extra_cuda)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        if method == "update":
+            torch.testing.assert_close(got.cpu(), expected)
+            continue
+        assert got.channel_zero_variance_fraction is not None
+        for field, value in expected._asdict().items():
+            torch.testing.assert_close(getattr(got, field).cpu(), value, msg=lambda m, f=field: f"{f}: {m}")
+    for key, value in cpu.state_dict().items():
+        torch.testing.assert_close(cuda.state_dict()[key].cpu(), value)
+
+
+@pytest.mark.parametrize("name", sorted(MULTI_REWARD_TRACKERS))
+def test_several_rewards_graph_replay_matches_eager(name):
+    batch_size = 16
+    make = MULTI_REWARD_TRACKERS[name]
+    eager, graphed = make(device="cuda", check_values=False), make(device="cuda", check_values=False)
+    weighted = _takes_weights(eager)
+    static_ids = torch.zeros(batch_size, dtype=torch.int64, device="cuda")
+    static_rewards = torch.zeros(batch_size, 3, device="cuda")
+    static_weights = torch.ones(batch_size, device="cuda")
+    extra = {"weights": static_weights} if weighted else {}
+    initial = graphed.state_dict()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graphed.update(static_ids, static_rewards, **extra)
+    torch.cuda.current_stream().wait_stream(side)
+    graphed.load_state_dict(initial)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = graphed.update(static_ids, static_rewards, **extra)
+    graphed.load_state_dict(initial)
+    for ids, rewards, weights in _several_reward_batches(8, batch_size, seed=2):
+        static_ids.copy_(ids)
+        static_rewards.copy_(rewards)
+        static_weights.copy_(weights)
+        graph.replay()
+        eager_extra = {"weights": weights.cuda()} if weighted else {}
         torch.testing.assert_close(static_out, eager.update(ids.cuda(), rewards.cuda(), **eager_extra))
     for key, value in eager.state_dict().items():
         assert torch.equal(graphed.state_dict()[key], value), key
