@@ -1048,8 +1048,8 @@ def _plant_max_rule_adds(monkeypatch):
 
 
 def _plant_nan_spoils_its_row(monkeypatch):
-    def weighted_sum(self, rewards, counts):
-        return torch.where(counts.all(1), (rewards * self._reward_weights).sum(1), math.nan)
+    def weighted_sum(self, rewards):
+        return (rewards.to(self._compute_dtype) * self._reward_weights).sum(1)  # sum, not nansum
 
     monkeypatch.setattr(AdvantageTracker, "_weighted_sum", weighted_sum)
 

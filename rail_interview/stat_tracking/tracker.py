@@ -807,12 +807,15 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             weights = cast(weights, self._compute_dtype)
             if valid is not None:
                 weights = torch.where(valid, weights, 1)  # [N]: an invalid sample's weight may be anything
-        channels = None  # [N, C] rewards of several functions, and which of them count
+        channels = None  # [N, C] rewards of several functions, and which of them count (for the report)
         if rewards.ndim == 2:
-            channels = self._channel_rewards(rewards, valid)
             if self._channels > 1:
-                return self._update_channels(prompt_ids, *channels, report, discount, weights)
-            rewards = self._weighted_sum(*channels)  # [N], NaN for rows that count nowhere
+                return self._update_channels(
+                    prompt_ids, *self._channel_rewards(rewards, valid), report, discount, weights
+                )
+            if report:
+                channels = self._channel_rewards(rewards, valid)
+            rewards = self._weighted_sum(rewards)  # [N], NaN for rows where no reward counts
         elif self._reward_weights is not None and self._aggregation == "sum_then_normalize":
             rewards = cast(rewards, self._compute_dtype) * self._reward_weights  # [N], one weighted reward
         if self._nan_rewards == "invalid":
@@ -911,18 +914,23 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             counts = counts & valid.unsqueeze(-1)
         return torch.where(counts, rewards, 0), counts
 
-    def _weighted_sum(self, rewards: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """TRL's ``sum_then_normalize`` reward: sum_c w_c r_c over the rewards that count, NaN where none does.
+    def _weighted_sum(self, rewards: torch.Tensor) -> torch.Tensor:
+        """TRL's ``sum_then_normalize`` reward: ``nansum_c(w_c r_c)``, NaN where every reward is NaN.
+
+        A NaN reward adds nothing (with ``nan_rewards="invalid"``, a reward
+        function that returned None); a row of NaN stays NaN, an invalid
+        sample. Masked-out samples are zeroed later, by the one-reward path.
 
         Args:
-            rewards: float [N, C], 0 where a reward does not count.
-            counts: bool [N, C].
+            rewards: ``dtype`` [N, C].
 
         Returns:
-            float [N].
+            float [N] in the compute dtype.
         """
-        combined = (rewards * self._reward_weights).sum(1)  # [N]
-        return torch.where(counts.any(1), combined, math.nan)
+        weighted = cast(rewards, self._compute_dtype) * self._reward_weights  # [N, C]
+        if self._nan_rewards != "invalid":
+            return weighted.sum(1)  # a NaN, refused with check_values, poisons its row as with one reward
+        return torch.where(rewards.isnan().all(1), math.nan, weighted.nansum(1))
 
     def _channel_fractions(self, equal: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """float32 [C]: per reward function, the share of present groups whose rewards are all equal."""
