@@ -162,10 +162,22 @@ def test_reference_sample_weights_are_frequency_weights():
         opo.update([0], [1.0])
     with pytest.raises(ValueError, match="without weighted_stats"):
         ReferenceAdvantageTracker().update([0], [1.0], weights=[1.0])
-    # A weight of 0 leaves a sample out: prompt 0's mean is 4; prompt 1 weighs nothing, so it has no mean and
-    # falls back to the batch's, (0 * 0 + 2 * 4 + 0 * 5) / 2 = 4.
+    # A weight of 0 leaves a sample out of the statistics and gives it advantage 0: prompt 0's mean is 4; prompt 1
+    # weighs nothing, so it has no mean and falls back (its one sample weighs 0: advantage 0 all the same).
     report = opo.update_with_report([0, 0, 1], [0.0, 4.0, 5.0], weights=[0.0, 2.0, 0.0])
-    assert report.advantages == [-4.0, 0.0, 1.0] and report.fallback == [False, False, True]
+    assert report.advantages == [0.0, 0.0, 0.0] and report.fallback == [False, False, True]
+    # Prompt 0's mean of 4 and 2 (weights 1 and 3) is 2.5; its weightless sample (9) gets 0, not 6.5, and with a
+    # std scale not (9 - 2.5) / (std + eps) either. The count stays the samples (verl's OPO counts them so).
+    report = opo.update_with_report([0, 0, 0], [4.0, 2.0, 9.0], weights=[1.0, 3.0, 0.0])
+    assert report.advantages == [1.5, -0.5, 0.0] and report.fallback == [False, False, False]
+    got = AdvantageTracker(1, baseline="prompt_mean", scale="none", weighted_stats=True).update_with_report(
+        torch.tensor([0, 0, 0]), torch.tensor([4.0, 2.0, 9.0]), weights=torch.tensor([1.0, 3.0, 0.0])
+    )
+    assert got.advantages.tolist() == [1.5, -0.5, 0.0] and got.fallback.tolist() == [False, False, False]
+    scaled = AdvantageTracker(1, weighted_stats=True).update(
+        torch.tensor([0, 0]), torch.tensor([1.0, 0.0]), weights=torch.tensor([1.0, 0.0])
+    )
+    assert scaled.tolist() == [0.0, 0.0]  # not -1e6: the weightless sample's deviation over a std of 0
     with pytest.raises(ValueError, match="all 0"):  # no batch mean to fall back to either: refused
         opo.update([0, 1], [1.0, 2.0], weights=[0.0, 0.0])
     with pytest.raises(ValueError, match="all 0"):
@@ -181,10 +193,11 @@ def test_reference_sample_weights_are_frequency_weights():
 
 def test_weighted_leave_one_out_without_others_falls_back():
     # Prompt 0's samples weigh [0, 3, 0]: its mean is 2. Samples 0 and 2 (own weight 0): r - 2. Sample 1 holds
-    # all the weight, so its others have no weighted mean: it falls back to the batch's (weighted) mean, 2.
+    # all the weight, so its others have no weighted mean: it falls back (to the batch's weighted mean, 2); samples 0
+    # and 2 weigh nothing: advantage 0.
     options = dict(weighted_stats=True, baseline="leave_one_out", scale="none")
     want = ReferenceAdvantageTracker(**options).update([0, 0, 0], [1.0, 2.0, 4.0], weights=[0.0, 3.0, 0.0])
-    assert want == [-1.0, 0.0, 2.0]
+    assert want == [0.0, 0.0, 0.0]
     report = AdvantageTracker(1, dtype=torch.float64, **options).update_with_report(
         torch.tensor([0, 0, 0]), torch.tensor([1.0, 2.0, 4.0], **F64), weights=torch.tensor([0.0, 3.0, 0.0], **F64)
     )
@@ -316,8 +329,7 @@ def _keeps_rows(options: dict) -> bool:
     """
     batch_only = options["memory"] == "none" and options["baseline"] == "batch_mean"
     batch_only = batch_only and options["scale"] != "prompt_std" and options["min_count"] <= 1
-    per_reward = options["aggregation"] == "normalize_then_sum" and options["num_rewards"] > 1
-    return not batch_only or options.get("track_streaks", False) or per_reward
+    return not batch_only or options.get("track_streaks", False)
 
 
 def _pair(num_prompts: int, keys: str, dtype: torch.dtype, options: dict, **tracker_options):
@@ -354,8 +366,12 @@ def _draw_batch(rng: random.Random, pool: list, options: dict, size: Optional[in
         # sample whose others weigh nothing, falls back); a masked-out sample's weight is never read.
         weights = [rng.choice(SAMPLE_WEIGHTS) if rng.random() < 0.85 else 0.0 for _ in kept]
         weights = [q if v else rng.choice([q, -1.0, NAN]) for q, v in zip(weights, kept)]
-        if any(kept) and not any(q > 0 for q, v in zip(weights, kept) if v):
-            weights[kept.index(True)] = 1.0  # weighted batch statistics need some weight (refused otherwise)
+        # Weighted batch statistics need some weight among the rewards that count (refused otherwise), per
+        # reward function where each has its own: give one counting reward of each column a weight.
+        for column in range(options["num_rewards"]):
+            counting = [v and not math.isnan(row[column]) for v, row in zip(kept, rows)]
+            if any(counting) and not any(q > 0 for q, c in zip(weights, counting) if c):
+                weights[counting.index(True)] = 1.0
     return prompts, rewards, valid, discount, weights
 
 
@@ -931,6 +947,20 @@ def _rank_scenarios(rank: int) -> None:
             assert torch.equal(got.channel_zero_variance_fraction, expected.channel_zero_variance_fraction), label
         for name, value in single.state_dict().items():
             assert torch.equal(shared.state_dict()[name], value), (options, name)
+    # Whether some weight is positive is the gathered batch's question: rank 1's samples all weigh 0, rank 0's
+    # do not, and both ranks accept it, as one process does; a gathered batch of no weight is refused on both.
+    options = dict(memory="none", num_rewards=2, normalize="batch", weighted_normalize=True)
+    shared = AdvantageTracker(3, dtype=torch.float64, process_group=group, **options)
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    ids = torch.tensor([0, 0])
+    local_weights = torch.tensor([[2.0, 1.0], [0.0, 0.0]], dtype=torch.float64)[rank]
+    got = shared.update(ids[rank : rank + 1], rewards[rank : rank + 1], weights=local_weights[:1])
+    want = AdvantageTracker(3, dtype=torch.float64, **options).update(
+        ids, rewards, weights=torch.tensor([2.0, 0.0], dtype=torch.float64)
+    )
+    assert torch.equal(got, want[rank : rank + 1])
+    with pytest.raises(ValueError, match="all 0"):
+        shared.update(ids[rank : rank + 1], rewards[rank : rank + 1], weights=torch.zeros(1, dtype=torch.float64))
 
 
 def test_ranks_match_one_process_and_the_reference(tmp_path):
@@ -1127,3 +1157,19 @@ def test_planted_bugs_are_caught(name, monkeypatch):
     plant(monkeypatch)
     with pytest.raises(AssertionError):
         _check_options(options, keys)
+
+
+def test_leave_one_out_std_of_an_outlier_keeps_its_precision():
+    # The downdate SS - d^2 n / (n - 1) cancels for a sample holding most of its group's spread; the others'
+    # squares are summed again for it. [-10, 0.8, 0.801, 0.802]: the first sample's others have std 0.001.
+    rewards = [-10.0, 0.8, 0.801, 0.802]
+    options = dict(scale="leave_one_out_std", baseline="leave_one_out", ddof=1, eps=1e-6, eps_rule="nonzero")
+    want = ReferenceAdvantageTracker(**options).update([0] * 4, rewards)
+    got = AdvantageTracker(1, dtype=torch.float64, **options).update(
+        torch.zeros(4, dtype=torch.int64), torch.tensor(rewards, **F64)
+    )
+    torch.testing.assert_close(got, torch.tensor(want, **F64), rtol=1e-12, atol=0)
+    assert want[0] == pytest.approx(-10790.2098, rel=1e-8)
+    got32 = AdvantageTracker(1, **options).update(torch.zeros(4, dtype=torch.int64), torch.tensor(rewards))
+    # float32 holds 0.801 to about 3e-8 of 1, so a spread of 0.001 to about 1e-4 of itself.
+    torch.testing.assert_close(got32.double(), torch.tensor(want, **F64), rtol=1e-4, atol=0)

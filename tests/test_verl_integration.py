@@ -160,7 +160,7 @@ def test_opo_preset_matches_verl():
     summed lengths; the tracker does the same sums with index_add_. Each
     rounds the baseline to a few ulps of the group's largest |score|. A group
     whose responses are all empty has a NaN baseline in verl (NaN tokens);
-    the tracker's fallback takes it (its raw score, times an all-zero mask: 0).
+    here an empty response weighs 0 and gets advantage 0.
     """
     for seed in range(48):
         rewards, mask, uids = random_batch(seed)
@@ -279,6 +279,11 @@ def test_several_rewards_are_refused_without_verls_columns():
     with pytest.raises(ValueError, match=r"reward column\(s\) \['missing'\] not in the batch"):
         estimator(*args, index=stamped, config={"gdpo_reward_keys": ["reward_0", "missing"]}, non_tensor_batch=columns)
     assert_same_state(tracker, before)
+    # Weights compare as given, not rounded to the tracker's float32: 0.3 and 0.7 are the config's 0.3 and 0.7.
+    weighted = rail_verl.TrackerEstimator(presets.verl_gdpo(16, 2, reward_weights=[0.3, 0.7]))
+    config = {"gdpo_reward_keys": ["reward_0", "reward_1"], "gdpo_reward_weights": [0.3, 0.7]}
+    plain = np.array([str(uid) for uid in data.non_tensor_batch["uid"]], dtype=object)
+    weighted(*args, index=plain, config=config, non_tensor_batch=columns)
     # With the columns, memory per reward: state [P, C, K].
     estimator(*args, index=stamped, config={"gdpo_reward_keys": ["reward_0", "reward_1"]}, non_tensor_batch=columns)
     assert tracker.state_dict()["rewards"].shape == (16, 2, 4)

@@ -249,7 +249,8 @@ def normalized_advantages(
     sample is NaN: here that sample's advantage is 0, with a positive eps).
     With ``weights`` (token counts: verl's ``masked_whiten`` over response
     tokens) the mean and variance are frequency-weighted (see
-    ``ops.weighted_mean_std``), ddof subtracted from the weights' sum.
+    ``ops.weighted_mean_std``), ddof subtracted from the weights' sum, and a
+    sample of weight 0 gets 0 (verl's token mask gives its tokens 0).
 
     Args:
         advantages: float [N] in the compute dtype; invalid samples' must be 0.
@@ -271,6 +272,8 @@ def normalized_advantages(
     else:
         mean, std = weighted_mean_std(advantages, valid, weights, ddof=ddof)
     whitened = (advantages - mean) / scale_divisor(std, eps, eps_rule)
+    if weights is not None:  # a sample of weight 0 (no tokens) is out of the whitening: advantage 0
+        valid = weights > 0 if valid is None else valid & (weights > 0)
     return whitened if valid is None else torch.where(valid, whitened, 0)
 
 
@@ -340,11 +343,13 @@ def leave_one_out_std(
 
     From the group's sum of squared deviations SS = std^2 (n - ddof), the
     others' is SS - d^2 n / (n - 1) (d the sample's deviation from the
-    group's mean), over n - 1 - ddof. That difference cancels exactly when
-    the others are all equal, where float rounding would leave a tiny
-    positive std (and an advantage divided by about 1e-6): that case is
-    detected exactly, from each group's minimum, maximum and their counts,
-    and gets std 0. O(N + R), no host sync.
+    group's mean), over n - 1 - ddof. That downdate cancels for a sample
+    that holds most of SS (d^2 > SS / 2, at most one per group): for it the
+    others' squares are summed again, centred on their own mean. When the
+    others are all equal, float rounding could still leave a tiny positive
+    std (and an advantage divided by about 1e-6): that case is detected
+    exactly, from each group's minimum, maximum and their counts, and gets
+    std 0. O(N + R), no host sync.
 
     Args:
         rows: int64 [N], each sample's group in [0, R); invalid samples in a
@@ -369,7 +374,16 @@ def leave_one_out_std(
     """
     size = count.to(rewards.dtype)  # [N]
     others = size - 1  # [N]
-    squares = std.square() * (size - ddof) - deviation.square() * size / others  # [N]
+    total = std.square() * (size - ddof)  # [N], the group's sum of squared deviations
+    squares = total - deviation.square() * size / others  # [N], the others' (downdated)
+    # The downdate cancels for a sample that holds most of its group's spread (an outlier): for it, at most one
+    # per group, the others' squares are summed again around their own mean.
+    dominant = deviation.square() > 0.5 * total  # [N]
+    zeros = torch.zeros(num_rows, dtype=rewards.dtype, device=rewards.device)
+    peers = (take(add_at(zeros.clone(), rows, dominant.to(rewards.dtype)), rows) > 0) & ~dominant  # [N]
+    centre = take(add_at(zeros.clone(), rows, torch.where(peers, rewards, 0)), rows) / others  # [N], their mean
+    around = torch.where(peers, rewards - centre, 0).square()  # [N]
+    squares = torch.where(dominant, take(add_at(zeros.clone(), rows, around), rows), squares)  # [N]
     variance = squares.clamp_min(0) / (others - ddof)  # [N]
     # The others are all equal when the group holds one value, or two with
     # this sample the only one of its value.
@@ -378,9 +392,9 @@ def leave_one_out_std(
     high = take(highest.scatter_reduce_(0, rows, rewards, "amax"), rows)  # [N]
     low = take(lowest.scatter_reduce_(0, rows, rewards, "amin"), rows)  # [N]
     at_high, at_low = rewards == high, rewards == low  # [N]
-    zeros = torch.zeros(num_rows, dtype=torch.int64, device=rows.device)
-    num_high = take(add_at(zeros.clone(), rows, at_high.long()), rows)  # [N]
-    num_low = take(add_at(zeros, rows, at_low.long()), rows)  # [N]
+    counts = torch.zeros(num_rows, dtype=torch.int64, device=rows.device)
+    num_high = take(add_at(counts.clone(), rows, at_high.long()), rows)  # [N]
+    num_low = take(add_at(counts, rows, at_low.long()), rows)  # [N]
     count = count.to(torch.int64)
     alone_high = at_high & (num_high == 1) & (num_low == count - 1)  # [N]
     alone_low = at_low & (num_low == 1) & (num_high == count - 1)  # [N]

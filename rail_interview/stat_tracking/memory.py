@@ -232,9 +232,9 @@ class NoMemory:
         mean and std (frequency weights: the variance divides by the weights'
         sum minus ddof, 0 where that is not positive), and its own weight in
         the mean is its share of the group's weights; the count stays the
-        number of samples, or 0 for a group whose weights sum to 0 (it has
-        no weighted mean, so the estimator's fallback takes it; its mean
-        reads 0, to keep every value finite).
+        number of samples (verl's OPO counts them so), or 0 for a group
+        whose weights sum to 0 (it has no weighted mean, so the estimator's
+        fallback takes it; its mean reads 0, to keep every value finite).
         """
         num_rows = self._num_prompts + 1  # pragma: no mutate (spare)
         if group_stats_algorithm(prompt_ids.numel(), num_rows, rewards.device) == "sorted":  # pragma: no mutate (fork)

@@ -805,9 +805,10 @@ def verl_opo(
     baseline is ``sum(l * r) / sum(l)`` over the group; no std, no eps; a
     group of one keeps its raw reward (baseline 0).
 
-    Departures: verl gives a group whose responses are all empty a NaN
-    baseline (NaN advantages, even on masked tokens); here such a group
-    falls back to its raw rewards, which the response mask then zeroes.
+    Departures: an empty response (weight 0) gets advantage 0 here, where
+    verl computes r - baseline and its response mask then zeroes it; a
+    group whose responses are all empty has a NaN baseline in verl (NaN
+    advantages, even on masked tokens) and 0 here.
 
     Args:
         num_prompts: P, ids in [0, P).

@@ -381,15 +381,16 @@ class ReferenceAdvantageTracker:
     * ``weighted_stats`` (``memory="none"`` only): a sample counts as q
       copies of its reward in its prompt's statistics and the batch's:
       m = sum(q r) / sum(q), S = sqrt(sum(q (r - m)^2) / (sum(q) - ddof)),
-      0 where sum(q) <= ddof, and w = q / sum(q) for ``"leave_one_out"``;
-      a sample whose others weigh 0 (w = 1) has no others' mean and falls
-      back. n stays the number of rewards, but a prompt whose weights sum to
-      0 has no mean: n = 0, so it falls back. B_m and B_s likewise over the
+      0 where sum(q) <= ddof, and w = q / sum(q) for ``"leave_one_out"``
+      (a sample whose others weigh 0, w = 1, has no others' mean and falls
+      back). n stays the number of rewards (verl's OPO counts them so), but
+      a prompt whose weights sum to 0 has no mean: n = 0, so it falls back.
+      A sample of weight 0 gets advantage 0 (a response without tokens). B_m and B_s likewise over the
       batch; a batch whose valid weights are all 0 is refused when B_m or
       B_s is used (a batch baseline, scale or fallback).
     * ``weighted_normalize``: step 5's a_m and a_s likewise (``normalize_ddof``
-      subtracted from the valid samples' sum(q)); a weight of 0 leaves a
-      sample out of them, not out of the whitening.
+      subtracted from the valid samples' sum(q)); a sample of weight 0 is
+      out of them, and its advantage is 0 (it has no tokens to carry one).
 
     **Several rewards** (``num_rewards=C``: ``rewards`` is [N][C], one
     column per reward function, with weights lambda = ``reward_weights``,
@@ -669,10 +670,10 @@ class ReferenceAdvantageTracker:
         if any(math.isinf(r) or (math.isnan(r) and self.nan_rewards == "refuse") for row in rows for r in row):
             raise ValueError("rewards must be finite (NaN is allowed only with nan_rewards='invalid')")
         rhos = self._discounts(discount, len(prompts))
-        masses = self._sample_weights(weights, valid)
         # The rewards that count: their sample kept by ``valid``, and not NaN.
         counts = [[v and not math.isnan(r) for r in row] for v, row in zip(valid, rows)]
         valid = [any(row) for row in counts]
+        masses = self._sample_weights(weights, counts)
         # What the estimator runs on: the combined reward, or each reward function's (see the class docstring).
         if self.aggregation == "sum_then_normalize":
             combined = [
@@ -724,7 +725,9 @@ class ReferenceAdvantageTracker:
                 self.normalize_ddof,
             )
             divisor = _divisor(spread, self.normalize_eps, self.normalize_eps_rule)
-            advantages = [(a - center) / divisor if v else 0.0 for a, v in zip(advantages, valid)]
+            # A sample of weight 0 is out of a weighted whitening: advantage 0.
+            out = [self.weighted_normalize and masses[i] == 0 for i in range(len(advantages))]
+            advantages = [(a - center) / divisor if v and not o else 0.0 for a, v, o in zip(advantages, valid, out)]
 
         zero_variance = [valid[i] and equal[prompt] for i, prompt in enumerate(prompts)]
         fraction = sum(equal.values()) / len(equal) if equal else 0.0
@@ -822,6 +825,8 @@ class ReferenceAdvantageTracker:
             if self.scale != "none":
                 divisors[i] = _divisor(batch_std if self.scale == "batch_std" else std, self.eps, self.eps_rule)
             advantages[i] = numerator / divisors[i]
+            if weighted is not None and weighted[i] == 0:  # a sample of weight 0 carries no advantage
+                advantages[i] = 0.0
         return advantages, divisors, fallback
 
     def _checked_rows(self, prompts, rewards) -> Tuple[list, List[List[float]]]:
@@ -841,8 +846,8 @@ class ReferenceAdvantageTracker:
             rows.append([float(r) for r in row])
         return prompts, rows
 
-    def _sample_weights(self, weights: Optional[Numbers], valid: List[bool]) -> Optional[List[float]]:
-        """Each sample's weight, checked (see step 0), or None for a tracker that takes none."""
+    def _sample_weights(self, weights: Optional[Numbers], counts: List[List[bool]]) -> Optional[List[float]]:
+        """Each sample's weight, checked against the rewards that count (see step 0), or None for a tracker without."""
         uses = self.weighted_stats or self.weighted_normalize
         if weights is None:
             if uses:
@@ -851,21 +856,23 @@ class ReferenceAdvantageTracker:
         if not uses:
             raise ValueError("weights were passed to a tracker without weighted_stats or weighted_normalize")
         masses = [float(q) for q in _as_list(weights)]
-        if len(masses) != len(valid):
-            raise ValueError(f"got {len(valid)} samples and {len(masses)} weights")
+        if len(masses) != len(counts):
+            raise ValueError(f"got {len(counts)} samples and {len(masses)} weights")
+        valid = [any(row) for row in counts]
         if not all(math.isfinite(q) and q >= 0 for q, v in zip(masses, valid) if v):
             raise ValueError("weights must be finite and non-negative for the samples that valid keeps")
         weighted_batch = self.weighted_stats and (
             self.baseline == "batch_mean" or self.scale == "batch_std" or self.fallback == "batch"
         )
-        if (
-            (self.weighted_normalize or weighted_batch)
-            and any(valid)
-            and not any(q > 0 for q, v in zip(masses, valid) if v)
-        ):
-            raise ValueError(
-                "weights of the samples that valid keeps are all 0: their weighted statistics have no mean"
-            )
+        # Each statistic over the batch needs some weight: the whitening's and the combined reward's over the valid
+        # samples; with a memory per reward function, each reward function's over its rewards that count.
+        columns = [[row[c] for row in counts] for c in range(self.num_rewards)] if self.channels > 1 else []
+        streams = ([valid] if self.weighted_normalize or (weighted_batch and not columns) else []) + (
+            columns if weighted_batch else []
+        )
+        for kept in streams:
+            if any(kept) and not any(q > 0 for q, k in zip(masses, kept) if k):
+                raise ValueError("weights of the rewards that count are all 0: their weighted statistics have no mean")
         return masses
 
     def _key(self, prompt: Hashable, channel: int) -> Hashable:

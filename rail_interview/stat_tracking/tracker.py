@@ -373,7 +373,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         self._compute_dtype = compute_dtype(dtype)  # what statistics accumulate in
         self.check_values = check_values
         self._process_group = process_group
-        self._num_rewards, self._aggregation = num_rewards, aggregation
+        self._num_rewards, self._aggregation, self._weight_values = num_rewards, aggregation, weights
         self._eps_rule, self._normalize_eps_rule = eps_rule, normalize_eps_rule
         self._normalize_ddof = ddof if normalize_ddof is None else normalize_ddof
         self._weighted_stats, self._weighted_normalize = weighted_stats, weighted_normalize
@@ -407,7 +407,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         self._needs_fold = not (batch_only and min_count <= 1)  # pragma: no mutate (fork)
         self._needs_batch = baseline == "batch_mean" or scale == "batch_std" or fallback == "batch"
         # A tracker that keeps nothing per prompt needs no table, only to accept any key.
-        keeps_rows = self._needs_fold or track_streaks or self._channels > 1
+        keeps_rows = self._needs_fold or track_streaks
         self._table = KeyTable(num_prompts, device=self._device) if keys == "hashed" and keeps_rows else None
         # Invalid samples sit in row P with reward 0, whose mean is 0 in the
         # buffer and EMA, so their advantage is 0 / scale, exactly 0, unless the
@@ -484,10 +484,8 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
 
     @property
     def reward_weights(self) -> Tuple[float, ...]:
-        """The C reward functions' weights in the weighted sum."""
-        if self._reward_weights is None:
-            return (1.0,)
-        return tuple(self._reward_weights.tolist())
+        """The C reward functions' weights in the weighted sum, as given (used in the compute dtype)."""
+        return self._weight_values
 
     @property
     def aggregation(self) -> str:
@@ -644,11 +642,12 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
                 group, pass it on every rank or on none.
             weights: float or integer [N], each sample's weight (a response's
                 length or token count), non-negative for valid samples: 0
-                leaves a sample out of the weighted statistics (a prompt
-                whose samples all weigh 0 falls back; the batch normalisation
-                needs some weight). Needed by and only by trackers built with
-                ``weighted_stats`` or ``weighted_normalize``. With a process
-                group, on every rank.
+                leaves a sample out of the weighted statistics and gives it
+                advantage 0 (a response without tokens); a prompt whose
+                samples all weigh 0 falls back, and a weighted batch
+                statistic needs some weight. Needed by and only by trackers
+                built with ``weighted_stats`` or ``weighted_normalize``. With
+                a process group, on every rank.
 
         Returns:
             ``dtype`` [N], the advantage of each sample, on ``device``.
@@ -734,8 +733,32 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             dtype=self._compute_dtype,
             weights=weights,
         )
+        if self.check_values and weights is not None and prompt_ids.numel() > 0:
+            self._check_weights(weights, rewards, valid, sums=True)  # every rank sees the same batch: all agree
         result = self._update(prompt_ids, rewards, valid, report, discount, weights)  # [W * N]
         return result.local(mine) if report else result[mine]
+
+    def _check_weights(
+        self, weights: torch.Tensor, rewards: torch.Tensor, valid: Optional[torch.Tensor], *, sums: bool
+    ) -> None:
+        """Refuses weights out of range for what counts (``validation.check_weight_values``), or without a mean.
+
+        Args:
+            weights: float [N].
+            rewards: ``dtype`` [N] or [N, C], NaN where unscorable.
+            valid: bool [N], or None.
+            sums: also refuse where a weighted batch statistic would have no weight at all.
+        """
+        counted = rewards == rewards if self._nan_rewards == "invalid" else torch.ones_like(rewards, dtype=torch.bool)
+        if valid is not None:
+            counted = counted & valid.view(-1, *[1] * (rewards.ndim - 1))
+        weighted_batch = sums and self._weighted_stats and self._needs_batch
+        check_weight_values(
+            weights,
+            counted,
+            whole_batch=sums and (self._weighted_normalize or (weighted_batch and self._channels == 1)),
+            each_column=weighted_batch and self._channels > 1,
+        )
 
     def _validate_inputs(
         self,
@@ -777,8 +800,8 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             if self.memory == "beta":
                 check_unit_rewards(rewards, valid, discount)
             if weights is not None:
-                weighted_batch = self._weighted_stats and self._needs_batch
-                check_weight_values(weights, valid, some_positive=self._weighted_normalize or weighted_batch)
+                # With a process group, whether some weight is positive is the gathered batch's question.
+                self._check_weights(weights, rewards, valid, sums=self._process_group is None)
         return prompt_ids, rewards, valid
 
     def _update(
@@ -855,6 +878,8 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             fallback = rows.overflow if fallback is None else fallback | rows.overflow
         if valid is not None and self._mask_invalid:
             advantages = torch.where(valid, advantages, 0)
+        if self._weighted_stats:
+            advantages = torch.where(weights > 0, advantages, 0)  # [N]: a sample of weight 0 carries no advantage
         if self._reward_weights is not None and self._aggregation == "normalize_then_sum":
             advantages = advantages * self._reward_weights  # [N]: one reward, weighted once normalised
         advantages = cast(self._normalized(advantages, valid, weights), self._dtype)
@@ -986,11 +1011,15 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         if num_samples == 0:  # pragma: no mutate (empty)
             return self._empty_result(rewards[:, 0], report)
         rows = self._rows(prompt_ids, rewards, valid)
-        in_memory = counts & (rows.rows != self._num_prompts).unsqueeze(-1)  # [N, C]
         spare = self._num_prompts * num_channels
-        channel = torch.arange(num_channels, device=self._device)  # [C]
-        memory_rows = torch.where(in_memory, rows.rows.unsqueeze(-1) * num_channels + channel, spare)  # [N, C]
-        flat_rows, flat_rewards = memory_rows.reshape(-1), torch.where(in_memory, rewards, 0).reshape(-1)  # [N * C]
+        flat_rows = None  # [N * C], each pair's memory row, where something is kept per prompt
+        in_memory = counts  # [N, C]: without per-prompt statistics every counting reward enters the batch's
+        if self._needs_fold or self._streak is not None:
+            in_memory = counts & (rows.rows != self._num_prompts).unsqueeze(-1)  # [N, C]
+            channel = torch.arange(num_channels, device=self._device)  # [C]
+            memory_rows = torch.where(in_memory, rows.rows.unsqueeze(-1) * num_channels + channel, spare)  # [N, C]
+            flat_rows = memory_rows.reshape(-1)  # [N * C]
+        flat_rewards = torch.where(in_memory, rewards, 0).reshape(-1)  # [N * C]
         flat_counts = counts.reshape(-1)  # [N * C]
 
         def flat(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -1009,10 +1038,9 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         )
         pair_weights = flat(None if weights is None else weights.unsqueeze(-1))
         pair_discount = flat(None if discount is None else discount.unsqueeze(-1))
-        if self._streak is not None or report:
-            equal_rows = equal_groups(flat_rows, spare + 1, flat_rewards)  # [P * C + 1]
         if self._streak is not None:
             # A visit is zero-variance when every reward function's rewards are.
+            equal_rows = equal_groups(flat_rows, spare + 1, flat_rewards)  # [P * C + 1]
             equal = equal_rows[:-1].view(self._num_prompts, num_channels).all(1)  # [P]
             self._count_streaks(rows.rows, torch.cat([equal, equal.new_ones(1)]))
         fallback = None
@@ -1042,7 +1070,8 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             )
             advantages = torch.where(overflow, overflowed, advantages)
             fallback = overflow if fallback is None else fallback | overflow
-        advantages = torch.where(flat_counts, advantages, 0).view(num_samples, num_channels)  # [N, C]
+        kept = flat_counts if pair_weights is None or not self._weighted_stats else flat_counts & (pair_weights > 0)
+        advantages = torch.where(kept, advantages, 0).view(num_samples, num_channels)  # [N, C]
         combined = torch.where(valid, (advantages * self._reward_weights).sum(1), 0)  # [N]
         combined = cast(self._normalized(combined, valid, weights), self._dtype)
         if not report:

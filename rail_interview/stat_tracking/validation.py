@@ -223,24 +223,38 @@ def check_weights(weights: object, prompt_ids: torch.Tensor, device: torch.devic
         )
 
 
-def check_weight_values(weights: torch.Tensor, valid: Optional[torch.Tensor], *, some_positive: bool) -> None:
-    """Raises ValueError unless valid samples' weights are finite and non-negative (and, if asked, some positive).
+def check_weight_values(
+    weights: torch.Tensor, counted: torch.Tensor, *, whole_batch: bool = False, each_column: bool = False
+) -> None:
+    """Raises ValueError unless the weights of the samples that count are finite and non-negative, and some positive.
 
     A weight of 0 (a response without tokens) leaves a sample out of weighted
-    statistics. A batch normalisation needs some weight to have a mean at
-    all (``some_positive``). Host syncs.
+    statistics. A weighted statistic of the batch needs some weight to have a
+    mean at all: of the samples that count (``whole_batch``), or, for
+    statistics per reward function, of each function's counting rewards
+    (``each_column``). Host syncs.
 
     Args:
         weights: float [N].
-        valid: bool [N], or None.
-        some_positive: refuse a batch whose valid samples all weigh 0.
+        counted: bool [N], or [N, C] per reward function: what enters the
+            statistics (valid, and not NaN where NaN marks an unscorable reward).
+        whole_batch: refuse a batch whose counting samples all weigh 0.
+        each_column: refuse a reward function whose counting rewards all weigh 0.
     """
-    counted = torch.ones_like(weights, dtype=torch.bool) if valid is None else valid
-    num_bad = int((counted & ~(torch.isfinite(weights) & (weights >= 0))).sum())
+    samples = counted if counted.ndim == 1 else counted.any(-1)  # [N]
+    num_bad = int((samples & ~(torch.isfinite(weights) & (weights >= 0))).sum())
     if num_bad:
         raise ValueError(f"weights must be finite and non-negative for valid samples, got {num_bad} that are not")
-    if some_positive and counted.any() and not bool((weights[counted] > 0).any()):
+    heavy = weights > 0  # [N]
+    if whole_batch and bool(samples.any()) and not bool((heavy & samples).any()):
         raise ValueError("weights of the valid samples are all 0: their weighted normalisation has no mean")
+    if each_column and counted.ndim == 2:
+        empty = counted.any(0) & ~(counted & heavy.unsqueeze(-1)).any(0)  # [C]
+        if bool(empty.any()):
+            raise ValueError(
+                f"weights of reward function(s) {empty.nonzero().flatten().tolist()}'s counting rewards are all 0: "
+                "their weighted batch statistics have no mean"
+            )
 
 
 def warn_at_caller(message: str) -> None:
