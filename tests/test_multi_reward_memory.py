@@ -1085,8 +1085,8 @@ def _plant_nan_spoils_its_row(monkeypatch):
 
 
 def _plant_weighted_std_without_ddof(monkeypatch):
-    real = memory_module._weighted_std
-    monkeypatch.setattr(memory_module, "_weighted_std", lambda spread, mass, ddof: real(spread, mass, 0))
+    real = memory_module.frequency_std
+    monkeypatch.setattr(memory_module, "frequency_std", lambda spread, mass, ddof: real(spread, mass, 0))
 
 
 def _plant_leave_one_out_std_without_ddof(monkeypatch):

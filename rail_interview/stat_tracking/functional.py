@@ -106,7 +106,7 @@ def prompt_advantages(
         stats: the statistics of the batch's samples, from a memory.
         baseline: one of ``BASELINES``.
         scale: one of ``SCALES``.
-        eps: added to the std before dividing.
+        eps: enters the division by the std as ``eps_rule`` says.
         min_count: rewards a prompt needs for its own statistics.
         fallback: one of ``FALLBACKS``.
         batch_mean: scalar (or [N], each sample's own, for several
@@ -173,7 +173,7 @@ def fallback_advantages(
     Args:
         rewards: float [N] in the compute dtype.
         scale: one of ``SCALES``.
-        eps: added to the std before dividing.
+        eps: enters the division by the std as ``eps_rule`` says.
         fallback: one of ``FALLBACKS``.
         batch_mean: scalar (or [N]), the valid samples' mean, or None if unused.
         batch_std: scalar (or [N]), their std, or None if unused.
@@ -213,7 +213,7 @@ def batch_advantages(
     Args:
         rewards: float [N], invalid samples' set to 0.
         scale: ``"batch_std"`` or ``"none"``.
-        eps: added to the std before dividing.
+        eps: enters the division by the std as ``eps_rule`` says.
         batch_mean: scalar (or [N]), the valid samples' mean.
         batch_std: scalar (or [N]), their std, or None without a scale.
         eps_rule: how eps enters the division (``scale_divisor``).

@@ -39,6 +39,7 @@ from rail_interview.stat_tracking.ops import (
     add_at,
     cast,
     compute_dtype,
+    frequency_std,
     group_by_prompt,
     group_stats_algorithm,
     is_compiling,
@@ -254,7 +255,7 @@ class NoMemory:
             )  # [N], 0 if no weight
             deviation = sorted_rewards - mean  # [N]
             spread = segment_sum(sorted_weights * deviation.square(), groups)  # [N]
-            std = _weighted_std(spread, mass, ddof)  # [N]
+            std = frequency_std(spread, mass, ddof)  # [N]
             weight = sorted_weights / mass if own_weight else None  # [N]
             return SampleStats(sorted_rewards, torch.where(mass > 0, size, 0), deviation, std, weight, groups)
         # Dense rows: O(N + R) and no sort.
@@ -270,7 +271,7 @@ class NoMemory:
         mass = add_at(torch.zeros_like(count), prompt_ids, weights)  # [R]
         mean = add_at(torch.zeros_like(count), prompt_ids, weights * rewards).div_(mass).nan_to_num_(0.0)  # [R]
         deviation = rewards - take(mean, prompt_ids)  # [N]
-        std = _weighted_std(add_at(torch.zeros_like(count), prompt_ids, weights * deviation.square()), mass, ddof)
+        std = frequency_std(add_at(torch.zeros_like(count), prompt_ids, weights * deviation.square()), mass, ddof)
         weight = weights / take(mass, prompt_ids) if own_weight else None  # [N]
         count = torch.where(mass > 0, count, 0)  # [R]: a group of no weight has no mean
         return SampleStats(rewards, take(count, prompt_ids), deviation, take(std, prompt_ids), weight, None)
@@ -748,12 +749,6 @@ class EmaMemory:
             raise ValueError(f"{name} state 'mean' and 'var' must be finite")
         if (state["var"] < 0).any():
             raise ValueError(f"{name} state 'var' must be non-negative")
-
-
-def _weighted_std(spread: torch.Tensor, mass: torch.Tensor, ddof: int) -> torch.Tensor:
-    """sqrt(spread / (mass - ddof)), frequency weights' std; 0 where mass <= ddof."""
-    excess = mass - ddof
-    return torch.where(excess > 0, spread / excess.clamp_min(torch.finfo(spread.dtype).tiny), 0).sqrt()
 
 
 def _past_stats(

@@ -530,7 +530,19 @@ def weighted_mean_std(
     total = mass.sum(0)  # [*C]
     mean = (mass * values).sum(0) / total  # [*C]
     deviation = torch.where(mass > 0, values - mean, 0)  # [N, *C]
-    spread = (mass * deviation.square()).sum(0)  # [*C]
-    excess = total - ddof
-    std = torch.where(excess > 0, spread / excess.clamp_min(torch.finfo(values.dtype).tiny), 0).sqrt()
-    return mean, std
+    return mean, frequency_std((mass * deviation.square()).sum(0), total, ddof)
+
+
+def frequency_std(spread: torch.Tensor, mass: torch.Tensor, ddof: int) -> torch.Tensor:
+    """The std of frequency-weighted values: ``sqrt(spread / (mass - ddof))``, 0 where ``mass <= ddof``.
+
+    Args:
+        spread: float, the weighted sum of squared deviations from the mean.
+        mass: float of ``spread``'s shape, the weights' sum.
+        ddof: subtracted from ``mass``.
+
+    Returns:
+        float of ``spread``'s shape.
+    """
+    excess = mass - ddof
+    return torch.where(excess > 0, spread / excess.clamp_min(torch.finfo(spread.dtype).tiny), 0).sqrt()

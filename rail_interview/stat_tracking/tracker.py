@@ -165,7 +165,7 @@ class _Rows(NamedTuple):
     """Where each sample of a batch goes in memory, and the groups its report counts."""
 
     rows: torch.Tensor  # int64 [N], in [0, P]; P for samples that stay out of memory
-    rewards: torch.Tensor  # float [N], what memory takes in: 0 for samples out of it
+    rewards: torch.Tensor  # float [N] (or [N, C]), what memory takes in: 0 for samples out of it
     overflow: Optional[torch.Tensor]  # bool [N], hashed keys beyond the table's rows, or None
     groups: Optional[torch.Tensor]  # int64 [N], each sample's key group (hashed keys), or None
     num_groups: int  # the groups of ``groups``, or R
@@ -202,6 +202,22 @@ class AdvantageTracker:
     5. Invalid samples (``valid`` False, or NaN rewards with
        ``nan_rewards="invalid"``) get advantage 0 and change no state.
 
+    **Several rewards.** With ``num_rewards=C`` > 1, ``update`` takes
+    rewards [N, C], one column per reward function (NaN where a function
+    returned nothing, with ``nan_rewards="invalid"``; a row with no reward
+    that counts is an invalid sample), combined with ``reward_weights`` by
+    ``aggregation``: ``"sum_then_normalize"`` sums the weighted rewards that
+    count and runs the steps above on the sum; ``"normalize_then_sum"``
+    runs them on each reward function's rewards, with its own memory (reward
+    c of prompt p in memory row p * C + c; the state dict, ``stats``,
+    ``query`` and ``fallback_mask`` show it as [P, C, ...]), and sums the
+    weighted advantages, before the whitening. **Sample weights**
+    (``update(..., weights=)``, frequency weights such as token counts)
+    enter the prompts' statistics (``weighted_stats``) or the whitening
+    (``weighted_normalize``); a sample of weight 0 gets advantage 0 there.
+    ``docs/several_rewards.md`` has the presets that match TRL, verl,
+    NeMo-RL and Flow-Factory.
+
     **Keys.** With ``keys="ids"`` prompts are ids in [0, P). With
     ``keys="hashed"`` they are any int64 keys (``prompt_keys``,
     ``token_keys``) in ``update``, ``stats`` and ``fallback_mask``: a
@@ -233,10 +249,12 @@ class AdvantageTracker:
             ``memory="ema"``, in (0, 1); for ``memory="beta"``, the
             discount rho in (0, 1] (1: a plain count).
         baseline: ``"prompt_mean"``, ``"leave_one_out"`` or ``"batch_mean"``.
-        scale: ``"prompt_std"``, ``"batch_std"`` or ``"none"``.
+        scale: ``"prompt_std"``, ``"batch_std"``, ``"leave_one_out_std"``
+            (the std of the prompt's other rewards in the batch; no memory)
+            or ``"none"``.
         ddof: 0 (population std) or 1 (sample std), for the prompt's std and
             the batch's.
-        eps: added to the std before dividing.
+        eps: enters the division by the std as ``eps_rule`` says (added, by default).
         min_count: rewards a prompt needs (this batch's included) before its
             own statistics are used; at least ddof + 1, and 2 with
             ``leave_one_out``.
@@ -272,9 +290,27 @@ class AdvantageTracker:
             past only, SPO's; needs a memory).
         normalize: ``"none"`` or ``"batch"``: whiten the advantages over
             the batch's valid samples at the end (SPO's last step).
-        normalize_eps: added to that std.
+        normalize_eps: enters the whitening's division as
+            ``normalize_eps_rule`` says (added to the std, by default).
         track_streaks: keep each prompt's run of zero-variance visits
             (``query().streak``; the state dict gains ``streak`` [P]).
+        num_rewards: C, reward functions per sample: ``update`` then takes
+            rewards [N, C] (see "Several rewards" above).
+        reward_weights: C finite weights of the reward functions, or None
+            for ones.
+        aggregation: ``"sum_then_normalize"`` or ``"normalize_then_sum"``.
+        eps_rule: how ``eps`` enters the division by a std:
+            ``"add"`` (std + eps), ``"max"`` (max(std, eps)), ``"nonzero"``
+            (std + eps where std > 0, else unscaled) or ``"variance"``
+            (sqrt(std^2 + eps)); see ``functional.scale_divisor``.
+        normalize_ddof: the whitening's ddof, or None for ``ddof``.
+        normalize_eps_rule: how ``normalize_eps`` enters the whitening, as
+            ``eps_rule``.
+        weighted_stats: ``update``'s ``weights`` enter the prompts' and the
+            batch's mean and std as frequency weights (OPO's
+            length-weighted baseline; ``memory="none"`` only).
+        weighted_normalize: they enter the whitening (verl's token-weighted
+            ``masked_whiten``; needs ``normalize="batch"``).
 
     Raises:
         ValueError: if an option is unknown or out of range, or the options
@@ -1100,10 +1136,12 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         """Folds the batch into memory; returns the statistics after it, or before it without ``include_batch``.
 
         Args:
-            rows: int64 [N], each sample's row; P for samples out of memory.
-            rewards: float [N] in the compute dtype, 0 for samples out of memory.
-            discount: float [N], each sample's rho (Beta memory), or None.
-            weights: float [N], each sample's weight (``weighted_stats``; no memory), or None.
+            rows: int64 [M], each sample's (or, with a memory per reward
+                function, each (sample, reward) pair's) memory row; the
+                spare row (P, or P * C) for those out of memory.
+            rewards: float [M] in the compute dtype, 0 for those out of memory.
+            discount: float [M], each one's rho (Beta memory), or None.
+            weights: float [M], each one's weight (``weighted_stats``; no memory), or None.
 
         Returns:
             The samples' ``SampleStats``.

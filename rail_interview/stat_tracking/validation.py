@@ -334,8 +334,8 @@ def check_batch(
     Raises:
         TypeError: if an input is not a tensor, ids are not integers, rewards
             are neither floating nor integer, or ``valid`` is not bool.
-        ValueError: if the shapes differ or are not 1-D, or a tensor is on
-            another device.
+        ValueError: if the shapes differ or are not 1-D (rewards [N, C]
+            with several rewards), or a tensor is on another device.
     """
     if not isinstance(prompt_ids, torch.Tensor) or not isinstance(rewards, torch.Tensor):
         raise TypeError(
@@ -381,11 +381,11 @@ def convert_batch(prompt_ids: torch.Tensor, rewards: torch.Tensor, dtype: torch.
 
     Args:
         prompt_ids: integer [N].
-        rewards: floating or integer [N].
+        rewards: floating or integer [N] (or [N, C]).
         dtype: the tracker's dtype.
 
     Returns:
-        int64 [N] ids and ``dtype`` [N] rewards, detached.
+        int64 [N] ids and ``dtype`` [N] (or [N, C]) rewards, detached.
     """
     rewards = cast(rewards, dtype)
     return cast(prompt_ids, torch.int64), rewards.detach() if rewards.requires_grad else rewards
@@ -452,7 +452,7 @@ def check_rewards(rewards: torch.Tensor, *, nan_is_invalid: bool, compute_dtype:
     """Raises ValueError for rewards that are not finite (one host sync).
 
     Args:
-        rewards: float [N], N >= 1, in the tracker's dtype.
+        rewards: float [N] (or [N, C]), N >= 1, in the tracker's dtype.
         nan_is_invalid: NaN marks an unscorable sample (``nan_rewards="invalid"``):
             refuse only infinities.
         compute_dtype: the dtype sums are taken in.
