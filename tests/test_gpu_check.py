@@ -78,6 +78,22 @@ def test_the_benchmark_runs_and_its_figures_are_read(gpu_check, tmp_path):
     benchmark = gpu_check.run_benchmark(tmp_path, quick=True, device="cpu")
     assert benchmark["exit_code"] == 0 and pathlib.Path(benchmark["json"]) == tmp_path / "trackers_cpu_quick.json"
     assert [(row["N"], row["P"], row["K"]) for row in benchmark["ms_per_update"]] == [(64, 8, 4), (300, 50, 8)]
+    # The other benchmarks (SPO's tracker, several rewards) run too, each read under "more".
+    assert set(benchmark["more"]) == {"bench_spo.py", "bench_multi_reward.py"}
+    for script, run in benchmark["more"].items():
+        assert run["exit_code"] == 0 and run["ms_per_update"], script
+
+
+def test_a_failed_extra_benchmark_fails_the_check(gpu_check, monkeypatch, tmp_path):
+    tests = {"command": "pytest", "exit_code": 0, "counts": {"passed": 1, "failed": 0, "error": 0}, "tests": []}
+    tests["tests"] = [{"name": "tests.test_cuda::test_x", "outcome": "passed", "seconds": 0.1, "message": None}]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check, "describe_device", lambda: {"name": "NVIDIA H200", "memory_gib": 139.8})
+    monkeypatch.setattr(gpu_check, "run_tests", lambda out: tests)
+    failed = {"command": "python benchmarks/bench_multi_reward.py", "exit_code": 1, "output_tail": "boom"}
+    benchmark = {"command": "b", "exit_code": 0, "ms_per_update": [{"N": 256}], "more": {"x.py": failed}}
+    monkeypatch.setattr(gpu_check, "run_benchmark", lambda out, quick: benchmark)
+    assert gpu_check.main([f"--out={tmp_path}", "--quick"]) == 1
 
 
 @pytest.mark.parametrize("outcome, status", [("passed", 0), ("failed", 1), ("skipped", 1)])
