@@ -131,9 +131,6 @@ def prompt_advantages(
         (tensor([-1.,  1.,  0.]), None)
     """
     own = stats.count >= min_count  # [N]
-    if baseline == "leave_one_out":
-        # A sample that holds all of its prompt's weight (weighted samples) has no others to compare with.
-        own &= stats.own_weight < 1
     center, spread = (batch_mean, batch_std) if fallback == "batch" else (0.0, 1.0)
     if baseline == "batch_mean":
         numerator = stats.rewards - torch.where(own, batch_mean, center)  # [N]

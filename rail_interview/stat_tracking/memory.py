@@ -235,7 +235,9 @@ class NoMemory:
         the mean is its share of the group's weights; the count stays the
         number of samples (verl's OPO counts them so), or 0 for a group
         whose weights sum to 0 (it has no weighted mean, so the estimator's
-        fallback takes it; its mean reads 0, to keep every value finite).
+        fallback takes it; its mean reads 0, to keep every value finite) and,
+        with ``own_weight``, for a sample holding all of its group's weight
+        (no others' mean for a leave-one-out baseline).
         """
         num_rows = self._num_prompts + 1  # pragma: no mutate (spare)
         if group_stats_algorithm(prompt_ids.numel(), num_rows, rewards.device) == "sorted":  # pragma: no mutate (fork)
@@ -257,7 +259,8 @@ class NoMemory:
             spread = segment_sum(sorted_weights * deviation.square(), groups)  # [N]
             std = frequency_std(spread, mass, ddof)  # [N]
             weight = sorted_weights / mass if own_weight else None  # [N]
-            return SampleStats(sorted_rewards, torch.where(mass > 0, size, 0), deviation, std, weight, groups)
+            count = _weighted_count(size, mass, weight)  # [N]
+            return SampleStats(sorted_rewards, count, deviation, std, weight, groups)
         # Dense rows: O(N + R) and no sort.
         count = add_at(
             torch.zeros(num_rows, dtype=rewards.dtype, device=rewards.device), prompt_ids, torch.ones_like(rewards)
@@ -273,8 +276,8 @@ class NoMemory:
         deviation = rewards - take(mean, prompt_ids)  # [N]
         std = frequency_std(add_at(torch.zeros_like(count), prompt_ids, weights * deviation.square()), mass, ddof)
         weight = weights / take(mass, prompt_ids) if own_weight else None  # [N]
-        count = torch.where(mass > 0, count, 0)  # [R]: a group of no weight has no mean
-        return SampleStats(rewards, take(count, prompt_ids), deviation, take(std, prompt_ids), weight, None)
+        count = _weighted_count(take(count, prompt_ids), take(mass, prompt_ids), weight)  # [N]
+        return SampleStats(rewards, count, deviation, take(std, prompt_ids), weight, None)
 
     def read(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int) -> SampleStats:
         """Nothing held: count 0, deviation the reward itself, std 0 (see ``Memory.read``)."""
@@ -749,6 +752,25 @@ class EmaMemory:
             raise ValueError(f"{name} state 'mean' and 'var' must be finite")
         if (state["var"] < 0).any():
             raise ValueError(f"{name} state 'var' must be non-negative")
+
+
+def _weighted_count(size: torch.Tensor, mass: torch.Tensor, own: Optional[torch.Tensor]) -> torch.Tensor:
+    """Each sample's count under sample weights: its group's samples, or 0 where there is no weighted mean to use.
+
+    A group whose weights sum to 0 has no mean; a sample that holds all of its
+    group's weight (``own`` == 1, asked for by a leave-one-out baseline) has
+    no others' mean. Either falls back, as a prompt below ``min_count``.
+
+    Args:
+        size: float [N], the samples of each sample's group.
+        mass: float [N], their weights' sum.
+        own: float [N], each sample's share of that sum, or None.
+
+    Returns:
+        float [N].
+    """
+    usable = mass > 0 if own is None else (mass > 0) & (own < 1)
+    return torch.where(usable, size, 0)
 
 
 def _past_stats(
