@@ -381,3 +381,41 @@ def test_spo_dict_baseline_is_the_recipe_transcription(baselines, rho_type, repe
         for mine, theirs in ((dict_tracker.prompt2alpha, reference.alpha), (dict_tracker.prompt2beta, reference.beta)):
             assert list(mine) == list(theirs)
             torch.testing.assert_close(torch.tensor(list(mine.values())), torch.tensor(list(theirs.values())))
+
+
+@pytest.fixture(scope="module")
+def op_counts():
+    return _load_benchmark_module("op_counts")
+
+
+def test_op_counter_counts_each_dispatched_op_once(op_counts):
+    x = torch.arange(6.0)
+    with op_counts.OpCounter() as counter:
+        y = torch.where(x > 2, x, 0).sum()
+    assert counter.counts == {"gt.Scalar": 1, "where.self": 1, "scalar_tensor.default": 1, "sum.default": 1}
+    assert counter.total == 4 and float(y) == 12.0
+
+
+def test_op_counts_are_the_same_every_run_and_value_checks_add_ops(op_counts):
+    build, num_rewards, keys = op_counts.CASES["verl_grpo"]
+    first = op_counts.count_update(build, num_rewards, keys, 64, 16, torch.device("cpu"), False)
+    assert first == op_counts.count_update(build, num_rewards, keys, 64, 16, torch.device("cpu"), False)
+    checked = op_counts.count_update(build, num_rewards, keys, 64, 16, torch.device("cpu"), True)
+    assert sum(checked.values()) > sum(first.values()) > 0
+    # Several rewards, each normalised, dispatch more ops than one reward of the same preset, but no Python loop
+    # over them: the count does not grow with C.
+    four = op_counts.CASES["trl_grpo, 4 rewards, normalize_then_sum"]
+    assert sum(op_counts.count_update(*four, 64, 16, torch.device("cpu"), False).values()) > 0
+
+
+def test_op_counts_script_writes_its_table(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "op_counts.py"), f"--out={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "op_counts_cpu.json").read_text())["rows"]
+    assert {row["case"] for row in rows} == set(_load_benchmark_module("op_counts").CASES)
+    assert all(0 < row["ops"] < row["ops_with_checks"] for row in rows)
