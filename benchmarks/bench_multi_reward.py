@@ -74,7 +74,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -85,7 +84,7 @@ from rail_interview.stat_tracking import presets
 from rail_interview.stat_tracking.tracker import AGGREGATIONS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import describe_machine, time_cpu, time_cuda  # noqa: E402  pylint: disable=wrong-import-position
+from timing import describe_machine, time_cpu, time_cuda, time_thread  # noqa: E402  pylint: disable=wrong-import-position
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = "rail_interview"
@@ -364,37 +363,6 @@ def check_agreement(
             )
             diffs[name]["state"] = max(diffs[name]["state"], _max_diff(got, value))
     return diffs
-
-
-def time_thread(fn: Callable[[], object], min_run_time: float) -> float:
-    """Median CPU seconds per call of this thread, over blocks of about 10 ms of calls.
-
-    CPU time (``time.thread_time``: user and system, page faults included)
-    leaves out the time the thread waits for a core, which on a shared
-    machine is most of the noise of wall time. With one torch thread every
-    op runs on this one.
-
-    Args:
-        fn: the call to time.
-        min_run_time: CPU seconds of timed runs, at least.
-
-    Returns:
-        The median over blocks of the mean CPU time per call in a block.
-    """
-    fn()
-    start = time.thread_time()
-    fn()
-    per_block = max(1, int(0.01 / max(time.thread_time() - start, 1e-7)))  # blocks of about 10 ms
-    samples: List[float] = []
-    spent = 0.0
-    while spent < min_run_time or len(samples) < 5:
-        start = time.thread_time()
-        for _ in range(per_block):
-            fn()
-        seconds = time.thread_time() - start
-        samples.append(seconds / per_block)
-        spent += seconds
-    return statistics.median(samples)
 
 
 def _timer(device: torch.device, threads: int, min_run_time: float) -> Callable[[Callable[[], object]], float]:

@@ -1,15 +1,18 @@
-"""How the benchmarks time a call and describe the machine, shared by bench_trackers.py and bench_spo.py.
+"""How the benchmarks time a call and describe the machine, shared by the bench_*.py scripts.
 
 * ``time_cpu``: the median seconds per call from ``torch.utils.benchmark``;
 * ``time_cuda``: the median over blocks of about 10 ms of calls between CUDA
   events, after a warm-up;
+* ``time_thread``: the median CPU seconds of this thread per call, over
+  blocks of about 10 ms (steadier than wall time on a busy machine);
 * ``describe_machine``: what the JSON reports say about the machine and versions.
 """
 
 import os
 import platform
 import statistics
-from typing import Callable, Dict
+import time
+from typing import Callable, Dict, List
 
 import numpy as np
 import torch
@@ -87,3 +90,34 @@ def describe_machine(device: torch.device, threads: int) -> Dict[str, object]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def time_thread(fn: Callable[[], object], min_run_time: float) -> float:
+    """Median CPU seconds per call of this thread, over blocks of about 10 ms of calls.
+
+    CPU time (``time.thread_time``: user and system, page faults included)
+    leaves out the time the thread waits for a core, which on a shared
+    machine is most of the noise of wall time. With one torch thread every
+    op runs on this one.
+
+    Args:
+        fn: the call to time.
+        min_run_time: CPU seconds of timed runs, at least.
+
+    Returns:
+        The median over blocks of the mean CPU time per call in a block.
+    """
+    fn()
+    start = time.thread_time()
+    fn()
+    per_block = max(1, int(0.01 / max(time.thread_time() - start, 1e-7)))  # blocks of about 10 ms
+    samples: List[float] = []
+    spent = 0.0
+    while spent < min_run_time or len(samples) < 5:
+        start = time.thread_time()
+        for _ in range(per_block):
+            fn()
+        seconds = time.thread_time() - start
+        samples.append(seconds / per_block)
+        spent += seconds
+    return statistics.median(samples)

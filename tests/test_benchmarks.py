@@ -419,3 +419,18 @@ def test_op_counts_script_writes_its_table(tmp_path):
     rows = json.loads((tmp_path / "op_counts_cpu.json").read_text())["rows"]
     assert {row["case"] for row in rows} == set(_load_benchmark_module("op_counts").CASES)
     assert all(0 < row["ops"] < row["ops_with_checks"] for row in rows)
+
+
+def test_memory_floor_script_reports_both_sizes_and_the_ratio(tmp_path):
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_memory_floor.py"), f"--out={tmp_path}"]
+    result = subprocess.run(
+        [*command, "--rounds=1", "--min_run_time=0.01"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "memory_floor_cpu.json").read_text())["rows"]
+    assert [row["memory"] for row in rows] == ["buffer", "ema"]
+    for row in rows:
+        assert all(row[key] > 0 for key in ("floor_small_ms", "floor_large_ms", "update_small_ms", "update_large_ms"))
+        assert row["extra_ratio"] == pytest.approx(row["update_extra_ms"] / row["floor_extra_ms"]) or (
+            row["floor_extra_ms"] <= 0
+        )

@@ -1,0 +1,191 @@
+"""The memory floor of P-scaling: how much of the update's extra cost at a large P the memory system alone explains.
+
+With many prompts (P = 1,000,000: a 128 MB buffer of K = 32 float32 slots),
+the rows a batch touches are scattered over memory that the caches do not
+hold, so reading and writing them costs more than at P = 1,000, whatever
+the code around them does. This script times that floor: the bare gather
+and scatter of the touched rows (for a buffer, the [N, K] rows read and the
+N slots and counters written; for an EMA, its three [N] reads and writes),
+nothing else, at both sizes; and the tracker's update (``presets.ddpo``,
+``presets.ema``, value checks off) at the same sizes on the same batches.
+It reports the update's extra cost at the large P against the floor's
+extra cost: 1.0 means the update pays for the larger P no more than the
+memory system makes it.
+
+Each timed call takes the next of 16 batches drawn beforehand (groups of 8
+samples of N / 8 prompts drawn uniformly from P), so that, as in training,
+each call touches rows the previous one did not. Times are this thread's
+CPU time (one torch thread), median over rounds::
+
+    python benchmarks/bench_memory_floor.py --out=benchmarks/results   # memory_floor_cpu.{json,md}, about a minute
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from absl import app, flags
+
+from rail_interview.stat_tracking import presets
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import describe_machine, time_thread  # noqa: E402  pylint: disable=wrong-import-position
+
+FLAGS = flags.FLAGS
+
+#: Batch size, buffer slots, the two sizes of P, and batches cycled through.
+NUM_SAMPLES, BUFFER_SIZE, SMALL, LARGE, NUM_BATCHES = 4096, 32, 1_000, 1_000_000, 16
+
+
+def batches(num_samples: int, num_prompts: int, count: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` batches of (ids int64 [N], rewards float32 [N]): groups of 8, prompts uniform over [0, P)."""
+    generator = torch.Generator().manual_seed(0)
+    drawn = []
+    for _ in range(count):
+        prompts = torch.randint(num_prompts, (num_samples // 8,), generator=generator)
+        ids = prompts.repeat_interleave(8)[torch.randperm(num_samples, generator=generator)]
+        drawn.append((ids, torch.rand(num_samples, generator=generator)))
+    return drawn
+
+
+def cycling(calls: List[Callable[[], object]]) -> Callable[[], object]:
+    """One call that runs the next of ``calls`` each time."""
+    position = [0]
+
+    def call() -> object:
+        position[0] = (position[0] + 1) % len(calls)
+        return calls[position[0]]()
+
+    return call
+
+
+def buffer_floor(num_prompts: int, drawn) -> Callable[[], object]:
+    """The bare reads and writes of a ring buffer's touched rows: [N, K] rows and counters read, N slots written."""
+    buffer = torch.zeros(num_prompts + 1, BUFFER_SIZE)
+    seen = torch.zeros(num_prompts + 1, dtype=torch.int64)
+    flat = buffer.view(-1)
+
+    def touch(ids: torch.Tensor, rewards: torch.Tensor) -> object:
+        counts = seen.index_select(0, ids)  # [N]
+        rows = buffer.index_select(0, ids)  # [N, K]
+        flat.scatter_(0, ids * BUFFER_SIZE + counts % BUFFER_SIZE, rewards)
+        seen.scatter_(0, ids, counts + 1)
+        return rows
+
+    return cycling([lambda ids=ids, rewards=rewards: touch(ids, rewards) for ids, rewards in drawn])
+
+
+def ema_floor(num_prompts: int, drawn) -> Callable[[], object]:
+    """The bare reads and writes of an EMA's touched entries: mean, variance and count, N of each."""
+    state = [torch.zeros(num_prompts + 1), torch.zeros(num_prompts + 1), torch.zeros(num_prompts + 1)]
+
+    def touch(ids: torch.Tensor, rewards: torch.Tensor) -> object:
+        read = [tensor.index_select(0, ids) for tensor in state]
+        for tensor, values in zip(state, read):
+            tensor.scatter_(0, ids, values + rewards)
+        return read
+
+    return cycling([lambda ids=ids, rewards=rewards: touch(ids, rewards) for ids, rewards in drawn])
+
+
+def update(memory: str, num_prompts: int, drawn) -> Callable[[], object]:
+    """The tracker's update (``presets.ddpo`` or ``presets.ema``, checks off) on the same batches."""
+    build = presets.ddpo if memory == "buffer" else presets.ema
+    tracker = build(num_prompts, check_values=False)
+    return cycling([lambda ids=ids, rewards=rewards: tracker.update(ids, rewards) for ids, rewards in drawn])
+
+
+FLOORS = {"buffer": buffer_floor, "ema": ema_floor}
+
+
+def measure(rounds: int, min_run_time: float) -> List[Dict[str, float]]:
+    """Per memory: floor and update ms at both sizes, medians over ``rounds``, and the extra-cost ratio."""
+    torch.set_num_threads(1)
+    drawn = {size: batches(NUM_SAMPLES, size, NUM_BATCHES) for size in (SMALL, LARGE)}
+    rows = []
+    for memory, floor in FLOORS.items():
+        calls = {
+            (kind, size): (floor if kind == "floor" else lambda p, d: update(memory, p, d))(size, drawn[size])
+            for kind in ("floor", "update")
+            for size in (SMALL, LARGE)
+        }
+        times: Dict[Tuple[str, int], List[float]] = {key: [] for key in calls}
+        for _ in range(rounds):
+            for key, call in calls.items():
+                times[key].append(time_thread(call, min_run_time) * 1e3)
+        ms = {key: statistics.median(values) for key, values in times.items()}
+        floor_extra = ms["floor", LARGE] - ms["floor", SMALL]
+        update_extra = ms["update", LARGE] - ms["update", SMALL]
+        rows.append(
+            dict(
+                memory=memory,
+                floor_small_ms=ms["floor", SMALL],
+                floor_large_ms=ms["floor", LARGE],
+                update_small_ms=ms["update", SMALL],
+                update_large_ms=ms["update", LARGE],
+                floor_extra_ms=floor_extra,
+                update_extra_ms=update_extra,
+                extra_ratio=update_extra / floor_extra if floor_extra > 0 else float("nan"),
+            )
+        )
+    return rows
+
+
+def markdown(rows: List[Dict[str, float]], command: str, machine: Dict[str, object]) -> str:
+    """The table of ``rows``, with the command and the machine."""
+    where = f"{machine.get('platform')}, torch {machine.get('torch')}, 1 thread, CPU time"
+    lines = [
+        "# The memory floor of P-scaling",
+        "",
+        f"{where}. Command: `{command}`. N = {NUM_SAMPLES:,}, K = {BUFFER_SIZE}, P = {SMALL:,} and {LARGE:,}.",
+        "",
+        "| memory | floor ms, small P | floor ms, large P | update ms, small P | update ms, large P "
+        "| floor's extra ms | update's extra ms | update's extra / floor's |",
+        "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['memory']} | {r['floor_small_ms']:.3f} | {r['floor_large_ms']:.3f} | {r['update_small_ms']:.3f} "
+            f"| {r['update_large_ms']:.3f} | {r['floor_extra_ms']:.3f} | {r['update_extra_ms']:.3f} "
+            f"| {r['extra_ratio']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: List[str]) -> int:
+    """Measures, prints and writes the table; returns 0."""
+    del argv
+    rows = measure(FLAGS.rounds, FLAGS.min_run_time)
+    command = "python benchmarks/bench_memory_floor.py" + (f" --out={FLAGS.out}" if FLAGS.out else "")
+    if FLAGS.rounds != 5 or FLAGS.min_run_time != 0.2:
+        command += f" --rounds={FLAGS.rounds} --min_run_time={FLAGS.min_run_time}"
+    machine = describe_machine(torch.device("cpu"), 1)
+    text = markdown(rows, command, machine)
+    print(text)
+    out = FLAGS.out or tempfile.mkdtemp(prefix="memory_floor_")
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, "memory_floor_cpu")
+    with open(stem + ".json", "w") as file:
+        json.dump(dict(command=command, machine=machine, rows=rows), file, indent=1)
+    with open(stem + ".md", "w") as file:
+        file.write(text)
+    print(f"Wrote {stem}.json and {stem}.md")
+    return 0
+
+
+def _define_flags() -> None:
+    """The script's flags, defined when it runs (so that tests can import the module more than once)."""
+    flags.DEFINE_string("out", None, "Directory for memory_floor_cpu.{json,md} (default: a fresh temporary one).")
+    flags.DEFINE_integer("rounds", 5, "Rounds over every call; the median over rounds is reported.")
+    flags.DEFINE_float("min_run_time", 0.2, "CPU seconds of timed calls per call and round, at least.")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
