@@ -892,26 +892,11 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         options = dict(
             scale=self._scale, eps=self._eps, batch_mean=batch_mean, batch_std=batch_std, eps_rule=self._eps_rule
         )
-        fallback = None
         if self._streak is not None:
             self._count_streaks(rows.rows, equal_groups(rows.rows, self._num_prompts + 1, rows.rewards))
-        if not self._needs_fold:
-            advantages = batch_advantages(rewards, **options)
-        else:
-            stats = self._fold(rows.rows, rows.rewards, discount, weights)
-            advantages, fallback = prompt_advantages(
-                stats,
-                baseline=self._baseline,
-                min_count=self._min_count,
-                fallback=self._fallback,
-                report=report,
-                **options,
-            )
-        if rows.overflow is not None:
-            # Keys beyond the table's rows: the fallback, from their own rewards.
-            overflowed = fallback_advantages(rewards, fallback=self._fallback, **options)
-            advantages = torch.where(rows.overflow, overflowed, advantages)
-            fallback = rows.overflow if fallback is None else fallback | rows.overflow
+        advantages, fallback = self._estimate(
+            rows.rows, rows.rewards, rewards, rows.overflow, options, report, discount, weights
+        )
         if valid is not None and self._mask_invalid:
             advantages = torch.where(valid, advantages, 0)
         if self._weighted_stats:
@@ -1079,33 +1064,10 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             equal_rows = equal_groups(flat_rows, spare + 1, flat_rewards)  # [P * C + 1]
             equal = equal_rows[:-1].view(self._num_prompts, num_channels).all(1)  # [P]
             self._count_streaks(rows.rows, torch.cat([equal, equal.new_ones(1)]))
-        fallback = None
-        if not self._needs_fold:
-            advantages = batch_advantages(flat_rewards, **options)  # [N * C]
-        else:
-            stats = self._fold(flat_rows, flat_rewards, pair_discount, pair_weights)
-            in_stats_order = options
-            if stats.groups is not None and batch_mean is not None:
-                # The statistics come sorted by memory row; each pair's batch mean and std must follow.
-                order = stats.groups.order
-                in_stats_order = dict(
-                    options, batch_mean=take(options["batch_mean"], order), batch_std=take(options["batch_std"], order)
-                )
-            advantages, fallback = prompt_advantages(
-                stats,
-                baseline=self._baseline,
-                min_count=self._min_count,
-                fallback=self._fallback,
-                report=report,
-                **in_stats_order,
-            )
-        if rows.overflow is not None:
-            overflow = flat(rows.overflow.unsqueeze(-1))  # [N * C]
-            overflowed = fallback_advantages(
-                torch.where(flat_counts, rewards.reshape(-1), 0), fallback=self._fallback, **options
-            )
-            advantages = torch.where(overflow, overflowed, advantages)
-            fallback = overflow if fallback is None else fallback | overflow
+        overflow = None if rows.overflow is None else flat(rows.overflow.unsqueeze(-1))  # [N * C]
+        advantages, fallback = self._estimate(  # [N * C]
+            flat_rows, flat_rewards, rewards.reshape(-1), overflow, options, report, pair_discount, pair_weights
+        )
         kept = flat_counts if pair_weights is None or not self._weighted_stats else flat_counts & (pair_weights > 0)
         advantages = torch.where(kept, advantages, 0).view(num_samples, num_channels)  # [N, C]
         combined = torch.where(valid, (advantages * self._reward_weights).sum(1), 0)  # [N]
@@ -1125,6 +1087,68 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         return UpdateReport(
             combined, valid, fell_back, zero_variance, fraction, self._channel_fractions(equal, present)
         )
+
+    def _estimate(
+        self,
+        rows: Optional[torch.Tensor],
+        memory_rewards: torch.Tensor,
+        rewards: torch.Tensor,
+        overflow: Optional[torch.Tensor],
+        options: Dict[str, Any],
+        report: bool,
+        discount: Optional[torch.Tensor],
+        weights: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Steps 3 and 4 for M items, the samples or the (sample, reward) pairs: the memory, then the estimator.
+
+        Without per-prompt statistics the batch's alone; with them, ``_fold``
+        and ``functional.prompt_advantages``; items whose keys overflowed the
+        table get the fallback's advantage, from their own rewards.
+
+        Args:
+            rows: int64 [M], each item's memory row (the spare row for those
+                out of memory), or None when nothing is kept per prompt.
+            memory_rewards: float [M], what memory takes in: 0 for items out of it.
+            rewards: float [M], each counting item's reward, overflowed or
+                not (0 for the others), in the compute dtype.
+            overflow: bool [M], items whose keys overflowed the table, or None.
+            options: ``scale``, ``eps``, ``eps_rule``, and ``batch_mean`` and
+                ``batch_std``: scalars, or [M] in item order (one per reward
+                function, spread over the pairs), or None when unused.
+            report: whether to say which items fell back.
+            discount: float [M], each item's rho (Beta memory), or None.
+            weights: float [M], each item's weight, or None.
+
+        Returns:
+            float [M] advantages in item order, and bool [M], the items that
+            fell back (or None when none can, or without ``report``).
+        """
+        fallback = None
+        if not self._needs_fold:
+            advantages = batch_advantages(rewards, **options)
+        else:
+            stats = self._fold(rows, memory_rewards, discount, weights)
+            in_stats_order = options
+            if stats.groups is not None and options["batch_mean"] is not None and options["batch_mean"].ndim:
+                # The statistics come sorted by memory row; each item's batch mean and std must follow.
+                order = stats.groups.order
+                in_stats_order = dict(
+                    options, batch_mean=take(options["batch_mean"], order), batch_std=take(options["batch_std"], order)
+                )
+            advantages, fallback = prompt_advantages(
+                stats,
+                baseline=self._baseline,
+                min_count=self._min_count,
+                fallback=self._fallback,
+                report=report,
+                **in_stats_order,
+            )
+        if overflow is not None:
+            # Keys beyond the table's rows: the fallback, from their own rewards.
+            overflowed = fallback_advantages(rewards, fallback=self._fallback, **options)
+            advantages = torch.where(overflow, overflowed, advantages)
+            fallback = overflow if fallback is None else fallback | overflow
+        return advantages, fallback
 
     def _fold(
         self,
