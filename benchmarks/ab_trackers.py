@@ -15,9 +15,7 @@ the ratio new / old (below 1: the working tree is faster).
 
 import importlib
 import os
-import pathlib
 import statistics
-import subprocess
 import sys
 import tempfile
 from typing import List, Tuple
@@ -26,9 +24,8 @@ import torch
 import torch.utils.benchmark
 from absl import app, flags
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACKAGE = "rail_interview"
-OLD_PACKAGE = "rail_interview_at_rev"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from revisions import PACKAGE, REPO_ROOT, import_revision  # noqa: E402  pylint: disable=wrong-import-position
 
 CASES: List[Tuple[int, int]] = [(256, 64), (4096, 1_000), (4096, 1_000_000), (32768, 4096)]
 
@@ -38,26 +35,6 @@ _TRACKER = flags.DEFINE_enum(
 )
 _ROUNDS = flags.DEFINE_integer("rounds", 7, "Alternating rounds; the median over rounds is reported.")
 _MIN_RUN_TIME = flags.DEFINE_float("min_run_time", 0.15, "Seconds of timed runs per version, case and round.")
-
-
-def import_revision(rev: str, directory: str):
-    """Extracts the package at ``rev`` into ``directory`` under another name and imports it.
-
-    Args:
-        rev: a git revision of this repository.
-        directory: an empty directory that outlives the import.
-
-    Returns:
-        The revision's ``stat_tracking`` module.
-    """
-    archive = subprocess.run(["git", "archive", rev, PACKAGE], cwd=REPO_ROOT, check=True, capture_output=True)
-    subprocess.run(["tar", "-x", "-C", directory], input=archive.stdout, check=True)
-    root = pathlib.Path(directory) / PACKAGE
-    for path in root.rglob("*.py"):  # absolute imports must resolve to the extracted copy
-        path.write_text(path.read_text().replace(PACKAGE, OLD_PACKAGE))
-    root.rename(pathlib.Path(directory) / OLD_PACKAGE)
-    sys.path.insert(0, directory)
-    return importlib.import_module(f"{OLD_PACKAGE}.stat_tracking")
 
 
 def main(argv):

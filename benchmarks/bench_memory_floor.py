@@ -22,7 +22,6 @@ CPU time (one torch thread), median over rounds::
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -35,7 +34,7 @@ from absl import app, flags
 from rail_interview.stat_tracking import presets
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import describe_machine, time_thread  # noqa: E402  pylint: disable=wrong-import-position
+from timing import describe_machine, time_thread, write_report  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -59,6 +58,7 @@ def cycling(calls: List[Callable[[], object]]) -> Callable[[], object]:
     position = [0]
 
     def call() -> object:
+        """Runs the next call, and returns what it returns."""
         position[0] = (position[0] + 1) % len(calls)
         return calls[position[0]]()
 
@@ -72,6 +72,7 @@ def buffer_floor(num_prompts: int, drawn) -> Callable[[], object]:
     flat = buffer.view(-1)
 
     def touch(ids: torch.Tensor, rewards: torch.Tensor) -> object:
+        """Reads the batch's rows and counters, writes its slots and counters; returns the rows read."""
         counts = seen.index_select(0, ids)  # [N]
         rows = buffer.index_select(0, ids)  # [N, K]
         flat.scatter_(0, ids * BUFFER_SIZE + counts % BUFFER_SIZE, rewards)
@@ -86,6 +87,7 @@ def ema_floor(num_prompts: int, drawn) -> Callable[[], object]:
     state = [torch.zeros(num_prompts + 1), torch.zeros(num_prompts + 1), torch.zeros(num_prompts + 1)]
 
     def touch(ids: torch.Tensor, rewards: torch.Tensor) -> object:
+        """Reads the batch's entries of the three state tensors and writes them back changed; returns what it read."""
         read = [tensor.index_select(0, ids) for tensor in state]
         for tensor, values in zip(state, read):
             tensor.scatter_(0, ids, values + rewards)
@@ -169,13 +171,7 @@ def main(argv: List[str]) -> int:
     text = markdown(rows, command, machine)
     print(text)
     out = FLAGS.out or tempfile.mkdtemp(prefix="memory_floor_")
-    os.makedirs(out, exist_ok=True)
-    stem = os.path.join(out, "memory_floor_cpu")
-    with open(stem + ".json", "w") as file:
-        json.dump(dict(command=command, machine=machine, rows=rows), file, indent=1)
-    with open(stem + ".md", "w") as file:
-        file.write(text)
-    print(f"Wrote {stem}.json and {stem}.md")
+    write_report(os.path.join(out, "memory_floor_cpu"), dict(command=command, machine=machine, rows=rows), text)
     return 0
 
 

@@ -65,10 +65,8 @@ working tree is faster) with the smallest and largest per-round ratio, in
 from __future__ import annotations
 
 import datetime
-import importlib
 import json
 import os
-import pathlib
 import re
 import statistics
 import subprocess
@@ -84,11 +82,8 @@ from rail_interview.stat_tracking import presets
 from rail_interview.stat_tracking.tracker import AGGREGATIONS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from revisions import PACKAGE, REPO_ROOT, import_revision  # noqa: E402  pylint: disable=wrong-import-position
 from timing import describe_machine, time_cpu, time_cuda, time_thread  # noqa: E402  pylint: disable=wrong-import-position
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACKAGE = "rail_interview"
-OLD_PACKAGE = "rail_interview_at_rev"
 
 #: (N, P) cases: N / GROUP_SIZE distinct prompts of P per batch, GROUP_SIZE samples each.
 GRIDS: Dict[str, List[Tuple[int, int]]] = {
@@ -248,6 +243,7 @@ def build_variants(
     variants["one"] = [one], lambda ids, rewards, columns: one.update(ids, rewards)
 
     def single() -> object:
+        """A fresh single-reward tracker of the case's memory, on its device."""
         return single_reward_tracker(stat_tracking, num_prompts, memory, device, check_values)
 
     if order == "normalize_then_sum":
@@ -466,34 +462,11 @@ def format_table(rows: List[Dict[str, object]]) -> str:
 
 
 def _ms(value: float) -> str:
+    """Milliseconds to three decimals, or one from 10 ms on."""
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
 # The A/B of the single-reward update.
-
-
-def import_revision(rev: str, directory: str):
-    """Extracts the package at ``rev`` into ``directory`` under another name and imports it.
-
-    ``ab_trackers.import_revision``, which this script cannot import: that
-    module's absl flags (``--rounds``, ``--min_run_time``) would clash with
-    these.
-
-    Args:
-        rev: a git revision of this repository.
-        directory: an empty directory that outlives the import.
-
-    Returns:
-        The revision's ``stat_tracking`` module.
-    """
-    archive = subprocess.run(["git", "archive", rev, PACKAGE], cwd=REPO_ROOT, check=True, capture_output=True)
-    subprocess.run(["tar", "-x", "-C", directory], input=archive.stdout, check=True)
-    root = pathlib.Path(directory) / PACKAGE
-    for path in root.rglob("*.py"):  # absolute imports must resolve to the extracted copy
-        path.write_text(path.read_text().replace(PACKAGE, OLD_PACKAGE))
-    root.rename(pathlib.Path(directory) / OLD_PACKAGE)
-    sys.path.insert(0, directory)
-    return importlib.import_module(f"{OLD_PACKAGE}.stat_tracking")
 
 
 def single_reward_batch(num_samples: int, num_prompts: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,6 @@ device and size); ``--device=cuda`` counts CUDA's.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from rail_interview.stat_tracking import AdvantageTracker, presets
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import describe_machine  # noqa: E402  pylint: disable=wrong-import-position
+from timing import describe_machine, write_report  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -181,13 +180,7 @@ def main(argv: List[str]) -> int:
     text = markdown(rows, command, machine)
     print(text)
     out = FLAGS.out or tempfile.mkdtemp(prefix="op_counts_")
-    os.makedirs(out, exist_ok=True)
-    stem = os.path.join(out, f"op_counts_{device.type}")
-    with open(stem + ".json", "w") as file:
-        json.dump(dict(command=command, machine=machine, rows=rows), file, indent=1)
-    with open(stem + ".md", "w") as file:
-        file.write(text)
-    print(f"Wrote {stem}.json and {stem}.md")
+    write_report(os.path.join(out, f"op_counts_{device.type}"), dict(command=command, machine=machine, rows=rows), text)
     return 0
 
 

@@ -5,9 +5,11 @@
   events, after a warm-up;
 * ``time_thread``: the median CPU seconds of this thread per call, over
   blocks of about 10 ms (steadier than wall time on a busy machine);
+* ``write_report``: a results table as ``<stem>.json`` and ``<stem>.md``;
 * ``describe_machine``: what the JSON reports say about the machine and versions.
 """
 
+import json
 import os
 import platform
 import statistics
@@ -121,3 +123,19 @@ def time_thread(fn: Callable[[], object], min_run_time: float) -> float:
         samples.append(seconds / per_block)
         spent += seconds
     return statistics.median(samples)
+
+
+def write_report(stem: str, report: Dict[str, object], text: str) -> None:
+    """Writes ``report`` to ``<stem>.json`` and ``text`` to ``<stem>.md`` (the directory is created), and says so.
+
+    Args:
+        stem: the path without its extension.
+        report: the JSON report (command, machine, rows).
+        text: its Markdown table.
+    """
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    with open(stem + ".json", "w") as file:
+        json.dump(report, file, indent=1)
+    with open(stem + ".md", "w") as file:
+        file.write(text)
+    print(f"Wrote {stem}.json and {stem}.md")
