@@ -1,6 +1,5 @@
 """The pass/fail problem chosen in the config: train.py, resume, config checks, ranks, and the in-process runs."""
 
-import csv
 import filecmp
 import json
 import math
@@ -12,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from pass_fail_setup import metrics, short_config
 
 from rail_interview import problems, training
 from rail_interview.configs import default, pass_fail
@@ -26,20 +26,13 @@ CONFIG_PATH = REPO_ROOT / "rail_interview" / "configs" / "pass_fail.py"
 
 @pytest.fixture
 def config():
-    """The pass/fail config, shortened."""
-    config = pass_fail.get_config()
-    config.device, config.num_epochs, config.log_every, config.checkpoint_every = "cpu", 40, 10, 20
-    return config
-
-
-def _metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.csv"), newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    """The pass/fail config, shortened (``pass_fail_setup.short_config``)."""
+    return short_config()
 
 
 def test_the_config_chooses_the_problem(config, tmp_path):
     summary = training.train(config, str(tmp_path))
-    rows = _metrics(summary["run_dir"])
+    rows = metrics(summary["run_dir"])
     assert list(rows[0]) == ["epoch", "reward_mean", "reward_std", "fallback_frac", "pass_rate", "zero_variance_frac"]
     assert {float(r["reward_mean"]) * config.sample_batch_size % 1 for r in rows} == {0.0}  # counts of passes
     assert summary["problem"] == "pass_fail" and 0 < summary["final_pass_rate"] < 1
@@ -55,7 +48,7 @@ def test_a_run_from_the_config_is_the_config_s_training_run(config, tmp_path):
     """Both take training.step; from_config maps every field, so the curves agree bit for bit."""
     config.stat_tracking.method, config.stat_tracking.memory = "rloo", "ema"
     config.problem.group_size, config.seed = 2, 3
-    rows = _metrics(training.train(config, str(tmp_path))["run_dir"])
+    rows = metrics(training.train(config, str(tmp_path))["run_dir"])
     result = pass_fail_runs.train_pass_fail(pass_fail_runs.PassFailRun.from_config(config))
     assert [float(r["pass_rate"]) for r in rows] == result["pass_rate"][1:]
     assert [float(r["zero_variance_frac"]) for r in rows] == result["zero_variance"]
@@ -107,7 +100,7 @@ def test_a_run_directory_written_when_every_method_saved_a_fallback_resumes(tiny
     assert config.stat_tracking.fallback == "auto"
     training.check_resume_config(saved, config)  # the run's own config, as it reads today
     assert training.train(config, run_dir, resume=True)["resumed_at_epoch"] == 14
-    assert _metrics(run_dir) == _metrics(straight)
+    assert metrics(run_dir) == metrics(straight)
 
 
 def test_a_run_written_before_problem_name_existed_may_resume():
@@ -262,8 +255,8 @@ def _two_ranks(rank, logdir):
     config.num_epochs = 20
     resumed = training.train(config, run_dir, resume=True)
     if rank == 0:
-        rows = _metrics(summary["run_dir"])
-        assert len(rows) == 20 and rows == _metrics(resumed["run_dir"])
+        rows = metrics(summary["run_dir"])
+        assert len(rows) == 20 and rows == metrics(resumed["run_dir"])
 
 
 def test_two_gloo_ranks_train_the_pass_fail_problem_on_distinct_prompts_and_resume(tmp_path):

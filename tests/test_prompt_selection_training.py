@@ -9,7 +9,6 @@ one, byte for byte), and that two ranks draw the same distinct prompts and
 keep their own.
 """
 
-import csv
 import filecmp
 import importlib
 import os
@@ -17,6 +16,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from pass_fail_setup import metrics, short_config
 
 from rail_interview import checkpointing, training
 from rail_interview.configs import default, pass_fail
@@ -29,15 +29,8 @@ training_step = importlib.import_module("rail_interview.training.step")
 
 @pytest.fixture
 def config():
-    """The pass/fail config, shortened."""
-    config = pass_fail.get_config()
-    config.device, config.num_epochs, config.log_every, config.checkpoint_every = "cpu", 40, 10, 20
-    return config
-
-
-def _metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.csv"), newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    """The pass/fail config, shortened (``pass_fail_setup.short_config``)."""
+    return short_config()
 
 
 @pytest.mark.parametrize(
@@ -117,7 +110,7 @@ def test_a_run_from_the_config_is_the_config_s_training_run(config, tmp_path, fi
     for name, value in fields.items():
         section, _, field = name.rpartition(".")
         (config[section] if section else config)[field] = value
-    rows = _metrics(training.train(config, str(tmp_path))["run_dir"])
+    rows = metrics(training.train(config, str(tmp_path))["run_dir"])
     run = pass_fail_runs.PassFailRun.from_config(config)
     assert run.sampler == config.prompt_sampler.rule and run.rho == config.stat_tracking.rho
     result = pass_fail_runs.train_pass_fail(run)
@@ -198,8 +191,8 @@ def _two_ranks(rank, logdir):
     config.num_epochs = 20
     resumed = training.train(config, run_dir, resume=True)
     if rank == 0:
-        rows = _metrics(summary["run_dir"])
-        assert len(rows) == 20 and rows == _metrics(resumed["run_dir"])
+        rows = metrics(summary["run_dir"])
+        assert len(rows) == 20 and rows == metrics(resumed["run_dir"])
 
 
 def test_two_gloo_ranks_choose_distinct_prompts_by_one_memory_and_resume(tmp_path):
