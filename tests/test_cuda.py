@@ -183,36 +183,55 @@ def test_pass_rate_memory_on_cuda_matches_cpu_and_never_syncs(name):
         torch.testing.assert_close(cuda.state_dict()[key].cpu(), value)
 
 
-@pytest.mark.parametrize("name", sorted(PASS_RATE_TRACKERS))
-def test_pass_rate_memory_graph_replay_matches_eager(name):
-    batch_size = 16
-    make = PASS_RATE_TRACKERS[name]
+def _assert_graph_replay_matches_eager(make, batches, reward_shape: tuple, extra: Optional[tuple]) -> None:
+    """Captures ``update`` in a CUDA graph, replays it over ``batches`` and checks it against an eager tracker.
+
+    The capture follows a warm-up on a side stream, after which the state is
+    put back (``load_state_dict`` copies in place, so the capture stays
+    valid); each replay's advantages, then the final states, must equal the
+    eager tracker's.
+
+    Args:
+        make: builds a tracker from ``device`` and ``check_values``.
+        batches: (ids [B], rewards [B, *reward_shape], extra values [B]) on the CPU.
+        reward_shape: () for one reward, (C,) for several.
+        extra: (keyword, fill value) of a per-sample input ``update`` takes
+            besides ids and rewards (a discount, weights), or None.
+    """
+    batches = list(batches)
+    batch_size = len(batches[0][0])
     eager, graphed = make(device="cuda", check_values=False), make(device="cuda", check_values=False)
-    discounted = eager.memory == "beta"
     static_ids = torch.zeros(batch_size, dtype=torch.int64, device="cuda")
-    static_rewards = torch.zeros(batch_size, device="cuda")
-    static_discount = torch.full((batch_size,), 0.9, device="cuda")
-    extra = {"discount": static_discount} if discounted else {}
+    static_rewards = torch.zeros(batch_size, *reward_shape, device="cuda")
+    static_extra = {} if extra is None else {extra[0]: torch.full((batch_size,), extra[1], device="cuda")}
     initial = graphed.state_dict()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        graphed.update(static_ids, static_rewards, **extra)
+        graphed.update(static_ids, static_rewards, **static_extra)
     torch.cuda.current_stream().wait_stream(side)
     graphed.load_state_dict(initial)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out = graphed.update(static_ids, static_rewards, **extra)
+        static_out = graphed.update(static_ids, static_rewards, **static_extra)
     graphed.load_state_dict(initial)
-    for ids, rewards, discount in _pass_fail_batches(8, batch_size, seed=2):
+    for ids, rewards, values in batches:
         static_ids.copy_(ids)
         static_rewards.copy_(rewards)
-        static_discount.copy_(discount)
+        for tensor in static_extra.values():
+            tensor.copy_(values)
         graph.replay()
-        eager_extra = {"discount": discount.cuda()} if discounted else {}
+        eager_extra = {name: values.cuda() for name in static_extra}
         torch.testing.assert_close(static_out, eager.update(ids.cuda(), rewards.cuda(), **eager_extra))
     for key, value in eager.state_dict().items():
         assert torch.equal(graphed.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("name", sorted(PASS_RATE_TRACKERS))
+def test_pass_rate_memory_graph_replay_matches_eager(name):
+    make = PASS_RATE_TRACKERS[name]
+    extra = ("discount", 0.9) if make(device="cpu", check_values=False).memory == "beta" else None
+    _assert_graph_replay_matches_eager(make, _pass_fail_batches(8, 16, seed=2), (), extra)
 
 
 #: C = 3 reward functions' weights for the trackers of several rewards.
@@ -294,6 +313,7 @@ def _several_reward_batches(num_batches: int, batch_size: Optional[int] = None, 
 
 
 def _takes_weights(tracker) -> bool:
+    """Whether ``tracker.update`` needs ``weights``."""
     return tracker.weighted_stats or tracker.weighted_normalize
 
 
@@ -327,34 +347,9 @@ def test_several_rewards_on_cuda_match_cpu_and_never_sync(name):
 
 @pytest.mark.parametrize("name", sorted(MULTI_REWARD_TRACKERS))
 def test_several_rewards_graph_replay_matches_eager(name):
-    batch_size = 16
     make = MULTI_REWARD_TRACKERS[name]
-    eager, graphed = make(device="cuda", check_values=False), make(device="cuda", check_values=False)
-    weighted = _takes_weights(eager)
-    static_ids = torch.zeros(batch_size, dtype=torch.int64, device="cuda")
-    static_rewards = torch.zeros(batch_size, 3, device="cuda")
-    static_weights = torch.ones(batch_size, device="cuda")
-    extra = {"weights": static_weights} if weighted else {}
-    initial = graphed.state_dict()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        graphed.update(static_ids, static_rewards, **extra)
-    torch.cuda.current_stream().wait_stream(side)
-    graphed.load_state_dict(initial)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = graphed.update(static_ids, static_rewards, **extra)
-    graphed.load_state_dict(initial)
-    for ids, rewards, weights in _several_reward_batches(8, batch_size, seed=2):
-        static_ids.copy_(ids)
-        static_rewards.copy_(rewards)
-        static_weights.copy_(weights)
-        graph.replay()
-        eager_extra = {"weights": weights.cuda()} if weighted else {}
-        torch.testing.assert_close(static_out, eager.update(ids.cuda(), rewards.cuda(), **eager_extra))
-    for key, value in eager.state_dict().items():
-        assert torch.equal(graphed.state_dict()[key], value), key
+    extra = ("weights", 1.0) if _takes_weights(make(device="cpu", check_values=False)) else None
+    _assert_graph_replay_matches_eager(make, _several_reward_batches(8, 16, seed=2), (3,), extra)
 
 
 def test_prompt_sampler_draws_as_on_the_cpu_without_a_sync_and_in_a_cuda_graph():
