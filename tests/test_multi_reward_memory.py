@@ -60,7 +60,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rail_interview.stat_tracking import AdvantageTracker
+from rail_interview.stat_tracking import AdvantageTracker, ops
 from rail_interview.stat_tracking import functional as functional_module
 from rail_interview.stat_tracking import memory as memory_module
 from rail_interview.stat_tracking import tracker as tracker_module
@@ -1173,3 +1173,22 @@ def test_leave_one_out_std_of_an_outlier_keeps_its_precision():
     got32 = AdvantageTracker(1, **options).update(torch.zeros(4, dtype=torch.int64), torch.tensor(rewards))
     # float32 holds 0.801 to about 3e-8 of 1, so a spread of 0.001 to about 1e-4 of itself.
     torch.testing.assert_close(got32.double(), torch.tensor(want, **F64), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("algorithm", ["dense", "sorted"])
+@pytest.mark.parametrize("baseline", ["prompt_mean", "leave_one_out"])
+def test_weighted_statistics_agree_with_the_reference_under_either_group_algorithm(algorithm, baseline):
+    # NoMemory's weighted sums have a dense and a sorted branch (ops.group_stats_algorithm picks by size and
+    # device): each, forced, equals the reference, with a sample of weight 0, one holding all of its prompt's
+    # weight, and a prompt of no weight.
+    options = dict(baseline=baseline, ddof=1, min_count=2, fallback="batch", weighted_stats=True)
+    prompts = [0, 0, 0, 1, 1, 2, 2, 3]
+    rewards = [1.0, 0.5, 3.0, 2.0, -1.0, 0.25, 4.0, 1.5]
+    weights = [2.0, 0.0, 1.0, 3.0, 0.0, 0.0, 0.0, 5.0]
+    want = ReferenceAdvantageTracker(**options).update_with_report(prompts, rewards, weights=weights)
+    with ops.forced_algorithms(group_stats=algorithm):
+        got = AdvantageTracker(4, dtype=torch.float64, **options).update_with_report(
+            torch.tensor(prompts), torch.tensor(rewards, **F64), weights=torch.tensor(weights, **F64)
+        )
+    torch.testing.assert_close(got.advantages, torch.tensor(want.advantages, **F64), rtol=1e-12, atol=1e-12)
+    assert got.fallback.tolist() == want.fallback
