@@ -67,10 +67,7 @@ SIZES: Dict[str, List[Tuple[int, int]]] = {
 #: Largest difference from the loop baseline that counts as agreement.
 TOLERANCE = 1e-5
 
-_QUICK = flags.DEFINE_bool("quick", False, "Tiny sizes and short timings, for a smoke test.")
-_MIN_RUN_TIME = flags.DEFINE_float("min_run_time", 0.3, "Seconds of timed runs per method, size and round, at least.")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of timing over all methods; the median over rounds is reported.")
-_OUT = flags.DEFINE_string("out", "", "File to write the Markdown table to; empty to write none.")
+FLAGS = flags.FLAGS
 
 Update = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -311,26 +308,35 @@ def main(argv: List[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     torch.set_num_threads(1)
-    min_run_time = min(_MIN_RUN_TIME.value, 0.01) if _QUICK.value else _MIN_RUN_TIME.value
+    min_run_time = min(FLAGS.min_run_time, 0.01) if FLAGS.quick else FLAGS.min_run_time
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"1 thread, device cpu"
     )
     print(machine)
-    rounds = 1 if _QUICK.value else _ROUNDS.value
-    rows = run_benchmark(SIZES["quick" if _QUICK.value else "full"], min_run_time, rounds)
+    rounds = 1 if FLAGS.quick else FLAGS.rounds
+    rows = run_benchmark(SIZES["quick" if FLAGS.quick else "full"], min_run_time, rounds)
     table = format_table(rows)
     print(table)
-    if _OUT.value:
+    if FLAGS.out:
         command = " ".join(["python", os.path.relpath(sys.argv[0])] + sys.argv[1:])
-        with open(_OUT.value, "w", encoding="utf-8") as f:
+        with open(FLAGS.out, "w", encoding="utf-8") as f:
             f.write(
                 f"# GRPO group advantages, one update (CPU)\n\n{datetime.date.today().isoformat()}, {machine}, "
                 f"median over {rounds} round(s) of {min_run_time:g} s or more per method.\n"
                 f"Command: `{command}`\n\n{table}\n"
             )
-        print(f"Wrote {_OUT.value}")
+        print(f"Wrote {FLAGS.out}")
+
+
+def _define_flags() -> None:
+    """The script's flags, defined when it runs (so that headline.py can import this module beside others)."""
+    flags.DEFINE_bool("quick", False, "Tiny sizes and short timings, for a smoke test.")
+    flags.DEFINE_float("min_run_time", 0.3, "Seconds of timed runs per method, size and round, at least.")
+    flags.DEFINE_integer("rounds", 3, "Rounds of timing over all methods; the median over rounds is reported.")
+    flags.DEFINE_string("out", "", "File to write the Markdown table to; empty to write none.")
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -32,7 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from absl import app, flags
@@ -40,16 +40,6 @@ from absl import app, flags
 from rail_interview.stat_tracking import BufferStatTracker, EmaStatTracker, prompt_keys, token_keys
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("rounds", 5, "Rounds of the grid, taking turns over the trackers.")
-flags.DEFINE_integer("stream_keys", 10_000_000, "Distinct keys in the stream.")
-flags.DEFINE_integer("stream_rows", 1_000_000, "Rows of the table the stream goes through.")
-flags.DEFINE_integer("stream_batch", 4096, "N, samples per update of the stream.")
-flags.DEFINE_string(
-    "out",
-    None,
-    "Path prefix of the .json and .md results; by default keys_cpu in a fresh temporary "
-    "directory. The committed results: --out=benchmarks/results/keys_cpu.",
-)
 
 GRID = [(256, 64, 32), (32768, 4096, 32), (4096, 1_000, 32), (4096, 1_000_000, 32)]
 TRACKERS: Dict[str, Callable] = {
@@ -70,21 +60,61 @@ def _median_ms(function: Callable[[], object], budget: float = 0.3) -> float:
     return statistics.median(times) * 1e3
 
 
+def grid_batch(num_samples: int, num_prompts: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The grid's fixed batch: ids drawn uniformly over the P prompts, their rewards, and the keys of those prompts.
+
+    Args:
+        num_samples: N.
+        num_prompts: P.
+
+    Returns:
+        int64 [N] ids in [0, P), float32 [N] rewards and int64 [N] keys
+        (``prompt_keys`` of the strings ``"prompt {id}"``).
+    """
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(num_prompts, (num_samples,), generator=generator)
+    rewards = torch.randn(num_samples, generator=generator)
+    keys = prompt_keys([f"prompt {i}" for i in range(num_prompts)]).index_select(0, ids)
+    return ids, rewards, keys
+
+
+def grid_calls(
+    name: str, num_prompts: int, buffer_size: int, ids: torch.Tensor, rewards: torch.Tensor, keys: torch.Tensor
+) -> Tuple[Callable[[], object], Callable[[], object]]:
+    """Builds one tracker of ``TRACKERS`` with ids and with hashed keys, checks that they agree, returns both updates.
+
+    Args:
+        name: a key of ``TRACKERS``.
+        num_prompts: P.
+        buffer_size: K.
+        ids: int64 [N], from ``grid_batch``.
+        rewards: float32 [N].
+        keys: int64 [N], the ids' keys.
+
+    Returns:
+        The update with ids and the update with keys, each on the batch,
+        after one update of it (every key is then in the table).
+
+    Raises:
+        AssertionError: if the first update's advantages differ.
+    """
+    make = TRACKERS[name]
+    by_id, hashed = make(num_prompts, buffer_size, "ids"), make(num_prompts, buffer_size, "hashed")
+    torch.testing.assert_close(hashed.update(keys, rewards), by_id.update(ids, rewards))
+    return (lambda: by_id.update(ids, rewards)), (lambda: hashed.update(keys, rewards))
+
+
 def grid(rounds: int) -> List[dict]:
     """Hashed against ids on the headline grid; returns one row per (tracker, N, P, K)."""
     rows = []
     for num_samples, num_prompts, buffer_size in GRID:
-        generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(num_prompts, (num_samples,), generator=generator)
-        rewards = torch.randn(num_samples, generator=generator)
-        keys = prompt_keys([f"prompt {i}" for i in range(num_prompts)]).index_select(0, ids)
-        for name, make in TRACKERS.items():
-            by_id, hashed = make(num_prompts, buffer_size, "ids"), make(num_prompts, buffer_size, "hashed")
-            torch.testing.assert_close(hashed.update(keys, rewards), by_id.update(ids, rewards))
+        ids, rewards, keys = grid_batch(num_samples, num_prompts)
+        for name in TRACKERS:
+            by_id, hashed = grid_calls(name, num_prompts, buffer_size, ids, rewards, keys)
             times: Dict[str, List[float]] = {"ids": [], "hashed": []}
             for _ in range(rounds):
-                times["ids"].append(_median_ms(lambda: by_id.update(ids, rewards)))
-                times["hashed"].append(_median_ms(lambda: hashed.update(keys, rewards)))
+                times["ids"].append(_median_ms(by_id))
+                times["hashed"].append(_median_ms(hashed))
             ids_ms, hashed_ms = statistics.median(times["ids"]), statistics.median(times["hashed"])
             rows.append(
                 dict(
@@ -231,5 +261,20 @@ def main(argv: List[str]) -> None:
     print(f"Wrote {out}.json and {out}.md")
 
 
+def _define_flags() -> None:
+    """The script's flags, defined when it runs (so that headline.py can import this module beside others)."""
+    flags.DEFINE_integer("rounds", 5, "Rounds of the grid, taking turns over the trackers.")
+    flags.DEFINE_integer("stream_keys", 10_000_000, "Distinct keys in the stream.")
+    flags.DEFINE_integer("stream_rows", 1_000_000, "Rows of the table the stream goes through.")
+    flags.DEFINE_integer("stream_batch", 4096, "N, samples per update of the stream.")
+    flags.DEFINE_string(
+        "out",
+        None,
+        "Path prefix of the .json and .md results; by default keys_cpu in a fresh temporary "
+        "directory. The committed results: --out=benchmarks/results/keys_cpu.",
+    )
+
+
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -106,17 +106,32 @@ def update(memory: str, num_prompts: int, drawn) -> Callable[[], object]:
 FLOORS = {"buffer": buffer_floor, "ema": ema_floor}
 
 
+def memory_calls(memory: str, drawn: Dict[int, list]) -> Dict[Tuple[str, int], Callable[[], object]]:
+    """The floor's and the update's calls of one memory at each size of P.
+
+    Args:
+        memory: ``"buffer"`` or ``"ema"``.
+        drawn: P -> its batches, as ``batches`` draws them.
+
+    Returns:
+        ``(kind, P)`` -> a call that cycles through P's batches, for kind
+        ``"floor"`` (the bare reads and writes) and ``"update"`` (the
+        tracker's update, checks off), in that order.
+    """
+    return {
+        (kind, size): (FLOORS[memory] if kind == "floor" else lambda p, d: update(memory, p, d))(size, size_batches)
+        for kind in ("floor", "update")
+        for size, size_batches in drawn.items()
+    }
+
+
 def measure(rounds: int, min_run_time: float) -> List[Dict[str, float]]:
     """Per memory: floor and update ms at both sizes, medians over ``rounds``, and the extra-cost ratio."""
     torch.set_num_threads(1)
     drawn = {size: batches(NUM_SAMPLES, size, NUM_BATCHES) for size in (SMALL, LARGE)}
     rows = []
-    for memory, floor in FLOORS.items():
-        calls = {
-            (kind, size): (floor if kind == "floor" else lambda p, d: update(memory, p, d))(size, drawn[size])
-            for kind in ("floor", "update")
-            for size in (SMALL, LARGE)
-        }
+    for memory in FLOORS:
+        calls = memory_calls(memory, drawn)
         times: Dict[Tuple[str, int], List[float]] = {key: [] for key in calls}
         for _ in range(rounds):
             for key, call in calls.items():

@@ -107,32 +107,7 @@ WHITEN_DDOF, WHITEN_EPS = 1, 1e-4
 #: Largest difference from the one tracker that counts as agreement (float32; relative and absolute).
 TOLERANCE = 1e-5
 
-_QUICK = flags.DEFINE_bool(
-    "quick", False, "Tiny sizes, at most 0.01 s per timing and 2 rounds: a smoke test, not figures."
-)
-_DEVICE = flags.DEFINE_string("device", "cpu", "The trackers' device, cpu or cuda.")
-_THREADS = flags.DEFINE_integer("threads", 1, "CPU threads for torch.")
-_MIN_RUN_TIME = flags.DEFINE_float("min_run_time", 0.4, "Seconds of timed runs per variant, case and round, at least.")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of timing over all variants; the median over rounds is reported.")
-_STEPS = flags.DEFINE_integer("steps", 6, "Batches fed to every variant to check agreement, before timing.")
-_COMPILE = flags.DEFINE_bool("compile", False, "Also time torch.compile(fullgraph=True) of the one tracker's update.")
-_CHECK_VALUES = flags.DEFINE_bool("check_values", True, "The trackers' check_values (the compiled one's is off).")
-_CLOCK = flags.DEFINE_enum(
-    "clock",
-    "wall",
-    ["wall", "cpu"],
-    "On the CPU, wall: torch.utils.benchmark's wall time (timing.time_cpu); cpu: this thread's CPU time "
-    "(user and system) over blocks of calls, which other processes on a busy machine disturb far less.",
-)
-_AB_REV = flags.DEFINE_string(
-    "ab_rev", None, "Instead of the grid: the single-reward update of this git revision against the working tree's."
-)
-_OUT = flags.DEFINE_string(
-    "out",
-    None,
-    "Directory for the JSON and Markdown results (default: a fresh temporary directory; "
-    "--out=benchmarks/results writes the committed ones); empty to write none.",
-)
+FLAGS = flags.FLAGS
 
 #: (ids [N], rewards [N, C], the same rewards as C contiguous [N] columns) -> advantages [N].
 Step = Callable[[torch.Tensor, torch.Tensor, Tuple[torch.Tensor, ...]], torch.Tensor]
@@ -290,12 +265,13 @@ def build_variants(
 
 
 def _max_diff(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest absolute difference of two tensors, in float64 on the CPU; 0 when they are empty."""
     if got.numel() == 0:
         return 0.0
     return (got.detach().cpu().double() - expected.detach().cpu().double()).abs().max().item()
 
 
-def _columns(rewards: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+def reward_columns(rewards: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     """The C columns of rewards [N, C], each contiguous [N], as C reward functions hand them over."""
     return tuple(rewards[:, c].contiguous() for c in range(rewards.shape[1]))
 
@@ -333,7 +309,7 @@ def check_agreement(
     for seed in range(steps):
         ids, rewards = multi_reward_batch(num_samples, num_prompts, seed)
         ids, rewards = ids.to(device), rewards.to(device)
-        columns = _columns(rewards)
+        columns = reward_columns(rewards)
         expected = variants["one"][1](ids, rewards, columns).cpu()
         for name in others:
             got = variants[name][1](ids, rewards, columns).cpu()
@@ -361,11 +337,13 @@ def check_agreement(
     return diffs
 
 
-def _timer(device: torch.device, threads: int, min_run_time: float) -> Callable[[Callable[[], object]], float]:
-    """Seconds per call: CUDA events on CUDA; on the CPU, as ``--clock`` says, with ``threads`` threads."""
+def _timer(
+    device: torch.device, threads: int, min_run_time: float, clock: str
+) -> Callable[[Callable[[], object]], float]:
+    """Seconds per call: CUDA events on CUDA; on the CPU, as ``clock`` (``--clock``) says, with ``threads`` threads."""
     if device.type == "cuda":
         return lambda fn: time_cuda(fn, min_run_time)
-    if _CLOCK.value == "cpu":
+    if clock == "cpu":
         if threads != 1:
             raise app.UsageError("--clock=cpu measures one thread: it needs --threads=1")
         return lambda fn: time_thread(fn, min_run_time)
@@ -383,6 +361,7 @@ def run_case(
     min_run_time: float,
     rounds: int,
     steps: int,
+    clock: str,
     check_values: bool,
     compile_update: bool,
 ) -> Dict[str, object]:
@@ -398,6 +377,7 @@ def run_case(
         min_run_time: seconds of timed runs per variant and round, at least.
         rounds: rounds of timing over all variants.
         steps: batches of the agreement check (which also warm the trackers up).
+        clock: on the CPU, ``"wall"`` (torch.utils.benchmark) or ``"cpu"`` (the thread's CPU time).
         check_values: the trackers' ``check_values``.
         compile_update: time ``one_compiled`` too.
 
@@ -415,8 +395,8 @@ def run_case(
 
     ids, rewards = multi_reward_batch(num_samples, num_prompts, seed=steps)
     ids, rewards = ids.to(device), rewards.to(device)
-    columns = _columns(rewards)
-    time_call = _timer(device, threads, min_run_time)
+    columns = reward_columns(rewards)
+    time_call = _timer(device, threads, min_run_time, clock)
     # Rounds over all variants in turn, so that a slow spell of the machine
     # hits every variant alike; the median over rounds is reported.
     times: Dict[str, List[float]] = {f"{name}_ms": [] for name in variants}
@@ -486,6 +466,7 @@ def run_ab_case(
     min_run_time: float,
     rounds: int,
     steps: int,
+    clock: str,
     check_values: bool,
 ) -> Dict[str, object]:
     """Checks that a revision's single-reward tracker and the working tree's agree bit for bit, then times both.
@@ -500,6 +481,7 @@ def run_ab_case(
         min_run_time: seconds of timed runs per version and round, at least.
         rounds: rounds of timing; odd rounds time the working tree first.
         steps: batches of the check.
+        clock: on the CPU, ``"wall"`` or ``"cpu"``, as for ``run_case``.
         check_values: the trackers' ``check_values``.
 
     Returns:
@@ -526,7 +508,7 @@ def run_ab_case(
 
     ids, rewards = single_reward_batch(num_samples, num_prompts, seed=steps)
     ids, rewards = ids.to(device), rewards.to(device)
-    time_call = _timer(device, threads, min_run_time)
+    time_call = _timer(device, threads, min_run_time, clock)
     times: Dict[str, List[float]] = {"old_ms": [], "new_ms": []}
     for round_ in range(rounds):
         order = ["old", "new"] if round_ % 2 == 0 else ["new", "old"]
@@ -561,6 +543,7 @@ def format_ab_table(rows: List[Dict[str, object]]) -> str:
 
 
 def _git(*args: str) -> str:
+    """Runs git with ``args`` in the repository and returns its output, stripped."""
     return subprocess.run(["git", *args], cwd=REPO_ROOT, check=True, capture_output=True, text=True).stdout.strip()
 
 
@@ -590,17 +573,17 @@ def main(argv: List[str]) -> None:
     """
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    torch.set_num_threads(_THREADS.value)
-    device = torch.empty(0, device=_DEVICE.value).device
-    quick = _QUICK.value
-    min_run_time = min(_MIN_RUN_TIME.value, 0.01) if quick else _MIN_RUN_TIME.value
-    rounds = min(_ROUNDS.value, 2) if quick else _ROUNDS.value
-    machine = describe_machine(device, _THREADS.value)
+    torch.set_num_threads(FLAGS.threads)
+    device = torch.empty(0, device=FLAGS.device).device
+    quick = FLAGS.quick
+    min_run_time = min(FLAGS.min_run_time, 0.01) if quick else FLAGS.min_run_time
+    rounds = min(FLAGS.rounds, 2) if quick else FLAGS.rounds
+    machine = describe_machine(device, FLAGS.threads)
     summary = (
         f"{datetime.date.today().isoformat()}, {machine['gpu'] if 'gpu' in machine else machine['processor']}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}, {_THREADS.value} thread(s), device {device}; "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, {FLAGS.threads} thread(s), device {device}; "
         f"median over {rounds} round(s) of {min_run_time:g} s or more per variant"
-        + (", CPU time of the thread." if device.type == "cpu" and _CLOCK.value == "cpu" else ".")
+        + (", CPU time of the thread." if device.type == "cpu" and FLAGS.clock == "cpu" else ".")
     )
     print(summary)
     tag = re.sub(r"[^a-z0-9]+", "-", str(machine.get("gpu", device.type)).lower()).strip("-")
@@ -617,22 +600,22 @@ def main(argv: List[str]) -> None:
         "library_modified": bool(dirty),
         "min_run_time_s": min_run_time,
         "rounds": rounds,
-        "check_values": _CHECK_VALUES.value,
-        "clock": "cuda_events" if device.type == "cuda" else _CLOCK.value,
+        "check_values": FLAGS.check_values,
+        "clock": "cuda_events" if device.type == "cuda" else FLAGS.clock,
     }
-    common = dict(threads=_THREADS.value, min_run_time=min_run_time, rounds=rounds, steps=_STEPS.value)
-    if _AB_REV.value is not None:
+    common = dict(threads=FLAGS.threads, min_run_time=min_run_time, rounds=rounds, steps=FLAGS.steps, clock=FLAGS.clock)
+    if FLAGS.ab_rev is not None:
         grid = "quick" if quick else "headline"
-        rev = _git("rev-parse", "--short", _AB_REV.value)
+        rev = _git("rev-parse", "--short", FLAGS.ab_rev)
         new = f"the working tree ({library})"
         rows = []
         with tempfile.TemporaryDirectory() as directory:
-            old_module = import_revision(_AB_REV.value, directory)
-            print(f"{_AB_REV.value} ({rev}, old) against {new}")
+            old_module = import_revision(FLAGS.ab_rev, directory)
+            print(f"{FLAGS.ab_rev} ({rev}, old) against {new}")
             for memory in MEMORIES:
                 for num_samples, num_prompts in AB_GRIDS[grid]:
                     row = run_ab_case(
-                        old_module, num_samples, num_prompts, memory, device, check_values=_CHECK_VALUES.value, **common
+                        old_module, num_samples, num_prompts, memory, device, check_values=FLAGS.check_values, **common
                     )
                     rows.append(row)
                     print(
@@ -642,12 +625,12 @@ def main(argv: List[str]) -> None:
                     )
         table = format_ab_table(rows)
         print(table)
-        report.update(grid=grid, rev=_AB_REV.value, rev_hash=rev, results=rows)
+        report.update(grid=grid, rev=FLAGS.ab_rev, rev_hash=rev, results=rows)
         notes = [
-            f"Old: `{_AB_REV.value}` ({rev}); new: {new}. Single-reward `presets.trl_grpo` over each memory, "
-            f"advantages and state checked bit-identical over {_STEPS.value} batches first."
+            f"Old: `{FLAGS.ab_rev}` ({rev}); new: {new}. Single-reward `presets.trl_grpo` over each memory, "
+            f"advantages and state checked bit-identical over {FLAGS.steps} batches first."
         ]
-        _write(_OUT.value, f"ab_single_reward_{tag}", "The single-reward update, A/B", summary, table, report, notes)
+        _write(FLAGS.out, f"ab_single_reward_{tag}", "The single-reward update, A/B", summary, table, report, notes)
         return
     grid = "quick" if quick else "full"
     rows = []
@@ -661,8 +644,8 @@ def main(argv: List[str]) -> None:
                         memory,
                         order,
                         device,
-                        check_values=_CHECK_VALUES.value,
-                        compile_update=_COMPILE.value,
+                        check_values=FLAGS.check_values,
+                        compile_update=FLAGS.compile,
                         **common,
                     )
                 )
@@ -677,12 +660,12 @@ def main(argv: List[str]) -> None:
     notes = [
         f"{library}. C = {len(REWARD_WEIGHTS)} rewards, weights {REWARD_WEIGHTS}, groups of {GROUP_SIZE}; "
         "`presets.trl_grpo` "
-        f"over each memory; check_values={_CHECK_VALUES.value}. by hand: four single-reward trackers, weighted sum "
+        f"over each memory; check_values={FLAGS.check_values}. by hand: four single-reward trackers, weighted sum "
         "and whitening by hand (normalize_then_sum), or the weighted sum by hand and one single-reward tracker "
         "(sum_then_normalize); loop: the same as a Python loop over the [N, 4] tensor's channels."
     ]
     _write(
-        _OUT.value,
+        FLAGS.out,
         f"multi_reward_{tag}_{grid}",
         "Several rewards per sample (C = 4), one update",
         summary,
@@ -692,5 +675,34 @@ def main(argv: List[str]) -> None:
     )
 
 
+def _define_flags() -> None:
+    """The script's flags, defined when it runs (so that headline.py can import this module beside others)."""
+    flags.DEFINE_bool("quick", False, "Tiny sizes, at most 0.01 s per timing and 2 rounds: a smoke test, not figures.")
+    flags.DEFINE_string("device", "cpu", "The trackers' device, cpu or cuda.")
+    flags.DEFINE_integer("threads", 1, "CPU threads for torch.")
+    flags.DEFINE_float("min_run_time", 0.4, "Seconds of timed runs per variant, case and round, at least.")
+    flags.DEFINE_integer("rounds", 3, "Rounds of timing over all variants; the median over rounds is reported.")
+    flags.DEFINE_integer("steps", 6, "Batches fed to every variant to check agreement, before timing.")
+    flags.DEFINE_bool("compile", False, "Also time torch.compile(fullgraph=True) of the one tracker's update.")
+    flags.DEFINE_bool("check_values", True, "The trackers' check_values (the compiled one's is off).")
+    flags.DEFINE_enum(
+        "clock",
+        "wall",
+        ["wall", "cpu"],
+        "On the CPU, wall: torch.utils.benchmark's wall time (timing.time_cpu); cpu: this thread's CPU time "
+        "(user and system) over blocks of calls, which other processes on a busy machine disturb far less.",
+    )
+    flags.DEFINE_string(
+        "ab_rev", None, "Instead of the grid: the single-reward update of this git revision against the working tree's."
+    )
+    flags.DEFINE_string(
+        "out",
+        None,
+        "Directory for the JSON and Markdown results (default: a fresh temporary directory; "
+        "--out=benchmarks/results writes the committed ones); empty to write none.",
+    )
+
+
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -78,21 +78,7 @@ FIRST_VISIT_FRACTION = 0.25
 #: Largest D drawn: rho = 2 ** (-D / 0.06) crosses SPO's clamp [0.875, 0.96] between D = 0.0035 and 0.0116.
 MAX_DIVERGENCE = 0.02
 
-_QUICK = flags.DEFINE_bool(
-    "quick", False, "Tiny sizes, at most 0.01 s per timing and 2 rounds: a smoke test, not figures."
-)
-_DEVICE = flags.DEFINE_string("device", "cpu", "The tensor trackers' device, cpu or cuda (the dict stays on the host).")
-_THREADS = flags.DEFINE_integer("threads", 1, "CPU threads for torch, the dict baseline's included.")
-_MIN_RUN_TIME = flags.DEFINE_float("min_run_time", 0.4, "Seconds of timed runs per tracker, case and round, at least.")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of timing over all trackers; the median over rounds is reported.")
-_STEPS = flags.DEFINE_integer("steps", 6, "Batches fed to every tracker to check agreement, before timing.")
-_COMPILE = flags.DEFINE_bool("compile", False, "Also time torch.compile(fullgraph=True) of the unchecked update.")
-_OUT = flags.DEFINE_string(
-    "out",
-    None,
-    "Directory for the JSON and Markdown results (default: a fresh temporary directory; "
-    "--out=benchmarks/results writes the committed ones); empty to write none.",
-)
+FLAGS = flags.FLAGS
 
 #: (ids [N], rewards [N], divergence [N]) -> advantages [N].
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -162,6 +148,7 @@ def build_trackers(num_prompts: int, device: torch.device, compile_update: bool)
 
 
 def _max_diff(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest absolute difference of two tensors, in float64 on the CPU."""
     return (got.detach().cpu().double() - expected.double()).abs().max().item()
 
 
@@ -296,6 +283,7 @@ def format_table(rows: List[Dict[str, object]]) -> str:
 
 
 def _ms(value: float) -> str:
+    """Milliseconds to three decimals, or one from 10 ms on."""
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
@@ -307,15 +295,15 @@ def main(argv: List[str]) -> None:
     """
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    torch.set_num_threads(_THREADS.value)
-    device = torch.empty(0, device=_DEVICE.value).device
-    grid = "quick" if _QUICK.value else "full"
-    min_run_time = min(_MIN_RUN_TIME.value, 0.01) if _QUICK.value else _MIN_RUN_TIME.value
-    rounds = min(_ROUNDS.value, 2) if _QUICK.value else _ROUNDS.value
-    machine = describe_machine(device, _THREADS.value)
+    torch.set_num_threads(FLAGS.threads)
+    device = torch.empty(0, device=FLAGS.device).device
+    grid = "quick" if FLAGS.quick else "full"
+    min_run_time = min(FLAGS.min_run_time, 0.01) if FLAGS.quick else FLAGS.min_run_time
+    rounds = min(FLAGS.rounds, 2) if FLAGS.quick else FLAGS.rounds
+    machine = describe_machine(device, FLAGS.threads)
     summary = (
         f"{machine['gpu'] if 'gpu' in machine else machine['processor']}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {_THREADS.value} thread(s), device {device}"
+        f"torch {torch.__version__}, {FLAGS.threads} thread(s), device {device}"
     )
     print(summary)
     rows = []
@@ -325,11 +313,11 @@ def main(argv: List[str]) -> None:
                 num_samples,
                 num_prompts,
                 device,
-                threads=_THREADS.value,
+                threads=FLAGS.threads,
                 min_run_time=min_run_time,
                 rounds=rounds,
-                steps=_STEPS.value,
-                compile_update=_COMPILE.value,
+                steps=FLAGS.steps,
+                compile_update=FLAGS.compile,
             )
         )
         print(
@@ -339,8 +327,8 @@ def main(argv: List[str]) -> None:
         )
     table = format_table(rows)
     print(table)
-    if _OUT.value != "":
-        out = tempfile.mkdtemp(prefix="rail_interview_bench_spo_") if _OUT.value is None else _OUT.value
+    if FLAGS.out != "":
+        out = tempfile.mkdtemp(prefix="rail_interview_bench_spo_") if FLAGS.out is None else FLAGS.out
         os.makedirs(out, exist_ok=True)
         tag = re.sub(r"[^a-z0-9]+", "-", str(machine.get("gpu", device.type)).lower()).strip("-")
         stem = os.path.join(out, f"spo_{tag}_{grid}")
@@ -369,5 +357,23 @@ def main(argv: List[str]) -> None:
         print(f"Wrote {stem}.json and {stem}.md")
 
 
+def _define_flags() -> None:
+    """The script's flags, defined when it runs (so that headline.py can import this module beside others)."""
+    flags.DEFINE_bool("quick", False, "Tiny sizes, at most 0.01 s per timing and 2 rounds: a smoke test, not figures.")
+    flags.DEFINE_string("device", "cpu", "The tensor trackers' device, cpu or cuda (the dict stays on the host).")
+    flags.DEFINE_integer("threads", 1, "CPU threads for torch, the dict baseline's included.")
+    flags.DEFINE_float("min_run_time", 0.4, "Seconds of timed runs per tracker, case and round, at least.")
+    flags.DEFINE_integer("rounds", 3, "Rounds of timing over all trackers; the median over rounds is reported.")
+    flags.DEFINE_integer("steps", 6, "Batches fed to every tracker to check agreement, before timing.")
+    flags.DEFINE_bool("compile", False, "Also time torch.compile(fullgraph=True) of the unchecked update.")
+    flags.DEFINE_string(
+        "out",
+        None,
+        "Directory for the JSON and Markdown results (default: a fresh temporary directory; "
+        "--out=benchmarks/results writes the committed ones); empty to write none.",
+    )
+
+
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -62,19 +62,7 @@ GRIDS: Dict[str, List[Tuple[int, int, int]]] = {
     "quick": [(64, 8, 4), (300, 50, 8)],
 }
 
-_GRID = flags.DEFINE_enum("grid", "full", list(GRIDS), "Which cases to run.")
-_DEVICE = flags.DEFINE_string("device", "cpu", "Device of the tensor trackers: cpu or cuda.")
-_THREADS = flags.DEFINE_integer("threads", 1, "CPU threads for torch (the baselines are single-threaded).")
-_MIN_RUN_TIME = flags.DEFINE_float("min_run_time", 0.4, "Seconds of timed runs per tracker, case and round, at least.")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of timing over all trackers; the median over rounds is reported.")
-_COMPILE = flags.DEFINE_bool("compile", False, "Also time torch.compile(update) of the buffer tracker.")
-_BASELINES = flags.DEFINE_bool("baselines", True, "Time the ddpo and reference dict trackers too.")
-_OUT = flags.DEFINE_string(
-    "out",
-    None,
-    "Directory for the JSON results (default: a fresh temporary directory; "
-    "--out=benchmarks/results regenerates the committed ones); empty to write none.",
-)
+FLAGS = flags.FLAGS
 
 
 def min_count_for(buffer_size: int) -> int:
@@ -82,11 +70,96 @@ def min_count_for(buffer_size: int) -> int:
     return max(1, min(16, buffer_size // 2))
 
 
-def _batch(num_samples: int, num_prompts: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def make_batch(num_samples: int, num_prompts: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A batch drawn uniformly over the prompts.
+
+    Args:
+        num_samples: N.
+        num_prompts: P.
+        seed: draws the ids and the rewards.
+
+    Returns:
+        int64 [N] ids in [0, P) and float32 [N] rewards (mean -50, std 10), on the CPU.
+    """
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(num_prompts, (num_samples,), generator=generator)
     rewards = torch.randn(num_samples, generator=generator) * 10 - 50
     return ids, rewards
+
+
+def buffer_tracker(
+    num_prompts: int, buffer_size: int, device: torch.device, check_values: bool = True
+) -> BufferStatTracker:
+    """The buffer tracker this script times (``presets.ddpo``'s semantics): K slots, ``min_count_for(K)``.
+
+    Args:
+        num_prompts: P.
+        buffer_size: K.
+        device: its device.
+        check_values: its input value checks.
+
+    Returns:
+        A fresh tracker.
+    """
+    return BufferStatTracker(
+        num_prompts, buffer_size, min_count_for(buffer_size), device=device, check_values=check_values
+    )
+
+
+def ema_tracker(num_prompts: int, buffer_size: int, device: torch.device) -> EmaStatTracker:
+    """The EMA tracker this script times: decay 0.9, ``min_count_for(K)``, default checks.
+
+    Args:
+        num_prompts: P.
+        buffer_size: K (only sets min_count).
+        device: its device.
+
+    Returns:
+        A fresh tracker.
+    """
+    return EmaStatTracker(num_prompts, 0.9, min_count_for(buffer_size), device=device)
+
+
+def warmed(tracker, num_samples: int, num_prompts: int, device: torch.device):
+    """Feeds ``tracker`` three batches (seeds 0 to 2), so that timing sees partly full buffers, as in training.
+
+    Args:
+        tracker: a tensor tracker.
+        num_samples: N.
+        num_prompts: P.
+        device: where the batches go.
+
+    Returns:
+        ``tracker``.
+    """
+    for seed in range(3):
+        tracker.update(*(t.to(device) for t in make_batch(num_samples, num_prompts, seed)))
+    return tracker
+
+
+def baseline_calls(ids: torch.Tensor, rewards: torch.Tensor, buffer_size: int) -> Dict[str, Callable[[], object]]:
+    """The dict trackers' updates on host copies of a batch, after three warm-up updates of it.
+
+    Args:
+        ids: int64 [N] ids, on the CPU.
+        rewards: float32 [N], on the CPU.
+        buffer_size: K.
+
+    Returns:
+        ``ddpo_ms`` (ddpo-pytorch's tracker on NumPy arrays) and
+        ``reference_ms`` (ReferenceBufferStatTracker on Python lists): calls
+        of one update, the arrays and lists prepared outside them.
+    """
+    ddpo = DdpoStyleStatTracker(buffer_size, min_count_for(buffer_size))
+    reference = ReferenceBufferStatTracker(buffer_size, min_count_for(buffer_size))
+    np_ids, np_rewards, list_ids, list_rewards = ids.numpy(), rewards.numpy(), ids.tolist(), rewards.tolist()
+    for _ in range(3):
+        ddpo.update(np_ids, np_rewards)
+        reference.update(list_ids, list_rewards)
+    return {
+        "ddpo_ms": lambda: ddpo.update(np_ids, np_rewards),
+        "reference_ms": lambda: reference.update(list_ids, list_rewards),
+    }
 
 
 def check_agreement(num_samples: int, num_prompts: int, buffer_size: int, device: torch.device) -> None:
@@ -104,10 +177,10 @@ def check_agreement(num_samples: int, num_prompts: int, buffer_size: int, device
     ddpo = DdpoStyleStatTracker(buffer_size, min_count_for(buffer_size))
     reference = ReferenceBufferStatTracker(buffer_size, min_count_for(buffer_size))
     ema_reference = ReferenceEmaStatTracker(0.9, min_count_for(buffer_size))
-    buffer = BufferStatTracker(num_prompts, buffer_size, min_count_for(buffer_size), device=device)
-    ema = EmaStatTracker(num_prompts, 0.9, min_count_for(buffer_size), device=device)
+    buffer = buffer_tracker(num_prompts, buffer_size, device)
+    ema = ema_tracker(num_prompts, buffer_size, device)
     for seed in range(3):
-        ids, rewards = _batch(num_samples, num_prompts, seed)
+        ids, rewards = make_batch(num_samples, num_prompts, seed)
         expected = np.asarray(reference.update(ids.tolist(), rewards.tolist()))
         np.testing.assert_allclose(ddpo.update(ids.numpy(), rewards.numpy()), expected, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(
@@ -135,7 +208,18 @@ def _graphed_update(tracker: BufferStatTracker, ids: torch.Tensor, rewards: torc
     return graph.replay
 
 
-def run_case(num_samples: int, num_prompts: int, buffer_size: int, device: torch.device) -> Dict[str, object]:
+def run_case(
+    num_samples: int,
+    num_prompts: int,
+    buffer_size: int,
+    device: torch.device,
+    *,
+    threads: int,
+    min_run_time: float,
+    rounds: int,
+    compile_update: bool,
+    baselines: bool,
+) -> Dict[str, object]:
     """Checks agreement, then times every tracker on one case.
 
     Args:
@@ -143,66 +227,56 @@ def run_case(num_samples: int, num_prompts: int, buffer_size: int, device: torch
         num_prompts: P.
         buffer_size: K.
         device: the tensor trackers' device.
+        threads: torch threads while timing on the CPU.
+        min_run_time: seconds of timed runs per tracker and round, at least.
+        rounds: rounds of timing over all trackers.
+        compile_update: time ``torch.compile(update)`` of the buffer tracker too.
+        baselines: time the ddpo and reference dict trackers too.
 
     Returns:
         The case's sizes, the median over rounds of each tracker's median
         milliseconds per update, and every round's figure.
     """
     check_agreement(num_samples, num_prompts, buffer_size, device)
-    ids, rewards = _batch(num_samples, num_prompts, seed=10)
+    ids, rewards = make_batch(num_samples, num_prompts, seed=10)
     on_device = ids.to(device), rewards.to(device)
-    min_run_time = _MIN_RUN_TIME.value
     timer = (
         (lambda fn: time_cuda(fn, min_run_time))
         if device.type == "cuda"
-        else (lambda fn: time_cpu(fn, _THREADS.value, min_run_time))
+        else (lambda fn: time_cpu(fn, threads, min_run_time))
     )
     result: Dict[str, object] = {"N": num_samples, "P": num_prompts, "K": buffer_size}
 
-    def warmed(tracker):
-        """Returns ``tracker`` after three updates, so that timing sees partly full buffers."""
-        for seed in range(3):  # fill the buffers partly, as in training
-            tracker.update(*(t.to(device) for t in _batch(num_samples, num_prompts, seed)))
-        return tracker
-
     # What to time, by result name: (the call, its timer).
     calls: Dict[str, Tuple[Callable[[], object], Callable[[Callable[[], object]], float]]] = {}
-    buffer = warmed(BufferStatTracker(num_prompts, buffer_size, min_count_for(buffer_size), device=device))
+    buffer = warmed(buffer_tracker(num_prompts, buffer_size, device), num_samples, num_prompts, device)
     calls["buffer_ms"] = (lambda: buffer.update(*on_device)), timer
-    ema = warmed(EmaStatTracker(num_prompts, 0.9, min_count_for(buffer_size), device=device))
+    ema = warmed(ema_tracker(num_prompts, buffer_size, device), num_samples, num_prompts, device)
     calls["ema_ms"] = (lambda: ema.update(*on_device)), timer
-    if _COMPILE.value:
+    if compile_update:
         compiled_tracker = warmed(
-            BufferStatTracker(num_prompts, buffer_size, min_count_for(buffer_size), device=device, check_values=False)
+            buffer_tracker(num_prompts, buffer_size, device, check_values=False), num_samples, num_prompts, device
         )
         compiled = torch.compile(compiled_tracker.update, fullgraph=True, dynamic=False)
         compiled(*on_device)  # compile outside the timed region
         calls["buffer_compiled_ms"] = (lambda: compiled(*on_device)), timer
     if device.type == "cuda":
-        graphed = BufferStatTracker(
-            num_prompts, buffer_size, min_count_for(buffer_size), device=device, check_values=False
-        )
+        graphed = buffer_tracker(num_prompts, buffer_size, device, check_values=False)
         calls["buffer_graph_ms"] = _graphed_update(graphed, *on_device), timer
-    if _BASELINES.value:
-        ddpo = DdpoStyleStatTracker(buffer_size, min_count_for(buffer_size))
-        reference = ReferenceBufferStatTracker(buffer_size, min_count_for(buffer_size))
-        np_ids, np_rewards, list_ids, list_rewards = ids.numpy(), rewards.numpy(), ids.tolist(), rewards.tolist()
-        for _ in range(3):
-            ddpo.update(np_ids, np_rewards)
-            reference.update(list_ids, list_rewards)
+    if baselines:
         slow_timer = lambda fn: time_cpu(fn, 1, max(min_run_time, 0.3))  # noqa: E731
-        calls["ddpo_ms"] = (lambda: ddpo.update(np_ids, np_rewards)), slow_timer
-        calls["reference_ms"] = (lambda: reference.update(list_ids, list_rewards)), slow_timer
+        for name, call in baseline_calls(ids, rewards, buffer_size).items():
+            calls[name] = call, slow_timer
 
     # Rounds over all trackers in turn, so that a slow spell of the machine
     # hits every tracker alike; the median over rounds is reported.
-    rounds: Dict[str, List[float]] = {name: [] for name in calls}
-    for _ in range(_ROUNDS.value):
+    times: Dict[str, List[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
         for name, (call, time_call) in calls.items():
-            rounds[name].append(1e3 * time_call(call))
-    for name, times in rounds.items():
-        result[name] = statistics.median(times)
-    result["rounds"] = rounds
+            times[name].append(1e3 * time_call(call))
+    for name, values in times.items():
+        result[name] = statistics.median(values)
+    result["rounds"] = times
 
     if device.type == "cuda":
         state_bytes = sum(t.numel() * t.element_size() for t in graphed.state_dict().values())
@@ -260,32 +334,44 @@ def main(argv):
     """
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    torch.set_num_threads(_THREADS.value)
-    device = torch.empty(0, device=_DEVICE.value).device
-    machine = describe_machine(device, _THREADS.value)
+    torch.set_num_threads(FLAGS.threads)
+    device = torch.empty(0, device=FLAGS.device).device
+    machine = describe_machine(device, FLAGS.threads)
     print(
         f"{machine['gpu'] if 'gpu' in machine else machine['processor']}, torch {torch.__version__}, "
-        f"{_THREADS.value} thread(s), device {device}"
+        f"{FLAGS.threads} thread(s), device {device}"
     )
     rows = []
-    for num_samples, num_prompts, buffer_size in GRIDS[_GRID.value]:
-        rows.append(run_case(num_samples, num_prompts, buffer_size, device))
+    for num_samples, num_prompts, buffer_size in GRIDS[FLAGS.grid]:
+        rows.append(
+            run_case(
+                num_samples,
+                num_prompts,
+                buffer_size,
+                device,
+                threads=FLAGS.threads,
+                min_run_time=FLAGS.min_run_time,
+                rounds=FLAGS.rounds,
+                compile_update=FLAGS.compile,
+                baselines=FLAGS.baselines,
+            )
+        )
         print(
             f"  N={num_samples} P={num_prompts} K={buffer_size}: "
             + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if k.endswith("_ms")),
             flush=True,
         )
     print(format_table(rows))
-    if _OUT.value != "":
-        out = tempfile.mkdtemp(prefix="rail_interview_bench_trackers_") if _OUT.value is None else _OUT.value
+    if FLAGS.out != "":
+        out = tempfile.mkdtemp(prefix="rail_interview_bench_trackers_") if FLAGS.out is None else FLAGS.out
         os.makedirs(out, exist_ok=True)
         tag = re.sub(r"[^a-z0-9]+", "-", str(machine.get("gpu", device.type)).lower()).strip("-")
-        path = os.path.join(out, f"trackers_{tag}_{_GRID.value}.json")
+        path = os.path.join(out, f"trackers_{tag}_{FLAGS.grid}.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(
                 {
                     "date": datetime.date.today().isoformat(),
-                    "grid": _GRID.value,
+                    "grid": FLAGS.grid,
                     "machine": machine,
                     "command": " ".join(sys.argv),
                     "results": rows,
@@ -296,5 +382,23 @@ def main(argv):
         print(f"Wrote {path}")
 
 
+def _define_flags() -> None:
+    """The script's flags, defined when it runs (so that headline.py can import this module beside others)."""
+    flags.DEFINE_enum("grid", "full", list(GRIDS), "Which cases to run.")
+    flags.DEFINE_string("device", "cpu", "Device of the tensor trackers: cpu or cuda.")
+    flags.DEFINE_integer("threads", 1, "CPU threads for torch (the baselines are single-threaded).")
+    flags.DEFINE_float("min_run_time", 0.4, "Seconds of timed runs per tracker, case and round, at least.")
+    flags.DEFINE_integer("rounds", 3, "Rounds of timing over all trackers; the median over rounds is reported.")
+    flags.DEFINE_bool("compile", False, "Also time torch.compile(update) of the buffer tracker.")
+    flags.DEFINE_bool("baselines", True, "Time the ddpo and reference dict trackers too.")
+    flags.DEFINE_string(
+        "out",
+        None,
+        "Directory for the JSON results (default: a fresh temporary directory; "
+        "--out=benchmarks/results regenerates the committed ones); empty to write none.",
+    )
+
+
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
