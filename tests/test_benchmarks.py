@@ -434,3 +434,43 @@ def test_memory_floor_script_reports_both_sizes_and_the_ratio(tmp_path):
         assert row["extra_ratio"] == pytest.approx(row["update_extra_ms"] / row["floor_extra_ms"]) or (
             row["floor_extra_ms"] <= 0
         )
+
+
+_HEADLINE_FIGURES = [
+    "small batch, eager",
+    "large batch",
+    "group mode, verl",
+    "group mode, TRL",
+    "hashed keys",
+    "P-scaling over the memory floor",
+    "SPO",
+    "several rewards (C = 4)",
+]
+
+
+def test_headline_quick_writes_every_row_and_column(tmp_path):
+    result = _run("headline.py", "--quick", "--nocompile", f"--out={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "headline_cpu.json").read_text())
+    assert report["quick"] is True and report["rounds"] == 1 and report["compiled_with"] == "not run"
+    assert report["machine"]["torch_threads"] == 1 and report["clock"] == "thread_cpu"
+    rows = report["rows"]
+    figures = [row["figure"] for row in rows]
+    assert sorted(set(figures)) == sorted(_HEADLINE_FIGURES) and "small batch, compiled" not in figures
+    # Per figure: 2 trackers; 2 trackers x 2 sizes; 2 sizes; 2 trackers x 2 sizes; 2 memories; 2 sizes; 1.
+    assert [figures.count(f) for f in _HEADLINE_FIGURES] == [2, 4, 2, 2, 4, 2, 2, 1]
+    columns = {"figure", "ours", "baseline", "sizes", "ours_ms", "baseline_ms", "ratio", "ratio_of", "target", "met"}
+    for row in rows:
+        assert columns <= set(row), row
+        assert row["ratio_of"] == ("baseline / ours" if row["speedup"] else "ours / baseline")
+        assert (row["target"] is None) == (row["met"] is None) or row["ratio"] != row["ratio"]  # NaN: no verdict
+        assert all(len(times) == 1 for times in row["rounds_ms"].values())
+        assert (row["agreement"] is None) == (row["figure"] == "P-scaling over the memory floor")
+    targets = {row["figure"]: row["target"] for row in rows}
+    assert targets["small batch, eager"] == 10 and targets["group mode, verl"] == 2
+    assert targets["hashed keys"] == 1.5 and targets["P-scaling over the memory floor"] == 1.3
+    table = (tmp_path / "headline_cpu.md").read_text()
+    header = "| figure | ours | baseline | sizes | ours ms | baseline ms | ratio | ratio of | target | met | agree |"
+    assert header in table and "Command: `python benchmarks/headline.py --quick --nocompile" in table
+    assert sum(line.startswith("| ") for line in table.splitlines()) == len(rows) + 2  # and the header, the rule
+    assert table.strip() in result.stdout  # the file holds the printed table
