@@ -25,6 +25,7 @@ from rail_interview.stat_tracking import presets
 from rail_interview.stat_tracking.batch import BatchStatTracker
 from rail_interview.stat_tracking.buffer import BufferStatTracker
 from rail_interview.stat_tracking.ema import EmaStatTracker
+from rail_interview.stat_tracking.fast_path import CompiledUpdate
 from rail_interview.stat_tracking.keys import KeyTable, canonical_text, identity_keys, prompt_keys, token_keys
 from rail_interview.stat_tracking.prompt_index import PromptIndex, PromptIndexFullError
 from rail_interview.stat_tracking.recording import (
@@ -45,6 +46,7 @@ __all__ = [
     "AdvantageTracker",
     "BatchStatTracker",
     "BufferStatTracker",
+    "CompiledUpdate",
     "EmaStatTracker",
     "KeyTable",
     "PromptIndex",
