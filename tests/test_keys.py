@@ -182,7 +182,9 @@ def test_table_holds_the_keys_seen_last(eviction, capacity):
             assert set(held[used].tolist()) == set(spec.keys), (seed, step)
             rows = assignment.rows.tolist()
             overflows = [False] * len(keys) if assignment.overflow is None else assignment.overflow.tolist()
-            assert assignment.overflow is not None or len(keys) <= capacity
+            # None where no key can overflow: N <= P, or (algorithm "dynamic") every valid key was in the table.
+            all_found = eviction == "dynamic" and assignment.fresh.numel() == 0 and not overflow
+            assert assignment.overflow is not None or len(keys) <= capacity or all_found
             for key, ok, row, over in zip(keys, valid, rows, overflows):
                 assert over == (ok and key in overflow)
                 assert (row == capacity) == (not ok or key in overflow)
@@ -233,6 +235,81 @@ def test_a_full_bucket_forgets_the_key_after_its_update():
     # Forgotten: it comes back as a new key, with a fresh row, and is counted again.
     again = table.assign(torch.tensor(keys[-1:]))
     assert int(table.index_overflows) == 2 and again.fresh.numel() == 1
+
+
+def _batch_around(rng, pool, held, capacity):
+    """Keys and a valid mask (or None): all held (N above or below P), some new, or more than P distinct."""
+    held = held or pool[:capacity]
+    kind = rng.choice(["held, N > P", "held, N <= P", "held, invalid new", "some new", "too many"])
+    if kind == "held, N > P":
+        keys = [rng.choice(held) for _ in range(rng.randint(capacity + 1, 3 * capacity))]
+    elif kind == "held, N <= P":
+        keys = [rng.choice(held) for _ in range(rng.randint(1, capacity))]
+    elif kind == "held, invalid new":  # the new keys' samples are invalid: every valid key is held
+        keys = [rng.choice(held) for _ in range(2 * capacity)] + rng.sample(pool, 5)
+    elif kind == "some new":
+        keys = [rng.choice(held) for _ in range(rng.randint(0, 2 * capacity))] + rng.sample(pool, 3)
+    else:
+        keys = rng.sample(pool, capacity + 3) * 2
+    rng.shuffle(keys)
+    if kind == "held, invalid new":
+        return keys, [key in held for key in keys]
+    return keys, None if rng.random() < 0.5 else [rng.random() > 0.2 for _ in keys]
+
+
+@pytest.mark.parametrize("capacity", [1, 4, 16])
+def test_the_all_found_path_gives_the_state_and_rows_of_the_general_one(capacity):
+    # "dynamic" takes the all-found path whenever every valid key is in the table; "fixed" never
+    # does. Both must leave the same table and give the same rows, through hits, misses,
+    # evictions and overflow, with and without invalid samples.
+    rng = random.Random(capacity)
+    pool = [rng.randint(-(2**62), 2**62) for _ in range(4 * capacity + 8)]
+    tables = {algorithm: KeyTable(capacity) for algorithm in EVICTIONS}
+    took_it = {"N > P": 0, "N <= P": 0}
+    for _ in range(40):
+        held, used = tables["dynamic"].keys()
+        before = held[used].tolist()
+        keys, valid = _batch_around(rng, pool, before, capacity)
+        keys_t = torch.tensor(keys)
+        valid_t = None if valid is None else torch.tensor(valid)
+        got = {}
+        for algorithm, table in tables.items():
+            with forced_algorithms(key_table=algorithm):
+                got[algorithm] = table.assign(keys_t, valid_t)
+        fixed, dynamic = got["fixed"], got["dynamic"]
+        assert torch.equal(fixed.rows, dynamic.rows)
+        fixed_overflow = fixed.overflow if fixed.overflow is not None else torch.zeros(len(keys), dtype=torch.bool)
+        if dynamic.overflow is not None:
+            assert torch.equal(fixed_overflow, dynamic.overflow)
+        else:
+            assert not fixed_overflow.any()
+        assert torch.equal(fixed.fresh[fixed.fresh < capacity].sort().values, dynamic.fresh.sort().values)
+        states = [table.state_tensors() for table in tables.values()]
+        assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])
+        assert torch.equal(tables["fixed"]._row_key[:-1], tables["dynamic"]._row_key[:-1])
+        assert torch.equal(tables["fixed"].lookup(torch.tensor(pool)), tables["dynamic"].lookup(torch.tensor(pool)))
+        counted = [key for key, ok in zip(keys, valid or [True] * len(keys)) if ok]
+        if counted and set(counted) <= set(before):
+            # Every valid key held: nothing new, nothing overflows, groups are rows.
+            took_it["N > P" if len(keys) > capacity else "N <= P"] += 1
+            assert dynamic.overflow is None and dynamic.fresh.numel() == 0
+            assert torch.equal(dynamic.group, dynamic.rows) and dynamic.num_groups == capacity + 1
+    assert all(count > 0 for count in took_it.values()), took_it
+    assert all(int(table.index_overflows) == 0 for table in tables.values())
+
+
+@pytest.mark.parametrize("algorithm", EVICTIONS)
+def test_a_key_forgotten_by_a_full_bucket_is_new_in_a_batch_of_held_keys(algorithm):
+    table = KeyTable(64)  # 32 buckets of 8
+    width, buckets, shift = KeyTable.BUCKET_SLOTS, 32, 64 - 5
+    keys = torch.tensor([_unmix_python(((5 - buckets // 2) << shift) + (i << 16) + 5) for i in range(width + 1)])
+    with forced_algorithms(key_table=algorithm):
+        table.assign(keys)
+        assert int(table.index_overflows) == 1
+        # Eight of the keys are held; the ninth was forgotten: not found, so new again (N > P).
+        again = table.assign(keys.repeat(8))
+    assert again.fresh[again.fresh < 64].numel() == 1
+    assert int(table.index_overflows) == 2
 
 
 # --- hashed trackers ---------------------------------------------------------------------------

@@ -278,7 +278,8 @@ class KeyAssignment(NamedTuple):
         overflow: bool [N], valid samples whose key got no row: the batch
             brought more distinct keys than the table holds, and this key
             was not among the P seen last (see ``KeyTable``); or None when
-            no key can overflow (N <= P).
+            no key can overflow: N <= P, or (algorithm ``"dynamic"``) every
+            valid key was in the table already.
         fresh: int64 [F], rows given to keys new to the table, whose
             statistics must start over; P may pad it (reset the spare row
             too, or skip it).
@@ -341,9 +342,13 @@ class KeyTable:
       evict come from ``torch.topk`` over all P rows' stamps, O(P). Used on
       CUDA and whenever torch.compile traces the update.
     * ``"dynamic"``: reads counts back to the host, which costs nothing on
-      a CPU, and works only on the batch's distinct keys and its new ones;
-      the rows to evict come from a queue of the oldest rows (sorted once by
-      that same top-k, then consumed; rebuilt when it runs out), O(1) per
+      a CPU. Every sample probes the index first; when every valid key is
+      found (training's steady state) that is all: the rows come from the
+      probe and each row's stamp is a max over its samples' positions, with
+      no sort, no insertion and no eviction. Otherwise it works only on the
+      batch's distinct keys (sorted, when N > P) and its new ones; the rows
+      to evict come from a queue of the oldest rows (sorted once by that
+      same top-k, then consumed; rebuilt when it runs out), O(1) per
       evicted key plus an occasional O(P) rebuild. The CPU default outside
       torch.compile.
 
@@ -396,7 +401,17 @@ class KeyTable:
         # Each bucket's W keys, then their W rows (-1: empty), side by side so that
         # one gather of a bucket reads both; bucket B holds the scratch slot S.
         self._index = torch.empty(num_buckets + 1, 2, self.BUCKET_SLOTS, dtype=torch.int64, device=device)
+        self._blocks = self._index.view(num_buckets + 1, 2 * self.BUCKET_SLOTS)  # [B + 1, 2W], one row per bucket
         self._clear_index()
+        # Constants, made once: a Python scalar in torch.where costs an op per call.
+        self._minus_one = torch.tensor(-1, device=device)  # int64 []
+        self._no_bucket = torch.tensor(num_buckets, device=device)  # int64 [], bucket B (the scratch slot's)
+        self._scratch_slot = torch.tensor(num_slots, device=device)  # int64 [], slot S
+        self._scratch_key = self._sentinel[-1]  # int64 [], what the scratch slot holds
+        self._columns = torch.arange(self.BUCKET_SLOTS, device=device)  # int64 [W]
+        self._bucket_rows = self._index[:, 1]  # [B + 1, W], a view: each bucket's rows
+        self._spare_row = torch.tensor(capacity, device=device)  # int64 [], row P
+        self._no_rows = torch.zeros(0, dtype=torch.int64, device=device)  # int64 [0]
         self._clock = torch.zeros((), dtype=torch.int64, device=device)
         self._index_overflows = torch.zeros((), dtype=torch.int64, device=device)
         # The eviction queue (algorithm "dynamic"): rows by increasing stamp, as
@@ -424,16 +439,6 @@ class KeyTable:
         self._index[:, 0].copy_(self._sentinel.unsqueeze(1).expand(-1, self.BUCKET_SLOTS))
         self._index[:, 1].fill_(-1)
 
-    def _gather_buckets(self, buckets: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
-        """The keys and rows of buckets: int64 [M, C] in, two int64 [M, C, W] out."""
-        block = self._index.view(self._num_buckets + 1, -1).index_select(0, buckets.reshape(-1))  # [C M, 2W]
-        block = block.view(buckets.shape[0], buckets.shape[1], 2, self.BUCKET_SLOTS)  # [M, C, keys or rows, W]
-        return block[:, :, 0], block[:, :, 1]
-
-    def _bucket_view_rows(self, buckets: torch.Tensor) -> torch.Tensor:
-        """The rows of buckets, int64 [M] in, int64 [M, W] out (-1 for an empty slot)."""
-        return self._index[:, 1].index_select(0, buckets)
-
     def _write_slots(self, slot: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor) -> None:
         """Writes keys and rows into index slots [M] (int64 [M] each)."""
         width = self.BUCKET_SLOTS
@@ -442,19 +447,21 @@ class KeyTable:
         write_at(flat, position, keys)
         write_at(flat, position + width, rows)
 
-    def _probe(self, mixed: torch.Tensor, keys: torch.Tensor, *, first_only: bool = False) -> torch.Tensor:
-        """Rows of keys in the index, -1 where absent (int64 [M] in, [M] out).
-
-        With ``first_only``, only the keys' first buckets are read, and -1
-        means "not in the first bucket".
-        """
-        buckets = self._buckets(mixed)  # [M, 2]
-        if first_only:
-            buckets = buckets[:, :1]
-        slot_keys, slot_rows = self._gather_buckets(buckets)  # [M, C, W] each
-        match = slot_keys.reshape(keys.shape[0], -1) == keys.unsqueeze(1)  # [M, C W]
+    def _probe(self, mixed: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Rows of keys in the index, -1 where absent (int64 [M] in, [M] out): both buckets read."""
+        width, num_keys = self.BUCKET_SLOTS, keys.shape[0]
+        block = self._blocks.index_select(0, self._buckets(mixed).view(-1)).view(num_keys, 2, 2 * width)  # [M, 2, 2W]
+        match = block.narrow(2, 0, width) == keys.view(num_keys, 1, 1)  # [M, 2, W]
         # At most one slot matches; an empty slot's row is -1, so the max is the row or -1.
-        return torch.where(match, slot_rows.reshape(match.shape), -1).amax(1)
+        return torch.where(match, block.narrow(2, width, width), self._minus_one).amax((1, 2))
+
+    def _probe_first(self, mixed: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Rows of keys found in their first bucket, -1 for the others (int64 [M] in, [M] out)."""
+        width = self.BUCKET_SLOTS
+        bucket = (mixed >> self._bucket_shift) + self._num_buckets // 2  # [M], as _buckets' first
+        block = self._blocks.index_select(0, bucket)  # [M, 2W], the bucket's keys then its rows
+        match = block.narrow(1, 0, width) == keys.unsqueeze(1)  # [M, W]
+        return torch.where(match, block.narrow(1, width, width), self._minus_one).amax(1)
 
     def lookup(self, keys: torch.Tensor) -> torch.Tensor:
         """Rows of keys in the table, changing nothing.
@@ -493,13 +500,86 @@ class KeyTable:
         Returns:
             The ``KeyAssignment``.
         """
+        mixed = mix64(keys)  # [N]
+        if _table_algorithm(self._device) == "fixed":
+            return self._assign_sorted(keys, mixed, valid, None)
+        found_row, placed = self._find(mixed, keys, valid)  # [N], [M]
+        if not placed.shape[0]:
+            # Every valid key is in the table, training's steady state: no key is
+            # new and none overflows, so there is nothing to sort, place or evict.
+            return self._assign_found(found_row, valid)
+        if keys.shape[0] <= self._capacity:
+            return self._assign_unsorted(keys, mixed, found_row, placed, valid)
+        return self._assign_sorted(keys, mixed, valid, found_row)
+
+    def _find(
+        self, mixed: torch.Tensor, keys: torch.Tensor, valid: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's row, and where the valid samples whose key is not in the table are (algorithm "dynamic").
+
+        Every key reads its first bucket; only the keys not found there (a
+        few percent: most keys are in their first) read both, in a tensor
+        sized on the host.
+
+        Args:
+            mixed: int64 [N], the keys' ``mix64``.
+            keys: int64 [N].
+            valid: bool [N], or None for all valid.
+
+        Returns:
+            int64 [N], each sample's row or -1 where its key is absent, and
+            int64 [M], the positions of the valid samples whose key is
+            absent, increasing.
+        """
+        found_row = self._probe_first(mixed, keys)  # [N], -1: not in the first bucket
+        absent = (found_row < 0).nonzero().squeeze(1)  # [M'], host-sized
+        if absent.shape[0]:
+            second = self._probe(mixed.index_select(0, absent), keys.index_select(0, absent))  # [M']
+            found_row.index_put_((absent,), second)
+            missing = second < 0 if valid is None else (second < 0) & valid.index_select(0, absent)  # [M']
+            absent = absent[missing]
+        return found_row, absent
+
+    def _assign_found(self, found_row: torch.Tensor, valid: Optional[torch.Tensor]) -> KeyAssignment:
+        """``assign`` when every valid sample's key is in the table (algorithm "dynamic").
+
+        Each key keeps its row, whose stamp becomes the clock plus the key's
+        last valid position in the batch: a max over its samples, so no
+        sort and no unique. Equal to what the other paths give, as no key
+        is new and, with at most P distinct keys, none overflows.
+
+        Args:
+            found_row: int64 [N], each sample's row (-1 only for invalid samples).
+            valid: bool [N], or None for all valid.
+        """
+        num_samples = found_row.shape[0]
+        row = found_row if valid is None else torch.where(valid, found_row, self._spare_row)  # [N]
+        stamp = self._clock + torch.arange(num_samples, device=self._device)  # [N]
+        self._row_stamp.scatter_reduce_(0, row, stamp, "amax")  # the stamps before are all older
+        self._clock.add_(num_samples)
+        return KeyAssignment(row, None, self._no_rows, row, self._capacity + 1)
+
+    def _assign_sorted(
+        self,
+        keys: torch.Tensor,
+        mixed: torch.Tensor,
+        valid: Optional[torch.Tensor],
+        sample_found: Optional[torch.Tensor],
+    ) -> KeyAssignment:
+        """``assign`` through the batch's distinct keys, sorted: N > P on a CPU, and the ``"fixed"`` algorithm.
+
+        Args:
+            keys: int64 [N].
+            mixed: int64 [N], their ``mix64``.
+            valid: bool [N], or None for all valid.
+            sample_found: int64 [N], each sample's row or -1 from ``_find``
+                (algorithm "dynamic"), or None to probe the index here
+                (algorithm "fixed").
+        """
         num_samples, capacity, device = keys.shape[0], self._capacity, self._device
-        dynamic = _table_algorithm(device) == "dynamic"
-        if dynamic and num_samples <= capacity:
-            return self._assign_unsorted(keys, valid)
+        dynamic = sample_found is not None
         position = torch.arange(num_samples, device=device)  # [N]
         # 1. The batch's distinct keys, in increasing mixed key.
-        mixed = mix64(keys)  # [N]
         sorted_mixed, order = torch.sort(mixed, stable=True)  # [N]
         first = torch.ones(num_samples, dtype=torch.bool, device=device)  # [N]
         first[1:] = sorted_mixed[1:] != sorted_mixed[:-1]
@@ -509,7 +589,7 @@ class KeyTable:
         size = int(sorted_group[-1]) + 1 if dynamic else num_samples
         group_mixed = mixed.new_zeros(size).scatter_(0, sorted_group, sorted_mixed)  # [G]
         group_key = keys.new_zeros(size).scatter_(0, group, keys)  # [G]
-        seen_at = position if valid is None else torch.where(valid, position, -1)  # [N]
+        seen_at = position if valid is None else torch.where(valid, position, self._minus_one)  # [N]
         last = position.new_full((size,), -1).scatter_reduce_(0, group, seen_at, "amax")  # [G], -1: unseen
         seen = last >= 0  # [G], keys this update sees
         # 2. Recency: the batch's keys are newer than every earlier one, by last occurrence.
@@ -518,9 +598,12 @@ class KeyTable:
         self._clock.add_(num_samples)
         kept = seen if dynamic and size <= capacity else seen & self._within_capacity(last, seen, num_samples)
         # 3. Keys already in the table keep their rows (kept ones get the new stamp).
-        found_row = self._probe(group_mixed, group_key)  # [G]
+        if dynamic:  # the samples' rows, found already: one per key (equal keys write equal rows)
+            found_row = sample_found.new_empty(size).scatter_(0, group, sample_found)  # [G]
+        else:
+            found_row = self._probe(group_mixed, group_key)  # [G]
         hit = kept & (found_row >= 0)  # [G]
-        row = torch.where(hit, found_row, capacity)  # [G]
+        row = torch.where(hit, found_row, self._spare_row)  # [G]
         write_at(self._row_stamp, row, stamp)
         new = kept & (found_row < 0)  # [G]
         # 4. New keys take the oldest rows, in increasing mixed key; then they enter the index.
@@ -539,7 +622,7 @@ class KeyTable:
         else:
             rank = new.cumsum(0).sub_(1)  # [G], among the new keys
             oldest = torch.topk(self._row_stamp[:-1], min(num_samples, capacity), largest=False).indices  # [V]
-            fresh = torch.where(new, oldest.index_select(0, rank.clamp(0, oldest.shape[0] - 1)), capacity)  # [G]
+            fresh = torch.where(new, oldest.index_select(0, rank.clamp(0, oldest.shape[0] - 1)), self._spare_row)
             row = torch.where(new, fresh, row)
             self._place(group_mixed, group_key, fresh, stamp, new)
         # 5. Per sample.
@@ -547,44 +630,49 @@ class KeyTable:
         overflow = sample_row == capacity  # [N]
         if valid is not None:
             overflow &= valid
-            sample_row = torch.where(valid, sample_row, capacity)
+            sample_row = torch.where(valid, sample_row, self._spare_row)
             group = torch.where(valid, group, num_samples)
         return KeyAssignment(sample_row, overflow, fresh, group, num_samples + 1)
 
-    def _assign_unsorted(self, keys: torch.Tensor, valid: Optional[torch.Tensor]) -> KeyAssignment:
-        """``assign`` for N <= P (no key can overflow), with host-read counts: no sort of the batch.
+    def _assign_unsorted(
+        self,
+        keys: torch.Tensor,
+        mixed: torch.Tensor,
+        found_row: torch.Tensor,
+        placed: torch.Tensor,
+        valid: Optional[torch.Tensor],
+    ) -> KeyAssignment:
+        """``assign`` for N <= P (no key can overflow) with new keys (algorithm "dynamic"): no sort of the batch.
 
-        Every sample probes the index; found keys take their stamp by a max
-        over their samples' positions; only the samples whose key is new are
-        sorted, to give each new key one row (the same rows, in the same
-        order, as ``assign``'s sorted path).
+        Found keys take their stamp by a max over their samples' positions;
+        only the samples whose key is new are sorted, to give each new key
+        one row (the same rows, in the same order, as ``_assign_sorted``).
+
+        Args:
+            keys: int64 [N].
+            mixed: int64 [N], their ``mix64``.
+            found_row: int64 [N], each sample's row or -1, from ``_find``.
+            placed: int64 [M], M >= 1, the positions of the valid samples
+                whose key is new, increasing.
+            valid: bool [N], or None for all valid.
         """
         num_samples, capacity, device = keys.shape[0], self._capacity, self._device
         position = torch.arange(num_samples, device=device)  # [N]
-        mixed = mix64(keys)  # [N]
-        found_row = self._probe(mixed, keys, first_only=True)  # [N], -1: not in the first bucket
-        second = (found_row < 0).nonzero().squeeze(1)  # [M], host-sized: most keys are in their first
-        if second.shape[0]:
-            found_row.index_put_((second,), self._probe(mixed.index_select(0, second), keys.index_select(0, second)))
         counted = found_row >= 0 if valid is None else valid & (found_row >= 0)  # [N]
-        row = torch.where(counted, found_row, capacity)  # [N]
+        row = torch.where(counted, found_row, self._spare_row)  # [N]
         before = self._clock.clone()  # this update's stamps are >= before
         self._row_stamp.scatter_reduce_(0, row, before + position, "amax")
         self._clock.add_(num_samples)
-        new_samples = (found_row < 0) if valid is None else valid & (found_row < 0)  # [N]
-        placed = new_samples.nonzero().squeeze(1)  # [M'], host-sized
-        fresh = placed[:0]
-        if placed.shape[0]:
-            sorted_mixed, order = torch.sort(mixed.index_select(0, placed), stable=True)  # [M']
-            at = placed.index_select(0, order)  # [M'], batch positions in sorted order
-            first = torch.ones_like(at, dtype=torch.bool)
-            first[1:] = sorted_mixed[1:] != sorted_mixed[:-1]
-            new_group = first.cumsum(0).sub_(1)  # [M'], the new key's index
-            num_new = int(new_group[-1]) + 1
-            last = at.new_full((num_new,), -1).scatter_reduce_(0, new_group, at, "amax")  # [U]
-            fresh = self._queued_rows(num_new, before)  # [U]
-            self._place(sorted_mixed[first], keys.index_select(0, at[first]), fresh, before + last, None)
-            row.index_put_((at,), fresh.index_select(0, new_group))
+        sorted_mixed, order = torch.sort(mixed.index_select(0, placed), stable=True)  # [M]
+        at = placed.index_select(0, order)  # [M], batch positions in sorted order
+        first = torch.ones_like(at, dtype=torch.bool)
+        first[1:] = sorted_mixed[1:] != sorted_mixed[:-1]
+        new_group = first.cumsum(0).sub_(1)  # [M], the new key's index
+        num_new = int(new_group[-1]) + 1
+        last = at.new_full((num_new,), -1).scatter_reduce_(0, new_group, at, "amax")  # [U]
+        fresh = self._queued_rows(num_new, before)  # [U]
+        self._place(sorted_mixed[first], keys.index_select(0, at[first]), fresh, before + last, None)
+        row.index_put_((at,), fresh.index_select(0, new_group))
         return KeyAssignment(row, None, fresh, row, capacity + 1)
 
     def _within_capacity(self, last: torch.Tensor, seen: torch.Tensor, num_samples: int) -> torch.Tensor:
@@ -628,23 +716,25 @@ class KeyTable:
         buckets = self._buckets(mixed)  # [M, 2]
         pending = torch.ones_like(keys, dtype=torch.bool) if new is None else new.clone()  # [M]
         slot = torch.full_like(keys, self._num_slots)  # [M]
-        position = torch.arange(keys.shape[0], device=self._device)  # [M]
-        columns = torch.arange(width, device=self._device)  # [W]
+        position = torch.arange(1, keys.shape[0] + 1, device=self._device)  # [M], 1 + the key's position
         # Three rounds, each seeing the slots the rounds before took: the first
         # bucket up to FIRST_BUCKET_LOAD keys (so that most keys are found
         # there with one read), then the second bucket, then the first one full.
         for choice, limit in ((0, self.FIRST_BUCKET_LOAD), (1, width), (0, width)):
-            bucket = torch.where(pending, buckets[:, choice], num_buckets)  # [M], B: not placed in this round
-            free = self._bucket_view_rows(bucket.clamp_max(num_buckets - 1)) < 0  # [M, W]
-            # Rank among this round's keys of the same bucket, in their order.
+            bucket = torch.where(pending, buckets[:, choice], self._no_bucket)  # [M], B: not placed in this round
+            free = self._bucket_rows.index_select(0, bucket.clamp_max(num_buckets - 1)) < 0  # [M, W]
+            # 1 + the rank among this round's keys of the same bucket, in their order.
             sorted_bucket, order = torch.sort(bucket, stable=True)  # [M]
             start = torch.searchsorted(sorted_bucket, sorted_bucket)  # [M]
-            rank = torch.empty_like(start).scatter_(0, order, position - start)  # [M]
-            fits = pending & (width - free.sum(1) + rank < limit)  # [M]
-            pick = free & (free.cumsum(1) == rank.unsqueeze(1) + 1)  # [M, W], at most one True
-            column = torch.where(pick, columns, -1).amax(1)  # [M]
-            taken = torch.where(fits, bucket * width + column, self._num_slots)  # [M]
-            self._write_slots(taken, torch.where(fits, keys, self._sentinel[-1]), torch.where(fits, rows, -1))
+            rank = torch.empty_like(start).scatter_(0, order, position - start)  # [M], from 1
+            # The bucket's load (W - free) plus the rank (from 0) stays below the limit.
+            fits = pending & (rank - free.sum(1) <= limit - width)  # [M]
+            pick = free & (free.cumsum(1) == rank.unsqueeze(1))  # [M, W], at most one True
+            column = torch.where(pick, self._columns, self._minus_one).amax(1)  # [M]
+            taken = torch.where(fits, bucket * width + column, self._scratch_slot)  # [M]
+            self._write_slots(
+                taken, torch.where(fits, keys, self._scratch_key), torch.where(fits, rows, self._minus_one)
+            )
             slot = torch.where(fits, taken, slot)
             pending &= ~fits
         write_at(self._row_slot, rows, slot)
