@@ -1,7 +1,7 @@
 """Every headline figure of the project against its named baseline, in one table from one run.
 
 Usage:
-    python benchmarks/headline.py --out=benchmarks/results   # headline_cpu.{json,md}; about 4 minutes
+    python benchmarks/headline.py --out=benchmarks/results   # headline_cpu.{json,md}; about 3 minutes
     python benchmarks/headline.py --nocompile                # without the compiled row (no compiler needed)
     python benchmarks/headline.py --quick --nocompile        # tiny sizes, one short round: a smoke test, not figures
 
