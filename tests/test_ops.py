@@ -43,8 +43,8 @@ def test_every_grouping_algorithm_finds_the_groups(algorithm, num_samples, num_p
         (2047, 50, "search"),
         (2048, 50, "counts"),
         (2048, 2048, "counts"),
-        (2048, 2049, "scans"),
-        (2048, None, "scans"),
+        (2048, 2049, "runs"),
+        (2048, None, "runs"),
     ],
 )
 def test_automatic_grouping_choice_by_size(num_samples, num_prompts, expected):
@@ -52,8 +52,58 @@ def test_automatic_grouping_choice_by_size(num_samples, num_prompts, expected):
     assert ops._grouping_algorithm(num_samples, num_prompts, torch.device("cpu")) == expected
     with ops.forced_algorithms(grouping="counts"):
         assert ops._grouping_algorithm(5, None, torch.device("cpu")) == "scans"
-    # Counts need integer atomics off a CPU, which deterministic mode refuses.
+    # Counts need integer atomics off a CPU, which deterministic mode refuses;
+    # the runs read their count back, a sync off a CPU.
     assert ops._grouping_algorithm(2048, 50, torch.device("meta")) == "scans"
+    assert ops._grouping_algorithm(2048, 4096, torch.device("meta")) == "scans"
+    with ops.forced_algorithms(grouping="runs"):
+        assert ops._grouping_algorithm(5, 10, torch.device("meta")) == "scans"
+
+
+def test_runs_grouping_and_distinct_rows_give_way_where_a_size_cannot_be_read_back():
+    # Under torch.compile a size read back would break the graph: the scans
+    # and the per-sample rows stand in, forced or not.
+    def choices(ids):
+        return ops._grouping_algorithm(ids.numel(), 10_000, ids.device), ops.batch_rows_algorithm(
+            ids.numel(), 10_001, ids.device
+        )
+
+    ids = torch.arange(3000)
+    assert choices(ids) == ("runs", "distinct")
+    with ops.forced_algorithms(grouping="runs", batch_rows="distinct"):
+        seen = []
+
+        def spy(ids):
+            seen.append(choices(ids))
+            return ids
+
+        torch.compile(spy, backend="eager", fullgraph=True)(ids)
+    assert seen == [("scans", "per_sample")]
+
+
+@pytest.mark.parametrize(
+    "num_samples, num_rows, device, expected",
+    [
+        (100, 100, "cpu", "whole"),
+        (100, 101, "cpu", "distinct"),
+        (100, 101, "meta", "per_sample"),
+        (5, 3, "meta", "whole"),
+    ],
+)
+def test_automatic_batch_rows_choice(num_samples, num_rows, device, expected):
+    assert ops.batch_rows_algorithm(num_samples, num_rows, torch.device(device)) == expected
+
+
+@pytest.mark.parametrize("num_samples, num_prompts", [(1, 1), (6, 2), (300, 10_000), (5000, 40)])
+def test_sorted_runs_are_the_distinct_ids_with_their_sizes(num_samples, num_prompts):
+    ids = _random_ids(num_samples, num_prompts, seed=num_samples)
+    runs = ops.sorted_runs(ids, num_prompts, dtype=torch.int32)
+    rows, size = ids.unique(return_counts=True)
+    assert runs.rows.dtype == runs.sorted_ids.dtype == torch.int32
+    assert torch.equal(runs.rows.long(), rows) and torch.equal(runs.size, size)
+    assert torch.equal(runs.sorted_ids.long(), ids[runs.order]) and torch.equal(runs.rows[runs.run], runs.sorted_ids)
+    # Batch order is kept within a run (a stable sort).
+    assert torch.equal(runs.order, torch.sort(ids, stable=True).indices)
 
 
 @pytest.mark.parametrize("algorithm", ops.ALGORITHMS["segment_sum"])

@@ -45,9 +45,35 @@ ALL_TRACKERS: Dict[str, TrackerFactory] = {
 
 #: Each algorithm of each operation in ``ops`` at least once.
 ALGORITHM_CHOICES = [
-    dict(grouping="search", segment_sum="index_add", batch_stats="one_pass", group_stats="dense"),
-    dict(grouping="counts", segment_sum="segment_reduce", batch_stats="two_pass", group_stats="sorted"),
-    dict(grouping="scans", segment_sum="segment_reduce", batch_stats="one_pass", group_stats="sorted"),
+    dict(
+        grouping="search",
+        segment_sum="index_add",
+        batch_stats="one_pass",
+        group_stats="dense",
+        batch_rows="whole",
+    ),
+    dict(
+        grouping="counts",
+        segment_sum="segment_reduce",
+        batch_stats="two_pass",
+        group_stats="sorted",
+        batch_rows="per_sample",
+    ),
+    dict(
+        grouping="scans",
+        segment_sum="segment_reduce",
+        batch_stats="one_pass",
+        group_stats="sorted",
+        batch_rows="whole",
+    ),
+    # Read a size back: eager on a CPU only (compiled, the scans and per-sample rows stand in).
+    dict(
+        grouping="runs",
+        segment_sum="index_add",
+        batch_stats="one_pass",
+        group_stats="sorted",
+        batch_rows="distinct",
+    ),
 ]
 
 

@@ -37,6 +37,7 @@ import torch
 from rail_interview.stat_tracking.beta_memory import BetaMemory
 from rail_interview.stat_tracking.ops import (
     add_at,
+    batch_rows_algorithm,
     cast,
     compute_dtype,
     frequency_std,
@@ -45,6 +46,7 @@ from rail_interview.stat_tracking.ops import (
     is_compiling,
     segment_sum,
     sort_ids,
+    sorted_runs,
     take,
     unsort,
     write_at,
@@ -390,10 +392,11 @@ class BufferMemory:
     counter per row, ``seen``, holds both: count = min(seen, K), head =
     seen % K.
 
-    The fold's cost grows with N * K, not with P: with more rows than
-    samples it reads the [N, K] buffer rows of the batch's samples; with
-    fewer, it counts the batch per row and reads the whole [R, K] buffer
-    once, which is then less work.
+    The fold's cost grows with N * K, not with P
+    (``ops.batch_rows_algorithm``): with fewer rows than samples it counts
+    the batch per row and reads the whole [R, K] buffer once; with more, it
+    reads the [U, K] rows of the batch's U distinct prompts on a CPU, and
+    the [N, K] rows of its samples elsewhere (fixed shapes).
 
     Args:
         num_prompts: P.
@@ -454,8 +457,11 @@ class BufferMemory:
 
     def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> SampleStats:
         """Appends the batch to the ring buffers, then reads their statistics (see ``Memory.fold``)."""
-        if self._num_prompts + 1 <= prompt_ids.numel():  # pragma: no mutate (fork)
+        algorithm = batch_rows_algorithm(prompt_ids.numel(), self._num_prompts + 1, prompt_ids.device)
+        if algorithm == "whole":  # pragma: no mutate (fork)
             return self._fold_all_rows(prompt_ids, rewards, ddof, own_weight)
+        if algorithm == "distinct":  # pragma: no mutate (fork)
+            return self._fold_distinct_rows(prompt_ids, rewards, ddof, own_weight)
         return self._fold_batch_rows(prompt_ids, rewards, ddof, own_weight)
 
     def _fold_all_rows(
@@ -499,6 +505,44 @@ class BufferMemory:
         if own_weight:
             weight = unsort(pushed_out, order).logical_not_() / count.to(rewards.dtype)
         return SampleStats(rewards, count, rewards - take(mean, prompt_ids), take(std, prompt_ids), weight, None)
+
+    def _fold_distinct_rows(
+        self, prompt_ids: torch.Tensor, rewards: torch.Tensor, ddof: int, own_weight: bool
+    ) -> SampleStats:
+        """``fold`` for R > N on a CPU: ``_fold_all_rows`` over the batch's U distinct rows only.
+
+        The sorted batch's runs of equal ids (``ops.sorted_runs``) are its
+        distinct rows, with each one's count in the batch: the batch is then
+        ranked and written as ``_fold_all_rows`` does over all R rows, and
+        only the U rows written are read back for statistics. So the cost is
+        that of a batch of U prompts whatever P, plus the reads and writes of
+        U rows that the memory system charges for a large P.
+        """
+        num_samples = prompt_ids.numel()
+        buffer_size = self.buffer_size
+        scratch = (self._num_prompts + 1) * buffer_size
+        device = prompt_ids.device
+        index_dtype = torch.int32 if scratch < MAX_INT32_SLOTS else torch.int64  # pragma: no mutate (fork)
+        runs = sorted_runs(prompt_ids, self._num_prompts + 1, dtype=index_dtype)
+        batch_count = runs.size  # [U]
+        end = batch_count.cumsum(0)  # [U], one past each run's last sorted position; pragma: no mutate (dim)
+        seen = take(self._seen, runs.rows)  # [U]
+        offset = self._column((seen - end).add_(batch_count)).to(index_dtype)  # [U], (seen - start) % K
+        position = torch.arange(num_samples, dtype=index_dtype, device=device)  # [N]
+        column = take(offset, runs.run).add_(position)  # [N]
+        pushed_out = position < take(end.sub_(buffer_size), runs.run)  # [N]
+        slot = self._column(column).add_(runs.sorted_ids, alpha=buffer_size).masked_fill_(pushed_out, scratch)  # [N]
+        write_at(self._slots, slot.long(), take(rewards, runs.order))
+        write_at(self._seen, runs.rows, seen.add_(batch_count))
+        count = seen.clamp_max(buffer_size)  # [U]
+        buffer = self._live_buffer().index_select(0, runs.rows)  # [U, K], a copy
+        mean, std = masked_row_mean_std(cast(buffer, self._compute_dtype), count, ddof=ddof, overwrite=True)
+        run = unsort(runs.run, runs.order)  # [N], each sample's run, in batch order
+        count = take(count, run)  # [N]
+        weight = None
+        if own_weight:
+            weight = unsort(pushed_out, runs.order).logical_not_() / count.to(rewards.dtype)
+        return SampleStats(rewards, count, rewards - take(mean, run), take(std, run), weight, None)
 
     def _fold_batch_rows(
         self, prompt_ids: torch.Tensor, rewards: torch.Tensor, ddof: int, own_weight: bool

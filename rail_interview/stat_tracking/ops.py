@@ -11,10 +11,11 @@ one depends on the batch size or the device:
 =============== ======================================= ==============================
 operation       algorithms                              chosen automatically
 =============== ======================================= ==============================
-grouping        ``"search"``, ``"counts"``, ``"scans"`` search below
-                                                        ``LINEAR_GROUPING_MIN_SAMPLES``;
-                                                        above, counts on a CPU when
-                                                        P <= N, else scans
+grouping        ``"search"``, ``"counts"``, ``"scans"``, search below
+                ``"runs"``                              ``LINEAR_GROUPING_MIN_SAMPLES``;
+                                                        above, on a CPU counts when
+                                                        P <= N, else runs outside
+                                                        torch.compile; else scans
 segment_sum     ``"index_add"``, ``"segment_reduce"``   index_add on a CPU,
                                                         segment_reduce elsewhere
 batch_stats     ``"one_pass"``, ``"two_pass"``          two_pass from
@@ -25,13 +26,22 @@ group_stats     ``"dense"``, ``"sorted"``               dense on a CPU when the 
 key_table       ``"fixed"``, ``"dynamic"``              dynamic on a CPU outside
                                                         torch.compile, else fixed
                                                         (``keys.KeyTable``)
+batch_rows      ``"whole"``, ``"per_sample"``,          whole when the rows (P + 1)
+                ``"distinct"``                          are at most N; above, distinct
+                                                        on a CPU outside
+                                                        torch.compile, else per_sample
+                                                        (``batch_rows_algorithm``)
 =============== ======================================= ==============================
 
 A path that only one device or one size takes is an untested path unless it
 can be forced: ``forced_algorithms(grouping="scans", ...)`` forces any of
 them on any device and size. The tests run every tracker through every
 choice on small CPU batches; the CUDA tests (``tests/test_cuda.py``, run by ``benchmarks/gpu_check.py``)
-forces each on CUDA under the sync-debug mode.
+forces each on CUDA under the sync-debug mode. Three read a size back to the
+host by design and run only where that costs no sync, on a CPU outside
+torch.compile: the ``"runs"`` grouping and the ``"distinct"`` batch rows
+(elsewhere the scans and the per-sample rows stand in, forced or not), and
+the ``"dynamic"`` key table (never chosen on CUDA).
 
 **Precision.** State may be float16 or bfloat16, but statistics are
 accumulated in ``compute_dtype(dtype)``: float32 for the 16-bit dtypes (as
@@ -84,11 +94,12 @@ import torch
 
 #: The algorithms of each operation that has more than one (see the module docstring).
 ALGORITHMS: Dict[str, Tuple[str, ...]] = {
-    "grouping": ("search", "counts", "scans"),
+    "grouping": ("search", "counts", "scans", "runs"),
     "segment_sum": ("index_add", "segment_reduce"),
     "batch_stats": ("one_pass", "two_pass"),
     "group_stats": ("dense", "sorted"),
     "key_table": ("fixed", "dynamic"),
+    "batch_rows": ("whole", "per_sample", "distinct"),
 }
 
 #: From this batch size on, ``group_by_prompt`` finds group boundaries in
@@ -323,12 +334,21 @@ def _grouping_algorithm(num_samples: int, num_prompts: Optional[int], device: to
     if "grouping" in _forced:
         algorithm = _forced["grouping"]
         countable = num_prompts is not None and num_prompts <= MAX_INT32_PROMPTS
-        return "scans" if algorithm == "counts" and not countable else algorithm
+        if algorithm == "counts" and not countable or algorithm == "runs" and not _reads_sizes_back(device):
+            return "scans"
+        return algorithm
     if num_samples < LINEAR_GROUPING_MIN_SAMPLES:
         return "search"
-    if num_prompts is not None and num_prompts <= num_samples and device.type == "cpu":
+    if device.type != "cpu":  # pragma: no mutate (fork)
+        return "scans"
+    if num_prompts is not None and num_prompts <= num_samples:  # pragma: no mutate (fork)
         return "counts"
-    return "scans"
+    return "runs" if _reads_sizes_back(device) else "scans"  # pragma: no mutate (fork)
+
+
+def _reads_sizes_back(device: torch.device) -> bool:
+    """Whether an algorithm may read a size back to the host: on a CPU (no sync), outside torch.compile."""
+    return device.type == "cpu" and not is_compiling()
 
 
 def group_by_prompt(prompt_ids: torch.Tensor, num_prompts: Optional[int] = None) -> PromptGroups:
@@ -345,6 +365,11 @@ def group_by_prompt(prompt_ids: torch.Tensor, num_prompts: Optional[int] = None)
       refused by ``torch.use_deterministic_algorithms``, so it is chosen
       automatically only on a CPU.
     * ``"scans"``: cumulative max and min scans over the sorted batch, O(N).
+    * ``"runs"``: the runs of equal sorted ids (``sorted_runs``), O(N) in
+      one pass, their sizes read back to the host: a third of the scans'
+      time on a CPU, where that costs no sync; off a CPU and under
+      torch.compile (a data-dependent size) the scans stand in, forced or
+      not.
 
     The linear-time algorithms sort ids as int16 or int32 when ``num_prompts``
     allows (``sort_ids``), which halves or quarters the cost of torch's radix
@@ -366,6 +391,10 @@ def group_by_prompt(prompt_ids: torch.Tensor, num_prompts: Optional[int] = None)
         start = torch.searchsorted(sorted_ids, sorted_ids)  # [N]
         end = torch.searchsorted(sorted_ids, sorted_ids, right=True)  # [N]
         return PromptGroups(sorted_ids, order, start, end, position)
+    if algorithm == "runs":
+        runs = sorted_runs(prompt_ids, num_prompts)
+        end = take(runs.size.cumsum(0), runs.run)  # [N]; pragma: no mutate (dim)
+        return PromptGroups(runs.sorted_ids, runs.order, end - take(runs.size, runs.run), end, position)
     sorted_ids, order = sort_ids(prompt_ids, num_prompts)  # [N]
     if algorithm == "counts":
         count = torch.zeros(num_prompts, dtype=torch.int64, device=device)  # [P], samples of each prompt
@@ -442,6 +471,85 @@ def group_stats_algorithm(num_samples: int, num_rows: int, device: torch.device)
     """
     default = "dense" if device.type == "cpu" and num_rows <= num_samples else "sorted"
     return _forced.get("group_stats", default)
+
+
+def batch_rows_algorithm(num_samples: int, num_rows: int, device: torch.device) -> str:
+    """Which rows of a memory's state an update reads: forced, or by size and device.
+
+    * ``"whole"``: every row, once (a buffer's whole [R, K]): no per-sample
+      gather of rows, so the cheapest while the rows are at most the samples.
+    * ``"per_sample"``: each sample's row, in sorted-batch order (N rows,
+      repeats included): fixed shapes, no host sync, so CUDA graphs and
+      ``torch.compile(fullgraph=True)`` take it.
+    * ``"distinct"``: the batch's U distinct rows once each
+      (``sorted_runs``), U read back to the host: a CPU has no sync to pay,
+      so with many more rows than samples this touches the fewest rows and
+      computes the fewest statistics. Off a CPU (a sync) and under
+      torch.compile (a size read back breaks the graph), ``"per_sample"``
+      stands in, forced or not.
+
+    Args:
+        num_samples: N.
+        num_rows: R, the memory's rows.
+        device: the batch's device.
+
+    Returns:
+        ``"whole"``, ``"per_sample"`` or ``"distinct"``.
+    """
+    if num_rows <= num_samples:  # pragma: no mutate (fork)
+        default = "whole"
+    else:
+        default = "distinct" if device.type == "cpu" else "per_sample"  # pragma: no mutate (fork)
+    algorithm = _forced.get("batch_rows", default)
+    return "per_sample" if algorithm == "distinct" and not _reads_sizes_back(device) else algorithm
+
+
+class SortedRuns(NamedTuple):
+    """A batch sorted by prompt, as runs: its distinct ids and each sample's run.
+
+    Attributes:
+        sorted_ids: [N] ids in ascending order (of ``sort_ids``'s dtype).
+        order: int64 [N], ``sorted_ids == prompt_ids[order]``, batch order
+            kept among equal ids.
+        rows: [U] the batch's distinct ids, ascending, of ``sorted_ids``' dtype.
+        run: int64 [N], each sorted sample's place in ``rows``.
+        size: int64 [U], the samples of each distinct id.
+
+    Example:
+        >>> runs = sorted_runs(torch.tensor([7, 2, 7]), 8)
+        >>> runs.rows, runs.run, runs.size
+        (tensor([2, 7]), tensor([0, 1, 1]), tensor([1, 2]))
+    """
+
+    sorted_ids: torch.Tensor
+    order: torch.Tensor
+    rows: torch.Tensor
+    run: torch.Tensor
+    size: torch.Tensor
+
+
+def sorted_runs(
+    prompt_ids: torch.Tensor, num_prompts: Optional[int], *, dtype: torch.dtype = torch.int64
+) -> SortedRuns:
+    """Sorts a batch by prompt and finds its runs of equal ids: O(N) after the sort.
+
+    ``torch.unique_consecutive`` of the sorted ids, one pass, gives the
+    distinct ids, each sample's run and each run's size. U is a size read
+    back from the device: eager CPU code only (the ``"runs"`` grouping and
+    the ``"distinct"`` batch rows).
+
+    Args:
+        prompt_ids: int64 [N], N >= 1, ids in [0, num_prompts).
+        num_prompts: P, if known (the sort's own dtype, see ``sort_ids``).
+        dtype: the integer dtype of the sorted ids and rows returned; it
+            must hold P.
+
+    Returns:
+        The sorted batch and its runs.
+    """
+    sorted_ids, order = sort_ids(prompt_ids, num_prompts, dtype=dtype)  # [N]
+    rows, run, size = torch.unique_consecutive(sorted_ids, return_inverse=True, return_counts=True)
+    return SortedRuns(sorted_ids, order, rows, run, size)
 
 
 def _batch_stats_algorithm(num_samples: int) -> str:
