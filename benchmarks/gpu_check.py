@@ -6,7 +6,10 @@ Usage:
 
 The checks are tests: ``pytest -m cuda tests`` (tests/test_cuda.py and the
 CUDA tests of tests/test_tracker_contract.py: CUDA equals CPU, no host sync,
-CUDA-graph replay, determinism, training; several rewards per sample too).
+CUDA-graph replay, determinism, training; several rewards per sample too;
+the compiled fast path, ``CompiledUpdate``, whose launch-count test records
+the kernel launches of one eager update against one replay, and their
+times, as the test's ``properties`` in the report).
 Then ``benchmarks/bench_trackers.py --device=cuda``, which checks every
 tracker against the reference before timing it, and the benchmarks of
 ``MORE_BENCHMARKS`` on CUDA (SPO's tracker against the recipe's dicts;
@@ -38,6 +41,16 @@ import torch
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _number(value: Optional[str]) -> object:
+    """A recorded property's value: an int or a float where it reads as one, else the text."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            pass
+    return value
+
+
 def run_tests(out: pathlib.Path, paths: Sequence[str] = ("tests",), cwd: pathlib.Path = REPO_ROOT) -> Dict:
     """Runs ``pytest -m cuda`` in a subprocess and reads each test's outcome from its JUnit XML.
 
@@ -48,7 +61,8 @@ def run_tests(out: pathlib.Path, paths: Sequence[str] = ("tests",), cwd: pathlib
 
     Returns:
         ``command``, ``exit_code``, ``counts`` (passed, failed, error, skipped)
-        and ``tests`` (name, outcome, seconds, message).
+        and ``tests`` (name, outcome, seconds, message, and ``properties``
+        where the test recorded figures with ``record_property``).
     """
     xml = out / "gpu_check_tests.xml"
     command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}"]
@@ -59,7 +73,10 @@ def run_tests(out: pathlib.Path, paths: Sequence[str] = ("tests",), cwd: pathlib
         outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[found[0].tag] if found else "passed"
         message = found[0].get("message") if found else None
         name = f"{case.get('classname')}::{case.get('name')}"
-        tests.append({"name": name, "outcome": outcome, "seconds": float(case.get("time", 0)), "message": message})
+        test = {"name": name, "outcome": outcome, "seconds": float(case.get("time", 0)), "message": message}
+        # Figures a test recorded with pytest's record_property (the fast path's kernel launches).
+        properties = {item.get("name"): _number(item.get("value")) for item in case.iter("property")}
+        tests.append(dict(test, properties=properties) if properties else test)
     counts = {key: sum(t["outcome"] == key for t in tests) for key in ("passed", "failed", "error", "skipped")}
     shown = ["python", *command[1:-1], *paths]
     return {"command": " ".join(shown), "exit_code": result.returncode, "counts": counts, "tests": tests}

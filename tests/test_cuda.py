@@ -6,8 +6,11 @@ results, ``update`` never syncs with the host, and a CUDA-graph replay equals
 eager, over the contract's trackers. This file runs those same three checks
 over the trackers the contract leaves out (presets and hashed keys), and
 adds what the contract does not check: no host sync under each algorithm
-``ops.forced_algorithms`` can force, two runs bit for bit identical, and
-training on CUDA. ``python benchmarks/gpu_check.py`` runs every test marked
+``ops.forced_algorithms`` can force, two runs bit for bit identical,
+training on CUDA, and the compiled fast path (``CompiledUpdate``): its
+graph replays bit for bit equal to eager without a host sync, a new batch
+size, ``load_state_dict`` after capture, compile then capture, and the
+kernel launches of one eager update against one replay. ``python benchmarks/gpu_check.py`` runs every test marked
 ``cuda`` and the GPU benchmark, and writes a JSON report
 (docs/testing.md).
 """
@@ -17,10 +20,11 @@ import pathlib
 from typing import Dict, List, Optional, Tuple
 
 import pytest
+import test_fast_path as fast_path_tests
 import test_tracker_contract as contract
 import torch
 
-from rail_interview.stat_tracking import AdvantageTracker, BufferStatTracker, ops, presets
+from rail_interview.stat_tracking import AdvantageTracker, BufferStatTracker, CompiledUpdate, ops, presets
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -396,3 +400,179 @@ def test_prompt_sampler_draws_as_on_the_cpu_without_a_sync_and_in_a_cuda_graph()
         ids = eager_sampler.draw(eager, 3)
         assert torch.equal(static_ids, ids)
         torch.testing.assert_close(static_out, eager.update(ids, rewards.cuda()))
+
+
+# -- The compiled fast path: CompiledUpdate's CUDA graphs ------------------------------------------------------------
+
+#: Trackers of the fast path's CUDA tests, P = 6, with the kind of batch each takes: a buffer, an EMA,
+#: TRL's GRPO (NaN as unscorable), SPO (a discount per sample), hashed keys in a table of 4 rows (keys
+#: evicted), and verl's GDPO (C = 3 rewards with NaNs, sample weights).
+FAST_PATH_TRACKERS: Dict[str, Tuple[contract.TrackerFactory, str]] = {
+    "buffer": (lambda **kw: BufferStatTracker(6, buffer_size=4, min_count=2, **kw), "plain"),
+    "ema": (lambda **kw: presets.ema(6, decay=0.8, min_count=2, **kw), "plain"),
+    "trl_grpo": (lambda **kw: presets.trl_grpo(6, **kw), "plain"),
+    "spo": (lambda **kw: presets.spo(6, **kw), "pass_fail"),
+    "hashed_buffer": (MORE_TRACKERS["hashed_buffer"], "plain"),
+    "verl_gdpo_buffer": (MULTI_REWARD_TRACKERS["verl_gdpo_buffer"], "several"),
+}
+
+
+def _fast_path_batches(kind: str, num_batches: int, batch_size: int, seed: int) -> List[Tuple]:
+    """(ids [n], rewards [n] or [n, 3], keyword inputs) on CUDA, for a tracker of ``FAST_PATH_TRACKERS``."""
+    if kind == "pass_fail":
+        batches = [(i, r, {"discount": d}) for i, r, d in _pass_fail_batches(num_batches, batch_size, seed)]
+    elif kind == "several":
+        batches = [(i, r, {"weights": w}) for i, r, w in _several_reward_batches(num_batches, batch_size, seed)]
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        batches = [
+            (
+                torch.randint(6, (batch_size,), generator=generator),
+                (torch.randn(batch_size, generator=generator) * 10).round() / 2,
+                {},
+            )
+            for _ in range(num_batches)
+        ]
+    return [(i.cuda(), r.cuda(), {k: v.cuda() for k, v in extra.items()}) for i, r, extra in batches]
+
+
+def _without_a_sync(call):
+    """``call()`` under ``torch.cuda.set_sync_debug_mode("error")``: any host sync raises."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("name", sorted(FAST_PATH_TRACKERS))
+def test_compiled_update_graph_replay_equals_eager_bit_for_bit_without_a_sync(name):
+    make, kind = FAST_PATH_TRACKERS[name]
+    fast, eager = CompiledUpdate(make(device="cuda", check_values=False)), make(device="cuda", check_values=False)
+    assert fast.mode == "cuda_graph"
+    for step, (ids, rewards, extra) in enumerate(_fast_path_batches(kind, 8, 16, seed=3)):
+        report = step % 2 == 1  # update and update_with_report in turn: two signatures, each captured once
+        call = fast.update_with_report if report else fast
+        want = (eager.update_with_report if report else eager.update)(ids, rewards, **extra)
+        # Steps 0 and 1 capture (a capture syncs); from step 2 on every call is a replay.
+        got = call(ids, rewards, **extra) if step < 2 else _without_a_sync(lambda: call(ids, rewards, **extra))
+        fast_path_tests._assert_same_bits(got, want, f"{name} step {step}")  # pylint: disable=protected-access
+    fast_path_tests._assert_same_state(fast.tracker, eager, name)  # pylint: disable=protected-access
+    assert len(fast.shapes) == 2
+
+
+@pytest.mark.parametrize("name", ["buffer", "hashed_buffer", "spo"])
+def test_compiled_update_captures_a_new_batch_size_and_honours_load_state_dict(name):
+    make, kind = FAST_PATH_TRACKERS[name]
+    fast, eager = CompiledUpdate(make(device="cuda", check_values=False)), make(device="cuda", check_values=False)
+    fresh = make(device="cuda", check_values=False).state_dict()
+    small, large = _fast_path_batches(kind, 6, 16, seed=4), _fast_path_batches(kind, 6, 40, seed=5)
+    batches = [small[0], small[1], large[0], large[1], small[2], large[2], small[3], large[3], small[4], large[4]]
+    midway = None
+    for step, (ids, rewards, extra) in enumerate(batches):
+        if step == 4:
+            midway = eager.state_dict()
+        if step in (6, 8):  # back to a checkpoint, then a reset: copied into the captured state in place
+            state = midway if step == 6 else fresh
+            fast.tracker.load_state_dict(state)
+            eager.load_state_dict(state)
+        want = eager.update(ids, rewards, **extra)
+        captured = step in (0, 2)  # each size's first call captures
+        got = fast(ids, rewards, **extra) if captured else _without_a_sync(lambda: fast(ids, rewards, **extra))
+        fast_path_tests._assert_same_bits(got, want, f"{name} step {step}")  # pylint: disable=protected-access
+        fast_path_tests._assert_same_state(fast.tracker, eager, f"{name} step {step}")  # pylint: disable=protected-access
+    assert len(fast.shapes) == 2
+
+
+def test_compiled_update_without_copies_returns_the_graphs_static_outputs():
+    make, kind = FAST_PATH_TRACKERS["buffer"]
+    fast = CompiledUpdate(make(device="cuda", check_values=False), copy_outputs=False)
+    eager = make(device="cuda", check_values=False)
+    outputs = []
+    for step, (ids, rewards, extra) in enumerate(_fast_path_batches(kind, 4, 16, seed=6)):
+        outputs.append(fast(ids, rewards, **extra))
+        want = eager.update(ids, rewards, **extra)
+        assert torch.equal(outputs[-1], want), f"step {step}"
+    assert outputs[1] is outputs[2] is outputs[3] and outputs[0] is not outputs[1]  # step 0 ran on a side stream
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_update_compiled_then_captured_matches_eager(backend):
+    """``"compile+cuda_graph"``: aot_eager runs eager's kernels (bit for bit); inductor's differ by rounding."""
+    make, kind = FAST_PATH_TRACKERS["buffer"]
+    tracker = make(device="cuda", check_values=False)
+    fast, eager = (
+        CompiledUpdate(tracker, mode="compile+cuda_graph", backend=backend),
+        make(device="cuda", check_values=False),
+    )
+    for step, (ids, rewards, extra) in enumerate(_fast_path_batches(kind, 6, 16, seed=7)):
+        want = eager.update(ids, rewards, **extra)
+        # Step 0 runs eagerly, step 1 compiles and captures; replays from step 2.
+        got = fast(ids, rewards, **extra) if step < 2 else _without_a_sync(lambda: fast(ids, rewards, **extra))
+        if backend == "aot_eager":
+            fast_path_tests._assert_same_bits(got, want, f"step {step}")  # pylint: disable=protected-access
+        else:
+            torch.testing.assert_close(got, want)
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(tracker.state_dict()[key], value)
+
+
+def _launches(call) -> Dict[str, float]:
+    """What one call launches, from torch.profiler: kernel launches, graph launches, copies, GPU events."""
+    from torch.autograd import DeviceType  # pylint: disable=import-outside-toplevel
+    from torch.profiler import ProfilerActivity, profile  # pylint: disable=import-outside-toplevel
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        call()
+        torch.cuda.synchronize()
+    events = profiler.events()
+    names = [event.name for event in events]
+    return {
+        "kernel_launches": sum(n.startswith(("cudaLaunchKernel", "cuLaunchKernel")) for n in names),
+        "graph_launches": sum(n in ("cudaGraphLaunch", "cuGraphLaunch") for n in names),
+        "memcpy_calls": sum(n.startswith(("cudaMemcpy", "cuMemcpy")) for n in names),
+        "gpu_events": sum(event.device_type == DeviceType.CUDA for event in events),
+    }
+
+
+def _milliseconds(call, repeats: int = 200) -> float:
+    """The mean time of ``call()`` on the GPU's clock, over ``repeats`` calls after 10 more."""
+    for _ in range(10):
+        call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        call()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def test_a_replay_is_one_graph_launch_against_the_eager_updates_kernel_launches(record_property):
+    """At the benchmark's small size (N = 256, P = 64, K = 32): launches and times of eager and replay.
+
+    The figures go to the test's properties, which benchmarks/gpu_check.py
+    writes into its report.
+    """
+    make = lambda: BufferStatTracker(64, buffer_size=32, min_count=16, device="cuda", check_values=False)  # noqa: E731
+    eager, fast = make(), CompiledUpdate(make())
+    generator = torch.Generator().manual_seed(8)
+    ids, rewards = torch.randint(64, (256,), generator=generator).cuda(), torch.randn(256, generator=generator).cuda()
+    for _ in range(3):
+        eager.update(ids, rewards)
+        fast(ids, rewards)
+    eager_launches, replay_launches = (
+        _launches(lambda: eager.update(ids, rewards)),
+        _launches(lambda: fast(ids, rewards)),
+    )
+    figures = {f"eager_{k}": v for k, v in eager_launches.items()}
+    figures.update({f"replay_{k}": v for k, v in replay_launches.items()})
+    figures["eager_ms"] = round(_milliseconds(lambda: eager.update(ids, rewards)), 4)
+    figures["replay_ms"] = round(_milliseconds(lambda: fast(ids, rewards)), 4)
+    for name, value in figures.items():
+        record_property(name, value)
+    print(f"fast path launches and times at N = 256, P = 64, K = 32: {figures}")
+    assert replay_launches["graph_launches"] == 1, figures
+    assert eager_launches["kernel_launches"] > replay_launches["kernel_launches"], figures

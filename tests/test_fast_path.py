@@ -415,3 +415,17 @@ def test_refused_options():
     fast = CompiledUpdate(tracker)
     assert (fast.mode, fast.backend, fast.tracker) == ("compile", "inductor", tracker)
     assert repr(fast).startswith("CompiledUpdate(BufferStatTracker(") and "mode='compile'" in repr(fast)
+
+
+def test_options_reach_the_backend():
+    received = []
+
+    def backend(graph: torch.fx.GraphModule, example_inputs: List[torch.Tensor], **kwargs) -> Callable:
+        received.append(kwargs)
+        return graph.forward
+
+    fast = CompiledUpdate(_make("preset-ema"), backend=backend, options={"cpp_wrapper": True})
+    ids, rewards = torch.tensor([0, 1, 1]), torch.tensor([1.0, 2.0, 4.0])
+    fast(ids, rewards)
+    fast(ids, rewards)
+    assert received == [{"options": {"cpp_wrapper": True}}]

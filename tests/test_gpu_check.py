@@ -35,8 +35,10 @@ def test_each_cuda_tests_outcome_is_read_and_unmarked_tests_are_left_out(gpu_che
             import pytest
 
             @pytest.mark.cuda
-            def test_passes():
-                pass
+            def test_passes(record_property):
+                record_property("kernel_launches", 12)
+                record_property("replay_ms", 0.25)
+                record_property("note", "graph")
 
             @pytest.mark.cuda
             def test_fails():
@@ -61,6 +63,10 @@ def test_each_cuda_tests_outcome_is_read_and_unmarked_tests_are_left_out(gpu_che
     }
     assert tests["counts"] == {"passed": 1, "failed": 1, "error": 0, "skipped": 1} and tests["exit_code"] == 1
     assert "assert 1 == 2" in next(t["message"] for t in tests["tests"] if t["outcome"] == "failed")
+    # Figures a test records with record_property come back as numbers (or text), on that test only.
+    properties = {test["name"]: test.get("properties") for test in tests["tests"]}
+    assert properties["test_x::test_passes"] == {"kernel_launches": 12, "replay_ms": 0.25, "note": "graph"}
+    assert properties["test_x::test_fails"] is None
     assert tests["command"].startswith("python -m pytest -m cuda") and tests["command"].endswith("test_x.py")
 
 

@@ -169,6 +169,10 @@ class CompiledUpdate:
             a callable), or None for ``"inductor"``. ``"aot_eager"`` and
             ``"eager"`` run the eager kernels: bit for bit equal to eager and
             far quicker to compile, for tests. Not taken by ``"cuda_graph"``.
+        options: torch.compile's ``options`` for the backend, or None; for
+            inductor on a CPU, ``{"cpp_wrapper": True}`` made the update at
+            N = 256 about 20% faster for about 4 times the compile time.
+            Not taken by ``"cuda_graph"``.
         max_shapes: the most signatures compiled or captured at once (each
             keeps its compiled code, and a graph its memory pool), or None
             for no cap. A new signature beyond it is refused.
@@ -180,8 +184,9 @@ class CompiledUpdate:
     Raises:
         TypeError: if ``tracker`` is not an ``AdvantageTracker``.
         ValueError: if the tracker checks values or has a process group,
-            ``mode`` is unknown or needs CUDA on another device, a backend is
-            given to ``"cuda_graph"``, or ``max_shapes`` is not positive.
+            ``mode`` is unknown or needs CUDA on another device, a backend or
+            options are given to ``"cuda_graph"``, or ``max_shapes`` is not
+            positive.
 
     Example:
         >>> from rail_interview.stat_tracking import BufferStatTracker, CompiledUpdate
@@ -202,6 +207,7 @@ class CompiledUpdate:
         *,
         mode: Optional[str] = None,
         backend: Union[str, Callable[..., Any], None] = None,
+        options: Optional[Dict[str, Any]] = None,
         max_shapes: Optional[int] = 8,
         copy_outputs: bool = True,
     ) -> None:
@@ -220,9 +226,9 @@ class CompiledUpdate:
             raise ValueError(f"mode must be one of {MODES} or None (chosen by device), got {mode!r}")
         if mode != "compile" and device.type != "cuda":
             raise ValueError(f"mode={mode!r} needs a tracker on a CUDA device, this one is on {device}")
-        if mode == "cuda_graph" and backend is not None:
+        if mode == "cuda_graph" and (backend is not None or options is not None):
             raise ValueError(
-                "mode='cuda_graph' captures the eager update and compiles nothing: a backend needs "
+                "mode='cuda_graph' captures the eager update and compiles nothing: a backend or options need "
                 "mode='compile' or 'compile+cuda_graph'"
             )
         if max_shapes is not None and (isinstance(max_shapes, bool) or not isinstance(max_shapes, int)):
@@ -231,6 +237,7 @@ class CompiledUpdate:
             raise ValueError(f"max_shapes must be a positive int or None, got {max_shapes!r}")
         self._tracker, self._mode, self._max_shapes = tracker, mode, max_shapes
         self._backend = None if mode == "cuda_graph" else ("inductor" if backend is None else backend)
+        self._options = None if options is None else dict(options)
         self._copy_outputs = bool(copy_outputs)
         self._entries: Dict[Signature, _Entry] = {}
 
@@ -386,7 +393,9 @@ class CompiledUpdate:
         if entry.calls == 1 and self._mode != "cuda_graph":
             return _call(method, *inputs)  # eager: lazily allocated state exists before tracing
         if self._mode != "cuda_graph" and entry.compiled is None:
-            entry.compiled = torch.compile(_with_own_code(_call), fullgraph=True, dynamic=False, backend=self._backend)
+            entry.compiled = torch.compile(
+                _with_own_code(_call), fullgraph=True, dynamic=False, backend=self._backend, options=self._options
+            )
         if self._mode == "compile":
             return entry.compiled(method, *inputs)
         return self._capture(entry, entry.compiled or _call, method, inputs)
