@@ -201,7 +201,7 @@ def test_compiled_report_equals_eager_bit_for_bit(name):
 def test_inductor_matches_eager_to_float32_rounding(name):
     """Inductor reorders float reductions: a few ulps, not bit for bit (see the module docstring)."""
     fast, eager = CompiledUpdate(_make(name)), _make(name)
-    assert fast.backend == "inductor"
+    assert fast.backend == "inductor" and fast.options == {"cpp_wrapper": True}
     for step, (ids, rewards, valid, extra) in enumerate(_batches(eager, 5, 12, seed=7)):
         got, want = fast(ids, rewards, valid, **extra), eager.update(ids, rewards, valid, **extra)
         torch.testing.assert_close(got, want, msg=lambda m, s=step: f"{name} step {s}: {m}")
@@ -414,6 +414,9 @@ def test_refused_options():
             CompiledUpdate(tracker, max_shapes=max_shapes)
     fast = CompiledUpdate(tracker)
     assert (fast.mode, fast.backend, fast.tracker) == ("compile", "inductor", tracker)
+    assert fast.options == {"cpp_wrapper": True}  # inductor's C++ wrapper, on a CPU
+    assert CompiledUpdate(tracker, options={}).options == {}
+    assert CompiledUpdate(tracker, backend="aot_eager").options is None
     assert repr(fast).startswith("CompiledUpdate(BufferStatTracker(") and "mode='compile'" in repr(fast)
 
 

@@ -10,7 +10,7 @@ trip on handled in one place:
   inputs given, which of the optional ones are given, and ``update`` or
   ``update_with_report``) gets its own compiled function or graph, kept in
   a cache of at most ``max_shapes`` signatures. A new batch size compiles
-  (inductor: 10 to 30 s on a 2-core CPU) or captures (milliseconds) again;
+  (inductor: 2 to 30 s on a 2-core CPU) or captures (milliseconds) again;
   a signature already seen costs a dictionary look-up. Each signature's
   compiled function has a code object of its own, so torch.compile's
   recompile limit (8 per code object) never counts several trackers or
@@ -41,8 +41,8 @@ trip on handled in one place:
   the next call of that signature overwrites.
 
 Modes (``mode=``): ``"compile"`` (the default off CUDA; ``backend=``
-``"inductor"`` by default, ``"aot_eager"`` runs the eager kernels and is
-bit for bit equal to eager), ``"cuda_graph"`` (the default on CUDA: the
+``"inductor"`` by default, with its C++ wrapper on a CPU; ``"aot_eager"``
+runs the eager kernels and is bit for bit equal to eager), ``"cuda_graph"`` (the default on CUDA: the
 eager update captured, bit for bit equal to eager on CUDA, no compile
 time) and ``"compile+cuda_graph"`` (the compiled update captured). Under
 torch.compile the tracker picks its sync-free algorithms
@@ -62,10 +62,13 @@ import torch
 from rail_interview.stat_tracking.tracker import AdvantageTracker
 from rail_interview.stat_tracking.types import UpdateReport
 
-__all__ = ["CompiledUpdate", "MODES"]
+__all__ = ["CPU_INDUCTOR_OPTIONS", "CompiledUpdate", "MODES"]
 
 #: The ways to run ``update``: compiled, captured in a CUDA graph, or compiled then captured.
 MODES = ("compile", "cuda_graph", "compile+cuda_graph")
+#: torch.compile's options for inductor on a CPU, unless others are given: inductor's wrapper
+#: around its kernels in C++, which at N = 256 took about 0.7 of the time of its Python one.
+CPU_INDUCTOR_OPTIONS: Dict[str, Any] = {"cpp_wrapper": True}
 #: The inputs of ``update``, in the order a signature lists them.
 INPUT_NAMES = ("prompt_ids", "rewards", "valid", "discount", "weights")
 
@@ -169,10 +172,12 @@ class CompiledUpdate:
             a callable), or None for ``"inductor"``. ``"aot_eager"`` and
             ``"eager"`` run the eager kernels: bit for bit equal to eager and
             far quicker to compile, for tests. Not taken by ``"cuda_graph"``.
-        options: torch.compile's ``options`` for the backend, or None; for
-            inductor on a CPU, ``{"cpp_wrapper": True}`` made the update at
-            N = 256 about 20% faster for about 4 times the compile time.
-            Not taken by ``"cuda_graph"``.
+        options: torch.compile's ``options`` for the backend, as given, or
+            None for ``CPU_INDUCTOR_OPTIONS`` with inductor on a CPU (C++
+            in place of inductor's Python wrapper around its kernels: the
+            update at N = 256 took about 0.7 of the time, for up to 4 times
+            the compile time) and none otherwise; ``{}`` for inductor's own
+            defaults. Not taken by ``"cuda_graph"``.
         max_shapes: the most signatures compiled or captured at once (each
             keeps its compiled code, and a graph its memory pool), or None
             for no cap. A new signature beyond it is refused.
@@ -237,6 +242,8 @@ class CompiledUpdate:
             raise ValueError(f"max_shapes must be a positive int or None, got {max_shapes!r}")
         self._tracker, self._mode, self._max_shapes = tracker, mode, max_shapes
         self._backend = None if mode == "cuda_graph" else ("inductor" if backend is None else backend)
+        if options is None and self._backend == "inductor" and device.type == "cpu":
+            options = CPU_INDUCTOR_OPTIONS
         self._options = None if options is None else dict(options)
         self._copy_outputs = bool(copy_outputs)
         self._entries: Dict[Signature, _Entry] = {}
@@ -255,6 +262,11 @@ class CompiledUpdate:
     def backend(self) -> Union[str, Callable[..., Any], None]:
         """torch.compile's backend, or None for ``"cuda_graph"``."""
         return self._backend
+
+    @property
+    def options(self) -> Optional[Dict[str, Any]]:
+        """torch.compile's options, or None."""
+        return None if self._options is None else dict(self._options)
 
     @property
     def shapes(self) -> Tuple[str, ...]:
@@ -414,7 +426,7 @@ class CompiledUpdate:
         if self._max_shapes is not None and len(self._entries) >= self._max_shapes:
             raise ValueError(
                 f"CompiledUpdate holds {len(self._entries)} input signatures, its max_shapes; a new one, "
-                f"{_describe(signature)}, would compile or capture again (inductor: 10 to 30 s on a CPU). "
+                f"{_describe(signature)}, would compile or capture again (inductor: up to 30 s on a CPU). "
                 "Pad batches to a few fixed sizes, raise max_shapes (None: no cap), or clear() the cache. "
                 f"Held: {', '.join(self.shapes)}"
             )
