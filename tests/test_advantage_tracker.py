@@ -495,6 +495,10 @@ def test_every_memory_hands_the_estimator_one_layout(memory, grouping, group_sta
         with ops.forced_algorithms(grouping=grouping, group_stats=group_stats):
             kept = make_memory(memory, num_prompts, buffer_size=4, decay=0.5, dtype=torch.float64, device=CPU)
             stats = kept.fold(spare, rewards, ddof=0, own_weight=True)
+        if stats.rows is not None:  # per-row statistics, expanded for any reader but the estimator
+            assert stats.count.shape == stats.std.shape == stats.mean.shape and stats.rows.shape == (7,)
+            assert torch.equal(stats.deviation, stats.rewards - stats.mean[stats.rows])
+            stats = stats.per_sample()
         for field in ("rewards", "count", "deviation", "std", "own_weight"):
             assert getattr(stats, field).shape == (7,), field
         assert torch.equal(stats.to_batch_order(stats.rewards), rewards)
@@ -503,6 +507,42 @@ def test_every_memory_hands_the_estimator_one_layout(memory, grouping, group_sta
             assert torch.equal(stats.to_batch_order(stats.deviation)[:-1], rewards[:-1] - mean)
             assert torch.equal(stats.to_batch_order(stats.count)[:-1], count)
             torch.testing.assert_close(stats.to_batch_order(stats.std)[:-1], std)
+
+
+@pytest.mark.parametrize("baseline", ["prompt_mean", "batch_mean"])
+@pytest.mark.parametrize("scale", ["prompt_std", "batch_std", "none"])
+@pytest.mark.parametrize("fallback", ["batch", "raw", "zero"])
+@pytest.mark.parametrize("eps_rule", ["add", "max", "nonzero", "variance"])
+def test_the_estimator_gives_per_row_statistics_the_per_sample_answer_bit_for_bit(baseline, scale, fallback, eps_rule):
+    # Memories that count per row hand the estimator [R] statistics and each
+    # sample's row; it decides per row and gathers once. Same operations on
+    # the same values: torch.equal with the expanded, per-sample statistics.
+    from rail_interview.stat_tracking.functional import prompt_advantages
+    from rail_interview.stat_tracking.memory import make_memory
+
+    generator = torch.Generator().manual_seed(7)
+    for memory, num_prompts in (("none", 6), ("buffer", 6), ("buffer", 60)):
+        kept = make_memory(memory, num_prompts, buffer_size=3, decay=0.5, dtype=torch.float32, device=CPU)
+        for _ in range(4):
+            ids = torch.randint(num_prompts + 1, (20,), generator=generator)  # row P: the spare row
+            rewards = torch.randn(20, generator=generator) * 3 + 1
+            rewards[:4] = 2.5  # a group of equal rewards somewhere, std 0 for "nonzero"
+            stats = kept.fold(ids, rewards, ddof=1, own_weight=False)
+            assert stats.rows is not None
+            options = dict(
+                baseline=baseline,
+                scale=scale,
+                eps=1e-4,
+                min_count=3,
+                fallback=fallback,
+                batch_mean=rewards.mean(),
+                batch_std=rewards.std(),
+                report=True,
+                eps_rule=eps_rule,
+            )
+            per_row = prompt_advantages(stats, **options)
+            per_sample = prompt_advantages(stats.per_sample(), **options)
+            assert torch.equal(per_row[0], per_sample[0]) and torch.equal(per_row[1], per_sample[1])
 
 
 def test_repr_names_the_class_and_its_options():

@@ -130,6 +130,21 @@ def prompt_advantages(
         ...                   fallback="zero", batch_mean=None, batch_std=None)
         (tensor([-1.,  1.,  0.]), None)
     """
+    per_row_batch = batch_mean is None or batch_mean.ndim == 0
+    if stats.rows is not None and baseline != "leave_one_out" and scale != "leave_one_out_std" and per_row_batch:
+        return _row_advantages(
+            stats,
+            baseline=baseline,
+            scale=scale,
+            eps=eps,
+            min_count=min_count,
+            fallback=fallback,
+            batch_mean=batch_mean,
+            batch_std=batch_std,
+            report=report,
+            eps_rule=eps_rule,
+        )
+    stats = stats.per_sample()
     own = stats.count >= min_count  # [N]
     center, spread = (batch_mean, batch_std) if fallback == "batch" else (0.0, 1.0)
     if baseline == "batch_mean":
@@ -153,6 +168,61 @@ def prompt_advantages(
     if divisor is not None:
         numerator = numerator.div_(divisor) if divisor.ndim else numerator / divisor
     return stats.to_batch_order(numerator), stats.to_batch_order(~own) if report else None
+
+
+def _row_advantages(
+    stats: SampleStats,
+    *,
+    baseline: str,
+    scale: str,
+    eps: float,
+    min_count: int,
+    fallback: str,
+    batch_mean: Optional[torch.Tensor],
+    batch_std: Optional[torch.Tensor],
+    report: bool,
+    eps_rule: str,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``prompt_advantages`` from per-row statistics: each choice made per row, then one gather per sample.
+
+    Every sample's advantage is its reward minus its row's center, divided
+    by its row's divisor, the same operations on the same values as the
+    per-sample path (whose numerator for a sample that keeps its prompt's
+    statistics is ``rewards - mean[rows]``, the deviation itself), so the
+    result is the same bit for bit; but the fallback's choices and the eps
+    rule run over R rows instead of N samples, and the N-sized work is a
+    gather, a subtraction, a gather and a division.
+    """
+    rows = stats.rows
+    falls_back = stats.count < min_count  # [R]
+    # masked_fill with a number, not where: no 0-dim tensor made for it, one op fewer.
+    center, spread = (batch_mean, batch_std) if fallback == "batch" else (0.0, 1.0)
+    if baseline == "batch_mean":
+        shift = torch.where(falls_back, center, batch_mean)  # [R]
+    elif fallback == "zero":
+        shift = stats.mean  # [R]; rows that fall back get an infinite scale below
+    elif fallback == "batch":
+        shift = torch.where(falls_back, center, stats.mean)  # [R]
+    else:
+        shift = stats.mean.masked_fill(falls_back, center)  # [R]
+    numerator = stats.rewards - take(shift, rows)  # [N]
+    divisor: Optional[torch.Tensor] = None
+    if scale == "prompt_std":
+        if fallback == "batch":
+            chosen = torch.where(falls_back, spread, stats.std)  # [R]
+        else:
+            chosen = stats.std.masked_fill(falls_back, spread)  # [R]
+        divisor = scale_divisor(chosen, eps, eps_rule, in_place=True)  # [R]
+    elif scale == "batch_std":
+        divisor = scale_divisor(batch_std, eps, eps_rule)  # scalar
+    if fallback == "zero":
+        if divisor is None or divisor.ndim == 0:
+            divisor = torch.where(falls_back, math.inf, 1.0 if divisor is None else divisor)  # [R]
+        else:
+            divisor = divisor.masked_fill_(falls_back, math.inf)  # [R], a temporary of this function
+    if divisor is not None:
+        numerator = numerator.div_(take(divisor, rows)) if divisor.ndim else numerator / divisor
+    return stats.to_batch_order(numerator), stats.to_batch_order(take(falls_back, rows)) if report else None
 
 
 def fallback_advantages(

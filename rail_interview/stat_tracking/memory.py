@@ -207,6 +207,9 @@ class NoMemory:
     Example:
         >>> memory = NoMemory(2, dtype=torch.float32, device=torch.device("cpu"))
         >>> stats = memory.fold(torch.tensor([0, 1, 0]), torch.tensor([1.0, 5.0, 3.0]), ddof=0, own_weight=False)
+        >>> stats.std, stats.rows  # per row (the dense sums on a CPU); row 2 takes invalid samples
+        (tensor([1., 0., nan]), tensor([0, 1, 0]))
+        >>> stats = stats.per_sample()
         >>> stats.to_batch_order(stats.deviation), stats.to_batch_order(stats.std)
         (tensor([-1.,  0.,  1.]), tensor([1., 0., 1.]))
     """
@@ -272,7 +275,7 @@ class NoMemory:
             deviation = rewards - take(mean, prompt_ids)  # [N]
             std = add_at(torch.zeros_like(count), prompt_ids, deviation.square()).div_(count - ddof).sqrt_()  # [R]
             weight = take(count.reciprocal(), prompt_ids) if own_weight else None  # [N]
-            return SampleStats(rewards, take(count, prompt_ids), deviation, take(std, prompt_ids), weight, None)
+            return SampleStats(rewards, count, deviation, std, weight, None, mean=mean, rows=prompt_ids)  # per row
         mass = add_at(torch.zeros_like(count), prompt_ids, weights)  # [R]
         mean = add_at(torch.zeros_like(count), prompt_ids, weights * rewards).div_(mass).nan_to_num_(0.0)  # [R]
         deviation = rewards - take(mean, prompt_ids)  # [N]
@@ -500,11 +503,11 @@ class BufferMemory:
             mean, std = masked_row_mean_std(rows, count, ddof=ddof, workspace=self._workspace)
         else:
             mean, std = masked_row_mean_std(rows, count, ddof=ddof, overwrite=True)  # pragma: no mutate (memory)
-        count = take(count, prompt_ids)  # [N]
         weight = None
         if own_weight:
-            weight = unsort(pushed_out, order).logical_not_() / count.to(rewards.dtype)
-        return SampleStats(rewards, count, rewards - take(mean, prompt_ids), take(std, prompt_ids), weight, None)
+            weight = unsort(pushed_out, order).logical_not_() / take(count, prompt_ids).to(rewards.dtype)
+        deviation = rewards - take(mean, prompt_ids)  # [N]
+        return SampleStats(rewards, count, deviation, std, weight, None, mean=mean, rows=prompt_ids)  # per row
 
     def _fold_distinct_rows(
         self, prompt_ids: torch.Tensor, rewards: torch.Tensor, ddof: int, own_weight: bool
@@ -538,11 +541,10 @@ class BufferMemory:
         buffer = self._live_buffer().index_select(0, runs.rows)  # [U, K], a copy
         mean, std = masked_row_mean_std(cast(buffer, self._compute_dtype), count, ddof=ddof, overwrite=True)
         run = unsort(runs.run, runs.order)  # [N], each sample's run, in batch order
-        count = take(count, run)  # [N]
         weight = None
         if own_weight:
-            weight = unsort(pushed_out, runs.order).logical_not_() / count.to(rewards.dtype)
-        return SampleStats(rewards, count, rewards - take(mean, run), take(std, run), weight, None)
+            weight = unsort(pushed_out, runs.order).logical_not_() / take(count, run).to(rewards.dtype)
+        return SampleStats(rewards, count, rewards - take(mean, run), std, weight, None, mean=mean, rows=run)  # per run
 
     def _fold_batch_rows(
         self, prompt_ids: torch.Tensor, rewards: torch.Tensor, ddof: int, own_weight: bool

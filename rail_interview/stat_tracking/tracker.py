@@ -1177,6 +1177,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         if self._include_batch:
             stats = self._memory.fold(rows, rewards, ddof=self._ddof, own_weight=own_weight, **extra)
             if self._scale == "leave_one_out_std":
+                stats = stats.per_sample()
                 order_rows = rows if stats.groups is None else stats.groups.sorted_ids
                 num_rows = self._num_prompts * self._channels + 1  # pragma: no mutate (spare)
                 others = leave_one_out_std(

@@ -172,6 +172,12 @@ class SampleStats(NamedTuple):
     estimator (``functional.prompt_advantages``) reads nothing else, so it
     is blind to which memory produced them.
 
+    A memory that computes its statistics per row may hand them over per
+    row: ``count``, ``std`` and ``mean`` of [R] rows, with ``rows`` mapping
+    each sample to its row. The estimator then decides per row and gathers
+    once, where per-sample statistics would take a gather each and the
+    decisions N-sized ops; ``per_sample`` expands them for any other reader.
+
     Attributes:
         rewards: float [N] in the compute dtype, the batch's rewards.
         count: [N], the rewards behind the sample's prompt's statistics:
@@ -184,6 +190,11 @@ class SampleStats(NamedTuple):
             not asked for.
         groups: the batch's grouping when the output order is sorted, else
             None.
+        mean: float [R], each row's mean, when the statistics are per row
+            (the deviation is then ``rewards - mean[rows]``, that very
+            subtraction); else None.
+        rows: int64 [N], each sample's row, in output order, when
+            ``count``, ``std`` and ``mean`` are per row ([R]); else None.
 
     Example:
         >>> from rail_interview.stat_tracking.ops import group_by_prompt
@@ -201,6 +212,24 @@ class SampleStats(NamedTuple):
     std: torch.Tensor
     own_weight: Optional[torch.Tensor]
     groups: Optional[PromptGroups]
+    mean: Optional[torch.Tensor] = None
+    rows: Optional[torch.Tensor] = None
+
+    def per_sample(self) -> "SampleStats":
+        """The same statistics with ``count`` and ``std`` per sample ([N]), ``mean`` and ``rows`` None.
+
+        Example:
+            >>> rewards, mean = torch.tensor([1.0, 3.0]), torch.tensor([2.0])  # one row of two samples
+            >>> stats = SampleStats(rewards, torch.tensor([2.0]), rewards - mean[0], torch.tensor([1.0]), None, None,
+            ...                     mean=mean, rows=torch.tensor([0, 0]))
+            >>> stats.per_sample().count, stats.per_sample().std
+            (tensor([2., 2.]), tensor([1., 1.]))
+        """
+        if self.rows is None:
+            return self
+        rows = self.rows
+        count, std = self.count.index_select(0, rows), self.std.index_select(0, rows)
+        return self._replace(count=count, std=std, mean=None, rows=None)
 
     def to_batch_order(self, values: torch.Tensor) -> torch.Tensor:
         """Puts per-sample values from output order into batch order.
