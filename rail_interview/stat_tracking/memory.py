@@ -36,6 +36,7 @@ import torch
 
 from rail_interview.stat_tracking.beta_memory import BetaMemory
 from rail_interview.stat_tracking.ops import (
+    PromptGroups,
     add_at,
     batch_rows_algorithm,
     cast,
@@ -700,16 +701,16 @@ class EmaMemory:
         """Folds the batch into the moving averages, exactly as one reward at a time (see ``Memory.fold``)."""
         decay, compute = self.decay, self._compute_dtype
         groups = group_by_prompt(prompt_ids, self._num_prompts + 1)  # id P included; pragma: no mutate (spare)
-        sorted_ids, start = groups.sorted_ids, groups.start  # [N], [N]
+        start = groups.start  # [N]
         sorted_rewards = take(rewards, groups.order)  # [N]
 
         # A prompt seen for the first time starts from its first reward with
         # variance 0; folding that same reward in again then changes nothing.
-        old_count = take(self._count, sorted_ids)  # [N]
+        old_count = _read_state(self._count, groups)  # [N]
         unseen = old_count == 0  # [N]
         first = take(sorted_rewards, start)  # [N]
-        stored_mean = cast(take(self._mean, sorted_ids), compute)  # [N]
-        stored_var = cast(take(self._var, sorted_ids), compute)  # [N]
+        stored_mean = cast(_read_state(self._mean, groups), compute)  # [N]
+        stored_var = cast(_read_state(self._var, groups), compute)  # [N]
         old_mean = torch.where(unseen, first, stored_mean)  # [N]
         old_var = torch.where(unseen, 0.0, stored_var)  # [N]
 
@@ -722,9 +723,9 @@ class EmaMemory:
         mean = old_mean + shift  # [N]
         var = old_weight * (old_var + shift.square()) + spread  # [N]
         count = old_count + groups.size  # [N]
-        write_at(self._mean, sorted_ids, mean)
-        write_at(self._var, sorted_ids, var)
-        write_at(self._count, sorted_ids, count)
+        _write_state(self._mean, groups, mean)
+        _write_state(self._var, groups, var)
+        _write_state(self._count, groups, count)
         own = None
         if own_weight:
             # A new prompt's first reward also stands in for the old mean: weight
@@ -798,6 +799,32 @@ class EmaMemory:
             raise ValueError(f"{name} state 'mean' and 'var' must be finite")
         if (state["var"] < 0).any():
             raise ValueError(f"{name} state 'var' must be non-negative")
+
+
+def _read_state(state: torch.Tensor, groups: PromptGroups) -> torch.Tensor:
+    """Each sorted sample's entry of a [R] state: one read per distinct id where the grouping found them.
+
+    With many more rows than samples, the state's entries sit far apart in
+    memory: reading each distinct id's once and spreading it over its
+    samples from a [U] tensor misses the caches U times, not N times.
+    """
+    if groups.rows is None:
+        return take(state, groups.sorted_ids)
+    return take(take(state, groups.rows), groups.run)
+
+
+def _write_state(state: torch.Tensor, groups: PromptGroups, values: torch.Tensor) -> None:
+    """Writes per-sample values that are equal within each group into a [R] state (see ``_read_state``).
+
+    Args:
+        state: [R], written in place.
+        groups: the batch's grouping.
+        values: [N] in sorted order, equal across each group.
+    """
+    if groups.rows is None:
+        write_at(state, groups.sorted_ids, values)
+    else:
+        write_at(state, groups.rows, take(values, groups.row_start))
 
 
 def _weighted_count(size: torch.Tensor, mass: torch.Tensor, own: Optional[torch.Tensor]) -> torch.Tensor:

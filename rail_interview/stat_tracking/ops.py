@@ -268,6 +268,12 @@ class PromptGroups(NamedTuple):
             prompt's first sample in the batch.
         end: int64 [N], one past the sorted position of its prompt's last.
         position: int64 [N], ``arange(N)``, the sorted position itself.
+        rows: int64 [U], the batch's distinct ids, ascending, where the
+            grouping found them (the ``"runs"`` algorithm); else None.
+        run: int64 [N], each sorted sample's place in ``rows``, or None.
+        row_start: int64 [U], each distinct id's first sorted position, or
+            None. With these a memory reads and writes its state once per
+            distinct id instead of once per sample.
 
     Example:
         >>> groups = group_by_prompt(torch.tensor([2, 0, 2]), num_prompts=3)
@@ -280,6 +286,9 @@ class PromptGroups(NamedTuple):
     start: torch.Tensor
     end: torch.Tensor
     position: torch.Tensor
+    rows: Optional[torch.Tensor] = None
+    run: Optional[torch.Tensor] = None
+    row_start: Optional[torch.Tensor] = None
 
     @property
     def size(self) -> torch.Tensor:
@@ -393,8 +402,10 @@ def group_by_prompt(prompt_ids: torch.Tensor, num_prompts: Optional[int] = None)
         return PromptGroups(sorted_ids, order, start, end, position)
     if algorithm == "runs":
         runs = sorted_runs(prompt_ids, num_prompts)
-        end = take(runs.size.cumsum(0), runs.run)  # [N]; pragma: no mutate (dim)
-        return PromptGroups(runs.sorted_ids, runs.order, end - take(runs.size, runs.run), end, position)
+        row_end = runs.size.cumsum(0)  # [U]; pragma: no mutate (dim)
+        row_start = row_end - runs.size  # [U]
+        start, end = take(row_start, runs.run), take(row_end, runs.run)  # [N], [N]
+        return PromptGroups(runs.sorted_ids, runs.order, start, end, position, runs.rows, runs.run, row_start)
     sorted_ids, order = sort_ids(prompt_ids, num_prompts)  # [N]
     if algorithm == "counts":
         count = torch.zeros(num_prompts, dtype=torch.int64, device=device)  # [P], samples of each prompt
