@@ -712,17 +712,18 @@ class EmaMemory:
         stored_mean = cast(_read_state(self._mean, groups), compute)  # [N]
         stored_var = cast(_read_state(self._var, groups), compute)  # [N]
         old_mean = torch.where(unseen, first, stored_mean)  # [N]
-        old_var = torch.where(unseen, 0.0, stored_var)  # [N]
+        old_var = stored_var.masked_fill_(unseen, 0.0)  # [N], a fresh gather: no 0-dim tensor for where
 
         # Closed form of the sequential fold, in coordinates shifted by the old mean.
         shifted = sorted_rewards - old_mean  # [N]
         weight = (1.0 - decay) * torch.pow(decay, (groups.end - 1 - groups.position).to(compute))  # [N]
         shift = segment_sum(weight * shifted, groups)  # [N], new mean - old mean
         spread = segment_sum(weight * (shifted - shift).square(), groups)  # [N]
-        old_weight = torch.pow(decay, groups.size.to(compute))  # [N], decay ** n
+        size = groups.size  # [N]
+        old_weight = torch.pow(decay, size.to(compute))  # [N], decay ** n
         mean = old_mean + shift  # [N]
         var = old_weight * (old_var + shift.square()) + spread  # [N]
-        count = old_count + groups.size  # [N]
+        count = old_count + size  # [N]
         _write_state(self._mean, groups, mean)
         _write_state(self._var, groups, var)
         _write_state(self._count, groups, count)
@@ -733,8 +734,8 @@ class EmaMemory:
             first_ever = unseen & (groups.position == start)  # [N]
             own = torch.where(first_ever, old_weight / decay, weight)  # [N]
         if ddof:
-            size = count.to(compute)  # [N]
-            var = var * size / (size - ddof)
+            seen = count.to(compute)  # [N]
+            var = var * seen / (seen - ddof)
         return SampleStats(sorted_rewards, count, sorted_rewards - mean, var.sqrt(), own, groups)
 
     def reset_rows(self, rows: torch.Tensor) -> None:
