@@ -21,8 +21,8 @@ G samples per group, C rewards per sample):
 3. **Large batch**: the same trackers at (32768, 4096) and (4096, 1,000,000).
 4. **Group mode** (bench_groups.py): ``presets.verl_grpo`` against
    ``index_add_grpo`` (verl's vectorised code) at (N, G) = (512, 8) and
-   (32768, 16), target 2x; ``presets.trl_grpo`` against
-   ``python_loop_grpo`` (TRL's loop).
+   (32768, 16), target 2x, eager and (unless ``--nocompile``) compiled;
+   ``presets.trl_grpo`` against ``python_loop_grpo`` (TRL's loop).
 5. **Hashed keys** (bench_keys.py): each tracker with hashed keys against
    the same with ids, on bench_keys.py's grid. Target: at most 1.5.
 6. **P-scaling over the memory floor** (bench_memory_floor.py): the
@@ -55,6 +55,7 @@ import torch
 from absl import app, flags
 
 from rail_interview import stat_tracking
+from rail_interview.stat_tracking import presets
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # pylint: disable=wrong-import-position
@@ -67,7 +68,7 @@ import bench_trackers  # noqa: E402
 from revisions import PACKAGE, REPO_ROOT  # noqa: E402
 from timing import describe_machine, time_thread, write_report  # noqa: E402
 
-from baselines import SpoDictTracker  # noqa: E402
+from baselines import SpoDictTracker, python_loop_grpo  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -292,6 +293,59 @@ def group_rows(calls: Calls, sizes: Dict[str, object]) -> List[Row]:
                     max(diffs[ours], diffs[baseline]),
                 )
             )
+    return rows
+
+
+def compiled_group_rows(calls: Calls, sizes: Dict[str, object]) -> List[Row]:
+    """Figure 4, compiled: ``presets.verl_grpo``'s compiled update against ``index_add_grpo``.
+
+    Checked as the eager rows are (against the loop, within bench_groups.py's
+    tolerance), and bitwise equal run to run with one torch thread and with
+    two (inductor's CPU code adds into the groups' rows in a parallel loop
+    when it has threads). ``group_rows`` must have added the baseline's calls.
+
+    Args:
+        calls: the calls to time, by name; this adds its own.
+        sizes: the run's ``SIZES`` entry.
+
+    Returns:
+        One row per size.
+
+    Raises:
+        AssertionError: if the compiled update differs from the loop by more
+            than the tolerance, or from itself run to run.
+    """
+    rows = []
+    for num_samples, group_size in sizes["groups"]:
+        num_prompts = num_samples // group_size
+        batches = [bench_groups.make_batch(num_samples, group_size, seed) for seed in range(3)]
+        runs = []
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            update, compiled_with = compiled_update(presets.verl_grpo(num_prompts, check_values=False))
+            runs.append([update(*batch) for batch in batches])
+        torch.set_num_threads(1)
+        assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run)), "compiled runs differ"
+        max_diff = (runs[0][0] - python_loop_grpo(*batches[0])).abs().max().item()
+        assert max_diff <= bench_groups.TOLERANCE, f"compiled verl_grpo, N={num_samples}: {max_diff}"
+        ids, rewards = batches[0]
+        name = f"presets.verl_grpo compiled {num_samples}"
+        calls[name] = lambda update=update, ids=ids, rewards=rewards: update(ids, rewards)
+        rows.append(
+            Row(
+                "group mode, verl, compiled",
+                f"presets.verl_grpo, checks off, {compiled_with}",
+                "index_add_grpo (reads P)",
+                _sizes(N=num_samples, G=group_size, P=num_prompts),
+                (name,),
+                (f"index_add_grpo (reads P) {num_samples}",),
+                True,
+                2.0,
+                f"advantages against python_loop_grpo's, within {bench_groups.TOLERANCE:g}, and bitwise equal run "
+                "to run on 1 and 2 torch threads",
+                max_diff,
+            )
+        )
     return rows
 
 
@@ -571,6 +625,8 @@ def run(quick: bool, compile_update: bool, rounds: int, min_run_time: float) -> 
         ("SPO and C = 4", spo_and_multi_reward_rows),
     ):
         rows += build(calls, sizes)
+        if family == "groups" and compile_update:
+            rows += compiled_group_rows(calls, sizes)
         print(f"{family}: built (and agree, where checked)", flush=True)
     print(f"Timing {len(calls)} calls for {len(rows)} rows, {rounds} round(s)", flush=True)
     return evaluate(rows, time_calls(calls, rounds, min_run_time)), compiled_with

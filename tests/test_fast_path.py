@@ -31,6 +31,7 @@ Runs in about a minute on the project's 2-core machine, most of it compiling.
 
 import functools
 import math
+import re
 import warnings
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -432,3 +433,24 @@ def test_options_reach_the_backend():
     fast(ids, rewards)
     fast(ids, rewards)
     assert received == [{"options": {"cpp_wrapper": True}}]
+
+
+@pytest.mark.parametrize("memory", ["beta", "ema", "buffer"])
+def test_inductor_writes_the_state_in_place_when_advantages_come_from_the_past(memory):
+    # Without include_batch the advantages read the state from before the
+    # batch. Were the batch folded in before they were final (their whitening
+    # included), inductor would copy every state tensor whole to keep its old
+    # values: SPO at P = 1,000,000 took 5 to 6.7 ms per update compiled against
+    # 0.8 ms eager. The update folds last, so no generated loop spans the state.
+    from torch._inductor.utils import run_and_get_code
+
+    num_prompts = 30_000
+    tracker = AdvantageTracker(
+        num_prompts, memory, include_batch=False, normalize="batch", buffer_size=4, check_values=False
+    )
+    ids, rewards = torch.arange(64) * 400, (torch.arange(64) % 2).float()
+    tracker.update(ids, rewards)
+    compiled = torch.compile(tracker.update, fullgraph=True, dynamic=False)
+    _, code = run_and_get_code(compiled, ids, rewards)
+    bounds = [int(bound) for text in code for bound in re.findall(r"x\d+<static_cast<int64_t>\((\d+)L\)", text)]
+    assert bounds and max(bounds) < num_prompts, f"a loop over the whole state: {max(bounds)} iterations"

@@ -904,6 +904,8 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         if self._reward_weights is not None and self._aggregation == "normalize_then_sum":
             advantages = advantages * self._reward_weights  # [N]: one reward, weighted once normalised
         advantages = cast(self._normalized(advantages, valid, weights), self._dtype)
+        if self._needs_fold and not self._include_batch:
+            self._fold_past(rows.rows, rows.rewards, discount)
         if not report:
             return advantages
         group_ids, num_groups = (rows.rows, rows.num_groups) if rows.groups is None else (rows.groups, rows.num_groups)
@@ -1072,6 +1074,8 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         advantages = torch.where(kept, advantages, 0).view(num_samples, num_channels)  # [N, C]
         combined = torch.where(valid, (advantages * self._reward_weights).sum(1), 0)  # [N]
         combined = cast(self._normalized(combined, valid, weights), self._dtype)
+        if self._needs_fold and not self._include_batch:
+            self._fold_past(flat_rows, flat_rewards, pair_discount)
         if not report:
             return combined
         group_ids, num_groups = (rows.rows, rows.num_groups) if rows.groups is None else (rows.groups, rows.num_groups)
@@ -1157,7 +1161,10 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         discount: Optional[torch.Tensor],
         weights: Optional[torch.Tensor] = None,
     ) -> SampleStats:
-        """Folds the batch into memory; returns the statistics after it, or before it without ``include_batch``.
+        """Folds the batch into memory and returns the statistics after it; without ``include_batch``, those before it.
+
+        Without ``include_batch`` nothing is folded here: the update calls
+        ``_fold_past`` once its advantages are final.
 
         Args:
             rows: int64 [M], each sample's (or, with a memory per reward
@@ -1185,9 +1192,26 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
                 )
                 stats = stats._replace(std=others)
             return stats
-        past = self._memory.read(rows, rewards, ddof=self._ddof)
+        # The statistics before the batch; the update folds the batch in last (_fold_past).
+        return self._memory.read(rows, rewards, ddof=self._ddof)
+
+    def _fold_past(self, rows: torch.Tensor, rewards: torch.Tensor, discount: Optional[torch.Tensor]) -> None:
+        """Without ``include_batch``: folds the batch into memory, the update's last step.
+
+        The advantages read the statistics from before the batch. Compiled, a
+        write to the state before the advantages are final (their whitening
+        included) makes inductor copy the whole state to keep its old values,
+        a [P] copy of each state tensor per update (SPO at P = 1,000,000:
+        5 to 6.7 ms against 0.8 ms eager); last, it writes in place. Eager,
+        the order changes nothing.
+
+        Args:
+            rows: as for ``_fold``.
+            rewards: as for ``_fold``.
+            discount: as for ``_fold``.
+        """
+        extra: Dict[str, torch.Tensor] = {} if discount is None else {"discount": cast(discount, self._compute_dtype)}
         self._memory.fold(rows, rewards, ddof=self._ddof, own_weight=False, **extra)
-        return past
 
     def _count_streaks(self, rows: torch.Tensor, equal: torch.Tensor) -> None:
         """Adds this batch's visits to each row's run of zero-variance visits (O(N + P), no host sync).
