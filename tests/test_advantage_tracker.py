@@ -572,3 +572,22 @@ def test_repr_names_the_class_and_its_options():
     assert repr(BatchStatTracker(2, dtype=torch.bfloat16)) == (
         "BatchStatTracker(num_prompts=2, eps=1e-07, keys='ids', dtype=torch.bfloat16, device=cpu)"
     )
+
+
+@pytest.mark.parametrize("group_stats", [None, "dense", "sorted"])
+@pytest.mark.parametrize("num_rewards", [1, 2])
+def test_leave_one_out_std_depends_on_the_groups_not_on_how_many_prompts_there_are(group_stats, num_rewards):
+    # Without memory only the batch's groups matter: ids spread over 5,000
+    # prompts give what the same groups numbered 0..9 give, bit for bit.
+    # With more rows than samples the groups are labelled in O(N), not by
+    # their rows (an O(P) sum per update).
+    from rail_interview.stat_tracking import ops
+
+    generator = torch.Generator().manual_seed(num_rewards)
+    options = dict(scale="leave_one_out_std", num_rewards=num_rewards, dtype=torch.float64, min_count=2)
+    with ops.forced_algorithms(group_stats=group_stats):
+        few, many = AdvantageTracker(10, **options), AdvantageTracker(5000, **options)
+        for _ in range(4):
+            ids = torch.randint(10, (24,), generator=generator)
+            rewards = torch.randn(24, num_rewards, generator=generator).squeeze(1)
+            assert torch.equal(few.update(ids, rewards), many.update(ids * 499 + 7, rewards))

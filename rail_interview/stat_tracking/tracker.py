@@ -83,6 +83,7 @@ from rail_interview.stat_tracking.ops import (
     compute_dtype,
     group_by_prompt,
     take,
+    unsort,
     weighted_mean_std,
     write_at,
 )
@@ -1185,15 +1186,38 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
             stats = self._memory.fold(rows, rewards, ddof=self._ddof, own_weight=own_weight, **extra)
             if self._scale == "leave_one_out_std":
                 stats = stats.per_sample()
-                order_rows = rows if stats.groups is None else stats.groups.sorted_ids
-                num_rows = self._num_prompts * self._channels + 1  # pragma: no mutate (spare)
+                labels, num_labels = self._group_labels(rows, stats)
                 others = leave_one_out_std(
-                    order_rows, num_rows, stats.rewards, stats.count, stats.deviation, stats.std, ddof=self._ddof
+                    labels, num_labels, stats.rewards, stats.count, stats.deviation, stats.std, ddof=self._ddof
                 )
                 stats = stats._replace(std=others)
             return stats
         # The statistics before the batch; the update folds the batch in last (_fold_past).
         return self._memory.read(rows, rewards, ddof=self._ddof)
+
+    def _group_labels(self, rows: torch.Tensor, stats: SampleStats) -> Tuple[torch.Tensor, int]:
+        """Each sample's group as a label in [0, L), in the statistics' output order, and L.
+
+        ``leave_one_out_std`` sums into one entry per label: with the memory
+        rows as labels that is O(P * C) per update, so where those outnumber
+        the samples each group is labelled by its first position in the
+        sorted batch instead, O(N) whatever P. The groups are the same, and
+        so is every sum (each adds its group's samples in the same order).
+
+        Args:
+            rows: int64 [M], each item's memory row, in batch order.
+            stats: the items' statistics (their ``groups`` give the output order).
+
+        Returns:
+            int64 [M] labels and their number.
+        """
+        num_rows = self._num_prompts * self._channels + 1  # pragma: no mutate (spare)
+        if stats.groups is not None:  # sorted output order: the group's first sorted position
+            return stats.groups.start, rows.numel()
+        if num_rows <= rows.numel():  # pragma: no mutate (fork)
+            return rows, num_rows
+        groups = group_by_prompt(rows, num_rows)
+        return unsort(groups.start, groups.order), rows.numel()
 
     def _fold_past(self, rows: torch.Tensor, rewards: torch.Tensor, discount: Optional[torch.Tensor]) -> None:
         """Without ``include_batch``: folds the batch into memory, the update's last step.
