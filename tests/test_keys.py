@@ -312,6 +312,179 @@ def test_a_key_forgotten_by_a_full_bucket_is_new_in_a_batch_of_held_keys(algorit
     assert int(table.index_overflows) == 2
 
 
+class _CrowdedHints(KeyTable):
+    """A table whose hints are tiny (the first P entries, the others P / 4): most keys share entries."""
+
+    MIN_HINT_BITS = 3
+    HINTS_PER_ROW = 1
+
+
+def _hint_routes(table, keys):
+    """How many of keys the first hint finds, the other levels find, and neither (the probe's)."""
+    miss = torch.ones(len(keys), dtype=torch.bool)
+    found = []
+    for level in range(len(table._hints)):
+        _, failed = table._hinted_rows(level, table._hint_entry(level, keys), keys)
+        found.append(int((miss & ~failed).sum()))
+        miss &= failed
+    return found[0], sum(found[1:]), int(miss.sum())
+
+
+def _assert_same_assignment(got, want, capacity):
+    assert torch.equal(got.rows, want.rows)
+    no_overflow = torch.zeros(len(want.rows), dtype=torch.bool)
+    overflow = [no_overflow if a.overflow is None else a.overflow for a in (got, want)]
+    assert torch.equal(overflow[0], overflow[1])
+    assert torch.equal(got.fresh[got.fresh < capacity].sort().values, want.fresh[want.fresh < capacity].sort().values)
+
+
+def _assert_same_table(table, reference, pool):
+    states = [table.state_tensors(), reference.state_tensors()]
+    assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])
+    assert torch.equal(table._row_key[:-1], reference._row_key[:-1])
+    assert int(table.index_overflows) == int(reference.index_overflows)
+    assert torch.equal(table.lookup(torch.tensor(pool)), reference.lookup(torch.tensor(pool)))
+
+
+@pytest.mark.parametrize("capacity", [4, 16, 64])
+def test_hinted_lookups_give_the_rows_of_the_probe_through_colliding_hints(capacity):
+    # Three "dynamic" tables (hints of the usual size, crowded hints, and hints scrambled before every
+    # batch: a hint is only a guess) against "fixed", which never reads a hint: the same rows,
+    # overflow, fresh rows and state, bit for bit, through batches that mix keys found by the first
+    # hint, keys only the other levels or the probe find, new keys and invalid samples, N > P and N <= P.
+    rng = random.Random(capacity)
+    pool = [rng.randint(-(2**62), 2**62) for _ in range(3 * capacity)]
+    # Keys that share low bits (the first hint's entry) with pool keys.
+    pool += [key + (i + 1) * (1 << 20) for i, key in enumerate(pool[: capacity // 2])]
+    tables = {
+        "fixed": KeyTable(capacity),
+        "dynamic": KeyTable(capacity),
+        "crowded": _CrowdedHints(capacity),
+        "scrambled": KeyTable(capacity),
+    }
+    routes = [0, 0, 0]
+    for step in range(60):
+        held, used = tables["fixed"].keys()
+        keys, valid = _batch_around(rng, pool, held[used].tolist(), capacity)
+        keys_t, valid_t = torch.tensor(keys), None if valid is None else torch.tensor(valid)
+        routes = [a + b for a, b in zip(routes, _hint_routes(tables["crowded"], keys_t))]
+        for hint in tables["scrambled"]._hints:
+            hint.copy_(torch.randint(0, capacity + 1, hint.shape, generator=torch.Generator().manual_seed(step)))
+        got = {}
+        for name, table in tables.items():
+            with forced_algorithms(key_table="fixed" if name == "fixed" else "dynamic"):
+                got[name] = table.assign(keys_t, valid_t)
+        for name in ("dynamic", "crowded", "scrambled"):
+            _assert_same_assignment(got[name], got["fixed"], capacity)
+            _assert_same_table(tables[name], tables["fixed"], pool)
+    assert all(count > 0 for count in routes), routes  # every route taken: first hint, other levels, probe
+
+
+def test_a_stale_hint_is_not_trusted_after_eviction_reset_or_load():
+    # Key b shares key a's entry in the first hint (the same low bits); each takes the other's row in turn.
+    a = 12345
+    b = a + (1 << 40)
+    table, reference = KeyTable(1), KeyTable(1)
+    with forced_algorithms(key_table="dynamic"):
+        assert table.assign(torch.tensor([a])).rows.tolist() == [0]
+        evicted = table.assign(torch.tensor([b]))  # b evicts a, takes row 0 and the entry
+        assert evicted.fresh.tolist() == [0] and table.lookup(torch.tensor([a, b])).tolist() == [-1, 0]
+        back = table.assign(torch.tensor([a, a]))  # a's hint names row 0, which holds b: a is new
+        assert back.fresh.tolist() == [0] and back.rows.tolist() == [0, 0]
+    with forced_algorithms(key_table="fixed"):
+        for keys in ([a], [b], [a, a]):
+            reference.assign(torch.tensor(keys))
+    _assert_same_table(table, reference, [a, b])
+
+    # Reset: every key is new again; the hints start over in place.
+    table = KeyTable(8)
+    keys = torch.tensor([a, b, 7, 9])
+    hints = [hint.data_ptr() for hint in table._hints] + [table._indexed_row.data_ptr()]
+    with forced_algorithms(key_table="dynamic"):
+        first = table.assign(keys)
+        table.reset()
+        assert (table.lookup(keys) == -1).all()
+        again = table.assign(keys)
+    assert torch.equal(again.rows, first.rows) and again.fresh.numel() == 4
+    assert [hint.data_ptr() for hint in table._hints] + [table._indexed_row.data_ptr()] == hints
+
+    # Load: a table whose hints name other keys' rows takes a state in place and finds its keys.
+    source, target = KeyTable(8), KeyTable(8)
+    with forced_algorithms(key_table="dynamic"):
+        source.assign(torch.tensor([1, 2, 3, 4, 5]))
+        target.assign(torch.tensor([4 + (1 << 40), 3 + (1 << 40), 2 + (1 << 40), 9, 10, 11, 12, 13]))
+        hints = [hint.data_ptr() for hint in target._hints]
+        target.load(source.state_tensors())
+        assert [hint.data_ptr() for hint in target._hints] == hints
+        _assert_same_table(target, source, [1, 2, 3, 4, 5, 9, 4 + (1 << 40)])
+        batch = torch.tensor([5, 4 + (1 << 40), 1, 9, 2])
+        _assert_same_assignment(target.assign(batch), source.assign(batch), 8)
+    _assert_same_table(target, source, [1, 2, 3, 4, 5, 9, 4 + (1 << 40)])
+
+
+def _point_hints_at(table, row):
+    for hint in table._hints:
+        hint.fill_(row)
+
+
+def test_a_hint_that_names_a_row_outside_the_index_is_not_trusted():
+    # Rows that hold a key the index does not map: unused rows (key 0), the spare row P (whatever a
+    # masked write left there) and the row of a key whose two buckets were full. A hint naming one of
+    # them must fail, even for that very key.
+    for algorithm in EVICTIONS:  # the history; the lookup below is "dynamic"'s
+        table, reference = KeyTable(64), KeyTable(64)
+        width, buckets, shift = KeyTable.BUCKET_SLOTS, 32, 64 - 5
+        crowded = [_unmix_python(((5 - buckets // 2) << shift) + (i << 16) + 5) for i in range(width + 1)]
+        for t in (table, reference):
+            with forced_algorithms(key_table=algorithm):
+                t.assign(torch.tensor(crowded))  # the last in mixed order gets a row but no slot
+                t.assign(torch.tensor(crowded[:2] * 3))  # "fixed" writes these keys to the spare row
+        assert int(table.index_overflows) == 1
+        left_out = int(table.lookup(torch.tensor(crowded)).lt(0).nonzero())
+        _, used = table.keys()
+        unused = int((~used).nonzero()[0])
+        spare_key = int(table._row_key[-1])
+        overflowed = int((table._row_key[:-1] == crowded[left_out]).nonzero()[0])
+        for row, key in ((unused, 0), (64, spare_key), (overflowed, crowded[left_out])):
+            assert int(table._row_key[row]) == key
+            _point_hints_at(table, row)
+            batch = torch.tensor([key, crowded[0], key])
+            with forced_algorithms(key_table="dynamic"):
+                got = table.assign(batch)
+            with forced_algorithms(key_table="fixed"):
+                want = reference.assign(batch)
+            _assert_same_assignment(got, want, 64)
+            _assert_same_table(table, reference, crowded + [0, spare_key])
+
+
+def test_hints_are_derived_cpu_state_kept_in_place():
+    table = KeyTable(100)
+    # The first hint: at least 4 entries per row and 4096 in all; two more levels of a quarter of it.
+    assert [hint.shape[0] for hint in table._hints] == [4096 + 1, 1024 + 1, 1024 + 1]
+    assert [hint.dtype for hint in table._hints] == [torch.int32] * 3
+    assert [hint.shape[0] for hint in KeyTable(5000)._hints] == [32768 + 1, 8192 + 1, 8192 + 1]
+    # The levels keep their promise: of 4096 random keys in 4096 rows, the first hint finds most,
+    # the other levels the rest, and none is left to the probe.
+    rng = random.Random(4)
+    keys = torch.tensor([rng.randint(-(2**63), 2**63 - 1) for _ in range(4096)])
+    table = KeyTable(4096)
+    with forced_algorithms(key_table="dynamic"):
+        table.assign(keys)
+    first, others, probed = _hint_routes(table, keys)
+    assert first > 0.85 * 4096 and others > 0 and probed == 0, (first, others, probed)
+    tracker = presets.ddpo(100, buffer_size=4, min_count=2, keys="hashed")
+    tracker.update(torch.tensor([3, 1 << 50, 3]), torch.tensor([1.0, 0.0, 0.5]))
+    assert {"keys", "last_seen", "clock"} <= set(tracker.state_dict())
+    assert not any("hint" in name for name in tracker.state_dict())
+    hints = [hint.data_ptr() for hint in tracker._table._hints]
+    rows = tracker._table.lookup(torch.tensor([3, 1 << 50]))
+    assert sorted(rows.tolist()) == [0, 1]
+    tracker.load_state_dict(tracker.state_dict())  # in place, so that captured CUDA graphs stay valid
+    assert [hint.data_ptr() for hint in tracker._table._hints] == hints
+    assert torch.equal(tracker._table.lookup(torch.tensor([3, 1 << 50])), rows)
+    assert KeyTable(4, device="meta")._hints == []  # off the CPU the "fixed" algorithm never reads hints
+
+
 # --- hashed trackers ---------------------------------------------------------------------------
 
 ESTIMATORS = [

@@ -26,7 +26,7 @@ two's complement wrap-around, which torch's CPU and CUDA kernels both do
 (the tests pin keys to fixed values; the GPU check compares the devices).
 
 Dimensions: N samples, L tokens per sample, P rows (``capacity``), W slots
-per bucket of the table's hash index.
+per bucket of the table's hash index, H entries of its first hint.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import hashlib
 import json
 import struct
 import sys
-from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -61,6 +61,8 @@ _MIX_2 = _signed(0x94D049BB133111EB)
 _GOLDEN = _signed(0x9E3779B97F4A7C15)
 _TOKEN_SEED = _signed(0x2545F4914F6CDD1D)
 _LENGTH_SEED = _signed(0x27BB2EE687B0B0FD)
+# Odd multipliers of the key table's hints past the first (Fibonacci hashing: the product's top bits).
+_HINT_MULTIPLIERS = (_GOLDEN, _MIX_1)
 
 
 def _shift_right(value: torch.Tensor, bits: int) -> torch.Tensor:
@@ -327,12 +329,27 @@ class KeyTable:
     fewer than ``FIRST_BUCKET_LOAD`` keys, else the second, else the rest of
     the first (two-choice hashing, Azar et al. 1999, tilted to the first
     bucket; the keys of one batch are placed in rounds that see each other):
-    the mean load is at most 2 of 8, so a lookup almost always reads one
-    bucket (on a CPU only the keys not found there read their second), and
-    the second choice keeps the fullest bucket near the mean. A key whose two buckets are both
-    full cannot be indexed: it keeps its row for this update and is
-    forgotten after it, as if evicted; ``index_overflows`` counts it (it
-    stayed 0 in every test and benchmark, ten million keys included).
+    the mean load is at most 2 of 8, so most keys are in their first
+    bucket, and the second choice keeps the fullest bucket near the mean. A
+    key whose two buckets are both full cannot be indexed: it keeps its row
+    for this update and is forgotten after it, as if evicted;
+    ``index_overflows`` counts it (it stayed 0 in every test and benchmark,
+    ten million keys included).
+
+    **Hints** (on a CPU, for the ``"dynamic"`` algorithm). Comparing a key
+    with its bucket takes [N, W]-shaped ops, which PyTorch runs about five
+    times slower per element than flat ones, after ``mix64``. So three
+    direct-mapped caches, or levels, remember the row each key took when it
+    entered the index: H entries (H the power of two >= max(4 P, 4096))
+    indexed by the key's low bits, then two of H / 4 indexed by the top bits
+    of its product with an odd constant. A key takes the first level whose
+    entry no key of the index holds, else the last one's. A lookup reads the
+    first level for every sample in flat [N] ops, and trusts a row where it
+    holds the key and is in the index: exactly when the index maps the key
+    there, so a stale hint (its key evicted, a reset, a shared entry) costs
+    time, never a wrong row, and nothing has to clear one. The samples it
+    misses (keys new to the table; with 4 P entries, about 12% of the keys,
+    whose entry another key holds) read the next levels, then the index.
 
     **Algorithms** (``ops.forced_algorithms(key_table=...)``; both give the
     same rows, bit for bit):
@@ -342,10 +359,11 @@ class KeyTable:
       evict come from ``torch.topk`` over all P rows' stamps, O(P). Used on
       CUDA and whenever torch.compile traces the update.
     * ``"dynamic"``: reads counts back to the host, which costs nothing on
-      a CPU. Every sample probes the index first; when every valid key is
-      found (training's steady state) that is all: the rows come from the
-      probe and each row's stamp is a max over its samples' positions, with
-      no sort, no insertion and no eviction. Otherwise it works only on the
+      a CPU. Every sample looks its key up first, through the hints; when
+      every valid key is found (training's steady state) that is all: the
+      rows come from the lookup and each row's stamp is a max over its
+      samples' positions, with no ``mix64``, no sort, no insertion and no
+      eviction. Otherwise it works only on the
       batch's distinct keys (sorted, when N > P) and its new ones; the rows
       to evict come from a queue of the oldest rows (sorted once by that
       same top-k, then consumed; rebuilt when it runs out), O(1) per
@@ -355,9 +373,12 @@ class KeyTable:
     State, on ``device``: ``keys`` int64 [P] (the key in each row),
     ``last_seen`` int64 [P] (the clock value when the key was last seen,
     -1 for an unused row) and ``clock`` int64 [] (samples seen so far). The
-    hash index and the queue are rebuilt from them on load. Memory: about
-    88 to 152 bytes per row (the index 64 to 128, as 4 P rounds up to a
-    power of two; the rows 24), and the queue up to 16 more.
+    hash index, the hints and the queue are derived from them: rebuilt on
+    load, never saved. Memory: about 88 to 152 bytes per row (the index 64
+    to 128, as 4 P rounds up to a power of two; the rows 24); on a CPU, the
+    hints 32 to 56 more (1.5 H int32 entries, 24 to 48 bytes per row as
+    4 P rounds up to H, at least 24 KB in all; and each row's int64 index
+    flag, 8), and the queue up to 16 more.
 
     Args:
         capacity: P, the rows.
@@ -377,6 +398,10 @@ class KeyTable:
     BUCKET_SLOTS = 8
     #: A new key goes to its first bucket while that holds fewer keys than this.
     FIRST_BUCKET_LOAD = 6
+    #: Entries of the first hint per row, at least (H, a power of two); the other levels have H / 4.
+    HINTS_PER_ROW = 4
+    #: log2 of the fewest entries of the first hint (small tables: a collision costs more than the memory).
+    MIN_HINT_BITS = 12
 
     def __init__(self, capacity: int, *, device: Device = None) -> None:
         check_positive_int("capacity", capacity)
@@ -403,6 +428,24 @@ class KeyTable:
         self._index = torch.empty(num_buckets + 1, 2, self.BUCKET_SLOTS, dtype=torch.int64, device=device)
         self._blocks = self._index.view(num_buckets + 1, 2 * self.BUCKET_SLOTS)  # [B + 1, 2W], one row per bucket
         self._clear_index()
+        # The hints (see the class docstring), on a CPU only, where the "dynamic"
+        # algorithm reads them: int32 (int64 past 2**31 rows) [H + 1], then two
+        # [H / 4 + 1]; each level's last entry is a scratch entry for masked
+        # writes, and every entry starts at the spare row P, never in the index.
+        # They are checked against the rows' keys and _indexed_row, [P + 1]
+        # each, rather than the index, four times as large: a large batch then
+        # reads less memory.
+        first_bits = max(self.MIN_HINT_BITS, (self.HINTS_PER_ROW * capacity - 1).bit_length())
+        bits = [first_bits] + [first_bits - 2] * len(_HINT_MULTIPLIERS)
+        self._hint_masks = [(1 << b) - 1 for b in bits]  # H - 1 per level
+        self._hint_shifts = [64 - b for b in bits]
+        self._hints: List[torch.Tensor] = []
+        # Each row, or -1 while it is not in the index: one gather checks a hinted row and widens it to int64.
+        self._indexed_row: Optional[torch.Tensor] = None  # int64 [P + 1]
+        if device.type == "cpu":
+            row_dtype = torch.int32 if capacity < 2**31 else torch.int64  # pragma: no mutate (fork)
+            self._hints = [torch.full((mask + 2,), capacity, dtype=row_dtype) for mask in self._hint_masks]
+            self._indexed_row = torch.full((rows,), -1, dtype=torch.int64)
         # Constants, made once: a Python scalar in torch.where costs an op per call.
         self._minus_one = torch.tensor(-1, device=device)  # int64 []
         self._no_bucket = torch.tensor(num_buckets, device=device)  # int64 [], bucket B (the scratch slot's)
@@ -419,6 +462,7 @@ class KeyTable:
         self._queue_rows = torch.zeros(0, dtype=torch.int64, device=device)
         self._queue_stamps = torch.zeros(0, dtype=torch.int64, device=device)
         self._queue_head = 0
+        self._positions = torch.arange(0, device=device)  # int64 [>= N], 0, 1, ... (algorithm "dynamic")
 
     @property
     def capacity(self) -> int:
@@ -454,14 +498,6 @@ class KeyTable:
         match = block.narrow(2, 0, width) == keys.view(num_keys, 1, 1)  # [M, 2, W]
         # At most one slot matches; an empty slot's row is -1, so the max is the row or -1.
         return torch.where(match, block.narrow(2, width, width), self._minus_one).amax((1, 2))
-
-    def _probe_first(self, mixed: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Rows of keys found in their first bucket, -1 for the others (int64 [M] in, [M] out)."""
-        width = self.BUCKET_SLOTS
-        bucket = (mixed >> self._bucket_shift) + self._num_buckets // 2  # [M], as _buckets' first
-        block = self._blocks.index_select(0, bucket)  # [M, 2W], the bucket's keys then its rows
-        match = block.narrow(1, 0, width) == keys.unsqueeze(1)  # [M, W]
-        return torch.where(match, block.narrow(1, width, width), self._minus_one).amax(1)
 
     def lookup(self, keys: torch.Tensor) -> torch.Tensor:
         """Rows of keys in the table, changing nothing.
@@ -500,45 +536,85 @@ class KeyTable:
         Returns:
             The ``KeyAssignment``.
         """
-        mixed = mix64(keys)  # [N]
         if _table_algorithm(self._device) == "fixed":
-            return self._assign_sorted(keys, mixed, valid, None)
-        found_row, placed = self._find(mixed, keys, valid)  # [N], [M]
+            return self._assign_sorted(keys, mix64(keys), valid, None)
+        found_row, placed, placed_mixed = self._find(keys, valid)  # [N], [M], [M]
         if not placed.shape[0]:
             # Every valid key is in the table, training's steady state: no key is
             # new and none overflows, so there is nothing to sort, place or evict.
             return self._assign_found(found_row, valid)
         if keys.shape[0] <= self._capacity:
-            return self._assign_unsorted(keys, mixed, found_row, placed, valid)
-        return self._assign_sorted(keys, mixed, valid, found_row)
+            return self._assign_unsorted(keys, placed_mixed, found_row, placed, valid)
+        return self._assign_sorted(keys, mix64(keys), valid, found_row)
 
     def _find(
-        self, mixed: torch.Tensor, keys: torch.Tensor, valid: Optional[torch.Tensor]
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        self, keys: torch.Tensor, valid: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each sample's row, and where the valid samples whose key is not in the table are (algorithm "dynamic").
 
-        Every key reads its first bucket; only the keys not found there (a
-        few percent: most keys are in their first) read both, in a tensor
-        sized on the host.
+        Every sample reads its key's first hint and checks it, in flat [N]
+        ops and without ``mix64``; the samples whose hint fails (a key new to
+        the table, or one whose entry another key holds) read the next
+        levels, and those all levels miss probe the index, both buckets:
+        each step in a tensor sized on the host.
 
         Args:
-            mixed: int64 [N], the keys' ``mix64``.
             keys: int64 [N].
             valid: bool [N], or None for all valid.
 
         Returns:
-            int64 [N], each sample's row or -1 where its key is absent, and
+            int64 [N], each sample's row or -1 where its key is absent;
             int64 [M], the positions of the valid samples whose key is
-            absent, increasing.
+            absent, increasing; and int64 [M], their keys' ``mix64``.
         """
-        found_row = self._probe_first(mixed, keys)  # [N], -1: not in the first bucket
-        absent = (found_row < 0).nonzero().squeeze(1)  # [M'], host-sized
-        if absent.shape[0]:
-            second = self._probe(mixed.index_select(0, absent), keys.index_select(0, absent))  # [M']
-            found_row.index_put_((absent,), second)
-            missing = second < 0 if valid is None else (second < 0) & valid.index_select(0, absent)  # [M']
-            absent = absent[missing]
-        return found_row, absent
+        # Samples whose hint fails get their row from the next level, or the probe.
+        found_row, failed = self._hinted_rows(0, keys & self._hint_masks[0], keys)  # [N], [N]
+        absent = failed.nonzero().squeeze(1)  # [M'], host-sized
+        if not absent.shape[0]:  # pragma: no mutate (empty)
+            return found_row, self._no_rows, self._no_rows
+        absent_keys = keys.index_select(0, absent)  # [M']
+        for level in range(1, len(self._hints)):  # each level on the keys the ones before missed
+            rows, failed = self._hinted_rows(level, self._hint_entry(level, absent_keys), absent_keys)  # [M']
+            found_row.index_put_((absent,), rows)
+            still = failed.nonzero().squeeze(1)  # [M''], host-sized
+            if not still.shape[0]:  # pragma: no mutate (empty)
+                return found_row, self._no_rows, self._no_rows
+            absent, absent_keys = absent.index_select(0, still), absent_keys.index_select(0, still)
+        absent_mixed = mix64(absent_keys)  # [M']
+        second = self._probe(absent_mixed, absent_keys)  # [M']
+        found_row.index_put_((absent,), second)
+        missing = second < 0 if valid is None else (second < 0) & valid.index_select(0, absent)  # [M']
+        return found_row, absent[missing], absent_mixed[missing]
+
+    def _hinted_rows(
+        self, level: int, entry: torch.Tensor, keys: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The rows keys' hints name, and where the hint fails.
+
+        Args:
+            level: which hint.
+            entry: int64 [M], each key's entry in it.
+            keys: int64 [M], or None for any key whose entry this is.
+
+        Returns:
+            int64 [M], the row each entry names, and bool [M], True where
+            that row does not hold the key (or a key of that entry) or is not
+            in the index. Where it is False, the row is the probe's (a row's
+            key, slot and ``_indexed_row`` are written together, and a slot
+            is emptied only when its row takes a new key).
+        """
+        row = self._hints[level].index_select(0, entry)  # [M], each key's row, maybe
+        row_key = self._row_key.index_select(0, row)  # [M]
+        failed = row_key != keys if keys is not None else self._hint_entry(level, row_key) != entry  # [M]
+        row = self._indexed_row.index_select(0, row)  # [M], int64, -1 for rows not in the index
+        failed |= row < 0
+        return row, failed
+
+    def _hint_entry(self, level: int, keys: torch.Tensor) -> torch.Tensor:
+        """int64 [M]: keys' entries in a hint: the low bits in level 0, else the top bits of a product."""
+        if level == 0:
+            return keys & self._hint_masks[0]
+        return ((keys * _HINT_MULTIPLIERS[level - 1]) >> self._hint_shifts[level]) & self._hint_masks[level]
 
     def _assign_found(self, found_row: torch.Tensor, valid: Optional[torch.Tensor]) -> KeyAssignment:
         """``assign`` when every valid sample's key is in the table (algorithm "dynamic").
@@ -554,7 +630,10 @@ class KeyTable:
         """
         num_samples = found_row.shape[0]
         row = found_row if valid is None else torch.where(valid, found_row, self._spare_row)  # [N]
-        stamp = self._clock + torch.arange(num_samples, device=self._device)  # [N]
+        # 0 .. N - 1, kept between updates: an arange per update costs an op.
+        if self._positions.shape[0] < num_samples:  # pragma: no mutate (memory)
+            self._positions = torch.arange(num_samples, device=self._device)
+        stamp = self._clock + self._positions[:num_samples]  # [N]
         self._row_stamp.scatter_reduce_(0, row, stamp, "amax")  # the stamps before are all older
         self._clock.add_(num_samples)
         return KeyAssignment(row, None, self._no_rows, row, self._capacity + 1)
@@ -637,7 +716,7 @@ class KeyTable:
     def _assign_unsorted(
         self,
         keys: torch.Tensor,
-        mixed: torch.Tensor,
+        placed_mixed: torch.Tensor,
         found_row: torch.Tensor,
         placed: torch.Tensor,
         valid: Optional[torch.Tensor],
@@ -650,7 +729,7 @@ class KeyTable:
 
         Args:
             keys: int64 [N].
-            mixed: int64 [N], their ``mix64``.
+            placed_mixed: int64 [M], the ``mix64`` of the keys at ``placed``.
             found_row: int64 [N], each sample's row or -1, from ``_find``.
             placed: int64 [M], M >= 1, the positions of the valid samples
                 whose key is new, increasing.
@@ -663,7 +742,7 @@ class KeyTable:
         before = self._clock.clone()  # this update's stamps are >= before
         self._row_stamp.scatter_reduce_(0, row, before + position, "amax")
         self._clock.add_(num_samples)
-        sorted_mixed, order = torch.sort(mixed.index_select(0, placed), stable=True)  # [M]
+        sorted_mixed, order = torch.sort(placed_mixed, stable=True)  # [M]
         at = placed.index_select(0, order)  # [M], batch positions in sorted order
         first = torch.ones_like(at, dtype=torch.bool)
         first[1:] = sorted_mixed[1:] != sorted_mixed[:-1]
@@ -741,6 +820,36 @@ class KeyTable:
         write_at(self._row_key, rows, keys)
         write_at(self._row_stamp, rows, stamps)
         self._index_overflows.add_(pending.sum())
+        if self._hints:
+            write_at(self._indexed_row, rows, torch.where(slot < self._num_slots, rows, self._minus_one))
+            self._write_hints(keys, rows, slot)
+
+    def _write_hints(self, keys: torch.Tensor, rows: torch.Tensor, slot: torch.Tensor) -> None:
+        """Points the hints of keys that just entered the index at their rows.
+
+        A key takes its entry in the first level whose entry no key in the
+        index holds (that key is then found there for as long as it stays),
+        or in the last level whoever holds it; of the keys of one batch that
+        share an entry, one takes it and the others go on. Level 0 keeps
+        about 88% of the keys (with 4 entries per row), so the others' loads
+        stay low: of 4,096 random keys in 4,096 rows, or 65,536 in 65,536,
+        the third level found every key the first two missed (18 of 4,096).
+
+        Args:
+            keys: int64 [M].
+            rows: int64 [M], their rows.
+            slot: int64 [M], their slots, S for keys not placed (they write
+                the scratch entries).
+        """
+        pending = slot < self._num_slots  # [M], keys still to hint
+        for level, hint in enumerate(self._hints):
+            entry = self._hint_entry(level, keys)  # [M]
+            take = pending
+            # An entry a key of the index holds stays with it (the last level's goes to the last key).
+            if level < len(self._hints) - 1:  # pragma: no mutate (fork)
+                take = pending & self._hinted_rows(level, entry, None)[1]
+            write_at(hint, torch.where(take, entry, self._hint_masks[level] + 1), rows)
+            pending = pending & (hint.index_select(0, entry) != rows)
 
     def _queued_rows(self, wanted: int, before: torch.Tensor) -> torch.Tensor:
         """The ``wanted`` rows of least stamp, oldest first, from the queue (rebuilt if it runs out).
@@ -792,6 +901,10 @@ class KeyTable:
         self._row_stamp.copy_(torch.arange(-self._capacity, 1, device=self._device))
         self._row_slot.fill_(self._num_slots)
         self._clear_index()
+        if self._hints:  # stale hints would be harmless (see the class docstring), but cost a probe each
+            self._indexed_row.fill_(-1)
+            for hint in self._hints:
+                hint.fill_(self._capacity)
         self._clock.zero_()
         self._index_overflows.zero_()
         self._queue_rows, self._queue_stamps, self._queue_head = self._queue_rows[:0], self._queue_stamps[:0], 0
