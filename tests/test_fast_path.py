@@ -446,7 +446,7 @@ def test_inductor_writes_the_state_in_place_when_advantages_come_from_the_past(m
 
     num_prompts = 30_000
     tracker = AdvantageTracker(
-        num_prompts, memory, include_batch=False, normalize="batch", buffer_size=4, check_values=False
+        num_prompts, memory, include_batch=False, scale="none", normalize="batch", buffer_size=4, check_values=False
     )
     ids, rewards = torch.arange(64) * 400, (torch.arange(64) % 2).float()
     tracker.update(ids, rewards)
