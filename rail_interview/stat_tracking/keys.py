@@ -573,7 +573,10 @@ class KeyTable:
         if not absent.shape[0]:  # pragma: no mutate (empty)
             return found_row, self._no_rows, self._no_rows
         absent_keys = keys.index_select(0, absent)  # [M']
-        for level in range(1, len(self._hints)):  # each level on the keys the ones before missed
+        # Each level on the keys the ones before missed; when the first missed most of the batch (new
+        # keys, a stream), the others would too: straight to the probe (all-new stream: 7.6 -> 7.35 ms).
+        many_new = 2 * absent.shape[0] > keys.shape[0]
+        for level in range(1, len(self._hints)) if not many_new else ():  # pragma: no mutate (fork)
             rows, failed = self._hinted_rows(level, self._hint_entry(level, absent_keys), absent_keys)  # [M']
             found_row.index_put_((absent,), rows)
             still = failed.nonzero().squeeze(1)  # [M''], host-sized
