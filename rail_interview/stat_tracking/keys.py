@@ -555,8 +555,9 @@ class KeyTable:
         Every sample reads its key's first hint and checks it, in flat [N]
         ops and without ``mix64``; the samples whose hint fails (a key new to
         the table, or one whose entry another key holds) read the next
-        levels, and those all levels miss probe the index, both buckets:
-        each step in a tensor sized on the host.
+        levels, and those all levels miss probe the index, both buckets
+        (straight away when the first level missed most of the batch): each
+        step in a tensor sized on the host.
 
         Args:
             keys: int64 [N].
