@@ -149,7 +149,10 @@ def _state_bytes(tracker) -> int:
             table._clock,
             table._queue_rows,
             table._queue_stamps,
+            *table._hints,  # the CPU's hints from a key to its row, derived state (none on CUDA)
         ]
+        if table._hints:
+            tensors.append(table._indexed_row)
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
