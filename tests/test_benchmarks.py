@@ -434,6 +434,8 @@ def test_memory_floor_script_reports_both_sizes_and_the_ratio(tmp_path):
         assert row["extra_ratio"] == pytest.approx(row["update_extra_ms"] / row["floor_extra_ms"]) or (
             row["floor_extra_ms"] <= 0
         )
+        between = row["floor_between_extra_ms"]
+        assert row["extra_ratio_between"] == pytest.approx(row["update_extra_ms"] / between) or between <= 0
 
 
 _HEADLINE_FIGURES = [
@@ -443,6 +445,7 @@ _HEADLINE_FIGURES = [
     "group mode, TRL",
     "hashed keys",
     "P-scaling over the memory floor",
+    "P-scaling over the floor between updates",
     "SPO",
     "several rewards (C = 4)",
 ]
@@ -457,18 +460,19 @@ def test_headline_quick_writes_every_row_and_column(tmp_path):
     rows = report["rows"]
     figures = [row["figure"] for row in rows]
     assert sorted(set(figures)) == sorted(_HEADLINE_FIGURES) and "small batch, compiled" not in figures
-    # Per figure: 2 trackers; 2 trackers x 2 sizes; 2 sizes; 2 trackers x 2 sizes; 2 memories; 2 sizes; 1.
-    assert [figures.count(f) for f in _HEADLINE_FIGURES] == [2, 4, 2, 2, 4, 2, 2, 1]
+    # Per figure: 2 trackers; 2 trackers x 2 sizes; 2 sizes; 2 trackers x 2 sizes; 2 memories, twice; 2 sizes; 1.
+    assert [figures.count(f) for f in _HEADLINE_FIGURES] == [2, 4, 2, 2, 4, 2, 2, 2, 1]
     columns = {"figure", "ours", "baseline", "sizes", "ours_ms", "baseline_ms", "ratio", "ratio_of", "target", "met"}
     for row in rows:
         assert columns <= set(row), row
         assert row["ratio_of"] == ("baseline / ours" if row["speedup"] else "ours / baseline")
         assert (row["target"] is None) == (row["met"] is None) or row["ratio"] != row["ratio"]  # NaN: no verdict
         assert all(len(times) == 1 for times in row["rounds_ms"].values())
-        assert (row["agreement"] is None) == (row["figure"] == "P-scaling over the memory floor")
+        assert (row["agreement"] is None) == row["figure"].startswith("P-scaling over the")
     targets = {row["figure"]: row["target"] for row in rows}
     assert targets["small batch, eager"] == 10 and targets["group mode, verl"] == 2
     assert targets["hashed keys"] == 1.5 and targets["P-scaling over the memory floor"] == 1.3
+    assert targets["P-scaling over the floor between updates"] == 1.3
     table = (tmp_path / "headline_cpu.md").read_text()
     header = "| figure | ours | baseline | sizes | ours ms | baseline ms | ratio | ratio of | target | met | agree |"
     assert header in table and "Command: `python benchmarks/headline.py --quick --nocompile" in table
