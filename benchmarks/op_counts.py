@@ -10,7 +10,9 @@ autograd (composite ops arrive decomposed, views included), by name.
 
 The script builds each tracker of a grid (the presets in use, ids and
 hashed keys, one reward and four), feeds it two warm-up batches, then
-counts the ops of one more update of the same shape, with ``check_values``
+counts the ops of one more update of the same shape (for hashed keys, of
+keys all held by the table, training's steady state, or all new to it),
+with ``check_values``
 off (the hot path) and on (each value check adds its ops and a host read).
 It writes a JSON and a Markdown table, with the ten most frequent ops of
 each case in the JSON::
@@ -52,7 +54,9 @@ def _preset(name: str, **options: Any) -> Build:
     return lambda p, device, check: presets.get(name, p, device=device, check_values=check, **options)
 
 
-#: name -> (its builder, rewards per sample C, keys).
+#: name -> (its builder, rewards per sample C, keys: "ids", "hashed" (the counted batch's keys are new to the
+#: table) or "held" (hashed, the counted batch is the last warm-up batch again: every key in the table, the
+#: steady state of training)).
 CASES: Dict[str, Tuple[Build, int, str]] = {
     "ddpo (buffer)": (_preset("ddpo"), 1, "ids"),
     "ema": (_preset("ema"), 1, "ids"),
@@ -62,8 +66,10 @@ CASES: Dict[str, Tuple[Build, int, str]] = {
     "verl_rloo": (_preset("verl_rloo"), 1, "ids"),
     "grpo + buffer": (_preset("grpo", memory="buffer", min_count=4), 1, "ids"),
     "spo": (_preset("spo"), 1, "ids"),
-    "ddpo (buffer), hashed keys": (_preset("ddpo", keys="hashed"), 1, "hashed"),
-    "verl_grpo, hashed keys": (_preset("verl_grpo", keys="hashed"), 1, "hashed"),
+    "ddpo (buffer), hashed keys, all held": (_preset("ddpo", keys="hashed"), 1, "held"),
+    "verl_grpo, hashed keys, all held": (_preset("verl_grpo", keys="hashed"), 1, "held"),
+    "ddpo (buffer), hashed keys, all new": (_preset("ddpo", keys="hashed"), 1, "hashed"),
+    "verl_grpo, hashed keys, all new": (_preset("verl_grpo", keys="hashed"), 1, "hashed"),
     "trl_grpo, 4 rewards, sum_then_normalize": (
         _preset("trl_grpo", reward_weights=[1.0, 0.5, 0.25, 2.0]),
         4,
@@ -114,7 +120,7 @@ def _batch(num_samples: int, num_prompts: int, num_rewards: int, keys: str, seed
     prompts = torch.randperm(num_prompts, generator=generator)[: max(1, num_samples // 8)]
     ids = prompts.repeat_interleave(8)[:num_samples]
     ids = torch.cat([ids, prompts[: num_samples - len(ids)]]) if len(ids) < num_samples else ids
-    if keys == "hashed":
+    if keys in ("hashed", "held"):
         ids = ids * 1_000_003 + 2**40
     shape = (num_samples,) if num_rewards == 1 else (num_samples, num_rewards)
     rewards = torch.randint(0, 2, shape, generator=generator).float()
@@ -128,7 +134,7 @@ def count_update(
     tracker = build(num_prompts, device, check)
     for seed in range(2):
         tracker.update(*_batch(num_samples, num_prompts, num_rewards, keys, seed, device))
-    ids, rewards = _batch(num_samples, num_prompts, num_rewards, keys, 2, device)
+    ids, rewards = _batch(num_samples, num_prompts, num_rewards, keys, 1 if keys == "held" else 2, device)
     with torch.no_grad(), OpCounter() as counter:
         tracker.update(ids, rewards)
     return counter.counts

@@ -406,6 +406,12 @@ def test_op_counts_are_the_same_every_run_and_value_checks_add_ops(op_counts):
     # over them: the count does not grow with C.
     four = op_counts.CASES["trl_grpo, 4 rewards, normalize_then_sum"]
     assert sum(op_counts.count_update(*four, 64, 16, torch.device("cpu"), False).values()) > 0
+    # Hashed keys already in the table take the key table's short path: fewer ops than keys new to it.
+    held, new = (op_counts.CASES[f"verl_grpo, hashed keys, all {kind}"] for kind in ("held", "new"))
+    cpu = torch.device("cpu")
+    assert sum(op_counts.count_update(*held, 64, 16, cpu, False).values()) < sum(
+        op_counts.count_update(*new, 64, 16, cpu, False).values()
+    )
 
 
 def test_op_counts_script_writes_its_table(tmp_path):
