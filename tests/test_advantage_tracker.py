@@ -591,3 +591,33 @@ def test_leave_one_out_std_depends_on_the_groups_not_on_how_many_prompts_there_a
             ids = torch.randint(10, (24,), generator=generator)
             rewards = torch.randn(24, num_rewards, generator=generator).squeeze(1)
             assert torch.equal(few.update(ids, rewards), many.update(ids * 499 + 7, rewards))
+
+
+@pytest.mark.parametrize("fallback", ["zero", "raw", "batch"])
+def test_the_estimator_leaves_the_statistics_it_reads_as_they_were(fallback):
+    # A caller may read SampleStats again after prompt_advantages: the
+    # division goes into the function's own temporary, never the deviation.
+    from rail_interview.stat_tracking.functional import prompt_advantages
+    from rail_interview.stat_tracking.types import SampleStats
+
+    stats = SampleStats(
+        torch.tensor([1.0, 3.0, 5.0]),
+        torch.tensor([2, 2, 1]),
+        torch.tensor([-1.0, 1.0, 0.0]),
+        torch.tensor([0.5, 0.5, 0.0]),
+        None,
+        None,
+    )
+    before = [tensor.clone() for tensor in stats[:4]]
+    advantages, _ = prompt_advantages(
+        stats,
+        baseline="prompt_mean",
+        scale="prompt_std",
+        eps=0.0,
+        min_count=2,
+        fallback=fallback,
+        batch_mean=torch.tensor(3.0),
+        batch_std=torch.tensor(2.0),
+    )
+    assert torch.equal(advantages[:2], torch.tensor([-2.0, 2.0]))
+    assert all(torch.equal(after, kept) for after, kept in zip(stats[:4], before))

@@ -360,7 +360,9 @@ class CompiledUpdate:
         The inputs are an example batch of the shape to come (valid values:
         they are updated with). The state is saved with ``state_dict`` before
         and put back with ``load_state_dict`` after, as a checkpoint would
-        (which reads values back to the host). Nothing happens for a
+        (which reads values back to the host): what is not in the state dict
+        starts over as after a load, such as a hashed-key table's
+        ``index_overflows`` counter (zeroed). Nothing happens for a
         signature already warm.
 
         Args:

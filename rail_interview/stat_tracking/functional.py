@@ -166,7 +166,9 @@ def prompt_advantages(
         # A finite numerator over an infinite scale: advantage 0.
         divisor = torch.where(own, 1.0 if divisor is None else divisor, math.inf)  # [N]
     if divisor is not None:
-        numerator = numerator.div_(divisor) if divisor.ndim else numerator / divisor
+        # In place only into this function's own temporary, never into the caller's deviation.
+        in_place = divisor.ndim and numerator is not stats.deviation
+        numerator = numerator.div_(divisor) if in_place else numerator / divisor
     return stats.to_batch_order(numerator), stats.to_batch_order(~own) if report else None
 
 

@@ -88,7 +88,10 @@ class Memory(Protocol):
     def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> SampleStats:
         """Takes in a batch and returns its samples' statistics, the batch included.
 
-        No Python loop over prompts or samples and no host sync.
+        No Python loop over prompts or samples and no host sync (on an eager
+        CPU, where a read costs no sync, the ``"runs"`` grouping and the
+        buffer's ``"distinct"`` rows read the batch's number of distinct
+        prompts back: see ``ops.py``'s algorithm table).
 
         Args:
             prompt_ids: int64 [N], N >= 1, ids in [0, P]; id P marks an invalid
@@ -399,8 +402,9 @@ class BufferMemory:
     The fold's cost grows with N * K, not with P
     (``ops.batch_rows_algorithm``): with fewer rows than samples it counts
     the batch per row and reads the whole [R, K] buffer once; with more, it
-    reads the [U, K] rows of the batch's U distinct prompts on a CPU, and
-    the [N, K] rows of its samples elsewhere (fixed shapes).
+    reads the [U, K] rows of the batch's U distinct prompts on a CPU outside
+    torch.compile, and the [N, K] rows of its samples elsewhere (fixed
+    shapes).
 
     Args:
         num_prompts: P.

@@ -361,9 +361,9 @@ def _reads_sizes_back(device: torch.device) -> bool:
 
 
 def group_by_prompt(prompt_ids: torch.Tensor, num_prompts: Optional[int] = None) -> PromptGroups:
-    """Sorts a batch by prompt, without a host sync or a loop.
+    """Sorts a batch by prompt, without a loop (and, but for the ``"runs"`` on a CPU, without a host read).
 
-    Three ways to find each group's boundaries (identical results; see
+    Four ways to find each group's boundaries (identical results; see
     ``forced_algorithms``):
 
     * ``"search"``: binary search in the sorted ids, O(N log N); the fewest

@@ -1162,7 +1162,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
         discount: Optional[torch.Tensor],
         weights: Optional[torch.Tensor] = None,
     ) -> SampleStats:
-        """Folds the batch into memory and returns the statistics after it; without ``include_batch``, those before it.
+        """With ``include_batch``, folds the batch into memory and returns the statistics after it; else those before.
 
         Without ``include_batch`` nothing is folded here: the update calls
         ``_fold_past`` once its advantages are final.

@@ -168,9 +168,10 @@ class SampleStats(NamedTuple):
 
     One layout for every memory: per-sample tensors, all in one *output
     order*, which is batch order when ``groups`` is None and the sorted
-    order of ``groups`` otherwise (``to_batch_order`` undoes it). The
-    estimator (``functional.prompt_advantages``) reads nothing else, so it
-    is blind to which memory produced them.
+    order of ``groups`` otherwise (``to_batch_order`` undoes it), or, for
+    ``count`` and ``std``, per-row ones (below). The estimator
+    (``functional.prompt_advantages``) reads nothing else, so it is blind to
+    which memory produced them.
 
     A memory that computes its statistics per row may hand them over per
     row: ``count``, ``std`` and ``mean`` of [R] rows, with ``rows`` mapping
@@ -180,11 +181,12 @@ class SampleStats(NamedTuple):
 
     Attributes:
         rewards: float [N] in the compute dtype, the batch's rewards.
-        count: [N], the rewards behind the sample's prompt's statistics:
-            int64, or integer-valued floats of the compute dtype.
+        count: [N] (or [R] when ``rows`` is set), the rewards behind the
+            sample's (the row's) prompt's statistics: int64, or
+            integer-valued floats of the compute dtype.
         deviation: float [N], the sample's reward minus its prompt's mean.
-        std: float [N], the prompt's std with the ``ddof`` asked for
-            (meaningless where count <= ddof).
+        std: float [N] (or [R] when ``rows`` is set), the prompt's std with
+            the ``ddof`` asked for (meaningless where count <= ddof).
         own_weight: float [N], the weight of the sample's own reward in its
             prompt's mean (0 if the memory does not hold it), or None when
             not asked for.
