@@ -12,6 +12,7 @@ with hashed keys. In float64 to 1e-12; in float32 to its rounding.
 """
 
 import random
+import zlib
 
 import pytest
 import torch
@@ -47,7 +48,9 @@ def _batch(rng: random.Random, num_prompts: int, size: int, fractional: bool, re
 @pytest.mark.parametrize("fractional", [False, True])
 @pytest.mark.parametrize("offline", [False, True])
 def test_spo_matches_the_reference_over_random_sequences(rho_type, repeats, fractional, offline):
-    rng = random.Random(hash((rho_type, repeats, fractional, offline)) % 2**32)
+    # A seed of the parameters that is the same in every process (hash() of a str is not:
+    # PYTHONHASHSEED), so that a failure reproduces.
+    rng = random.Random(zlib.crc32(repr((rho_type, repeats, fractional, offline)).encode()))
     num_prompts, offline_n, clip_lower, rho_value = 12, 8, 0.875, 0.9
     scores = _offline_scores(rng, num_prompts, offline_n)
     reference = SpoBetaTracker(
