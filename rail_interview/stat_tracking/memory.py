@@ -444,6 +444,9 @@ class BufferMemory:
         # (so capture a CUDA graph after a warm-up update, as torch asks anyway).
         # A fresh [R, K] temporary each update costs page faults on a CPU.
         self._workspace: Optional[torch.Tensor] = None
+        # Slot arithmetic in int32 when every slot index fits (half the memory traffic of int64).
+        narrow = num_rows * buffer_size < MAX_INT32_SLOTS  # pragma: no mutate (fork)
+        self._index_dtype = torch.int32 if narrow else torch.int64  # pragma: no mutate (fork)
 
     def _column(self, column: torch.Tensor) -> torch.Tensor:
         """``column % K`` in place, without an integer division when K is a power of two."""
@@ -478,26 +481,13 @@ class BufferMemory:
         """``fold`` for R <= N: counts the batch per row and reads the whole buffer once."""
         num_samples = prompt_ids.numel()
         num_rows, buffer_size = self._num_prompts + 1, self.buffer_size
-        scratch = num_rows * buffer_size
-        device = prompt_ids.device
-        # Slot arithmetic in int32 when every slot index fits (half the memory traffic of int64).
-        index_dtype = torch.int32 if scratch < MAX_INT32_SLOTS else torch.int64  # pragma: no mutate (fork)
+        device, index_dtype = prompt_ids.device, self._index_dtype
         batch_count = torch.zeros(num_rows, dtype=index_dtype, device=device)  # [R]
         # A one expanded to [N] is read in place of a fresh [N] tensor of ones.
         one = torch.ones(1, dtype=index_dtype, device=device).expand(num_samples)  # [N]
         add_at(batch_count, prompt_ids, one)
         narrow_ids, order = sort_ids(prompt_ids, num_rows, dtype=index_dtype)  # [N]
-        # Sorted sample i is its prompt's (i - start)-th of the batch, so it
-        # goes to column (seen + i - start) % K: one [R] offset, one gather.
-        # [R], one past each prompt's last sorted position.
-        end = batch_count.cumsum(0, dtype=index_dtype)  # pragma: no mutate (dim)
-        offset = self._column((self._seen - end).add_(batch_count)).to(index_dtype)  # [R], (seen - start) % K
-        position = torch.arange(num_samples, dtype=index_dtype, device=device)  # [N]
-        column = take(offset, narrow_ids).add_(position)  # [N]
-        # Pushed out within the batch: K later samples of the same prompt, i < end - K.
-        pushed_out = position < take(end.sub_(buffer_size), narrow_ids)  # [N]
-        slot = self._column(column).add_(narrow_ids, alpha=buffer_size).masked_fill_(pushed_out, scratch)  # [N]
-        write_at(self._slots, slot.long(), take(rewards, order))
+        pushed_out = self._write_sorted(self._seen, batch_count, narrow_ids, narrow_ids, rewards, order)  # [N]
         self._seen.add_(batch_count)
         count = self._seen.clamp_max(buffer_size)  # [R]
         buffer = self._live_buffer()
@@ -526,23 +516,11 @@ class BufferMemory:
         that of a batch of U prompts whatever P, plus the reads and writes of
         U rows that the memory system charges for a large P.
         """
-        num_samples = prompt_ids.numel()
-        buffer_size = self.buffer_size
-        scratch = (self._num_prompts + 1) * buffer_size
-        device = prompt_ids.device
-        index_dtype = torch.int32 if scratch < MAX_INT32_SLOTS else torch.int64  # pragma: no mutate (fork)
-        runs = sorted_runs(prompt_ids, self._num_prompts + 1, dtype=index_dtype)
-        batch_count = runs.size  # [U]
-        end = batch_count.cumsum(0)  # [U], one past each run's last sorted position; pragma: no mutate (dim)
+        runs = sorted_runs(prompt_ids, self._num_prompts + 1, dtype=self._index_dtype)
         seen = take(self._seen, runs.rows)  # [U]
-        offset = self._column((seen - end).add_(batch_count)).to(index_dtype)  # [U], (seen - start) % K
-        position = torch.arange(num_samples, dtype=index_dtype, device=device)  # [N]
-        column = take(offset, runs.run).add_(position)  # [N]
-        pushed_out = position < take(end.sub_(buffer_size), runs.run)  # [N]
-        slot = self._column(column).add_(runs.sorted_ids, alpha=buffer_size).masked_fill_(pushed_out, scratch)  # [N]
-        write_at(self._slots, slot.long(), take(rewards, runs.order))
-        write_at(self._seen, runs.rows, seen.add_(batch_count))
-        count = seen.clamp_max(buffer_size)  # [U]
+        pushed_out = self._write_sorted(seen, runs.size, runs.run, runs.sorted_ids, rewards, runs.order)  # [N]
+        write_at(self._seen, runs.rows, seen.add_(runs.size))
+        count = seen.clamp_max(self.buffer_size)  # [U]
         buffer = self._live_buffer().index_select(0, runs.rows)  # [U, K], a copy
         mean, std = masked_row_mean_std(cast(buffer, self._compute_dtype), count, ddof=ddof, overwrite=True)
         run = unsort(runs.run, runs.order)  # [N], each sample's run, in batch order
@@ -550,6 +528,47 @@ class BufferMemory:
         if own_weight:
             weight = unsort(pushed_out, runs.order).logical_not_() / take(count, run).to(rewards.dtype)
         return SampleStats(rewards, count, rewards - take(mean, run), std, weight, None, mean=mean, rows=run)  # per run
+
+    def _write_sorted(
+        self,
+        seen: torch.Tensor,
+        batch_count: torch.Tensor,
+        group: torch.Tensor,
+        sorted_rows: torch.Tensor,
+        rewards: torch.Tensor,
+        order: torch.Tensor,
+    ) -> torch.Tensor:
+        """Appends a sorted batch to its rows' ring buffers; the rows' counters are the caller's to advance.
+
+        Sorted sample i is its group's (i - start)-th of the batch, so it goes
+        to column (seen + i - start) % K: one offset per group, one gather.
+        A group's samples before its last K are pushed out within the batch
+        and go to the scratch slot.
+
+        Args:
+            seen: int64 [G], the rewards each group's row had seen before the batch.
+            batch_count: integer [G], each group's samples in the batch.
+            group: [N], each sorted sample's group, in [0, G), of the slot index dtype.
+            sorted_rows: [N], each sorted sample's row, of the slot index dtype.
+            rewards: float [N] in batch order.
+            order: int64 [N], the permutation that sorted the batch.
+
+        Returns:
+            bool [N], in sorted order, the samples pushed out within the batch.
+        """
+        buffer_size = self.buffer_size
+        index_dtype = sorted_rows.dtype
+        # [G], one past each group's last sorted position (in its own dtype: int32 counts sum as int32).
+        end = batch_count.cumsum(0, dtype=batch_count.dtype)  # pragma: no mutate (dim)
+        offset = self._column((seen - end).add_(batch_count)).to(index_dtype)  # [G], (seen - start) % K
+        position = torch.arange(group.numel(), dtype=index_dtype, device=group.device)  # [N]
+        column = take(offset, group).add_(position)  # [N]
+        # Pushed out within the batch: K later samples of the same prompt, i < end - K.
+        pushed_out = position < take(end.sub_(buffer_size), group)  # [N]
+        scratch = (self._num_prompts + 1) * buffer_size
+        slot = self._column(column).add_(sorted_rows, alpha=buffer_size).masked_fill_(pushed_out, scratch)  # [N]
+        write_at(self._slots, slot.long(), take(rewards, order))
+        return pushed_out
 
     def _fold_batch_rows(
         self, prompt_ids: torch.Tensor, rewards: torch.Tensor, ddof: int, own_weight: bool
