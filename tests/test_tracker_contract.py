@@ -10,6 +10,7 @@ from typing import Callable, Dict
 
 import pytest
 import torch
+from algorithm_choices import ALGORITHM_CHOICES
 
 from rail_interview.stat_tracking import (
     AdvantageTracker,
@@ -42,39 +43,6 @@ ALL_TRACKERS: Dict[str, TrackerFactory] = {
     "grpo": lambda **kw: presets.verl_grpo(6, **kw),
     "flow_grpo": lambda **kw: presets.flow_grpo(6, **kw),
 }
-
-#: Each algorithm of each operation in ``ops`` at least once.
-ALGORITHM_CHOICES = [
-    dict(
-        grouping="search",
-        segment_sum="index_add",
-        batch_stats="one_pass",
-        group_stats="dense",
-        batch_rows="whole",
-    ),
-    dict(
-        grouping="counts",
-        segment_sum="segment_reduce",
-        batch_stats="two_pass",
-        group_stats="sorted",
-        batch_rows="per_sample",
-    ),
-    dict(
-        grouping="scans",
-        segment_sum="segment_reduce",
-        batch_stats="one_pass",
-        group_stats="sorted",
-        batch_rows="whole",
-    ),
-    # Read a size back: eager on a CPU only (compiled, the scans and per-sample rows stand in).
-    dict(
-        grouping="runs",
-        segment_sum="index_add",
-        batch_stats="one_pass",
-        group_stats="sorted",
-        batch_rows="distinct",
-    ),
-]
 
 
 def cuda_only(test: Callable) -> Callable:

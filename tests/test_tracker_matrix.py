@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Tuple
 import hypothesis
 import pytest
 import torch
+from algorithm_choices import ALGORITHM_CHOICES
 from hypothesis import strategies as st
 
 from rail_interview.stat_tracking import (
@@ -35,44 +36,6 @@ from rail_interview.stat_tracking.reference import mean_std
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
-#: Every algorithm of every operation appears in at least one combination.
-ALGORITHM_CHOICES: List[Dict[str, str]] = [
-    dict(
-        grouping="search",
-        segment_sum="index_add",
-        batch_stats="one_pass",
-        group_stats="dense",
-        batch_rows="whole",
-    ),
-    dict(
-        grouping="counts",
-        segment_sum="segment_reduce",
-        batch_stats="two_pass",
-        group_stats="sorted",
-        batch_rows="per_sample",
-    ),
-    dict(
-        grouping="scans",
-        segment_sum="segment_reduce",
-        batch_stats="one_pass",
-        group_stats="dense",
-        batch_rows="distinct",
-    ),
-    dict(
-        grouping="scans",
-        segment_sum="index_add",
-        batch_stats="two_pass",
-        group_stats="sorted",
-        batch_rows="per_sample",
-    ),
-    dict(
-        grouping="runs",
-        segment_sum="index_add",
-        batch_stats="one_pass",
-        group_stats="sorted",
-        batch_rows="distinct",
-    ),
-]
 
 TrackerFactory = Callable[..., StatTracker]  # (dtype=, device=) -> tracker
 
