@@ -49,6 +49,20 @@ def test_random_sequences_match_the_sequential_reference(num_prompts, decay, min
         _check_step(tracker, reference, ids, rewards, rtol=1e-9, atol=1e-9)
 
 
+def test_decay_power_tables_grow_with_the_batch():
+    # The fold reads decay ** k from tables built for the largest batch so far:
+    # a batch larger than every one before (one prompt taking all of it) must
+    # rebuild them, and a smaller one after it must read the larger tables.
+    generator = torch.Generator().manual_seed(3)
+    tracker = EmaStatTracker(2, decay=0.7, min_count=2, dtype=torch.float64)
+    reference = ReferenceEmaStatTracker(0.7, 2)
+    for batch in (2, 1, 40, 3, 41, 7):
+        ids = torch.zeros(batch, dtype=torch.int64)
+        ids[::3] = 1
+        rewards = torch.randn(batch, generator=generator, dtype=torch.float64)
+        _check_step(tracker, reference, ids, rewards, rtol=1e-9, atol=1e-9)
+
+
 def test_float32_is_stable_for_rewards_far_from_zero():
     # Rewards around -100 with a spread of 0.05: E[r^2] - E[r]^2 in float32 would
     # lose the variance entirely; shifted sums keep it.
