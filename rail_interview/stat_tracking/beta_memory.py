@@ -48,7 +48,15 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
-from rail_interview.stat_tracking.ops import cast, compute_dtype, group_by_prompt, segment_sum, take, write_at
+from rail_interview.stat_tracking.ops import (
+    DecayPowers,
+    cast,
+    compute_dtype,
+    group_by_prompt,
+    segment_sum,
+    take,
+    write_at,
+)
 from rail_interview.stat_tracking.types import SampleStats
 from rail_interview.stat_tracking.validation import check_count_range, check_discount
 
@@ -99,6 +107,7 @@ class BetaMemory:
         self._alpha = torch.full((num_rows,), DEFAULT_PRIOR, dtype=dtype, device=device)  # [R]
         self._beta = torch.full((num_rows,), DEFAULT_PRIOR, dtype=dtype, device=device)  # [R]
         self._count = torch.zeros(num_rows, dtype=torch.int64, device=device)  # [R]
+        self._powers = DecayPowers(self.decay, scale=1.0, dtype=self._compute_dtype, device=device)
 
     def _stored(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """alpha and beta of some rows, in the compute dtype."""
@@ -163,9 +172,8 @@ class BetaMemory:
         Returns:
             float [N] weights and float [N] products, in ``dtype``.
         """
-        if rho is None:
-            after = (groups.end - 1 - groups.position).to(dtype)  # [N], later samples of the group
-            return torch.pow(self.decay, after), torch.pow(self.decay, groups.size.to(dtype))
+        if rho is None:  # decay ** (later samples of the group), decay ** (the group's samples)
+            return tuple(cast(power, dtype) for power in self._powers.fold_weights(groups, groups.size))
         # A rho of 0 (refused with value checks) forgets everything: the smallest float64 stands in for it,
         # so that no -inf enters the cumulative sum and reaches other prompts' groups.
         logs = torch.log(rho.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny))  # [N]

@@ -36,6 +36,7 @@ import torch
 
 from rail_interview.stat_tracking.beta_memory import BetaMemory
 from rail_interview.stat_tracking.ops import (
+    DecayPowers,
     PromptGroups,
     add_at,
     batch_rows_algorithm,
@@ -719,33 +720,11 @@ class EmaMemory:
         self._mean = torch.zeros(num_rows, dtype=dtype, device=device)  # [R]
         self._var = torch.zeros(num_rows, dtype=dtype, device=device)  # [R]
         self._count = torch.zeros(num_rows, dtype=torch.int64, device=device)  # [R]
-        # decay ** k and (1 - decay) * decay ** (k - 1), k = 0 .. N, made once per batch size seen
-        # (_decay_powers): a gather in place of a cast and a pow, which cost about 10 us each at N = 256.
-        self._powers = torch.ones(1, dtype=self._compute_dtype, device=device)
-        self._weights = torch.ones(1, dtype=self._compute_dtype, device=device)
-
-    def _decay_powers(self, num_samples: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Tables of ``decay ** k`` and ``(1 - decay) * decay ** (k - 1)`` for k = 0 .. N at least.
-
-        Built when a batch is larger than any before, then kept (torch.compile
-        reads them as constants; the eager first call of a shape builds them).
-
-        Args:
-            num_samples: N, the largest group size to come.
-
-        Returns:
-            Two compute-dtype [>= N + 1] tensors (the second's entry 0 is unused).
-        """
-        if self._powers.shape[0] <= num_samples:  # pragma: no mutate (memory)
-            exponent = torch.arange(-1, num_samples + 1, dtype=self._compute_dtype, device=self._device)  # [N + 2]
-            powers = torch.pow(self.decay, exponent)  # [N + 2], decay ** (k - 1)
-            self._powers, self._weights = powers[1:], (1.0 - self.decay) * powers[:-1]
-        return self._powers, self._weights
+        self._powers = DecayPowers(self.decay, scale=1.0 - self.decay, dtype=self._compute_dtype, device=device)
 
     def fold(self, prompt_ids: torch.Tensor, rewards: torch.Tensor, *, ddof: int, own_weight: bool) -> SampleStats:
         """Folds the batch into the moving averages, exactly as one reward at a time (see ``Memory.fold``)."""
         decay, compute = self.decay, self._compute_dtype
-        powers, weights = self._decay_powers(prompt_ids.shape[0])
         groups = group_by_prompt(prompt_ids, self._num_prompts + 1)  # id P included; pragma: no mutate (spare)
         start = groups.start  # [N]
         sorted_rewards = take(rewards, groups.order)  # [N]
@@ -762,12 +741,10 @@ class EmaMemory:
 
         # Closed form of the sequential fold, in coordinates shifted by the old mean.
         shifted = sorted_rewards - old_mean  # [N]
-        # The i-th of a group's n rewards: (1 - decay) * decay ** (n - 1 - i), with end - position = n - i.
-        weight = take(weights, groups.end - groups.position)  # [N]
+        size = groups.size  # [N]
+        weight, old_weight = self._powers.fold_weights(groups, size)  # (1 - decay) * decay ** (n - 1 - i), decay ** n
         shift = segment_sum(weight * shifted, groups)  # [N], new mean - old mean
         spread = segment_sum(weight * (shifted - shift).square(), groups)  # [N]
-        size = groups.size  # [N]
-        old_weight = take(powers, size)  # [N], decay ** n
         mean = old_mean + shift  # [N]
         var = old_weight * (old_var + shift.square()) + spread  # [N]
         count = old_count + size  # [N]
