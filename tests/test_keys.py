@@ -312,22 +312,46 @@ def test_a_key_forgotten_by_a_full_bucket_is_new_in_a_batch_of_held_keys(algorit
     assert int(table.index_overflows) == 2
 
 
-class _CrowdedHints(KeyTable):
-    """A table whose hints are tiny (the first P entries, the others P / 4): most keys share entries."""
+class _CrowdedCuckoo(KeyTable):
+    """A table whose cuckoo table has one slot per row (8 at least): loads near 1, long kick chains, keys left out."""
 
-    MIN_HINT_BITS = 3
-    HINTS_PER_ROW = 1
+    MIN_CUCKOO_BITS = 3
+    CUCKOO_SLOTS_PER_ROW = 1
 
 
-def _hint_routes(table, keys):
-    """How many of keys the first hint finds, the other levels find, and neither (the probe's)."""
-    miss = torch.ones(len(keys), dtype=torch.bool)
-    found = []
-    for level in range(len(table._hints)):
-        _, failed = table._hinted_rows(level, table._hint_entry(level, keys), keys)
-        found.append(int((miss & ~failed).sum()))
-        miss &= failed
-    return found[0], sum(found[1:]), int(miss.sum())
+class _OneRoundCuckoo(_CrowdedCuckoo):
+    """A crowded cuckoo table that gives up after one displacement round: many keys are left to the index."""
+
+    CUCKOO_ROUNDS = 1
+
+
+def _cuckoo_routes(table, keys):
+    """How many of keys the cuckoo table holds in their first slot, in their second, and not at all."""
+    first, second = table._cuckoo_slots(keys)
+    at_first = table._cuckoo_key[first] == keys
+    at_second = ~at_first & (table._cuckoo_key[second] == keys)
+    return int(at_first.sum()), int(at_second.sum()), int((~at_first & ~at_second).sum())
+
+
+def _check_cuckoo(table):
+    """The cuckoo table is exact: each filled slot holds a key of the index, at its row, in one of the key's
+    two slots, no key twice; each empty slot s holds s ^ X, which neither of its slots is s. Returns the
+    keys of the index that the cuckoo table lacks."""
+    slot_keys, slot_rows = table._cuckoo_key[:-1], table._cuckoo_row[:-1].long()
+    slots = torch.arange(slot_keys.shape[0])
+    filled = slot_rows >= 0
+    empty_keys = slot_keys[~filled]
+    assert torch.equal(empty_keys, slots[~filled] ^ table._cuckoo_empty)
+    assert not any((slot == slots[~filled]).any() for slot in table._cuckoo_slots(empty_keys))
+    held, rows, at = slot_keys[filled], slot_rows[filled], slots[filled]
+    first, second = table._cuckoo_slots(held)
+    assert ((first == at) | (second == at)).all()
+    assert torch.equal(table.lookup(held), rows)
+    assert torch.equal(table._row_key[rows], held)
+    assert len(set(held.tolist())) == held.shape[0]
+    row_keys, used = table.keys()
+    indexed = row_keys[used][table.lookup(row_keys[used]) >= 0]
+    return set(indexed.tolist()) - set(held.tolist())
 
 
 def _assert_same_assignment(got, want, capacity):
@@ -347,142 +371,228 @@ def _assert_same_table(table, reference, pool):
 
 
 @pytest.mark.parametrize("capacity", [4, 16, 64])
-def test_hinted_lookups_give_the_rows_of_the_probe_through_colliding_hints(capacity):
-    # Three "dynamic" tables (hints of the usual size, crowded hints, and hints scrambled before every
-    # batch: a hint is only a guess) against "fixed", which never reads a hint: the same rows,
-    # overflow, fresh rows and state, bit for bit, through batches that mix keys found by the first
-    # hint, keys only the other levels or the probe find, new keys and invalid samples, N > P and N <= P.
+def test_cuckoo_lookups_give_the_rows_of_the_probe_through_crowded_slots(capacity):
+    # Three "dynamic" tables (a cuckoo table of the usual size, a crowded one that kicks keys along
+    # chains and leaves some out, and one that gives up after one round) against "fixed", which
+    # never reads it: the same rows, overflow, fresh rows and state, bit for bit, through batches
+    # that mix keys in their first slot, in their second, keys only the index finds, new keys and
+    # invalid samples, N > P and N <= P. After every batch each cuckoo table is exact.
     rng = random.Random(capacity)
     pool = [rng.randint(-(2**62), 2**62) for _ in range(3 * capacity)]
-    # Keys that share low bits (the first hint's entry) with pool keys.
+    # Keys that share low bits (the first cuckoo slot) with pool keys.
     pool += [key + (i + 1) * (1 << 20) for i, key in enumerate(pool[: capacity // 2])]
     tables = {
         "fixed": KeyTable(capacity),
         "dynamic": KeyTable(capacity),
-        "crowded": _CrowdedHints(capacity),
-        "scrambled": KeyTable(capacity),
+        "crowded": _CrowdedCuckoo(capacity),
+        "one round": _OneRoundCuckoo(capacity),
     }
     routes = [0, 0, 0]
     for step in range(60):
         held, used = tables["fixed"].keys()
         keys, valid = _batch_around(rng, pool, held[used].tolist(), capacity)
         keys_t, valid_t = torch.tensor(keys), None if valid is None else torch.tensor(valid)
-        routes = [a + b for a, b in zip(routes, _hint_routes(tables["crowded"], keys_t))]
-        for hint in tables["scrambled"]._hints:
-            hint.copy_(torch.randint(0, capacity + 1, hint.shape, generator=torch.Generator().manual_seed(step)))
+        routes = [a + b for a, b in zip(routes, _cuckoo_routes(tables["one round"], keys_t))]
         got = {}
         for name, table in tables.items():
             with forced_algorithms(key_table="fixed" if name == "fixed" else "dynamic"):
                 got[name] = table.assign(keys_t, valid_t)
-        for name in ("dynamic", "crowded", "scrambled"):
+        for name in ("dynamic", "crowded", "one round"):
             _assert_same_assignment(got[name], got["fixed"], capacity)
             _assert_same_table(tables[name], tables["fixed"], pool)
-    assert all(count > 0 for count in routes), routes  # every route taken: first hint, other levels, probe
+        for name, table in tables.items():
+            assert not _check_cuckoo(table) or name in ("crowded", "one round")
+    assert all(count > 0 for count in routes), routes  # every route taken: first slot, second slot, index
+    assert tables["dynamic"]._cuckoo_unplaced == 0 and tables["one round"]._cuckoo_unplaced > 0
 
 
-def test_a_stale_hint_is_not_trusted_after_eviction_reset_or_load():
-    # Key b shares key a's entry in the first hint (the same low bits); each takes the other's row in turn.
+def _keys_with_slots(table, first, second=None, count=1, start=0):
+    """``count`` keys whose first cuckoo slot is ``first`` (and second ``second``, if given): first + j H."""
+    size = table._cuckoo_mask + 1
+    candidates = first + torch.arange(start, start + 1_000_000) * size
+    if second is not None:
+        candidates = candidates[table._cuckoo_slots(candidates)[1] == second]
+    return candidates[:count].tolist()
+
+
+def test_colliding_keys_kick_each_other_along_a_chain_and_stay_exact():
+    table, reference = KeyTable(64), KeyTable(64)  # H = 4096
+    # a sits in slot 5; c in b's second slot; b's two slots are then both full, so b takes slot 5
+    # and kicks a to its second slot.
+    (a,) = _keys_with_slots(table, 5)
+    (b,) = _keys_with_slots(table, 5, start=1)
+    b_second = int(table._cuckoo_slots(torch.tensor([b]))[1])
+    (c,) = _keys_with_slots(table, b_second)
+    a_second = int(table._cuckoo_slots(torch.tensor([a]))[1])
+    assert len({5, b_second, a_second}) == 3
+    batches = [[a, c], [b], [c, a, b, a]]
+    for keys in batches:
+        with forced_algorithms(key_table="dynamic"):
+            got = table.assign(torch.tensor(keys))
+        with forced_algorithms(key_table="fixed"):
+            want = reference.assign(torch.tensor(keys))
+        _assert_same_assignment(got, want, 64)
+    rows = table.lookup(torch.tensor([a, b, c]))
+    assert int(table._cuckoo_row[5]) == rows[1] and int(table._cuckoo_key[5]) == b
+    assert int(table._cuckoo_key[a_second]) == a and int(table._cuckoo_row[a_second]) == rows[0]
+    assert int(table._cuckoo_key[b_second]) == c
+    assert _cuckoo_routes(table, torch.tensor([a, b, c])) == (2, 1, 0)
+    assert not _check_cuckoo(table) and table._cuckoo_unplaced == 0
+    _assert_same_table(table, reference, [a, b, c])
+
+
+def test_a_key_without_a_cuckoo_slot_is_found_through_the_index():
+    # Three keys with the same two slots: the third has nowhere to go after the rounds; the index
+    # finds it, batch after batch, until one of the others leaves and frees a slot for a new key.
+    table, reference = KeyTable(3), KeyTable(3)
+    first = 77
+    second = int(table._cuckoo_slots(torch.tensor([first]))[1])
+    crowd = [first] + _keys_with_slots(table, first, second, count=2, start=1)
+    assert len(crowd) == 3
+    other = 123456789
+    batches = [crowd, crowd[::-1] * 2, [crowd[2], other], [other, crowd[0]] * 3, crowd]
+    for step, keys in enumerate(batches):
+        with forced_algorithms(key_table="dynamic"):
+            got = table.assign(torch.tensor(keys))
+        with forced_algorithms(key_table="fixed"):
+            want = reference.assign(torch.tensor(keys))
+        _assert_same_assignment(got, want, 3)
+        _assert_same_table(table, reference, crowd + [other])
+        missing = _check_cuckoo(table)
+        if step < 2:
+            assert len(missing) == 1 and missing <= set(crowd)
+    assert table._cuckoo_unplaced >= 1
+
+
+def test_keys_that_leave_the_index_leave_the_cuckoo_table():
+    # Eviction: b takes a's row, and a's slot is emptied; a comes back new.
     a = 12345
-    b = a + (1 << 40)
+    b = a + (1 << 40)  # the same first slot
     table, reference = KeyTable(1), KeyTable(1)
     with forced_algorithms(key_table="dynamic"):
         assert table.assign(torch.tensor([a])).rows.tolist() == [0]
-        evicted = table.assign(torch.tensor([b]))  # b evicts a, takes row 0 and the entry
+        evicted = table.assign(torch.tensor([b]))
         assert evicted.fresh.tolist() == [0] and table.lookup(torch.tensor([a, b])).tolist() == [-1, 0]
-        back = table.assign(torch.tensor([a, a]))  # a's hint names row 0, which holds b: a is new
+        assert _cuckoo_routes(table, torch.tensor([a, b]))[2] == 1 and not _check_cuckoo(table)
+        back = table.assign(torch.tensor([a, a]))
         assert back.fresh.tolist() == [0] and back.rows.tolist() == [0, 0]
     with forced_algorithms(key_table="fixed"):
         for keys in ([a], [b], [a, a]):
             reference.assign(torch.tensor(keys))
     _assert_same_table(table, reference, [a, b])
+    assert int((table._cuckoo_row[:-1] >= 0).sum()) == 1
 
-    # Reset: every key is new again; the hints start over in place.
+    # A full index bucket: the key that gets a row but no index slot never enters the cuckoo table,
+    # and leaves nothing behind when its row goes to another key.
+    table, reference = KeyTable(64), KeyTable(64)
+    width, buckets, shift = KeyTable.BUCKET_SLOTS, 32, 64 - 5
+    crowded = [_unmix_python(((5 - buckets // 2) << shift) + (i << 16) + 5) for i in range(width + 1)]
+    fresh = [1000 + i for i in range(64)]
+    for keys in (crowded, crowded[:2] * 3, fresh, crowded):
+        with forced_algorithms(key_table="dynamic"):
+            got = table.assign(torch.tensor(keys))
+        with forced_algorithms(key_table="fixed"):
+            want = reference.assign(torch.tensor(keys))
+        _assert_same_assignment(got, want, 64)
+        _assert_same_table(table, reference, crowded + fresh)
+        assert not _check_cuckoo(table)
+    assert int(table.index_overflows) == 2
+
+    # Reset: every slot empty again, in place.
     table = KeyTable(8)
     keys = torch.tensor([a, b, 7, 9])
-    hints = [hint.data_ptr() for hint in table._hints] + [table._indexed_row.data_ptr()]
+    pointers = [table._cuckoo_key.data_ptr(), table._cuckoo_row.data_ptr()]
     with forced_algorithms(key_table="dynamic"):
         first = table.assign(keys)
         table.reset()
+        assert (table._cuckoo_row[:-1] == -1).all() and not _check_cuckoo(table)
         assert (table.lookup(keys) == -1).all()
         again = table.assign(keys)
     assert torch.equal(again.rows, first.rows) and again.fresh.numel() == 4
-    assert [hint.data_ptr() for hint in table._hints] + [table._indexed_row.data_ptr()] == hints
+    assert [table._cuckoo_key.data_ptr(), table._cuckoo_row.data_ptr()] == pointers
 
-    # Load: a table whose hints name other keys' rows takes a state in place and finds its keys.
+    # Load: a table whose cuckoo table holds other keys takes a state in place and holds its keys.
     source, target = KeyTable(8), KeyTable(8)
     with forced_algorithms(key_table="dynamic"):
         source.assign(torch.tensor([1, 2, 3, 4, 5]))
         target.assign(torch.tensor([4 + (1 << 40), 3 + (1 << 40), 2 + (1 << 40), 9, 10, 11, 12, 13]))
-        hints = [hint.data_ptr() for hint in target._hints]
+        pointers = [target._cuckoo_key.data_ptr(), target._cuckoo_row.data_ptr()]
         target.load(source.state_tensors())
-        assert [hint.data_ptr() for hint in target._hints] == hints
+        assert [target._cuckoo_key.data_ptr(), target._cuckoo_row.data_ptr()] == pointers
+        assert not _check_cuckoo(target) and _cuckoo_routes(target, torch.tensor([1, 2, 3, 4, 5]))[2] == 0
         _assert_same_table(target, source, [1, 2, 3, 4, 5, 9, 4 + (1 << 40)])
         batch = torch.tensor([5, 4 + (1 << 40), 1, 9, 2])
         _assert_same_assignment(target.assign(batch), source.assign(batch), 8)
     _assert_same_table(target, source, [1, 2, 3, 4, 5, 9, 4 + (1 << 40)])
 
 
-def _point_hints_at(table, row):
-    for hint in table._hints:
-        hint.fill_(row)
+def test_a_stream_of_new_keys_keeps_the_cuckoo_table_exact():
+    # Every batch brings new keys only (N <= P, then N > P with repeats): each evicts old keys,
+    # whose slots empty, and enters the cuckoo table, with no key left out at a load of 1/4.
+    table, reference = KeyTable(256), KeyTable(256)
+    rng = random.Random(5)
+    for step in range(12):
+        size = 200 if step % 2 else 300
+        keys = torch.tensor([rng.randint(-(2**63), 2**63 - 1) for _ in range(size // 2)] * 2)
+        with forced_algorithms(key_table="dynamic"):
+            got = table.assign(keys)
+        with forced_algorithms(key_table="fixed"):
+            want = reference.assign(keys)
+        _assert_same_assignment(got, want, 256)
+        assert not _check_cuckoo(table)
+        assert _cuckoo_routes(table, keys.unique())[2] == 0
+    assert table._cuckoo_unplaced == 0 and int((table._cuckoo_row[:-1] >= 0).sum()) == 256
 
 
-def test_a_hint_that_names_a_row_outside_the_index_is_not_trusted():
-    # Rows that hold a key the index does not map: unused rows (key 0), the spare row P (whatever a
-    # masked write left there) and the row of a key whose two buckets were full. A hint naming one of
-    # them must fail, even for that very key.
-    for algorithm in EVICTIONS:  # the history; the lookup below is "dynamic"'s
-        table, reference = KeyTable(64), KeyTable(64)
-        width, buckets, shift = KeyTable.BUCKET_SLOTS, 32, 64 - 5
-        crowded = [_unmix_python(((5 - buckets // 2) << shift) + (i << 16) + 5) for i in range(width + 1)]
-        for t in (table, reference):
-            with forced_algorithms(key_table=algorithm):
-                t.assign(torch.tensor(crowded))  # the last in mixed order gets a row but no slot
-                t.assign(torch.tensor(crowded[:2] * 3))  # "fixed" writes these keys to the spare row
-        assert int(table.index_overflows) == 1
-        left_out = int(table.lookup(torch.tensor(crowded)).lt(0).nonzero())
-        _, used = table.keys()
-        unused = int((~used).nonzero()[0])
-        spare_key = int(table._row_key[-1])
-        overflowed = int((table._row_key[:-1] == crowded[left_out]).nonzero()[0])
-        for row, key in ((unused, 0), (64, spare_key), (overflowed, crowded[left_out])):
-            assert int(table._row_key[row]) == key
-            _point_hints_at(table, row)
-            batch = torch.tensor([key, crowded[0], key])
-            with forced_algorithms(key_table="dynamic"):
-                got = table.assign(batch)
-            with forced_algorithms(key_table="fixed"):
-                want = reference.assign(batch)
-            _assert_same_assignment(got, want, 64)
-            _assert_same_table(table, reference, crowded + [0, spare_key])
+def test_a_compiled_update_leaves_the_cuckoo_table_exact():
+    # Traced ("fixed"), the table empties the slots of keys that leave but places no new key in the
+    # cuckoo table (that would need host reads): eager lookups find those through the index.
+    table, reference = KeyTable(6), KeyTable(6)
+    assign = torch.compile(table.assign, fullgraph=True, backend="eager")
+    rng = random.Random(6)
+    pool = [rng.randint(-(2**62), 2**62) for _ in range(12)]
+    for step in range(8):
+        keys = torch.tensor(rng.sample(pool, 5))
+        with forced_algorithms(key_table="dynamic"):
+            got = assign(keys) if step in (2, 3, 5) else table.assign(keys)
+        with forced_algorithms(key_table="fixed"):
+            want = reference.assign(keys)
+        _assert_same_assignment(got, want, 6)
+        _assert_same_table(table, reference, pool)
+        _check_cuckoo(table)
 
 
-def test_hints_are_derived_cpu_state_kept_in_place():
+def test_the_cuckoo_table_is_derived_cpu_state_kept_in_place():
     table = KeyTable(100)
-    # The first hint: at least 4 entries per row and 4096 in all; two more levels of a quarter of it.
-    assert [hint.shape[0] for hint in table._hints] == [4096 + 1, 1024 + 1, 1024 + 1]
-    assert [hint.dtype for hint in table._hints] == [torch.int32] * 3
-    assert [hint.shape[0] for hint in KeyTable(5000)._hints] == [32768 + 1, 8192 + 1, 8192 + 1]
-    # The levels keep their promise: of 4096 random keys in 4096 rows, the first hint finds most,
-    # the other levels the rest, and none is left to the probe.
+    # At least 3 slots per row and 4096 in all; int32 rows.
+    assert table._cuckoo_key.shape[0] == table._cuckoo_row.shape[0] == 4096 + 1
+    assert table._cuckoo_key.dtype == torch.int64 and table._cuckoo_row.dtype == torch.int32
+    assert KeyTable(5000)._cuckoo_key.shape[0] == 16384 + 1
+    # Of 4096 random keys in 4096 rows (a load of 1/4), most sit in their first slot, all in one.
     rng = random.Random(4)
     keys = torch.tensor([rng.randint(-(2**63), 2**63 - 1) for _ in range(4096)])
     table = KeyTable(4096)
     with forced_algorithms(key_table="dynamic"):
         table.assign(keys)
-    first, others, probed = _hint_routes(table, keys)
-    assert first > 0.85 * 4096 and others > 0 and probed == 0, (first, others, probed)
+    first, second, neither = _cuckoo_routes(table, keys)
+    assert first > 0.8 * 4096 and second > 0 and neither == 0, (first, second, neither)  # 3479, 617, 0
+    # Identity keys 0 .. P - 1 never share a first slot.
+    table = KeyTable(1000)
+    with forced_algorithms(key_table="dynamic"):
+        table.assign(torch.arange(1000))
+    assert _cuckoo_routes(table, torch.arange(1000)) == (1000, 0, 0)
     tracker = presets.ddpo(100, buffer_size=4, min_count=2, keys="hashed")
     tracker.update(torch.tensor([3, 1 << 50, 3]), torch.tensor([1.0, 0.0, 0.5]))
     assert {"keys", "last_seen", "clock"} <= set(tracker.state_dict())
-    assert not any("hint" in name for name in tracker.state_dict())
-    hints = [hint.data_ptr() for hint in tracker._table._hints]
+    assert not any("cuckoo" in name for name in tracker.state_dict())
+    pointers = [tracker._table._cuckoo_key.data_ptr(), tracker._table._cuckoo_row.data_ptr()]
     rows = tracker._table.lookup(torch.tensor([3, 1 << 50]))
     assert sorted(rows.tolist()) == [0, 1]
     tracker.load_state_dict(tracker.state_dict())  # in place, so that captured CUDA graphs stay valid
-    assert [hint.data_ptr() for hint in tracker._table._hints] == hints
+    assert [tracker._table._cuckoo_key.data_ptr(), tracker._table._cuckoo_row.data_ptr()] == pointers
     assert torch.equal(tracker._table.lookup(torch.tensor([3, 1 << 50])), rows)
-    assert KeyTable(4, device="meta")._hints == []  # off the CPU the "fixed" algorithm never reads hints
+    assert _cuckoo_routes(tracker._table, torch.tensor([3, 1 << 50]))[2] == 0
+    assert KeyTable(4, device="meta")._cuckoo_key is None  # off the CPU the "fixed" algorithm never reads it
 
 
 # --- hashed trackers ---------------------------------------------------------------------------

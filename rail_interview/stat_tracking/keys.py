@@ -26,7 +26,7 @@ two's complement wrap-around, which torch's CPU and CUDA kernels both do
 (the tests pin keys to fixed values; the GPU check compares the devices).
 
 Dimensions: N samples, L tokens per sample, P rows (``capacity``), W slots
-per bucket of the table's hash index, H entries of its first hint.
+per bucket of the table's hash index, H slots of its cuckoo table.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import hashlib
 import json
 import struct
 import sys
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -61,8 +61,8 @@ _MIX_2 = _signed(0x94D049BB133111EB)
 _GOLDEN = _signed(0x9E3779B97F4A7C15)
 _TOKEN_SEED = _signed(0x2545F4914F6CDD1D)
 _LENGTH_SEED = _signed(0x27BB2EE687B0B0FD)
-# Odd multipliers of the key table's hints past the first (Fibonacci hashing: the product's top bits).
-_HINT_MULTIPLIERS = (_GOLDEN, _MIX_1)
+# The odd multiplier of the key table's second cuckoo slot (Fibonacci hashing: the product's top bits).
+_CUCKOO_MULTIPLIER = _GOLDEN
 
 
 def _shift_right(value: torch.Tensor, bits: int) -> torch.Tensor:
@@ -336,20 +336,22 @@ class KeyTable:
     ``index_overflows`` counts it (it stayed 0 in every test and benchmark,
     ten million keys included).
 
-    **Hints** (on a CPU, for the ``"dynamic"`` algorithm). Comparing a key
-    with its bucket takes [N, W]-shaped ops, which PyTorch runs about five
-    times slower per element than flat ones, after ``mix64``. So three
-    direct-mapped caches, or levels, remember the row each key took when it
-    entered the index: H entries (H the power of two >= max(4 P, 4096))
-    indexed by the key's low bits, then two of H / 4 indexed by the top bits
-    of its product with an odd constant. A key takes the first level whose
-    entry no key of the index holds, else the last one's. A lookup reads the
-    first level for every sample in flat [N] ops, and trusts a row where it
-    holds the key and is in the index: exactly when the index maps the key
-    there, so a stale hint (its key evicted, a reset, a shared entry) costs
-    time, never a wrong row, and nothing has to clear one. The samples it
-    misses (keys new to the table; with 4 P entries, about 12% of the keys,
-    whose entry another key holds) read the next levels, then the index.
+    **Cuckoo table** (on a CPU, for the ``"dynamic"`` algorithm). Comparing
+    a key with its bucket takes [N, W]-shaped ops, which PyTorch runs about
+    five times slower per element than flat ones, after ``mix64``. So an
+    exact two-choice cuckoo table (Pagh and Rodler, 2004) holds each key of
+    the index with its row, in one of its two slots: of H (the power of two
+    >= max(3 P, 4096)), the key's low bits and the top bits of its product
+    with an odd constant. A lookup reads both slots for every sample in flat
+    [N] ops, with no ``mix64`` and no subset; a slot holding the key gives
+    its row, and an empty slot s holds a key neither of whose slots is s,
+    so it matches no lookup. Keys enter it when they enter the index, in
+    displacement rounds over all of them at once (at most
+    ``CUCKOO_ROUNDS``; at a load of at most 1/3 a few do); they leave it when
+    they leave the index (eviction, reset, load), so a hit is always right.
+    A key the rounds leave without a slot (none in the tests and benchmarks
+    at the usual size), or one placed while torch.compile traces the update,
+    is found through the index instead: slower, never wrong.
 
     **Algorithms** (``ops.forced_algorithms(key_table=...)``; both give the
     same rows, bit for bit):
@@ -359,7 +361,7 @@ class KeyTable:
       evict come from ``torch.topk`` over all P rows' stamps, O(P). Used on
       CUDA and whenever torch.compile traces the update.
     * ``"dynamic"``: reads counts back to the host, which costs nothing on
-      a CPU. Every sample looks its key up first, through the hints; when
+      a CPU. Every sample looks its key up first, in the cuckoo table; when
       every valid key is found (training's steady state) that is all: the
       rows come from the lookup and each row's stamp is a max over its
       samples' positions, with no ``mix64``, no sort, no insertion and no
@@ -373,12 +375,12 @@ class KeyTable:
     State, on ``device``: ``keys`` int64 [P] (the key in each row),
     ``last_seen`` int64 [P] (the clock value when the key was last seen,
     -1 for an unused row) and ``clock`` int64 [] (samples seen so far). The
-    hash index, the hints and the queue are derived from them: rebuilt on
-    load, never saved. Memory: about 88 to 152 bytes per row (the index 64
-    to 128, as 4 P rounds up to a power of two; the rows 24); on a CPU, the
-    hints 32 to 56 more (1.5 H int32 entries, 24 to 48 bytes per row as
-    4 P rounds up to H, at least 24 KB in all; and each row's int64 index
-    flag, 8), and the queue up to 16 more.
+    hash index, the cuckoo table and the queue are derived from them:
+    rebuilt on load, never saved. Memory: about 88 to 152 bytes per row (the
+    index 64 to 128, as 4 P rounds up to a power of two; the rows 24); on a
+    CPU, the cuckoo table 36 to 72 more (H slots of an int64 key and an
+    int32 row, 12 bytes, as 3 P rounds up to H; at least 48 KB in all), and
+    the queue up to 16 more.
 
     Args:
         capacity: P, the rows.
@@ -398,10 +400,13 @@ class KeyTable:
     BUCKET_SLOTS = 8
     #: A new key goes to its first bucket while that holds fewer keys than this.
     FIRST_BUCKET_LOAD = 6
-    #: Entries of the first hint per row, at least (H, a power of two); the other levels have H / 4.
-    HINTS_PER_ROW = 4
-    #: log2 of the fewest entries of the first hint (small tables: a collision costs more than the memory).
-    MIN_HINT_BITS = 12
+    #: Cuckoo slots per row, at least (H, a power of two): a load of at most 1/3, where two-choice
+    #: cuckoo hashing places keys in a few rounds (it breaks down near 1/2).
+    CUCKOO_SLOTS_PER_ROW = 3
+    #: log2 of the fewest cuckoo slots.
+    MIN_CUCKOO_BITS = 12
+    #: Displacement rounds of a batch of keys entering the cuckoo table, at most.
+    CUCKOO_ROUNDS = 32
 
     def __init__(self, capacity: int, *, device: Device = None) -> None:
         check_positive_int("capacity", capacity)
@@ -428,28 +433,29 @@ class KeyTable:
         self._index = torch.empty(num_buckets + 1, 2, self.BUCKET_SLOTS, dtype=torch.int64, device=device)
         self._blocks = self._index.view(num_buckets + 1, 2 * self.BUCKET_SLOTS)  # [B + 1, 2W], one row per bucket
         self._clear_index()
-        # The hints (see the class docstring), on a CPU only, where the "dynamic"
-        # algorithm reads them: int32 (int64 past 2**31 rows) [H + 1], then two
-        # [H / 4 + 1]; each level's last entry is a scratch entry for masked
-        # writes, and every entry starts at the spare row P, never in the index.
-        # They are checked against the rows' keys and _indexed_row, [P + 1]
-        # each, rather than the index, four times as large: a large batch then
-        # reads less memory.
-        first_bits = max(self.MIN_HINT_BITS, (self.HINTS_PER_ROW * capacity - 1).bit_length())
-        bits = [first_bits] + [first_bits - 2] * len(_HINT_MULTIPLIERS)
-        self._hint_masks = [(1 << b) - 1 for b in bits]  # H - 1 per level
-        self._hint_shifts = [64 - b for b in bits]
-        self._hints: List[torch.Tensor] = []
-        # Each row, or -1 while it is not in the index: one gather checks a hinted row and widens it to int64.
-        self._indexed_row: Optional[torch.Tensor] = None  # int64 [P + 1]
+        # The cuckoo table (see the class docstring), on a CPU only, where the
+        # "dynamic" algorithm reads it: each slot's key, int64 [H + 1], and row,
+        # int32 (int64 past 2**31 rows) [H + 1]; slot H is a scratch slot for
+        # masked writes. An empty slot s holds the key s ^ X (X from
+        # _cuckoo_empty_mask) and row -1.
+        bits = max(self.MIN_CUCKOO_BITS, (self.CUCKOO_SLOTS_PER_ROW * capacity - 1).bit_length())
+        self._cuckoo_mask = (1 << bits) - 1  # H - 1
+        self._cuckoo_shift = 64 - bits
+        self._cuckoo_key: Optional[torch.Tensor] = None  # int64 [H + 1]
+        self._cuckoo_row: Optional[torch.Tensor] = None  # int32 [H + 1]
+        self._cuckoo_empty = 0  # X
+        self._cuckoo_unplaced = 0  # keys the displacement rounds left without a slot
         if device.type == "cpu":
+            self._cuckoo_empty = self._cuckoo_empty_mask()
+            self._cuckoo_key = torch.empty(self._cuckoo_mask + 2, dtype=torch.int64)
             row_dtype = torch.int32 if capacity < 2**31 else torch.int64  # pragma: no mutate (fork)
-            self._hints = [torch.full((mask + 2,), capacity, dtype=row_dtype) for mask in self._hint_masks]
-            self._indexed_row = torch.full((rows,), -1, dtype=torch.int64)
+            self._cuckoo_row = torch.empty(self._cuckoo_mask + 2, dtype=row_dtype)
+            self._clear_cuckoo()
         # Constants, made once: a Python scalar in torch.where costs an op per call.
         self._minus_one = torch.tensor(-1, device=device)  # int64 []
         self._no_bucket = torch.tensor(num_buckets, device=device)  # int64 [], bucket B (the scratch slot's)
         self._scratch_slot = torch.tensor(num_slots, device=device)  # int64 [], slot S
+        self._cuckoo_scratch = torch.tensor(self._cuckoo_mask + 1, device=device)  # int64 [], slot H
         self._scratch_key = self._sentinel[-1]  # int64 [], what the scratch slot holds
         self._columns = torch.arange(self.BUCKET_SLOTS, device=device)  # int64 [W]
         self._bucket_rows = self._index[:, 1]  # [B + 1, W], a view: each bucket's rows
@@ -482,6 +488,113 @@ class KeyTable:
         """Empties every slot: its bucket's sentinel key, row -1."""
         self._index[:, 0].copy_(self._sentinel.unsqueeze(1).expand(-1, self.BUCKET_SLOTS))
         self._index[:, 1].fill_(-1)
+
+    def _cuckoo_slots(self, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """int64 [M] twice: keys' two cuckoo slots, their low bits and the top bits of a product.
+
+        The product with an odd constant mixes every bit of the key into its
+        top bits, so keys that share their low bits (small integers times a
+        power of two) still get different second slots.
+        """
+        mask = self._cuckoo_mask
+        return keys & mask, ((keys * _CUCKOO_MULTIPLIER) >> self._cuckoo_shift) & mask
+
+    def _cuckoo_empty_mask(self) -> int:
+        """X, the first of a fixed sequence with which every empty slot s's key s ^ X has both slots other than s.
+
+        Its low bits are not all 0, so the first slot of s ^ X is not s; the
+        second is checked for all H slots (about one in e candidates passes).
+        """
+        slots = torch.arange(self._cuckoo_mask + 1)  # [H]
+        for attempt in range(1, 1000):  # pragma: no branch
+            candidate = _signed((_TOKEN_SEED + attempt * _GOLDEN) % (1 << 64))
+            if candidate & self._cuckoo_mask and not bool((self._cuckoo_slots(slots ^ candidate)[1] == slots).any()):
+                return candidate
+        raise AssertionError("no empty-slot key found")  # pragma: no cover
+
+    def _clear_cuckoo(self) -> None:
+        """Empties every cuckoo slot, in place: slot s holds the key s ^ X and row -1."""
+        torch.arange(self._cuckoo_mask + 2, out=self._cuckoo_key).bitwise_xor_(self._cuckoo_empty)
+        self._cuckoo_row.fill_(-1)
+        self._cuckoo_unplaced = 0
+
+    def _cuckoo_find(self, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keys' rows in the cuckoo table, in flat [M] ops: no subset, no host read.
+
+        Args:
+            keys: int64 [M].
+
+        Returns:
+            int64 [M], each key's row where it is in the cuckoo table (else
+            another key's row, or -1), and int64 [M], the key in the slot
+            that row came from: equal to the key exactly where it is in
+            the cuckoo table.
+        """
+        first, second = self._cuckoo_slots(keys)  # [M] each
+        slot = torch.where(self._cuckoo_key.index_select(0, first) == keys, first, second)  # [M]
+        return self._cuckoo_row.index_select(0, slot).long(), self._cuckoo_key.index_select(0, slot)
+
+    def _cuckoo_remove(self, keys: torch.Tensor, indexed: torch.Tensor) -> None:
+        """Empties the cuckoo slots of keys leaving the index, where the cuckoo table holds them.
+
+        Args:
+            keys: int64 [M], the keys rows held (anything for a row that held none).
+            indexed: bool [M], True for the keys the index holds: only they
+                can be in the cuckoo table, at their own row.
+        """
+        first, second = self._cuckoo_slots(keys)  # [M] each
+        slot = torch.where(self._cuckoo_key.index_select(0, first) == keys, first, second)  # [M]
+        held = indexed & (self._cuckoo_key.index_select(0, slot) == keys)  # [M]
+        slot = torch.where(held, slot, self._cuckoo_scratch)  # [M]
+        write_at(self._cuckoo_key, slot, slot ^ self._cuckoo_empty)
+        write_at(self._cuckoo_row, slot, self._minus_one.expand_as(slot))
+
+    def _cuckoo_insert(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
+        """Puts keys new to the cuckoo table in it, in displacement rounds over all the keys at once.
+
+        Each key aims at an empty one of its two slots (the first if both
+        are, or neither). In each round every key in flight claims its
+        slot; the first in order wins it (a max over claims, so no write
+        order matters), and whoever it displaced, or a key that lost the
+        claim, flies on to its other slot. Keys still in flight after
+        ``CUCKOO_ROUNDS`` rounds stay out of the table (``_cuckoo_unplaced``
+        counts them): the index finds them, slower but right.
+
+        Args:
+            keys: int64 [M], distinct, none in the cuckoo table.
+            rows: int64 [M], their rows.
+        """
+        if not keys.shape[0]:  # pragma: no mutate (empty)
+            return
+        first, second = self._cuckoo_slots(keys)  # [M] each
+        empty_first = self._cuckoo_row.index_select(0, first) < 0
+        target = torch.where(empty_first | (self._cuckoo_row.index_select(0, second) >= 0), first, second)  # [M]
+        for _ in range(self.CUCKOO_ROUNDS):
+            old_key = self._cuckoo_key.index_select(0, target)  # [M]
+            old_row = self._cuckoo_row.index_select(0, target)  # [M], -1: empty
+            claim = -2 - self._positions_from(keys.shape[0])  # [M], < -1, the first key's the largest
+            claim = claim.to(self._cuckoo_row.dtype)
+            self._cuckoo_row.scatter_reduce_(0, target, claim, "amax", include_self=False)
+            won = self._cuckoo_row.index_select(0, target) == claim  # [M]
+            at = torch.where(won, target, self._cuckoo_scratch)
+            write_at(self._cuckoo_key, at, keys)
+            write_at(self._cuckoo_row, at, rows)
+            # In flight next, to their other slot: the keys the winners displaced, and the losers.
+            flying = (~won | (old_row >= 0)).nonzero().squeeze(1)  # [M'], host-sized
+            if not flying.shape[0]:  # pragma: no mutate (empty)
+                return
+            won, target = won.index_select(0, flying), target.index_select(0, flying)
+            keys = torch.where(won, old_key.index_select(0, flying), keys.index_select(0, flying))
+            rows = torch.where(won, old_row.index_select(0, flying), rows.index_select(0, flying))
+            first, second = self._cuckoo_slots(keys)
+            target = torch.where(first == target, second, first)
+        self._cuckoo_unplaced += keys.shape[0]
+
+    def _positions_from(self, count: int) -> torch.Tensor:
+        """int64 [count]: 0, 1, ..., kept between updates (an arange per update costs an op)."""
+        if self._positions.shape[0] < count:  # pragma: no mutate (memory)
+            self._positions = torch.arange(count, device=self._device)
+        return self._positions if self._positions.shape[0] == count else self._positions[:count]
 
     def _write_slots(self, slot: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor) -> None:
         """Writes keys and rows into index slots [M] (int64 [M] each)."""
@@ -552,12 +665,10 @@ class KeyTable:
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each sample's row, and where the valid samples whose key is not in the table are (algorithm "dynamic").
 
-        Every sample reads its key's first hint and checks it, in flat [N]
-        ops and without ``mix64``; the samples whose hint fails (a key new to
-        the table, or one whose entry another key holds) read the next
-        levels, and those all levels miss probe the index, both buckets
-        (straight away when the first level missed most of the batch): each
-        step in a tensor sized on the host.
+        Every sample reads its key's two cuckoo slots in flat [N] ops,
+        without ``mix64``; the samples the cuckoo table misses (keys new to
+        the table, or one it left out) probe the index, both buckets, in a
+        tensor sized on the host.
 
         Args:
             keys: int64 [N].
@@ -568,57 +679,16 @@ class KeyTable:
             int64 [M], the positions of the valid samples whose key is
             absent, increasing; and int64 [M], their keys' ``mix64``.
         """
-        # Samples whose hint fails get their row from the next level, or the probe.
-        found_row, failed = self._hinted_rows(0, keys & self._hint_masks[0], keys)  # [N], [N]
-        absent = failed.nonzero().squeeze(1)  # [M'], host-sized
-        if not absent.shape[0]:  # pragma: no mutate (empty)
+        found_row, held = self._cuckoo_find(keys)  # [N], [N]
+        if torch.equal(held, keys):  # every sample found, in one op: training's steady state
             return found_row, self._no_rows, self._no_rows
+        absent = (held != keys).nonzero().squeeze(1)  # [M'], host-sized
         absent_keys = keys.index_select(0, absent)  # [M']
-        # Each level on the keys the ones before missed; when the first missed most of the batch (new
-        # keys, a stream), the others would too: straight to the probe (all-new stream: 7.6 -> 7.35 ms).
-        many_new = 2 * absent.shape[0] > keys.shape[0]
-        for level in range(1, len(self._hints)) if not many_new else ():  # pragma: no mutate (fork)
-            rows, failed = self._hinted_rows(level, self._hint_entry(level, absent_keys), absent_keys)  # [M']
-            found_row.index_put_((absent,), rows)
-            still = failed.nonzero().squeeze(1)  # [M''], host-sized
-            if not still.shape[0]:  # pragma: no mutate (empty)
-                return found_row, self._no_rows, self._no_rows
-            absent, absent_keys = absent.index_select(0, still), absent_keys.index_select(0, still)
         absent_mixed = mix64(absent_keys)  # [M']
         second = self._probe(absent_mixed, absent_keys)  # [M']
         found_row.index_put_((absent,), second)
         missing = second < 0 if valid is None else (second < 0) & valid.index_select(0, absent)  # [M']
         return found_row, absent[missing], absent_mixed[missing]
-
-    def _hinted_rows(
-        self, level: int, entry: torch.Tensor, keys: Optional[torch.Tensor]
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The rows keys' hints name, and where the hint fails.
-
-        Args:
-            level: which hint.
-            entry: int64 [M], each key's entry in it.
-            keys: int64 [M], or None for any key whose entry this is.
-
-        Returns:
-            int64 [M], the row each entry names, and bool [M], True where
-            that row does not hold the key (or a key of that entry) or is not
-            in the index. Where it is False, the row is the probe's (a row's
-            key, slot and ``_indexed_row`` are written together, and a slot
-            is emptied only when its row takes a new key).
-        """
-        row = self._hints[level].index_select(0, entry)  # [M], each key's row, maybe
-        row_key = self._row_key.index_select(0, row)  # [M]
-        failed = row_key != keys if keys is not None else self._hint_entry(level, row_key) != entry  # [M]
-        row = self._indexed_row.index_select(0, row)  # [M], int64, -1 for rows not in the index
-        failed |= row < 0
-        return row, failed
-
-    def _hint_entry(self, level: int, keys: torch.Tensor) -> torch.Tensor:
-        """int64 [M]: keys' entries in a hint: the low bits in level 0, else the top bits of a product."""
-        if level == 0:
-            return keys & self._hint_masks[0]
-        return ((keys * _HINT_MULTIPLIERS[level - 1]) >> self._hint_shifts[level]) & self._hint_masks[level]
 
     def _assign_found(self, found_row: torch.Tensor, valid: Optional[torch.Tensor]) -> KeyAssignment:
         """``assign`` when every valid sample's key is in the table (algorithm "dynamic").
@@ -634,10 +704,7 @@ class KeyTable:
         """
         num_samples = found_row.shape[0]
         row = found_row if valid is None else torch.where(valid, found_row, self._spare_row)  # [N]
-        # 0 .. N - 1, kept between updates: an arange per update costs an op.
-        if self._positions.shape[0] < num_samples:  # pragma: no mutate (memory)
-            self._positions = torch.arange(num_samples, device=self._device)
-        stamp = self._clock + self._positions[:num_samples]  # [N]
+        stamp = self._clock + self._positions_from(num_samples)  # [N]
         self._row_stamp.scatter_reduce_(0, row, stamp, "amax")  # the stamps before are all older
         self._clock.add_(num_samples)
         return KeyAssignment(row, None, self._no_rows, row, self._capacity + 1)
@@ -795,6 +862,8 @@ class KeyTable:
         """
         width, num_buckets = self.BUCKET_SLOTS, self._num_buckets
         old_slot = self._row_slot.index_select(0, rows)  # [M]
+        if self._cuckoo_key is not None:
+            self._cuckoo_remove(self._row_key.index_select(0, rows), old_slot < self._num_slots)
         self._write_slots(old_slot, self._sentinel.index_select(0, old_slot // width), torch.full_like(old_slot, -1))
         buckets = self._buckets(mixed)  # [M, 2]
         pending = torch.ones_like(keys, dtype=torch.bool) if new is None else new.clone()  # [M]
@@ -824,36 +893,9 @@ class KeyTable:
         write_at(self._row_key, rows, keys)
         write_at(self._row_stamp, rows, stamps)
         self._index_overflows.add_(pending.sum())
-        if self._hints:
-            write_at(self._indexed_row, rows, torch.where(slot < self._num_slots, rows, self._minus_one))
-            self._write_hints(keys, rows, slot)
-
-    def _write_hints(self, keys: torch.Tensor, rows: torch.Tensor, slot: torch.Tensor) -> None:
-        """Points the hints of keys that just entered the index at their rows.
-
-        A key takes its entry in the first level whose entry no key in the
-        index holds (that key is then found there for as long as it stays),
-        or in the last level whoever holds it; of the keys of one batch that
-        share an entry, one takes it and the others go on. Level 0 keeps
-        about 88% of the keys (with 4 entries per row), so the others' loads
-        stay low: of 4,096 random keys in 4,096 rows, or 65,536 in 65,536,
-        the third level found every key the first two missed (18 of 4,096).
-
-        Args:
-            keys: int64 [M].
-            rows: int64 [M], their rows.
-            slot: int64 [M], their slots, S for keys not placed (they write
-                the scratch entries).
-        """
-        pending = slot < self._num_slots  # [M], keys still to hint
-        for level, hint in enumerate(self._hints):
-            entry = self._hint_entry(level, keys)  # [M]
-            take = pending
-            # An entry a key of the index holds stays with it (the last level's goes to the last key).
-            if level < len(self._hints) - 1:  # pragma: no mutate (fork)
-                take = pending & self._hinted_rows(level, entry, None)[1]
-            write_at(hint, torch.where(take, entry, self._hint_masks[level] + 1), rows)
-            pending = pending & (hint.index_select(0, entry) != rows)
+        if self._cuckoo_key is not None and not is_compiling():  # traced: the index finds these keys
+            indexed = (slot < self._num_slots).nonzero().squeeze(1)  # [M'], host-sized
+            self._cuckoo_insert(keys.index_select(0, indexed), rows.index_select(0, indexed))
 
     def _queued_rows(self, wanted: int, before: torch.Tensor) -> torch.Tensor:
         """The ``wanted`` rows of least stamp, oldest first, from the queue (rebuilt if it runs out).
@@ -905,10 +947,8 @@ class KeyTable:
         self._row_stamp.copy_(torch.arange(-self._capacity, 1, device=self._device))
         self._row_slot.fill_(self._num_slots)
         self._clear_index()
-        if self._hints:  # stale hints would be harmless (see the class docstring), but cost a probe each
-            self._indexed_row.fill_(-1)
-            for hint in self._hints:
-                hint.fill_(self._capacity)
+        if self._cuckoo_key is not None:
+            self._clear_cuckoo()
         self._clock.zero_()
         self._index_overflows.zero_()
         self._queue_rows, self._queue_stamps, self._queue_head = self._queue_rows[:0], self._queue_stamps[:0], 0
