@@ -137,23 +137,10 @@ def grid(rounds: int) -> List[dict]:
 
 
 def _state_bytes(tracker) -> int:
-    """Bytes the tracker keeps: its memory's state and, with hashed keys, its key table's tensors."""
-    tensors = list(tracker._memory.state_tensors().values())  # pylint: disable=protected-access
+    """Bytes the tracker keeps: its memory's state and, with hashed keys, every tensor of its key table."""
+    tensors = tracker._memory.state_tensors().values()  # pylint: disable=protected-access
     table = tracker._table  # pylint: disable=protected-access
-    if table is not None:
-        tensors += [
-            table._index,
-            table._row_key,
-            table._row_stamp,
-            table._row_slot,
-            table._clock,
-            table._queue_rows,
-            table._queue_stamps,
-            *table._hints,  # the CPU's hints from a key to its row, derived state (none on CUDA)
-        ]
-        if table._hints:
-            tensors.append(table._indexed_row)
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(tensor.nbytes for tensor in tensors) + (table.memory_bytes() if table is not None else 0)
 
 
 def stream(num_keys: int, num_rows: int, num_samples: int) -> dict:

@@ -487,3 +487,13 @@ def test_headline_quick_writes_every_row_and_column(tmp_path):
     assert header in table and "Command: `python benchmarks/headline.py --quick --nocompile" in table
     assert sum(line.startswith("| ") for line in table.splitlines()) == len(rows) + 2  # and the header, the rule
     assert table.strip() in result.stdout  # the file holds the printed table
+
+
+def test_bench_keys_stream_and_markdown_run_on_a_small_table():
+    bench_keys = _load_benchmark_module("bench_keys")
+    result = bench_keys.stream(num_keys=3000, num_rows=500, num_samples=100)
+    assert result["updates"] == 30 and result["median_ms"] > 0
+    # Every tensor of the key table counts: more than the id tracker's state, by at least the rows' keys and stamps.
+    assert result["state_bytes"] >= result["id_state_bytes"] + 16 * 500
+    table = bench_keys.markdown(dict(grid=[], stream=result, key_functions=dict(prompt_keys_ms=1.0, token_keys_ms=1.0)))
+    assert "3,000 keys through 500 rows, N = 100" in table

@@ -827,3 +827,15 @@ def test_identity_keys_keep_integers_and_hash_everything_else_by_its_canonical_t
         identity_keys([0, 2**63])
     with pytest.raises(ValueError, match="prompt 0 cannot be keyed"):
         identity_keys([[{"content": object()}]])
+
+
+def test_memory_bytes_counts_every_tensor_once_and_matches_the_documented_range():
+    for capacity in (1_000, 4_096, 100_000):
+        table = KeyTable(capacity)
+        per_row = table.memory_bytes() / capacity
+        # The class docstring: 88 to 152 bytes per row, the CPU's cuckoo table 36 to 72 more
+        # (at least 48 KB), the queue up to 16 more; small tables pay the minimum sizes.
+        assert 88 + 36 <= per_row <= 152 + 72 + 16 + 49_152 / capacity, (capacity, per_row)
+        total = table.memory_bytes()
+        table.extra_view = table._index.view(-1)  # pylint: disable=protected-access  # another view: counted once
+        assert table.memory_bytes() == total

@@ -941,6 +941,19 @@ class KeyTable:
                 return entries[:end][unchanged[:end]]
         return None
 
+    def memory_bytes(self) -> int:
+        """Bytes of every tensor the table keeps (state, hash index, cuckoo table, queue), each storage once.
+
+        Returns:
+            The sum of the distinct storages' sizes, views counted once.
+        """
+        storages = {}
+        for value in vars(self).values():
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                storages[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+        return sum(storages.values())
+
     def reset(self) -> None:
         """Forgets every key."""
         self._row_key.zero_()
