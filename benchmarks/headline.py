@@ -34,10 +34,12 @@ G samples per group, C rewards per sample):
    against four combined by hand, buffer memory, at (4096, 1000).
 
 Every row's agreement is checked first where its benchmark checks it. Then
-every call is timed with this thread's CPU time (``timing.time_thread``, one
-torch thread) in ``--rounds`` rounds, each taking turns over all calls of all
-rows; each call's figure is the median over rounds, and a row's ratio is of
-those medians. The table has, per row: the figure, ours and the baseline,
+the rows are timed with this thread's CPU time (one torch thread) in
+``--rounds`` rounds, each taking the rows in turn; a row's calls, ours and
+the baseline's, are timed together, their blocks of calls taking turns
+(``timing.time_interleaved``), so that a busy machine's slow phases fall on
+both sides of the ratio alike. A row's times are the medians over rounds,
+and its ratio the median of the rounds' ratios. The table has, per row: the figure, ours and the baseline,
 the sizes, both times, the ratio (and which way it is taken), the target
 where the issue sets one, and whether it is met.
 """
@@ -67,7 +69,7 @@ import bench_multi_reward  # noqa: E402
 import bench_spo  # noqa: E402
 import bench_trackers  # noqa: E402
 from revisions import PACKAGE, REPO_ROOT  # noqa: E402
-from timing import describe_machine, time_thread, write_report  # noqa: E402
+from timing import describe_machine, time_interleaved, write_report  # noqa: E402
 
 from baselines import SpoDictTracker, python_loop_grpo  # noqa: E402
 
@@ -500,60 +502,87 @@ def spo_and_multi_reward_rows(calls: Calls, sizes: Dict[str, object]) -> List[Ro
     return rows
 
 
-def time_calls(calls: Calls, rounds: int, min_run_time: float) -> Dict[str, List[float]]:
-    """Times every call in ``rounds`` rounds, each round taking turns over all calls.
+def time_rows(rows: List[Row], calls: Calls, rounds: int, min_run_time: float) -> List[Dict[str, List[float]]]:
+    """Times each row's calls in ``rounds`` rounds, the row's calls taking turns block by block.
+
+    A round takes the rows in turn; each row's calls (ours and the
+    baseline's) are timed together by ``timing.time_interleaved``, so that
+    the machine's slow phases fall on both sides of its ratio alike. A call
+    that several rows share is timed with each of them.
 
     Args:
-        calls: the calls, by name, in the order each round takes them.
+        rows: the rows.
+        calls: the calls, by name.
         rounds: rounds of timing.
-        min_run_time: CPU seconds of timed calls per call and round, at least.
+        min_run_time: CPU seconds of timed calls per call, row and round, at least.
 
     Returns:
-        Per call, its milliseconds per call (this thread's CPU time) in each round.
+        Per row, its calls' milliseconds per call (this thread's CPU time) in each round.
     """
-    times: Dict[str, List[float]] = {name: [] for name in calls}
+    times: List[Dict[str, List[float]]] = [{name: [] for name in row.ours_calls + row.baseline_calls} for row in rows]
     for round_ in range(rounds):
-        for name, call in calls.items():
-            times[name].append(1e3 * time_thread(call, min_run_time))
+        for row_times in times:
+            names = list(row_times)
+            for name, seconds in zip(names, time_interleaved([calls[name] for name in names], min_run_time)):
+                row_times[name].append(1e3 * seconds)
         print(f"  round {round_ + 1} of {rounds} done", flush=True)
     return times
 
 
-def _ms(medians: Dict[str, float], names: Tuple[str, ...]) -> float:
-    """One call's median milliseconds, or the first's minus the second's."""
-    return medians[names[0]] - (medians[names[1]] if len(names) == 2 else 0.0)
+def _ms(times: Dict[str, float], names: Tuple[str, ...]) -> float:
+    """One call's milliseconds, or the first's minus the second's."""
+    return times[names[0]] - (times[names[1]] if len(names) == 2 else 0.0)
 
 
-def evaluate(rows: List[Row], times: Dict[str, List[float]]) -> List[Dict[str, object]]:
-    """Each row's times, ratio and verdict, from the medians over rounds of its calls.
+def _median_nan_last(values: List[float]) -> float:
+    """The median, NaN (a ratio whose denominator was at most 0) sorting above every number."""
+    ordered = sorted(values, key=lambda value: (value != value, value))
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def evaluate(rows: List[Row], times: List[Dict[str, List[float]]]) -> List[Dict[str, object]]:
+    """Each row's times, ratio and verdict, from its rounds.
+
+    Each round gives the row's two times (a call's, or an extra cost: a
+    difference of two calls') and their ratio; the row reports the medians
+    over rounds of the times and of the ratio (a median of paired ratios,
+    which a slow round moves less than a ratio of medians).
 
     Args:
         rows: the rows.
-        times: as ``time_calls`` returns them.
+        times: as ``time_rows`` returns them.
 
     Returns:
         One dict per row: its fields, ``ours_ms``, ``baseline_ms``,
         ``ratio``, ``ratio_of``, ``met`` (None without a target or a
-        ratio: an extra cost of the baseline's at most 0) and every
-        round of its calls (``rounds_ms``).
+        ratio: an extra cost of the baseline's at most 0 in most rounds)
+        and every round of its calls (``rounds_ms``) and ratio (``rounds_ratio``).
     """
-    medians = {name: statistics.median(values) for name, values in times.items()}
     results = []
-    for row in rows:
-        ours, baseline = _ms(medians, row.ours_calls), _ms(medians, row.baseline_calls)
-        numerator, denominator = (baseline, ours) if row.speedup else (ours, baseline)
-        ratio = numerator / denominator if denominator > 0 else float("nan")
+    for row, row_times in zip(rows, times):
+        rounds = [
+            {name: values[i] for name, values in row_times.items()} for i in range(len(next(iter(row_times.values()))))
+        ]
+        ours = [_ms(round_, row.ours_calls) for round_ in rounds]
+        baseline = [_ms(round_, row.baseline_calls) for round_ in rounds]
+        ratios = [
+            (b / o if row.speedup else o / b) if (o if row.speedup else b) > 0 else float("nan")
+            for o, b in zip(ours, baseline)
+        ]
+        ratio = _median_nan_last(ratios)
         met = None
         if row.target is not None and ratio == ratio:  # not NaN
             met = ratio >= row.target if row.speedup else ratio <= row.target
         result: Dict[str, object] = dict(row._asdict())
         result.update(
-            ours_ms=ours,
-            baseline_ms=baseline,
+            ours_ms=statistics.median(ours),
+            baseline_ms=statistics.median(baseline),
             ratio=ratio,
             ratio_of="baseline / ours" if row.speedup else "ours / baseline",
             met=met,
-            rounds_ms={name: times[name] for name in row.ours_calls + row.baseline_calls},
+            rounds_ms=row_times,
+            rounds_ratio=ratios,
         )
         results.append(result)
     return results
@@ -638,7 +667,7 @@ def run(quick: bool, compile_update: bool, rounds: int, min_run_time: float) -> 
             rows += compiled_group_rows(calls, sizes)
         print(f"{family}: built (and agree, where checked)", flush=True)
     print(f"Timing {len(calls)} calls for {len(rows)} rows, {rounds} round(s)", flush=True)
-    return evaluate(rows, time_calls(calls, rounds, min_run_time)), compiled_with
+    return evaluate(rows, time_rows(rows, calls, rounds, min_run_time)), compiled_with
 
 
 def main(argv: List[str]) -> int:
@@ -659,8 +688,9 @@ def main(argv: List[str]) -> int:
     summary = (
         f"{datetime.date.today().isoformat()}, {machine['processor']}, {machine['cpu_count']} cores, "
         f"torch {machine['torch']}, 1 thread; {PACKAGE} of HEAD {head}"
-        f"{' with uncommitted changes' if modified else ''}. This thread's CPU time, median over {rounds} "
-        f"round(s) of {min_run_time:g} s or more per call, each round taking turns over every call. "
+        f"{' with uncommitted changes' if modified else ''}. This thread's CPU time over {rounds} round(s), "
+        f"each timing every row's calls together for {min_run_time:g} s or more each, their blocks of calls "
+        "taking turns; times are medians over rounds, a ratio the median of the rounds' ratios. "
         f"Compiled update: {compiled_with}."
         + (" **--quick: tiny sizes, a smoke test, not figures.**" if FLAGS.quick else "")
     )

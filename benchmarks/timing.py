@@ -5,6 +5,8 @@
   events, after a warm-up;
 * ``time_thread``: the median CPU seconds of this thread per call, over
   blocks of about 10 ms (steadier than wall time on a busy machine);
+* ``time_interleaved``: the same for several calls whose blocks take turns,
+  so that their ratio holds through a busy machine's slow phases;
 * ``write_report``: a results table as ``<stem>.json`` and ``<stem>.md``;
 * ``describe_machine``: what the JSON reports say about the machine and versions.
 """
@@ -14,7 +16,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -109,20 +111,43 @@ def time_thread(fn: Callable[[], object], min_run_time: float) -> float:
     Returns:
         The median over blocks of the mean CPU time per call in a block.
     """
-    fn()
-    start = time.thread_time()
-    fn()
-    per_block = max(1, int(0.01 / max(time.thread_time() - start, 1e-7)))  # blocks of about 10 ms
-    samples: List[float] = []
-    spent = 0.0
-    while spent < min_run_time or len(samples) < 5:
+    return time_interleaved([fn], min_run_time)[0]
+
+
+def time_interleaved(fns: Sequence[Callable[[], object]], min_run_time: float) -> List[float]:
+    """``time_thread`` of several calls at once, their blocks taking turns.
+
+    A block of about 10 ms of the first call, then one of the second, and
+    so on, round and round, until each call has run ``min_run_time`` and at
+    least 5 blocks. A shared machine has slow phases lasting seconds, in
+    which even CPU time grows (caches and memory bandwidth are shared):
+    timed in turns, the calls meet them alike, so their ratio holds where
+    times taken one after the other would not.
+
+    Args:
+        fns: the calls to time.
+        min_run_time: CPU seconds of timed runs of each call, at least.
+
+    Returns:
+        Per call, the median over its blocks of the mean CPU seconds per call in a block.
+    """
+    per_block = []
+    for fn in fns:  # a warm-up call, then one timed call sizes the blocks
+        fn()
         start = time.thread_time()
-        for _ in range(per_block):
-            fn()
-        seconds = time.thread_time() - start
-        samples.append(seconds / per_block)
-        spent += seconds
-    return statistics.median(samples)
+        fn()
+        per_block.append(max(1, int(0.01 / max(time.thread_time() - start, 1e-7))))
+    samples: List[List[float]] = [[] for _ in fns]
+    spent = [0.0] * len(fns)
+    while min(spent) < min_run_time or min(map(len, samples)) < 5:
+        for index, fn in enumerate(fns):
+            start = time.thread_time()
+            for _ in range(per_block[index]):
+                fn()
+            seconds = time.thread_time() - start
+            samples[index].append(seconds / per_block[index])
+            spent[index] += seconds
+    return [statistics.median(block) for block in samples]
 
 
 def write_report(stem: str, report: Dict[str, object], text: str) -> None:

@@ -497,3 +497,39 @@ def test_bench_keys_stream_and_markdown_run_on_a_small_table():
     assert result["state_bytes"] >= result["id_state_bytes"] + 16 * 500
     table = bench_keys.markdown(dict(grid=[], stream=result, key_functions=dict(prompt_keys_ms=1.0, token_keys_ms=1.0)))
     assert "3,000 keys through 500 rows, N = 100" in table
+
+
+def test_headline_ratio_is_the_median_of_the_rounds_paired_ratios():
+    headline = _load_benchmark_module("headline")
+    speedup = headline.Row("f", "o", "b", "s", ("ours",), ("base",), True, 2.0, None)
+    (result,) = headline.evaluate([speedup], [{"ours": [1.0, 2.0, 1.0], "base": [3.0, 2.0, 2.5]}])
+    assert result["rounds_ratio"] == [3.0, 1.0, 2.5] and result["ratio"] == 2.5 and result["met"] is True
+    assert result["ours_ms"] == 1.0 and result["baseline_ms"] == 2.5  # medians over rounds
+    # Extra costs, each a difference of two calls per round; a round whose baseline extra is not
+    # positive has no ratio (NaN), which sorts above every number.
+    cost = headline.Row("f", "o", "b", "s", ("big", "small"), ("floor big", "floor small"), False, 1.3, None)
+    times = {"big": [2.0, 2.0, 2.0], "small": [1.0] * 3, "floor big": [1.5, 1.0, 1.4], "floor small": [1.0] * 3}
+    (result,) = headline.evaluate([cost], [times])
+    ratios = result["rounds_ratio"]
+    assert ratios[0] == 2.0 and ratios[1] != ratios[1] and ratios[2] == pytest.approx(2.5)
+    assert result["ratio"] == pytest.approx(2.5) and result["met"] is False
+    assert headline._median_nan_last([float("nan"), float("nan"), 1.0]) != headline._median_nan_last([1.0])
+
+
+def test_time_interleaved_times_each_call_in_turns():
+    timing = _load_benchmark_module("timing")
+    calls = []
+
+    def cheap():
+        calls.append("cheap")
+
+    def costly():
+        calls.append("costly")
+        sum(range(20_000))
+
+    fast, slow = timing.time_interleaved([cheap, costly], 0.02)
+    assert 0 < fast < slow
+    assert calls.count("costly") >= 5 + 2  # a warm-up, a sizing call, then 5 blocks at least
+    timed = calls[4:]  # the blocks: all of one call's block, then the other's, in turns
+    switches = sum(a != b for a, b in zip(timed, timed[1:]))
+    assert switches >= 2 * 5 - 1
