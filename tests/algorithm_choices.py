@@ -2,9 +2,9 @@
 
 Shared by the matrix (``test_tracker_matrix.py``) and the contract
 (``test_tracker_contract.py``), so that a new algorithm joins both at once.
-Two of them read a size back to the host (the ``"runs"`` grouping and the
-``"distinct"`` batch rows): eager on a CPU only; compiled, the scans and the
-per-sample rows stand in.
+Three of them read a size back to the host (the ``"runs"`` grouping, the
+``"distinct"`` batch rows and the ``"reuse"`` numerator): eager on a CPU only;
+compiled, the scans, the per-sample rows and the subtraction stand in.
 """
 
 from typing import Dict, List
@@ -17,6 +17,7 @@ ALGORITHM_CHOICES: List[Dict[str, str]] = [
         batch_stats="one_pass",
         group_stats="dense",
         batch_rows="whole",
+        numerator="reuse",
     ),
     dict(
         grouping="counts",
@@ -24,6 +25,7 @@ ALGORITHM_CHOICES: List[Dict[str, str]] = [
         batch_stats="two_pass",
         group_stats="sorted",
         batch_rows="per_sample",
+        numerator="subtract",
     ),
     dict(
         grouping="scans",
@@ -31,6 +33,7 @@ ALGORITHM_CHOICES: List[Dict[str, str]] = [
         batch_stats="one_pass",
         group_stats="dense",
         batch_rows="distinct",
+        numerator="reuse",
     ),
     dict(
         grouping="scans",
@@ -38,6 +41,7 @@ ALGORITHM_CHOICES: List[Dict[str, str]] = [
         batch_stats="two_pass",
         group_stats="sorted",
         batch_rows="per_sample",
+        numerator="subtract",
     ),
     dict(
         grouping="runs",
@@ -45,5 +49,6 @@ ALGORITHM_CHOICES: List[Dict[str, str]] = [
         batch_stats="one_pass",
         group_stats="sorted",
         batch_rows="distinct",
+        numerator="reuse",
     ),
 ]

@@ -513,18 +513,26 @@ def test_every_memory_hands_the_estimator_one_layout(memory, grouping, group_sta
 @pytest.mark.parametrize("scale", ["prompt_std", "batch_std", "none"])
 @pytest.mark.parametrize("fallback", ["batch", "raw", "zero"])
 @pytest.mark.parametrize("eps_rule", ["add", "max", "nonzero", "variance"])
-def test_the_estimator_gives_per_row_statistics_the_per_sample_answer_bit_for_bit(baseline, scale, fallback, eps_rule):
+@pytest.mark.parametrize("numerator", ["subtract", "reuse"])
+def test_the_estimator_gives_per_row_statistics_the_per_sample_answer_bit_for_bit(
+    baseline, scale, fallback, eps_rule, numerator
+):
     # Memories that count per row hand the estimator [R] statistics and each
     # sample's row; it decides per row and gathers once. Same operations on
-    # the same values: torch.equal with the expanded, per-sample statistics.
+    # the same values: torch.equal with the expanded, per-sample statistics,
+    # whether the numerator is subtracted again or the deviation reused (the
+    # last batch of each memory leaves no row of the batch falling back).
+    from rail_interview.stat_tracking import ops
     from rail_interview.stat_tracking.functional import prompt_advantages
     from rail_interview.stat_tracking.memory import make_memory
 
     generator = torch.Generator().manual_seed(7)
     for memory, num_prompts in (("none", 6), ("buffer", 6), ("buffer", 60)):
         kept = make_memory(memory, num_prompts, buffer_size=3, decay=0.5, dtype=torch.float32, device=CPU)
-        for _ in range(4):
+        for step in range(5):
             ids = torch.randint(num_prompts + 1, (20,), generator=generator)  # row P: the spare row
+            if step == 4:  # no row of the batch below min_count (none at all without memory, P = 6)
+                ids = torch.arange(20) % 5
             rewards = torch.randn(20, generator=generator) * 3 + 1
             rewards[:4] = 2.5  # a group of equal rewards somewhere, std 0 for "nonzero"
             stats = kept.fold(ids, rewards, ddof=1, own_weight=False)
@@ -540,9 +548,41 @@ def test_the_estimator_gives_per_row_statistics_the_per_sample_answer_bit_for_bi
                 report=True,
                 eps_rule=eps_rule,
             )
-            per_row = prompt_advantages(stats, **options)
+            with ops.forced_algorithms(numerator=numerator):
+                per_row = prompt_advantages(stats, **options)
             per_sample = prompt_advantages(stats.per_sample(), **options)
             assert torch.equal(per_row[0], per_sample[0]) and torch.equal(per_row[1], per_sample[1])
+
+
+@pytest.mark.parametrize("fallback", ["batch", "raw", "zero"])
+def test_the_reuse_numerator_takes_the_deviation_exactly_where_no_row_of_the_batch_falls_back(fallback):
+    # Statistics that break the per-row promise (deviation != rewards - mean[rows])
+    # show which numerator the estimator took: the deviation's, or a subtraction.
+    from rail_interview.stat_tracking import ops
+    from rail_interview.stat_tracking.functional import prompt_advantages
+    from rail_interview.stat_tracking.types import SampleStats
+
+    rewards = torch.tensor([1.0, 3.0, 5.0, 9.0])
+    mean = torch.tensor([2.0, 7.0, 0.0])  # rows 0 and 1 hold the samples; row 2 none
+    rows = torch.tensor([0, 0, 1, 1])
+    marked = rewards - mean[rows] + 100.0  # not the subtraction: only a reuse yields it
+    options = dict(baseline="prompt_mean", scale="prompt_std", eps=0.0, fallback=fallback, eps_rule="add")
+    options.update(batch_mean=torch.tensor(4.5), batch_std=torch.tensor(1.0), report=False)
+    for counts, row_falls_back in (([2.0, 2.0, 0.0], False), ([2.0, 1.0, 0.0], True), ([2.0, 2.0, 1.0], True)):
+        # The last: a row without samples in this batch but with a count that falls back (a memory's
+        # history); the check cannot tell it from a row with samples, and stays on the safe side.
+        stats = SampleStats(rewards, torch.tensor(counts), marked, torch.ones(3), None, None, mean=mean, rows=rows)
+        for numerator in ("subtract", "reuse"):
+            with ops.forced_algorithms(numerator=numerator):
+                advantages, _ = prompt_advantages(stats, min_count=2, **options)
+            reused = fallback == "zero" or (numerator == "reuse" and not row_falls_back)
+            assert bool((advantages[:2] > 50).all()) == reused, (counts, numerator)
+    with ops.forced_algorithms(numerator="reuse"):  # a read back: off a CPU and compiled, the subtraction
+        assert ops.numerator_algorithm(10**6, 10, torch.device("meta")) == "subtract"
+    smallest = ops.REUSE_DEVIATION_MIN_SAMPLES
+    assert ops.numerator_algorithm(smallest - 1, 10, CPU) == "subtract"
+    assert ops.numerator_algorithm(smallest, smallest // 2, CPU) == "reuse"
+    assert ops.numerator_algorithm(smallest, smallest // 2 + 1, CPU) == "subtract"  # the check would cost more
 
 
 def test_repr_names_the_class_and_its_options():
@@ -621,3 +661,35 @@ def test_the_estimator_leaves_the_statistics_it_reads_as_they_were(fallback):
     )
     assert torch.equal(advantages[:2], torch.tensor([-2.0, 2.0]))
     assert all(torch.equal(after, kept) for after, kept in zip(stats[:4], before))
+
+
+@pytest.mark.parametrize("fallback", ["zero", "raw", "batch"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_per_row_statistics_keep_their_deviation_unless_the_caller_lets_it_be_overwritten(fallback, overwrite):
+    # The reuse numerator divides the deviation itself: into a new tensor, or,
+    # with overwrite (a tracker's own temporaries), in place.
+    from rail_interview.stat_tracking import ops
+    from rail_interview.stat_tracking.functional import prompt_advantages
+    from rail_interview.stat_tracking.types import SampleStats
+
+    rewards, mean, rows = torch.tensor([1.0, 3.0, 4.0, 8.0]), torch.tensor([2.0, 6.0]), torch.tensor([0, 0, 1, 1])
+    deviation = rewards - mean[rows]
+    stats = SampleStats(
+        rewards, torch.tensor([2, 2]), deviation, torch.tensor([0.5, 2.0]), None, None, mean=mean, rows=rows
+    )
+    before = deviation.clone()
+    with ops.forced_algorithms(numerator="reuse"):
+        advantages, _ = prompt_advantages(
+            stats,
+            baseline="prompt_mean",
+            scale="prompt_std",
+            eps=0.0,
+            min_count=2,
+            fallback=fallback,
+            batch_mean=torch.tensor(4.0),
+            batch_std=torch.tensor(2.0),
+            overwrite=overwrite,
+        )
+    assert torch.equal(advantages, torch.tensor([-2.0, 2.0, -1.0, 1.0]))
+    assert (advantages.data_ptr() == deviation.data_ptr()) == overwrite
+    assert torch.equal(stats.deviation, advantages if overwrite else before)

@@ -37,7 +37,14 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from rail_interview.stat_tracking.ops import add_at, batch_mean_std, take, weighted_mean_std, write_at
+from rail_interview.stat_tracking.ops import (
+    add_at,
+    batch_mean_std,
+    numerator_algorithm,
+    take,
+    weighted_mean_std,
+    write_at,
+)
 from rail_interview.stat_tracking.types import SampleStats, UpdateReport
 
 #: The choices of each estimator option.
@@ -99,6 +106,7 @@ def prompt_advantages(
     batch_std: Optional[torch.Tensor],
     report: bool = False,
     eps_rule: str = "add",
+    overwrite: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Advantages from each sample's prompt statistics, by the estimator the options name.
 
@@ -115,6 +123,10 @@ def prompt_advantages(
         batch_std: scalar (or [N]), their std, or None when unused.
         report: whether to say which samples fell back.
         eps_rule: how eps enters the division (``scale_divisor``).
+        overwrite: the advantages may be computed in ``stats.deviation``'s
+            memory, which is then garbage (a tracker's own temporary: one
+            fresh [N] tensor fewer, which on a CPU can cost page faults).
+            False leaves ``stats`` as it was.
 
     Returns:
         float [N], the advantages in batch order in the statistics' dtype,
@@ -143,6 +155,7 @@ def prompt_advantages(
             batch_std=batch_std,
             report=report,
             eps_rule=eps_rule,
+            overwrite=overwrite,
         )
     stats = stats.per_sample()
     own = stats.count >= min_count  # [N]
@@ -184,6 +197,7 @@ def _row_advantages(
     batch_std: Optional[torch.Tensor],
     report: bool,
     eps_rule: str,
+    overwrite: bool,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``prompt_advantages`` from per-row statistics: each choice made per row, then one gather per sample.
 
@@ -207,7 +221,6 @@ def _row_advantages(
         shift = torch.where(falls_back, center, stats.mean)  # [R]
     else:
         shift = stats.mean.masked_fill(falls_back, center)  # [R]
-    numerator = stats.rewards - take(shift, rows)  # [N]
     divisor: Optional[torch.Tensor] = None
     if scale == "prompt_std":
         if fallback == "batch":
@@ -222,9 +235,38 @@ def _row_advantages(
             divisor = torch.where(falls_back, math.inf, 1.0 if divisor is None else divisor)  # [R]
         else:
             divisor = divisor.masked_fill_(falls_back, math.inf)  # [R], a temporary of this function
-    if divisor is not None:
-        numerator = numerator.div_(take(divisor, rows)) if divisor.ndim else numerator / divisor
+    if divisor is None:
+        numerator = stats.rewards - take(shift, rows)  # [N]
+    elif baseline != "batch_mean" and _numerator_is_deviation(stats, falls_back, fallback):
+        row_divisor = take(divisor, rows) if divisor.ndim else divisor
+        numerator = stats.deviation.div_(row_divisor) if overwrite else stats.deviation / row_divisor  # [N]
+    else:
+        numerator = stats.rewards - take(shift, rows)  # [N]
+        numerator = numerator.div_(take(divisor, rows)) if divisor.ndim else numerator.div_(divisor)
     return stats.to_batch_order(numerator), stats.to_batch_order(take(falls_back, rows)) if report else None
+
+
+def _numerator_is_deviation(stats: SampleStats, falls_back: torch.Tensor, fallback: str) -> bool:
+    """Whether each sample's reward minus its row's shift is the memory's deviation, bit for bit.
+
+    A row's shift is its mean unless the row falls back (with fallback
+    ``"zero"`` even then), and per-row statistics promise that the
+    deviation is ``rewards - mean[rows]``, that very subtraction. So the
+    [N] gather and subtraction of the shift can be skipped: always with
+    fallback ``"zero"``; otherwise where no row with samples (count >= 1,
+    as per-row statistics promise) falls back, which the ``"reuse"``
+    numerator algorithm reads back on a CPU (``ops.numerator_algorithm``).
+
+    Args:
+        stats: per-row statistics (``rows`` set).
+        falls_back: bool [R], the rows below ``min_count``.
+        fallback: one of ``FALLBACKS``.
+    """
+    if fallback == "zero":
+        return True
+    if numerator_algorithm(stats.rewards.shape[0], falls_back.shape[0], stats.rewards.device) != "reuse":
+        return False
+    return not bool(falls_back.logical_and(stats.count > 0).any())
 
 
 def fallback_advantages(

@@ -226,6 +226,7 @@ class NoMemory:
         self._num_prompts = num_prompts
         self._dtype = dtype
         self._device = device
+        self._one = torch.ones(1, dtype=compute_dtype(dtype), device=device)  # [1], the rewards' dtype
 
     def fold(
         self,
@@ -272,8 +273,11 @@ class NoMemory:
             count = _weighted_count(size, mass, weight)  # [N]
             return SampleStats(sorted_rewards, count, deviation, std, weight, groups)
         # Dense rows: O(N + R) and no sort.
+        # A kept one expanded to [N] (a view) is read in place of a fresh [N] tensor of ones.
+        if self._one.dtype != rewards.dtype:  # pragma: no mutate (memory)
+            self._one = rewards.new_ones(1)
         count = add_at(
-            torch.zeros(num_rows, dtype=rewards.dtype, device=rewards.device), prompt_ids, torch.ones_like(rewards)
+            torch.zeros(num_rows, dtype=rewards.dtype, device=rewards.device), prompt_ids, self._one.expand_as(rewards)
         )
         if weights is None:
             mean = add_at(torch.zeros_like(count), prompt_ids, rewards).div_(count)  # [R], NaN for rows without samples

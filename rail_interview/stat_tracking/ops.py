@@ -4,7 +4,7 @@ Everything here is sync-free and loop-free, on any device, so that a
 tracker's ``update`` built from it can be compiled with
 ``torch.compile(fullgraph=True)`` and captured in a CUDA graph.
 
-**Algorithm choices.** Five operations have more than one algorithm, with
+**Algorithm choices.** Seven operations have more than one algorithm, with
 identical results (up to float rounding where noted), because the fastest
 one depends on the batch size or the device:
 
@@ -31,17 +31,24 @@ batch_rows      ``"whole"``, ``"per_sample"``,          whole when the rows (P +
                                                         on a CPU outside
                                                         torch.compile, else per_sample
                                                         (``batch_rows_algorithm``)
+numerator       ``"subtract"``, ``"reuse"``             reuse from
+                                                        ``REUSE_DEVIATION_MIN_SAMPLES``
+                                                        and 2 R <= N
+                                                        on a CPU outside
+                                                        torch.compile, else subtract
+                                                        (``numerator_algorithm``)
 =============== ======================================= ==============================
 
 A path that only one device or one size takes is an untested path unless it
 can be forced: ``forced_algorithms(grouping="scans", ...)`` forces any of
 them on any device and size. The tests run every tracker through every
 choice on small CPU batches; the CUDA tests (``tests/test_cuda.py``, run by ``benchmarks/gpu_check.py``)
-forces each on CUDA under the sync-debug mode. Three read a size back to the
+forces each on CUDA under the sync-debug mode. Four read a size back to the
 host by design and run only where that costs no sync, on a CPU outside
-torch.compile: the ``"runs"`` grouping and the ``"distinct"`` batch rows
-(elsewhere the scans and the per-sample rows stand in, forced or not), and
-the ``"dynamic"`` key table (never chosen on CUDA).
+torch.compile: the ``"runs"`` grouping, the ``"distinct"`` batch rows and
+the ``"reuse"`` numerator (elsewhere the scans, the per-sample rows and the
+subtraction stand in, forced or not), and the ``"dynamic"`` key table (never
+chosen on CUDA).
 
 **Precision.** State may be float16 or bfloat16, but statistics are
 accumulated in ``compute_dtype(dtype)``: float32 for the 16-bit dtypes (as
@@ -100,12 +107,19 @@ ALGORITHMS: Dict[str, Tuple[str, ...]] = {
     "group_stats": ("dense", "sorted"),
     "key_table": ("fixed", "dynamic"),
     "batch_rows": ("whole", "per_sample", "distinct"),
+    "numerator": ("subtract", "reuse"),
 }
 
 #: From this batch size on, ``group_by_prompt`` finds group boundaries in
 #: linear time; below it, with binary search (fewer ops, and at small sizes
 #: the op count is what costs).
 LINEAR_GROUPING_MIN_SAMPLES = 2048
+
+#: From this batch size on, with at most half as many rows as samples, on a
+#: CPU, the estimator reuses the memory's deviation as each sample's
+#: numerator where no row falls back (``numerator_algorithm``): below, the
+#: check's four [R] ops cost more than the two [N] passes it saves.
+REUSE_DEVIATION_MIN_SAMPLES = 2048
 
 #: From this batch size on, ``batch_mean_std`` takes two passes (mean, then
 #: deviations) instead of ``torch.std_mean``: more ops, each much faster.
@@ -566,6 +580,34 @@ def batch_rows_algorithm(num_samples: int, num_rows: int, device: torch.device) 
         default = "distinct" if device.type == "cpu" else "per_sample"  # pragma: no mutate (fork)
     algorithm = _forced.get("batch_rows", default)
     return "per_sample" if algorithm == "distinct" and not _reads_sizes_back(device) else algorithm
+
+
+def numerator_algorithm(num_samples: int, num_rows: int, device: torch.device) -> str:
+    """How the estimator gets each sample's numerator from per-row statistics: forced, or by size and device.
+
+    * ``"subtract"``: the reward minus the row's shift (its mean, or the
+      fallback's center where the row falls back), gathered: two [N] passes.
+    * ``"reuse"``: the memory's deviation itself (the same subtraction of
+      the row's mean, bit for bit) when no row with samples falls back,
+      which it reads back to the host; else ``"subtract"``. On a CPU
+      outside torch.compile only (a sync elsewhere): ``"subtract"`` stands
+      in there, forced or not.
+
+    (With fallback ``"zero"`` the shift is always the mean, so the
+    deviation is reused with either algorithm, with no read.)
+
+    Args:
+        num_samples: N.
+        num_rows: R, the rows of the statistics (the check reads each).
+        device: the batch's device.
+
+    Returns:
+        ``"subtract"`` or ``"reuse"``.
+    """
+    saves = num_samples >= REUSE_DEVIATION_MIN_SAMPLES and 2 * num_rows <= num_samples  # pragma: no mutate (fork)
+    default = "reuse" if saves else "subtract"  # pragma: no mutate (fork)
+    algorithm = _forced.get("numerator", default)
+    return "reuse" if algorithm == "reuse" and _reads_sizes_back(device) else "subtract"
 
 
 class SortedRuns(NamedTuple):

@@ -1146,6 +1146,7 @@ eps=1e-06, min_count=2, fallback='zero', nan_rewards='refuse', keys='ids', dtype
                 min_count=self._min_count,
                 fallback=self._fallback,
                 report=report,
+                overwrite=True,  # the statistics are this update's own temporaries
                 **in_stats_order,
             )
         if overflow is not None:

@@ -197,6 +197,9 @@ class SampleStats(NamedTuple):
             subtraction); else None.
         rows: int64 [N], each sample's row, in output order, when
             ``count``, ``std`` and ``mean`` are per row ([R]); else None.
+            A row that holds a sample then has a count of at least 1 (the
+            estimator reads no other row's count to know that none of the
+            batch's rows falls back).
 
     Example:
         >>> from rail_interview.stat_tracking.ops import group_by_prompt
