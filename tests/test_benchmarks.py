@@ -529,7 +529,7 @@ def test_time_interleaved_times_each_call_in_turns():
 
     fast, slow = timing.time_interleaved([cheap, costly], 0.02)
     assert 0 < fast < slow
-    assert calls.count("costly") >= 5 + 2  # a warm-up, a sizing call, then 5 blocks at least
+    assert calls.count("costly") >= 5 * 2 + 2  # a warm-up, a sizing call, then 5 blocks at least, each after a call
     timed = calls[4:]  # the blocks: all of one call's block, then the other's, in turns
     switches = sum(a != b for a, b in zip(timed, timed[1:]))
     assert switches >= 2 * 5 - 1
