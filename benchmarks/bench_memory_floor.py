@@ -22,7 +22,11 @@ cost): the memory system's price in the cache state an update leaves.
 Each timed call takes the next of 16 batches drawn beforehand (groups of 8
 samples of N / 8 prompts drawn uniformly from P), so that, as in training,
 each call touches rows the previous one did not. Times are this thread's
-CPU time (one torch thread), median over rounds::
+CPU time (one torch thread); each round times a memory's six calls (the
+floor, the floor between updates and the update, at both sizes) together,
+their blocks taking turns (``timing.time_interleaved``), so that a busy
+phase falls on all of them. The extra costs and their ratios are taken per
+round; the table has their medians over rounds::
 
     python benchmarks/bench_memory_floor.py --out=benchmarks/results   # memory_floor_cpu.{json,md}, about a minute
 """
@@ -41,7 +45,7 @@ from absl import app, flags
 from rail_interview.stat_tracking import presets
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import describe_machine, time_thread, write_report  # noqa: E402  pylint: disable=wrong-import-position
+from timing import describe_machine, median_nan_last, time_interleaved, write_report  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -169,13 +173,15 @@ def measure(rounds: int, min_run_time: float) -> List[Dict[str, float]]:
     for memory in FLOORS:
         calls = memory_calls(memory, drawn)
         times: Dict[Tuple[str, int], List[float]] = {key: [] for key in calls}
-        for _ in range(rounds):
-            for key, call in calls.items():
-                times[key].append(time_thread(call, min_run_time) * 1e3)
+        for _ in range(rounds):  # the six calls in turns, block by block: a busy phase falls on all
+            for key, seconds in zip(calls, time_interleaved(list(calls.values()), min_run_time)):
+                times[key].append(seconds * 1e3)
+        extra = {kind: [big - small for big, small in zip(times[kind, LARGE], times[kind, SMALL])] for kind in KINDS}
+        ratios = {
+            floor: [u / f if f > 0 else float("nan") for u, f in zip(extra["update"], extra[floor])]
+            for floor in ("floor", "floor_between")
+        }
         ms = {key: statistics.median(values) for key, values in times.items()}
-        floor_extra = ms["floor", LARGE] - ms["floor", SMALL]
-        between_extra = ms["floor_between", LARGE] - ms["floor_between", SMALL]
-        update_extra = ms["update", LARGE] - ms["update", SMALL]
         rows.append(
             dict(
                 memory=memory,
@@ -183,11 +189,11 @@ def measure(rounds: int, min_run_time: float) -> List[Dict[str, float]]:
                 floor_large_ms=ms["floor", LARGE],
                 update_small_ms=ms["update", SMALL],
                 update_large_ms=ms["update", LARGE],
-                floor_extra_ms=floor_extra,
-                floor_between_extra_ms=between_extra,
-                update_extra_ms=update_extra,
-                extra_ratio=update_extra / floor_extra if floor_extra > 0 else float("nan"),
-                extra_ratio_between=update_extra / between_extra if between_extra > 0 else float("nan"),
+                floor_extra_ms=statistics.median(extra["floor"]),
+                floor_between_extra_ms=statistics.median(extra["floor_between"]),
+                update_extra_ms=statistics.median(extra["update"]),
+                extra_ratio=median_nan_last(ratios["floor"]),
+                extra_ratio_between=median_nan_last(ratios["floor_between"]),
             )
         )
     return rows

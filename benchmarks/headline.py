@@ -69,7 +69,7 @@ import bench_multi_reward  # noqa: E402
 import bench_spo  # noqa: E402
 import bench_trackers  # noqa: E402
 from revisions import PACKAGE, REPO_ROOT  # noqa: E402
-from timing import describe_machine, time_interleaved, write_report  # noqa: E402
+from timing import describe_machine, median_nan_last, time_interleaved, write_report  # noqa: E402
 
 from baselines import SpoDictTracker, python_loop_grpo  # noqa: E402
 
@@ -534,13 +534,6 @@ def _ms(times: Dict[str, float], names: Tuple[str, ...]) -> float:
     return times[names[0]] - (times[names[1]] if len(names) == 2 else 0.0)
 
 
-def _median_nan_last(values: List[float]) -> float:
-    """The median, NaN (a ratio whose denominator was at most 0) sorting above every number."""
-    ordered = sorted(values, key=lambda value: (value != value, value))
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def evaluate(rows: List[Row], times: List[Dict[str, List[float]]]) -> List[Dict[str, object]]:
     """Each row's times, ratio and verdict, from its rounds.
 
@@ -570,7 +563,7 @@ def evaluate(rows: List[Row], times: List[Dict[str, List[float]]]) -> List[Dict[
             (b / o if row.speedup else o / b) if (o if row.speedup else b) > 0 else float("nan")
             for o, b in zip(ours, baseline)
         ]
-        ratio = _median_nan_last(ratios)
+        ratio = median_nan_last(ratios)
         met = None
         if row.target is not None and ratio == ratio:  # not NaN
             met = ratio >= row.target if row.speedup else ratio <= row.target

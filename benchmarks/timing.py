@@ -154,6 +154,17 @@ def time_interleaved(fns: Sequence[Callable[[], object]], min_run_time: float) -
     return [statistics.median(block) for block in samples]
 
 
+def median_nan_last(values: Sequence[float]) -> float:
+    """The median, NaN (such as a ratio whose denominator was at most 0) sorting above every number.
+
+    Args:
+        values: at least one number.
+    """
+    ordered = sorted(values, key=lambda value: (value != value, value))
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def write_report(stem: str, report: Dict[str, object], text: str) -> None:
     """Writes ``report`` to ``<stem>.json`` and ``text`` to ``<stem>.md`` (the directory is created), and says so.
 
