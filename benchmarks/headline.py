@@ -549,7 +549,7 @@ def evaluate(rows: List[Row], times: List[Dict[str, List[float]]]) -> List[Dict[
     Returns:
         One dict per row: its fields, ``ours_ms``, ``baseline_ms``,
         ``ratio``, ``ratio_of``, ``met`` (None without a target or a
-        ratio: an extra cost of the baseline's at most 0 in most rounds)
+        ratio: an extra cost of the baseline's at most 0 in at least half the rounds)
         and every round of its calls (``rounds_ms``) and ratio (``rounds_ratio``).
     """
     results = []

@@ -462,8 +462,12 @@ def test_compiled_update_graph_replay_equals_eager_bit_for_bit_without_a_sync(na
     assert len(fast.shapes) == 2
 
 
-@pytest.mark.parametrize("name", ["buffer", "hashed_buffer", "spo"])
-def test_compiled_update_captures_a_new_batch_size_and_honours_load_state_dict(name):
+@pytest.mark.parametrize("name", ["buffer", "hashed_buffer", "spo", "ema"])
+def test_compiled_update_captures_a_new_batch_size_and_honours_load_state_dict(name, monkeypatch):
+    # Small decay-power tables: the EMA's grow at the larger size, after the smaller one's capture,
+    # whose graph must keep reading the old table (kept alive, ops.DecayPowers).
+    monkeypatch.setattr(ops.DecayPowers, "MIN_ENTRIES", 8)
+    monkeypatch.setattr(ops.DecayPowers, "CHUNK", 4)
     make, kind = FAST_PATH_TRACKERS[name]
     fast, eager = CompiledUpdate(make(device="cuda", check_values=False)), make(device="cuda", check_values=False)
     fresh = make(device="cuda", check_values=False).state_dict()

@@ -214,3 +214,38 @@ def test_state_with_zero_or_small_variance_is_accepted():
     }
     tracker.load_state_dict(state)
     assert tracker.stats().std.tolist() == [0.0, 0.5, 2.0]
+
+
+def test_a_tracker_loaded_from_a_state_dict_continues_bit_for_bit_after_a_large_batch():
+    # The decay powers come from tables whose entries do not depend on how large
+    # they grew (torch.pow's last bit can depend on an element's place in a call):
+    # a tracker that saw a batch larger than the first tables and a fresh one
+    # loaded from its state dict give the same bits from then on.
+    generator = torch.Generator().manual_seed(11)
+    tracker = EmaStatTracker(50, decay=0.9, min_count=2)
+    tracker.update(torch.randint(50, (5000,), generator=generator), torch.randn(5000, generator=generator))
+    resumed = EmaStatTracker(50, decay=0.9, min_count=2)
+    resumed.load_state_dict(tracker.state_dict())
+    for _ in range(20):
+        ids = torch.randint(5, (40,), generator=generator)  # groups of about 8: weights from entries 1 to 20
+        rewards = torch.randn(40, generator=generator)
+        assert torch.equal(tracker.update(ids, rewards), resumed.update(ids, rewards))
+    for name, tensor in tracker.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+def test_decay_power_tables_keep_their_entries_and_their_old_memory_when_they_grow(monkeypatch):
+    from rail_interview.stat_tracking.ops import DecayPowers, group_by_prompt
+
+    monkeypatch.setattr(DecayPowers, "MIN_ENTRIES", 8)
+    monkeypatch.setattr(DecayPowers, "CHUNK", 4)
+    powers = DecayPowers(0.37, scale=0.63, dtype=torch.float32, device=torch.device("cpu"))
+    first = (powers._kept, powers._later)  # pylint: disable=protected-access
+    groups = group_by_prompt(torch.zeros(30, dtype=torch.int64), 1)  # one group of 30: entries up to 30
+    weight, kept = powers.fold_weights(groups, groups.size)
+    grown = powers._kept  # pylint: disable=protected-access
+    assert grown.shape[0] > 30 and powers._retired == [first]  # pylint: disable=protected-access
+    assert torch.equal(grown[: first[0].shape[0]], first[0])  # the same entries, bit for bit
+    exponent = torch.arange(30, dtype=torch.float32)
+    torch.testing.assert_close(kept, torch.full((30,), 0.37**30))
+    torch.testing.assert_close(weight, 0.63 * torch.pow(0.37, 29 - exponent))

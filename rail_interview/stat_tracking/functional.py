@@ -207,7 +207,8 @@ def _row_advantages(
     statistics is ``rewards - mean[rows]``, the deviation itself), so the
     result is the same bit for bit; but the fallback's choices and the eps
     rule run over R rows instead of N samples, and the N-sized work is a
-    gather, a subtraction, a gather and a division.
+    gather, a subtraction, a gather and a division (a gather and a division
+    where the memory's deviation is reused: ``_numerator_is_deviation``).
     """
     rows = stats.rows
     falls_back = stats.count < min_count  # [R]

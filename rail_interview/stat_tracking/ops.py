@@ -95,7 +95,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Dict, Iterator, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -484,13 +484,20 @@ class DecayPowers:
     Folding a group of n rewards into a moving statistic one at a time
     weighs the old statistic by ``decay ** n`` and the group's i-th reward
     (0-based, in batch order) by ``scale * decay ** (n - 1 - i)``. Both are
-    read here from tables of powers built once for the largest batch so
-    far: a gather each, in place of a cast and a ``pow`` (each about 10 us
-    at N = 256 on a CPU). The tables hold ``torch.pow``'s own values.
+    read here from tables of powers: a gather each, in place of a cast and
+    a ``pow`` (each about 10 us at N = 256 on a CPU).
 
-    Under torch.compile the tables are constants of the graph; a batch
-    larger than any before (re)builds them in Python, before tracing on
-    ``CompiledUpdate``'s eager first call of a shape.
+    * **The same values whatever the history.** ``torch.pow`` on a CPU can
+      differ in the last bit between its vectorised and scalar paths, which
+      an element takes by its position in the call; so the powers are
+      computed in calls of ``CHUNK`` entries each, and entry k is the same
+      in every table, however large it grew: a tracker loaded from a state
+      dict continues bit for bit as the one that saved it.
+    * **Growth.** The first tables hold ``MIN_ENTRIES`` entries; a batch
+      larger than that builds tables twice as large as needed, and the old
+      ones are kept alive: a CUDA graph captured with them keeps reading
+      valid memory. Under ``torch.compile(dynamic=False)`` a shape compiled
+      before a growth recompiles once (its guard on the table's size).
 
     Args:
         decay: the weight kept per reward, in [0, 1].
@@ -506,10 +513,22 @@ class DecayPowers:
         (tensor([0.2500, 0.5000, 1.0000, 1.0000]), tensor([0.1250, 0.1250, 0.1250, 0.5000]))
     """
 
+    #: Entries computed per ``torch.pow`` call (see the class docstring).
+    CHUNK = 1024
+    #: Entries of the first tables: batches of up to this many samples never grow them.
+    MIN_ENTRIES = 4096
+
     def __init__(self, decay: float, *, scale: float, dtype: torch.dtype, device: torch.device) -> None:
         self._decay, self._scale, self._dtype, self._device = decay, scale, dtype, device
-        self._kept = torch.ones(1, dtype=dtype, device=device)  # [>= N + 1], decay ** k
-        self._later = torch.ones(1, dtype=dtype, device=device)  # [>= N + 2], scale * decay ** (j - 1)
+        self._retired: List[Tuple[torch.Tensor, torch.Tensor]] = []  # replaced tables, kept for captured graphs
+        self._kept, self._later = self._tables(self.MIN_ENTRIES)
+
+    def _tables(self, entries: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``decay ** k`` [>= entries] and ``scale * decay ** (j - 1)`` [>= entries + 1], in chunks of ``CHUNK``."""
+        chunks = -(-(entries + 1) // self.CHUNK)  # ceil: decay ** (j - 1) for j = 0 .. entries at least
+        exponents = torch.arange(-1, chunks * self.CHUNK - 1, dtype=self._dtype, device=self._device)
+        powers = torch.cat([torch.pow(self._decay, part) for part in exponents.split(self.CHUNK)])  # [J]
+        return powers[1:], self._scale * powers if self._scale != 1.0 else powers
 
     def fold_weights(self, groups: PromptGroups, size: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Each sorted sample's weight in its group's fold, and its group's weight on the old statistic.
@@ -524,9 +543,8 @@ class DecayPowers:
         """
         num_samples = groups.position.shape[0]
         if self._kept.shape[0] <= num_samples:  # pragma: no mutate (memory)
-            exponent = torch.arange(-1, num_samples + 1, dtype=self._dtype, device=self._device)  # [N + 2]
-            powers = torch.pow(self._decay, exponent)  # [N + 2], decay ** (k - 1)
-            self._kept, self._later = powers[1:], self._scale * powers if self._scale != 1.0 else powers
+            self._retired.append((self._kept, self._later))
+            self._kept, self._later = self._tables(2 * num_samples)
         # n - 1 - i later rewards of the group: decay ** (n - 1 - i) is entry (end - position) of _later.
         return take(self._later, groups.end - groups.position), take(self._kept, size)
 
