@@ -214,14 +214,6 @@ def _row_advantages(
     falls_back = stats.count < min_count  # [R]
     # masked_fill with a number, not where: no 0-dim tensor made for it, one op fewer.
     center, spread = (batch_mean, batch_std) if fallback == "batch" else (0.0, 1.0)
-    if baseline == "batch_mean":
-        shift = torch.where(falls_back, center, batch_mean)  # [R]
-    elif fallback == "zero":
-        shift = stats.mean  # [R]; rows that fall back get an infinite scale below
-    elif fallback == "batch":
-        shift = torch.where(falls_back, center, stats.mean)  # [R]
-    else:
-        shift = stats.mean.masked_fill(falls_back, center)  # [R]
     divisor: Optional[torch.Tensor] = None
     if scale == "prompt_std":
         if fallback == "batch":
@@ -236,14 +228,22 @@ def _row_advantages(
             divisor = torch.where(falls_back, math.inf, 1.0 if divisor is None else divisor)  # [R]
         else:
             divisor = divisor.masked_fill_(falls_back, math.inf)  # [R], a temporary of this function
-    if divisor is None:
-        numerator = stats.rewards - take(shift, rows)  # [N]
-    elif baseline != "batch_mean" and _numerator_is_deviation(stats, falls_back, fallback):
+    # Reused only into a division: without one, the advantages would be the memory's own tensor.
+    if divisor is not None and baseline != "batch_mean" and _numerator_is_deviation(stats, falls_back, fallback):
         row_divisor = take(divisor, rows) if divisor.ndim else divisor
         numerator = stats.deviation.div_(row_divisor) if overwrite else stats.deviation / row_divisor  # [N]
     else:
+        if baseline == "batch_mean":
+            shift = torch.where(falls_back, center, batch_mean)  # [R]
+        elif fallback == "zero":
+            shift = stats.mean  # [R]; rows that fall back get an infinite scale
+        elif fallback == "batch":
+            shift = torch.where(falls_back, center, stats.mean)  # [R]
+        else:
+            shift = stats.mean.masked_fill(falls_back, center)  # [R]
         numerator = stats.rewards - take(shift, rows)  # [N]
-        numerator = numerator.div_(take(divisor, rows)) if divisor.ndim else numerator.div_(divisor)
+        if divisor is not None:
+            numerator = numerator.div_(take(divisor, rows) if divisor.ndim else divisor)
     return stats.to_batch_order(numerator), stats.to_batch_order(take(falls_back, rows)) if report else None
 
 
