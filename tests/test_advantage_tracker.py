@@ -633,11 +633,28 @@ def test_leave_one_out_std_depends_on_the_groups_not_on_how_many_prompts_there_a
             assert torch.equal(few.update(ids, rewards), many.update(ids * 499 + 7, rewards))
 
 
+def _mean_and_std_advantages(stats, fallback, *, batch_mean, **options):
+    """``prompt_advantages`` by each prompt's mean and std (eps 0, min_count 2, batch std 2): the advantages."""
+    from rail_interview.stat_tracking.functional import prompt_advantages
+
+    advantages, _ = prompt_advantages(
+        stats,
+        baseline="prompt_mean",
+        scale="prompt_std",
+        eps=0.0,
+        min_count=2,
+        fallback=fallback,
+        batch_mean=torch.tensor(batch_mean),
+        batch_std=torch.tensor(2.0),
+        **options,
+    )
+    return advantages
+
+
 @pytest.mark.parametrize("fallback", ["zero", "raw", "batch"])
 def test_the_estimator_leaves_the_statistics_it_reads_as_they_were(fallback):
     # A caller may read SampleStats again after prompt_advantages: the
     # division goes into the function's own temporary, never the deviation.
-    from rail_interview.stat_tracking.functional import prompt_advantages
     from rail_interview.stat_tracking.types import SampleStats
 
     stats = SampleStats(
@@ -649,16 +666,7 @@ def test_the_estimator_leaves_the_statistics_it_reads_as_they_were(fallback):
         None,
     )
     before = [tensor.clone() for tensor in stats[:4]]
-    advantages, _ = prompt_advantages(
-        stats,
-        baseline="prompt_mean",
-        scale="prompt_std",
-        eps=0.0,
-        min_count=2,
-        fallback=fallback,
-        batch_mean=torch.tensor(3.0),
-        batch_std=torch.tensor(2.0),
-    )
+    advantages = _mean_and_std_advantages(stats, fallback, batch_mean=3.0)
     assert torch.equal(advantages[:2], torch.tensor([-2.0, 2.0]))
     assert all(torch.equal(after, kept) for after, kept in zip(stats[:4], before))
 
@@ -669,7 +677,6 @@ def test_per_row_statistics_keep_their_deviation_unless_the_caller_lets_it_be_ov
     # The reuse numerator divides the deviation itself: into a new tensor, or,
     # with overwrite (a tracker's own temporaries), in place.
     from rail_interview.stat_tracking import ops
-    from rail_interview.stat_tracking.functional import prompt_advantages
     from rail_interview.stat_tracking.types import SampleStats
 
     rewards, mean, rows = torch.tensor([1.0, 3.0, 4.0, 8.0]), torch.tensor([2.0, 6.0]), torch.tensor([0, 0, 1, 1])
@@ -679,17 +686,7 @@ def test_per_row_statistics_keep_their_deviation_unless_the_caller_lets_it_be_ov
     )
     before = deviation.clone()
     with ops.forced_algorithms(numerator="reuse"):
-        advantages, _ = prompt_advantages(
-            stats,
-            baseline="prompt_mean",
-            scale="prompt_std",
-            eps=0.0,
-            min_count=2,
-            fallback=fallback,
-            batch_mean=torch.tensor(4.0),
-            batch_std=torch.tensor(2.0),
-            overwrite=overwrite,
-        )
+        advantages = _mean_and_std_advantages(stats, fallback, batch_mean=4.0, overwrite=overwrite)
     assert torch.equal(advantages, torch.tensor([-2.0, 2.0, -1.0, 1.0]))
     assert (advantages.data_ptr() == deviation.data_ptr()) == overwrite
     assert torch.equal(stats.deviation, advantages if overwrite else before)
