@@ -497,8 +497,11 @@ def test_every_memory_hands_the_estimator_one_layout(memory, grouping, group_sta
             stats = kept.fold(spare, rewards, ddof=0, own_weight=True)
         if stats.rows is not None:  # per-row statistics, expanded for any reader but the estimator
             assert stats.count.shape == stats.std.shape == stats.mean.shape and stats.rows.shape == (7,)
-            assert torch.equal(stats.deviation, stats.rewards - stats.mean[stats.rows])
+            # The deviation, when the memory computed it, is that very subtraction; per_sample makes it if not.
+            expected = stats.rewards - stats.mean[stats.rows]
+            assert stats.deviation is None if memory == "buffer" else torch.equal(stats.deviation, expected)
             stats = stats.per_sample()
+            assert torch.equal(stats.deviation, expected)
         for field in ("rewards", "count", "deviation", "std", "own_weight"):
             assert getattr(stats, field).shape == (7,), field
         assert torch.equal(stats.to_batch_order(stats.rewards), rewards)

@@ -257,12 +257,16 @@ def _numerator_is_deviation(stats: SampleStats, falls_back: torch.Tensor, fallba
     fallback ``"zero"``; otherwise where no row with samples (count >= 1,
     as per-row statistics promise) falls back, which the ``"reuse"``
     numerator algorithm reads back on a CPU (``ops.numerator_algorithm``).
+    Never where the memory left the deviation None (it did not need it, so
+    the subtraction is made here once either way).
 
     Args:
         stats: per-row statistics (``rows`` set).
         falls_back: bool [R], the rows below ``min_count``.
         fallback: one of ``FALLBACKS``.
     """
+    if stats.deviation is None:  # the memory did not compute it: subtracting the shift costs the same
+        return False
     if fallback == "zero":
         return True
     if numerator_algorithm(stats.rewards.shape[0], falls_back.shape[0], stats.rewards.device) != "reuse":

@@ -7,9 +7,11 @@ deviation from their mean, and their std (with the estimator's ``ddof``),
 the current batch always included. The estimator
 (``functional.prompt_advantages``) turns those into advantages; the
 memory knows nothing of baselines, scales or fallbacks, and the estimator
-nothing of memories. Every memory computes a sample's deviation as its
-reward minus its prompt's mean in the compute dtype, one subtraction, so
-that no precision is lost to a later re-centring.
+nothing of memories. Every sample's deviation is its reward minus its
+prompt's mean in the compute dtype, one subtraction, so that no precision
+is lost to a later re-centring; a memory whose statistics are per row
+and that does not need the deviation itself (the buffer's) leaves that
+subtraction to the estimator.
 
 * ``NoMemory``: this batch's rewards of the prompt only, as GRPO-style
   trainers use them. Keeps no state.
@@ -506,8 +508,8 @@ class BufferMemory:
         weight = None
         if own_weight:
             weight = unsort(pushed_out, order).logical_not_() / take(count, prompt_ids).to(rewards.dtype)
-        deviation = rewards - take(mean, prompt_ids)  # [N]
-        return SampleStats(rewards, count, deviation, std, weight, None, mean=mean, rows=prompt_ids)  # per row
+        # No deviation: the estimator subtracts each row's shift (its mean, or the fallback's) itself.
+        return SampleStats(rewards, count, None, std, weight, None, mean=mean, rows=prompt_ids)  # per row
 
     def _fold_distinct_rows(
         self, prompt_ids: torch.Tensor, rewards: torch.Tensor, ddof: int, own_weight: bool
@@ -532,7 +534,7 @@ class BufferMemory:
         weight = None
         if own_weight:
             weight = unsort(pushed_out, runs.order).logical_not_() / take(count, run).to(rewards.dtype)
-        return SampleStats(rewards, count, rewards - take(mean, run), std, weight, None, mean=mean, rows=run)  # per run
+        return SampleStats(rewards, count, None, std, weight, None, mean=mean, rows=run)  # per run, as _fold_all_rows
 
     def _write_sorted(
         self,

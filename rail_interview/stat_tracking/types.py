@@ -184,7 +184,11 @@ class SampleStats(NamedTuple):
         count: [N] (or [R] when ``rows`` is set), the rewards behind the
             sample's (the row's) prompt's statistics: int64, or
             integer-valued floats of the compute dtype.
-        deviation: float [N], the sample's reward minus its prompt's mean.
+        deviation: float [N], the sample's reward minus its prompt's mean;
+            or None with per-row statistics whose memory did not need it
+            for itself (``per_sample`` then computes it: ``rewards -
+            mean[rows]``), so that no estimator that subtracts the row's
+            shift anyway pays for it twice.
         std: float [N] (or [R] when ``rows`` is set), the prompt's std with
             the ``ddof`` asked for (meaningless where count <= ddof).
         own_weight: float [N], the weight of the sample's own reward in its
@@ -213,7 +217,7 @@ class SampleStats(NamedTuple):
 
     rewards: torch.Tensor
     count: torch.Tensor
-    deviation: torch.Tensor
+    deviation: Optional[torch.Tensor]
     std: torch.Tensor
     own_weight: Optional[torch.Tensor]
     groups: Optional[PromptGroups]
@@ -222,6 +226,8 @@ class SampleStats(NamedTuple):
 
     def per_sample(self) -> "SampleStats":
         """The same statistics with ``count`` and ``std`` per sample ([N]), ``mean`` and ``rows`` None.
+
+        The deviation is computed (``rewards - mean[rows]``) if the memory left it None.
 
         Example:
             >>> rewards, mean = torch.tensor([1.0, 3.0]), torch.tensor([2.0])  # one row of two samples
@@ -234,7 +240,11 @@ class SampleStats(NamedTuple):
             return self
         rows = self.rows
         count, std = self.count.index_select(0, rows), self.std.index_select(0, rows)
-        return self._replace(count=count, std=std, mean=None, rows=None)
+        deviation = self.deviation
+        if deviation is None:
+            assert self.mean is not None, "per-row statistics without a deviation need their rows' mean"
+            deviation = self.rewards - self.mean.index_select(0, rows)  # [N]
+        return self._replace(count=count, deviation=deviation, std=std, mean=None, rows=None)
 
     def to_batch_order(self, values: torch.Tensor) -> torch.Tensor:
         """Puts per-sample values from output order into batch order.
