@@ -18,6 +18,8 @@ ALGORITHM_CHOICES: List[Dict[str, str]] = [
         group_stats="dense",
         batch_rows="whole",
         numerator="reuse",
+        add_at="scatter_add",
+        sort="padded",
     ),
     dict(
         grouping="counts",
@@ -26,6 +28,8 @@ ALGORITHM_CHOICES: List[Dict[str, str]] = [
         group_stats="sorted",
         batch_rows="per_sample",
         numerator="subtract",
+        add_at="index_add",
+        sort="direct",
     ),
     dict(
         grouping="scans",
@@ -34,6 +38,8 @@ ALGORITHM_CHOICES: List[Dict[str, str]] = [
         group_stats="dense",
         batch_rows="distinct",
         numerator="reuse",
+        add_at="scatter_add",
+        sort="narrow",
     ),
     dict(
         grouping="scans",
@@ -42,6 +48,8 @@ ALGORITHM_CHOICES: List[Dict[str, str]] = [
         group_stats="sorted",
         batch_rows="per_sample",
         numerator="subtract",
+        add_at="index_add",
+        sort="padded",
     ),
     dict(
         grouping="runs",
@@ -50,5 +58,7 @@ ALGORITHM_CHOICES: List[Dict[str, str]] = [
         group_stats="sorted",
         batch_rows="distinct",
         numerator="reuse",
+        add_at="scatter_add",
+        sort="direct",
     ),
 ]

@@ -535,3 +535,21 @@ def test_time_interleaved_times_each_call_in_turns():
     timed = calls[4:]  # the blocks: all of one call's block, then the other's, in turns
     switches = sum(a != b for a, b in zip(timed, timed[1:]))
     assert switches >= 2 * 5 - 1
+
+
+def test_bench_forks_times_each_algorithm_of_a_fork_on_checked_updates():
+    result = _run(
+        "bench_forks.py",
+        "--fork=add_at",
+        "--cases=verl_grpo:64:16:4,ddpo:64:100:8",
+        "--rounds=1",
+        "--min_run_time=0.01",
+    )
+    assert result.returncode == 0, result.stderr
+    table = [line for line in result.stdout.splitlines() if line.startswith("| verl_grpo") or line.startswith("| ddpo")]
+    assert len(table) == 2
+    assert all(float(cell) > 0 for line in table for cell in line.strip("| ").split(" | ")[4:])
+    assert _run("bench_forks.py", "--fork=nothing").returncode != 0
+    bench_forks = _load_benchmark_module("bench_forks")
+    with pytest.raises(ValueError, match="multiple of G"):
+        bench_forks.parse_cases("ddpo:10:100:4")

@@ -141,6 +141,45 @@ def test_segment_sums_are_the_same_bit_for_bit_from_run_to_run(algorithm):
         assert all(torch.equal(ops.segment_sum(values, groups), first) for _ in range(3))
 
 
+@pytest.mark.parametrize("num_threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
+@pytest.mark.parametrize("num_samples", [1, 300, ops.SCATTER_ADD_MIN_SAMPLES, 70_000])
+def test_add_at_algorithms_add_in_batch_order_bit_for_bit(num_samples, dtype, num_threads):
+    # Reference: a plain loop over the batch, in batch order, in the dtype.
+    generator = torch.Generator().manual_seed(num_samples)
+    num_rows = max(num_samples // 50, 3)
+    index = torch.randint(num_rows, (num_samples,), generator=generator)
+    values = (torch.randn(num_samples, generator=generator, dtype=torch.float64) * 1e3).to(dtype)
+    if num_samples <= 300:
+        expected = [torch.zeros((), dtype=dtype) for _ in range(num_rows)]
+        for row, value in zip(index.tolist(), values):
+            expected[row] = expected[row] + value
+        expected = torch.stack(expected)
+    else:
+        expected = torch.zeros(num_rows, dtype=dtype).index_add_(0, index, values)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        for algorithm in ops.ALGORITHMS["add_at"]:
+            with ops.forced_algorithms(add_at=algorithm):
+                target = torch.zeros(num_rows, dtype=dtype)
+                assert ops.add_at(target, index, values) is target
+                assert torch.equal(target, expected), algorithm
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_add_at_takes_scatter_add_for_large_float_batches_on_a_cpu_only():
+    cpu, smallest = torch.device("cpu"), ops.SCATTER_ADD_MIN_SAMPLES
+    assert ops.add_at_algorithm(torch.zeros(smallest - 1), cpu) == "index_add"
+    assert ops.add_at_algorithm(torch.zeros(smallest), cpu) == "scatter_add"
+    assert ops.add_at_algorithm(torch.zeros(smallest, dtype=torch.float64), cpu) == "scatter_add"
+    assert ops.add_at_algorithm(torch.zeros(smallest, dtype=torch.int64), cpu) == "index_add"  # counts
+    assert ops.add_at_algorithm(torch.zeros(smallest), torch.device("meta")) == "index_add"
+    with ops.forced_algorithms(add_at="scatter_add"):
+        assert ops.add_at_algorithm(torch.zeros(1, dtype=torch.int64), torch.device("meta")) == "scatter_add"
+
+
 @pytest.mark.parametrize("algorithm", ops.ALGORITHMS["batch_stats"])
 @pytest.mark.parametrize("num_samples", [1, 2, 5, 1023, 1024, 5000])
 def test_every_batch_stats_algorithm_matches_float64(algorithm, num_samples):
@@ -224,3 +263,39 @@ def test_linear_grouping_keeps_batch_order_within_groups(num_prompts):
     with ops.forced_algorithms(grouping="scans"):
         groups = ops.group_by_prompt(ids, num_prompts)
     assert torch.equal(groups.order, torch.sort(ids, stable=True).indices)
+
+
+@pytest.mark.parametrize("algorithm", ops.ALGORITHMS["sort"])
+@pytest.mark.parametrize(
+    "num_samples, num_prompts",
+    [(1, 1), (300, 7), (300, 40_000), (ops.PADDED_SORT_MIN_SAMPLES, 2**15), (9000, 2**15 + 1), (40_000, 500)],
+)
+def test_every_sort_algorithm_sorts_stably_into_the_dtype_asked(algorithm, num_samples, num_prompts):
+    generator = torch.Generator().manual_seed(num_samples)
+    ids = torch.randint(num_prompts, (num_samples,), generator=generator)
+    ids[-1] = num_prompts - 1  # the narrow dtype's largest value, as the pads, when P = 2**15
+    expected_ids, expected_order = torch.sort(ids, stable=True)
+    for dtype in (torch.int64, torch.int32):
+        with ops.forced_algorithms(sort=algorithm):
+            sorted_ids, order = ops.sort_ids(ids, num_prompts, dtype=dtype)
+        assert sorted_ids.dtype == dtype and order.dtype == torch.int64
+        assert torch.equal(sorted_ids.long(), expected_ids) and torch.equal(order, expected_order)
+
+
+def test_sort_algorithm_pads_mid_sized_cpu_batches_for_the_radix_sort(monkeypatch):
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    smallest, radix = ops.PADDED_SORT_MIN_SAMPLES, ops.RADIX_SORT_MIN_SAMPLES
+    monkeypatch.setattr(ops, "radix_sort_available", lambda: True)
+    assert ops.sort_algorithm(smallest - 1, 100, cpu) == "direct"
+    assert ops.sort_algorithm(smallest, 100, cpu) == ops.sort_algorithm(radix - 1, 2**31, cpu) == "padded"
+    assert ops.sort_algorithm(radix, 100, cpu) == ops.sort_algorithm(10, 100, meta) == "narrow"
+    assert ops.sort_algorithm(radix, None, cpu) == ops.sort_algorithm(radix, 2**31 + 1, meta) == "direct"
+    with ops.forced_algorithms(sort="padded"):
+        assert ops.sort_algorithm(10, 100, meta) == "padded"
+        assert ops.sort_algorithm(10, None, meta) == "direct"  # no narrow dtype holds the ids
+    monkeypatch.setattr(ops, "radix_sort_available", lambda: False)
+    assert ops.sort_algorithm(smallest, 100, cpu) == "direct"
+
+
+def test_radix_sort_available_is_a_bool():
+    assert isinstance(ops.radix_sort_available(), bool)

@@ -4,7 +4,7 @@ Everything here is sync-free and loop-free, on any device, so that a
 tracker's ``update`` built from it can be compiled with
 ``torch.compile(fullgraph=True)`` and captured in a CUDA graph.
 
-**Algorithm choices.** Seven operations have more than one algorithm, with
+**Algorithm choices.** Nine operations have more than one algorithm, with
 identical results (up to float rounding where noted), because the fastest
 one depends on the batch size or the device:
 
@@ -18,6 +18,16 @@ grouping        ``"search"``, ``"counts"``, ``"scans"``, search below
                                                         torch.compile; else scans
 segment_sum     ``"index_add"``, ``"segment_reduce"``   index_add on a CPU,
                                                         segment_reduce elsewhere
+add_at          ``"index_add"``, ``"scatter_add"``      scatter_add for float values
+                                                        from ``SCATTER_ADD_MIN_SAMPLES``
+                                                        on a CPU, else index_add
+                                                        (``add_at_algorithm``)
+sort            ``"direct"``, ``"narrow"``,             on a CPU direct below
+                ``"padded"``                            ``PADDED_SORT_MIN_SAMPLES``,
+                                                        padded up to
+                                                        ``RADIX_SORT_MIN_SAMPLES``,
+                                                        narrow from there and off
+                                                        a CPU (``sort_algorithm``)
 batch_stats     ``"one_pass"``, ``"two_pass"``          two_pass from
                                                         ``TWO_PASS_BATCH_STATS_MIN_SAMPLES``
 group_stats     ``"dense"``, ``"sorted"``               dense on a CPU when the rows
@@ -108,6 +118,8 @@ ALGORITHMS: Dict[str, Tuple[str, ...]] = {
     "key_table": ("fixed", "dynamic"),
     "batch_rows": ("whole", "per_sample", "distinct"),
     "numerator": ("subtract", "reuse"),
+    "add_at": ("index_add", "scatter_add"),
+    "sort": ("direct", "narrow", "padded"),
 }
 
 #: From this batch size on, ``group_by_prompt`` finds group boundaries in
@@ -120,6 +132,11 @@ LINEAR_GROUPING_MIN_SAMPLES = 2048
 #: numerator where no row falls back (``numerator_algorithm``): below, the
 #: check's four [R] ops cost more than the two [N] passes it saves.
 REUSE_DEVIATION_MIN_SAMPLES = 2048
+
+#: From this batch size on, on a CPU, ``add_at`` adds float values with
+#: ``scatter_add_`` instead of ``index_add_``: the same sums in the same order,
+#: bit for bit, and faster from a few thousand samples on (``add_at_algorithm``).
+SCATTER_ADD_MIN_SAMPLES = 4096
 
 #: From this batch size on, ``batch_mean_std`` takes two passes (mean, then
 #: deviations) instead of ``torch.std_mean``: more ops, each much faster.
@@ -217,6 +234,10 @@ def take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def add_at(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``target[index] += values`` for 1-D ``target``, repeats adding up; in place.
 
+    Each entry adds its values in batch order, with either algorithm
+    (``add_at_algorithm``), so the sums are the same bit for bit; on a CPU
+    that order is sequential, hence deterministic.
+
     Args:
         target: [R], written in place.
         index: int64 [N], positions in [0, R).
@@ -225,7 +246,36 @@ def add_at(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> t
     Returns:
         ``target``.
     """
+    if add_at_algorithm(values, index.device) == "scatter_add":  # pragma: no mutate (fork)
+        return target.scatter_add_(0, index, values)  # pragma: no mutate (dim)
     return target.index_add_(0, index, values)  # pragma: no mutate (dim)
+
+
+def add_at_algorithm(values: torch.Tensor, device: torch.device) -> str:
+    """How ``add_at`` adds: forced, or by size, dtype and device.
+
+    * ``"index_add"``: ``index_add_``. The default for small batches (one
+      op's dispatch is what costs there, and ``scatter_add_``'s is longer),
+      for integer values (counts, where it is the faster) and off a CPU.
+    * ``"scatter_add"``: ``scatter_add_``, whose CPU kernel adds float
+      values faster from a few thousand samples on (docs/performance.md,
+      "Measurements behind the code's forks"). The default on a CPU for
+      float values from ``SCATTER_ADD_MIN_SAMPLES``.
+
+    Both add each entry's values in batch order: bit for bit the same sums
+    for float32 and float64 (16-bit values, which the trackers never sum,
+    may round differently).
+
+    Args:
+        values: the [N] values to add.
+        device: the batch's device.
+
+    Returns:
+        ``"index_add"`` or ``"scatter_add"``.
+    """
+    large = values.shape[0] >= SCATTER_ADD_MIN_SAMPLES  # pragma: no mutate (fork)
+    faster = large and values.is_floating_point() and device.type == "cpu"  # pragma: no mutate (fork)
+    return _forced.get("add_at", "scatter_add" if faster else "index_add")  # pragma: no mutate (fork)
 
 
 def unsort(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -328,15 +378,24 @@ MAX_INT32_PROMPTS = 2**31
 #: two byte passes instead of four.
 MAX_INT16_PROMPTS = 2**15
 
+#: From this size on, torch's CPU sort of a 1-D integer tensor is a radix sort
+#: (``at::internal::GRAIN_SIZE``, in a build with fbgemm and OpenMP); below it,
+#: a comparison sort.
+RADIX_SORT_MIN_SAMPLES = 32768
+
+#: From this batch size on, on a CPU, ``sort_ids`` pads the ids to
+#: ``RADIX_SORT_MIN_SAMPLES`` for torch's radix sort (``sort_algorithm``).
+PADDED_SORT_MIN_SAMPLES = 8192
+
 
 def sort_ids(
     prompt_ids: torch.Tensor, num_prompts: Optional[int], *, dtype: torch.dtype = torch.int64
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Stable sort of prompt ids, as the narrowest integer dtype that holds them.
+    """Stable sort of prompt ids, with the fastest of torch's sorts for the batch's size (``sort_algorithm``).
 
     Args:
         prompt_ids: int64 [N], ids in [0, num_prompts).
-        num_prompts: P, if known; ids are sorted as int16 when P <=
+        num_prompts: P, if known; ids can be sorted as int16 when P <=
             ``MAX_INT16_PROMPTS``, as int32 when P <= ``MAX_INT32_PROMPTS``.
         dtype: the integer dtype of the sorted ids returned; it must hold P.
 
@@ -344,12 +403,70 @@ def sort_ids(
         ``dtype`` [N] sorted ids and int64 [N] ``order``, with
         ``sorted_ids == prompt_ids[order]`` and batch order kept among equal ids.
     """
-    if num_prompts is None or num_prompts > MAX_INT32_PROMPTS:  # pragma: no mutate (fork)
-        sorted_ids, order = torch.sort(prompt_ids, stable=True)
-    else:
-        narrow = torch.int16 if num_prompts <= MAX_INT16_PROMPTS else torch.int32  # pragma: no mutate (fork)
+    num_samples = prompt_ids.shape[0]
+    algorithm = sort_algorithm(num_samples, num_prompts, prompt_ids.device)
+    if algorithm == "direct":  # pragma: no mutate (fork)
+        sorted_ids, order = torch.sort(prompt_ids, stable=True)  # [N]
+        return cast(sorted_ids, dtype), order
+    narrow = torch.int16 if num_prompts <= MAX_INT16_PROMPTS else torch.int32  # pragma: no mutate (fork)
+    if algorithm == "narrow" or num_samples >= RADIX_SORT_MIN_SAMPLES:  # pragma: no mutate (fork)
         sorted_ids, order = torch.sort(prompt_ids.to(narrow), stable=True)  # [N]
-    return cast(sorted_ids, dtype), order
+        return cast(sorted_ids, dtype), order
+    # "padded": the ids, then the narrow dtype's largest value up to the radix sort's size. A stable
+    # sort puts every pad after every id (none is larger, and an equal one comes earlier), so the
+    # first N entries are the ids' own sort, and their order is in [0, N).
+    padded = torch.full((RADIX_SORT_MIN_SAMPLES,), torch.iinfo(narrow).max, dtype=narrow, device=prompt_ids.device)
+    padded[:num_samples].copy_(prompt_ids)
+    sorted_ids, order = torch.sort(padded, stable=True)  # [RADIX_SORT_MIN_SAMPLES]
+    return cast(sorted_ids[:num_samples], dtype), order[:num_samples]
+
+
+def sort_algorithm(num_samples: int, num_prompts: Optional[int], device: torch.device) -> str:
+    """How ``sort_ids`` sorts a batch: forced, or by size, the number of prompts and the device.
+
+    * ``"direct"``: ``torch.sort`` of the int64 ids. The only algorithm
+      when P is unknown or above ``MAX_INT32_PROMPTS`` (forced or not); the
+      default on a CPU below ``PADDED_SORT_MIN_SAMPLES``, where torch sorts
+      by comparison whatever the dtype and a cast would be one op more.
+    * ``"narrow"``: the ids cast to int16 (P <= ``MAX_INT16_PROMPTS``) or
+      int32 first, which halves or quarters the byte passes of torch's radix
+      sort. The default from ``RADIX_SORT_MIN_SAMPLES`` on a CPU, and off a
+      CPU.
+    * ``"padded"``: the narrow ids padded to ``RADIX_SORT_MIN_SAMPLES``
+      entries, so that torch's radix sort takes them instead of its
+      comparison sort, which on a CPU takes several times as long from a
+      few thousand samples on. The default on a CPU in between, where torch
+      has its radix sort (``radix_sort_available``). From
+      ``RADIX_SORT_MIN_SAMPLES`` on it is ``"narrow"``.
+
+    All three give the same sorted ids and order.
+
+    Args:
+        num_samples: N.
+        num_prompts: P, if known.
+        device: the batch's device.
+
+    Returns:
+        ``"direct"``, ``"narrow"`` or ``"padded"``.
+    """
+    if num_prompts is None or num_prompts > MAX_INT32_PROMPTS:  # pragma: no mutate (fork)
+        return "direct"
+    if device.type != "cpu" or num_samples >= RADIX_SORT_MIN_SAMPLES:  # pragma: no mutate (fork)
+        default = "narrow"
+    elif num_samples >= PADDED_SORT_MIN_SAMPLES and radix_sort_available():  # pragma: no mutate (fork)
+        default = "padded"
+    else:
+        default = "direct"
+    return _forced.get("sort", default)
+
+
+def radix_sort_available() -> bool:
+    """Whether torch's CPU sort has its radix sort for integer tensors (a build with fbgemm and OpenMP).
+
+    The proxy of what torch checks internally (``is_radix_sort_accelerated_with_openmp``):
+    where it is wrong, ``sort_algorithm`` only picks a slower sort.
+    """
+    return torch.backends.openmp.is_available() and "fbgemm" in torch.backends.quantized.supported_engines
 
 
 def _grouping_algorithm(num_samples: int, num_prompts: Optional[int], device: torch.device) -> str:
@@ -394,9 +511,10 @@ def group_by_prompt(prompt_ids: torch.Tensor, num_prompts: Optional[int] = None)
       torch.compile (a data-dependent size) the scans stand in, forced or
       not.
 
-    The linear-time algorithms sort ids as int16 or int32 when ``num_prompts``
-    allows (``sort_ids``), which halves or quarters the cost of torch's radix
-    sort of large batches.
+    The linear-time algorithms sort with ``sort_ids``: as int16 or int32 when
+    ``num_prompts`` allows, which halves or quarters the cost of torch's
+    radix sort of large batches, padded up to the radix sort's size in
+    between.
 
     Args:
         prompt_ids: int64 [N], N >= 1, ids in [0, num_prompts).
