@@ -352,6 +352,7 @@ def masked_row_mean_std(
     ddof: int = 0,
     overwrite: bool = False,
     workspace: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of the first ``count`` entries of each row.
 
@@ -375,6 +376,8 @@ def masked_row_mean_std(
             few hundred KB can cost page faults.
         workspace: float [*R, K] of ``rows``' dtype to work in instead of a
             fresh temporary (ignored with ``overwrite``), or None.
+        positions: ``torch.arange(K)`` in ``rows``' dtype, kept by the
+            caller, or None to make it.
 
     Returns:
         float [*R] mean and float [*R] std; NaN where count is 0 (the std
@@ -385,8 +388,9 @@ def masked_row_mean_std(
     # 1 for the entries that count, 0 for the others, in float arithmetic:
     # several times faster than a bool mask of [*R, K] converted to float.
     # Exact while the dtype holds every integer up to K (MAX_BUFFER_SIZE).
-    slot = torch.arange(buffer_size, dtype=rows.dtype, device=rows.device)  # [K]
-    weight = torch.sub(num.unsqueeze(-1), slot, out=workspace).clamp_(0, 1)  # [*R, K]
+    if positions is None:
+        positions = torch.arange(buffer_size, dtype=rows.dtype, device=rows.device)  # [K]
+    weight = torch.sub(num.unsqueeze(-1), positions, out=workspace).clamp_(0, 1)  # [*R, K]
     mean = rows.sum(-1) / num  # [*R], entries past count add 0
     # x - mean where x counts, 0 (= x) elsewhere: one pass, written over rows
     # if allowed, else over the weight (which is not needed after this).
@@ -454,6 +458,10 @@ class BufferMemory:
         # Slot arithmetic in int32 when every slot index fits (half the memory traffic of int64).
         narrow = num_rows * buffer_size < MAX_INT32_SLOTS  # pragma: no mutate (fork)
         self._index_dtype = torch.int32 if narrow else torch.int64  # pragma: no mutate (fork)
+        # Kept, not made each update (an op each): the one that counts a sample, expanded to [N]
+        # per batch, and the slots' positions 0..K-1 in the compute dtype (masked_row_mean_std).
+        self._one = torch.ones(1, dtype=self._index_dtype, device=device)  # [1]
+        self._slot_positions = torch.arange(buffer_size, dtype=self._compute_dtype, device=device)  # [K]
 
     def _column(self, column: torch.Tensor) -> torch.Tensor:
         """``column % K`` in place, without an integer division when K is a power of two."""
@@ -490,9 +498,7 @@ class BufferMemory:
         num_rows, buffer_size = self._num_prompts + 1, self.buffer_size
         device, index_dtype = prompt_ids.device, self._index_dtype
         batch_count = torch.zeros(num_rows, dtype=index_dtype, device=device)  # [R]
-        # A one expanded to [N] is read in place of a fresh [N] tensor of ones.
-        one = torch.ones(1, dtype=index_dtype, device=device).expand(num_samples)  # [N]
-        add_at(batch_count, prompt_ids, one)
+        add_at(batch_count, prompt_ids, self._one.expand(num_samples))  # a view, not a fresh [N] of ones
         narrow_ids, order = sort_ids(prompt_ids, num_rows, dtype=index_dtype)  # [N]
         pushed_out = self._write_sorted(self._seen, batch_count, narrow_ids, narrow_ids, rewards, order)  # [N]
         self._seen.add_(batch_count)
@@ -502,9 +508,17 @@ class BufferMemory:
         if rows is buffer:
             if self._workspace is None:  # pragma: no mutate (memory)
                 self._workspace = torch.empty_like(buffer)
-            mean, std = masked_row_mean_std(rows, count, ddof=ddof, workspace=self._workspace)
+            mean, std = masked_row_mean_std(
+                rows, count, ddof=ddof, workspace=self._workspace, positions=self._slot_positions
+            )
         else:
-            mean, std = masked_row_mean_std(rows, count, ddof=ddof, overwrite=True)  # pragma: no mutate (memory)
+            mean, std = masked_row_mean_std(
+                rows,
+                count,
+                ddof=ddof,
+                overwrite=True,  # pragma: no mutate (memory)
+                positions=self._slot_positions,
+            )
         weight = None
         if own_weight:
             weight = unsort(pushed_out, order).logical_not_() / take(count, prompt_ids).to(rewards.dtype)
@@ -529,7 +543,9 @@ class BufferMemory:
         write_at(self._seen, runs.rows, seen.add_(runs.size))
         count = seen.clamp_max(self.buffer_size)  # [U]
         buffer = self._live_buffer().index_select(0, runs.rows)  # [U, K], a copy
-        mean, std = masked_row_mean_std(cast(buffer, self._compute_dtype), count, ddof=ddof, overwrite=True)
+        mean, std = masked_row_mean_std(
+            cast(buffer, self._compute_dtype), count, ddof=ddof, overwrite=True, positions=self._slot_positions
+        )
         run = unsort(runs.run, runs.order)  # [N], each sample's run, in batch order
         weight = None
         if own_weight:
@@ -598,7 +614,13 @@ class BufferMemory:
         count = seen.clamp_max(buffer_size)  # [N]
         compute = self._compute_dtype
         rows = cast(self._live_buffer().index_select(0, sorted_ids), compute)  # [N, K], a copy
-        mean, std = masked_row_mean_std(rows, count, ddof=ddof, overwrite=True)  # pragma: no mutate (memory)
+        mean, std = masked_row_mean_std(
+            rows,
+            count,
+            ddof=ddof,
+            overwrite=True,  # pragma: no mutate (memory)
+            positions=self._slot_positions,
+        )
         weight = pushed_out.logical_not() / count.to(compute) if own_weight else None  # [N]
         return SampleStats(sorted_rewards, count, sorted_rewards - mean, std, weight, groups)
 
@@ -611,7 +633,13 @@ class BufferMemory:
         """The mean and std of each sample's buffer before the batch (see ``Memory.read``); reads [N, K]."""
         count = self.counts(prompt_ids)  # [N]
         rows = cast(self._live_buffer().index_select(0, prompt_ids), self._compute_dtype)  # [N, K], a copy
-        mean, std = masked_row_mean_std(rows, count, ddof=ddof, overwrite=True)  # pragma: no mutate (memory)
+        mean, std = masked_row_mean_std(
+            rows,
+            count,
+            ddof=ddof,
+            overwrite=True,  # pragma: no mutate (memory)
+            positions=self._slot_positions,
+        )
         return _past_stats(rewards, count, mean, std, ddof)
 
     def estimate(self, prompt_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
