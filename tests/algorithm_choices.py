@@ -20,6 +20,7 @@ ALGORITHM_CHOICES: List[Dict[str, str]] = [
         numerator="reuse",
         add_at="scatter_add",
         sort="padded",
+        slot_index="int32",
     ),
     dict(
         grouping="counts",
@@ -30,6 +31,7 @@ ALGORITHM_CHOICES: List[Dict[str, str]] = [
         numerator="subtract",
         add_at="index_add",
         sort="direct",
+        slot_index="int64",
     ),
     dict(
         grouping="scans",
@@ -40,6 +42,7 @@ ALGORITHM_CHOICES: List[Dict[str, str]] = [
         numerator="reuse",
         add_at="scatter_add",
         sort="narrow",
+        slot_index="int32",
     ),
     dict(
         grouping="scans",
@@ -50,6 +53,7 @@ ALGORITHM_CHOICES: List[Dict[str, str]] = [
         numerator="subtract",
         add_at="index_add",
         sort="padded",
+        slot_index="int64",
     ),
     dict(
         grouping="runs",
@@ -60,5 +64,6 @@ ALGORITHM_CHOICES: List[Dict[str, str]] = [
         numerator="reuse",
         add_at="scatter_add",
         sort="direct",
+        slot_index="int32",
     ),
 ]

@@ -256,21 +256,26 @@ def test_state_with_head_out_of_range_or_non_finite_rewards_is_refused():
     assert all(torch.equal(after[name], before[name]) for name in before)
 
 
-def test_slot_arithmetic_in_int64_gives_what_int32_gives(monkeypatch):
-    # Buffers of 2**31 slots or more compute slots in int64; forced here by a
-    # lower bound, on a batch that takes the path for fewer rows than samples.
+@pytest.mark.parametrize("batch_rows", ["whole", "distinct"])
+def test_slot_arithmetic_in_int64_gives_what_int32_gives(monkeypatch, batch_rows):
+    # Slots are computed in int32 for large batches when they fit, else in
+    # int64 (ops.slot_index_dtype): int32 forced on small batches here, and
+    # int64 by a buffer of "2**31 slots or more" (a lower bound), on batches
+    # that take the path for fewer rows than samples and the distinct rows'.
     import rail_interview.stat_tracking.memory as memory_module
+    from rail_interview.stat_tracking import ops
 
     generator = torch.Generator().manual_seed(0)
     batches = [
         (torch.randint(5, (size,), generator=generator), torch.randn(size, generator=generator))
         for size in (8, 20, 7, 30)
     ]
-    narrow = BufferStatTracker(num_prompts=5, buffer_size=3, min_count=2)
-    expected = [narrow.update(ids, rewards) for ids, rewards in batches]
-    monkeypatch.setattr(memory_module, "MAX_INT32_SLOTS", 0)
-    wide = BufferStatTracker(num_prompts=5, buffer_size=3, min_count=2)
-    for (ids, rewards), advantages in zip(batches, expected):
-        assert torch.equal(wide.update(ids, rewards), advantages)
+    with ops.forced_algorithms(slot_index="int32", batch_rows=batch_rows):
+        narrow = BufferStatTracker(num_prompts=5, buffer_size=3, min_count=2)
+        expected = [narrow.update(ids, rewards) for ids, rewards in batches]
+        monkeypatch.setattr(memory_module, "MAX_INT32_SLOTS", 0)
+        wide = BufferStatTracker(num_prompts=5, buffer_size=3, min_count=2)
+        for (ids, rewards), advantages in zip(batches, expected):
+            assert torch.equal(wide.update(ids, rewards), advantages)
     for name, tensor in narrow.state_dict().items():
         assert torch.equal(wide.state_dict()[name], tensor), name

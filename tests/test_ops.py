@@ -299,3 +299,14 @@ def test_sort_algorithm_pads_mid_sized_cpu_batches_for_the_radix_sort(monkeypatc
 
 def test_radix_sort_available_is_a_bool():
     assert isinstance(ops.radix_sort_available(), bool)
+
+
+def test_slot_index_dtype_is_int32_for_large_batches_whose_slots_fit():
+    smallest = ops.INT32_SLOTS_MIN_SAMPLES
+    assert ops.slot_index_dtype(smallest - 1, True) == ops.slot_index_dtype(smallest, False) == torch.int64
+    assert ops.slot_index_dtype(smallest, True) == torch.int32
+    with ops.forced_algorithms(slot_index="int32"):
+        assert ops.slot_index_dtype(1, True) == torch.int32
+        assert ops.slot_index_dtype(1, False) == torch.int64  # it would overflow
+    with ops.forced_algorithms(slot_index="int64"):
+        assert ops.slot_index_dtype(smallest, True) == torch.int64

@@ -49,6 +49,7 @@ from rail_interview.stat_tracking.ops import (
     group_stats_algorithm,
     is_compiling,
     segment_sum,
+    slot_index_dtype,
     sort_ids,
     sorted_runs,
     take,
@@ -65,8 +66,8 @@ MEMORIES = ("none", "buffer", "ema", "beta")
 #: which holds every integer up to 2**24 exactly.
 MAX_BUFFER_SIZE = 2**24
 
-#: Buffers with fewer slots (R * K + 1) than this index them in int32 while
-#: computing where a batch goes; larger ones in int64.
+#: Buffers with fewer slots (R * K + 1) than this may index them in int32 while
+#: computing where a large batch goes (``ops.slot_index_dtype``); larger ones in int64.
 MAX_INT32_SLOTS = 2**31  # pragma: no mutate (fork)
 
 
@@ -455,12 +456,12 @@ class BufferMemory:
         # (so capture a CUDA graph after a warm-up update, as torch asks anyway).
         # A fresh [R, K] temporary each update costs page faults on a CPU.
         self._workspace: Optional[torch.Tensor] = None
-        # Slot arithmetic in int32 when every slot index fits (half the memory traffic of int64).
-        narrow = num_rows * buffer_size < MAX_INT32_SLOTS  # pragma: no mutate (fork)
-        self._index_dtype = torch.int32 if narrow else torch.int64  # pragma: no mutate (fork)
+        # Slot arithmetic in int32 when every slot index fits and the batch is large (ops.slot_index_dtype).
+        self._fits_int32 = num_rows * buffer_size < MAX_INT32_SLOTS  # pragma: no mutate (fork)
         # Kept, not made each update (an op each): the one that counts a sample, expanded to [N]
-        # per batch, and the slots' positions 0..K-1 in the compute dtype (masked_row_mean_std).
-        self._one = torch.ones(1, dtype=self._index_dtype, device=device)  # [1]
+        # per batch, in either slot dtype, and the slots' positions 0..K-1 in the compute dtype
+        # (masked_row_mean_std).
+        self._ones = {dtype: torch.ones(1, dtype=dtype, device=device) for dtype in (torch.int32, torch.int64)}
         self._slot_positions = torch.arange(buffer_size, dtype=self._compute_dtype, device=device)  # [K]
 
     def _column(self, column: torch.Tensor) -> torch.Tensor:
@@ -496,9 +497,9 @@ class BufferMemory:
         """``fold`` for R <= N: counts the batch per row and reads the whole buffer once."""
         num_samples = prompt_ids.numel()
         num_rows, buffer_size = self._num_prompts + 1, self.buffer_size
-        device, index_dtype = prompt_ids.device, self._index_dtype
+        device, index_dtype = prompt_ids.device, slot_index_dtype(num_samples, self._fits_int32)
         batch_count = torch.zeros(num_rows, dtype=index_dtype, device=device)  # [R]
-        add_at(batch_count, prompt_ids, self._one.expand(num_samples))  # a view, not a fresh [N] of ones
+        add_at(batch_count, prompt_ids, self._ones[index_dtype].expand(num_samples))  # a view, not a fresh [N]
         narrow_ids, order = sort_ids(prompt_ids, num_rows, dtype=index_dtype)  # [N]
         pushed_out = self._write_sorted(self._seen, batch_count, narrow_ids, narrow_ids, rewards, order)  # [N]
         self._seen.add_(batch_count)
@@ -537,7 +538,8 @@ class BufferMemory:
         that of a batch of U prompts whatever P, plus the reads and writes of
         U rows that the memory system charges for a large P.
         """
-        runs = sorted_runs(prompt_ids, self._num_prompts + 1, dtype=self._index_dtype)
+        index_dtype = slot_index_dtype(prompt_ids.numel(), self._fits_int32)
+        runs = sorted_runs(prompt_ids, self._num_prompts + 1, dtype=index_dtype)
         seen = take(self._seen, runs.rows)  # [U]
         pushed_out = self._write_sorted(seen, runs.size, runs.run, runs.sorted_ids, rewards, runs.order)  # [N]
         write_at(self._seen, runs.rows, seen.add_(runs.size))

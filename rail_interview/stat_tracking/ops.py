@@ -4,7 +4,7 @@ Everything here is sync-free and loop-free, on any device, so that a
 tracker's ``update`` built from it can be compiled with
 ``torch.compile(fullgraph=True)`` and captured in a CUDA graph.
 
-**Algorithm choices.** Nine operations have more than one algorithm, with
+**Algorithm choices.** Ten operations have more than one algorithm, with
 identical results (up to float rounding where noted), because the fastest
 one depends on the batch size or the device:
 
@@ -47,6 +47,10 @@ numerator       ``"subtract"``, ``"reuse"``             reuse from
                                                         on a CPU outside
                                                         torch.compile, else subtract
                                                         (``numerator_algorithm``)
+slot_index      ``"int64"``, ``"int32"``                int32 from
+                                                        ``INT32_SLOTS_MIN_SAMPLES``
+                                                        when every slot fits, else
+                                                        int64 (``slot_index_dtype``)
 =============== ======================================= ==============================
 
 A path that only one device or one size takes is an untested path unless it
@@ -120,6 +124,7 @@ ALGORITHMS: Dict[str, Tuple[str, ...]] = {
     "numerator": ("subtract", "reuse"),
     "add_at": ("index_add", "scatter_add"),
     "sort": ("direct", "narrow", "padded"),
+    "slot_index": ("int64", "int32"),
 }
 
 #: From this batch size on, ``group_by_prompt`` finds group boundaries in
@@ -137,6 +142,11 @@ REUSE_DEVIATION_MIN_SAMPLES = 2048
 #: ``scatter_add_`` instead of ``index_add_``: the same sums in the same order,
 #: bit for bit, and faster from a few thousand samples on (``add_at_algorithm``).
 SCATTER_ADD_MIN_SAMPLES = 4096
+
+#: From this batch size on, a buffer computes where its batch goes in int32
+#: when every slot index fits (half the memory traffic); below, in int64,
+#: which saves the casts (``slot_index_dtype``).
+INT32_SLOTS_MIN_SAMPLES = 8192
 
 #: From this batch size on, ``batch_mean_std`` takes two passes (mean, then
 #: deviations) instead of ``torch.std_mean``: more ops, each much faster.
@@ -716,6 +726,28 @@ def batch_rows_algorithm(num_samples: int, num_rows: int, device: torch.device) 
         default = "distinct" if device.type == "cpu" else "per_sample"  # pragma: no mutate (fork)
     algorithm = _forced.get("batch_rows", default)
     return "per_sample" if algorithm == "distinct" and not _reads_sizes_back(device) else algorithm
+
+
+def slot_index_dtype(num_samples: int, fits_int32: bool) -> torch.dtype:
+    """The integer dtype a buffer computes its batch's slots in: forced, or by size.
+
+    * ``"int64"``: the ids' own dtype and the one ``scatter_`` takes, so no
+      cast: the default below ``INT32_SLOTS_MIN_SAMPLES``, where an op's
+      dispatch costs more than its arithmetic, and the only one when the
+      slots do not fit int32 (forced or not).
+    * ``"int32"``: half the memory traffic, for three casts: the default
+      from ``INT32_SLOTS_MIN_SAMPLES`` on when every slot fits.
+
+    Args:
+        num_samples: N.
+        fits_int32: whether every slot index of the buffer fits int32.
+
+    Returns:
+        ``torch.int64`` or ``torch.int32``.
+    """
+    default = "int32" if num_samples >= INT32_SLOTS_MIN_SAMPLES else "int64"  # pragma: no mutate (fork)
+    narrow = fits_int32 and _forced.get("slot_index", default) == "int32"  # pragma: no mutate (fork)
+    return torch.int32 if narrow else torch.int64
 
 
 def numerator_algorithm(num_samples: int, num_rows: int, device: torch.device) -> str:
