@@ -301,10 +301,14 @@ def test_radix_sort_available_is_a_bool():
     assert isinstance(ops.radix_sort_available(), bool)
 
 
-def test_slot_index_dtype_is_int32_for_large_batches_whose_slots_fit():
+def test_slot_index_dtype_is_int32_for_large_batches_whose_slots_fit(monkeypatch):
     smallest = ops.INT32_SLOTS_MIN_SAMPLES
     assert ops.slot_index_dtype(smallest - 1, True) == ops.slot_index_dtype(smallest, False) == torch.int64
     assert ops.slot_index_dtype(smallest, True) == torch.int32
+    with monkeypatch.context() as patch:  # traced by torch.compile: int32 at any size
+        patch.setattr(ops, "is_compiling", lambda: True)
+        assert ops.slot_index_dtype(1, True) == torch.int32
+        assert ops.slot_index_dtype(1, False) == torch.int64
     with ops.forced_algorithms(slot_index="int32"):
         assert ops.slot_index_dtype(1, True) == torch.int32
         assert ops.slot_index_dtype(1, False) == torch.int64  # it would overflow
