@@ -257,8 +257,10 @@ def add_at(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> t
     Returns:
         ``target``.
     """
-    if add_at_algorithm(values, index.device) == "scatter_add":  # pragma: no mutate (fork)
-        return target.scatter_add_(0, index, values)  # pragma: no mutate (dim)
+    # The size first: a small batch unforced takes index_add_ without the call (its dispatch is what costs).
+    if values.shape[0] >= SCATTER_ADD_MIN_SAMPLES or _forced:  # pragma: no mutate (fork)
+        if add_at_algorithm(values, index.device) == "scatter_add":  # pragma: no mutate (fork)
+            return target.scatter_add_(0, index, values)  # pragma: no mutate (dim)
     return target.index_add_(0, index, values)  # pragma: no mutate (dim)
 
 
