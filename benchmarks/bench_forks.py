@@ -88,9 +88,11 @@ def updates(fork: str, case: Case) -> Dict[str, Callable[[], object]]:
         assert all(torch.equal(first, other) for other in results.values()), f"{fork}: the algorithms differ on {case}"
 
     def call(algorithm: str) -> Callable[[], object]:
+        """The timed call of ``algorithm``: its tracker's update of the next batch, the fork forced."""
         tracker, turn = trackers[algorithm], [0]
 
         def run() -> object:
+            """One update of the next batch."""
             ids, rewards = drawn[turn[0] % NUM_BATCHES]
             turn[0] += 1
             with ops.forced_algorithms(**{fork: algorithm}):

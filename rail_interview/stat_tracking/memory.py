@@ -471,6 +471,23 @@ class BufferMemory:
             return column.bitwise_and_(buffer_size - 1)
         return column.remainder_(buffer_size)
 
+    def _row_mean_std(
+        self, rows: torch.Tensor, count: torch.Tensor, ddof: int, *, workspace: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``masked_row_mean_std`` with the kept slot positions: in ``workspace`` if given, else over ``rows``.
+
+        Args:
+            rows: float [*R, K] in the compute dtype; without ``workspace``,
+                a copy of the caller's, which is then garbage.
+            count: int64 [*R].
+            ddof: as for ``masked_row_mean_std``.
+            workspace: float [*R, K] of ``rows``' dtype to work in (``rows``
+                is then the buffer itself and left as it is), or None.
+        """
+        return masked_row_mean_std(
+            rows, count, ddof=ddof, overwrite=workspace is None, workspace=workspace, positions=self._slot_positions
+        )
+
     def _live_buffer(self) -> torch.Tensor:
         """The [R, K] buffer, as a fresh view when traced by torch.compile.
 
@@ -509,17 +526,9 @@ class BufferMemory:
         if rows is buffer:
             if self._workspace is None:  # pragma: no mutate (memory)
                 self._workspace = torch.empty_like(buffer)
-            mean, std = masked_row_mean_std(
-                rows, count, ddof=ddof, workspace=self._workspace, positions=self._slot_positions
-            )
+            mean, std = self._row_mean_std(rows, count, ddof, workspace=self._workspace)
         else:
-            mean, std = masked_row_mean_std(
-                rows,
-                count,
-                ddof=ddof,
-                overwrite=True,  # pragma: no mutate (memory)
-                positions=self._slot_positions,
-            )
+            mean, std = self._row_mean_std(rows, count, ddof)
         weight = None
         if own_weight:
             weight = unsort(pushed_out, order).logical_not_() / take(count, prompt_ids).to(rewards.dtype)
@@ -545,9 +554,7 @@ class BufferMemory:
         write_at(self._seen, runs.rows, seen.add_(runs.size))
         count = seen.clamp_max(self.buffer_size)  # [U]
         buffer = self._live_buffer().index_select(0, runs.rows)  # [U, K], a copy
-        mean, std = masked_row_mean_std(
-            cast(buffer, self._compute_dtype), count, ddof=ddof, overwrite=True, positions=self._slot_positions
-        )
+        mean, std = self._row_mean_std(cast(buffer, self._compute_dtype), count, ddof)
         run = unsort(runs.run, runs.order)  # [N], each sample's run, in batch order
         weight = None
         if own_weight:
@@ -616,13 +623,7 @@ class BufferMemory:
         count = seen.clamp_max(buffer_size)  # [N]
         compute = self._compute_dtype
         rows = cast(self._live_buffer().index_select(0, sorted_ids), compute)  # [N, K], a copy
-        mean, std = masked_row_mean_std(
-            rows,
-            count,
-            ddof=ddof,
-            overwrite=True,  # pragma: no mutate (memory)
-            positions=self._slot_positions,
-        )
+        mean, std = self._row_mean_std(rows, count, ddof)
         weight = pushed_out.logical_not() / count.to(compute) if own_weight else None  # [N]
         return SampleStats(sorted_rewards, count, sorted_rewards - mean, std, weight, groups)
 
@@ -635,13 +636,7 @@ class BufferMemory:
         """The mean and std of each sample's buffer before the batch (see ``Memory.read``); reads [N, K]."""
         count = self.counts(prompt_ids)  # [N]
         rows = cast(self._live_buffer().index_select(0, prompt_ids), self._compute_dtype)  # [N, K], a copy
-        mean, std = masked_row_mean_std(
-            rows,
-            count,
-            ddof=ddof,
-            overwrite=True,  # pragma: no mutate (memory)
-            positions=self._slot_positions,
-        )
+        mean, std = self._row_mean_std(rows, count, ddof)
         return _past_stats(rewards, count, mean, std, ddof)
 
     def estimate(self, prompt_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
